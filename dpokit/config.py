@@ -1,0 +1,280 @@
+"""Typed training config: YAML files, CLI flags and dotted ``key=value`` overrides, validated.
+
+A config is a tree of dataclasses. ``load_config`` merges, in order: the defaults below, a YAML
+file (a shipped name such as ``tiny_lora`` or a path), then overrides such as ``optimizer.lr=1e-5``.
+Unknown keys and values of the wrong type raise ``DpokitError`` naming the key and the choices.
+The ``loss`` section is open: ``loss.name`` picks the loss and every other key is passed to its
+constructor (checked against that constructor's parameters in ``dpokit.losses``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+from dpokit.errors import DpokitError
+
+
+@dataclass
+class ModelConfig:
+    path: str = ""  # local directory or hub name of the policy (and of the reference, unless a cache is used)
+    tokenizer: Optional[str] = None  # defaults to `path`
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+    method: Literal["full", "lora", "dora", "qlora", "qdora"] = "lora"
+    activation_checkpointing: bool = False
+    attn_implementation: Literal["sdpa", "eager"] = "sdpa"
+
+
+@dataclass
+class LoraConfig:
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+
+
+@dataclass
+class DataConfig:
+    path: str = ""  # a `dpokit prepare` output directory
+    batch_size: int = 4  # pairs per device per micro-step
+    shuffle: bool = True
+    group_by_length: bool = False  # seeded length-grouped batches (less padding)
+    logps_chunk_size: int = 1024  # positions per chunk of the vocabulary projection
+
+
+@dataclass
+class ReferenceConfig:
+    source: Literal["cache", "live"] = "cache"
+    cache: Optional[str] = None  # ref.h5 written by `dpokit ref-logps`
+
+
+@dataclass
+class OptimizerConfig:
+    name: Literal["adamw", "adamw8bit"] = "adamw"
+    lr: float = 5e-6
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+
+
+@dataclass
+class SchedulerConfig:
+    name: Literal["cosine", "constant", "linear"] = "cosine"
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0
+
+
+@dataclass
+class TrainingConfig:
+    max_steps: Optional[int] = None  # optimizer steps; None: run `epochs` epochs
+    epochs: int = 1
+    gradient_accumulation_steps: int = 1
+    max_grad_norm: Optional[float] = 1.0
+    seed: int = 42
+    eval_every: int = 0  # optimizer steps; 0: evaluate only at the end (if there is an eval split)
+    eval_batches: Optional[int] = None  # cap on eval batches; None: the whole split
+    save_every: int = 0  # optimizer steps; 0: save only at the end
+    keep_last: int = 2
+    log_every: int = 1
+
+
+@dataclass
+class DistributedConfig:
+    reshard_after_forward: bool = True
+    cpu_offload: bool = False
+    mixed_precision: bool = True  # on CUDA: bf16 params, fp32 gradient reduction
+
+
+@dataclass
+class OutputConfig:
+    dir: str = "runs/dpo"
+    merge: bool = False  # also write a merged full model at the end (LoRA family)
+    resume: bool = False
+    overwrite: bool = False
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    reference: ReferenceConfig = field(default_factory=ReferenceConfig)
+    loss: dict[str, Any] = field(default_factory=lambda: {"name": "dpo"})
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+
+# ---------------------------------------------------------------------------------------------
+# Shipped configs
+
+
+def shipped_configs_dir() -> Path:
+    """The folder of configs that ship with dpokit (`recipes/configs` in the source tree)."""
+    return Path(str(resources.files("dpokit.recipes.configs")))
+
+
+def shipped_config_names() -> list[str]:
+    return sorted(p.stem for p in shipped_configs_dir().glob("*.yaml"))
+
+
+def resolve_config_path(name_or_path: str) -> Path:
+    """A shipped config name (``tiny_lora``) or a path to a YAML file."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise DpokitError(f"config file {path} does not exist")
+        return path
+    shipped = shipped_configs_dir() / f"{name_or_path}.yaml"
+    if shipped.is_file():
+        return shipped
+    raise DpokitError(
+        f"unknown config {name_or_path!r}: not a file and not a shipped config; "
+        f"shipped configs: {', '.join(shipped_config_names())}"
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading and validation
+
+
+def load_config(config: Optional[str] = None, overrides: tuple[str, ...] | list[str] = ()) -> TrainConfig:
+    """Defaults, then the YAML `config` (name or path), then `key=value` overrides; validated."""
+    tree: dict[str, Any] = {}
+    source = "defaults"
+    if config:
+        path = resolve_config_path(config)
+        source = str(path)
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise DpokitError(f"{path}: not valid YAML: {exc}") from None
+        if not isinstance(loaded, dict):
+            raise DpokitError(f"{path}: a config must be a mapping of sections, got {type(loaded).__name__}")
+        tree = loaded
+    for override in overrides:
+        key, value = parse_override(override)
+        set_dotted(tree, key, value)
+    return build_dataclass(TrainConfig, tree, prefix="", source=source)
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``optimizer.lr=1e-5`` -> ("optimizer.lr", 1e-5); the value is parsed as YAML."""
+    if "=" not in text:
+        raise DpokitError(f"override {text!r} is not key=value (for example optimizer.lr=1e-5)")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise DpokitError(f"override {text!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    if isinstance(value, str) and _looks_like_float(value):
+        value = float(value)  # YAML 1.1 reads 1e-5 as a string
+    return key, value
+
+
+def _looks_like_float(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return any(c.isdigit() for c in text)
+
+
+def set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+    """Set ``tree["a"]["b"] = value`` for key ``a.b``, creating sections as needed."""
+    parts = key.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise DpokitError(f"override {key}: {part!r} is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def build_dataclass(cls: type, data: Any, prefix: str, source: str) -> Any:
+    """Build dataclass `cls` from a mapping, checking every key and type."""
+    if isinstance(data, cls):
+        return data
+    if not isinstance(data, dict):
+        raise DpokitError(f"{source}: {prefix.rstrip('.') or 'config'} must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
+            raise DpokitError(
+                f"{source}: unknown key {prefix}{key}{hint}; valid keys: {', '.join(prefix + n for n in names)}"
+            )
+        kwargs[key] = _coerce(hints[key], value, f"{prefix}{key}", source)
+    return cls(**kwargs)
+
+
+def _coerce(hint: Any, value: Any, key: str, source: str) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if dataclasses.is_dataclass(hint):
+        return build_dataclass(hint, value, key + ".", source)
+    if origin is typing.Union:  # Optional[X]
+        if value is None or (isinstance(value, str) and value.lower() in ("null", "none")):
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(inner[0], value, key, source)
+    if origin is Literal:
+        if value not in args:
+            raise DpokitError(f"{source}: {key}={value!r} is not valid; choose one of: {', '.join(map(str, args))}")
+        return value
+    if origin is list:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise DpokitError(f"{source}: {key} must be a list, got {value!r}")
+        return [_coerce(args[0], v, f"{key}[{i}]", source) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise DpokitError(f"{source}: {key} must be a mapping, got {value!r}")
+        return dict(value)
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise DpokitError(f"{source}: {key} must be true or false, got {value!r}")
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
+            raise DpokitError(f"{source}: {key} must be an integer, got {value!r}")
+        return int(value)
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise DpokitError(f"{source}: {key} must be a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise DpokitError(f"{source}: {key} must be a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+    """Plain nested dict of a config (for YAML output and checkpoints)."""
+    return dataclasses.asdict(config)
+
+
+def config_to_yaml(config: Any) -> str:
+    return yaml.safe_dump(config_to_dict(config), sort_keys=False)

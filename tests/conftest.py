@@ -1,0 +1,87 @@
+"""Session-scoped fixtures: a tiny Llama-style model and tokenizer built offline, and sample data."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import tiny  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory) -> Path:
+    """A trained BPE tokenizer with a chat template, in HF format."""
+    out = tmp_path_factory.mktemp("tokenizer")
+    tiny.build_tokenizer(out, chat_template=True)
+    return out
+
+
+@pytest.fixture(scope="session")
+def plain_tokenizer_dir(tmp_path_factory) -> Path:
+    """The same tokenizer without a chat template (the plain-concatenation path)."""
+    out = tmp_path_factory.mktemp("tokenizer_plain")
+    tiny.build_tokenizer(out, chat_template=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tokenizer_dir) -> Path:
+    """A 2-layer Llama model (hidden 64) with the chat-template tokenizer, saved in HF format."""
+    from transformers import AutoTokenizer
+
+    out = tmp_path_factory.mktemp("tiny_model")
+    tiny.build_model(out, AutoTokenizer.from_pretrained(tokenizer_dir))
+    return out
+
+
+@pytest.fixture(scope="session")
+def pairs_jsonl(tmp_path_factory) -> Path:
+    """40 plain-format preference pairs (prompt/chosen/rejected strings) as JSONL."""
+    path = tmp_path_factory.mktemp("data") / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in tiny.preference_rows(40)))
+    return path
+
+
+def tokenize_rows(tokenizer, rows: list[dict]) -> list[dict]:
+    """Prompt and completion ids for plain rows via the chat template (a minimal stand-in for prepare)."""
+    out = []
+    for row in rows:
+        messages = [{"role": "user", "content": row["prompt"]}]
+        prompt = list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)["input_ids"])
+        entry = {"prompt_ids": prompt}
+        for side in ("chosen", "rejected"):
+            full = tokenizer.apply_chat_template(
+                messages + [{"role": "assistant", "content": row[side]}], tokenize=True
+            )["input_ids"]
+            assert list(full[: len(prompt)]) == prompt
+            entry[f"{side}_ids"] = list(full[len(prompt):])
+        out.append(entry)
+    return out
+
+
+@pytest.fixture(scope="session")
+def prepared_dir(tmp_path_factory, tiny_model_dir) -> Path:
+    """A prepared/ directory (train: 32 pairs, eval: 8 pairs) written with dpokit's writer."""
+    import datasets
+    from transformers import AutoTokenizer
+
+    from dpokit.data.prepared import write_prepared
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    rows = tokenize_rows(tokenizer, tiny.preference_rows(40))
+    splits = {"train": datasets.Dataset.from_list(rows[:32]), "eval": datasets.Dataset.from_list(rows[32:])}
+    manifest = {
+        "source": "tests/tiny.py",
+        "splits": {name: {"rows": len(ds)} for name, ds in splits.items()},
+        "tokenizer": {"name": str(tiny_model_dir), "fingerprint": "test-tokenizer"},
+    }
+    out = tmp_path_factory.mktemp("prepared") / "prepared"
+    return write_prepared(out, splits, manifest, overwrite=False)
