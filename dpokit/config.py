@@ -53,6 +53,7 @@ class DataConfig:
 class ReferenceConfig:
     source: Literal["cache", "live"] = "cache"
     cache: Optional[str] = None  # ref.h5 written by `dpokit ref-logps`
+    adapter: Optional[str] = None  # a PEFT adapter (e.g. SFT) on model.path that the reference includes
 
 
 @dataclass
@@ -278,3 +279,23 @@ def config_to_dict(config: Any) -> dict[str, Any]:
 
 def config_to_yaml(config: Any) -> str:
     return yaml.safe_dump(config_to_dict(config), sort_keys=False)
+
+
+def parse_recipe_args(argv: list[str]) -> TrainConfig:
+    """A recipe's command line: ``[--config NAME|PATH] [key=value ...]``."""
+    config = None
+    overrides = []
+    args = list(argv)
+    while args:
+        arg = args.pop(0)
+        if arg in ("--config", "-c"):
+            if not args:
+                raise DpokitError("--config needs a value: a shipped config name or a YAML path")
+            config = args.pop(0)
+        elif arg.startswith("--config="):
+            config = arg.split("=", 1)[1]
+        elif "=" in arg and not arg.startswith("-"):
+            overrides.append(arg)
+        else:
+            raise DpokitError(f"unexpected argument {arg!r}; a recipe takes --config NAME|PATH and key=value overrides")
+    return load_config(config, overrides)

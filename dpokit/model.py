@@ -7,6 +7,7 @@ otherwise, unless the config names a dtype.
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -90,3 +91,67 @@ def load_reference(
     model.eval()
     model.requires_grad_(False)
     return model
+
+
+def quantization_config(compute_dtype: torch.dtype):
+    """NF4 with double quantisation (the QLoRA recipe); needs a bitsandbytes build for this device."""
+    try:
+        import bitsandbytes  # noqa: F401
+        from transformers import BitsAndBytesConfig
+    except ImportError as exc:
+        raise DpokitError(f"model.method=qlora needs bitsandbytes ({exc}); `pip install bitsandbytes` or use method=lora") from None
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute_dtype,
+        bnb_4bit_quant_storage=compute_dtype,  # lets FSDP shard the packed weights like any other tensor
+    )
+
+
+def lora_config(lora, use_dora: bool):
+    """A peft `LoraConfig` from dpokit's `lora` config section."""
+    from peft import LoraConfig
+
+    targets = lora.target_modules
+    target_modules = "all-linear" if targets == ["all-linear"] else list(targets)
+    return LoraConfig(
+        r=lora.rank,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=target_modules,
+        use_dora=use_dora,
+        task_type="CAUSAL_LM",
+    )
+
+
+def load_policy(model_cfg, lora_cfg, device: torch.device) -> nn.Module:
+    """The trainable policy: a full model, or the base with LoRA/DoRA adapters (4-bit base for q*)."""
+    dtype = resolve_dtype(model_cfg.dtype, device)
+    method = model_cfg.method
+    quant = quantization_config(dtype) if method in QUANTIZED_METHODS else None
+    model = load_causal_lm(model_cfg.path, dtype, device, model_cfg.attn_implementation, quant)
+    model.config.use_cache = False
+    if method == "full":
+        model.requires_grad_(True)
+    else:
+        from peft import get_peft_model, prepare_model_for_kbit_training
+
+        if quant is not None:
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        try:
+            with warnings.catch_warnings():  # peft calls a transformers API deprecated in v5
+                warnings.simplefilter("ignore", FutureWarning)
+                model = get_peft_model(model, lora_config(lora_cfg, use_dora=method in ("dora", "qdora")))
+        except ValueError as exc:
+            raise DpokitError(f"lora.target_modules={lora_cfg.target_modules}: {exc}") from None
+    if model_cfg.activation_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if method != "full":
+            model.enable_input_require_grads()
+    model.train()
+    return model
+
+
+def uses_adapters(method: str) -> bool:
+    return method in ADAPTER_METHODS

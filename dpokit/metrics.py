@@ -1,0 +1,190 @@
+"""Training metrics: per-pair sums reduced across ranks, JSONL/TensorBoard logging, progress, plots."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from dpokit.losses import ChosenRejectedOutputs
+
+METRICS_FILE = "metrics.jsonl"
+PAIR_METRICS = (
+    "loss",
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/accuracies",
+    "rewards/margins",
+    "logps/chosen",
+    "logps/rejected",
+    "logits/chosen",
+    "logits/rejected",
+)
+
+
+class PairMetrics:
+    """Sums of per-pair values over micro-batches (and, after `all_reduce`, over ranks); `means()` divides."""
+
+    def __init__(self, device: torch.device | str = "cpu"):
+        self.sums = torch.zeros(len(PAIR_METRICS) + 2, dtype=torch.float64, device=device)  # + pairs, tokens
+
+    def add(self, losses, chosen_rewards, rejected_rewards, policy: ChosenRejectedOutputs, num_tokens: int) -> None:
+        values = [
+            losses,
+            chosen_rewards,
+            rejected_rewards,
+            (chosen_rewards > rejected_rewards).float(),
+            chosen_rewards - rejected_rewards,
+            policy.chosen_logps,
+            policy.rejected_logps,
+            policy.chosen_logits if policy.chosen_logits is not None else torch.zeros_like(losses),
+            policy.rejected_logits if policy.rejected_logits is not None else torch.zeros_like(losses),
+        ]
+        sums = torch.stack([v.detach().double().sum() for v in values])
+        extra = torch.tensor([float(losses.numel()), float(num_tokens)], dtype=torch.float64, device=sums.device)
+        self.sums += torch.cat([sums, extra]).to(self.sums.device)
+
+    def all_reduce(self) -> None:
+        """Sum over ranks (a no-op in a single process)."""
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(self.sums)
+
+    @property
+    def num_pairs(self) -> int:
+        return int(self.sums[-2])
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.sums[-1])
+
+    def means(self) -> dict[str, float]:
+        pairs = max(self.num_pairs, 1)
+        return {name: float(self.sums[i]) / pairs for i, name in enumerate(PAIR_METRICS)}
+
+
+class MetricsLogger:
+    """Appends one JSON object per log call to ``run/metrics.jsonl`` (and TensorBoard if installed)."""
+
+    def __init__(self, run_dir: Path, enabled: bool = True, tensorboard: bool = True):
+        self.enabled = enabled
+        self.path = Path(run_dir) / METRICS_FILE
+        self.tb = None
+        if not enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
+            except ImportError:
+                self.tb = None
+
+    def log(self, step: int, split: str, metrics: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        record = {"step": step, "split": split, **metrics}
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        if self.tb is not None:
+            for name, value in metrics.items():
+                self.tb.add_scalar(f"{split}/{name}", value, step)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def read_metrics(run_dir: str | Path, split: Optional[str] = None) -> list[dict[str, Any]]:
+    """Records of ``metrics.jsonl``, optionally of one split only."""
+    path = Path(run_dir) / METRICS_FILE
+    if not path.is_file():
+        return []
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in records if split is None or r.get("split") == split]
+
+
+def truncate_metrics(run_dir: Path, after_step: int) -> None:
+    """Drop records past `after_step` (a resumed run rewrites the steps after its checkpoint)."""
+    path = Path(run_dir) / METRICS_FILE
+    if not path.is_file():
+        return
+    keep = [r for r in read_metrics(run_dir) if r["step"] <= after_step]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
+    os.replace(tmp, path)
+
+
+def training_progress(console: Optional[Console] = None, enabled: bool = True) -> Progress:
+    """A rich progress bar with rate, ETA and a live loss/accuracy field."""
+    return Progress(
+        TextColumn("[bold blue]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[status]}"),
+        console=console,
+        disable=not enabled,
+        transient=False,
+    )
+
+
+def summary_table(title: str, rows: Iterable[tuple[str, str]]) -> Table:
+    table = Table(title=title, show_header=False)
+    table.add_column("metric", style="bold")
+    table.add_column("value", justify="right")
+    for name, value in rows:
+        table.add_row(name, value)
+    return table
+
+
+PLOTS = {
+    "loss": ["loss"],
+    "accuracy": ["rewards/accuracies"],
+    "margins": ["rewards/margins"],
+    "rewards": ["rewards/chosen", "rewards/rejected"],
+}
+
+
+def plot_run(run_dir: str | Path, out_dir: Optional[str | Path] = None) -> list[Path]:
+    """PNG curves of a run (train vs eval): loss, reward accuracy, margins, rewards."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    run_dir = Path(run_dir)
+    out_dir = Path(out_dir) if out_dir else run_dir / "plots"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    records = read_metrics(run_dir)
+    written = []
+    for name, keys in PLOTS.items():
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for split, style in (("train", "-"), ("eval", "o-")):
+            rows = [r for r in records if r["split"] == split]
+            for key in keys:
+                points = [(r["step"], r[key]) for r in rows if key in r]
+                if points:
+                    xs, ys = zip(*points)
+                    ax.plot(xs, ys, style, label=f"{split} {key}", markersize=4)
+        ax.set_xlabel("step")
+        ax.set_title(name)
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend()
+        path = out_dir / f"{name}.png"
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        written.append(path)
+    return written

@@ -1,0 +1,92 @@
+"""Where training gets the reference's outputs: the HDF5 cache (the default) or a live model.
+
+Both give a `ChosenRejectedOutputs` for a `PairBatch`, so the recipe does not care which it has.
+``--ref live`` exists to prove the cache changes nothing and as the baseline the benchmarks beat.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Optional, Protocol
+
+import torch
+from torch import nn
+
+from dpokit.data.collate import PairBatch
+from dpokit.data.prepared import PreparedData
+from dpokit.errors import DpokitError
+from dpokit.logps import concatenated_forward
+from dpokit.losses import ChosenRejectedOutputs
+
+
+class ReferenceSource(Protocol):
+    def outputs(self, batch: PairBatch, split: str) -> ChosenRejectedOutputs: ...
+
+
+class CachedReference:
+    """Reference log-probs read from ``ref.h5``, after checking it was built from this data and model."""
+
+    def __init__(self, cache_path: str, prepared: PreparedData, model_path: str, adapter: Optional[str], splits: list[str]):
+        from dpokit.refcache import open_cache, reference_fingerprint
+
+        cache = open_cache(cache_path)
+        cache.check_matches(
+            data_fingerprint=prepared.fingerprint,
+            reference_fingerprint=reference_fingerprint(model_path, adapter),
+            tokenizer_fingerprint=prepared.tokenizer_fingerprint,
+        )
+        self.path = cache_path
+        self.tables: dict[str, tuple[torch.Tensor, ...]] = {}
+        for split in splits:
+            if split not in cache.splits:
+                raise DpokitError(
+                    f"reference cache {cache_path} has no split {split!r} (it has {', '.join(cache.splits)}); "
+                    f"rebuild it with `dpokit ref-logps {prepared.path} --model {model_path} --out {cache_path} "
+                    f"--splits {','.join(splits)}`"
+                )
+            self.tables[split] = tuple(torch.as_tensor(a) for a in cache.logps(split))
+
+    def outputs(self, batch: PairBatch, split: str) -> ChosenRejectedOutputs:
+        chosen_logps, rejected_logps, chosen_tokens, rejected_tokens = self.tables[split]
+        index = batch.index.cpu()
+        device = batch.input_ids.device
+        return ChosenRejectedOutputs(
+            chosen_logps=chosen_logps[index].to(device, torch.float32),
+            rejected_logps=rejected_logps[index].to(device, torch.float32),
+            chosen_tokens=chosen_tokens[index].to(device, torch.long),
+            rejected_tokens=rejected_tokens[index].to(device, torch.long),
+        )
+
+
+class LiveReference:
+    """The reference computed on the fly: the policy with its adapters switched off, or a frozen copy."""
+
+    def __init__(self, model: nn.Module, adapters_off: bool, chunk_size: int):
+        self.model = model
+        self.adapters_off = adapters_off
+        self.chunk_size = chunk_size
+
+    def outputs(self, batch: PairBatch, split: str) -> ChosenRejectedOutputs:
+        was_training = self.model.training
+        self.model.eval()  # the cache is computed in eval mode; dropout must not differ
+        adapters = self.model.disable_adapter() if self.adapters_off else contextlib.nullcontext()
+        try:
+            with torch.no_grad(), adapters:
+                out = concatenated_forward(self.model, batch, self.chunk_size)
+        finally:
+            self.model.train(was_training)
+        return out
+
+
+def check_token_counts(policy: ChosenRejectedOutputs, reference: ChosenRejectedOutputs, split: str) -> None:
+    """A cache row must describe the same completion as the batch: their token counts must agree."""
+    if reference.chosen_tokens is None or policy.chosen_tokens is None:
+        return
+    same = torch.equal(policy.chosen_tokens, reference.chosen_tokens) and torch.equal(
+        policy.rejected_tokens, reference.rejected_tokens
+    )
+    if not same:
+        raise DpokitError(
+            f"split {split!r}: completion token counts differ between the batch and the reference cache; "
+            "the cache was built from other data: rebuild it with `dpokit ref-logps`"
+        )

@@ -1,0 +1,340 @@
+"""DPO-family preference fine-tuning: dpokit's one training recipe.
+
+Features
+    losses      dpo, rso (hinge), ipo, simpo, or your own ``loss.name=package.module:Class``
+    methods     full, lora, dora, qlora, qdora (``model.method``)
+    reference   the ``ref.h5`` cache from ``dpokit ref-logps`` (default) or live (``reference.source=live``)
+    scale       one process, or FSDP2 over N processes (``dpokit train --gpus N`` or torchrun)
+    loop        AdamW, warmup + cosine, gradient accumulation and clipping, eval, checkpoints, exact resume
+
+Run it
+    dpokit train --config tiny_lora data.path=prepared model.path=MODEL reference.cache=ref.h5
+    python dpo_recipe.py --config tiny_lora data.path=prepared ...
+    torchrun --nproc-per-node 2 dpo_recipe.py --config tiny_lora data.path=prepared ...
+
+Where to change things (after ``dpokit eject recipe``)
+    the loss          ``self.loss_fn`` in ``setup()`` (or just set ``loss.name`` in the config)
+    the forward pass  ``concatenated_forward`` in ``train_step()``: one pass over chosen+rejected rows
+    the metrics       ``step_metrics()``: add a key there and it is logged, printed and plotted
+
+Assumptions: the data was made by ``dpokit prepare``; the cache by ``dpokit ref-logps`` from the same
+data and ``model.path`` (checked, with the command to rebuild it when they differ).
+"""
+
+from __future__ import annotations
+
+import math
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+from rich.console import Console
+
+from dpokit.checkpoint import (
+    latest_checkpoint,
+    load_model_weights,
+    load_optimizer_state,
+    load_training_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from dpokit.config import TrainConfig, config_to_dict, config_to_yaml, parse_recipe_args
+from dpokit.data.collate import PairBatch, pad_pairs
+from dpokit.data.prepared import load_prepared
+from dpokit.data.sampler import PairSampler
+from dpokit.distributed import apply_fsdp, destroy_distributed, init_distributed
+from dpokit.errors import DpokitError
+from dpokit.logps import concatenated_forward
+from dpokit.losses import build_loss, is_reference_free
+from dpokit.metrics import MetricsLogger, PairMetrics, summary_table, training_progress, truncate_metrics
+from dpokit.model import default_device, load_policy, load_reference, resolve_dtype, uses_adapters
+from dpokit.optim import build_optimizer, build_scheduler
+from dpokit.refsource import CachedReference, LiveReference, check_token_counts
+
+
+class DPORecipe:
+    """setup() builds everything from the config, train() is the loop, save_checkpoint() writes."""
+
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        self.console = Console(stderr=True)
+
+    # ------------------------------------------------------------------------------------- setup
+
+    def setup(self) -> None:
+        cfg = self.cfg
+        self.dist = init_distributed()
+        self.device = default_device()
+        self.adapters = uses_adapters(cfg.model.method)
+        self.run_dir = Path(cfg.output.dir)
+        torch.manual_seed(cfg.training.seed)
+
+        self.data = load_prepared(cfg.data.path)
+        self.train_split = self.data.split("train")
+        self.eval_split = self.data.split("eval") if "eval" in self.data.splits else None
+
+        self.loss_fn = build_loss(cfg.loss)
+        self.policy = load_policy(cfg.model, cfg.lora, self.device)
+        self.tokenizer = self._load_tokenizer()
+        self.pad_id = next((t for t in (self.tokenizer.pad_token_id, self.tokenizer.eos_token_id) if t is not None), 0)
+        checkpoint = self._resume_checkpoint()
+        if checkpoint is not None:
+            load_model_weights(self.policy, checkpoint, self.adapters)
+        self.reference = self._build_reference()
+        if self.dist.world_size > 1:
+            apply_fsdp(self.policy, cfg.distributed, self.device)
+
+        self.sampler = PairSampler(
+            num_examples=len(self.train_split),
+            batch_size=cfg.data.batch_size,
+            accumulation_steps=cfg.training.gradient_accumulation_steps,
+            world_size=self.dist.world_size,
+            rank=self.dist.rank,
+            seed=cfg.training.seed,
+            shuffle=cfg.data.shuffle,
+            lengths=self._pair_lengths() if cfg.data.group_by_length else None,
+        )
+        if self.sampler.steps_per_epoch == 0:
+            raise DpokitError(
+                f"the train split has {len(self.train_split)} pairs, fewer than one global batch of "
+                f"{self.sampler.global_batch_size} (data.batch_size x processes x training.gradient_accumulation_steps); "
+                "lower data.batch_size or training.gradient_accumulation_steps"
+            )
+        self.total_steps = cfg.training.max_steps or cfg.training.epochs * self.sampler.steps_per_epoch
+        self.optimizer = build_optimizer(self.policy, cfg.optimizer)
+        self.scheduler = build_scheduler(self.optimizer, self.total_steps, cfg.scheduler)
+        self.step = 0
+        if checkpoint is not None:
+            self._load_training_state(checkpoint)
+        self.logger = MetricsLogger(self.run_dir, enabled=self.dist.is_main)
+        if self.dist.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(config_to_yaml(cfg))
+
+    def _load_tokenizer(self):
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(self.cfg.model.tokenizer or self.cfg.model.path)
+
+    def _resume_checkpoint(self):
+        out = self.cfg.output
+        if out.resume:
+            checkpoint = latest_checkpoint(self.run_dir)
+            if checkpoint is None:
+                raise DpokitError(f"output.resume=true but {self.run_dir} has no complete checkpoint to resume from")
+            return checkpoint
+        if (self.run_dir / "metrics.jsonl").exists() and not out.overwrite:
+            raise DpokitError(
+                f"run directory {self.run_dir} already has a run; pass --resume to continue it, "
+                "--overwrite to start again, or another --out"
+            )
+        if out.overwrite and self.dist.is_main:
+            (self.run_dir / "metrics.jsonl").unlink(missing_ok=True)
+        return None
+
+    def _build_reference(self):
+        cfg = self.cfg
+        if is_reference_free(self.loss_fn):
+            return None
+        if cfg.reference.source == "live":
+            if self.adapters and not cfg.reference.adapter:
+                return LiveReference(self.policy, adapters_off=True, chunk_size=cfg.data.logps_chunk_size)
+            dtype = resolve_dtype(cfg.model.dtype, self.device)
+            frozen = load_reference(cfg.model.path, dtype, self.device, cfg.reference.adapter, cfg.model.attn_implementation)
+            return LiveReference(frozen, adapters_off=False, chunk_size=cfg.data.logps_chunk_size)
+        if not cfg.reference.cache:
+            raise DpokitError(
+                "no reference: set reference.cache=ref.h5 (build it with `dpokit ref-logps`) or reference.source=live"
+            )
+        splits = ["train"] + (["eval"] if self.eval_split is not None else [])
+        return CachedReference(cfg.reference.cache, self.data, cfg.model.path, cfg.reference.adapter, splits)
+
+    def _pair_lengths(self) -> list[int]:
+        columns = self.train_split.with_format("arrow")
+        lengths = []
+        for name in ("prompt_ids", "chosen_ids", "rejected_ids"):
+            lengths.append(columns[name].combine_chunks().value_lengths().to_numpy())
+        return (lengths[0] * 2 + lengths[1] + lengths[2]).tolist()
+
+    def _load_training_state(self, checkpoint: Path) -> None:
+        state = load_training_state(checkpoint)
+        self.step = int(state["step"])
+        self.sampler.load_state_dict(state["sampler"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        load_optimizer_state(self.policy, self.optimizer, state["optimizer"])
+        set_rng_state(state["rng"])
+        if self.dist.is_main:
+            truncate_metrics(self.run_dir, after_step=self.step)
+            self.console.print(f"resumed from {checkpoint} at step {self.step}")
+
+    # -------------------------------------------------------------------------------------- loop
+
+    def batch(self, split, indices: list[int]) -> PairBatch:
+        columns = split[indices]
+        rows = [{k: columns[k][i] for k in ("prompt_ids", "chosen_ids", "rejected_ids")} for i in range(len(indices))]
+        return pad_pairs(rows, indices, self.pad_id).to(self.device)
+
+    def pair_outputs(self, batch: PairBatch, split: str):
+        """Policy and reference outputs and the per-pair loss terms for one batch."""
+        policy_out = concatenated_forward(self.policy, batch, self.cfg.data.logps_chunk_size)
+        reference_out = None
+        if self.reference is not None:
+            reference_out = self.reference.outputs(batch, split)
+            check_token_counts(policy_out, reference_out, split)
+        losses, chosen_rewards, rejected_rewards = self.loss_fn(policy_out, reference_out)
+        return policy_out, losses, chosen_rewards, rejected_rewards
+
+    def train_step(self, micro_batches: list[list[int]]) -> PairMetrics:
+        """Forward and backward over this rank's micro-batches of one optimizer step."""
+        metrics = PairMetrics(self.device)
+        pairs_per_rank = self.cfg.data.batch_size * len(micro_batches)
+        for indices in micro_batches:
+            batch = self.batch(self.train_split, indices)
+            policy_out, losses, chosen_rewards, rejected_rewards = self.pair_outputs(batch, "train")
+            # Sum over pairs / pairs per rank: FSDP averages gradients over ranks -> mean over the global batch.
+            (losses.sum() / pairs_per_rank).backward()
+            metrics.add(losses, chosen_rewards, rejected_rewards, policy_out, batch.num_tokens)
+        return metrics
+
+    def optimizer_step(self) -> float:
+        max_norm = self.cfg.training.max_grad_norm
+        params = [p for p in self.policy.parameters() if p.requires_grad]
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm else float("inf"))
+        if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP
+            grad_norm = grad_norm.full_tensor()
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(grad_norm)
+
+    def step_metrics(self, metrics: PairMetrics, seconds: float, grad_norm: float, lr: float) -> dict[str, float]:
+        values = metrics.means()
+        values.update(
+            lr=lr,
+            grad_norm=grad_norm,
+            pairs_per_s=metrics.num_pairs / seconds,
+            tokens_per_s=metrics.num_tokens / seconds,
+            peak_memory_mb=peak_memory_mb(self.device),
+        )
+        return values
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Loss, reward accuracy and margins over the eval split (each rank a slice, reduced)."""
+        self.policy.eval()
+        metrics = PairMetrics(self.device)
+        size, world, rank = len(self.eval_split), self.dist.world_size, self.dist.rank
+        per_step = self.cfg.data.batch_size * world
+        steps = math.ceil(size / per_step)
+        if self.cfg.training.eval_batches:
+            steps = min(steps, self.cfg.training.eval_batches)
+        for k in range(steps):
+            start = k * per_step + rank * self.cfg.data.batch_size
+            indices = list(range(start, min(start + self.cfg.data.batch_size, size)))
+            # Every rank must run the same forwards under FSDP; an empty slice recomputes row 0 unlogged.
+            batch = self.batch(self.eval_split, indices or [0])
+            policy_out, losses, chosen_rewards, rejected_rewards = self.pair_outputs(batch, "eval")
+            if indices:
+                metrics.add(losses, chosen_rewards, rejected_rewards, policy_out, batch.num_tokens)
+        metrics.all_reduce()
+        self.policy.train()
+        return metrics.means()
+
+    def train(self) -> dict[str, float]:
+        cfg = self.cfg.training
+        progress = training_progress(self.console, enabled=self.dist.is_main)
+        last: dict[str, float] = {}
+        evaluated_at = -1
+        with progress:
+            task = progress.add_task("train", total=self.total_steps, completed=self.step, rate="", status="")
+            self.policy.train()
+            while self.step < self.total_steps:
+                started = time.perf_counter()
+                metrics = self.train_step(self.sampler.next_step())
+                lr = self.scheduler.get_last_lr()[0]
+                grad_norm = self.optimizer_step()
+                self.step += 1
+                metrics.all_reduce()
+                last = self.step_metrics(metrics, time.perf_counter() - started, grad_norm, lr)
+                if self.step % cfg.log_every == 0 or self.step == self.total_steps:
+                    self.logger.log(self.step, "train", last)
+                progress.update(
+                    task,
+                    completed=self.step,
+                    rate=f"{last['pairs_per_s']:.1f} pairs/s",
+                    status=f"loss {last['loss']:.4f} acc {last['rewards/accuracies']:.2f}",
+                )
+                if self.eval_split is not None and cfg.eval_every and self.step % cfg.eval_every == 0:
+                    last_eval = self.evaluate()
+                    self.logger.log(self.step, "eval", last_eval)
+                    evaluated_at = self.step
+                if cfg.save_every and self.step % cfg.save_every == 0 and self.step < self.total_steps:
+                    self.save_checkpoint()
+        if self.eval_split is not None:
+            if evaluated_at != self.step:
+                last_eval = self.evaluate()
+                self.logger.log(self.step, "eval", last_eval)
+            last.update({f"eval/{k}": v for k, v in last_eval.items()})
+        self.save_checkpoint()
+        if self.dist.is_main:
+            self.console.print(summary_table(f"dpokit train: {self.step} steps", _summary_rows(last)))
+        return last
+
+    def save_checkpoint(self) -> Path:
+        state = {
+            "step": self.step,
+            "sampler": self.sampler.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "config": config_to_dict(self.cfg),
+        }
+        return save_checkpoint(
+            self.run_dir,
+            self.step,
+            self.policy,
+            self.optimizer,
+            state,
+            adapters=self.adapters,
+            tokenizer=self.tokenizer,
+            keep_last=self.cfg.training.keep_last,
+            is_main=self.dist.is_main,
+        )
+
+    def cleanup(self) -> None:
+        if hasattr(self, "logger"):
+            self.logger.close()
+        destroy_distributed()
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak CUDA memory allocated, or the process's peak resident set size on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _summary_rows(metrics: dict[str, float]):
+    for key in ("loss", "rewards/accuracies", "rewards/margins", "eval/loss", "eval/rewards/accuracies",
+                "eval/rewards/margins", "pairs_per_s", "tokens_per_s", "peak_memory_mb"):
+        if key in metrics:
+            yield key, f"{metrics[key]:.4g}"
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    """Parse ``--config`` and ``key=value`` overrides, then setup, train, save."""
+    cfg = parse_recipe_args(sys.argv[1:] if argv is None else argv)
+    recipe = DPORecipe(cfg)
+    try:
+        recipe.setup()
+        return recipe.train()
+    finally:
+        recipe.cleanup()
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except DpokitError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(1)
