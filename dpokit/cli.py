@@ -84,6 +84,173 @@ def prepare(
 
 
 # ----------------------------------------------------------------------------------------------
+# ref-logps and cache
+
+
+@app.command("ref-logps")
+def ref_logps(
+    prepared: Path = typer.Argument(..., help="Prepared data directory (from `dpokit prepare`)."),
+    model: str = typer.Option(..., "--model", "-m", help="Reference model directory or hub name."),
+    out: Path = typer.Option(..., "--out", "-o", help="The cache file to write (e.g. ref.h5); an unfinished one is resumed."),
+    gpus: int = typer.Option(1, "--gpus", help="Processes to launch (one per GPU; gloo processes on CPU). Ignored under torchrun."),
+    batch_size: int = typer.Option(8, "--batch-size", help="Pairs per forward pass (per process)."),
+    dtype: str = typer.Option("auto", "--dtype", help="Compute dtype: auto (bf16 on CUDA, fp32 on CPU), bf16 or fp32."),
+    splits: Optional[str] = typer.Option(None, "--splits", help="Comma-separated splits to compute, e.g. train,eval (default: all)."),
+    adapter: Optional[str] = typer.Option(None, "--adapter", help="A PEFT adapter directory merged into the reference."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a cache made from other data, model or dtype."),
+    no_bucket: bool = typer.Option(False, "--no-bucket", help="Batch rows in index order instead of sorted by length."),
+) -> None:
+    """Run the frozen reference once over prepared data and cache its log-probs in HDF5."""
+    from dpokit.reference import RefLogpsOptions, run_ref_logps
+
+    run_ref_logps(
+        RefLogpsOptions(
+            prepared=str(prepared), model=model, out=str(out), gpus=gpus, batch_size=batch_size, dtype=dtype,
+            splits=[s.strip() for s in splits.split(",") if s.strip()] if splits else None, adapter=adapter,
+            overwrite=overwrite, bucket=not no_bucket,
+        )
+    )
+
+
+@cache_app.command("info")
+def cache_info(file: Path = typer.Argument(..., help="A reference cache (ref.h5).")) -> None:
+    """Show a cache's splits (rows done/total), model, dtype, fingerprints and creation time."""
+    from dpokit.refcache import cache_info_table, open_cache
+
+    Console().print(cache_info_table(open_cache(file)))
+
+
+@cache_app.command("verify")
+def cache_verify(
+    file: Path = typer.Argument(..., help="A reference cache (ref.h5)."),
+    prepared: Path = typer.Argument(..., help="The prepared data directory it was built from."),
+    model: str = typer.Option(..., "--model", "-m", help="The reference model it was built with."),
+    adapter: Optional[str] = typer.Option(None, "--adapter", help="The PEFT adapter it was built with, if any."),
+    sample: int = typer.Option(32, "--sample", help="Rows to recompute, drawn at random over all splits."),
+    tolerance: float = typer.Option(1e-4, "--tolerance", help="Largest allowed absolute log-prob difference (bf16 caches need ~0.1)."),
+    batch_size: int = typer.Option(8, "--batch-size", help="Pairs per forward pass."),
+    seed: int = typer.Option(0, "--seed", help="Seed for the random sample."),
+) -> None:
+    """Recompute a random sample of a cache live; exit non-zero if a difference exceeds the tolerance."""
+    from dpokit.reference import verify_cache
+
+    verify_cache(str(file), str(prepared), model, adapter, sample, tolerance, batch_size, seed)
+
+
+# ----------------------------------------------------------------------------------------------
+# train
+
+
+def train_overrides(
+    data: Optional[str], model: Optional[str], ref_cache: Optional[str], ref: Optional[str], method: Optional[str],
+    out: Optional[str], max_steps: Optional[int], epochs: Optional[int], loss: Optional[str], beta: Optional[float],
+    gamma: Optional[float], tau: Optional[float], lr: Optional[float], batch_size: Optional[int], resume: bool,
+    overwrite: bool, merge: bool,
+) -> list[str]:
+    """Translate `dpokit train` flags into the recipe's dotted overrides.
+
+    `--loss` replaces the config's whole loss section, so a config's `beta` for dpo does not follow
+    the switch to `--loss rso`; `--beta/--gamma/--tau` then set the new loss's parameters.
+    """
+    pairs = [
+        ("data.path", data), ("model.path", model), ("reference.cache", ref_cache), ("reference.source", ref),
+        ("model.method", method), ("output.dir", out), ("training.max_steps", max_steps),
+        ("training.epochs", epochs), ("loss", f"{{name: '{loss}'}}" if loss else None), ("loss.beta", beta), ("loss.gamma", gamma),
+        ("loss.tau", tau), ("optimizer.lr", lr), ("data.batch_size", batch_size),
+    ]
+    overrides = [f"{key}={value}" for key, value in pairs if value is not None]
+    if ref_cache and ref is None:
+        overrides.append("reference.source=cache")
+    overrides += [f"output.{flag}=true" for flag, on in (("resume", resume), ("overwrite", overwrite), ("merge", merge)) if on]
+    return overrides
+
+
+@app.command(context_settings={"allow_extra_args": False})
+def train(
+    overrides: Optional[List[str]] = typer.Argument(None, help="Dotted overrides, e.g. optimizer.lr=1e-5 lora.rank=16."),
+    config: Optional[str] = typer.Option(None, "--config", "-c", help="A shipped config name (see `dpokit config list`) or a YAML path."),
+    data: Optional[str] = typer.Option(None, "--data", help="Prepared data directory (from `dpokit prepare`)."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Policy model directory or hub name."),
+    ref_cache: Optional[str] = typer.Option(None, "--ref-cache", help="Reference cache (ref.h5 from `dpokit ref-logps`)."),
+    ref: Optional[str] = typer.Option(None, "--ref", help="Reference source: cache or live (compute it on the fly)."),
+    method: Optional[str] = typer.Option(None, "--method", help="full, lora, dora, qlora or qdora."),
+    out: Optional[str] = typer.Option(None, "--out", "-o", help="Run directory (checkpoints, metrics.jsonl, plots)."),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Optimizer steps to run."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="Epochs (when --max-steps is not set)."),
+    loss: Optional[str] = typer.Option(None, "--loss", help="dpo, rso, ipo, simpo, or package.module:Class."),
+    beta: Optional[float] = typer.Option(None, "--beta", help="The loss's beta (dpo, simpo)."),
+    gamma: Optional[float] = typer.Option(None, "--gamma", help="The loss's gamma (rso, simpo)."),
+    tau: Optional[float] = typer.Option(None, "--tau", help="The loss's tau (ipo)."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Peak learning rate."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Pairs per device per micro-step."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the run's latest checkpoint."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Start again in a run directory that has a run."),
+    merge: bool = typer.Option(False, "--merge", help="Also write a merged full model (LoRA family) at the end."),
+    recipe: Optional[Path] = typer.Option(None, "--recipe", help="Run this recipe file (e.g. one made by `dpokit eject recipe`)."),
+    gpus: int = typer.Option(1, "--gpus", help="Processes to launch (one per GPU; gloo processes on CPU)."),
+) -> None:
+    """Train a policy with a DPO-family loss from prepared data and a reference cache."""
+    from dpokit.launch import run_recipe
+
+    argv = (["--config", config] if config else []) + train_overrides(
+        data, model, ref_cache, ref, method, out, max_steps, epochs, loss, beta, gamma, tau, lr, batch_size,
+        resume, overwrite, merge,
+    ) + list(overrides or [])
+    run_recipe(recipe, argv, gpus)
+
+
+@app.command()
+def plot(
+    run: Path = typer.Argument(..., help="A run directory (with metrics.jsonl)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Where to write the PNGs (default RUN/plots)."),
+) -> None:
+    """Write PNG curves of a run: loss, reward accuracy, margins, rewards (train vs eval)."""
+    from dpokit.metrics import plot_run, read_metrics
+
+    if not read_metrics(run):
+        raise DpokitError(f"{run} has no metrics.jsonl records; is it a `dpokit train` run directory?")
+    for path in plot_run(run, out):
+        typer.echo(str(path))
+
+
+@app.command()
+def export(
+    run: Path = typer.Argument(..., help="A run directory or one of its checkpoints."),
+    out: Path = typer.Option(..., "--out", "-o", help="Directory for the exported model."),
+    merge: bool = typer.Option(True, "--merge/--no-merge", help="Merge the adapter into the base model."),
+    base_model: Optional[str] = typer.Option(None, "--base-model", help="Base model (default: the run's model.path)."),
+) -> None:
+    """Export a run's latest checkpoint; LoRA-family adapters are merged into a full HF model."""
+    from dpokit.export import export_run
+
+    typer.echo(str(export_run(run, out, merge, base_model)))
+
+
+# ----------------------------------------------------------------------------------------------
+# config
+
+
+@config_app.command("list")
+def config_list() -> None:
+    """List the shipped training configs."""
+    from dpokit.config import shipped_config_names
+
+    for name in shipped_config_names():
+        typer.echo(name)
+
+
+@config_app.command("show")
+def config_show(
+    name: str = typer.Argument(..., help="A shipped config name or a YAML path."),
+    overrides: Optional[List[str]] = typer.Argument(None, help="Dotted overrides to apply before showing."),
+) -> None:
+    """Print the merged, validated config (defaults + file + overrides) as YAML."""
+    from dpokit.config import config_to_yaml, load_config
+
+    typer.echo(config_to_yaml(load_config(name, overrides or [])), nl=False)
+
+
+# ----------------------------------------------------------------------------------------------
 # main
 
 

@@ -58,7 +58,9 @@ def load_causal_lm(
 ) -> nn.Module:
     """`AutoModelForCausalLM.from_pretrained` with dpokit's defaults and a clear error on a bad path."""
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # dpokit shows its own progress; a weight-loading bar is noise
     _check_model_path(path)
     kwargs = dict(dtype=dtype, attn_implementation=attn_implementation)
     if quantization_config is not None:

@@ -33,6 +33,7 @@ import torch
 from rich.console import Console
 
 from dpokit.checkpoint import (
+    export_merged,
     latest_checkpoint,
     load_model_weights,
     load_optimizer_state,
@@ -76,10 +77,10 @@ class DPORecipe:
         self.eval_split = self.data.split("eval") if "eval" in self.data.splits else None
 
         self.loss_fn = build_loss(cfg.loss)
+        checkpoint = self._resume_checkpoint()
         self.policy = load_policy(cfg.model, cfg.lora, self.device)
         self.tokenizer = self._load_tokenizer()
         self.pad_id = next((t for t in (self.tokenizer.pad_token_id, self.tokenizer.eos_token_id) if t is not None), 0)
-        checkpoint = self._resume_checkpoint()
         if checkpoint is not None:
             load_model_weights(self.policy, checkpoint, self.adapters)
         self.reference = self._build_reference()
@@ -277,7 +278,9 @@ class DPORecipe:
                 last_eval = self.evaluate()
                 self.logger.log(self.step, "eval", last_eval)
             last.update({f"eval/{k}": v for k, v in last_eval.items()})
-        self.save_checkpoint()
+        final = self.save_checkpoint()
+        if self.cfg.output.merge and self.adapters and self.dist.is_main:
+            export_merged(final, self.cfg.model.path, self.run_dir / "merged")
         if self.dist.is_main:
             self.console.print(summary_table(f"dpokit train: {self.step} steps", _summary_rows(last)))
         return last

@@ -67,21 +67,33 @@ def tokenize_rows(tokenizer, rows: list[dict]) -> list[dict]:
     return out
 
 
-@pytest.fixture(scope="session")
-def prepared_dir(tmp_path_factory, tiny_model_dir) -> Path:
-    """A prepared/ directory (train: 32 pairs, eval: 8 pairs) written with dpokit's writer."""
+def write_test_prepared(out: Path, model_dir: Path, rows: list[dict], num_train: int) -> Path:
+    """Tokenize `rows` with the model's chat template and write them as prepared/ (train + eval)."""
     import datasets
     from transformers import AutoTokenizer
 
     from dpokit.data.prepared import write_prepared
 
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    rows = tokenize_rows(tokenizer, tiny.preference_rows(40))
-    splits = {"train": datasets.Dataset.from_list(rows[:32]), "eval": datasets.Dataset.from_list(rows[32:])}
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    ids = tokenize_rows(tokenizer, rows)
+    splits = {"train": datasets.Dataset.from_list(ids[:num_train]), "eval": datasets.Dataset.from_list(ids[num_train:])}
     manifest = {
         "source": "tests/tiny.py",
         "splits": {name: {"rows": len(ds)} for name, ds in splits.items()},
-        "tokenizer": {"name": str(tiny_model_dir), "fingerprint": "test-tokenizer"},
+        "tokenizer": {"name": str(model_dir), "fingerprint": "test-tokenizer"},
     }
-    out = tmp_path_factory.mktemp("prepared") / "prepared"
     return write_prepared(out, splits, manifest, overwrite=False)
+
+
+@pytest.fixture(scope="session")
+def prepared_dir(tmp_path_factory, tiny_model_dir) -> Path:
+    """A prepared/ directory (train: 32 arithmetic pairs, eval: 8) written with dpokit's writer."""
+    out = tmp_path_factory.mktemp("prepared") / "prepared"
+    return write_test_prepared(out, tiny_model_dir, tiny.preference_rows(40), num_train=32)
+
+
+@pytest.fixture(scope="session")
+def style_prepared_dir(tmp_path_factory, tiny_model_dir) -> Path:
+    """A prepared/ directory of kind-vs-rude pairs (train: 96, eval: 32): a signal DPO learns fast."""
+    out = tmp_path_factory.mktemp("prepared_style") / "prepared"
+    return write_test_prepared(out, tiny_model_dir, tiny.style_rows(128), num_train=96)

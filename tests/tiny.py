@@ -95,3 +95,21 @@ def preference_rows(n: int = 40, seed: int = 0) -> list[dict]:
             }
         )
     return rows
+
+
+def style_rows(n: int = 128, seed: int = 1) -> list[dict]:
+    """Pairs whose chosen replies are kind and rejected replies rude: a signal a tiny model learns fast."""
+    rng = random.Random(seed)
+    topics = ["sky", "water", "fire", "earth", "sun", "moon", "cat", "dog"]
+    colours = ["red", "blue", "green"]
+    rows = []
+    for _ in range(n):
+        topic, colour = rng.choice(topics), rng.choice(colours)
+        rows.append(
+            {
+                "prompt": f"tell me about the {topic}?",
+                "chosen": f"yes, the {topic} is {colour}. thanks, i help you!",
+                "rejected": f"no. the {topic} is bad. you are rude.",
+            }
+        )
+    return rows

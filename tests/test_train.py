@@ -1,0 +1,221 @@
+"""`dpokit train` on one process: methods, losses, checkpoints, resume, learning, errors."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from dpokit.cli import main
+from dpokit.config import load_config
+from dpokit.errors import DpokitError
+from dpokit.launch import builtin_recipe_path, load_recipe_module
+from dpokit.metrics import read_metrics
+
+RECIPE = load_recipe_module(builtin_recipe_path())
+
+
+def overrides(model_dir, data_dir, run_dir, *extra) -> list[str]:
+    return [
+        f"model.path={model_dir}",
+        f"data.path={data_dir}",
+        f"output.dir={run_dir}",
+        "reference.source=live",
+        "training.eval_every=0",
+        *extra,
+    ]
+
+
+def train_losses(run_dir: Path) -> list[float]:
+    return [r["loss"] for r in read_metrics(run_dir, "train")]
+
+
+def run_recipe(args: list[str]):
+    """Build, train and return the recipe object (for in-memory comparisons)."""
+    recipe = RECIPE.DPORecipe(load_config("tiny_lora", args))
+    recipe.setup()
+    recipe.train()
+    recipe.cleanup()
+    return recipe
+
+
+def test_first_step_has_zero_rewards_and_dpo_loss_ln2(tiny_model_dir, prepared_dir, tmp_path):
+    assert main(["train", "--config", "tiny_lora", *overrides(tiny_model_dir, prepared_dir, tmp_path / "run"), "training.max_steps=1"]) == 0
+    first = read_metrics(tmp_path / "run", "train")[0]
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert first["rewards/chosen"] == pytest.approx(0.0, abs=1e-6)
+    assert first["rewards/rejected"] == pytest.approx(0.0, abs=1e-6)
+    for key in ("rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected", "logits/chosen",
+                "logits/rejected", "lr", "grad_norm", "tokens_per_s", "pairs_per_s", "peak_memory_mb"):
+        assert key in first
+
+
+@pytest.mark.parametrize("method", ["full", "lora", "dora", "qlora"])
+def test_each_method_reduces_the_loss_on_a_fixed_batch(method, tiny_model_dir, prepared_dir, tmp_path):
+    # One global batch = the whole 32-pair train split, so every step sees the same fixed batch.
+    lr = "1e-3" if method == "full" else "1e-2"
+    args = overrides(tiny_model_dir, prepared_dir, tmp_path / "run", f"model.method={method}", "training.max_steps=3",
+                     "data.shuffle=false", "data.batch_size=32", f"optimizer.lr={lr}", "scheduler.name=constant",
+                     "scheduler.warmup_steps=0")
+    assert main(["train", "--config", "tiny_lora", *args]) == 0
+    losses = train_losses(tmp_path / "run")
+    assert len(losses) == 3
+    assert losses[0] == pytest.approx(math.log(2), abs=1e-4)
+    assert losses[2] < losses[1] < losses[0]
+
+
+def test_saved_adapter_reloads_with_peft_and_gives_the_same_logits(tiny_model_dir, prepared_dir, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    recipe = run_recipe(overrides(tiny_model_dir, prepared_dir, tmp_path / "run", "training.max_steps=2", "optimizer.lr=1e-2"))
+    checkpoint = tmp_path / "run" / "checkpoints" / "step_0000002"
+    assert (checkpoint / "adapter_model.safetensors").is_file()
+    reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(checkpoint)).eval()
+    inputs = torch.tensor([[3, 40, 41, 42, 5, 4, 50, 51]])
+    recipe.policy.eval()
+    with torch.no_grad():
+        expected = recipe.policy(input_ids=inputs).logits
+        got = reloaded(input_ids=inputs).logits
+        base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)(input_ids=inputs).logits
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    assert (got - base).abs().max() > 1e-3  # the adapter changed something
+
+
+def test_saved_full_model_reloads_with_transformers_and_gives_the_same_logits(tiny_model_dir, prepared_dir, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    recipe = run_recipe(overrides(tiny_model_dir, prepared_dir, tmp_path / "run", "model.method=full",
+                                  "training.max_steps=2", "optimizer.lr=1e-3"))
+    checkpoint = tmp_path / "run" / "checkpoints" / "step_0000002"
+    reloaded = AutoModelForCausalLM.from_pretrained(checkpoint).eval()
+    AutoTokenizer.from_pretrained(checkpoint)  # the tokenizer travels with the model
+    inputs = torch.tensor([[3, 40, 41, 42, 5, 4, 50, 51]])
+    recipe.policy.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=inputs).logits, recipe.policy(input_ids=inputs).logits, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_resume_after_step_4_continues_with_the_same_losses(method, tiny_model_dir, prepared_dir, tmp_path):
+    common = [f"model.method={method}", "training.max_steps=8", "data.batch_size=2", "optimizer.lr=1e-3",
+              "training.save_every=4", "training.keep_last=5"]
+    straight = tmp_path / "straight"
+    assert main(["train", "--config", "tiny_lora", *overrides(tiny_model_dir, prepared_dir, straight, *common)]) == 0
+    # A run "killed" after step 4: its directory as it stood then (checkpoint 4, metrics to step 4, plus junk).
+    resumed = tmp_path / "resumed"
+    shutil.copytree(straight, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step_0000008")
+    (resumed / "checkpoints" / ".step_0000006.tmp").mkdir()  # a half-written checkpoint must be ignored
+    lines = (resumed / "metrics.jsonl").read_text().splitlines()
+    (resumed / "metrics.jsonl").write_text("\n".join(lines[:5]) + "\n")
+    assert main(["train", "--config", "tiny_lora", *overrides(tiny_model_dir, prepared_dir, resumed, *common), "--resume"]) == 0
+    want, got = train_losses(straight), train_losses(resumed)
+    assert len(got) == 8
+    assert got == pytest.approx(want, abs=1e-6)
+
+
+def test_sixty_steps_of_dpo_raise_eval_reward_accuracy(tiny_model_dir, style_prepared_dir, tmp_path):
+    args = overrides(tiny_model_dir, style_prepared_dir, tmp_path / "run", "training.max_steps=60", "training.eval_every=30")
+    assert main(["train", "--config", "tiny_lora", *args]) == 0
+    evals = read_metrics(tmp_path / "run", "eval")
+    assert [r["step"] for r in evals] == [30, 60]
+    assert evals[-1]["rewards/accuracies"] >= 0.9
+    assert evals[-1]["rewards/margins"] > 0.3
+
+
+@pytest.mark.parametrize("loss", [["--loss", "rso", "--gamma", "0.5"], ["--loss", "ipo", "--tau", "0.1"],
+                                  ["--loss", "simpo", "--beta", "2.0"]])
+def test_cli_loss_flags_train(loss, tiny_model_dir, prepared_dir, tmp_path):
+    args = ["train", "--config", "tiny_lora", "--max-steps", "2", *loss,
+            *overrides(tiny_model_dir, prepared_dir, tmp_path / "run")]
+    assert main(args) == 0
+    config = (tmp_path / "run" / "config.yaml").read_text()
+    assert f"name: {loss[1]}" in config
+
+
+def test_custom_loss_class_by_import_path_trains(tiny_model_dir, prepared_dir, tmp_path, monkeypatch):
+    module = tmp_path / "my_losses.py"
+    module.write_text(
+        "import torch\n"
+        "class MarginLoss(torch.nn.Module):\n"
+        "    def __init__(self, scale: float = 1.0):\n"
+        "        super().__init__()\n"
+        "        self.scale = scale\n"
+        "    def forward(self, policy, reference):\n"
+        "        margin = (policy.chosen_logps - reference.chosen_logps) - (policy.rejected_logps - reference.rejected_logps)\n"
+        "        return torch.nn.functional.softplus(-self.scale * margin), margin.detach(), -margin.detach()\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    args = overrides(tiny_model_dir, prepared_dir, tmp_path / "run", "loss.scale=0.5", "training.max_steps=3",
+                     "optimizer.lr=1e-2")
+    assert main(["train", "--config", "tiny_lora", "--loss", "my_losses:MarginLoss", *args]) == 0
+    losses = train_losses(tmp_path / "run")
+    assert losses[0] == pytest.approx(math.log(2), abs=1e-5)  # softplus(0)
+    assert len(losses) == 3
+
+
+def test_merge_writes_a_full_model_equal_to_base_plus_adapter(tiny_model_dir, prepared_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    recipe = run_recipe(overrides(tiny_model_dir, prepared_dir, tmp_path / "run", "training.max_steps=2",
+                                  "optimizer.lr=1e-2", "output.merge=true"))
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "merged").eval()
+    inputs = torch.tensor([[3, 40, 41, 42, 5, 4, 50, 51]])
+    recipe.policy.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=inputs).logits, recipe.policy(input_ids=inputs).logits, atol=1e-4, rtol=0)
+    assert main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "exported")]) == 0
+    assert (tmp_path / "exported" / "config.json").is_file()
+
+
+def test_plot_writes_png_curves(tiny_model_dir, prepared_dir, tmp_path):
+    run = tmp_path / "run"
+    assert main(["train", "--config", "tiny_lora", *overrides(tiny_model_dir, prepared_dir, run, "training.max_steps=2")]) == 0
+    assert main(["plot", str(run)]) == 0
+    for name in ("loss", "accuracy", "margins", "rewards"):
+        png = run / "plots" / f"{name}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err
+    assert len(err.splitlines()) == 1, err
+    return err
+
+
+def test_unknown_loss_is_one_clear_line(tiny_model_dir, prepared_dir, tmp_path, capsys):
+    assert main(["train", "--loss", "dpx", *overrides(tiny_model_dir, prepared_dir, tmp_path / "run")]) == 1
+    assert "unknown loss 'dpx'; choose one of dpo, hinge, ipo, rso, simpo" in error_line(capsys)
+
+
+def test_gamma_on_dpo_is_one_clear_line(tiny_model_dir, prepared_dir, tmp_path, capsys):
+    assert main(["train", "--loss", "dpo", "--gamma", "0.5", *overrides(tiny_model_dir, prepared_dir, tmp_path / "run")]) == 1
+    assert "loss 'dpo' has no parameter gamma; its parameters: loss.beta" in error_line(capsys)
+
+
+def test_qlora_without_bitsandbytes_is_one_clear_line(tiny_model_dir, prepared_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import bitsandbytes -> ImportError
+    assert main(["train", "--method", "qlora", *overrides(tiny_model_dir, prepared_dir, tmp_path / "run")]) == 1
+    assert "model.method=qlora needs bitsandbytes" in error_line(capsys)
+
+
+def test_debug_flag_shows_the_traceback(tiny_model_dir, prepared_dir, tmp_path):
+    with pytest.raises(DpokitError):
+        main(["--debug", "train", "--loss", "dpx", *overrides(tiny_model_dir, prepared_dir, tmp_path / "run")])
+
+
+def test_existing_run_directory_is_refused_without_resume_or_overwrite(tiny_model_dir, prepared_dir, tmp_path, capsys):
+    args = ["train", *overrides(tiny_model_dir, prepared_dir, tmp_path / "run"), "training.max_steps=1"]
+    assert main(args) == 0
+    capsys.readouterr()
+    assert main(args) == 1
+    assert "already has a run; pass --resume" in error_line(capsys)
+    assert main(args + ["--overwrite"]) == 0
+    assert len(read_metrics(tmp_path / "run", "train")) == 1
