@@ -60,23 +60,24 @@ def prepare(
     system_prompt: Optional[str] = typer.Option(None, "--system-prompt", help="Add (or replace) a system turn."),
     chat_template: Optional[str] = typer.Option(None, "--chat-template", help="A Jinja chat template (text or file) overriding the tokenizer's."),
     split: str = typer.Option("train", "--split", help="Split to load from a dataset name."),
+    eval_split: str = typer.Option("test", "--eval-split", help="Split to load when --eval-data is a dataset name."),
     subset: Optional[str] = typer.Option(None, "--subset", help="Dataset configuration name for datasets.load_dataset."),
     max_length: int = typer.Option(1024, "--max-length", help="Max tokens of prompt+response."),
-    max_prompt_length: int = typer.Option(512, "--max-prompt-length", help="Max prompt tokens."),
-    overlength: str = typer.Option("truncate", "--overlength", help="truncate, drop or error for pairs over the limits."),
+    max_prompt_length: int = typer.Option(512, "--max-prompt-length", help="Prompt tokens kept (its end) when a pair is over --max-length, before responses are cut."),
+    overlength: str = typer.Option("truncate", "--overlength", help="truncate, drop or error for pairs over --max-length."),
     eval_fraction: float = typer.Option(0.0, "--eval-fraction", help="Hold out this fraction of rows as the eval split."),
     eval_data: Optional[str] = typer.Option(None, "--eval-data", help="A separate source for the eval split."),
     seed: int = typer.Option(42, "--seed", help="Seed for the eval split."),
     num_proc: int = typer.Option(1, "--num-proc", help="Tokenization processes."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output directory."),
 ) -> None:
-    """Tokenize preference pairs into a prepared/ directory."""
+    """Tokenize preference pairs into a prepared/ directory (formats: docs/data-formats.md)."""
     from dpokit.data.pipeline import PrepareOptions, run_prepare
 
     run_prepare(
         PrepareOptions(
             data=data, model=model, out=out, tokenizer=tokenizer, format=format, column_map=column_map,
-            system_prompt=system_prompt, chat_template=chat_template, split=split, subset=subset,
+            system_prompt=system_prompt, chat_template=chat_template, split=split, eval_split=eval_split, subset=subset,
             max_length=max_length, max_prompt_length=max_prompt_length, overlength=overlength,
             eval_fraction=eval_fraction, eval_data=eval_data, seed=seed, num_proc=num_proc, overwrite=overwrite,
         )

@@ -1,0 +1,342 @@
+"""Load preference rows from files or a dataset name and normalise each to chat messages.
+
+Every source row becomes a `Pair` of message lists (``prompt``, ``chosen``, ``rejected``), each
+message ``{"role": ..., "content": ...}``. Three input shapes are recognised:
+
+* ``plain``: ``prompt``, ``chosen`` and ``rejected`` are strings (the prompt becomes one user turn,
+  each response one assistant turn);
+* ``conversational``: ``prompt`` is a list of messages, ``chosen``/``rejected`` lists of assistant
+  messages;
+* ``implicit``: no ``prompt``; ``chosen``/``rejected`` are whole conversations (message lists, or
+  Anthropic HH text ``"\\n\\nHuman: ...\\n\\nAssistant: ..."``) whose shared turns are the prompt.
+
+A row that cannot be used (empty or non-string content, identical responses, ...) raises
+`SkippedRow` with a reason; the pipeline counts it. Problems with the input as a whole (an
+unreadable file, a missing column) raise `DpokitError`.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+from dpokit.errors import DpokitError
+
+FORMATS = ("auto", "plain", "conversational", "implicit")
+COLUMNS = ("prompt", "chosen", "rejected")
+FILE_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
+HH_TURN = re.compile(r"\n\n(Human|Assistant):")
+HH_ROLES = {"Human": "user", "Assistant": "assistant"}
+
+
+@dataclass
+class Record:
+    """One source row and where it came from (``data.jsonl line 7``), for error messages."""
+
+    location: str
+    row: dict[str, Any]
+
+
+@dataclass
+class Pair:
+    """A normalised preference pair: the prompt and both completions as message lists."""
+
+    location: str
+    format: str
+    prompt: list[dict[str, str]]
+    chosen: list[dict[str, str]]
+    rejected: list[dict[str, str]]
+
+
+class SkippedRow(Exception):
+    """A row that is left out of the prepared data; `reason` is the manifest's count key."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_records(data: str, split: str = "train", subset: Optional[str] = None) -> list[Record]:
+    """Rows of a local file, a folder of files, or a dataset name for `datasets.load_dataset`."""
+    path = Path(data)
+    if path.is_dir():
+        return [record for file in data_files(path) for record in file_records(file)]
+    if path.is_file():
+        return list(file_records(path))
+    if path.suffix.lower() in FILE_SUFFIXES:
+        raise DpokitError(f"data file {data} does not exist")
+    return hub_records(data, split, subset)
+
+
+def data_files(folder: Path) -> list[Path]:
+    """The supported files below `folder`, in sorted order (hidden files left out)."""
+    files = sorted(
+        p for p in folder.rglob("*")
+        if p.is_file() and p.suffix.lower() in FILE_SUFFIXES
+        and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+    )
+    if not files:
+        raise DpokitError(f"folder {folder} has no {'/'.join(FILE_SUFFIXES)} files")
+    return files
+
+
+def file_records(path: Path) -> Iterator[Record]:
+    """The rows of one file, chosen by its suffix."""
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        return jsonl_records(path)
+    if suffix == ".json":
+        return json_records(path)
+    if suffix == ".csv":
+        return csv_records(path)
+    if suffix == ".parquet":
+        return parquet_records(path)
+    raise DpokitError(f"{path}: unsupported file type {suffix!r}; use one of {', '.join(FILE_SUFFIXES)}")
+
+
+def jsonl_records(path: Path) -> Iterator[Record]:
+    """One JSON object per line; blank lines are allowed."""
+    with open(path, encoding="utf-8-sig") as lines:
+        for number, line in enumerate(lines, start=1):
+            if line.strip():
+                row = parsed_json(line, path, number, "fix or remove that line")
+                yield Record(f"{path} line {number}", object_row(row, f"{path} line {number}"))
+
+
+def json_records(path: Path) -> Iterator[Record]:
+    """A JSON array of objects; a ``.json`` file holding JSON lines is read as JSONL."""
+    text = path.read_text(encoding="utf-8-sig")
+    if not text.lstrip().startswith("["):
+        yield from jsonl_records(path)
+        return
+    for index, row in enumerate(parsed_json(text, path, 1, "fix the file")):
+        yield Record(f"{path} row {index}", object_row(row, f"{path} row {index}"))
+
+
+def parsed_json(text: str, path: Path, first_line: int, fix: str) -> Any:
+    """`json.loads(text)`; invalid JSON raises a `DpokitError` naming file, line, column and `fix`."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        line = first_line + exc.lineno - 1
+        raise DpokitError(f"{path} line {line}: not valid JSON ({exc.msg} at column {exc.colno}); {fix}") from None
+
+
+def csv_records(path: Path) -> Iterator[Record]:
+    """Rows of a CSV file with a header line; every value is a string."""
+    csv.field_size_limit(sys.maxsize)  # responses can be longer than csv's 128 KiB default
+    with open(path, newline="", encoding="utf-8-sig") as stream:
+        reader = csv.DictReader(stream)
+        for row in reader:
+            location = f"{path} line {reader.line_num}"
+            if None in row:
+                raise DpokitError(f"{location}: more values than the header has columns; quote values that contain commas")
+            yield Record(location, row)
+
+
+def parquet_records(path: Path) -> Iterator[Record]:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except Exception as exc:  # pyarrow raises several types for a damaged file
+        raise DpokitError(f"{path}: not a readable Parquet file ({exc})") from None
+    for index, row in enumerate(table.to_pylist()):
+        yield Record(f"{path} row {index}", row)
+
+
+def hub_records(name: str, split: str, subset: Optional[str]) -> list[Record]:
+    """Rows of `datasets.load_dataset(name, subset, split=split)`."""
+    import datasets
+
+    try:
+        dataset = datasets.load_dataset(name, subset, split=split)
+    except Exception as exc:  # datasets raises many types (not found, offline, bad config)
+        which = f"subset {subset!r}, split {split!r}" if subset else f"split {split!r}"
+        raise DpokitError(
+            f"could not load dataset {name!r} ({which}): {exc}; "
+            "pass a local .json/.jsonl/.csv/.parquet file or folder, or check --subset and --split"
+        ) from None
+    label = f"{name}[{split}]"
+    return [Record(f"{label} row {index}", row) for index, row in enumerate(dataset)]
+
+
+def object_row(row: Any, location: str) -> dict[str, Any]:
+    if not isinstance(row, dict):
+        raise DpokitError(f"{location}: expected a JSON object with prompt/chosen/rejected, got {type(row).__name__}")
+    return row
+
+
+# ---------------------------------------------------------------------------------------------
+# Column map
+
+
+def parse_column_map(text: Optional[str]) -> dict[str, str]:
+    """``"chosen=better,rejected=worse"`` -> ``{"chosen": "better", "rejected": "worse"}``."""
+    mapping: dict[str, str] = {}
+    for entry in (text or "").split(","):
+        if not entry.strip():
+            continue
+        target, sep, source = (part.strip() for part in entry.partition("="))
+        if not sep or not target or not source:
+            raise DpokitError(f"--column-map entry {entry.strip()!r} is not target=source (for example chosen=better)")
+        if target not in COLUMNS:
+            raise DpokitError(f"--column-map target {target!r} is not one of {', '.join(COLUMNS)}")
+        mapping[target] = source
+    return mapping
+
+
+def mapped_row(record: Record, column_map: dict[str, str]) -> dict[str, Any]:
+    """The row's prompt/chosen/rejected values under their dpokit names (the prompt may be absent)."""
+    row = record.row
+    values = {}
+    for column in COLUMNS:
+        source = column_map.get(column, column)
+        if source in row:
+            values[column] = row[source]
+        elif column_map.get(column) or column != "prompt":
+            raise DpokitError(missing_column_message(record, column, column_map))
+    return values
+
+
+def missing_column_message(record: Record, column: str, column_map: dict[str, str]) -> str:
+    found = ", ".join(map(str, record.row)) or "none"
+    if column in column_map:
+        return (
+            f"{record.location}: column {column_map[column]!r} (mapped to {column} by --column-map) not found; "
+            f"columns found: {found}"
+        )
+    return (
+        f"{record.location}: no {column!r} column; columns found: {found}; "
+        f"name yours with --column-map {column}=<column>"
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Normalisation
+
+
+def normalise(record: Record, format: str, column_map: dict[str, str], system_prompt: Optional[str]) -> Pair:
+    """The record as a `Pair` of message lists; raises `SkippedRow` for a row that cannot be used."""
+    values = mapped_row(record, column_map)
+    row_format = detect_format(values) if format == "auto" else format
+    if row_format == "implicit":
+        prompt, chosen, rejected = implicit_messages(values["chosen"], values["rejected"])
+    elif row_format == "conversational":
+        if "prompt" not in values:
+            raise DpokitError(missing_column_message(record, "prompt", column_map))
+        prompt = message_list(values["prompt"], "prompt")
+        chosen = message_list(values["chosen"], "chosen")
+        rejected = message_list(values["rejected"], "rejected")
+    else:
+        if "prompt" not in values:
+            raise DpokitError(missing_column_message(record, "prompt", column_map))
+        prompt = [{"role": "user", "content": text_value(values["prompt"], "prompt")}]
+        chosen = [{"role": "assistant", "content": text_value(values["chosen"], "chosen")}]
+        rejected = [{"role": "assistant", "content": text_value(values["rejected"], "rejected")}]
+    if chosen == rejected:
+        raise SkippedRow("identical_chosen_rejected", "chosen and rejected are the same")
+    if system_prompt is not None:
+        prompt = with_system_prompt(prompt, system_prompt)
+    return Pair(record.location, row_format, prompt, chosen, rejected)
+
+
+def detect_format(values: dict[str, Any]) -> str:
+    """The row's shape: ``conversational`` for a message-list prompt, ``plain`` for strings, else ``implicit``.
+
+    A text prompt next to whole conversations in chosen/rejected (as in UltraFeedback-binarized) is
+    ``implicit``: the conversations already hold the prompt, and their shared turns are used.
+    """
+    if "prompt" not in values:
+        return "implicit"
+    if isinstance(values["prompt"], list):
+        return "conversational"
+    if isinstance(values["chosen"], list) and isinstance(values["rejected"], list):
+        return "implicit"
+    return "plain"
+
+
+def text_value(value: Any, column: str) -> str:
+    if not isinstance(value, str):
+        raise SkippedRow("non_string_content", f"{column} is {type(value).__name__}, not a string")
+    if not value.strip():
+        raise SkippedRow("empty_content", f"{column} is empty")
+    return value
+
+
+def message_list(value: Any, column: str) -> list[dict[str, str]]:
+    """A list of ``{role, content}`` messages, checked; other message keys are not kept."""
+    if isinstance(value, dict):
+        value = [value]
+    if not isinstance(value, list):
+        raise SkippedRow("non_string_content", f"{column} is {type(value).__name__}, not a list of messages")
+    if not value:
+        raise SkippedRow("empty_content", f"{column} has no messages")
+    messages = []
+    for index, message in enumerate(value):
+        where = f"{column} message {index}"
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str) or "content" not in message:
+            keys = ", ".join(message) if isinstance(message, dict) else type(message).__name__
+            raise SkippedRow("malformed_message", f"{where} is not {{role, content}} (found {keys})")
+        messages.append({"role": message["role"], "content": text_value(message["content"], where)})
+    return messages
+
+
+def implicit_messages(chosen: Any, rejected: Any) -> tuple[list, list, list]:
+    """Split two whole conversations into (shared prompt, chosen completion, rejected completion).
+
+    The prompt is the longest run of identical leading turns that ends right before an assistant
+    turn in both conversations, so a completion always starts with the assistant's answer.
+    """
+    chosen = conversation(chosen, "chosen")
+    rejected = conversation(rejected, "rejected")
+    if chosen == rejected:
+        raise SkippedRow("identical_chosen_rejected", "chosen and rejected are the same conversation")
+    shared = 0
+    while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
+        shared += 1
+    shared = min(shared, len(chosen) - 1, len(rejected) - 1)  # each side keeps at least one turn
+    while shared > 0 and not (chosen[shared]["role"] == rejected[shared]["role"] == "assistant"):
+        shared -= 1
+    if shared == 0:
+        raise SkippedRow("no_shared_prompt", "chosen and rejected share no turns before an assistant answer")
+    return chosen[:shared], chosen[shared:], rejected[shared:]
+
+
+def conversation(value: Any, column: str) -> list[dict[str, str]]:
+    """A whole conversation from a message list or Anthropic HH text."""
+    if isinstance(value, str):
+        return hh_messages(value, column)
+    return message_list(value, column)
+
+
+def hh_messages(text: str, column: str) -> list[dict[str, str]]:
+    """``"\\n\\nHuman: hi\\n\\nAssistant: hello"`` -> user and assistant messages."""
+    parts = HH_TURN.split(text)
+    if len(parts) < 3 or parts[0].strip():
+        raise SkippedRow(
+            "unparseable_conversation",
+            f"{column} is text without a prompt column but not Human:/Assistant: turns",
+        )
+    messages = []
+    for index, (speaker, content) in enumerate(zip(parts[1::2], parts[2::2])):
+        messages.append({"role": HH_ROLES[speaker], "content": text_value(content.strip(), f"{column} turn {index}")})
+    return messages
+
+
+def with_system_prompt(prompt: list[dict[str, str]], system_prompt: str) -> list[dict[str, str]]:
+    """`prompt` with its system turn replaced by `system_prompt`, or one added in front."""
+    system = {"role": "system", "content": system_prompt}
+    if prompt and prompt[0]["role"] == "system":
+        return [system] + prompt[1:]
+    return [system] + prompt

@@ -1,0 +1,405 @@
+"""`dpokit prepare`: read pairs, normalise them to messages, tokenize, and write ``prepared/``.
+
+The steps, for each split (``train``, and ``eval`` from ``--eval-fraction`` or ``--eval-data``):
+
+1. read the source's rows (`formats.load_records`);
+2. normalise each row to a `Pair` of messages (`formats.normalise`), skipping unusable rows;
+3. tokenize pairs in chunks, on ``num_proc`` processes (`tokenize.PairTokenizer`), applying the
+   overlength policy;
+4. write the kept rows and ``manifest.json`` with `prepared.write_prepared` (temp dir + rename).
+
+Every skipped row is counted by reason in the manifest and in the closing summary table.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import random
+import time
+from collections import Counter
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Optional
+
+import numpy as np
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+from rich.text import Text
+
+from dpokit import __version__
+from dpokit.data.formats import FORMATS, Pair, Record, SkippedRow, load_records, normalise, parse_column_map
+from dpokit.data.prepared import COLUMNS, MANIFEST_NAME, write_prepared
+from dpokit.data.tokenize import PairTokenizer, TokenizedPair, load_tokenizer, tokenizer_fingerprint
+from dpokit.errors import DpokitError
+
+CHUNK_SIZE = 256  # pairs per tokenizer call and per worker task
+PERCENTILES = (50, 90, 99)
+
+
+@dataclass
+class PrepareOptions:
+    """The settings of one `dpokit prepare` run (the CLI's options, one field each)."""
+
+    data: str
+    model: str
+    out: Path
+    tokenizer: Optional[str] = None
+    format: str = "auto"
+    column_map: Optional[str] = None
+    system_prompt: Optional[str] = None
+    chat_template: Optional[str] = None
+    split: str = "train"
+    eval_split: str = "test"
+    subset: Optional[str] = None
+    max_length: int = 1024
+    max_prompt_length: int = 512
+    overlength: str = "truncate"
+    eval_fraction: float = 0.0
+    eval_data: Optional[str] = None
+    seed: int = 42
+    num_proc: int = 1
+    overwrite: bool = False
+
+
+@dataclass
+class SplitResult:
+    """The kept token ids of one split and the counts of what happened to its rows."""
+
+    source: str
+    read: int = 0
+    columns: dict[str, list[list[int]]] = field(default_factory=lambda: {c: [] for c in COLUMNS})
+    truncated: int = 0
+    retokenized: int = 0
+    dropped: Counter = field(default_factory=Counter)
+    first_dropped: dict[str, str] = field(default_factory=dict)  # reason -> "location: detail"
+    formats: Counter = field(default_factory=Counter)
+
+    @property
+    def kept(self) -> int:
+        return len(self.columns["prompt_ids"])
+
+    def drop(self, reason: str, location: str, detail: str) -> None:
+        self.dropped[reason] += 1
+        self.first_dropped.setdefault(reason, f"{location}: {detail}")
+
+    def keep(self, ids: TokenizedPair) -> None:
+        self.columns["prompt_ids"].append(ids.prompt_ids)
+        self.columns["chosen_ids"].append(ids.chosen_ids)
+        self.columns["rejected_ids"].append(ids.rejected_ids)
+        self.truncated += ids.truncated
+        self.retokenized += ids.retokenized
+
+    def completion_lengths(self) -> list[int]:
+        return [len(ids) for side in ("chosen_ids", "rejected_ids") for ids in self.columns[side]]
+
+    def prompt_lengths(self) -> list[int]:
+        return [len(ids) for ids in self.columns["prompt_ids"]]
+
+
+def run_prepare(options: PrepareOptions, console: Optional[Console] = None) -> Path:
+    """Prepare `options.data` into `options.out`; returns the output directory."""
+    console = console or Console()
+    started = time.perf_counter()
+    check_options(options)
+    column_map = parse_column_map(options.column_map)
+    tokenizer = load_tokenizer(options.tokenizer or options.model, options.chat_template)
+    pair_tokenizer = PairTokenizer(tokenizer, options.max_length, options.max_prompt_length, options.overlength)
+    sources = split_sources(options)
+
+    results = {}
+    with worker_pool(pair_tokenizer, options.num_proc) as pool, rows_progress(console) as progress:
+        for name, (source, records) in sources.items():
+            results[name] = prepare_split(
+                name, source, records, options, column_map, pair_tokenizer, pool, progress
+            )
+
+    manifest = build_manifest(options, results, tokenizer)
+    with quiet_datasets_progress():
+        out = write_prepared(options.out, split_datasets(results), manifest, overwrite=options.overwrite)
+    console.print(summary_table(results, out, time.perf_counter() - started))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Checks and sources
+
+
+def check_options(options: PrepareOptions) -> None:
+    """Refuse bad option values and an output directory that must not be replaced, before any work."""
+    if options.format not in FORMATS:
+        raise DpokitError(f"--format {options.format!r} is not one of {', '.join(FORMATS)}")
+    if not 0.0 <= options.eval_fraction < 1.0:
+        raise DpokitError(f"--eval-fraction {options.eval_fraction} must be at least 0 and below 1")
+    if options.eval_fraction and options.eval_data:
+        raise DpokitError("pass --eval-fraction or --eval-data, not both")
+    if options.num_proc < 1:
+        raise DpokitError(f"--num-proc {options.num_proc} must be at least 1")
+    check_output_dir(Path(options.out), options.overwrite)
+
+
+def check_output_dir(out: Path, overwrite: bool) -> None:
+    """`out` may be written: absent, or (with overwrite) an earlier prepare output or empty."""
+    if not out.exists():
+        return
+    if not overwrite:
+        raise DpokitError(f"output directory {out} already exists; pass --overwrite to replace it")
+    if not out.is_dir() or (any(out.iterdir()) and not (out / MANIFEST_NAME).is_file()):
+        raise DpokitError(
+            f"refusing to replace {out}: it is not a `dpokit prepare` output (no {MANIFEST_NAME}); "
+            "choose another --out"
+        )
+
+
+def split_sources(options: PrepareOptions) -> dict[str, tuple[str, list[Record]]]:
+    """Each split's source label and rows: train, and eval when one is asked for."""
+    records = load_records(options.data, options.split, options.subset)
+    if options.eval_data:
+        eval_records = load_records(options.eval_data, options.eval_split, options.subset)
+        return {"train": (options.data, records), "eval": (options.eval_data, eval_records)}
+    if not options.eval_fraction:
+        return {"train": (options.data, records)}
+    held_out = held_out_indices(len(records), options.eval_fraction, options.seed)
+    label = f"{options.data} (eval fraction {options.eval_fraction}, seed {options.seed})"
+    return {
+        "train": (label, [r for i, r in enumerate(records) if i not in held_out]),
+        "eval": (label, [r for i, r in enumerate(records) if i in held_out]),
+    }
+
+
+def held_out_indices(count: int, fraction: float, seed: int) -> set[int]:
+    """A seeded random `fraction` of the row indices ``0..count-1`` (the eval rows)."""
+    size = round(count * fraction)
+    if size == 0 or size == count:
+        raise DpokitError(
+            f"--eval-fraction {fraction} of {count} rows leaves {'no eval' if size == 0 else 'no train'} rows; "
+            "change the fraction or use --eval-data"
+        )
+    order = list(range(count))
+    random.Random(seed).shuffle(order)
+    return set(order[:size])
+
+
+# ---------------------------------------------------------------------------------------------
+# One split
+
+
+def prepare_split(
+    name: str,
+    source: str,
+    records: list[Record],
+    options: PrepareOptions,
+    column_map: dict[str, str],
+    pair_tokenizer: PairTokenizer,
+    pool,
+    progress: Progress,
+) -> SplitResult:
+    """Normalise and tokenize one split's rows, in source order."""
+    result = SplitResult(source=source, read=len(records))
+    task = progress.add_task(name, total=len(records))
+    pairs: list[Pair] = []
+    for record in records:
+        try:
+            pair = normalise(record, options.format, column_map, options.system_prompt)
+        except SkippedRow as skipped:
+            result.drop(skipped.reason, record.location, skipped.detail)
+            progress.advance(task)
+            continue
+        result.formats[pair.format] += 1
+        pairs.append(pair)
+
+    chunks = [pairs[i : i + CHUNK_SIZE] for i in range(0, len(pairs), CHUNK_SIZE)]
+    tokenized = pool.imap(tokenize_chunk, chunks) if pool else map(pair_tokenizer.tokenize, chunks)
+    for chunk, chunk_ids in zip(chunks, tokenized):
+        for pair, ids in zip(chunk, chunk_ids):
+            if ids.dropped is None:
+                result.keep(ids)
+            elif ids.dropped == "overlength" and options.overlength == "error":
+                raise DpokitError(
+                    f"{pair.location}: {ids.detail}; raise --max-length, or pass --overlength truncate or drop"
+                )
+            else:
+                result.drop(ids.dropped, pair.location, ids.detail)
+        progress.advance(task, len(chunk))
+
+    if result.kept == 0:
+        raise DpokitError(no_rows_kept_message(name, result))
+    return result
+
+
+def no_rows_kept_message(name: str, result: SplitResult) -> str:
+    reasons = ", ".join(f"{reason} {count}" for reason, count in result.dropped.most_common())
+    first = next(iter(result.first_dropped.values()), "")
+    return f"no {name} rows kept from {result.source} ({result.read} read; dropped: {reasons or 'none'}); first: {first}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Worker processes
+
+
+_worker_tokenizer: Optional[PairTokenizer] = None
+
+
+def init_worker(pair_tokenizer: PairTokenizer) -> None:
+    global _worker_tokenizer
+    _worker_tokenizer = pair_tokenizer
+
+
+def tokenize_chunk(pairs: list[Pair]) -> list[TokenizedPair]:
+    """Tokenize a chunk in a worker process (with the `PairTokenizer` its initializer stored)."""
+    return _worker_tokenizer.tokenize(pairs)
+
+
+@contextmanager
+def worker_pool(pair_tokenizer: PairTokenizer, num_proc: int) -> Iterator[Optional[multiprocessing.pool.Pool]]:
+    """A pool of `num_proc` tokenizer processes, or None to tokenize in this process."""
+    if num_proc == 1:
+        yield None
+        return
+    with multiprocessing.Pool(num_proc, initializer=init_worker, initargs=(pair_tokenizer,)) as pool:
+        yield pool
+
+
+# ---------------------------------------------------------------------------------------------
+# Output
+
+
+def split_datasets(results: dict[str, SplitResult]) -> dict:
+    """One `datasets.Dataset` per split with int32 id lists."""
+    import datasets
+
+    features = datasets.Features({c: datasets.List(datasets.Value("int32")) for c in COLUMNS})
+    return {name: datasets.Dataset.from_dict(r.columns, features=features) for name, r in results.items()}
+
+
+def build_manifest(options: PrepareOptions, results: dict[str, SplitResult], tokenizer) -> dict:
+    """Everything `write_prepared` records besides the format version and data fingerprint."""
+    totals = SplitResult(source=options.data)
+    for result in results.values():
+        totals.read += result.read
+        for column in COLUMNS:
+            totals.columns[column] += result.columns[column]
+        totals.truncated += result.truncated
+        totals.retokenized += result.retokenized
+        totals.dropped.update(result.dropped)
+        for reason, example in result.first_dropped.items():
+            totals.first_dropped.setdefault(reason, example)
+        totals.formats.update(result.formats)
+    return {
+        "source": options.data,
+        "splits": {name: split_manifest(result) for name, result in results.items()},
+        "counts": counts(totals),
+        "lengths": lengths(totals),
+        "tokenizer": {"name": options.tokenizer or options.model, "fingerprint": tokenizer_fingerprint(tokenizer)},
+        "chat_template": tokenizer.chat_template or None,
+        "max_length": options.max_length,
+        "max_prompt_length": options.max_prompt_length,
+        "overlength": options.overlength,
+        "format": options.format,
+        "column_map": parse_column_map(options.column_map),
+        "system_prompt": options.system_prompt,
+        "eval_fraction": options.eval_fraction,
+        "seed": options.seed,
+        "dpokit_version": __version__,
+    }
+
+
+def split_manifest(result: SplitResult) -> dict:
+    return {"rows": result.kept, "source": result.source, **counts(result), "lengths": lengths(result)}
+
+
+def counts(result: SplitResult) -> dict:
+    return {
+        "read": result.read,
+        "kept": result.kept,
+        "truncated": result.truncated,
+        "retokenized": result.retokenized,
+        "dropped": dict(sorted(result.dropped.items())),
+        "first_dropped": dict(sorted(result.first_dropped.items())),
+        "formats": dict(sorted(result.formats.items())),
+    }
+
+
+def lengths(result: SplitResult) -> dict:
+    return {"prompt": length_stats(result.prompt_lengths()), "completion": length_stats(result.completion_lengths())}
+
+
+def length_stats(values: list[int]) -> dict[str, int]:
+    """Percentiles (the smallest length at least q% of values do not exceed) and the maximum."""
+    if not values:
+        return {**{f"p{q}": 0 for q in PERCENTILES}, "max": 0}
+    array = np.asarray(values)
+    stats = {f"p{q}": int(np.percentile(array, q, method="inverted_cdf")) for q in PERCENTILES}
+    return {**stats, "max": int(array.max())}
+
+
+# ---------------------------------------------------------------------------------------------
+# Progress and summary
+
+
+class RowRateColumn(ProgressColumn):
+    """A task's average rows per second so far."""
+
+    def render(self, task) -> Text:
+        elapsed = task.finished_time if task.finished else task.elapsed
+        if not elapsed or not task.completed:
+            return Text("- rows/s", style="cyan")
+        return Text(f"{task.completed / elapsed:,.0f} rows/s", style="cyan")
+
+
+def rows_progress(console: Console) -> Progress:
+    return Progress(
+        TextColumn("[bold blue]prepare {task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        RowRateColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+    )
+
+
+@contextmanager
+def quiet_datasets_progress() -> Iterator[None]:
+    """Silence `datasets`' own progress bars while writing (the summary reports the result)."""
+    import datasets
+
+    was_enabled = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            datasets.enable_progress_bars()
+
+
+def summary_table(results: dict[str, SplitResult], out: Path, seconds: float) -> Table:
+    """Rows read/kept, truncated, dropped by reason and token-length percentiles, one column a split."""
+    read = sum(r.read for r in results.values())
+    table = Table(title=f"dpokit prepare → {out}", caption=f"{read:,} rows in {seconds:.1f} s ({read / seconds:,.0f} rows/s)")
+    table.add_column("")
+    for name in results:
+        table.add_column(name, justify="right")
+
+    def row(label: str, value) -> None:
+        table.add_row(label, *(str(value(r)) for r in results.values()))
+
+    row("rows read", lambda r: r.read)
+    row("rows kept", lambda r: r.kept)
+    row("truncated", lambda r: r.truncated)
+    if any(r.retokenized for r in results.values()):
+        row("retokenized at prompt boundary", lambda r: r.retokenized)
+    for reason in sorted(set().union(*(r.dropped for r in results.values()))):
+        row(f"dropped: {reason}", lambda r: r.dropped[reason])
+    for label, values in (("prompt", SplitResult.prompt_lengths), ("completion", SplitResult.completion_lengths)):
+        row(f"{label} tokens p50/p90/p99/max", lambda r: "/".join(map(str, length_stats(values(r)).values())))
+    return table
