@@ -135,10 +135,11 @@ def test_conversational_and_implicit_files_with_column_map_and_system_prompt(tok
         ('{"prompt": "a", "chosen": "b" "rejected": "c"}\n', [], "d.jsonl line 1: not valid JSON (Expecting ',' delimiter at column 31)"),
         ('{"prompt": "a", "better": "b", "worse": "c"}\n', [], "d.jsonl line 1: no 'chosen' column; columns found: prompt, better, worse; name yours with --column-map chosen=<column>"),
         ('{"prompt": "a", "chosen": "", "rejected": "c"}\n', [], "no train rows kept from"),
+        ("\n", [], "no train rows in "),
         ('{"prompt": "a", "chosen": "b", "rejected": "c"}\n', ["--format", "chat"], "--format 'chat' is not one of auto, plain, conversational, implicit"),
         ('{"prompt": "a", "chosen": "b", "rejected": "c"}\n', ["--eval-fraction", 0.5, "--eval-data", "x.jsonl"], "pass --eval-fraction or --eval-data, not both"),
     ],
-    ids=["malformed-json", "missing-column", "nothing-kept", "bad-format", "two-eval-sources"],
+    ids=["malformed-json", "missing-column", "nothing-kept", "empty-file", "bad-format", "two-eval-sources"],
 )
 def test_bad_input_is_one_error_line_naming_the_problem(tokenizer_dir, tmp_path, capsys, content, flags, message):
     data = tmp_path / "d.jsonl"

@@ -237,9 +237,11 @@ def prepare_split(
 
 
 def no_rows_kept_message(name: str, result: SplitResult) -> str:
+    if not result.read:
+        return f"no {name} rows in {result.source}: it is empty"
     reasons = ", ".join(f"{reason} {count}" for reason, count in result.dropped.most_common())
-    first = next(iter(result.first_dropped.values()), "")
-    return f"no {name} rows kept from {result.source} ({result.read} read; dropped: {reasons or 'none'}); first: {first}"
+    first = next(iter(result.first_dropped.values()))
+    return f"no {name} rows kept from {result.source} ({result.read} read; dropped: {reasons}); first: {first}"
 
 
 # ---------------------------------------------------------------------------------------------
