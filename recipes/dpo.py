@@ -47,6 +47,7 @@ from dpokit.data.prepared import load_prepared
 from dpokit.data.sampler import PairSampler
 from dpokit.distributed import apply_fsdp, destroy_distributed, init_distributed
 from dpokit.errors import DpokitError
+from dpokit.launch import check_distributed_config
 from dpokit.logps import concatenated_forward
 from dpokit.losses import build_loss, is_reference_free
 from dpokit.metrics import MetricsLogger, PairMetrics, summary_table, training_progress, truncate_metrics
@@ -76,6 +77,8 @@ class DPORecipe:
         self.train_split = self.data.split("train")
         self.eval_split = self.data.split("eval") if "eval" in self.data.splits else None
 
+        if self.dist.world_size > 1:
+            check_distributed_config(cfg)
         self.loss_fn = build_loss(cfg.loss)
         checkpoint = self._resume_checkpoint()
         self.policy = load_policy(cfg.model, cfg.lora, self.device)
@@ -191,7 +194,9 @@ class DPORecipe:
         """Forward and backward over this rank's micro-batches of one optimizer step."""
         metrics = PairMetrics(self.device)
         pairs_per_rank = self.cfg.data.batch_size * len(micro_batches)
-        for indices in micro_batches:
+        for micro_step, indices in enumerate(micro_batches):
+            if hasattr(self.policy, "set_requires_gradient_sync"):  # FSDP: reduce gradients once per step
+                self.policy.set_requires_gradient_sync(micro_step == len(micro_batches) - 1)
             batch = self.batch(self.train_split, indices)
             policy_out, losses, chosen_rewards, rejected_rewards = self.pair_outputs(batch, "train")
             # Sum over pairs / pairs per rank: FSDP averages gradients over ranks -> mean over the global batch.
