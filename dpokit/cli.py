@@ -260,8 +260,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args
     try:
-        app(args=args, prog_name="dpokit", standalone_mode=False)
-        return 0
+        result = app(args=args, prog_name="dpokit", standalone_mode=False)
+        # Typer hands back an interrupt (Ctrl-C) as exit code 130 instead of raising it.
+        return result if isinstance(result, int) else 0
     except DpokitError as exc:
         if debug:
             raise

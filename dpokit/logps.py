@@ -44,25 +44,16 @@ def _chunk_token_logps(head: nn.Module, hidden: Tensor, targets: Tensor) -> tupl
 
 
 def completion_logps(
-    head: nn.Module,
-    hidden: Tensor,
-    input_ids: Tensor,
-    completion_mask: Tensor,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    head: nn.Module, hidden: Tensor, batch: PairBatch, chunk_size: int = DEFAULT_CHUNK_SIZE
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-sequence completion log-probs from final hidden states.
+    """Per-output completion log-probs from final hidden states ``[R, L, H]`` and the batch's targets.
 
-    Args:
-        hidden: ``[N, T, H]`` final hidden states; position ``t`` predicts token ``t+1``.
-        completion_mask: ``[N, T]`` bool, True where the token is a completion token.
-
-    Returns ``(logps [N] float32, token_counts [N] long, mean_logits [N] float32 detached)``.
+    Returns ``(logps [2B] float32, token_counts [2B] long, mean_logits [2B] float32 detached)``:
+    entries ``0..B-1`` are the chosen completions, ``B..2B-1`` the rejected ones.
     """
-    n = input_ids.shape[0]
-    predicts = completion_mask[:, 1:]  # [N, T-1]: position t predicts a completion token t+1
-    rows, cols = predicts.nonzero(as_tuple=True)
-    selected = hidden[:, :-1][rows, cols]  # [M, H], M = completion tokens in the batch
-    targets = input_ids[:, 1:][rows, cols]  # [M]
+    num_outputs = 2 * batch.num_pairs
+    selected = hidden[batch.target_rows, batch.target_cols]  # [M, H], M = completion tokens in the batch
+    targets, slots = batch.target_ids, batch.target_slots
     use_checkpoint = torch.is_grad_enabled() and selected.requires_grad
     token_logps, token_mean_logits = [], []
     for start in range(0, selected.shape[0], chunk_size):
@@ -74,43 +65,42 @@ def completion_logps(
         token_logps.append(lp)
         token_mean_logits.append(ml.detach())
     device = hidden.device
-    if token_logps:
-        flat_logps = torch.cat(token_logps)
-        flat_logits = torch.cat(token_mean_logits)
-    else:
-        flat_logps = hidden.new_zeros(0, dtype=torch.float32)
-        flat_logits = hidden.new_zeros(0, dtype=torch.float32)
-    logps = torch.zeros(n, dtype=torch.float32, device=device).index_add(0, rows, flat_logps)
-    counts = torch.zeros(n, dtype=torch.long, device=device).index_add(0, rows, torch.ones_like(rows))
-    logit_sums = torch.zeros(n, dtype=torch.float32, device=device).index_add(0, rows, flat_logits)
-    mean_logits = logit_sums / counts.clamp(min=1)
-    return logps, counts, mean_logits
+    empty = torch.zeros(0, dtype=torch.float32, device=device)
+    flat_logps = torch.cat(token_logps) if token_logps else empty
+    flat_logits = torch.cat(token_mean_logits) if token_mean_logits else empty
+    logps = torch.zeros(num_outputs, dtype=torch.float32, device=device).index_add(0, slots, flat_logps)
+    counts = torch.zeros(num_outputs, dtype=torch.long, device=device).index_add(0, slots, torch.ones_like(slots))
+    logit_sums = torch.zeros(num_outputs, dtype=torch.float32, device=device).index_add(0, slots, flat_logits)
+    return logps, counts, logit_sums / counts.clamp(min=1)
 
 
-def sequence_logps(
-    model: nn.Module,
-    input_ids: Tensor,
-    attention_mask: Tensor,
-    completion_mask: Tensor,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
-    position_ids: Optional[Tensor] = None,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Run `model`'s decoder on ``[N, T]`` inputs and return per-sequence completion log-probs.
+def model_attention_mask(mask: Tensor, decoder: nn.Module) -> Tensor:
+    """The mask as the decoder's attention takes it: SDPA takes a 4-D bool mask as is; eager
+    attention adds the mask to its scores, so it gets the additive float form."""
+    if mask.dim() != 4 or getattr(decoder.config, "_attn_implementation", "sdpa") != "eager":
+        return mask
+    dtype = decoder.get_input_embeddings().weight.dtype
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
 
-    Returns ``(logps [N], token_counts [N], mean_logits [N])`` as in `completion_logps`.
+
+def sequence_logps(model: nn.Module, batch: PairBatch, chunk_size: int = DEFAULT_CHUNK_SIZE) -> tuple[Tensor, Tensor, Tensor]:
+    """Run `model`'s decoder on the batch's rows (any layout) and return per-output completion log-probs.
+
+    Returns ``(logps [2B], token_counts [2B], mean_logits [2B])`` as in `completion_logps`.
     """
     decoder, head = decoder_and_head(model)
     outputs = decoder(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+        input_ids=batch.input_ids,
+        attention_mask=model_attention_mask(batch.attention_mask, decoder),
+        position_ids=batch.position_ids,
+        use_cache=False,
     )
-    return completion_logps(head, outputs.last_hidden_state, input_ids, completion_mask, chunk_size)
+    return completion_logps(head, outputs.last_hidden_state, batch, chunk_size)
 
 
 def concatenated_forward(model: nn.Module, batch: PairBatch, chunk_size: int = DEFAULT_CHUNK_SIZE) -> ChosenRejectedOutputs:
-    """One forward over chosen and rejected rows together (``[2B, T]``), split into pair outputs."""
-    logps, counts, mean_logits = sequence_logps(
-        model, batch.input_ids, batch.attention_mask, batch.completion_mask, chunk_size
-    )
+    """One forward over chosen and rejected together (one pass, whatever the layout), split per pair."""
+    logps, counts, mean_logits = sequence_logps(model, batch, chunk_size)
     b = batch.num_pairs
     return ChosenRejectedOutputs(
         chosen_logps=logps[:b],

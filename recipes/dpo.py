@@ -42,7 +42,7 @@ from dpokit.checkpoint import (
     set_rng_state,
 )
 from dpokit.config import TrainConfig, config_to_dict, config_to_yaml, parse_recipe_args
-from dpokit.data.collate import PairBatch, pad_pairs
+from dpokit.data.collate import PairBatch, collate_pairs
 from dpokit.data.prepared import load_prepared
 from dpokit.data.sampler import PairSampler
 from dpokit.distributed import apply_fsdp, destroy_distributed, init_distributed
@@ -178,7 +178,8 @@ class DPORecipe:
     def batch(self, split, indices: list[int]) -> PairBatch:
         columns = split[indices]
         rows = [{k: columns[k][i] for k in ("prompt_ids", "chosen_ids", "rejected_ids")} for i in range(len(indices))]
-        return pad_pairs(rows, indices, self.pad_id).to(self.device)
+        data = self.cfg.data
+        return collate_pairs(rows, indices, self.pad_id, data.packing, data.prefix_sharing, data.pack_length).to(self.device)
 
     def pair_outputs(self, batch: PairBatch, split: str):
         """Policy and reference outputs and the per-pair loss terms for one batch."""

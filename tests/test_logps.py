@@ -1,4 +1,5 @@
-"""The one log-prob function equals the plain full-logits computation, values and gradients."""
+"""The one log-prob function equals the plain full-logits computation, in every batch layout,
+values and gradients."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from dpokit.data.collate import pad_pairs
+from dpokit.data.collate import collate_pairs, pad_pairs
 from dpokit.logps import concatenated_forward, naive_sequence_logps, sequence_logps
 
 ROWS = [
@@ -14,42 +15,86 @@ ROWS = [
     {"prompt_ids": [3, 43, 5, 4], "chosen_ids": [53, 54, 55, 56, 57, 5], "rejected_ids": [61, 62, 5]},
     {"prompt_ids": [3, 44, 45, 5, 4], "chosen_ids": [58, 5], "rejected_ids": [63, 64, 65, 66, 67, 68, 5]},
 ]
+LAYOUTS = {
+    "padded": dict(packing=False, prefix_sharing=False),
+    "packed": dict(packing=True, prefix_sharing=False),
+    "prefix": dict(packing=False, prefix_sharing=True),
+    "packed_prefix": dict(packing=True, prefix_sharing=True),
+    "packed_prefix_wide": dict(packing=True, prefix_sharing=True, pack_length=64),
+}
 
 
-@pytest.fixture()
-def model(tiny_model_dir):
-    return AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+@pytest.fixture(params=["sdpa", "eager"])
+def model(tiny_model_dir, request):
+    return AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32, attn_implementation=request.param)
+
+
+def naive(model):
+    batch = pad_pairs(ROWS, [0, 1, 2], pad_id=0)
+    return naive_sequence_logps(model, batch.input_ids, batch.attention_mask, batch.completion_mask)
 
 
 @pytest.mark.parametrize("chunk_size", [1, 4, 1024])
 def test_chunked_logps_equal_full_logits(model, chunk_size):
     batch = pad_pairs(ROWS, [0, 1, 2], pad_id=0)
     with torch.no_grad():
-        logps, counts, _ = sequence_logps(
-            model, batch.input_ids, batch.attention_mask, batch.completion_mask, chunk_size
-        )
-        expected = naive_sequence_logps(model, batch.input_ids, batch.attention_mask, batch.completion_mask)
+        logps, counts, _ = sequence_logps(model, batch, chunk_size)
+        expected = naive(model)
     assert logps.dtype == torch.float32
     torch.testing.assert_close(logps, expected, atol=1e-5, rtol=0)
     assert counts.tolist() == [4, 6, 2, 2, 3, 7]
 
 
-def test_chunked_logps_gradients_equal_full_logits(model):
-    batch = pad_pairs(ROWS, [0, 1, 2], pad_id=0)
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_every_layout_gives_the_padded_logps(model, layout):
+    batch = collate_pairs(ROWS, [0, 1, 2], pad_id=0, **LAYOUTS[layout])
+    with torch.no_grad():
+        logps, counts, _ = sequence_logps(model, batch, chunk_size=5)
+        expected = naive(model)
+    torch.testing.assert_close(logps, expected, atol=1e-4, rtol=0)
+    assert counts.tolist() == [4, 6, 2, 2, 3, 7]
+
+
+def test_packing_and_prefix_sharing_compute_fewer_tokens():
+    padded = collate_pairs(ROWS, [0, 1, 2], pad_id=0)
+    packed = collate_pairs(ROWS, [0, 1, 2], pad_id=0, packing=True, pack_length=24)
+    shared = collate_pairs(ROWS, [0, 1, 2], pad_id=0, packing=True, prefix_sharing=True)
+    prompts = sum(len(r["prompt_ids"]) for r in ROWS)
+    assert packed.num_tokens == padded.num_tokens  # the same tokens, less padding
+    assert packed.input_ids.shape[0] == 3 and packed.input_ids.shape[1] <= 24 and padded.input_ids.shape == (6, 12)
+    assert (packed.input_ids != 0).sum() == packed.num_tokens  # no padding inside the packed rows
+    assert shared.num_tokens == padded.num_tokens - prompts  # each prompt computed once
+
+
+def test_prefix_shared_mask_hides_chosen_from_rejected():
+    batch = collate_pairs(ROWS[:1], [0], pad_id=0, prefix_sharing=True)
+    mask = batch.attention_mask[0, 0]  # [L, L]
+    p, c = 6, 4
+    first_rejected = p + c
+    assert mask[first_rejected, :p].all()  # sees the whole prompt
+    assert not mask[first_rejected, p:first_rejected].any()  # sees no chosen token
+    assert mask[first_rejected, first_rejected]
+    assert batch.position_ids[0].tolist() == list(range(p + c)) + [p, p + 1]
+
+
+@pytest.mark.parametrize("layout", ["padded", "packed_prefix"])
+def test_layout_gradients_equal_full_logits(tiny_model_dir, layout):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    batch = collate_pairs(ROWS, [0, 1, 2], pad_id=0, **LAYOUTS[layout])
     out = concatenated_forward(model, batch, chunk_size=3)
     (out.chosen_logps - 0.5 * out.rejected_logps).sum().backward()
     chunked = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
-    full = naive_sequence_logps(model, batch.input_ids, batch.attention_mask, batch.completion_mask)
+    full = naive(model)
     (full[:3] - 0.5 * full[3:]).sum().backward()
     for name, param in model.named_parameters():
-        torch.testing.assert_close(chunked[name], param.grad, atol=1e-5, rtol=1e-4, msg=name)
+        torch.testing.assert_close(chunked[name], param.grad, atol=1e-5, rtol=1e-3, msg=name)
 
 
-def test_logps_do_not_depend_on_batch_composition(model):
-    together = pad_pairs(ROWS, [0, 1, 2], pad_id=0)
+def test_logps_do_not_depend_on_batch_composition(tiny_model_dir):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     with torch.no_grad():
-        joint = concatenated_forward(model, together)
+        joint = concatenated_forward(model, pad_pairs(ROWS, [0, 1, 2], pad_id=0))
         alone = [concatenated_forward(model, pad_pairs([row], [i], pad_id=0)) for i, row in enumerate(ROWS)]
     torch.testing.assert_close(joint.chosen_logps, torch.cat([a.chosen_logps for a in alone]), atol=1e-5, rtol=0)
     torch.testing.assert_close(joint.rejected_logps, torch.cat([a.rejected_logps for a in alone]), atol=1e-5, rtol=0)

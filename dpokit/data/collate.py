@@ -1,62 +1,204 @@
-"""Batches of preference pairs as model inputs.
+"""Batches of preference pairs as model inputs, in three layouts that give the same log-probs.
 
-A batch of B pairs becomes 2B right-padded rows: rows ``0..B-1`` are prompt+chosen, rows ``B..2B-1``
-prompt+rejected. ``completion_mask`` marks the tokens whose log-probs count.
+- **padded** (`pad_pairs`): 2B right-padded rows, ``0..B-1`` prompt+chosen and ``B..2B-1``
+  prompt+rejected; a plain 2-D padding mask, so the model uses its ordinary causal attention.
+- **packed** (``packing=True``): the same sequences laid end to end in fewer rows with no padding
+  between them; a block-diagonal causal mask keeps attention within each sequence and position ids
+  restart at 0 for each.
+- **prefix-shared** (``prefix_sharing=True``): one segment per pair, ``[prompt, chosen, rejected]``;
+  the prompt is computed once, rejected tokens attend to the prompt but not to chosen, and their
+  positions continue from the prompt's end. Combines with packing.
+
+Every layout lists, for each completion token, the row and column of the hidden state that predicts
+it (`target_rows`, `target_cols`), the token (`target_ids`) and the output it counts toward
+(`target_slots`: ``i`` for pair i's chosen, ``B+i`` for its rejected). `dpokit.logps` needs nothing else.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Sequence
+from dataclasses import dataclass, fields
+from typing import Optional, Sequence
 
 import torch
+
+PROMPT, CHOSEN, REJECTED = 0, 1, 2  # branches of a prefix-shared segment
 
 
 @dataclass
 class PairBatch:
-    input_ids: torch.Tensor  # [2B, T] long
-    attention_mask: torch.Tensor  # [2B, T] long, 1 on real tokens
-    completion_mask: torch.Tensor  # [2B, T] bool, True on completion tokens
+    input_ids: torch.Tensor  # [R, L] long
+    attention_mask: torch.Tensor  # [R, L] long padding mask, or [R, 1, L, L] bool (True: may attend)
+    target_rows: torch.Tensor  # [M] long, one entry per completion token in the batch
+    target_cols: torch.Tensor  # [M] long, column whose hidden state predicts the token
+    target_ids: torch.Tensor  # [M] long
+    target_slots: torch.Tensor  # [M] long, 0..B-1 chosen, B..2B-1 rejected
     index: torch.Tensor  # [B] long, example index of each pair in its split
+    num_tokens: int  # tokens the model computes (padding excluded)
+    position_ids: Optional[torch.Tensor] = None  # [R, L]; None: 0..L-1 in every row
+    completion_mask: Optional[torch.Tensor] = None  # [R, L] bool, padded layout only
 
     @property
     def num_pairs(self) -> int:
         return int(self.index.numel())
 
-    @property
-    def num_tokens(self) -> int:
-        return int(self.attention_mask.sum())
-
     def to(self, device: torch.device | str) -> "PairBatch":
-        return PairBatch(
-            input_ids=self.input_ids.to(device, non_blocking=True),
-            attention_mask=self.attention_mask.to(device, non_blocking=True),
-            completion_mask=self.completion_mask.to(device, non_blocking=True),
-            index=self.index.to(device, non_blocking=True),
-        )
+        moved = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            moved[f.name] = value.to(device, non_blocking=True) if isinstance(value, torch.Tensor) else value
+        return PairBatch(**moved)
 
 
 def pad_pairs(rows: Sequence[dict], indices: Sequence[int], pad_id: int) -> PairBatch:
-    """Collate prepared rows (``prompt_ids``, ``chosen_ids``, ``rejected_ids``) into a `PairBatch`."""
-    sequences = []
-    completion_starts = []
+    """Collate prepared rows (``prompt_ids``, ``chosen_ids``, ``rejected_ids``) into the padded layout."""
+    sequences, starts = [], []
     for side in ("chosen_ids", "rejected_ids"):
         for row in rows:
             prompt = list(row["prompt_ids"])
             sequences.append(prompt + list(row[side]))
-            completion_starts.append(len(prompt))
+            starts.append(len(prompt))
     width = max(len(s) for s in sequences)
     n = len(sequences)
     input_ids = torch.full((n, width), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((n, width), dtype=torch.long)
     completion_mask = torch.zeros((n, width), dtype=torch.bool)
-    for i, (sequence, start) in enumerate(zip(sequences, completion_starts)):
+    for i, (sequence, start) in enumerate(zip(sequences, starts)):
         input_ids[i, : len(sequence)] = torch.tensor(sequence, dtype=torch.long)
         attention_mask[i, : len(sequence)] = 1
         completion_mask[i, start : len(sequence)] = True
+    # Row s, column t is a completion token predicted by column t-1 of the same row; slot = row.
+    target_rows, target_cols = completion_mask[:, 1:].nonzero(as_tuple=True)
     return PairBatch(
         input_ids=input_ids,
         attention_mask=attention_mask,
-        completion_mask=completion_mask,
+        target_rows=target_rows,
+        target_cols=target_cols,
+        target_ids=input_ids[target_rows, target_cols + 1],
+        target_slots=target_rows.clone(),
         index=torch.tensor(list(indices), dtype=torch.long),
+        num_tokens=int(attention_mask.sum()),
+        completion_mask=completion_mask,
     )
+
+
+@dataclass
+class _Segment:
+    """One attention-isolated piece of a row: tokens, their positions and branches, and its targets."""
+
+    tokens: list[int]
+    positions: list[int]
+    branches: list[int]
+    targets: list[tuple[int, int, int]]  # (column within the segment, token id, slot)
+
+
+def _sequence_segment(prompt: list[int], completion: list[int], slot: int) -> _Segment:
+    tokens = prompt + completion
+    p = len(prompt)
+    return _Segment(
+        tokens=tokens,
+        positions=list(range(len(tokens))),
+        branches=[PROMPT] * len(tokens),
+        targets=[(p + j - 1, token, slot) for j, token in enumerate(completion)],
+    )
+
+
+def _prefix_shared_segment(prompt: list[int], chosen: list[int], rejected: list[int], pair: int, num_pairs: int) -> _Segment:
+    p, c = len(prompt), len(chosen)
+    targets = [(p + j - 1, token, pair) for j, token in enumerate(chosen)]
+    # Rejected token j is predicted by the last prompt token (j = 0) or by rejected token j-1.
+    targets += [(p - 1 if j == 0 else p + c + j - 1, token, num_pairs + pair) for j, token in enumerate(rejected)]
+    return _Segment(
+        tokens=prompt + chosen + rejected,
+        positions=list(range(p + c)) + list(range(p, p + len(rejected))),
+        branches=[PROMPT] * p + [CHOSEN] * c + [REJECTED] * len(rejected),
+        targets=targets,
+    )
+
+
+def _pack(segments: list[_Segment], capacity: int) -> list[list[_Segment]]:
+    """First-fit decreasing: rows of at most `capacity` tokens (a longer segment gets a row alone)."""
+    rows: list[list[_Segment]] = []
+    room: list[int] = []
+    for segment in sorted(segments, key=lambda s: len(s.tokens), reverse=True):
+        size = len(segment.tokens)
+        for r, free in enumerate(room):
+            if size <= free:
+                rows[r].append(segment)
+                room[r] -= size
+                break
+        else:
+            rows.append([segment])
+            room.append(capacity - size)
+    return rows
+
+
+def collate_pairs(
+    rows: Sequence[dict],
+    indices: Sequence[int],
+    pad_id: int,
+    packing: bool = False,
+    prefix_sharing: bool = False,
+    pack_length: Optional[int] = None,
+) -> PairBatch:
+    """Collate pairs into the layout the flags ask for (plain `pad_pairs` when both are off).
+
+    Args:
+        pack_length: row capacity when packing; default the longest segment, so no row is longer
+            than the padded layout's would be.
+    """
+    if not packing and not prefix_sharing:
+        return pad_pairs(rows, indices, pad_id)
+    b = len(rows)
+    segments: list[_Segment] = []
+    for i, row in enumerate(rows):
+        prompt, chosen, rejected = list(row["prompt_ids"]), list(row["chosen_ids"]), list(row["rejected_ids"])
+        if prefix_sharing:
+            segments.append(_prefix_shared_segment(prompt, chosen, rejected, i, b))
+        else:
+            segments += [_sequence_segment(prompt, chosen, i), _sequence_segment(prompt, rejected, b + i)]
+    longest = max(len(s.tokens) for s in segments)
+    layout = _pack(segments, max(pack_length or 0, longest)) if packing else [[s] for s in segments]
+    width = max(sum(len(s.tokens) for s in row) for row in layout)
+    r = len(layout)
+    input_ids = torch.full((r, width), pad_id, dtype=torch.long)
+    position_ids = torch.zeros((r, width), dtype=torch.long)
+    segment_ids = torch.full((r, width), -1, dtype=torch.long)
+    branches = torch.zeros((r, width), dtype=torch.long)
+    targets: list[tuple[int, int, int, int]] = []
+    for row_index, row in enumerate(layout):
+        offset = 0
+        for seg_number, segment in enumerate(row):
+            n = len(segment.tokens)
+            span = slice(offset, offset + n)
+            input_ids[row_index, span] = torch.tensor(segment.tokens)
+            position_ids[row_index, span] = torch.tensor(segment.positions)
+            segment_ids[row_index, span] = seg_number
+            branches[row_index, span] = torch.tensor(segment.branches)
+            targets += [(row_index, offset + col, token, slot) for col, token, slot in segment.targets]
+            offset += n
+    target = torch.tensor(targets, dtype=torch.long)  # [M, 4]
+    return PairBatch(
+        input_ids=input_ids,
+        attention_mask=block_causal_mask(segment_ids, branches),
+        target_rows=target[:, 0],
+        target_cols=target[:, 1],
+        target_ids=target[:, 2],
+        target_slots=target[:, 3],
+        index=torch.tensor(list(indices), dtype=torch.long),
+        num_tokens=int((segment_ids >= 0).sum()),
+        position_ids=position_ids,
+    )
+
+
+def block_causal_mask(segment_ids: torch.Tensor, branches: torch.Tensor) -> torch.Tensor:
+    """``[R, 1, L, L]`` bool: query q may attend key k if both are in one segment, k is not after q,
+    and k is shared prompt or on q's own branch. Padding attends only to itself (no empty rows)."""
+    length = segment_ids.shape[1]
+    same_segment = segment_ids[:, :, None] == segment_ids[:, None, :]
+    causal = torch.ones(length, length, dtype=torch.bool).tril()
+    key_branch, query_branch = branches[:, None, :], branches[:, :, None]
+    visible_branch = (key_branch == PROMPT) | (key_branch == query_branch)
+    real = (segment_ids >= 0)[:, :, None]
+    mask = same_segment & causal & visible_branch & real
+    mask |= torch.eye(length, dtype=torch.bool) & ~real
+    return mask.unsqueeze(1)

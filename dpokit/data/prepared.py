@@ -111,9 +111,9 @@ def write_prepared(out_dir: str | os.PathLike, splits: dict[str, Any], manifest:
     if out_dir.exists() and not overwrite:
         raise DpokitError(f"output directory {out_dir} already exists; pass --overwrite to replace it")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
+    for stale in out_dir.parent.glob(f".{out_dir.name}.tmp-*"):  # left by an interrupted earlier run
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
     tmp.mkdir()
     for name, dataset in splits.items():
         dataset.save_to_disk(str(tmp / name))
