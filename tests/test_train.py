@@ -232,3 +232,20 @@ def test_packed_and_prefix_shared_training_matches_padded(layout, tiny_model_dir
     assert main(["train", "--config", "tiny_lora", *overrides(tiny_model_dir, prepared_dir, other, *common, *layout)]) == 0
     assert train_losses(other) == pytest.approx(train_losses(padded), abs=1e-4)
     assert train_losses(other)[-1] != pytest.approx(train_losses(other)[0], abs=1e-3)  # it did train
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_activation_checkpointing_changes_no_loss(method, tiny_model_dir, prepared_dir, tmp_path):
+    common = [f"model.method={method}", "training.max_steps=3", "optimizer.lr=1e-3"]
+    plain, checkpointed = tmp_path / "plain", tmp_path / "checkpointed"
+    assert main(["train", *overrides(tiny_model_dir, prepared_dir, plain, *common)]) == 0
+    assert main(["train", *overrides(tiny_model_dir, prepared_dir, checkpointed, *common, "model.activation_checkpointing=true")]) == 0
+    assert train_losses(checkpointed) == pytest.approx(train_losses(plain), abs=1e-5)
+
+
+def test_8bit_adamw_trains(tiny_model_dir, prepared_dir, tmp_path):
+    args = overrides(tiny_model_dir, prepared_dir, tmp_path / "run", "optimizer.name=adamw8bit", "training.max_steps=3",
+                     "data.shuffle=false", "data.batch_size=32", "optimizer.lr=1e-2", "scheduler.name=constant")
+    assert main(["train", *args]) == 0
+    losses = train_losses(tmp_path / "run")
+    assert losses[-1] < losses[0]

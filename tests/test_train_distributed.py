@@ -26,10 +26,12 @@ def losses(run_dir):
     return [r["loss"] for r in read_metrics(run_dir, "train")]
 
 
-def test_two_processes_match_one_process_step_by_step_full(tiny_model_dir, prepared_dir, tmp_path):
+def test_two_processes_match_one_process_step_by_step_full_with_accumulation(tiny_model_dir, prepared_dir, tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
-    assert main(args_for(tiny_model_dir, prepared_dir, one, "full", "data.batch_size=4")) == 0
-    assert main(args_for(tiny_model_dir, prepared_dir, two, "full", "data.batch_size=2", "--gpus", "2")) == 0
+    # Global batch 4 = 2 pairs x 2 accumulation steps on one process = 1 pair x 2 processes x 2 steps.
+    accumulate = "training.gradient_accumulation_steps=2"
+    assert main(args_for(tiny_model_dir, prepared_dir, one, "full", "data.batch_size=2", accumulate)) == 0
+    assert main(args_for(tiny_model_dir, prepared_dir, two, "full", "data.batch_size=1", accumulate, "--gpus", "2")) == 0
     assert len(losses(two)) == 5
     assert losses(two) == pytest.approx(losses(one), abs=1e-4)
     # Metrics are means over the global batch: accuracies are multiples of 1/4, not of 1/2 per rank.
