@@ -6,12 +6,22 @@ Backends: NCCL on CUDA, gloo on CPU (how the tests run every multi-process path)
 
 from __future__ import annotations
 
+import logging
 import os
+import sys
+import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import wraps
+from typing import Any, Callable, Iterator, Optional, Sequence, TypeVar, Union
 
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from dpokit.errors import DpokitError
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -78,3 +88,172 @@ def apply_fsdp(model: nn.Module, cfg, device: torch.device) -> nn.Module:
     fully_shard(base.get_output_embeddings(), reshard_after_forward=False, **kwargs)
     fully_shard(model, reshard_after_forward=cfg.reshard_after_forward, **kwargs)
     return model
+
+
+# ----------------------------------------------------------------------------------------------
+# Worker processes: launching N local workers (`--gpus N`), rank queries, rank-0-only work, and
+# gathers/broadcasts of Python objects. Each helper is a no-op in a single process (rank 0, world
+# size 1, a gather returns ``[obj]``), so callers never branch on whether they are distributed.
+# Under `torchrun` started by hand (single- or multi-node, with its rendezvous options) the
+# environment already describes the group: `launched_by_torchrun()` is true and nothing is launched.
+
+
+def launched_by_torchrun() -> bool:
+    """True inside a worker started by torchrun / torchelastic (``WORLD_SIZE`` is set)."""
+    return "WORLD_SIZE" in os.environ
+
+
+def launch_workers(
+    nprocs: int, entrypoint: Union[Callable[..., Any], str, Sequence[str]], args: Sequence[Any] = ()
+) -> list[Any]:
+    """Run `entrypoint` in `nprocs` local worker processes and wait for all of them.
+
+    Args:
+        entrypoint: one of
+            - a module-level function, called as ``entrypoint(*args)`` in each worker. Workers are
+              spawned, so a script that calls this needs the ``if __name__ == "__main__":`` guard
+              (the ``dpokit`` command and ``python -m dpokit`` have it);
+            - a module name, run as ``python -m entrypoint *args``;
+            - a command, ``[program, *program_args]``, run as ``program *program_args *args``.
+
+    Returns the per-rank return values of a function entrypoint (``[]`` for a module or command).
+    Each worker gets ``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``, ``MASTER_ADDR`` and ``MASTER_PORT``.
+    If any worker fails, the others are stopped and a `DpokitError` carries the first failure.
+    """
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    if nprocs < 1:
+        raise DpokitError(f"the number of workers must be at least 1, got {nprocs}")
+    config = LaunchConfig(
+        min_nodes=1,
+        max_nodes=1,
+        nproc_per_node=nprocs,
+        run_id=f"dpokit-{uuid.uuid4().hex[:8]}",
+        rdzv_backend="c10d",
+        rdzv_endpoint="localhost:0",  # a free port, as `torchrun --standalone` picks
+        max_restarts=0,
+        monitor_interval=0.1,  # notice a dead worker quickly and stop its peers
+        start_method="spawn",
+    )
+    if callable(entrypoint):
+        target, target_args = entrypoint, tuple(args)
+    elif isinstance(entrypoint, str):
+        target, target_args = sys.executable, ("-m", entrypoint, *map(str, args))
+    else:
+        target, target_args = entrypoint[0], (*map(str, entrypoint[1:]), *map(str, args))
+    try:
+        with _quiet_launcher_logs():
+            results = elastic_launch(config, target)(*target_args)
+    except ChildFailedError as exc:
+        failed_rank, failure = exc.get_first_failure()
+        raise DpokitError(_worker_failure_message(failed_rank, failure)) from None
+    if not callable(entrypoint):
+        return []
+    return [results[r] for r in sorted(results)]
+
+
+def _worker_failure_message(failed_rank: int, failure) -> str:
+    """The failed worker's own error; its traceback goes to stderr unless it was a `DpokitError`."""
+    message = failure.message
+    if isinstance(message, dict):
+        text = str(message.get("message", ""))
+        if text.startswith(f"{DpokitError.__name__}: "):
+            return f"{text.removeprefix(f'{DpokitError.__name__}: ')} (worker rank {failed_rank})"
+        callstack = message.get("extraInfo", {}).get("py_callstack")
+        if callstack:
+            print(f"--- worker rank {failed_rank} traceback ---\n{callstack}", file=sys.stderr)
+        return f"worker rank {failed_rank} failed: {text}"
+    if failure.exitcode is not None and failure.exitcode < 0:
+        return f"worker rank {failed_rank} was killed by signal {-failure.exitcode} ({message})"
+    return f"worker rank {failed_rank} exited with code {failure.exitcode}; its output is above"
+
+
+@contextmanager
+def _quiet_launcher_logs() -> Iterator[None]:
+    """Silence torchelastic's own logging: its failure reports repeat what `launch_workers` raises."""
+    loggers = [logging.getLogger(name) for name in ("torch.distributed.elastic", "torch.multiprocessing")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
+def _in_group() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    """This process's global rank (0 in a single process)."""
+    return dist.get_rank() if _in_group() else 0
+
+
+def world_size() -> int:
+    """The number of processes in the group (1 in a single process)."""
+    return dist.get_world_size() if _in_group() else 1
+
+
+def rank_zero(fn: Callable[..., T]) -> Callable[..., Optional[T]]:
+    """Decorate `fn` to run on rank 0 only; other ranks skip it and get None."""
+
+    @wraps(fn)
+    def on_rank_zero(*args, **kwargs):
+        return fn(*args, **kwargs) if is_main_process() else None
+
+    return on_rank_zero
+
+
+def barrier() -> None:
+    """Wait for every rank (no-op in a single process)."""
+    if _in_group():
+        dist.barrier()
+
+
+# ----------------------------------------------------------------------------------------------
+# gathers and broadcasts of Python objects
+
+
+def gather_to_main(obj: T) -> Optional[list[T]]:
+    """Every rank's `obj`, in rank order, on rank 0; None on the other ranks."""
+    if not _in_group():
+        return [obj]
+    gathered = [None] * world_size() if is_main_process() else None
+    dist.gather_object(obj, gathered, dst=0)
+    return gathered
+
+
+def broadcast_from_main(obj: Optional[T]) -> T:
+    """Rank 0's `obj` on every rank."""
+    if not _in_group():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def main_result(fn: Callable[..., T], *args, **kwargs) -> T:
+    """Run `fn` on rank 0 and return its result on every rank.
+
+    If `fn` raises, every rank raises: a `DpokitError` with the same message (so a user error found
+    on rank 0 stops the whole run cleanly instead of leaving the other ranks waiting).
+    """
+    if not _in_group():
+        return fn(*args, **kwargs)
+    outcome: Optional[tuple[str, Any]] = None
+    error: Optional[BaseException] = None
+    if is_main_process():
+        try:
+            outcome = ("ok", fn(*args, **kwargs))
+        except Exception as exc:
+            error = exc
+            outcome = ("error", str(exc) if isinstance(exc, DpokitError) else f"rank 0 failed: {exc!r}")
+    kind, value = broadcast_from_main(outcome)
+    if error is not None:
+        raise error
+    if kind == "error":
+        raise DpokitError(value)
+    return value
