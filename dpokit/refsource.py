@@ -36,25 +36,23 @@ class CachedReference:
             tokenizer_fingerprint=prepared.tokenizer_fingerprint,
         )
         self.path = cache_path
-        self.tables: dict[str, tuple[torch.Tensor, ...]] = {}
-        for split in splits:
-            if split not in cache.splits:
-                raise DpokitError(
-                    f"reference cache {cache_path} has no split {split!r} (it has {', '.join(cache.splits)}); "
-                    f"rebuild it with `dpokit ref-logps {prepared.path} --model {model_path} --out {cache_path} "
-                    f"--splits {','.join(splits)}`"
-                )
-            self.tables[split] = tuple(torch.as_tensor(a) for a in cache.logps(split))
+        missing = [split for split in splits if split not in cache.splits]
+        if missing:
+            raise DpokitError(
+                f"reference cache {cache_path} has no split {missing[0]!r} (it has {', '.join(cache.splits)}); "
+                f"rebuild it with `dpokit ref-logps {prepared.path} --model {model_path} --out {cache_path} "
+                f"--splits {','.join(splits)} --overwrite`"
+            )
+        self.tables = {split: cache.logps(split) for split in splits}
 
     def outputs(self, batch: PairBatch, split: str) -> ChosenRejectedOutputs:
-        chosen_logps, rejected_logps, chosen_tokens, rejected_tokens = self.tables[split]
-        index = batch.index.cpu()
+        cached = self.tables[split].select(batch.index)
         device = batch.input_ids.device
         return ChosenRejectedOutputs(
-            chosen_logps=chosen_logps[index].to(device, torch.float32),
-            rejected_logps=rejected_logps[index].to(device, torch.float32),
-            chosen_tokens=chosen_tokens[index].to(device, torch.long),
-            rejected_tokens=rejected_tokens[index].to(device, torch.long),
+            chosen_logps=cached.chosen_logps.to(device, torch.float32),
+            rejected_logps=cached.rejected_logps.to(device, torch.float32),
+            chosen_tokens=cached.chosen_tokens.to(device, torch.long),
+            rejected_tokens=cached.rejected_tokens.to(device, torch.long),
         )
 
 

@@ -1,0 +1,60 @@
+"""Training from the reference cache is exactly training with the live reference."""
+
+from __future__ import annotations
+
+import pytest
+
+from dpokit.cli import main
+from dpokit.metrics import read_metrics
+
+
+@pytest.fixture(scope="module")
+def ref_cache(tiny_model_dir, prepared_dir, tmp_path_factory):
+    path = tmp_path_factory.mktemp("cache") / "ref.h5"
+    assert main(["ref-logps", str(prepared_dir), "--model", str(tiny_model_dir), "--out", str(path), "--batch-size", "3"]) == 0
+    return path
+
+
+def train_args(model_dir, data_dir, run_dir, method, *extra):
+    return ["train", "--config", "tiny_lora", "--data", str(data_dir), "--model", str(model_dir), "--out", str(run_dir),
+            "--method", method, "--max-steps", "5", "optimizer.lr=1e-3", "training.eval_every=5", *extra]
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_cache_gives_the_same_losses_as_the_live_reference(method, tiny_model_dir, prepared_dir, ref_cache, tmp_path):
+    live, cached = tmp_path / "live", tmp_path / "cached"
+    assert main(train_args(tiny_model_dir, prepared_dir, live, method, "--ref", "live")) == 0
+    assert main(train_args(tiny_model_dir, prepared_dir, cached, method, "--ref-cache", str(ref_cache))) == 0
+    for split in ("train", "eval"):
+        want, got = read_metrics(live, split), read_metrics(cached, split)
+        assert len(got) == len(want) > 0
+        for w, g in zip(want, got):
+            assert g["loss"] == pytest.approx(w["loss"], abs=1e-4)
+            assert g["rewards/margins"] == pytest.approx(w["rewards/margins"], abs=1e-4)
+    first = read_metrics(cached, "train")[0]
+    assert first["rewards/chosen"] == pytest.approx(0.0, abs=1e-5)
+
+
+def test_cache_from_other_data_is_refused_in_one_line(tiny_model_dir, style_prepared_dir, ref_cache, tmp_path, capsys):
+    args = train_args(tiny_model_dir, style_prepared_dir, tmp_path / "run", "lora", "--ref-cache", str(ref_cache))
+    assert main(args) == 1
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err and len(err.splitlines()) == 1
+    assert "data_fingerprint differs" in err
+    assert "dpokit ref-logps" in err
+
+
+def test_cache_from_another_model_is_refused(tmp_path, prepared_dir, ref_cache, tiny_model_dir, capsys):
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    other = tmp_path / "other_model"
+    shutil.copytree(tiny_model_dir, other)
+    weights = load_file(str(other / "model.safetensors"))
+    name = next(iter(weights))
+    weights[name] = weights[name] + 0.01 * torch.ones_like(weights[name])
+    save_file(weights, str(other / "model.safetensors"), metadata={"format": "pt"})
+    assert main(train_args(other, prepared_dir, tmp_path / "run", "lora", "--ref-cache", str(ref_cache))) == 1
+    assert "reference_fingerprint differs" in capsys.readouterr().err
