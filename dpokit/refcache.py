@@ -1,0 +1,553 @@
+"""The reference cache (``ref.h5``): the frozen reference model's log-probs, one row per example.
+
+Layout (docs/cache-format.md has the full schema and an h5py snippet)::
+
+    /{split}/chosen_logps     float32 [N]   sum of log p over the chosen completion tokens
+    /{split}/rejected_logps   float32 [N]
+    /{split}/chosen_tokens    int32   [N]   completion token counts
+    /{split}/rejected_tokens  int32   [N]
+    /{split}/done             bool    [N]   rows written; a resumed run fills only the others
+
+Root attributes name what the rows were computed from (data, tokenizer and reference fingerprints,
+compute dtype), so a reader can refuse a cache that belongs to other data or another model.
+
+Crash safety. The file is created whole (every split, every dataset, allocated and filled) in a
+temporary file that is renamed into place, so its structure is final before any row is computed.
+Rows are then committed in small transactions that open the file, write values, flush, set
+``done``, and close it again: the file is open only for the milliseconds of a commit, and a commit
+only overwrites bytes inside datasets that already exist (contiguous, pre-allocated storage, no
+metadata change). A process killed at any moment leaves a readable file whose ``done`` rows are
+exactly the rows whose values reached it. The format is pinned to the HDF5 1.8 file format: newer
+superblocks record "open for writing" in the file, and a killed writer leaves such a file
+unreadable until ``h5clear`` is run on it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import signal
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, NamedTuple, Optional, Sequence
+
+import numpy as np
+import torch
+
+from dpokit import __version__
+from dpokit.errors import DpokitError
+from dpokit.losses import ChosenRejectedOutputs
+
+FORMAT_VERSION = 1
+LIBVER = ("earliest", "v108")  # never a v3 superblock: see the module docstring
+ROW_DATASETS = {
+    "chosen_logps": np.float32,
+    "rejected_logps": np.float32,
+    "chosen_tokens": np.int32,
+    "rejected_tokens": np.int32,
+}
+DONE = "done"
+
+# Attributes that say what the rows were computed from; a rerun or a reader compares them.
+IDENTITY_ATTRS = {
+    "format_version": "the cache format version",
+    "data_fingerprint": "the prepared data",
+    "tokenizer_fingerprint": "the tokenizer",
+    "weights_fingerprint": "the reference model's weights",
+    "adapter_fingerprint": "the reference adapter",
+    "reference_fingerprint": "the reference model (weights and adapter)",
+    "dtype": "the compute dtype",
+}
+
+# Test hook: after this many rows are committed, the writer fails (``K``) or is killed with
+# SIGKILL while the file is open mid-commit (``K:kill``), to test that a resumed run recovers.
+CRASH_AFTER_ROWS_ENV = "DPOKIT_TEST_CRASH_AFTER_ROWS"
+
+
+# ----------------------------------------------------------------------------------------------
+# fingerprints
+
+CONFIG_FILES = ("config.json", "adapter_config.json")
+# Keys of config.json that describe how a file was saved, not the model it holds.
+CONFIG_KEYS_IGNORED = ("transformers_version", "_name_or_path")
+SAFETENSORS_SAMPLE = 1 << 16  # elements hashed per tensor; smaller tensors are hashed whole
+BYTE_BLOCK = 1 << 16
+BYTE_BLOCKS_SAMPLED = 256  # weight files up to BYTE_BLOCK * BYTE_BLOCKS_SAMPLED bytes are hashed whole
+
+
+def weights_fingerprint(model_path: str | os.PathLike) -> str:
+    """A SHA-256 identifying a model's (or adapter's) weights, in seconds even for an 8B checkpoint.
+
+    Hashes the config (``config.json`` / ``adapter_config.json``, minus save-time keys) and, for
+    safetensors files, every tensor's name, dtype and shape plus a strided sample of its elements
+    (small tensors whole). Fine-tuning changes nearly every element, so a sample of every tensor
+    catches it without reading every byte. Pickled ``.bin`` weights (used only when there are no
+    safetensors) contribute their size and evenly spaced blocks of bytes (small files whole). `model_path` is a local directory
+    or a hub name already in the local cache.
+    """
+    directory = resolve_model_dir(model_path)
+    digest = hashlib.sha256()
+    for name in CONFIG_FILES:
+        if (directory / name).is_file():
+            digest.update(name.encode())
+            digest.update(_canonical_config(directory / name))
+    weight_files = _weight_files(directory)
+    if not weight_files:
+        raise DpokitError(f"model {model_path}: no weight files (*.safetensors, pytorch_model*.bin) in {directory}")
+    for path in weight_files:
+        digest.update(path.name.encode())
+        if path.suffix == ".safetensors":
+            _hash_safetensors(path, digest)
+        else:
+            _hash_file_sample(path, digest)
+    return digest.hexdigest()
+
+
+def reference_fingerprint(model_path: str | os.PathLike, adapter: Optional[str | os.PathLike] = None) -> str:
+    """The fingerprint of a reference model: its weights, plus its adapter's if it has one."""
+    weights = weights_fingerprint(model_path)
+    if not adapter:
+        return weights
+    return combine_fingerprints(weights, weights_fingerprint(adapter))
+
+
+def combine_fingerprints(weights: str, adapter: str) -> str:
+    """The reference fingerprint of base weights with an adapter merged in."""
+    return hashlib.sha256(f"{weights}+{adapter}".encode()).hexdigest()
+
+
+def resolve_model_dir(model_path: str | os.PathLike) -> Path:
+    """The local directory holding a model: the path itself, or a hub name's cached snapshot."""
+    path = Path(model_path).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists() or str(model_path).startswith((".", "/", "~")):
+        raise DpokitError(f"model {model_path}: not a directory; give a transformers model directory or a hub name")
+    from huggingface_hub import snapshot_download
+
+    try:
+        directory = Path(snapshot_download(str(model_path), allow_patterns=["*.json", "*.safetensors"]))
+        if not _weight_files(directory):  # an older repo with pickled weights only
+            directory = Path(snapshot_download(str(model_path), allow_patterns=["*.json", "*.bin"]))
+    except Exception as exc:
+        raise DpokitError(f"model {model_path}: cannot find it locally or on the hub ({exc})") from None
+    return directory
+
+
+def _weight_files(directory: Path) -> list[Path]:
+    """The files transformers/peft load weights from: safetensors if any, else the pickled ``.bin`` ones.
+
+    Other files in a checkpoint directory (``training_args.bin``, ``optimizer.pt``) are not weights.
+    """
+    safetensors = sorted(directory.glob("*.safetensors"))
+    if safetensors:
+        return safetensors
+    return sorted([*directory.glob("pytorch_model*.bin"), *directory.glob("adapter_model.bin")])
+
+
+def _canonical_config(path: Path) -> bytes:
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise DpokitError(f"{path}: not valid JSON ({exc})") from None
+    for key in CONFIG_KEYS_IGNORED:
+        config.pop(key, None)
+    return json.dumps(config, sort_keys=True).encode()
+
+
+def _hash_safetensors(path: Path, digest) -> None:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        for name in sorted(handle.keys()):
+            tensor_slice = handle.get_slice(name)
+            shape = list(tensor_slice.get_shape())
+            digest.update(f"{name}|{tensor_slice.get_dtype()}|{shape}".encode())
+            if shape:
+                sample = tensor_slice[tuple(slice(None, None, step) for step in _sample_steps(shape))]
+            else:
+                sample = handle.get_tensor(name)  # a 0-d tensor cannot be sliced
+            digest.update(_tensor_bytes(sample))
+
+
+def _sample_steps(shape: Sequence[int]) -> list[int]:
+    """Per-dimension strides selecting about `SAFETENSORS_SAMPLE` elements.
+
+    Trailing dimensions are kept whole while they fit the budget (contiguous reads are cheap), the
+    leading ones are strided; the first dimension always keeps up to 8 indices, so a sample spans
+    the whole tensor (every expert of a stacked MoE weight, many rows of a matrix).
+    """
+    steps = []
+    budget = SAFETENSORS_SAMPLE
+    for dim in reversed(shape):
+        take = max(1, min(dim, budget))
+        steps.append(math.ceil(dim / take))
+        budget = max(1, budget // math.ceil(dim / steps[-1]))
+    steps.reverse()
+    if shape and shape[0] > 0:
+        steps[0] = min(steps[0], math.ceil(shape[0] / min(shape[0], 8)))
+    return steps
+
+
+def _tensor_bytes(tensor: torch.Tensor) -> bytes:
+    flat = tensor.contiguous().reshape(-1)
+    return flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b""
+
+
+def _hash_file_sample(path: Path, digest) -> None:
+    size = path.stat().st_size
+    digest.update(str(size).encode())
+    with path.open("rb") as handle:
+        if size <= BYTE_BLOCK * BYTE_BLOCKS_SAMPLED:
+            digest.update(handle.read())
+            return
+        for i in range(BYTE_BLOCKS_SAMPLED):
+            handle.seek((size - BYTE_BLOCK) * i // (BYTE_BLOCKS_SAMPLED - 1))
+            digest.update(handle.read(BYTE_BLOCK))
+
+
+# ----------------------------------------------------------------------------------------------
+# reading
+
+
+class CachedLogps(NamedTuple):
+    """One split's reference outputs, indexed by example: log-probs float32, token counts int64."""
+
+    chosen_logps: torch.Tensor  # [N]
+    rejected_logps: torch.Tensor  # [N]
+    chosen_tokens: torch.Tensor  # [N]
+    rejected_tokens: torch.Tensor  # [N]
+
+    def select(self, index: torch.Tensor) -> ChosenRejectedOutputs:
+        """The reference outputs of the examples in `index` (e.g. ``PairBatch.index``)."""
+        index = index.cpu()
+        return ChosenRejectedOutputs(
+            chosen_logps=self.chosen_logps[index],
+            rejected_logps=self.rejected_logps[index],
+            chosen_tokens=self.chosen_tokens[index],
+            rejected_tokens=self.rejected_tokens[index],
+        )
+
+
+@dataclass(frozen=True)
+class RefCache:
+    """A reference cache's attributes and per-split progress; `logps` reads a split's rows.
+
+    The file is not held open: each read opens and closes it, so a cache being written can be
+    inspected, and forked data-loader workers share no HDF5 handle.
+    """
+
+    path: Path
+    attrs: dict[str, Any]
+    rows: dict[str, int]  # split -> N
+    rows_done: dict[str, int]  # split -> rows whose `done` is set
+
+    @property
+    def splits(self) -> list[str]:
+        return list(self.rows)
+
+    def is_complete(self, split: str) -> bool:
+        return self.rows_done.get(split) == self.rows.get(split)
+
+    def rebuild_command(self, splits: Optional[Sequence[str]] = None) -> str:
+        """The `dpokit ref-logps` command that rebuilds this file from the inputs it records."""
+        command = f"dpokit ref-logps {self.attrs.get('prepared', 'PREPARED')} --model {self.attrs.get('model', 'MODEL')}"
+        if self.attrs.get("adapter"):
+            command += f" --adapter {self.attrs['adapter']}"
+        command += f" --out {self.path}"
+        if splits:
+            command += f" --splits {','.join(splits)}"
+        return command
+
+    def mismatches(self, expected: dict[str, Any]) -> list[str]:
+        """One line per identity attribute whose value differs from `expected` (keys not given are skipped)."""
+        lines = []
+        for key, value in expected.items():
+            if value is None:
+                continue
+            found = self.attrs.get(key)
+            if found != value:
+                lines.append(
+                    f"{key} differs ({IDENTITY_ATTRS.get(key, key)}): {_short(found)} in the file, {_short(value)} now"
+                )
+        return lines
+
+    def check_matches(
+        self,
+        data_fingerprint: Optional[str] = None,
+        reference_fingerprint: Optional[str] = None,
+        tokenizer_fingerprint: Optional[str] = None,
+    ) -> None:
+        """Raise `DpokitError` naming each fingerprint that differs and the command to rebuild the cache."""
+        lines = self.mismatches(
+            {
+                "data_fingerprint": data_fingerprint,
+                "reference_fingerprint": reference_fingerprint,
+                "tokenizer_fingerprint": tokenizer_fingerprint,
+            }
+        )
+        if lines:
+            raise DpokitError(
+                f"reference cache {self.path} was built from other inputs: {'; '.join(lines)}. "
+                f"Rebuild it for these inputs: `dpokit ref-logps PREPARED --model MODEL [--adapter ADAPTER] "
+                f"--out {self.path} --overwrite` (it was built with `{self.rebuild_command()}`)"
+            )
+
+    def logps(self, split: str, require_done: bool = True) -> CachedLogps:
+        """A whole split's cached outputs (16 bytes per pair), after checking every row is done.
+
+        With ``require_done=False`` rows not yet written are returned too (log-probs NaN, counts 0).
+        """
+        if split not in self.rows:
+            raise DpokitError(
+                f"reference cache {self.path} has no split {split!r} (it has {', '.join(self.splits)}); "
+                f"rebuild it from the prepared data that has it: `{self.rebuild_command()} --overwrite`"
+            )
+        with _open_h5(self.path, "r") as handle:
+            group = handle[split]
+            done = group[DONE][()]
+            if require_done and not done.all():
+                raise DpokitError(
+                    f"reference cache {self.path}: split {split!r} has {int(done.sum())}/{done.size} rows done; "
+                    f"finish it with `{self.rebuild_command([split])}` (it resumes where it stopped)"
+                )
+            arrays = {name: group[name][()] for name in ROW_DATASETS}
+        return CachedLogps(
+            chosen_logps=torch.from_numpy(arrays["chosen_logps"]),
+            rejected_logps=torch.from_numpy(arrays["rejected_logps"]),
+            chosen_tokens=torch.from_numpy(arrays["chosen_tokens"].astype(np.int64)),
+            rejected_tokens=torch.from_numpy(arrays["rejected_tokens"].astype(np.int64)),
+        )
+
+    def done_mask(self, split: str) -> np.ndarray:
+        """``done`` of a split: True where the row is written."""
+        with _open_h5(self.path, "r") as handle:
+            return handle[split][DONE][()]
+
+    def pending_rows(self, split: str) -> np.ndarray:
+        """Example indices of a split not yet written, ascending."""
+        return np.flatnonzero(~self.done_mask(split))
+
+
+def cache_info_table(cache: RefCache):
+    """A rich table describing a cache: rows done per split, then what it was made from."""
+    from rich.table import Table
+
+    table = Table(title=f"reference cache {cache.path}", show_header=True)
+    table.add_column("split", style="bold", overflow="fold")
+    table.add_column("rows done / total", justify="right", overflow="fold")
+    for split in cache.splits:
+        state = "complete" if cache.is_complete(split) else "incomplete"
+        table.add_row(split, f"{cache.rows_done[split]}/{cache.rows[split]} ({state})")
+    table.add_section()
+    for key in ("model", "adapter", "dtype", "created", "dpokit_version", "format_version", "prepared"):
+        table.add_row(key, str(cache.attrs.get(key) or "none"))
+    for key in ("weights_fingerprint", "adapter_fingerprint", "data_fingerprint", "tokenizer_fingerprint"):
+        table.add_row(key, _short(cache.attrs.get(key)))
+    return table
+
+
+def open_cache(path: str | os.PathLike) -> RefCache:
+    """Open a reference cache written by `dpokit ref-logps`, checking its format and layout."""
+    path = Path(path)
+    if not path.is_file():
+        raise DpokitError(
+            f"reference cache {path} does not exist; build it with `dpokit ref-logps PREPARED --model MODEL --out {path}`"
+        )
+    with _open_h5(path, "r") as handle:
+        attrs = {key: _attr_value(value) for key, value in handle.attrs.items()}
+        version = attrs.get("format_version")
+        if version != FORMAT_VERSION:
+            raise DpokitError(
+                f"{path}: reference cache format version {version} is not supported (this dpokit reads "
+                f"{FORMAT_VERSION}); rebuild it with `dpokit ref-logps ... --out {path} --overwrite`"
+            )
+        rows, rows_done = {}, {}
+        for split in handle:
+            group = handle[split]
+            for name in (*ROW_DATASETS, DONE):
+                if name not in group:
+                    raise DpokitError(f"{path}: /{split}/{name} is missing; rebuild the cache with --overwrite")
+            rows[split] = int(group[DONE].shape[0])
+            rows_done[split] = int(np.count_nonzero(group[DONE][()]))
+    return RefCache(path=path, attrs=attrs, rows=rows, rows_done=rows_done)
+
+
+def _open_h5(path: Path, mode: str):
+    import h5py
+
+    try:
+        return h5py.File(path, mode, libver=LIBVER)
+    except OSError as exc:
+        if mode == "r":
+            raise DpokitError(
+                f"{path} is not a readable reference cache ({exc}); rebuild it with `dpokit ref-logps ... --out {path} --overwrite`"
+            ) from None
+        raise DpokitError(
+            f"cannot open {path} for writing ({exc}); is another `dpokit ref-logps` writing it?"
+        ) from None
+
+
+def _attr_value(value: Any) -> Any:
+    """HDF5 attributes as plain Python values (numpy scalars and bytes become int/float/str)."""
+    if isinstance(value, bytes):
+        return value.decode()
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def _short(value: Any) -> str:
+    if value is None or value == "":
+        return "none"
+    text = str(value)
+    return f"{text[:12]}…" if len(text) > 16 else text
+
+
+# ----------------------------------------------------------------------------------------------
+# writing
+
+
+def cache_attrs(
+    model: str,
+    weights: str,
+    adapter: Optional[str],
+    adapter_weights: Optional[str],
+    prepared_path: str,
+    data_fingerprint: str,
+    tokenizer_fingerprint: str,
+    dtype: str,
+) -> dict[str, Any]:
+    """The root attributes of a new cache (HDF5 attributes cannot be None: absent is "")."""
+    return {
+        "format_version": FORMAT_VERSION,
+        "dpokit_version": __version__,
+        "model": model,
+        "weights_fingerprint": weights,
+        "adapter": adapter or "",
+        "adapter_fingerprint": adapter_weights or "",
+        "reference_fingerprint": combine_fingerprints(weights, adapter_weights) if adapter_weights else weights,
+        "tokenizer_fingerprint": tokenizer_fingerprint,
+        "data_fingerprint": data_fingerprint,
+        "prepared": prepared_path,
+        "dtype": dtype,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def create_or_resume_cache(path: str | os.PathLike, attrs: dict[str, Any], rows: dict[str, int], overwrite: bool) -> RefCache:
+    """The cache at `path` to fill: a new one, or the existing one if it was made from the same inputs.
+
+    An existing file made from other data, tokenizer, model or dtype is refused with a message
+    naming what differs, unless `overwrite`.
+    """
+    path = Path(path)
+    if path.exists() and not overwrite:
+        existing = open_cache(path)
+        # weights and adapter are compared one by one; their combination would only repeat them
+        lines = existing.mismatches({key: attrs.get(key) for key in IDENTITY_ATTRS if key != "reference_fingerprint"})
+        if existing.rows != rows:
+            lines.append(f"split sizes differ: {existing.rows} in the file, {rows} now")
+        if lines:
+            raise DpokitError(
+                f"{path} was made from other inputs: {'; '.join(lines)}. "
+                "Pass --overwrite to replace it, or write to another --out"
+            )
+        return existing
+    _create_cache_file(path, attrs, rows)
+    return open_cache(path)
+
+
+def _create_cache_file(path: Path, attrs: dict[str, Any], rows: dict[str, int]) -> None:
+    """Write an empty cache (every dataset allocated, nothing done) to a temporary file, then rename it."""
+    import h5py
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    with h5py.File(tmp, "w", libver=LIBVER, track_order=True) as handle:
+        for key, value in attrs.items():
+            handle.attrs[key] = value
+        for split, n in rows.items():
+            group = handle.create_group(split)
+            # Writing the initial values (not just a fill value) allocates the storage now, so later
+            # commits only overwrite bytes in place and never change the file's structure.
+            for name, dtype in ROW_DATASETS.items():
+                initial = np.full(n, np.nan, dtype) if dtype == np.float32 else np.zeros(n, dtype)
+                group.create_dataset(name, data=initial, track_times=False)
+            group.create_dataset(DONE, data=np.zeros(n, dtype=bool), track_times=False)
+    os.replace(tmp, path)
+
+
+class RefCacheWriter:
+    """Commits computed rows to a cache made by `create_or_resume_cache`, by example index."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.rows_written = 0
+        self._crash_after, self._crash_kill = _crash_hook()
+
+    def write(
+        self,
+        split: str,
+        index: np.ndarray,
+        chosen_logps: np.ndarray,
+        rejected_logps: np.ndarray,
+        chosen_tokens: np.ndarray,
+        rejected_tokens: np.ndarray,
+    ) -> None:
+        """Write rows `index` of `split` and mark them done, in one short open-write-flush-close.
+
+        Values are flushed before ``done`` is set, so a row is never marked done without its values.
+        """
+        if len(index) == 0:
+            return
+        order = np.argsort(index, kind="stable")  # h5py writes a point selection in ascending order
+        rows = np.asarray(index)[order]
+        values = {
+            "chosen_logps": chosen_logps,
+            "rejected_logps": rejected_logps,
+            "chosen_tokens": chosen_tokens,
+            "rejected_tokens": rejected_tokens,
+        }
+        with _open_h5(self.path, "r+") as handle:
+            group = handle[split]
+            for name, array in values.items():
+                group[name][rows] = np.asarray(array, dtype=ROW_DATASETS[name])[order]
+            handle.flush()
+            group[DONE][rows] = True
+            self.rows_written += len(rows)
+            self._maybe_crash(handle)
+
+    def _maybe_crash(self, handle) -> None:
+        if self._crash_after is None or self.rows_written < self._crash_after:
+            return
+        if self._crash_kill:
+            os.kill(os.getpid(), signal.SIGKILL)  # the file is open, `done` written but not flushed
+        handle.close()
+        raise RuntimeError(f"{CRASH_AFTER_ROWS_ENV}: simulated crash after {self.rows_written} rows")
+
+
+def _crash_hook() -> tuple[Optional[int], bool]:
+    value = os.environ.get(CRASH_AFTER_ROWS_ENV)
+    if not value:
+        return None, False
+    rows, _, mode = value.partition(":")
+    return int(rows), mode == "kill"
+
+
+__all__ = [
+    "CachedLogps",
+    "RefCache",
+    "RefCacheWriter",
+    "cache_attrs",
+    "cache_info_table",
+    "combine_fingerprints",
+    "create_or_resume_cache",
+    "open_cache",
+    "reference_fingerprint",
+    "resolve_model_dir",
+    "weights_fingerprint",
+]
