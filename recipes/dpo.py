@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 import resource
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -33,6 +34,7 @@ import torch
 from rich.console import Console
 
 from dpokit.checkpoint import (
+    CHECKPOINTS,
     export_merged,
     latest_checkpoint,
     load_model_weights,
@@ -134,8 +136,9 @@ class DPORecipe:
                 f"run directory {self.run_dir} already has a run; pass --resume to continue it, "
                 "--overwrite to start again, or another --out"
             )
-        if out.overwrite and self.dist.is_main:
+        if out.overwrite and self.dist.is_main:  # a fresh run must not inherit the old one's checkpoints
             (self.run_dir / "metrics.jsonl").unlink(missing_ok=True)
+            shutil.rmtree(self.run_dir / CHECKPOINTS, ignore_errors=True)
         return None
 
     def _build_reference(self):
