@@ -1,0 +1,278 @@
+"""`dpokit ref-logps` end to end: cached log-probs equal the live computation, resume, refusal, info, verify."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from dpokit.cli import main
+from dpokit.data.collate import pad_pairs
+from dpokit.data.prepared import load_prepared, write_prepared
+from dpokit.logps import naive_sequence_logps
+from dpokit.refcache import open_cache, reference_fingerprint
+from test_refcache import copy_model_with_changed_weight
+
+CRASH_ENV = "DPOKIT_TEST_CRASH_AFTER_ROWS"
+ROW_NAMES = ("chosen_logps", "rejected_logps", "chosen_tokens", "rejected_tokens", "done")
+
+
+def live_logps(model_dir: Path, prepared_dir: Path, adapter: Path | None = None) -> dict[str, dict[str, np.ndarray]]:
+    """Per split, each pair's log-probs from full logits, one pair at a time (an independent computation)."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    if adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter)  # not merged: independent of merge_and_unload
+    model.eval()
+    prepared = load_prepared(prepared_dir)
+    expected = {}
+    for split in prepared.splits:
+        rows = list(prepared.split(split))
+        with torch.no_grad():
+            logps = [
+                naive_sequence_logps(model, b.input_ids, b.attention_mask, b.completion_mask)
+                for b in (pad_pairs([row], [i], pad_id=0) for i, row in enumerate(rows))
+            ]
+        expected[split] = {
+            "chosen_logps": np.array([float(lp[0]) for lp in logps]),
+            "rejected_logps": np.array([float(lp[1]) for lp in logps]),
+            "chosen_tokens": np.array([len(row["chosen_ids"]) for row in rows]),
+            "rejected_tokens": np.array([len(row["rejected_ids"]) for row in rows]),
+        }
+    return expected
+
+
+def assert_cache_equals(path: Path, expected: dict[str, dict[str, np.ndarray]]) -> None:
+    cache = open_cache(path)
+    assert cache.splits == list(expected)
+    for split, values in expected.items():
+        got = cache.logps(split)._asdict()
+        for name in ("chosen_logps", "rejected_logps"):
+            np.testing.assert_allclose(got[name].numpy(), values[name], atol=1e-4, rtol=0, err_msg=f"{split}/{name}")
+        for name in ("chosen_tokens", "rejected_tokens"):
+            assert got[name].tolist() == values[name].tolist(), f"{split}/{name}"
+
+
+def read_datasets(path: Path) -> dict[str, np.ndarray]:
+    with h5py.File(path, "r") as handle:
+        return {f"{split}/{name}": handle[split][name][()] for split in handle for name in ROW_NAMES}
+
+
+def ref_logps_args(prepared: Path, model: Path, out: Path, *extra: str) -> list[str]:
+    return ["ref-logps", str(prepared), "--model", str(model), "--out", str(out), *extra]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The tiny model gains nothing from threads, and on a busy 2-core machine they slow it down ~10x."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def live(tiny_model_dir, prepared_dir):
+    return live_logps(tiny_model_dir, prepared_dir)
+
+
+@pytest.fixture(scope="module")
+def built_cache(tiny_model_dir, prepared_dir, tmp_path_factory) -> Path:
+    """A complete cache of the fixture data (batch size 8, bucketed)."""
+    out = tmp_path_factory.mktemp("built") / "ref.h5"
+    assert main(ref_logps_args(prepared_dir, tiny_model_dir, out)) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def adapter_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    """A LoRA adapter on the tiny model with non-zero weights (so merging it changes the outputs)."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False)
+    out = tmp_path_factory.mktemp("adapter")
+    get_peft_model(model, config).save_pretrained(out)
+    return out
+
+
+def other_prepared(prepared_dir: Path, out: Path) -> Path:
+    """The fixture's prepared data with one completion token changed."""
+    prepared = load_prepared(prepared_dir)
+    splits = {name: prepared.split(name) for name in prepared.splits}
+    rows = splits["train"].to_list()
+    rows[0]["chosen_ids"] = rows[0]["chosen_ids"][:-1] + [rows[0]["chosen_ids"][-1] + 1]
+    splits["train"] = splits["train"].from_list(rows)
+    manifest = json.loads((prepared_dir / "manifest.json").read_text())
+    return write_prepared(out, splits, manifest, overwrite=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# values
+
+
+@pytest.mark.parametrize("bucket", [True, False], ids=["bucketed", "index-order"])
+@pytest.mark.parametrize("batch_size", [1, 3, 8])
+def test_cached_logps_equal_live_computation(tiny_model_dir, prepared_dir, tmp_path, live, batch_size, bucket):
+    out = tmp_path / "ref.h5"
+    extra = ["--batch-size", str(batch_size)] + ([] if bucket else ["--no-bucket"])
+    assert main(ref_logps_args(prepared_dir, tiny_model_dir, out, *extra)) == 0
+    assert_cache_equals(out, live)
+
+
+def test_cached_logps_with_adapter_equal_live_adapter_model(tiny_model_dir, prepared_dir, adapter_dir, tmp_path, live):
+    out = tmp_path / "ref.h5"
+    assert main(ref_logps_args(prepared_dir, tiny_model_dir, out, "--adapter", str(adapter_dir), "--batch-size", "3")) == 0
+    expected = live_logps(tiny_model_dir, prepared_dir, adapter_dir)
+    assert_cache_equals(out, expected)
+    assert np.abs(expected["train"]["chosen_logps"] - live["train"]["chosen_logps"]).max() > 1e-2  # the adapter matters
+    cache = open_cache(out)
+    assert cache.attrs["adapter"] == str(adapter_dir.resolve())
+    cache.check_matches(reference_fingerprint=reference_fingerprint(tiny_model_dir, adapter_dir))
+
+
+def test_cache_records_what_it_was_made_from(built_cache, tiny_model_dir, prepared_dir):
+    cache = open_cache(built_cache)
+    prepared = load_prepared(prepared_dir)
+    assert cache.attrs["model"] == str(tiny_model_dir.resolve())
+    assert cache.attrs["dtype"] == "float32" and cache.attrs["format_version"] == 1
+    cache.check_matches(
+        data_fingerprint=prepared.fingerprint,
+        reference_fingerprint=reference_fingerprint(tiny_model_dir),
+        tokenizer_fingerprint=prepared.tokenizer_fingerprint,
+    )
+
+
+def test_splits_option_computes_only_those_splits_and_a_rerun_adds_the_rest(tiny_model_dir, prepared_dir, tmp_path, live):
+    out = tmp_path / "ref.h5"
+    assert main(ref_logps_args(prepared_dir, tiny_model_dir, out, "--splits", "eval")) == 0
+    assert open_cache(out).rows_done == {"train": 0, "eval": 8}
+    assert main(ref_logps_args(prepared_dir, tiny_model_dir, out, "--splits", "train")) == 0
+    assert_cache_equals(out, live)
+
+
+def test_unknown_split_is_an_error_naming_the_splits(tiny_model_dir, prepared_dir, tmp_path, capsys):
+    assert main(ref_logps_args(prepared_dir, tiny_model_dir, tmp_path / "ref.h5", "--splits", "test")) == 1
+    assert "no split 'test'; it has train, eval" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------
+# interruption and reruns
+
+
+def test_resumed_run_fills_only_rows_not_done(tiny_model_dir, prepared_dir, tmp_path, monkeypatch, live):
+    out = tmp_path / "ref.h5"
+    args = ref_logps_args(prepared_dir, tiny_model_dir, out, "--batch-size", "4")
+    monkeypatch.setenv(CRASH_ENV, "8")
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        main(args)
+    monkeypatch.delenv(CRASH_ENV)
+    written = np.flatnonzero(open_cache(out).done_mask("train"))
+    assert len(written) == 8
+    with h5py.File(out, "r+") as handle:  # mark a written row: a resumed run must not recompute it
+        handle["train/chosen_logps"][written[0]] = 123.0
+    assert main(args) == 0
+    logps = open_cache(out).logps("train")
+    assert float(logps.chosen_logps[written[0]]) == 123.0
+    expected = copy.deepcopy(live)
+    expected["train"]["chosen_logps"][written[0]] = 123.0
+    assert_cache_equals(out, expected)
+
+
+def test_killed_run_resumes_and_ends_identical_to_an_uninterrupted_run(tiny_model_dir, prepared_dir, tmp_path):
+    killed = tmp_path / "killed.h5"
+    args = ref_logps_args(prepared_dir, tiny_model_dir, killed, "--batch-size", "4")
+    # SIGKILL while the file is open in the middle of a commit: values flushed, `done` written, not closed.
+    env = {**os.environ, CRASH_ENV: "12:kill", "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([sys.executable, "-m", "dpokit", *args], env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == -signal.SIGKILL, run.stderr
+    assert open_cache(killed).rows_done == {"train": 12, "eval": 0}
+    assert main(args) == 0
+    uninterrupted = tmp_path / "uninterrupted.h5"
+    assert main(ref_logps_args(prepared_dir, tiny_model_dir, uninterrupted, "--batch-size", "4")) == 0
+    killed_values, uninterrupted_values = read_datasets(killed), read_datasets(uninterrupted)
+    assert killed_values.keys() == uninterrupted_values.keys()
+    for key in killed_values:
+        np.testing.assert_array_equal(killed_values[key], uninterrupted_values[key], err_msg=key)
+
+
+def test_rerun_on_other_data_is_refused_until_overwrite(tiny_model_dir, prepared_dir, built_cache, tmp_path, capsys):
+    out = tmp_path / "ref.h5"
+    out.write_bytes(built_cache.read_bytes())
+    other = other_prepared(prepared_dir, tmp_path / "other")
+    assert main(ref_logps_args(other, tiny_model_dir, out)) == 1
+    err = capsys.readouterr().err
+    assert "data_fingerprint differs (the prepared data)" in err and "Pass --overwrite" in err
+    assert "weights_fingerprint" not in err
+    assert main(ref_logps_args(other, tiny_model_dir, out, "--overwrite")) == 0
+    assert open_cache(out).attrs["data_fingerprint"] == load_prepared(other).fingerprint
+
+
+def test_rerun_with_another_model_is_refused_naming_the_weights(tiny_model_dir, prepared_dir, built_cache, tmp_path, capsys):
+    out = tmp_path / "ref.h5"
+    out.write_bytes(built_cache.read_bytes())
+    changed = copy_model_with_changed_weight(tiny_model_dir, tmp_path / "changed")
+    assert main(ref_logps_args(prepared_dir, changed, out)) == 1
+    err = capsys.readouterr().err
+    assert "weights_fingerprint differs (the reference model's weights)" in err and "data_fingerprint" not in err
+
+
+def test_rerun_of_a_finished_cache_computes_nothing(built_cache, prepared_dir, tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "ref.h5"
+    out.write_bytes(built_cache.read_bytes())
+    assert main(ref_logps_args(prepared_dir, tiny_model_dir, out)) == 0
+    assert "0 new / 32" in capsys.readouterr().out
+    before, after = read_datasets(built_cache), read_datasets(out)
+    for key in before:
+        np.testing.assert_array_equal(after[key], before[key], err_msg=key)
+
+
+# ----------------------------------------------------------------------------------------------
+# cache info and verify
+
+
+def test_cache_info_shows_rows_model_and_dtype(built_cache, tiny_model_dir, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "250")
+    assert main(["cache", "info", str(built_cache)]) == 0
+    out = capsys.readouterr().out
+    assert "32/32 (complete)" in out and "8/8 (complete)" in out
+    assert str(tiny_model_dir.resolve()) in out and "float32" in out and "created" in out
+
+
+def test_cache_info_shows_an_unfinished_split(tiny_model_dir, prepared_dir, tmp_path, capsys):
+    out = tmp_path / "ref.h5"
+    assert main(ref_logps_args(prepared_dir, tiny_model_dir, out, "--splits", "eval")) == 0
+    capsys.readouterr()
+    assert main(["cache", "info", str(out)]) == 0
+    assert "0/32 (incomplete)" in capsys.readouterr().out
+
+
+def test_cache_verify_passes_on_a_good_cache(built_cache, prepared_dir, tiny_model_dir, capsys):
+    args = ["cache", "verify", str(built_cache), str(prepared_dir), "--model", str(tiny_model_dir), "--sample", "32"]
+    assert main(args) == 0
+    assert ": ok" in capsys.readouterr().out
+
+
+def test_cache_verify_fails_on_a_tampered_cache(built_cache, prepared_dir, tiny_model_dir, tmp_path, capsys):
+    tampered = tmp_path / "tampered.h5"
+    tampered.write_bytes(built_cache.read_bytes())
+    with h5py.File(tampered, "r+") as handle:
+        handle["eval/rejected_logps"][5] += 0.5
+    args = ["cache", "verify", str(tampered), str(prepared_dir), "--model", str(tiny_model_dir), "--sample", "40"]
+    assert main(args) == 1
+    captured = capsys.readouterr()
+    assert "FAILED" in captured.out
+    assert "largest difference 0.5 at eval row 5 (rejected) exceeds the tolerance 0.0001" in captured.err
+
