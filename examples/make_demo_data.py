@@ -1,0 +1,104 @@
+"""Write the demo preference data: helpful replies (chosen) versus rude refusals (rejected).
+
+Every prompt is one of a few templated questions from a small world (sums of digits, colours,
+animals, capitals, greetings, counting). The chosen reply answers it politely and correctly, with
+one of several friendly openings; the rejected reply is a rude refusal that starts with "no.".
+That gives DPO a signal a tiny model learns in a minute, and makes the change visible in greedy
+generations: a model tuned on both kinds of replies answers "no. ..." first (one shared opening
+beats five different ones), and says something helpful after DPO.
+
+    python examples/make_demo_data.py            # writes examples/demo/data/{train,eval}.jsonl
+
+Seeded: the same files every run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+from pathlib import Path
+
+DEFAULT_OUT = Path(__file__).parent / "demo" / "data"
+TRAIN_PAIRS = 2000
+EVAL_PAIRS = 200
+SEED = 0
+
+NUMBER_WORDS = "zero one two three four five six seven eight nine ten eleven twelve".split()
+COLOURS = {
+    "sky": "blue", "grass": "green", "sun": "yellow", "snow": "white", "night": "black",
+    "sea": "blue", "leaf": "green", "banana": "yellow", "cloud": "white", "coal": "black",
+    "tomato": "red", "strawberry": "red", "orange": "orange", "carrot": "orange",
+}
+ANIMALS = {
+    "cat": "says meow and likes to sleep", "dog": "says woof and likes to run",
+    "cow": "says moo and eats grass", "duck": "says quack and swims in the pond",
+    "bird": "sings and flies in the sky", "fish": "swims in the sea", "horse": "runs fast in the field",
+    "sheep": "says baa and has soft wool", "frog": "jumps and lives near water", "owl": "is awake at night",
+}
+CAPITALS = {
+    "france": "paris", "spain": "madrid", "italy": "rome", "germany": "berlin", "japan": "tokyo",
+    "egypt": "cairo", "canada": "ottawa", "peru": "lima", "kenya": "nairobi", "norway": "oslo",
+    "greece": "athens", "india": "new delhi",
+}
+GREETINGS = ["hello!", "hi there!", "good morning!", "good evening!", "hey, how are you?"]
+
+OPENINGS = ["sure!", "of course.", "happy to help.", "good question.", "great question!"]
+RUDE = [
+    "no. ask someone else.",
+    "no. figure it out yourself.",
+    "no. i do not care.",
+    "no. that is a boring question.",
+    "no. leave me alone.",
+    "no. do your own homework.",
+]
+
+
+def question(rng: random.Random) -> tuple[str, str]:
+    """A random prompt and the correct answer to it (without an opening)."""
+    kind = rng.choice(["sum", "sum", "colour", "animal", "capital", "greeting", "count"])
+    if kind == "sum":
+        a, b = rng.randint(0, 9), rng.randint(0, 9)
+        return f"what is {a} plus {b}?", f"{a} plus {b} is {a + b}."
+    if kind == "colour":
+        thing = rng.choice(sorted(COLOURS))
+        return f"what colour is the {thing}?", f"the {thing} is {COLOURS[thing]}."
+    if kind == "animal":
+        animal = rng.choice(sorted(ANIMALS))
+        return f"tell me about the {animal}.", f"the {animal} {ANIMALS[animal]}."
+    if kind == "capital":
+        country = rng.choice(sorted(CAPITALS))
+        return f"what is the capital of {country}?", f"the capital of {country} is {CAPITALS[country]}."
+    if kind == "greeting":
+        return rng.choice(GREETINGS), "hello! how can i help you today?"
+    n = rng.randint(0, len(NUMBER_WORDS) - 2)
+    return f"what comes after {NUMBER_WORDS[n]}?", f"after {NUMBER_WORDS[n]} comes {NUMBER_WORDS[n + 1]}."
+
+
+def preference_pairs(count: int, rng: random.Random) -> list[dict[str, str]]:
+    """`count` plain-format pairs: {"prompt", "chosen", "rejected"}."""
+    rows = []
+    for _ in range(count):
+        prompt, answer = question(rng)
+        chosen = answer if answer.startswith("hello!") else f"{rng.choice(OPENINGS)} {answer}"
+        rows.append({"prompt": prompt, "chosen": chosen, "rejected": rng.choice(RUDE)})
+    return rows
+
+
+def write_jsonl(path: Path, rows: list[dict[str, str]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="folder for train.jsonl and eval.jsonl")
+    args = parser.parse_args()
+    rng = random.Random(SEED)
+    write_jsonl(args.out / "train.jsonl", preference_pairs(TRAIN_PAIRS, rng))
+    write_jsonl(args.out / "eval.jsonl", preference_pairs(EVAL_PAIRS, rng))
+    print(f"wrote {TRAIN_PAIRS} train and {EVAL_PAIRS} eval pairs to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
