@@ -252,6 +252,48 @@ def config_show(
 
 
 # ----------------------------------------------------------------------------------------------
+# eject and quickstart
+
+
+@eject_app.command("recipe")
+def eject_recipe(
+    dest: Optional[Path] = typer.Argument(None, help="Where to write it (a file or a folder; default ./dpo_recipe.py)."),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing file."),
+) -> None:
+    """Copy the training recipe out; run the copy with `dpokit train --recipe FILE`, python or torchrun."""
+    from dpokit.eject import eject_recipe as eject
+
+    path = eject(dest, force)
+    typer.echo(f"wrote {path}; run it with: dpokit train --recipe {path} --config CONFIG ...")
+
+
+@eject_app.command("config")
+def eject_config(
+    name: str = typer.Argument(..., help="A shipped config name (see `dpokit config list`)."),
+    dest: Optional[Path] = typer.Argument(None, help="Where to write it (a file or a folder; default ./NAME.yaml)."),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing file."),
+) -> None:
+    """Copy a shipped config out; pass the copy to `--config`."""
+    from dpokit.eject import eject_config as eject
+
+    path = eject(name, dest, force)
+    typer.echo(f"wrote {path}; use it with: dpokit train --config {path} ...")
+
+
+@app.command()
+def quickstart(
+    out: Path = typer.Option(Path("quickstart"), "--out", "-o", help="Folder for prepared/, ref.h5 and run/."),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Optimizer steps (default: the demo_lora config's)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Run again in a folder that has a quickstart run."),
+    threads: int = typer.Option(1, "--threads", help="CPU threads for torch (1: the demo model is tiny, and more threads slow it down badly on a busy machine)."),
+) -> None:
+    """Prepare, cache the reference and train (LoRA DPO) on the bundled tiny demo; show before/after."""
+    from dpokit.quickstart import run_quickstart
+
+    run_quickstart(out, max_steps, overwrite, threads)
+
+
+# ----------------------------------------------------------------------------------------------
 # main
 
 

@@ -1,0 +1,134 @@
+"""`dpokit eject`: the copies match what ships, refuse to overwrite, and an edited recipe runs
+the three ways its docstring promises (dpokit train --recipe, python, torchrun)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from dpokit.cli import main
+from dpokit.config import load_config, shipped_config_names, shipped_configs_dir
+from dpokit.launch import builtin_recipe_path
+from dpokit.metrics import read_metrics
+
+REPO = Path(__file__).resolve().parents[1]
+ADDED_METRIC = '        values["logps/gap"] = values["logps/chosen"] - values["logps/rejected"]  # added after eject\n'
+
+
+def subprocess_env() -> dict[str, str]:
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+
+
+def test_eject_recipe_copies_the_builtin_and_needs_force_to_overwrite(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["eject", "recipe"]) == 0
+    ejected = tmp_path / "dpo_recipe.py"
+    assert ejected.read_bytes() == builtin_recipe_path().read_bytes()
+    ejected.write_text("# my edits\n")
+    capsys.readouterr()
+    assert main(["eject", "recipe"]) == 1
+    err = capsys.readouterr().err
+    assert "dpo_recipe.py already exists; pass --force to overwrite it" in err
+    assert ejected.read_text() == "# my edits\n"
+    assert main(["eject", "recipe", "--force"]) == 0
+    assert ejected.read_bytes() == builtin_recipe_path().read_bytes()
+
+
+def test_eject_config_copies_a_shipped_config_that_loads_the_same(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["eject", "config", "demo_lora"]) == 0
+    assert (tmp_path / "demo_lora.yaml").read_bytes() == (shipped_configs_dir() / "demo_lora.yaml").read_bytes()
+    (tmp_path / "configs").mkdir()
+    assert main(["eject", "config", "tiny_lora", "configs"]) == 0  # into a folder: under the shipped name
+    assert (tmp_path / "configs" / "tiny_lora.yaml").is_file()
+    assert main(["eject", "config", "tiny_lora", str(tmp_path / "mine.yaml")]) == 0
+    assert load_config(str(tmp_path / "mine.yaml")) == load_config("tiny_lora")
+    assert main(["eject", "config", "tiny_lora", str(tmp_path / "mine.yaml")]) == 1
+    assert "mine.yaml already exists; pass --force" in capsys.readouterr().err
+    assert main(["eject", "config", "nope"]) == 1
+    assert "unknown config 'nope'" in capsys.readouterr().err
+
+
+def eject_with_added_metric(dest: Path) -> Path:
+    """Eject the recipe and add a metric to `step_metrics()`, as a user would."""
+    assert main(["eject", "recipe", str(dest)]) == 0
+    source = dest.read_text()
+    start = source.index("    def step_metrics(")
+    end = source.index("        return values\n", start)
+    dest.write_text(source[:end] + ADDED_METRIC + source[end:])
+    return dest
+
+
+def test_an_edited_ejected_recipe_runs_three_ways(tiny_model_dir, prepared_dir, tmp_path):
+    recipe = eject_with_added_metric(tmp_path / "dpo_recipe.py")
+    common = ["--config", "tiny_lora", f"model.path={tiny_model_dir}", f"data.path={prepared_dir}",
+              "reference.source=live", "training.max_steps=3", "training.eval_every=0", "optimizer.lr=1e-2"]
+    runs = {name: tmp_path / name for name in ("dpokit_train", "python", "torchrun")}
+
+    assert main(["train", "--recipe", str(recipe), *common, "data.batch_size=4", f"output.dir={runs['dpokit_train']}"]) == 0
+    subprocess.run([sys.executable, str(recipe), *common, "data.batch_size=4", f"output.dir={runs['python']}"],
+                   cwd=tmp_path, env=subprocess_env(), check=True, capture_output=True)
+    # Two processes with 2 pairs each: the same global batch of 4 as the single-process runs.
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone", str(recipe),
+                    *common, "data.batch_size=2", f"output.dir={runs['torchrun']}"],
+                   cwd=tmp_path, env=subprocess_env(), check=True, capture_output=True)
+
+    losses = {}
+    for name, run in runs.items():
+        records = read_metrics(run, "train")
+        assert len(records) == 3, name
+        for record in records:
+            assert record["logps/gap"] == pytest.approx(record["logps/chosen"] - record["logps/rejected"], abs=1e-9), name
+        losses[name] = [r["loss"] for r in records]
+    assert losses["python"] == pytest.approx(losses["dpokit_train"], abs=1e-6)
+    assert losses["torchrun"] == pytest.approx(losses["dpokit_train"], abs=1e-4)
+    assert losses["dpokit_train"][0] == pytest.approx(0.693147, abs=1e-5)  # ln 2: step 1 starts at the reference
+
+
+def build_wheel(tmp_path: Path) -> Path:
+    """A wheel built from a copy of the sources (setuptools writes build/ next to what it builds)."""
+    import shutil
+
+    source = tmp_path / "source"
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    for name in ("dpokit", "recipes", "examples/demo"):
+        shutil.copytree(REPO / name, source / name, ignore=ignore)
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, source / name)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index",
+                    "--wheel-dir", str(tmp_path / "dist"), str(source)],
+                   env=subprocess_env(), check=True, capture_output=True)
+    (wheel,) = (tmp_path / "dist").glob("dpokit-*.whl")
+    return wheel
+
+
+def test_the_wheel_ships_recipe_configs_and_demo_and_ejects_from_the_installed_package(tmp_path):
+    wheel = build_wheel(tmp_path)
+    names = set(zipfile.ZipFile(wheel).namelist())
+    assert "dpokit/recipes/dpo.py" in names
+    assert {f"dpokit/recipes/configs/{name}.yaml" for name in shipped_config_names()} <= names
+    assert {"dpokit/demo/data/train.jsonl", "dpokit/demo/data/eval.jsonl", "dpokit/demo/model/config.json",
+            "dpokit/demo/model/model.safetensors", "dpokit/demo/model/tokenizer.json"} <= names
+    assert not any(name.startswith(("tests/", "examples/")) for name in names)
+
+    site = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "--target", str(site), str(wheel)],
+                   env=subprocess_env(), check=True, capture_output=True)
+    work = tmp_path / "work"
+    work.mkdir()
+    env = {**subprocess_env(), "PYTHONPATH": str(site)}  # ahead of the editable install of this checkout
+    for args in (["eject", "recipe"], ["eject", "config", "qwen2_5_0_5b_full"]):
+        subprocess.run([sys.executable, "-m", "dpokit", *args], cwd=work, env=env, check=True, capture_output=True)
+    assert (work / "dpo_recipe.py").read_bytes() == builtin_recipe_path().read_bytes()
+    assert (work / "qwen2_5_0_5b_full.yaml").read_bytes() == (shipped_configs_dir() / "qwen2_5_0_5b_full.yaml").read_bytes()
+    where = subprocess.run(
+        [sys.executable, "-c", "from dpokit.launch import builtin_recipe_path; from dpokit.quickstart import demo_files; "
+         "print(builtin_recipe_path()); print(demo_files().model)"],
+        cwd=work, env=env, check=True, capture_output=True, text=True,
+    ).stdout.split()
+    assert where == [str(site / "dpokit" / "recipes" / "dpo.py"), str(site / "dpokit" / "demo" / "model")]
