@@ -38,6 +38,7 @@ from dpokit.distributed import (
     launched_by_torchrun,
     main_result,
     rank,
+    rank_zero,
     world_size,
 )
 from dpokit.errors import DpokitError
@@ -191,8 +192,7 @@ def compute_reference_cache(options: RefLogpsOptions) -> list[SplitReport]:
             ]
         else:  # a finished cache: nothing to load or compute
             reports = [SplitReport(split=split, rows_total=len(prepared.split(split))) for split in splits]
-        if is_main_process():
-            Console().print(report_table(reports, options.out))
+        print_report(reports, options.out)
         return reports
     finally:
         if started_group:
@@ -281,6 +281,11 @@ def rate_text(report: SplitReport) -> str:
     """``examples/s · tokens/s`` so far."""
     seconds = max(report.seconds, 1e-9)
     return f"{report.rows_computed / seconds:,.1f} ex/s · {report.tokens / seconds:,.0f} tok/s"
+
+
+@rank_zero
+def print_report(reports: Sequence[SplitReport], out: str) -> None:
+    Console().print(report_table(reports, out))
 
 
 def report_table(reports: Sequence[SplitReport], out: str) -> Table:
