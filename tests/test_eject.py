@@ -122,13 +122,12 @@ def test_the_wheel_ships_recipe_configs_and_demo_and_ejects_from_the_installed_p
     work = tmp_path / "work"
     work.mkdir()
     env = {**subprocess_env(), "PYTHONPATH": str(site)}  # ahead of the editable install of this checkout
-    for args in (["eject", "recipe"], ["eject", "config", "qwen2_5_0_5b_full"]):
-        subprocess.run([sys.executable, "-m", "dpokit", *args], cwd=work, env=env, check=True, capture_output=True)
+    script = (
+        "from dpokit.cli import main; from dpokit.launch import builtin_recipe_path; from dpokit.quickstart import demo_files\n"
+        "assert main(['eject', 'recipe']) == 0 and main(['eject', 'config', 'qwen2_5_0_5b_full']) == 0\n"
+        "print(builtin_recipe_path()); print(demo_files().model)\n"
+    )
+    where = subprocess.run([sys.executable, "-c", script], cwd=work, env=env, check=True, capture_output=True, text=True)
+    assert where.stdout.splitlines()[-2:] == [str(site / "dpokit" / "recipes" / "dpo.py"), str(site / "dpokit" / "demo" / "model")]
     assert (work / "dpo_recipe.py").read_bytes() == builtin_recipe_path().read_bytes()
     assert (work / "qwen2_5_0_5b_full.yaml").read_bytes() == (shipped_configs_dir() / "qwen2_5_0_5b_full.yaml").read_bytes()
-    where = subprocess.run(
-        [sys.executable, "-c", "from dpokit.launch import builtin_recipe_path; from dpokit.quickstart import demo_files; "
-         "print(builtin_recipe_path()); print(demo_files().model)"],
-        cwd=work, env=env, check=True, capture_output=True, text=True,
-    ).stdout.split()
-    assert where == [str(site / "dpokit" / "recipes" / "dpo.py"), str(site / "dpokit" / "demo" / "model")]

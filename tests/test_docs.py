@@ -1,0 +1,291 @@
+"""Every command shown in README.md, docs/*.md, the shipped configs' comments and the recipe's
+docstring is exercised: quick ones run (`--help`, `config`, `eject`), the rest must parse.
+
+"Parse" means what the real program would accept before doing any work: for `dpokit`, click
+parses the arguments of the command (unknown flags, missing required options and bad values fail);
+for `dpokit train` and recipe scripts, the config name and every dotted override also validate; for
+torchrun, torch's own argument parser accepts the launcher flags.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+import shlex
+import subprocess
+import sys
+import typing
+from pathlib import Path
+
+import pytest
+import typer
+
+from dpokit import cli
+from dpokit.config import parse_recipe_args, shipped_configs_dir
+from dpokit.eject import DEFAULT_RECIPE_DEST
+
+REPO = Path(__file__).resolve().parents[1]
+DOCS = sorted([REPO / "README.md", *(REPO / "docs").glob("*.md")])
+SHELL_BLOCKS = ("", "bash", "sh", "shell", "console")
+PROGRAMS = ("dpokit", "torchrun", "python", "python3", "pip", ".")
+RUN_FOR_REAL = (("config", "list"), ("config", "show"), ("eject", "recipe"), ("eject", "config"))
+RECIPE_SCRIPTS = ("recipes/dpo.py", DEFAULT_RECIPE_DEST.name)
+PLACEHOLDER = re.compile(r"[A-Z][A-Z_]*")  # N, MODEL: a value the reader fills in
+
+
+# ---------------------------------------------------------------------------------------------
+# Extraction
+
+
+def logical_lines(text: str) -> list[str]:
+    """Lines with backslash continuations joined."""
+    return text.replace("\\\n", " ").splitlines()
+
+
+def commands_in_markdown(text: str) -> list[tuple[str, bool]]:
+    """(command, whole) for shell commands in fenced shell blocks, 4-space indented blocks and
+    `inline code` spans. An inline span may be a fragment (`dpokit ref-logps --gpus N`): not whole.
+
+    In a bash/sh block every line counts; in an unlabelled block (also used for diagrams and file
+    trees) and in indented blocks, only lines that start with a known program.
+    """
+    commands = []
+    outside = []
+    for part_index, part in enumerate(re.split(r"^```", text, flags=re.MULTILINE)):
+        if part_index % 2 == 0:
+            outside.append(part)
+            continue
+        language, _, body = part.partition("\n")
+        if language.strip() not in SHELL_BLOCKS:
+            continue
+        for line in logical_lines(body):
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            if language.strip() or line.split()[0] in PROGRAMS:
+                commands.append((line, True))
+    prose = "\n".join(outside)
+    for line in logical_lines(prose):
+        if line.startswith("    ") and line.split()[0] in PROGRAMS:
+            commands.append((line.strip(), True))
+    spans = re.findall(r"`([^`\n]+)`", prose)
+    commands += [(span, False) for span in spans if span.split()[0] in ("dpokit", "torchrun", "python")]
+    return commands
+
+
+def commands_in_comments(text: str) -> list[str]:
+    """Commands quoted in `#   dpokit ...` comment lines (configs) or indented docstring lines."""
+    found = []
+    for line in text.splitlines():
+        body = line.lstrip("# ").strip() if line.lstrip().startswith("#") else line.strip()
+        if body.split()[:1] and body.split()[0] in ("dpokit", "torchrun", "python"):
+            found.append(body)
+    return found
+
+
+def documented_commands() -> list[tuple[str, str, bool]]:
+    """(source, command, whole) for every documented command, in order of appearance."""
+    found = []
+    for path in DOCS:
+        found += [(path.name, command, whole) for command, whole in commands_in_markdown(path.read_text())]
+    for path in sorted(shipped_configs_dir().glob("*.yaml")):
+        found += [(path.name, command, True) for command in commands_in_comments(path.read_text())]
+    recipe_doc = (REPO / "recipes" / "dpo.py").read_text().split('"""')[1]
+    found += [("recipes/dpo.py", command, True) for command in commands_in_comments(recipe_doc)]
+    return found
+
+
+def split_command(command: str) -> list[list[str]]:
+    """Argument lists of each command joined by `&&`, without `VAR=value` prefixes, `srun` and `...`.
+
+    A shell variable set from a command (`head=$(...)`, in a job script) is glue, not a command.
+    """
+    if re.match(r"\w+=\$\(", command):
+        return []
+    pieces = []
+    for piece in command.split("&&"):
+        args = [arg for arg in shlex.split(piece) if arg != "..."]
+        while args and re.fullmatch(r"[A-Z_]+=.*", args[0]):
+            args.pop(0)
+        if args and args[0] == "srun":
+            args.pop(0)
+        if args:
+            pieces.append(args)
+    return pieces
+
+
+# ---------------------------------------------------------------------------------------------
+# Checks
+
+
+def ci_test_command() -> str:
+    """README's test command as .ci/run extracts it (its own sed line, run by bash)."""
+    sed = next(line for line in (REPO / ".ci" / "run").read_text().splitlines() if line.startswith("test_cmd=$("))
+    script = sed.removeprefix("test_cmd=$(").removesuffix(")")
+    return subprocess.run(["bash", "-c", script], cwd=REPO, check=True, capture_output=True, text=True).stdout.strip()
+
+
+def resolve_dpokit(args: list[str]):
+    """The command path of `dpokit ARGS` (e.g. ["cache", "info"]), its Typer/click command, and the rest."""
+    command = typer.main.get_command(cli.app)
+    path, rest = [], list(args)
+    while hasattr(command, "commands") and rest and not rest[0].startswith("-"):
+        assert rest[0] in command.commands, f"dpokit has no command {' '.join(path + rest[:1])!r}"
+        path.append(rest.pop(0))
+        command = command.commands[path[-1]]
+    return path, command, rest
+
+
+def synopsis_to_args(command, args: list[str]) -> list[str]:
+    """Read usage notation as an example: `[--flag A]` is used, a CAPITALS value of a number option is 1."""
+    hints = typing.get_type_hints(command.callback)
+    numbers = {opt for param in command.params for opt in param.opts
+               if {int, float} & {hints[param.name], *typing.get_args(hints[param.name])}}  # int, Optional[int], ...
+    args = [arg.strip("[]") for arg in args]
+    return ["1" if PLACEHOLDER.fullmatch(arg) and i and args[i - 1] in numbers else arg for i, arg in enumerate(args)]
+
+
+def parse_dpokit(args: list[str], whole: bool):
+    """Parse `dpokit ARGS` with click, as far as the command's own arguments; nothing runs.
+
+    A fragment (`dpokit ref-logps --gpus N` in prose) only has to name an existing command and
+    options it has: no context is returned.
+    """
+    path, command, rest = resolve_dpokit(args)
+    if not whole:
+        known = {opt for param in command.params for opt in param.opts}
+        unknown = [arg for arg in rest if arg.startswith("--") and arg.split("=")[0] not in known]
+        assert not unknown, f"dpokit {' '.join(path)} has no option {', '.join(unknown)}"
+        return path, None
+    return path, command.make_context(" ".join(["dpokit", *path]), synopsis_to_args(command, rest))
+
+
+def check_train_config(ctx) -> None:
+    """`dpokit train`: the config name and every override (from flags and key=value) validate."""
+    flags = {name: ctx.params[name] for name in inspect.signature(cli.train_overrides).parameters}
+    config = ["--config", ctx.params["config"]] if ctx.params["config"] else []
+    parse_recipe_args(config + cli.train_overrides(**flags) + list(ctx.params["overrides"] or []))
+
+
+def check_recipe_script(args: list[str], cwd: Path) -> None:
+    """`python SCRIPT ...` / torchrun's script: a recipe whose arguments validate."""
+    script, recipe_args = args[0], args[1:]
+    assert script.removeprefix("./") in RECIPE_SCRIPTS or (cwd / script).is_file(), f"unknown script {script}"
+    parse_recipe_args(recipe_args)
+
+
+def check_repo_script(args: list[str]) -> None:
+    """`python examples/x.py --flag ...`: the script exists and its --help lists every flag used."""
+    script = REPO / args[0]
+    assert script.is_file(), f"{args[0]} does not exist"
+    flags = [arg.split("=")[0] for arg in args[1:] if arg.startswith("--")]
+    if flags:
+        usage = subprocess.run([sys.executable, str(script), "--help"], check=True, capture_output=True, text=True).stdout
+        assert all(flag in usage for flag in flags), f"{args[0]} --help lacks one of {flags}"
+
+
+def check_torchrun(args: list[str], cwd: Path) -> None:
+    """`torchrun FLAGS SCRIPT ARGS`: torch's launcher accepts FLAGS, and SCRIPT is a recipe taking ARGS."""
+    from torch.distributed.run import get_args_parser
+
+    script_at = next(i for i, arg in enumerate(args) if arg.endswith(".py"))
+    get_args_parser().parse_args(args[:script_at + 1])  # exits (SystemExit) on an unknown launcher flag
+    check_recipe_script(args[script_at:], cwd)
+
+
+def check_install(args: list[str]) -> None:
+    """Setup lines (venv, activate, pip install) must do what .ci/run does."""
+    ci = (REPO / ".ci" / "run").read_text()
+    if args[0] == "pip":
+        assert args[1] == "install"
+        for package in args[2:]:
+            assert package.replace('"', "") in ci.replace('"', ""), f"{package} is not installed the same way by .ci/run"
+    elif args[0] == ".":
+        assert args[1:] == [".venv/bin/activate"] and ". .venv/bin/activate" in ci
+    else:
+        assert args[1:] == ["-m", "venv", ".venv"] and "python3 -m venv .venv" in ci
+
+
+def exercise(args: list[str], cwd: Path, capsys, whole: bool = True) -> None:
+    """Run a quick command for real in `cwd`, or check that a slow one parses (`whole`) or names
+    a command and its options (a fragment in prose)."""
+    program = args[0]
+    if program in ("python", "python3") and args[1:3] == ["-m", "pytest"]:
+        assert shlex.join(args) == ci_test_command()
+    elif program in ("python", "python3") and args[1:3] == ["-m", "venv"] or program in ("pip", "."):
+        check_install(args)
+    elif program in ("python", "python3") and args[1:3] == ["-m", "torch.distributed.run"]:
+        check_torchrun(args[3:], cwd)
+    elif program in ("python", "python3") and args[1:3] == ["-m", "dpokit"]:
+        exercise(["dpokit", *args[3:]], cwd, capsys, whole)
+    elif program in ("python", "python3") and args[1].startswith(("examples/", "bench/")):
+        check_repo_script(args[1:])
+    elif program in ("python", "python3"):
+        check_recipe_script(args[1:], cwd)
+    elif program == "torchrun" and not whole:
+        assert len(args) == 1, "a torchrun fragment in prose"  # the program named, not a command
+    elif program == "torchrun":
+        check_torchrun(args[1:], cwd)
+    elif program == "dpokit":
+        if "--help" in args or "-h" in args:
+            assert cli.main(args[1:]) == 0
+            assert "Usage" in capsys.readouterr().out
+            return
+        path, ctx = parse_dpokit(args[1:], whole)
+        if ctx is None:
+            return
+        if tuple(path) in RUN_FOR_REAL:
+            assert cli.main(args[1:]) == 0, capsys.readouterr().err
+        elif path == ["train"]:
+            check_train_config(ctx)
+    else:
+        pytest.fail(f"no check for documented command {shlex.join(args)!r}; add one to tests/test_docs.py")
+
+
+# ---------------------------------------------------------------------------------------------
+# Tests
+
+
+def test_readme_test_command_is_what_ci_runs():
+    assert ci_test_command() == "python -m pytest -q tests"
+    assert "    python -m pytest -q tests" in (REPO / "README.md").read_text().splitlines()
+
+
+def test_docs_show_commands_for_every_stage():
+    commands = [command for _, command, _ in documented_commands()]
+    for start in ("dpokit quickstart", "dpokit prepare", "dpokit ref-logps", "dpokit train", "dpokit eject recipe",
+                  "dpokit eject config", "torchrun", "python dpo_recipe.py"):
+        assert any(command.startswith(start) for command in commands), start
+
+
+@pytest.mark.parametrize("source", sorted({source for source, _, _ in documented_commands()}))
+def test_every_documented_command_runs_or_parses(source, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # ejected files land here, where later commands of the same page use them
+    commands = [(command, whole) for where, command, whole in documented_commands() if where == source]
+    assert commands
+    for command, whole in commands:
+        for args in split_command(command):
+            try:
+                exercise(args, tmp_path, capsys, whole)
+            except (SystemExit, Exception) as exc:  # click errors, argparse exits, DpokitError, failed asserts
+                pytest.fail(f"{source}: {command!r} fails: {type(exc).__name__}: {exc}")
+
+
+def test_the_custom_loss_example_in_docs_losses_trains(tiny_model_dir, prepared_dir, tmp_path, monkeypatch):
+    import math
+
+    from dpokit.metrics import read_metrics
+
+    text = (REPO / "docs" / "losses.md").read_text()
+    (example,) = [block for block in re.findall(r"^```python\n(.*?)^```", text, flags=re.MULTILINE | re.DOTALL)
+                  if "class MarginDPOLoss" in block]
+    (tmp_path / "my_losses.py").write_text(example)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    run = tmp_path / "run"
+    args = ["train", "--config", "tiny_lora", "--loss", "my_losses:MarginDPOLoss", "loss.beta=0.1", "loss.margin=0.5",
+            f"model.path={tiny_model_dir}", f"data.path={prepared_dir}", f"output.dir={run}", "reference.source=live",
+            "training.max_steps=2", "training.eval_every=0"]
+    assert cli.main(args) == 0
+    first = read_metrics(run, "train")[0]
+    assert first["loss"] == pytest.approx(math.log(1 + math.exp(0.5)), abs=1e-5)  # -log sigmoid(-0.5) = 0.974
+    assert "0.974" in text
