@@ -297,6 +297,23 @@ def quickstart(
 # main
 
 
+def _typer_click_errors() -> tuple[tuple[type, ...], tuple[type, ...], tuple[type, ...]]:
+    """(exit, abort, usage) exception types: Typer >= 0.20 bundles its own copy of click."""
+    exits, aborts, usage = [click.exceptions.Exit], [click.exceptions.Abort], [click.ClickException]
+    exits.append(getattr(typer, "Exit", click.exceptions.Exit))
+    aborts.append(getattr(typer, "Abort", click.exceptions.Abort))
+    try:
+        from typer._click import exceptions as bundled
+
+        usage.append(bundled.ClickException)
+    except ImportError:
+        pass
+    return tuple(exits), tuple(aborts), tuple(usage)
+
+
+EXIT_ERRORS, ABORT_ERRORS, USAGE_ERRORS = _typer_click_errors()
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point: run the app; `DpokitError` becomes one red line (a traceback with --debug)."""
     args = list(sys.argv[1:] if argv is None else argv)
@@ -310,12 +327,12 @@ def main(argv: Optional[List[str]] = None) -> int:
             raise
         err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
         return 1
-    except click.exceptions.Exit as exc:
+    except EXIT_ERRORS as exc:
         return exc.exit_code
-    except click.exceptions.Abort:
+    except ABORT_ERRORS:
         err_console.print("[red]aborted[/]")
         return 130
-    except click.ClickException as exc:
+    except USAGE_ERRORS as exc:
         exc.show()
         return exc.exit_code
 

@@ -15,7 +15,7 @@ Run it
 Where to change things (after ``dpokit eject recipe``)
     the loss          ``self.loss_fn`` in ``setup()`` (or just set ``loss.name`` in the config)
     the forward pass  ``concatenated_forward`` in ``train_step()``: one pass over chosen+rejected rows
-    the metrics       ``step_metrics()``: add a key there and it is logged, printed and plotted
+    the metrics       ``step_metrics()``: add a key there and it goes to metrics.jsonl and TensorBoard
 
 Assumptions: the data was made by ``dpokit prepare``; the cache by ``dpokit ref-logps`` from the same
 data and ``model.path`` (checked, with the command to rebuild it when they differ).

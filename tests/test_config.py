@@ -68,3 +68,10 @@ def test_cli_error_is_one_line_without_traceback(capsys):
     assert "lora.rank must be an integer" in err
     assert "Traceback" not in err
     assert len(err.strip().splitlines()) == 1
+
+
+def test_unknown_flag_is_a_usage_error_not_a_traceback(capsys):
+    assert main(["train", "--bogus"]) == 2
+    err = capsys.readouterr().err
+    assert "No such option: --bogus" in err
+    assert "Traceback" not in err
