@@ -140,7 +140,7 @@ def test_cli_loss_flags_train(loss, tiny_model_dir, prepared_dir, tmp_path):
 
 
 def test_custom_loss_class_by_import_path_trains(tiny_model_dir, prepared_dir, tmp_path, monkeypatch):
-    module = tmp_path / "my_losses.py"
+    module = tmp_path / "margin_loss_under_test.py"  # a name no other test imports
     module.write_text(
         "import torch\n"
         "class MarginLoss(torch.nn.Module):\n"
@@ -154,7 +154,7 @@ def test_custom_loss_class_by_import_path_trains(tiny_model_dir, prepared_dir, t
     monkeypatch.syspath_prepend(str(tmp_path))
     args = overrides(tiny_model_dir, prepared_dir, tmp_path / "run", "loss.scale=0.5", "training.max_steps=3",
                      "optimizer.lr=1e-2")
-    assert main(["train", "--config", "tiny_lora", "--loss", "my_losses:MarginLoss", *args]) == 0
+    assert main(["train", "--config", "tiny_lora", "--loss", "margin_loss_under_test:MarginLoss", *args]) == 0
     losses = train_losses(tmp_path / "run")
     assert losses[0] == pytest.approx(math.log(2), abs=1e-5)  # softplus(0)
     assert len(losses) == 3
