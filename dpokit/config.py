@@ -46,8 +46,9 @@ class DataConfig:
     batch_size: int = 4  # pairs per device per micro-step
     shuffle: bool = True
     group_by_length: bool = False  # seeded length-grouped batches (less padding)
-    packing: bool = False  # pack sequences into rows without padding (block-diagonal attention)
-    prefix_sharing: bool = False  # compute each pair's prompt once: [prompt, chosen, rejected]
+    # Layouts (bench/RESULTS.md): both on is the fastest and gives the padded layout's log-probs.
+    packing: bool = True  # pack sequences into rows without padding (block-diagonal attention)
+    prefix_sharing: bool = True  # compute each pair's prompt once: [prompt, chosen, rejected]
     pack_length: Optional[int] = None  # tokens per packed row; default: the batch's longest sequence
     logps_chunk_size: int = 1024  # positions per chunk of the vocabulary projection
 

@@ -221,17 +221,26 @@ def test_existing_run_directory_is_refused_without_resume_or_overwrite(tiny_mode
     assert len(read_metrics(tmp_path / "run", "train")) == 1
 
 
-@pytest.mark.parametrize("layout", [["data.packing=true"], ["data.prefix_sharing=true"],
-                                    ["data.packing=true", "data.prefix_sharing=true", "data.group_by_length=true"]])
+PADDED = ["data.packing=false", "data.prefix_sharing=false"]
+
+
+@pytest.mark.parametrize("layout", [["data.packing=true", "data.prefix_sharing=false"],
+                                    ["data.packing=false", "data.prefix_sharing=true"],
+                                    ["data.group_by_length=true"]])  # the defaults: packed + prefix-shared
 def test_packed_and_prefix_shared_training_matches_padded(layout, tiny_model_dir, prepared_dir, tmp_path):
     common = ["model.method=full", "training.max_steps=5", "optimizer.lr=1e-3", "data.batch_size=4"]
     if "data.group_by_length=true" in layout:
         common.append("data.group_by_length=true")  # the same order for both runs
     padded, other = tmp_path / "padded", tmp_path / "other"
-    assert main(["train", "--config", "tiny_lora", *overrides(tiny_model_dir, prepared_dir, padded, *common)]) == 0
+    assert main(["train", "--config", "tiny_lora", *overrides(tiny_model_dir, prepared_dir, padded, *common, *PADDED)]) == 0
     assert main(["train", "--config", "tiny_lora", *overrides(tiny_model_dir, prepared_dir, other, *common, *layout)]) == 0
     assert train_losses(other) == pytest.approx(train_losses(padded), abs=1e-4)
     assert train_losses(other)[-1] != pytest.approx(train_losses(other)[0], abs=1e-3)  # it did train
+
+
+def test_default_layout_is_packed_and_prefix_shared():
+    data = load_config("tiny_lora").data
+    assert data.packing and data.prefix_sharing
 
 
 @pytest.mark.parametrize("method", ["lora", "full"])
