@@ -1,0 +1,731 @@
+"""Benchmark: DPO training with dpokit (live reference, cached reference, each layout feature) against TRL.
+
+One command runs, on the same model, data, batch size and hyperparameters, each in its own process
+(so that peak memory is each variant's own), for full fine-tuning and for LoRA:
+
+* ``dpokit live``: ``reference.source=live``, padded layout (the plain way, inside dpokit);
+* ``dpokit cache``: the reference log-probs read from ``ref.h5``, padded layout;
+* ``dpokit cache + group_by_length`` / ``+ packing`` / ``+ prefix_sharing``: one feature each;
+* ``dpokit cache + all three``: the best layout;
+* ``TRL DPOTrainer``: Hugging Face TRL's default behaviour (a live reference: a frozen copy for full
+  fine-tuning, the adapters switched off for LoRA), configured like dpokit (same model, beta,
+  learning rate, batch size, max length, fp32, no gradient checkpointing, no eval, no saving);
+* optionally (``--trl-precompute``) TRL with ``precompute_ref_log_probs=True``.
+
+Workload (built in a temporary folder, nothing downloaded): a byte-level BPE tokenizer with a 32,000
+token vocabulary trained on synthetic text, a Llama-style model from a seeded ``LlamaConfig`` (4
+layers, hidden 256, intermediate 1024, 4 heads), and ``--pairs`` plain-text pairs whose prompt
+(20-400 tokens) and response (10-300 tokens) lengths are drawn log-normally. The text goes through
+``dpokit prepare``; TRL tokenizes the same text itself, and the bench checks that both hold the
+same token ids. ``dpokit ref-logps`` runs once (its cost is reported separately) and serves both
+methods, since the reference is the base model in both.
+
+Measurement, the same for every variant: a step ends when dpokit's recipe logs it (``dpokit train``
+is run through `dpokit.cli.main` in a child, with a clock on its per-step log call) or when TRL
+calls ``on_step_end``; a step's time is the interval between consecutive step ends, so it holds
+everything the loop does (fetching and collating the batch, forward, backward, optimizer, logging).
+The first ``--warmup`` steps are left out. Pairs/s is the timed pairs over the summed time of the
+timed steps; pairs per CPU-second (the child's ``process_time``) is given beside it, because the
+machine is shared and wall time moves with other people's load. Peak RSS is the child's
+``getrusage`` maximum at its last step end (dpokit's final checkpoint write is not counted; the
+whole-process peak is in the details table); on CUDA, peak allocated CUDA memory is reported.
+TRL (``train_sampling_strategy="sequential"``) and the ungrouped dpokit variants
+(``data.shuffle=false``) read the pairs in dataset order, so they time exactly the same batches and
+their losses can be compared step by step; ``group_by_length`` draws its own seeded, shuffled
+length-grouped batches, so its rate is also given scaled to the data set's mean pair length.
+
+    python bench/train_bench.py                     # the full run, writes bench/RESULTS.md
+    python bench/train_bench.py --quick             # a smoke run (small data, few steps), prints only
+    python bench/train_bench.py --methods lora --only trl,cache,best --steps 4 --out /tmp/r.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+VOCAB_SIZE = 32_000
+EOS, PAD = "</s>", "<pad>"
+
+
+# ----------------------------------------------------------------------------------------------
+# Workload: tokenizer, model, text pairs, prepared data, reference cache
+
+
+def synthetic_words(count: int, rng: np.random.Generator) -> list[str]:
+    """`count` distinct pseudo-words built from syllables (enough distinct material for 32k BPE tokens)."""
+    onsets = list("bcdfghjklmnprstvwz") + ["ch", "sh", "th", "tr", "st", "pl", "gr", "br", "qu"]
+    vowels = ["a", "e", "i", "o", "u", "ai", "ea", "ou", "io", "y"]
+    codas = ["", "", "n", "r", "s", "t", "l", "m", "nd", "st", "ng"]
+    words: set[str] = set()
+    while len(words) < count:
+        syllables = rng.integers(1, 5)
+        words.add("".join(rng.choice(onsets) + rng.choice(vowels) + rng.choice(codas) for _ in range(syllables)))
+    return sorted(words)
+
+
+class TextSource:
+    """Zipf-distributed pseudo-words; `text(tokens)` returns text of about `tokens` tokens."""
+
+    def __init__(self, seed: int, distinct_words: int = 60_000):
+        self.rng = np.random.default_rng(seed)
+        self.words = synthetic_words(distinct_words, self.rng)
+        weights = 1.0 / np.arange(1, len(self.words) + 1) ** 1.05
+        self.probabilities = weights / weights.sum()
+        self.token_counts: Optional[np.ndarray] = None  # tokens of " word", set once a tokenizer exists
+
+    def sample_words(self, count: int) -> np.ndarray:
+        return self.rng.choice(len(self.words), size=count, p=self.probabilities)
+
+    def corpus(self, lines: int, words_per_line: int = 40) -> list[str]:
+        return [" ".join(self.words[i] for i in self.sample_words(words_per_line)) for _ in range(lines)]
+
+    def text(self, tokens: int) -> str:
+        """Words, each with its leading space, until their token count reaches `tokens`."""
+        picked, total = [], 0
+        while total < tokens:
+            for i in self.sample_words(64):
+                picked.append(self.words[i])
+                total += int(self.token_counts[i])
+                if total >= tokens:
+                    break
+        return "".join(" " + w for w in picked)
+
+
+def build_tokenizer(out: Path, source: TextSource) -> None:
+    """Byte-level BPE with a 32,000-token vocabulary trained on synthetic text; no chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB_SIZE, special_tokens=[PAD, EOS], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(source.corpus(20_000), trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token=PAD, eos_token=EOS, model_max_length=4096)
+    fast.save_pretrained(out)
+    encodings = tokenizer.encode_batch([" " + w for w in source.words], add_special_tokens=False)
+    source.token_counts = np.array([len(e.ids) for e in encodings])
+
+
+def build_model(out: Path, seed: int = 0) -> int:
+    """A Llama-style causal LM (4 layers, hidden 256, intermediate 1024, 4 heads, 32k vocab), seeded."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=2048, tie_word_embeddings=False,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=None,
+    )
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(out)
+    return sum(p.numel() for p in model.parameters())
+
+
+def write_pairs(path: Path, source: TextSource, pairs: int) -> None:
+    """Plain-format JSONL pairs; prompt tokens log-normal in [20, 400], responses in [10, 300]."""
+    rng = source.rng
+
+    def lengths(median: float, low: int, high: int) -> np.ndarray:
+        return np.clip(rng.lognormal(np.log(median), 0.75, pairs), low, high).astype(int)
+
+    prompts, chosen, rejected = lengths(100, 20, 400), lengths(70, 10, 300), lengths(70, 10, 300)
+    with path.open("w") as f:
+        for p, c, r in zip(prompts, chosen, rejected):
+            # dpokit (plain mode) and TRL both append EOS to each response; leave room for it.
+            row = {"prompt": source.text(p).lstrip(), "chosen": source.text(c - 1), "rejected": source.text(r - 1)}
+            f.write(json.dumps(row) + "\n")
+
+
+def build_workload(work: Path, pairs: int, ref_batch_size: int, env: dict, reuse: bool = False) -> dict:
+    """Tokenizer + model in work/model, pairs.jsonl, `dpokit prepare` -> work/prepared, `ref-logps` -> work/ref.h5.
+
+    With `reuse`, a workload this function built earlier in `work` for as many pairs is used as it is.
+    """
+    record = work / "workload.json"
+    if reuse and record.is_file():
+        workload = json.loads(record.read_text())
+        if workload["pairs"] == pairs:
+            print(f"reusing the workload in {work}", flush=True)
+            return workload
+    source = TextSource(seed=0)
+    model_dir = work / "model"
+    started = time.perf_counter()
+    build_tokenizer(model_dir, source)
+    parameters = build_model(model_dir)
+    write_pairs(work / "pairs.jsonl", source, pairs)
+    print(f"workload: tokenizer, model ({parameters / 1e6:.1f}M parameters) and {pairs} pairs in "
+          f"{time.perf_counter() - started:.0f} s", flush=True)
+
+    prepare = [sys.executable, "-m", "dpokit", "prepare", str(work / "pairs.jsonl"), "--model", str(model_dir),
+               "--out", str(work / "prepared"), "--max-length", "1024", "--max-prompt-length", "512"]
+    started = time.perf_counter()
+    subprocess.run(prepare, env=env, check=True, stdout=subprocess.DEVNULL)
+    prepare_seconds = time.perf_counter() - started
+
+    print("dpokit ref-logps over all pairs ...", flush=True)
+    ref = run_child(["--child", "ref-logps", "--workdir", str(work), "--ref-batch-size", str(ref_batch_size)], env)
+    print(f"  {ref['rows']} pairs in {ref['seconds']:.0f} s ({ref['rows'] / ref['seconds']:.2f} pairs/s)", flush=True)
+    workload = {"pairs": pairs, "parameters": parameters, "prepare_seconds": prepare_seconds, "ref": ref,
+                "lengths": pair_length_stats(work / "prepared")}
+    record.write_text(json.dumps(workload))
+    return workload
+
+
+def prepared_lengths(prepared: Path) -> dict[str, np.ndarray]:
+    """Token counts of ``prompt_ids``, ``chosen_ids`` and ``rejected_ids`` per pair of the prepared train split."""
+    from dpokit.data.prepared import load_prepared
+
+    split = load_prepared(prepared).split("train").with_format("arrow")
+    return {name: split[name].combine_chunks().value_lengths().to_numpy() for name in ("prompt_ids", "chosen_ids", "rejected_ids")}
+
+
+def pair_length_stats(prepared: Path) -> dict:
+    """Percentiles (0, 10, 50, 90, 100) and mean of prompt and response token counts."""
+    stats = {}
+    for name, lengths in prepared_lengths(prepared).items():
+        stats[name] = {str(q): int(np.percentile(lengths, q)) for q in (0, 10, 50, 90, 100)} | {"mean": float(lengths.mean())}
+    return stats
+
+
+def padded_pair_lengths(prepared: Path) -> np.ndarray:
+    """Real tokens of each pair in the padded layout (2 x prompt + chosen + rejected), as `data.group_by_length` sorts them."""
+    lengths = prepared_lengths(prepared)
+    return (2 * lengths["prompt_ids"] + lengths["chosen_ids"] + lengths["rejected_ids"]).astype(np.int64)
+
+
+# ----------------------------------------------------------------------------------------------
+# Children: each measurement is a fresh interpreter
+
+
+def child_rss_mb() -> float:
+    """This process's peak resident set size so far, MiB (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class StepClock:
+    """What a child records at the end of every optimizer step: wall clock, process CPU time, peak RSS, loss."""
+
+    def __init__(self):
+        self.ends, self.cpu, self.rss, self.losses, self.begins = [], [], [], [], []
+
+    def step_end(self) -> None:
+        self.ends.append(time.perf_counter())
+        self.cpu.append(time.process_time())
+        self.rss.append(child_rss_mb())
+
+    def result(self) -> dict:
+        import torch
+
+        cuda = torch.cuda.is_available()
+        return {"ends": self.ends, "cpu": self.cpu, "rss_mb": self.rss, "losses": self.losses, "begins": self.begins,
+                "cuda_peak_mb": torch.cuda.max_memory_allocated() / 2**20 if cuda else None}
+
+
+def child_ref_logps(work: Path, batch_size: int) -> dict:
+    """The real reference pass (`compute_reference_cache`, what `dpokit ref-logps` runs), over every pair."""
+    from dpokit.reference import RefLogpsOptions, compute_reference_cache
+
+    options = RefLogpsOptions(prepared=str(work / "prepared"), model=str(work / "model"), out=str(work / "ref.h5"),
+                              batch_size=batch_size, dtype="fp32", overwrite=True)
+    cpu = time.process_time()
+    (report,) = compute_reference_cache(options)
+    return {"rows": report.rows_computed, "tokens": report.tokens, "seconds": report.seconds,
+            "cpu_seconds": time.process_time() - cpu, "peak_rss_mb": child_rss_mb()}
+
+
+def child_dpokit(train_args: list[str]) -> dict:
+    """`dpokit train <train_args>` exactly as the command runs it, with a clock on the recipe's per-step log call.
+
+    The recipe logs each optimizer step right after it (``training.log_every=1``), so the clock sees
+    the same moment TRL's ``on_step_end`` marks.
+    """
+    from dpokit import metrics
+    from dpokit.cli import main as dpokit_main
+
+    clock = StepClock()
+    log = metrics.MetricsLogger.log
+
+    def timed_log(self, step, split, values):
+        if split == "train":
+            clock.step_end()
+            clock.losses.append(values["loss"])
+        log(self, step, split, values)
+
+    metrics.MetricsLogger.log = timed_log
+    if dpokit_main(["train", *train_args]) != 0:
+        raise SystemExit("dpokit train failed")
+    return clock.result()
+
+
+def child_trl(work: Path, method: str, batch_size: int, steps: int, lr: float, beta: float, precompute: bool) -> dict:
+    """TRL's DPOTrainer on the same text, model and settings; step ends recorded by a callback."""
+    import datasets
+    import torch
+    from transformers import AutoTokenizer, TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+
+    clock = StepClock()
+
+    class Clock(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            clock.begins.append(time.perf_counter())
+
+        def on_step_end(self, args, state, control, **kwargs):
+            clock.step_end()
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                clock.losses.append(float(logs["loss"]))
+
+    rows = [json.loads(line) for line in (work / "pairs.jsonl").read_text().splitlines()]
+    dataset = datasets.Dataset.from_list(rows)
+    cuda = torch.cuda.is_available()
+    config = DPOConfig(
+        output_dir=str(work / "trl_out" / method), per_device_train_batch_size=batch_size, gradient_accumulation_steps=1,
+        max_steps=steps, learning_rate=lr, lr_scheduler_type="cosine", warmup_steps=0, weight_decay=0.0,
+        adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8, max_grad_norm=1.0, optim="adamw_torch", beta=beta,
+        loss_type=["sigmoid"], max_length=1024, precompute_ref_log_probs=precompute,
+        precompute_ref_batch_size=batch_size, gradient_checkpointing=False, bf16=False, fp16=False, use_cpu=not cuda,
+        model_init_kwargs={"dtype": torch.float32}, train_sampling_strategy="sequential", seed=42,
+        eval_strategy="no", save_strategy="no", report_to=[], logging_steps=1, disable_tqdm=True,
+        dataloader_num_workers=0, dataloader_pin_memory=False,
+    )
+    peft_config = None
+    if method == "lora":
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
+    tokenizer = AutoTokenizer.from_pretrained(work / "model")
+    setup_started = time.perf_counter()
+    trainer = DPOTrainer(model=str(work / "model"), args=config, train_dataset=dataset, processing_class=tokenizer,
+                         peft_config=peft_config, callbacks=[Clock()])
+    setup_seconds = time.perf_counter() - setup_started
+    trainer.train()
+    return clock.result() | {"setup_seconds": setup_seconds,
+                             "same_token_ids": same_token_ids(trainer.train_dataset, work / "prepared")}
+
+
+def same_token_ids(trl_dataset, prepared: Path) -> bool:
+    """Whether TRL's tokenization of the text equals `dpokit prepare`'s, row by row."""
+    from dpokit.data.prepared import load_prepared
+
+    ours = load_prepared(prepared).split("train")
+    columns = ("prompt_ids", "chosen_ids", "rejected_ids")
+    if len(ours) != len(trl_dataset):
+        return False
+    return all(list(ours[c]) == list(trl_dataset[c]) for c in columns)
+
+
+def run_child(args: list[str], env: dict) -> dict:
+    """Run this file as a child with `args`; its last stdout line is a JSON result."""
+    process = subprocess.run([sys.executable, __file__, *args], env=env, capture_output=True, text=True)
+    if process.returncode != 0:
+        raise RuntimeError(f"child {' '.join(args)} failed:\n{process.stderr[-4000:]}")
+    return json.loads(process.stdout.strip().splitlines()[-1])
+
+
+def run_measured(command: list[str], env: dict, log: Path) -> tuple[float, float, str]:
+    """Run `command`; returns (wall seconds, peak RSS MiB of the whole process from wait4, stdout)."""
+    started = time.perf_counter()
+    with log.open("w") as stderr, tempfile.TemporaryFile("w+") as stdout:
+        process = subprocess.Popen(command, env=env, stdout=stdout, stderr=stderr, text=True)
+        _, status, usage = os.wait4(process.pid, 0)
+        process.returncode = os.waitstatus_to_exitcode(status)
+        stdout.seek(0)
+        output = stdout.read()
+    seconds = time.perf_counter() - started
+    if process.returncode != 0:
+        raise RuntimeError(f"{shlex.join(command)} failed (exit {process.returncode}); see {log}:\n{log.read_text()[-4000:]}")
+    return seconds, usage.ru_maxrss / 1024, output
+
+
+# ----------------------------------------------------------------------------------------------
+# Variants
+
+
+@dataclass
+class Variant:
+    key: str  # short name for --only
+    name: str
+    kind: str  # "dpokit" or "trl"
+    overrides: list[str] = field(default_factory=list)  # dpokit: key=value; trl: ["precompute"] or []
+
+    @property
+    def grouped(self) -> bool:
+        return "data.group_by_length=true" in self.overrides
+
+
+def variants(trl_precompute: bool) -> list[Variant]:
+    cache = ["reference.source=cache"]
+    padded = ["data.packing=false", "data.prefix_sharing=false"]  # the layout defaults are the fast ones
+    plain = ["data.shuffle=false", *padded]  # dataset order: the same batches as TRL's sequential sampler
+    grouped = ["data.shuffle=true", "data.group_by_length=true", *padded]
+    chosen = [
+        Variant("trl", "TRL DPOTrainer (live reference)", "trl"),
+        Variant("live", "dpokit live reference, padded", "dpokit", ["reference.source=live", *plain]),
+        Variant("cache", "dpokit cache, padded", "dpokit", [*cache, *plain]),
+        Variant("group", "dpokit cache + group_by_length", "dpokit", [*cache, *grouped]),
+        Variant("packing", "dpokit cache + packing", "dpokit", [*cache, *plain, "data.packing=true"]),
+        Variant("prefix", "dpokit cache + prefix_sharing", "dpokit", [*cache, *plain, "data.prefix_sharing=true"]),
+        Variant("best", "dpokit cache + all three (best layout)", "dpokit",
+                [*cache, *grouped, "data.packing=true", "data.prefix_sharing=true"]),
+    ]
+    if trl_precompute:
+        chosen.insert(1, Variant("trl-precompute", "TRL DPOTrainer, precompute_ref_log_probs", "trl", ["precompute"]))
+    return chosen
+
+
+def step_count(variant: Variant, args) -> int:
+    """Timed steps: length-grouped variants draw random batches of very different lengths, so they get more."""
+    return args.grouped_steps if variant.grouped else args.steps
+
+
+def timed_pairs(variant: Variant, args, pair_lengths: np.ndarray) -> list[int]:
+    """Example indices of the timed steps, as the variant's sampler hands them out.
+
+    Dataset order for TRL (``train_sampling_strategy="sequential"``) and dpokit with ``data.shuffle=false``;
+    for ``group_by_length`` the recipe's own seeded `PairSampler`, rebuilt here.
+    """
+    from dpokit.data.sampler import PairSampler
+
+    steps = args.warmup + step_count(variant, args)
+    if not variant.grouped:
+        return list(range(args.warmup * args.batch_size, steps * args.batch_size))
+    sampler = PairSampler(len(pair_lengths), args.batch_size, seed=42, shuffle=True, lengths=pair_lengths.tolist())
+    batches = [sampler.next_step()[0] for _ in range(steps)]
+    return [i for batch in batches[args.warmup:] for i in batch]
+
+
+def dpokit_command(work: Path, variant: Variant, method: str, args, run_dir: Path) -> list[str]:
+    """The `dpokit train` overrides of a variant."""
+    overrides = [
+        f"data.path={work / 'prepared'}", f"model.path={work / 'model'}", f"reference.cache={work / 'ref.h5'}",
+        f"model.method={method}", "model.dtype=float32", f"data.batch_size={args.batch_size}",
+        f"training.max_steps={args.warmup + step_count(variant, args)}", f"optimizer.lr={args.lr}",
+        f"loss.beta={args.beta}", "lora.rank=8", "lora.alpha=16", "training.seed=42", f"output.dir={run_dir}",
+        "output.overwrite=true", *variant.overrides,
+    ]
+    return overrides
+
+
+def measure_dpokit(work: Path, variant: Variant, method: str, args, env: dict) -> dict:
+    """`dpokit train` in a child (see `child_dpokit`)."""
+    name = f"{method}-{slug(variant.name)}"
+    train_args = dpokit_command(work, variant, method, args, work / "runs" / name)
+    child = [sys.executable, __file__, "--child", "dpokit", "--train-args", *train_args]
+    wall, process_rss, output = run_measured(child, env, work / "logs" / f"{name}.log")
+    return summarise(variant, method, json.loads(output.strip().splitlines()[-1]), args, wall, process_rss)
+
+
+def measure_trl(work: Path, variant: Variant, method: str, args, env: dict) -> dict:
+    """TRL's DPOTrainer in a child (see `child_trl`)."""
+    child = [sys.executable, __file__, "--child", "trl", "--workdir", str(work), "--method", method,
+             "--batch-size", str(args.batch_size), "--steps", str(args.warmup + step_count(variant, args)),
+             "--lr", str(args.lr), "--beta", str(args.beta)] + (["--precompute"] if "precompute" in variant.overrides else [])
+    wall, process_rss, output = run_measured(child, env, work / "logs" / f"{method}-{slug(variant.name)}.log")
+    result = json.loads(output.strip().splitlines()[-1])
+    summary = summarise(variant, method, result, args, wall, process_rss)
+    in_step = [e - b for b, e in zip(result["begins"], result["ends"])]
+    summary.update(begin_to_end_s=sum(in_step[args.warmup:]), same_token_ids=result["same_token_ids"],
+                   setup_seconds=result["setup_seconds"])
+    return summary
+
+
+def summarise(variant: Variant, method: str, clock: dict, args, wall: float, process_rss: float) -> dict:
+    """Rates over the timed steps (after the warm-up) from a child's step clock."""
+    w = args.warmup  # step k (1-based) ends at ends[k - 1]; timed steps are w+1 .. N
+    seconds = [b - a for a, b in zip(clock["ends"][w - 1:], clock["ends"][w:])]
+    cpu_seconds = sum(b - a for a, b in zip(clock["cpu"][w - 1:], clock["cpu"][w:]))
+    pairs = timed_pairs(variant, args, args.pair_lengths)
+    if len(pairs) != len(seconds) * args.batch_size:
+        raise RuntimeError(f"{variant.name}: {len(seconds)} timed steps for {len(pairs)} timed pairs")
+    timed_length = float(args.pair_lengths[pairs].mean())
+    total = sum(seconds)
+    pairs_per_s = len(pairs) / total
+    return {
+        "key": variant.key, "variant": variant.name, "kind": variant.kind, "method": method, "steps": len(seconds),
+        "pairs_per_s": pairs_per_s, "median_step_s": statistics.median(seconds), "timed_seconds": total,
+        "pairs_per_cpu_s": len(pairs) / cpu_seconds, "timed_pair_length": timed_length,
+        # The rate at the data set's mean pair length, assuming time grows with real tokens.
+        "adjusted_pairs_per_s": pairs_per_s * timed_length / float(args.pair_lengths.mean()),
+        "peak_rss_mb": clock["rss_mb"][-1], "process_peak_rss_mb": process_rss, "cuda_peak_mb": clock["cuda_peak_mb"],
+        "wall_s": wall, "losses": clock["losses"],
+    }
+
+
+def slug(name: str) -> str:
+    return "-".join("".join(c if c.isalnum() else " " for c in name.lower()).split())
+
+
+# ----------------------------------------------------------------------------------------------
+# Report
+
+
+def versions() -> dict:
+    from importlib.metadata import version
+
+    return {name: version(name) for name in ("torch", "transformers", "peft", "trl", "dpokit", "datasets")}
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def find(rows: list[dict], method: str, key: str) -> Optional[dict]:
+    """The row of variant `key` (see `variants`) for `method`, if it ran."""
+    return next((r for r in rows if r["method"] == method and r["key"] == key), None)
+
+
+def results_table(rows: list[dict], method: str, cuda: bool) -> list[str]:
+    trl = find(rows, method, "trl")
+    memory = "peak CUDA (MiB)" if cuda else "peak RSS (MiB)"
+    lines = [
+        f"| variant | pairs/s | median step (s) | {memory} | speedup vs TRL | memory vs TRL | pairs per CPU-s | "
+        "timed pairs: mean tokens | pairs/s at mean length | load at start |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in (r for r in rows if r["method"] == method):
+        peak = r["cuda_peak_mb"] if cuda else r["peak_rss_mb"]
+        trl_peak = (trl["cuda_peak_mb"] if cuda else trl["peak_rss_mb"]) if trl else None
+        speed = f"{r['pairs_per_s'] / trl['pairs_per_s']:.2f}x" if trl else "-"
+        ratio = f"{peak / trl_peak:.2f}x" if trl_peak else "-"
+        lines.append(
+            f"| {r['variant']} | {r['pairs_per_s']:.2f} | {r['median_step_s']:.2f} | {peak:,.0f} | {speed} | {ratio} | "
+            f"{r['pairs_per_cpu_s']:.2f} | {r['timed_pair_length']:.0f} | {r['adjusted_pairs_per_s']:.2f} | "
+            f"{r['load_at_start']:.1f} |"
+        )
+    return lines
+
+
+def contributions(rows: list[dict], method: str) -> list[str]:
+    """Each feature's gain, from the length-adjusted rates (the same pairs for every ungrouped variant)."""
+    live, cache = find(rows, method, "live"), find(rows, method, "cache")
+    if live is None or cache is None:
+        return []
+
+    def rate(r: dict) -> float:
+        return r["adjusted_pairs_per_s"]
+
+    lines = [f"- the cache instead of a live reference (both padded): {rate(cache) / rate(live):.2f}x pairs/s, "
+             f"peak RSS {cache['peak_rss_mb'] - live['peak_rss_mb']:+,.0f} MiB"]
+    for key, words in (("group", "group_by_length"), ("packing", "packing"), ("prefix", "prefix_sharing"),
+                       ("best", "all three")):
+        r = find(rows, method, key)
+        if r is not None:
+            lines.append(f"- {words} on top of the cache: {rate(r) / rate(cache):.2f}x pairs/s, "
+                         f"peak RSS {r['peak_rss_mb'] - cache['peak_rss_mb']:+,.0f} MiB")
+    best = max((r for r in rows if r["method"] == method and r["kind"] == "dpokit"), key=rate)
+    lines.append(f"- fastest dpokit layout here (length-adjusted): **{best['variant']}**")
+    return lines
+
+
+def write_report(out: Optional[Path], rows: list[dict], workload: dict, args, command: str, load_start, load_end) -> str:
+    ver = versions()
+    ref = workload["ref"]
+    lengths = workload["lengths"]
+    lines = [
+        "# Training benchmark: dpokit vs TRL DPOTrainer",
+        "",
+        "Command (repository root, project venv with the `bench` extra installed):",
+        "",
+        "```bash",
+        command,
+        "```",
+        "",
+        f"Machine: {cpu_model()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
+        f"{'CUDA' if args.cuda else 'CPU only'}; torch threads per run: {args.threads}. Load average (1/5/15 min) at "
+        f"start {load_start[0]:.2f} / {load_start[1]:.2f} / {load_start[2]:.2f}, at end {load_end[0]:.2f} / "
+        f"{load_end[1]:.2f} / {load_end[2]:.2f}: the machine is shared, so compare within this run.",
+        "",
+        "Versions: " + ", ".join(f"{k} {v}" for k, v in ver.items()) + ".",
+        "",
+        f"Workload: Llama-style model ({workload['parameters'] / 1e6:.1f}M parameters: 4 layers, hidden 256, "
+        f"intermediate 1024, 4 heads, vocabulary {VOCAB_SIZE:,}, untied head), fp32, SDPA attention; {args.pairs:,} "
+        f"pairs; tokens per prompt p10/p50/p90/max {fmt_lengths(lengths['prompt_ids'])} (mean "
+        f"{lengths['prompt_ids']['mean']:.0f}), per response {fmt_lengths(lengths['chosen_ids'])} (mean "
+        f"{lengths['chosen_ids']['mean']:.0f}); a pair is {args.pair_lengths.mean():.0f} real tokens on average "
+        f"(2 x prompt + both responses). Every variant: batch {args.batch_size} pairs, lr {args.lr:g}, beta "
+        f"{args.beta:g}, DPO sigmoid loss, AdamW (torch), cosine schedule, grad-norm clip 1.0, max length 1024, no "
+        f"gradient checkpointing, LoRA r 8 / alpha 16 / dropout 0 on all linear layers. {args.warmup} warm-up steps, "
+        f"then {args.steps} timed steps ({args.grouped_steps} for the length-grouped variants, whose batches are a "
+        "random draw of very different lengths).",
+        "",
+        f"Reference pass (`dpokit ref-logps`, once for both methods, batch {args.ref_batch_size}, length-sorted): "
+        f"{ref['rows']:,} pairs in {ref['seconds']:.0f} s = **{ref['rows'] / ref['seconds']:.2f} pairs/s** "
+        f"({ref['tokens'] / ref['seconds']:,.0f} tokens/s), peak RSS {ref['peak_rss_mb']:,.0f} MiB. "
+        f"`dpokit prepare` took {workload['prepare_seconds']:.0f} s (the command, imports included).",
+        "",
+        "Columns: *pairs/s* = timed pairs / summed time of the timed steps; *timed pairs: mean tokens* = mean real "
+        "tokens per pair of the batches timed (the ungrouped variants and TRL time the very same batches); "
+        "*pairs/s at mean length* = pairs/s scaled to the data set's mean pair length, the fair rate for the "
+        "length-grouped variants; peak RSS through the last training step.",
+        "",
+    ]
+    for method in args.methods:
+        lines += [f"## {'Full fine-tuning' if method == 'full' else 'LoRA'}", ""]
+        lines += results_table(rows, method, args.cuda) + [""] + total_lines(rows, method, ref) + [""]
+    lines += ["## What each feature contributes", "",
+              "Ratios of the length-adjusted pairs/s, and the change in peak RSS.", ""]
+    for method in args.methods:
+        lines += [f"{'Full fine-tuning' if method == 'full' else 'LoRA'}:", ""] + contributions(rows, method) + [""]
+    lines += ["## Details per run", "",
+              "| method | variant | timed steps | timed s | wall s (whole process) | peak RSS whole process (MiB) | "
+              "loss step 1 / last |", "|---|---|---:|---:|---:|---:|---|"]
+    for r in rows:
+        lines.append(f"| {r['method']} | {r['variant']} | {r['steps']} | {r['timed_seconds']:.1f} | {r['wall_s']:.0f} | "
+                     f"{r['process_peak_rss_mb']:,.0f} | {r['losses'][0]:.4f} / {r['losses'][-1]:.4f} |")
+    lines += [""] + trl_checks(rows)
+    text = "\n".join(lines) + "\n"
+    if out:
+        previous = out.read_text() if out.exists() else ""
+        marker = "\n## Reading"  # hand-written analysis below this heading survives a rerun
+        kept = previous[previous.index(marker):] if marker in previous else ""
+        out.write_text(text + kept)
+    return text
+
+
+def trl_checks(rows: list[dict]) -> list[str]:
+    """Same tokens, same losses on the same batches, and how TRL's step time splits."""
+    lines = []
+    for trl in (r for r in rows if r["kind"] == "trl"):
+        lines.append(f"- TRL {trl['method']} ({trl['variant']}): token ids "
+                     f"{'identical to' if trl['same_token_ids'] else 'DIFFERENT from'} `dpokit prepare`'s for every "
+                     f"pair; {trl['begin_to_end_s']:.1f} s of its {trl['timed_seconds']:.1f} timed seconds are inside "
+                     f"steps (on_step_begin to on_step_end); trainer setup (tokenizing, loading) {trl['setup_seconds']:.0f} s.")
+        same = find(rows, trl["method"], "cache")
+        if same is not None:
+            n = min(len(same["losses"]), len(trl["losses"]))
+            gap = max(abs(a - b) for a, b in zip(same["losses"][:n], trl["losses"][:n]))
+            lines.append(f"  Largest per-step loss difference from dpokit cache, padded over the same {n} batches: {gap:.1e}.")
+    return lines
+
+
+def fmt_lengths(stats: dict) -> str:
+    return f"{stats['10']}/{stats['50']}/{stats['90']}/{stats['100']}"
+
+
+def total_lines(rows: list[dict], method: str, ref: dict) -> list[str]:
+    """One epoch over all pairs, with the reference pass added to the cached variants."""
+    trl = find(rows, method, "trl")
+    best = find(rows, method, "best")
+    if trl is None or best is None:
+        return []
+    n = ref["rows"]
+    ref_s = ref["seconds"]
+    trl_s = n / trl["adjusted_pairs_per_s"]
+    best_s = n / best["adjusted_pairs_per_s"]
+    return [
+        f"One epoch over the {n:,} pairs at the length-adjusted rates: TRL {trl_s / 60:.1f} min; dpokit best layout "
+        f"{best_s / 60:.1f} min + {ref_s / 60:.1f} min for the reference pass = {(best_s + ref_s) / 60:.1f} min "
+        f"({trl_s / (best_s + ref_s):.1f}x TRL with the pass counted; the pass is paid once and reused by every later "
+        "run, epoch and sweep on the same data and reference)."
+    ]
+
+
+# ----------------------------------------------------------------------------------------------
+# Main
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--pairs", type=int, default=2000, help="pairs in the data set")
+    parser.add_argument("--batch-size", type=int, default=4, help="pairs per optimizer step (every variant)")
+    parser.add_argument("--steps", type=int, default=8, help="timed steps per variant")
+    parser.add_argument("--grouped-steps", type=int, default=20, help="timed steps of the length-grouped variants")
+    parser.add_argument("--warmup", type=int, default=2, help="steps run first and left out of the timing")
+    parser.add_argument("--ref-batch-size", type=int, default=16, help="pairs per forward of the reference pass")
+    parser.add_argument("--methods", default="full,lora", help="comma-separated: full, lora")
+    parser.add_argument("--only", default="",
+                        help="comma-separated variants to run: trl, trl-precompute, live, cache, group, packing, prefix, best")
+    parser.add_argument("--lr", type=float, default=5e-6)
+    parser.add_argument("--beta", type=float, default=0.1)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads per run (1: on a shared machine a second OpenMP thread stalls whenever "
+                             "another process holds its core)")
+    parser.add_argument("--trl-precompute", action="store_true", help="also run TRL with precompute_ref_log_probs=True")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 200 pairs, 2 + 3 steps, no report written")
+    parser.add_argument("--workdir", type=Path, help="keep the workload and runs here (default: a temporary folder)")
+    parser.add_argument("--reuse-workload", action="store_true", help="use the workload already built in --workdir")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "RESULTS.md", help="the Markdown report")
+    parser.add_argument("--child", choices=["ref-logps", "trl", "dpokit"], help=argparse.SUPPRESS)
+    parser.add_argument("--train-args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    parser.add_argument("--method", help=argparse.SUPPRESS)
+    parser.add_argument("--precompute", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.child:  # one measurement in this fresh interpreter, printed as JSON on the last line
+        if args.child == "ref-logps":
+            result = child_ref_logps(args.workdir, args.ref_batch_size)
+        elif args.child == "dpokit":
+            result = child_dpokit(args.train_args)
+        else:
+            result = child_trl(args.workdir, args.method, args.batch_size, args.steps, args.lr, args.beta, args.precompute)
+        print(json.dumps(result))
+        return
+
+    if args.quick:
+        args.pairs, args.steps, args.grouped_steps, args.warmup, args.out = 200, 3, 3, 2, None
+    args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    import torch
+
+    args.cuda = torch.cuda.is_available()
+    command = "python bench/train_bench.py " + shlex.join(sys.argv[1:])
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads),
+           "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+           "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1", "PYTHONWARNINGS": "ignore", "TQDM_DISABLE": "1"}
+    load_start = os.getloadavg()
+    print(f"load average at start: {load_start[0]:.2f} {load_start[1]:.2f} {load_start[2]:.2f}", flush=True)
+
+    with tempfile.TemporaryDirectory(prefix="train_bench_") as tmp:
+        work = args.workdir or Path(tmp)
+        (work / "logs").mkdir(parents=True, exist_ok=True)
+        workload = build_workload(work, args.pairs, args.ref_batch_size, env, args.reuse_workload)
+        args.pair_lengths = padded_pair_lengths(work / "prepared")
+        only = {w.strip() for w in args.only.split(",") if w.strip()}
+        rows = []
+        for method in args.methods:
+            for variant in variants(args.trl_precompute):
+                if only and variant.key not in only:
+                    continue
+                measure = measure_trl if variant.kind == "trl" else measure_dpokit
+                load = os.getloadavg()[0]
+                row = measure(work, variant, method, args, env) | {"load_at_start": load}
+                rows.append(row)
+                print(f"{method:4} | {variant.name:42} | {row['pairs_per_s']:6.2f} pairs/s | median step "
+                      f"{row['median_step_s']:6.2f} s | peak RSS {row['peak_rss_mb']:6.0f} MiB | load {row['load_at_start']:.1f}",
+                      flush=True)
+    load_end = os.getloadavg()
+    print()
+    print(write_report(args.out, rows, workload, args, command, load_start, load_end))
+
+
+if __name__ == "__main__":
+    main()
