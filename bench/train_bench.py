@@ -6,6 +6,7 @@ One command runs, on the same model, data, batch size and hyperparameters, each 
 * ``dpokit live``: ``reference.source=live``, padded layout (the plain way, inside dpokit);
 * ``dpokit cache``: the reference log-probs read from ``ref.h5``, padded layout;
 * ``dpokit cache + group_by_length`` / ``+ packing`` / ``+ prefix_sharing``: one feature each;
+* ``dpokit cache + packing + prefix_sharing``: the two that change no number, without grouping;
 * ``dpokit cache + all three``: the best layout;
 * ``TRL DPOTrainer``: Hugging Face TRL's default behaviour (a live reference: a frozen copy for full
   fine-tuning, the adapters switched off for LoRA), configured like dpokit (same model, beta,
@@ -33,8 +34,12 @@ TRL (``train_sampling_strategy="sequential"``) and the ungrouped dpokit variants
 (``data.shuffle=false``) read the pairs in dataset order, so they time exactly the same batches and
 their losses can be compared step by step; ``group_by_length`` draws its own seeded, shuffled
 length-grouped batches, so its rate is also given scaled to the data set's mean pair length.
+Each process uses one torch thread (``--threads``): on a shared machine a second OpenMP thread
+stalls whenever another process holds its core. ``--rounds 2`` runs every dpokit variant twice,
+the second time in reverse order, and pools both (TRL runs once: its gap is far above the spread).
 
-    python bench/train_bench.py                     # the full run, writes bench/RESULTS.md
+    python bench/train_bench.py                     # the full run (~23 min on 2 cores), writes bench/RESULTS.md
+    python bench/train_bench.py --rounds 2          # as bench/RESULTS.md was made (~33 min)
     python bench/train_bench.py --quick             # a smoke run (small data, few steps), prints only
     python bench/train_bench.py --methods lora --only trl,cache,best --steps 4 --out /tmp/r.md
 """
@@ -389,6 +394,8 @@ def variants(trl_precompute: bool) -> list[Variant]:
         Variant("group", "dpokit cache + group_by_length", "dpokit", [*cache, *grouped]),
         Variant("packing", "dpokit cache + packing", "dpokit", [*cache, *plain, "data.packing=true"]),
         Variant("prefix", "dpokit cache + prefix_sharing", "dpokit", [*cache, *plain, "data.prefix_sharing=true"]),
+        Variant("packprefix", "dpokit cache + packing + prefix_sharing", "dpokit",
+                [*cache, *plain, "data.packing=true", "data.prefix_sharing=true"]),
         Variant("best", "dpokit cache + all three (best layout)", "dpokit",
                 [*cache, *grouped, "data.packing=true", "data.prefix_sharing=true"]),
     ]
@@ -431,48 +438,87 @@ def dpokit_command(work: Path, variant: Variant, method: str, args, run_dir: Pat
 
 
 def measure_dpokit(work: Path, variant: Variant, method: str, args, env: dict) -> dict:
-    """`dpokit train` in a child (see `child_dpokit`)."""
+    """One run of `dpokit train` in a child (see `child_dpokit`)."""
     name = f"{method}-{slug(variant.name)}"
     train_args = dpokit_command(work, variant, method, args, work / "runs" / name)
     child = [sys.executable, __file__, "--child", "dpokit", "--train-args", *train_args]
     wall, process_rss, output = run_measured(child, env, work / "logs" / f"{name}.log")
-    return summarise(variant, method, json.loads(output.strip().splitlines()[-1]), args, wall, process_rss)
+    return timed_run(json.loads(output.strip().splitlines()[-1]), args, wall, process_rss)
 
 
 def measure_trl(work: Path, variant: Variant, method: str, args, env: dict) -> dict:
-    """TRL's DPOTrainer in a child (see `child_trl`)."""
+    """One run of TRL's DPOTrainer in a child (see `child_trl`)."""
     child = [sys.executable, __file__, "--child", "trl", "--workdir", str(work), "--method", method,
              "--batch-size", str(args.batch_size), "--steps", str(args.warmup + step_count(variant, args)),
              "--lr", str(args.lr), "--beta", str(args.beta)] + (["--precompute"] if "precompute" in variant.overrides else [])
     wall, process_rss, output = run_measured(child, env, work / "logs" / f"{method}-{slug(variant.name)}.log")
-    result = json.loads(output.strip().splitlines()[-1])
-    summary = summarise(variant, method, result, args, wall, process_rss)
-    in_step = [e - b for b, e in zip(result["begins"], result["ends"])]
-    summary.update(begin_to_end_s=sum(in_step[args.warmup:]), same_token_ids=result["same_token_ids"],
-                   setup_seconds=result["setup_seconds"])
-    return summary
+    clock = json.loads(output.strip().splitlines()[-1])
+    in_step = [e - b for b, e in zip(clock["begins"], clock["ends"])]
+    return timed_run(clock, args, wall, process_rss) | {
+        "begin_to_end_s": sum(in_step[args.warmup:]), "same_token_ids": clock["same_token_ids"],
+        "setup_seconds": clock["setup_seconds"]}
 
 
-def summarise(variant: Variant, method: str, clock: dict, args, wall: float, process_rss: float) -> dict:
-    """Rates over the timed steps (after the warm-up) from a child's step clock."""
-    w = args.warmup  # step k (1-based) ends at ends[k - 1]; timed steps are w+1 .. N
-    seconds = [b - a for a, b in zip(clock["ends"][w - 1:], clock["ends"][w:])]
-    cpu_seconds = sum(b - a for a, b in zip(clock["cpu"][w - 1:], clock["cpu"][w:]))
-    pairs = timed_pairs(variant, args, args.pair_lengths)
-    if len(pairs) != len(seconds) * args.batch_size:
-        raise RuntimeError(f"{variant.name}: {len(seconds)} timed steps for {len(pairs)} timed pairs")
-    timed_length = float(args.pair_lengths[pairs].mean())
-    total = sum(seconds)
-    pairs_per_s = len(pairs) / total
+def timed_run(clock: dict, args, wall: float, process_rss: float) -> dict:
+    """A child's timed steps (after the warm-up): step k (1-based) ends at ends[k - 1]; timed are w+1 .. N."""
+    w = args.warmup
     return {
+        "seconds": [b - a for a, b in zip(clock["ends"][w - 1:], clock["ends"][w:])],
+        "cpu_seconds": sum(b - a for a, b in zip(clock["cpu"][w - 1:], clock["cpu"][w:])),
+        "peak_rss_mb": clock["rss_mb"][-1], "cuda_peak_mb": clock["cuda_peak_mb"], "losses": clock["losses"],
+        "process_peak_rss_mb": process_rss, "wall_s": wall,
+    }
+
+
+def summarise(variant: Variant, method: str, runs: list[dict], args) -> dict:
+    """A variant's row from its runs (rounds): rates over all their timed steps together, the largest peak memory."""
+    pairs = timed_pairs(variant, args, args.pair_lengths)
+    for run in runs:
+        if len(pairs) != len(run["seconds"]) * args.batch_size:
+            raise RuntimeError(f"{variant.name}: {len(run['seconds'])} timed steps for {len(pairs)} timed pairs")
+    seconds = [s for run in runs for s in run["seconds"]]
+    total = sum(seconds)
+    pairs_per_s = len(pairs) * len(runs) / total
+    timed_length = float(args.pair_lengths[pairs].mean())
+
+    def peak(key: str) -> Optional[float]:
+        return None if runs[0][key] is None else max(run[key] for run in runs)
+
+    return runs[0] | {
         "key": variant.key, "variant": variant.name, "kind": variant.kind, "method": method, "steps": len(seconds),
+        "rounds": len(runs), "round_pairs_per_s": [len(pairs) / sum(run["seconds"]) for run in runs],
         "pairs_per_s": pairs_per_s, "median_step_s": statistics.median(seconds), "timed_seconds": total,
-        "pairs_per_cpu_s": len(pairs) / cpu_seconds, "timed_pair_length": timed_length,
+        "pairs_per_cpu_s": len(pairs) * len(runs) / sum(run["cpu_seconds"] for run in runs),
+        "timed_pair_length": timed_length,
         # The rate at the data set's mean pair length, assuming time grows with real tokens.
         "adjusted_pairs_per_s": pairs_per_s * timed_length / float(args.pair_lengths.mean()),
-        "peak_rss_mb": clock["rss_mb"][-1], "process_peak_rss_mb": process_rss, "cuda_peak_mb": clock["cuda_peak_mb"],
-        "wall_s": wall, "losses": clock["losses"],
+        "peak_rss_mb": peak("peak_rss_mb"), "process_peak_rss_mb": peak("process_peak_rss_mb"),
+        "cuda_peak_mb": peak("cuda_peak_mb"), "wall_s": sum(run["wall_s"] for run in runs),
+        "load_at_start": statistics.mean(run["load_at_start"] for run in runs),
     }
+
+
+def run_all(work: Path, args, env: dict) -> list[dict]:
+    """Every chosen variant for every method; dpokit variants `--rounds` times, later rounds in reverse order."""
+    only = {w.strip() for w in args.only.split(",") if w.strip()}
+    rows = []
+    for method in args.methods:
+        chosen = [v for v in variants(args.trl_precompute) if not only or v.key in only]
+        runs: dict[str, list[dict]] = {v.key: [] for v in chosen}
+        for round_number in range(args.rounds):
+            order = chosen if round_number % 2 == 0 else chosen[::-1]
+            for variant in order:
+                if variant.kind == "trl" and round_number > 0:
+                    continue  # TRL runs once: its gap to dpokit is far above the round-to-round spread
+                measure = measure_trl if variant.kind == "trl" else measure_dpokit
+                load = os.getloadavg()[0]
+                run = measure(work, variant, method, args, env) | {"load_at_start": load}
+                runs[variant.key].append(run)
+                print(f"{method:4} round {round_number + 1} | {variant.name:42} | "
+                      f"{len(run['seconds']) * args.batch_size / sum(run['seconds']):6.2f} pairs/s | "
+                      f"peak RSS {run['peak_rss_mb']:6.0f} MiB | load {load:.1f}", flush=True)
+        rows += [summarise(v, method, runs[v.key], args) for v in chosen]
+    return rows
 
 
 def slug(name: str) -> str:
@@ -537,7 +583,7 @@ def contributions(rows: list[dict], method: str) -> list[str]:
     lines = [f"- the cache instead of a live reference (both padded): {rate(cache) / rate(live):.2f}x pairs/s, "
              f"peak RSS {cache['peak_rss_mb'] - live['peak_rss_mb']:+,.0f} MiB"]
     for key, words in (("group", "group_by_length"), ("packing", "packing"), ("prefix", "prefix_sharing"),
-                       ("best", "all three")):
+                       ("packprefix", "packing + prefix_sharing"), ("best", "all three")):
         r = find(rows, method, key)
         if r is not None:
             lines.append(f"- {words} on top of the cache: {rate(r) / rate(cache):.2f}x pairs/s, "
@@ -576,17 +622,20 @@ def write_report(out: Optional[Path], rows: list[dict], workload: dict, args, co
         f"{args.beta:g}, DPO sigmoid loss, AdamW (torch), cosine schedule, grad-norm clip 1.0, max length 1024, no "
         f"gradient checkpointing, LoRA r 8 / alpha 16 / dropout 0 on all linear layers. {args.warmup} warm-up steps, "
         f"then {args.steps} timed steps ({args.grouped_steps} for the length-grouped variants, whose batches are a "
-        "random draw of very different lengths).",
+        f"random draw of very different lengths); each dpokit variant ran {args.rounds} time(s), later rounds in "
+        "reverse order, and its rates pool the timed steps of all its runs; TRL ran once.",
         "",
         f"Reference pass (`dpokit ref-logps`, once for both methods, batch {args.ref_batch_size}, length-sorted): "
         f"{ref['rows']:,} pairs in {ref['seconds']:.0f} s = **{ref['rows'] / ref['seconds']:.2f} pairs/s** "
         f"({ref['tokens'] / ref['seconds']:,.0f} tokens/s), peak RSS {ref['peak_rss_mb']:,.0f} MiB. "
         f"`dpokit prepare` took {workload['prepare_seconds']:.0f} s (the command, imports included).",
         "",
-        "Columns: *pairs/s* = timed pairs / summed time of the timed steps; *timed pairs: mean tokens* = mean real "
-        "tokens per pair of the batches timed (the ungrouped variants and TRL time the very same batches); "
-        "*pairs/s at mean length* = pairs/s scaled to the data set's mean pair length, the fair rate for the "
-        "length-grouped variants; peak RSS through the last training step.",
+        "Columns: *pairs/s* = timed pairs / summed wall time of the timed steps (interval between consecutive step "
+        "ends); *pairs per CPU-s* = the same over the child's CPU time; *timed pairs: mean tokens* = mean real tokens "
+        "per pair of the batches timed (the ungrouped variants and TRL time the very same batches); *pairs/s at mean "
+        "length* = pairs/s scaled to the data set's mean pair length, the fair rate for the length-grouped variants; "
+        "peak RSS = the child's getrusage peak at its last step end; *load at start* = 1-minute load average when "
+        "the run started (1.0 = this bench alone).",
         "",
     ]
     for method in args.methods:
@@ -597,11 +646,12 @@ def write_report(out: Optional[Path], rows: list[dict], workload: dict, args, co
     for method in args.methods:
         lines += [f"{'Full fine-tuning' if method == 'full' else 'LoRA'}:", ""] + contributions(rows, method) + [""]
     lines += ["## Details per run", "",
-              "| method | variant | timed steps | timed s | wall s (whole process) | peak RSS whole process (MiB) | "
-              "loss step 1 / last |", "|---|---|---:|---:|---:|---:|---|"]
+              "| method | variant | timed steps (all rounds) | pairs/s per round | timed s | wall s (whole processes) | "
+              "peak RSS whole process (MiB) | loss step 1 / last |", "|---|---|---:|---|---:|---:|---:|---|"]
     for r in rows:
-        lines.append(f"| {r['method']} | {r['variant']} | {r['steps']} | {r['timed_seconds']:.1f} | {r['wall_s']:.0f} | "
-                     f"{r['process_peak_rss_mb']:,.0f} | {r['losses'][0]:.4f} / {r['losses'][-1]:.4f} |")
+        per_round = " / ".join(f"{rate:.2f}" for rate in r["round_pairs_per_s"])
+        lines.append(f"| {r['method']} | {r['variant']} | {r['steps']} | {per_round} | {r['timed_seconds']:.1f} | "
+                     f"{r['wall_s']:.0f} | {r['process_peak_rss_mb']:,.0f} | {r['losses'][0]:.4f} / {r['losses'][-1]:.4f} |")
     lines += [""] + trl_checks(rows)
     text = "\n".join(lines) + "\n"
     if out:
@@ -658,13 +708,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pairs", type=int, default=2000, help="pairs in the data set")
     parser.add_argument("--batch-size", type=int, default=4, help="pairs per optimizer step (every variant)")
-    parser.add_argument("--steps", type=int, default=8, help="timed steps per variant")
-    parser.add_argument("--grouped-steps", type=int, default=20, help="timed steps of the length-grouped variants")
+    parser.add_argument("--steps", type=int, default=6, help="timed steps per variant")
+    parser.add_argument("--grouped-steps", type=int, default=15, help="timed steps of the length-grouped variants")
     parser.add_argument("--warmup", type=int, default=2, help="steps run first and left out of the timing")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="runs of each dpokit variant, interleaved (round 2 in reverse order); rates pool all rounds")
     parser.add_argument("--ref-batch-size", type=int, default=16, help="pairs per forward of the reference pass")
     parser.add_argument("--methods", default="full,lora", help="comma-separated: full, lora")
     parser.add_argument("--only", default="",
-                        help="comma-separated variants to run: trl, trl-precompute, live, cache, group, packing, prefix, best")
+                        help="comma-separated variants to run: trl, trl-precompute, live, cache, group, packing, prefix, "
+                             "packprefix, best")
     parser.add_argument("--lr", type=float, default=5e-6)
     parser.add_argument("--beta", type=float, default=0.1)
     parser.add_argument("--threads", type=int, default=1,
@@ -709,19 +762,7 @@ def main() -> None:
         (work / "logs").mkdir(parents=True, exist_ok=True)
         workload = build_workload(work, args.pairs, args.ref_batch_size, env, args.reuse_workload)
         args.pair_lengths = padded_pair_lengths(work / "prepared")
-        only = {w.strip() for w in args.only.split(",") if w.strip()}
-        rows = []
-        for method in args.methods:
-            for variant in variants(args.trl_precompute):
-                if only and variant.key not in only:
-                    continue
-                measure = measure_trl if variant.kind == "trl" else measure_dpokit
-                load = os.getloadavg()[0]
-                row = measure(work, variant, method, args, env) | {"load_at_start": load}
-                rows.append(row)
-                print(f"{method:4} | {variant.name:42} | {row['pairs_per_s']:6.2f} pairs/s | median step "
-                      f"{row['median_step_s']:6.2f} s | peak RSS {row['peak_rss_mb']:6.0f} MiB | load {row['load_at_start']:.1f}",
-                      flush=True)
+        rows = run_all(work, args, env)
     load_end = os.getloadavg()
     print()
     print(write_report(args.out, rows, workload, args, command, load_start, load_end))
