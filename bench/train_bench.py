@@ -63,6 +63,8 @@ from typing import Optional
 
 import numpy as np
 
+from prepare_bench import cpu_model  # bench/ is on sys.path when this script runs
+
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB_SIZE = 32_000
 EOS, PAD = "</s>", "<pad>"
@@ -534,15 +536,6 @@ def versions() -> dict:
 
     return {name: version(name) for name in ("torch", "transformers", "peft", "trl", "dpokit", "datasets")}
 
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def find(rows: list[dict], method: str, key: str) -> Optional[dict]:

@@ -61,9 +61,9 @@ def is_main_process() -> bool:
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
     """The transformer blocks of a (possibly peft-wrapped) causal LM."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    decoder = base.get_decoder() if hasattr(base, "get_decoder") else base.model
-    return list(decoder.layers)
+    from dpokit.logps import decoder_and_head
+
+    return list(decoder_and_head(model)[0].layers)
 
 
 def apply_fsdp(model: nn.Module, cfg, device: torch.device) -> nn.Module:
@@ -82,10 +82,12 @@ def apply_fsdp(model: nn.Module, cfg, device: torch.device) -> nn.Module:
         kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     for layer in decoder_layers(model):
         fully_shard(layer, reshard_after_forward=cfg.reshard_after_forward, **kwargs)
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    from dpokit.logps import decoder_and_head
+
     # dpokit calls the decoder and the head directly (chunked log-probs), so each is its own FSDP unit.
-    fully_shard(base.get_decoder(), reshard_after_forward=cfg.reshard_after_forward, **kwargs)
-    fully_shard(base.get_output_embeddings(), reshard_after_forward=False, **kwargs)
+    decoder, head = decoder_and_head(model)
+    fully_shard(decoder, reshard_after_forward=cfg.reshard_after_forward, **kwargs)
+    fully_shard(head, reshard_after_forward=False, **kwargs)
     fully_shard(model, reshard_after_forward=cfg.reshard_after_forward, **kwargs)
     return model
 

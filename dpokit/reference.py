@@ -28,6 +28,7 @@ from rich.table import Table
 from torch import nn
 
 from dpokit.data.collate import collate_pairs
+from dpokit.data.prepared import pair_token_counts
 from dpokit.data.prepared import PreparedData, load_prepared
 from dpokit.distributed import (
     destroy_distributed,
@@ -101,13 +102,7 @@ class SplitReport:
 
 def pair_lengths(dataset) -> np.ndarray:
     """Padded width of each pair in a prepared split: prompt + the longer completion. ``[N]`` int64."""
-    import pyarrow.compute as pc
-
-    arrow = dataset.with_format("arrow")
-    prompt, chosen, rejected = (
-        pc.list_value_length(arrow[name]).to_numpy(zero_copy_only=False).astype(np.int64)
-        for name in ("prompt_ids", "chosen_ids", "rejected_ids")
-    )
+    prompt, chosen, rejected = pair_token_counts(dataset)
     return prompt + np.maximum(chosen, rejected)
 
 

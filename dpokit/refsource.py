@@ -49,10 +49,7 @@ class CachedReference:
         cached = self.tables[split].select(batch.index)
         device = batch.input_ids.device
         return ChosenRejectedOutputs(
-            chosen_logps=cached.chosen_logps.to(device, torch.float32),
-            rejected_logps=cached.rejected_logps.to(device, torch.float32),
-            chosen_tokens=cached.chosen_tokens.to(device, torch.long),
-            rejected_tokens=cached.rejected_tokens.to(device, torch.long),
+            **{name: getattr(cached, name).to(device) for name in ("chosen_logps", "rejected_logps", "chosen_tokens", "rejected_tokens")}
         )
 
 

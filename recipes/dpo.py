@@ -45,7 +45,7 @@ from dpokit.checkpoint import (
 )
 from dpokit.config import TrainConfig, config_to_dict, config_to_yaml, parse_recipe_args
 from dpokit.data.collate import PairBatch, collate_pairs
-from dpokit.data.prepared import load_prepared
+from dpokit.data.prepared import load_prepared, pair_token_counts
 from dpokit.data.sampler import PairSampler
 from dpokit.distributed import apply_fsdp, destroy_distributed, init_distributed
 from dpokit.errors import DpokitError
@@ -159,11 +159,9 @@ class DPORecipe:
         return CachedReference(cfg.reference.cache, self.data, cfg.model.path, cfg.reference.adapter, splits)
 
     def _pair_lengths(self) -> list[int]:
-        columns = self.train_split.with_format("arrow")
-        lengths = []
-        for name in ("prompt_ids", "chosen_ids", "rejected_ids"):
-            lengths.append(columns[name].combine_chunks().value_lengths().to_numpy())
-        return (lengths[0] * 2 + lengths[1] + lengths[2]).tolist()
+        """Tokens each pair costs in the padded layout (both full sequences), for length grouping."""
+        prompt, chosen, rejected = pair_token_counts(self.train_split)
+        return (prompt * 2 + chosen + rejected).tolist()
 
     def _load_training_state(self, checkpoint: Path) -> None:
         state = load_training_state(checkpoint)

@@ -123,3 +123,13 @@ def write_prepared(out_dir: str | os.PathLike, splits: dict[str, Any], manifest:
         shutil.rmtree(out_dir)
     os.replace(tmp, out_dir)
     return out_dir
+
+
+def pair_token_counts(split) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Token counts ``[N]`` (int64) of each pair's prompt, chosen and rejected, read from Arrow offsets."""
+    import pyarrow.compute as pc
+
+    arrow = split.with_format("arrow")
+    return tuple(
+        pc.list_value_length(arrow[name]).to_numpy(zero_copy_only=False).astype(np.int64) for name in COLUMNS
+    )
