@@ -11,13 +11,15 @@ memory for the logits is ``chunk_size x V`` floats, never ``[2B, T, V]``.
 
 from __future__ import annotations
 
-from typing import Optional
+import sys
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from dpokit.data.collate import PairBatch
+from dpokit.family import decoder_masks, logits_transform
 from dpokit.losses import ChosenRejectedOutputs
 
 DEFAULT_CHUNK_SIZE = 1024
@@ -36,15 +38,27 @@ def decoder_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
     return decoder, head
 
 
-def _chunk_token_logps(head: nn.Module, hidden: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+def output_head(model: nn.Module) -> tuple[nn.Module, Optional[Callable[[Tensor], Tensor]]]:
+    """The output projection and what the family's forward does to its logits (`dpokit.family`)."""
+    _, head = decoder_and_head(model)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return head, logits_transform(base.config)
+
+
+def _chunk_token_logps(
+    head: nn.Module, transform: Optional[Callable[[Tensor], Tensor]], hidden: Tensor, targets: Tensor
+) -> tuple[Tensor, Tensor]:
     """log p(target) and the mean logit for each row of `hidden` [n, H]; float32 throughout."""
     logits = head(hidden).float()  # [n, V]
+    if transform is not None:  # soft-capping, logit scales: the model's own logits
+        logits = transform(logits)
     token_logps = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
     return token_logps, logits.mean(dim=-1)
 
 
 def completion_logps(
-    head: nn.Module, hidden: Tensor, batch: PairBatch, chunk_size: int = DEFAULT_CHUNK_SIZE
+    head: nn.Module, hidden: Tensor, batch: PairBatch, chunk_size: int = DEFAULT_CHUNK_SIZE,
+    transform: Optional[Callable[[Tensor], Tensor]] = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Per-output completion log-probs from final hidden states ``[R, L, H]`` and the batch's targets.
 
@@ -59,9 +73,11 @@ def completion_logps(
     for start in range(0, selected.shape[0], chunk_size):
         stop = start + chunk_size
         if use_checkpoint:
-            lp, ml = checkpoint(_chunk_token_logps, head, selected[start:stop], targets[start:stop], use_reentrant=False)
+            lp, ml = checkpoint(
+                _chunk_token_logps, head, transform, selected[start:stop], targets[start:stop], use_reentrant=False
+            )
         else:
-            lp, ml = _chunk_token_logps(head, selected[start:stop], targets[start:stop])
+            lp, ml = _chunk_token_logps(head, transform, selected[start:stop], targets[start:stop])
         token_logps.append(lp)
         token_mean_logits.append(ml.detach())
     device = hidden.device
@@ -74,33 +90,61 @@ def completion_logps(
     return logps, counts, logit_sums / counts.clamp(min=1)
 
 
-def model_attention_mask(mask: Tensor, decoder: nn.Module) -> Tensor:
-    """The mask as the decoder's attention takes it: SDPA takes a 4-D bool mask as is; eager
-    attention adds the mask to its scores, so it gets the additive float form."""
-    if mask.dim() != 4 or getattr(decoder.config, "_attn_implementation", "sdpa") != "eager":
+def model_attention_mask(batch: PairBatch, decoder: nn.Module):
+    """The batch's mask as the decoder takes it: the padded layout's 2-D padding mask as is (the model
+    builds its own causal and sliding-window masks from it); a packed or prefix-shared layout's
+    structural 4-D mask combined with the family's per-layer attention pattern (`dpokit.family`)."""
+    mask = batch.attention_mask
+    if mask.dim() != 4:
         return mask
-    dtype = decoder.get_input_embeddings().weight.dtype
-    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+    config = decoder.config
+    implementation = getattr(config, "_attn_implementation", None) or "sdpa"
+    return decoder_masks(mask, batch.position_ids, config, implementation, decoder.get_input_embeddings().weight.dtype)
 
 
-def sequence_logps(model: nn.Module, batch: PairBatch, chunk_size: int = DEFAULT_CHUNK_SIZE) -> tuple[Tensor, Tensor, Tensor]:
+def sequence_logps(
+    model: nn.Module, batch: PairBatch, chunk_size: int = DEFAULT_CHUNK_SIZE, router_aux_loss: bool = False
+) -> tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
     """Run `model`'s decoder on the batch's rows (any layout) and return per-output completion log-probs.
 
-    Returns ``(logps [2B], token_counts [2B], mean_logits [2B])`` as in `completion_logps`.
+    Returns ``(logps [2B], token_counts [2B], mean_logits [2B], aux)`` as in `completion_logps`;
+    ``aux`` is the mixture-of-experts load-balancing loss over the batch's real tokens when
+    `router_aux_loss` is set and the model config asks for it (``output_router_logits``), else None.
     """
-    decoder, head = decoder_and_head(model)
+    decoder, _ = decoder_and_head(model)
+    head, transform = output_head(model)
+    with_router = router_aux_loss and bool(getattr(decoder.config, "output_router_logits", False))
+    kwargs = {"output_router_logits": True} if with_router else {}
     outputs = decoder(
         input_ids=batch.input_ids,
-        attention_mask=model_attention_mask(batch.attention_mask, decoder),
+        attention_mask=model_attention_mask(batch, decoder),
         position_ids=batch.position_ids,
         use_cache=False,
+        **kwargs,
     )
-    return completion_logps(head, outputs.last_hidden_state, batch, chunk_size)
+    logps, counts, mean_logits = completion_logps(head, outputs.last_hidden_state, batch, chunk_size, transform)
+    aux = moe_load_balancing_loss(model, outputs.router_logits, batch.token_mask) if with_router else None
+    return logps, counts, mean_logits, aux
 
 
-def concatenated_forward(model: nn.Module, batch: PairBatch, chunk_size: int = DEFAULT_CHUNK_SIZE) -> ChosenRejectedOutputs:
+def moe_load_balancing_loss(model: nn.Module, router_logits, token_mask: Tensor) -> Optional[Tensor]:
+    """The family's own load-balancing loss (Switch Transformer), times the config's coefficient."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    family = sys.modules[type(base).__module__]
+    loss_fn = getattr(family, "load_balancing_loss_func", None)
+    if loss_fn is None or not router_logits:
+        return None
+    config = base.config
+    num_experts = getattr(config, "num_local_experts", None) or getattr(config, "num_experts")
+    loss = loss_fn(tuple(router_logits), num_experts, config.num_experts_per_tok, token_mask)
+    return config.router_aux_loss_coef * loss
+
+
+def concatenated_forward(
+    model: nn.Module, batch: PairBatch, chunk_size: int = DEFAULT_CHUNK_SIZE, router_aux_loss: bool = False
+) -> ChosenRejectedOutputs:
     """One forward over chosen and rejected together (one pass, whatever the layout), split per pair."""
-    logps, counts, mean_logits = sequence_logps(model, batch, chunk_size)
+    logps, counts, mean_logits, aux = sequence_logps(model, batch, chunk_size, router_aux_loss)
     b = batch.num_pairs
     return ChosenRejectedOutputs(
         chosen_logps=logps[:b],
@@ -109,6 +153,7 @@ def concatenated_forward(model: nn.Module, batch: PairBatch, chunk_size: int = D
         rejected_logits=mean_logits[b:],
         chosen_tokens=counts[:b],
         rejected_tokens=counts[b:],
+        router_aux_loss=aux,
     )
 
 
@@ -123,6 +168,8 @@ __all__ = [
     "completion_logps",
     "concatenated_forward",
     "decoder_and_head",
+    "model_attention_mask",
+    "output_head",
     "naive_sequence_logps",
     "sequence_logps",
 ]

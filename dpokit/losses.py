@@ -46,6 +46,7 @@ class ChosenRejectedOutputs:
     rejected_logits: Optional[Tensor] = None
     chosen_tokens: Optional[Tensor] = None
     rejected_tokens: Optional[Tensor] = None
+    router_aux_loss: Optional[Tensor] = None  # scalar: a mixture-of-experts policy's load-balancing term
 
     def average_logps(self) -> tuple[Tensor, Tensor]:
         """Length-normalised log-probs (sum over completion tokens / their count)."""

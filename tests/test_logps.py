@@ -38,7 +38,7 @@ def naive(model):
 def test_chunked_logps_equal_full_logits(model, chunk_size):
     batch = pad_pairs(ROWS, [0, 1, 2], pad_id=0)
     with torch.no_grad():
-        logps, counts, _ = sequence_logps(model, batch, chunk_size)
+        logps, counts, _, _ = sequence_logps(model, batch, chunk_size)
         expected = naive(model)
     assert logps.dtype == torch.float32
     torch.testing.assert_close(logps, expected, atol=1e-5, rtol=0)
@@ -49,7 +49,7 @@ def test_chunked_logps_equal_full_logits(model, chunk_size):
 def test_every_layout_gives_the_padded_logps(model, layout):
     batch = collate_pairs(ROWS, [0, 1, 2], pad_id=0, **LAYOUTS[layout])
     with torch.no_grad():
-        logps, counts, _ = sequence_logps(model, batch, chunk_size=5)
+        logps, counts, _, _ = sequence_logps(model, batch, chunk_size=5)
         expected = naive(model)
     torch.testing.assert_close(logps, expected, atol=1e-4, rtol=0)
     assert counts.tolist() == [4, 6, 2, 2, 3, 7]

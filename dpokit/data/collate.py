@@ -36,6 +36,7 @@ class PairBatch:
     num_tokens: int  # tokens the model computes (padding excluded)
     position_ids: Optional[torch.Tensor] = None  # [R, L]; None: 0..L-1 in every row
     completion_mask: Optional[torch.Tensor] = None  # [R, L] bool, padded layout only
+    token_mask: Optional[torch.Tensor] = None  # [R, L] long, 1 on real tokens (0 on padding)
 
     @property
     def num_pairs(self) -> int:
@@ -78,6 +79,7 @@ def pad_pairs(rows: Sequence[dict], indices: Sequence[int], pad_id: int) -> Pair
         index=torch.tensor(list(indices), dtype=torch.long),
         num_tokens=int(attention_mask.sum()),
         completion_mask=completion_mask,
+        token_mask=attention_mask,
     )
 
 
@@ -187,6 +189,7 @@ def collate_pairs(
         index=torch.tensor(list(indices), dtype=torch.long),
         num_tokens=int((segment_ids >= 0).sum()),
         position_ids=position_ids,
+        token_mask=(segment_ids >= 0).long(),
     )
 
 
