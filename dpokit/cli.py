@@ -100,6 +100,9 @@ def ref_logps(
     adapter: Optional[str] = typer.Option(None, "--adapter", help="A PEFT adapter directory merged into the reference."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a cache made from other data, model or dtype."),
     no_bucket: bool = typer.Option(False, "--no-bucket", help="Batch rows in index order instead of sorted by length."),
+    attn_implementation: str = typer.Option(
+        "auto", "--attn-implementation", help="auto (SDPA where the family supports it, else eager), sdpa or eager; recorded in the cache."
+    ),
 ) -> None:
     """Run the frozen reference once over prepared data and cache its log-probs in HDF5."""
     from dpokit.reference import RefLogpsOptions, run_ref_logps
@@ -108,7 +111,7 @@ def ref_logps(
         RefLogpsOptions(
             prepared=str(prepared), model=model, out=str(out), gpus=gpus, batch_size=batch_size, dtype=dtype,
             splits=[s.strip() for s in splits.split(",") if s.strip()] if splits else None, adapter=adapter,
-            overwrite=overwrite, bucket=not no_bucket,
+            overwrite=overwrite, bucket=not no_bucket, attn_implementation=attn_implementation,
         )
     )
 

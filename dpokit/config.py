@@ -26,10 +26,14 @@ from dpokit.errors import DpokitError
 class ModelConfig:
     path: str = ""  # local directory or hub name of the policy (and of the reference, unless a cache is used)
     tokenizer: Optional[str] = None  # defaults to `path`
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # compute dtype; auto: bf16 on CUDA, fp32 on CPU
+    # Full fine-tuning in a 16-bit dtype: "mixed" keeps fp32 master weights (16-bit compute), "pure"
+    # stores and updates the weights in the 16-bit dtype (half the weight memory; small updates round away).
+    precision: Literal["mixed", "pure"] = "mixed"
     method: Literal["full", "lora", "dora", "qlora", "qdora"] = "lora"
     activation_checkpointing: bool = False
-    attn_implementation: Literal["sdpa", "eager"] = "sdpa"
+    attn_implementation: Literal["auto", "sdpa", "eager"] = "auto"  # auto: SDPA where the family supports it
+    disable_dropout: bool = True  # the policy trains without the config's dropout (as TRL); LoRA dropout stays
 
 
 @dataclass
@@ -57,7 +61,9 @@ class DataConfig:
 class ReferenceConfig:
     source: Literal["cache", "live"] = "cache"
     cache: Optional[str] = None  # ref.h5 written by `dpokit ref-logps`
-    adapter: Optional[str] = None  # a PEFT adapter (e.g. SFT) on model.path that the reference includes
+    # A PEFT adapter (e.g. SFT) on model.path: the reference is base + adapter, and the policy starts
+    # there too (LoRA methods continue training this adapter; full fine-tuning starts from the merge).
+    adapter: Optional[str] = None
 
 
 @dataclass
@@ -94,7 +100,7 @@ class TrainingConfig:
 class DistributedConfig:
     reshard_after_forward: bool = True
     cpu_offload: bool = False
-    mixed_precision: bool = True  # on CUDA: bf16 params, fp32 gradient reduction
+    mixed_precision: bool = True  # FSDP gathers parameters in the compute dtype and reduces gradients in fp32
 
 
 @dataclass

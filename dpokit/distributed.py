@@ -66,20 +66,25 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
     return list(decoder_and_head(model)[0].layers)
 
 
-def apply_fsdp(model: nn.Module, cfg, device: torch.device) -> nn.Module:
+def apply_fsdp(model: nn.Module, cfg, device: torch.device, compute_dtype: torch.dtype = torch.float32) -> nn.Module:
     """FSDP2: shard each decoder layer, the embeddings+norm and the output head, then the root.
 
     Options (``distributed`` config): ``reshard_after_forward`` (free gathered weights after each
     layer's forward: less memory, one more all-gather in backward), ``cpu_offload`` (keep shards and
-    optimizer state in CPU memory) and ``mixed_precision`` (on CUDA: bf16 compute, fp32 reduction).
+    optimizer state in CPU memory) and ``mixed_precision``: parameters kept in their own dtype (fp32
+    master weights for ``model.precision=mixed``) are gathered in `compute_dtype` for the forward and
+    backward, and gradients are reduced in fp32.
     """
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
     kwargs = {}
     if cfg.cpu_offload:
         kwargs["offload_policy"] = CPUOffloadPolicy()
-    if cfg.mixed_precision and device.type == "cuda":
-        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    params_dtype = next(model.parameters()).dtype
+    if cfg.mixed_precision and compute_dtype != torch.float32:
+        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
+    elif params_dtype != compute_dtype:  # fp32 master weights need the cast to the compute dtype
+        raise DpokitError("model.precision=mixed under FSDP needs distributed.mixed_precision=true")
     for layer in decoder_layers(model):
         fully_shard(layer, reshard_after_forward=cfg.reshard_after_forward, **kwargs)
     from dpokit.logps import decoder_and_head

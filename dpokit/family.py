@@ -122,6 +122,26 @@ def logits_transform(config) -> Optional[Callable[[Tensor], Tensor]]:
     return transform
 
 
+def resolve_attn_implementation(model_path: str, requested: str) -> str:
+    """``sdpa`` or ``eager`` for a model directory: `requested`, or for ``auto`` what transformers
+    would choose for the family (SDPA where the model class supports it, eager where it does not)."""
+    if requested not in ATTN_IMPLEMENTATIONS:
+        from dpokit.errors import DpokitError
+
+        raise DpokitError(f"attention implementation {requested!r} is not one of {', '.join(ATTN_IMPLEMENTATIONS)}")
+    if requested != "auto":
+        return requested
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    try:
+        config = AutoConfig.from_pretrained(model_path)
+        model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    except (OSError, KeyError, ValueError):
+        return "sdpa"  # loading will raise the clear error
+    return "sdpa" if getattr(model_class, "_supports_sdpa", False) else "eager"
+
+
 def attn_implementation_of(model) -> str:
     """The attention implementation a loaded model actually uses (``sdpa``, ``eager``, ...)."""
     config = model.config

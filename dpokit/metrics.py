@@ -32,7 +32,8 @@ class PairMetrics:
     """Sums of per-pair values over micro-batches (and, after `all_reduce`, over ranks); `means()` divides."""
 
     def __init__(self, device: torch.device | str = "cpu"):
-        self.sums = torch.zeros(len(PAIR_METRICS) + 2, dtype=torch.float64, device=device)  # + pairs, tokens
+        # PAIR_METRICS, then the MoE load-balancing term (pair-weighted sum, micro-batches with it), pairs, tokens
+        self.sums = torch.zeros(len(PAIR_METRICS) + 4, dtype=torch.float64, device=device)
 
     def add(self, losses, chosen_rewards, rejected_rewards, policy: ChosenRejectedOutputs, num_tokens: int) -> None:
         values = [
@@ -47,7 +48,11 @@ class PairMetrics:
             policy.rejected_logits if policy.rejected_logits is not None else torch.zeros_like(losses),
         ]
         sums = torch.stack([v.detach().double().sum() for v in values])
-        extra = torch.tensor([float(losses.numel()), float(num_tokens)], dtype=torch.float64, device=sums.device)
+        aux = policy.router_aux_loss
+        aux_sum = float(aux.detach()) * losses.numel() if aux is not None else 0.0
+        extra = torch.tensor(
+            [aux_sum, float(aux is not None), float(losses.numel()), float(num_tokens)], dtype=torch.float64, device=sums.device
+        )
         self.sums += torch.cat([sums, extra]).to(self.sums.device)
 
     def all_reduce(self) -> None:
@@ -65,7 +70,10 @@ class PairMetrics:
 
     def means(self) -> dict[str, float]:
         pairs = max(self.num_pairs, 1)
-        return {name: float(self.sums[i]) / pairs for i, name in enumerate(PAIR_METRICS)}
+        means = {name: float(self.sums[i]) / pairs for i, name in enumerate(PAIR_METRICS)}
+        if self.sums[-3] > 0:  # a mixture-of-experts policy's load-balancing term (already times its coefficient)
+            means["router_aux_loss"] = float(self.sums[-4]) / pairs
+        return means
 
 
 class MetricsLogger:

@@ -1,7 +1,11 @@
 """Load causal LMs for the reference and the policy: full, LoRA, DoRA, QLoRA and QDoRA via peft.
 
 The compute device and dtype follow the machine: CUDA with bfloat16 when present, CPU with float32
-otherwise, unless the config names a dtype.
+otherwise, unless the config names a dtype. Full fine-tuning in a 16-bit compute dtype keeps fp32
+master weights by default (``model.precision=mixed``: the forward runs under autocast, or FSDP2
+gathers 16-bit copies); ``precision=pure`` stores the weights in the 16-bit dtype. The policy's
+dropout is off unless ``model.disable_dropout=false``. With ``reference.adapter`` the policy starts
+from that adapter, as the reference does.
 """
 
 from __future__ import annotations
@@ -53,16 +57,20 @@ def load_causal_lm(
     path: str,
     dtype: torch.dtype,
     device: torch.device,
-    attn_implementation: str = "sdpa",
+    attn_implementation: str = "auto",
     quantization_config=None,
 ) -> nn.Module:
-    """`AutoModelForCausalLM.from_pretrained` with dpokit's defaults and a clear error on a bad path."""
+    """`AutoModelForCausalLM.from_pretrained` with dpokit's defaults and a clear error on a bad path.
+
+    ``attn_implementation="auto"`` lets transformers pick the family's default (SDPA where supported,
+    eager otherwise, e.g. Gemma 2); the choice made is ``model.config._attn_implementation``.
+    """
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # dpokit shows its own progress; a weight-loading bar is noise
     _check_model_path(path)
-    kwargs = dict(dtype=dtype, attn_implementation=attn_implementation)
+    kwargs = dict(dtype=dtype, attn_implementation=None if attn_implementation == "auto" else attn_implementation)
     if quantization_config is not None:
         kwargs["quantization_config"] = quantization_config
         kwargs["device_map"] = {"": device}
@@ -70,6 +78,13 @@ def load_causal_lm(
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except OSError as exc:
         raise DpokitError(f"cannot load model {path!r}: {exc}") from None
+    except ValueError as exc:
+        if "attn_implementation" in str(exc) or "attention" in str(exc).lower():
+            raise DpokitError(
+                f"model {path}: attn_implementation={attn_implementation} is not supported for this family ({exc}); "
+                "use auto"
+            ) from None
+        raise
     if quantization_config is None:
         model.to(device)
     return model
@@ -80,19 +95,66 @@ def load_reference(
     dtype: torch.dtype,
     device: torch.device,
     adapter: Optional[str] = None,
-    attn_implementation: str = "sdpa",
+    attn_implementation: str = "auto",
 ) -> nn.Module:
     """A frozen reference model in eval mode; `adapter` (a PEFT directory) is merged in if given."""
     model = load_causal_lm(path, dtype, device, attn_implementation)
     if adapter:
-        from peft import PeftModel
-
-        if not (Path(adapter) / "adapter_config.json").is_file():
-            raise DpokitError(f"adapter {adapter}: no adapter_config.json; give a PEFT adapter directory")
-        model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+        model = merged_adapter(model, adapter)
     model.eval()
     model.requires_grad_(False)
     return model
+
+
+def check_adapter_dir(adapter: str) -> None:
+    if not (Path(adapter) / "adapter_config.json").is_file():
+        raise DpokitError(f"adapter {adapter}: no adapter_config.json; give a PEFT adapter directory")
+
+
+def merged_adapter(model: nn.Module, adapter: str) -> nn.Module:
+    """`model` with the PEFT adapter at `adapter` merged into its weights."""
+    from peft import PeftModel
+
+    check_adapter_dir(adapter)
+    return PeftModel.from_pretrained(model, adapter).merge_and_unload()
+
+
+def disable_dropout(model: nn.Module) -> int:
+    """Set every dropout of `model` to 0 (modules, attention-dropout floats, config); returns how many were on.
+
+    Call it before adding LoRA adapters: their dropout is a LoRA setting and stays.
+    """
+    changed = 0
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            changed += module.p > 0
+            module.p = 0.0
+        for name, value in list(vars(module).items()):
+            if "dropout" in name.lower() and isinstance(value, float) and not isinstance(value, bool):
+                changed += value > 0
+                setattr(module, name, 0.0)
+    config = getattr(model, "config", None)
+    for name, value in (vars(config).items() if config is not None else ()):
+        if ("dropout" in name or "pdrop" in name) and isinstance(value, float):
+            setattr(config, name, 0.0)
+    return int(changed)
+
+
+def training_dtypes(model_cfg, device: torch.device) -> tuple[torch.dtype, torch.dtype]:
+    """``(parameter dtype, compute dtype)`` of the policy (see the module docstring).
+
+    float16 is refused for training: it needs loss scaling, which dpokit does not do; bfloat16 has
+    float32's range and needs none.
+    """
+    compute = resolve_dtype(model_cfg.dtype, device)
+    if compute == torch.float16:
+        raise DpokitError(
+            "model.dtype=float16 is not supported for training (it needs loss scaling); use bfloat16 "
+            "(or float32 on hardware without bf16)"
+        )
+    if model_cfg.method == "full" and model_cfg.precision == "mixed":
+        return torch.float32, compute
+    return compute, compute
 
 
 def quantization_config(compute_dtype: torch.dtype):
@@ -127,24 +189,39 @@ def lora_config(lora, use_dora: bool):
     )
 
 
-def load_policy(model_cfg, lora_cfg, device: torch.device) -> nn.Module:
-    """The trainable policy: a full model, or the base with LoRA/DoRA adapters (4-bit base for q*)."""
-    dtype = resolve_dtype(model_cfg.dtype, device)
+def load_policy(model_cfg, lora_cfg, device: torch.device, adapter: Optional[str] = None) -> nn.Module:
+    """The trainable policy: a full model, or the base with LoRA/DoRA adapters (4-bit base for q*).
+
+    Args:
+        adapter: ``reference.adapter``, the PEFT adapter the reference includes. The policy starts
+            from the same weights: LoRA-family methods continue training that adapter (its own rank,
+            alpha and target modules; ``lora.*`` do not apply), full fine-tuning starts from the
+            base with the adapter merged in.
+    """
+    params_dtype, compute_dtype = training_dtypes(model_cfg, device)
     method = model_cfg.method
-    quant = quantization_config(dtype) if method in QUANTIZED_METHODS else None
-    model = load_causal_lm(model_cfg.path, dtype, device, model_cfg.attn_implementation, quant)
+    quant = quantization_config(compute_dtype) if method in QUANTIZED_METHODS else None
+    model = load_causal_lm(model_cfg.path, params_dtype, device, model_cfg.attn_implementation, quant)
     model.config.use_cache = False
+    if model_cfg.disable_dropout:
+        disable_dropout(model)
     if method == "full":
+        if adapter:
+            model = merged_adapter(model, adapter)
         model.requires_grad_(True)
     else:
         from peft import get_peft_model, prepare_model_for_kbit_training
 
         if quant is not None:
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        use_dora = method in ("dora", "qdora")
         try:
             with warnings.catch_warnings():  # peft calls a transformers API deprecated in v5
                 warnings.simplefilter("ignore", FutureWarning)
-                model = get_peft_model(model, lora_config(lora_cfg, use_dora=method in ("dora", "qdora")))
+                if adapter:
+                    model = continued_adapter(model, adapter, use_dora, method)
+                else:
+                    model = get_peft_model(model, lora_config(lora_cfg, use_dora=use_dora))
         except ValueError as exc:
             raise DpokitError(f"lora.target_modules={lora_cfg.target_modules}: {exc}") from None
     if model_cfg.activation_checkpointing:
@@ -153,6 +230,24 @@ def load_policy(model_cfg, lora_cfg, device: torch.device) -> nn.Module:
             model.enable_input_require_grads()
     model.train()
     return model
+
+
+def continued_adapter(model: nn.Module, adapter: str, use_dora: bool, method: str) -> nn.Module:
+    """`model` with the PEFT adapter at `adapter` loaded trainable (DPO continues the SFT adapter)."""
+    import json
+
+    from peft import PeftModel
+
+    check_adapter_dir(adapter)
+    saved = json.loads((Path(adapter) / "adapter_config.json").read_text())
+    if bool(saved.get("use_dora", False)) != use_dora:
+        kind = "a DoRA" if saved.get("use_dora") else "a LoRA"
+        fitting = "dora" if saved.get("use_dora") else "lora"
+        raise DpokitError(
+            f"reference.adapter {adapter} is {kind} adapter but model.method={method}; the policy continues "
+            f"that adapter, so use model.method={fitting} (or q{fitting} for a 4-bit base)"
+        )
+    return PeftModel.from_pretrained(model, adapter, is_trainable=True)
 
 
 def uses_adapters(method: str) -> bool:

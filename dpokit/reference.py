@@ -43,10 +43,13 @@ from dpokit.distributed import (
     world_size,
 )
 from dpokit.errors import DpokitError
+from dpokit.family import resolve_attn_implementation
+from dpokit.fidelity import Layout, check_layout, check_pairs
 from dpokit.logps import concatenated_forward
 from dpokit.metrics import training_progress
-from dpokit.model import default_device, dtype_name, load_reference, resolve_dtype
+from dpokit.model import check_adapter_dir, default_device, dtype_name, load_reference, resolve_dtype
 from dpokit.refcache import (
+    ATTR_DEFAULTS,
     RefCache,
     RefCacheWriter,
     cache_attrs,
@@ -71,6 +74,7 @@ class RefLogpsOptions:
     adapter: Optional[str] = None
     overwrite: bool = False
     bucket: bool = True  # sort rows by length before batching
+    attn_implementation: str = "auto"  # auto: SDPA where the family supports it, else eager
 
 
 @dataclass
@@ -99,6 +103,11 @@ class SplitReport:
 # ----------------------------------------------------------------------------------------------
 # batches
 
+# The training default layout: each prompt computed once, no padding between sequences; the
+# log-probs equal the padded layout's (tests/test_logps.py, tests/test_families.py), the work is
+# smaller. A family whose attention it cannot express falls back to padded (`dpokit.fidelity`).
+DEFAULT_LAYOUT = Layout(packing=True, prefix_sharing=True)
+
 
 def pair_lengths(dataset) -> np.ndarray:
     """Padded width of each pair in a prepared split: prompt + the longer completion. ``[N]`` int64."""
@@ -122,16 +131,14 @@ def pad_token_id(model: nn.Module) -> int:
     return 0 if pad is None else int(pad)
 
 
-def batch_logps(model: nn.Module, dataset, index: np.ndarray, device: torch.device) -> BatchLogps:
-    """The reference outputs for the examples `index` of a prepared split."""
+def batch_logps(model: nn.Module, dataset, index: np.ndarray, device: torch.device, layout: Layout = DEFAULT_LAYOUT) -> BatchLogps:
+    """The reference outputs for the examples `index` of a prepared split, in `layout`."""
     columns = dataset[index.tolist()]
     rows = [
         {"prompt_ids": prompt, "chosen_ids": chosen, "rejected_ids": rejected}
         for prompt, chosen, rejected in zip(columns["prompt_ids"], columns["chosen_ids"], columns["rejected_ids"])
     ]
-    # The training default layout: each prompt computed once, no padding between sequences; the
-    # log-probs equal the padded layout's (tests/test_logps.py), the work is smaller.
-    batch = collate_pairs(rows, index.tolist(), pad_token_id(model), packing=True, prefix_sharing=True).to(device)
+    batch = collate_pairs(rows, index.tolist(), pad_token_id(model), layout.packing, layout.prefix_sharing).to(device)
     with torch.inference_mode():
         outputs = concatenated_forward(model, batch)
     return BatchLogps(
@@ -180,12 +187,14 @@ def compute_reference_cache(options: RefLogpsOptions) -> list[SplitReport]:
         splits = requested_splits(prepared, options.splits)
         device = default_device()
         dtype = resolve_dtype(options.dtype, device)
-        pending = main_result(pending_rows_of_cache, options, prepared, splits, dtype_name(dtype))
+        attn = resolve_attn_implementation(options.model, options.attn_implementation)
+        pending = main_result(pending_rows_of_cache, options, prepared, splits, dtype_name(dtype), attn)
         if any(len(rows) for rows in pending.values()):
-            model = load_reference(options.model, dtype, device, options.adapter)
+            model = load_reference(options.model, dtype, device, options.adapter, attn)
+            layout = checked_layout(model, prepared.split(splits[0]))
             writer = RefCacheWriter(options.out) if is_main_process() else None
             reports = [
-                compute_split(model, prepared, split, pending[split], options.batch_size, options.bucket, device, writer)
+                compute_split(model, prepared, split, pending[split], options.batch_size, options.bucket, device, writer, layout)
                 for split in splits
             ]
         else:  # a finished cache: nothing to load or compute
@@ -209,14 +218,26 @@ def requested_splits(prepared: PreparedData, splits: Optional[Sequence[str]]) ->
     return list(splits)
 
 
-def pending_rows_of_cache(options: RefLogpsOptions, prepared: PreparedData, splits: list[str], dtype: str) -> dict[str, np.ndarray]:
+def checked_layout(model: nn.Module, dataset) -> Layout:
+    """The default layout, or padded where the family needs it; refuses a family dpokit cannot reproduce."""
+    return check_layout(model, check_pairs(dataset), pad_token_id(model), DEFAULT_LAYOUT, announce=announce)
+
+
+@rank_zero
+def announce(message: str) -> None:
+    Console(stderr=True).print(f"[yellow]note:[/] {message}")
+
+
+def pending_rows_of_cache(
+    options: RefLogpsOptions, prepared: PreparedData, splits: list[str], dtype: str, attn_implementation: str
+) -> dict[str, np.ndarray]:
     """Create the cache (or check the existing one was made from the same inputs); its rows still to compute.
 
     The file holds every split of the prepared data from the start, so a later run with other
     ``--splits`` fills the rest without changing the file's structure.
     """
-    if options.adapter and not (Path(options.adapter) / "adapter_config.json").is_file():
-        raise DpokitError(f"adapter {options.adapter}: no adapter_config.json; give a PEFT adapter directory")
+    if options.adapter:
+        check_adapter_dir(options.adapter)
     attrs = cache_attrs(
         model=model_identity(options.model),
         weights=weights_fingerprint(options.model),
@@ -226,6 +247,7 @@ def pending_rows_of_cache(options: RefLogpsOptions, prepared: PreparedData, spli
         data_fingerprint=prepared.fingerprint,
         tokenizer_fingerprint=prepared.tokenizer_fingerprint,
         dtype=dtype,
+        attn_implementation=attn_implementation,
     )
     rows = {split: len(prepared.split(split)) for split in prepared.splits}
     cache = create_or_resume_cache(options.out, attrs, rows, options.overwrite)
@@ -247,6 +269,7 @@ def compute_split(
     bucket: bool,
     device: torch.device,
     writer: Optional[RefCacheWriter],
+    layout: Layout = DEFAULT_LAYOUT,
 ) -> SplitReport:
     """Compute and (on rank 0) write the `pending` rows of one split; every rank calls this."""
     dataset = prepared.split(split)
@@ -259,7 +282,7 @@ def compute_split(
         task = progress.add_task(f"ref-logps {split}", total=len(pending), rate="", status="")
         for step in range(steps):
             # Every rank joins every gather, with None once its own batches have run out.
-            result = batch_logps(model, dataset, my_batches[step], device) if step < len(my_batches) else None
+            result = batch_logps(model, dataset, my_batches[step], device, layout) if step < len(my_batches) else None
             gathered = gather_to_main(result)
             if writer is None:
                 continue
@@ -346,10 +369,12 @@ def verify_cache(
     if not chosen_rows:
         raise DpokitError(f"{cache_path} has no written rows to verify; run `{cache.rebuild_command()}` first")
     device = default_device()
-    reference = load_reference(model, resolve_dtype(cache.attrs["dtype"], device), device, adapter)
+    attn = cache.attrs.get("attn_implementation") or ATTR_DEFAULTS["attn_implementation"]
+    reference = load_reference(model, resolve_dtype(cache.attrs["dtype"], device), device, adapter, attn)
+    layout = checked_layout(reference, prepared.split(next(iter(chosen_rows))))
     report = VerifyReport()
     for split, rows in chosen_rows.items():
-        compare_split(reference, prepared.split(split), cache, split, rows, batch_size, device, report)
+        compare_split(reference, prepared.split(split), cache, split, rows, batch_size, device, report, layout)
     Console().print(verify_table(report, cache_path, tolerance))
     if report.token_mismatches:
         raise DpokitError(
@@ -381,13 +406,13 @@ def sample_written_rows(cache: RefCache, sample: int, seed: int) -> dict[str, np
 
 def compare_split(
     model: nn.Module, dataset, cache: RefCache, split: str, rows: np.ndarray, batch_size: int, device: torch.device,
-    report: VerifyReport,
+    report: VerifyReport, layout: Layout = DEFAULT_LAYOUT,
 ) -> None:
     """Recompute `rows` of `split` and fold the differences from the cache into `report`."""
     cached = cache.logps(split, require_done=False)
     side_max = {"chosen": 0.0, "rejected": 0.0}
     for index in plan_batches(rows, pair_lengths(dataset), batch_size):
-        live = batch_logps(model, dataset, index, device)
+        live = batch_logps(model, dataset, index, device, layout)
         for side in side_max:
             differences = np.abs(getattr(cached, f"{side}_logps")[index].numpy() - getattr(live, f"{side}_logps"))
             side_max[side] = max(side_max[side], float(differences.max()))

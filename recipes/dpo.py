@@ -17,12 +17,20 @@ Where to change things (after ``dpokit eject recipe``)
     the forward pass  ``concatenated_forward`` in ``train_step()``: one pass over chosen+rejected rows
     the metrics       ``step_metrics()``: add a key there and it goes to metrics.jsonl and TensorBoard
 
+Fidelity (every run, before the first update)
+    layout      the batch layout's log-probs are checked against the model's own ``model(ids).logits``
+                on a few pairs; a family whose attention it cannot express trains padded (said once)
+    step 0      the policy starts as the reference: the first batch's log-probs must equal the
+                cache's within the compute dtype's rounding, or the run stops and lists the causes
+    precision   full fine-tuning in bf16 keeps fp32 master weights (``model.precision=mixed``)
+
 Assumptions: the data was made by ``dpokit prepare``; the cache by ``dpokit ref-logps`` from the same
 data and ``model.path`` (checked, with the command to rebuild it when they differ).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import resource
 import shutil
@@ -49,11 +57,21 @@ from dpokit.data.prepared import load_prepared, pair_token_counts
 from dpokit.data.sampler import PairSampler
 from dpokit.distributed import apply_fsdp, destroy_distributed, init_distributed
 from dpokit.errors import DpokitError
+from dpokit.family import attn_implementation_of
+from dpokit.fidelity import Layout, check_layout, check_pairs, check_step_zero, step_zero_excess
 from dpokit.launch import check_distributed_config
 from dpokit.logps import concatenated_forward
 from dpokit.losses import build_loss, is_reference_free
 from dpokit.metrics import MetricsLogger, PairMetrics, summary_table, training_progress, truncate_metrics
-from dpokit.model import default_device, load_policy, load_reference, resolve_dtype, uses_adapters
+from dpokit.model import (
+    QUANTIZED_METHODS,
+    default_device,
+    dtype_name,
+    load_policy,
+    load_reference,
+    training_dtypes,
+    uses_adapters,
+)
 from dpokit.optim import build_optimizer, build_scheduler
 from dpokit.refsource import CachedReference, LiveReference, check_token_counts
 
@@ -83,14 +101,19 @@ class DPORecipe:
             check_distributed_config(cfg)
         self.loss_fn = build_loss(cfg.loss)
         checkpoint = self._resume_checkpoint()
-        self.policy = load_policy(cfg.model, cfg.lora, self.device)
+        self.params_dtype, self.compute_dtype = training_dtypes(cfg.model, self.device)
+        self.policy = load_policy(cfg.model, cfg.lora, self.device, adapter=cfg.reference.adapter)
         self.tokenizer = self._load_tokenizer()
         self.pad_id = next((t for t in (self.tokenizer.pad_token_id, self.tokenizer.eos_token_id) if t is not None), 0)
         if checkpoint is not None:
             load_model_weights(self.policy, checkpoint, self.adapters)
+        with self.autocast():
+            asked = Layout(cfg.data.packing, cfg.data.prefix_sharing, cfg.data.pack_length)
+            self.layout = check_layout(self.policy, check_pairs(self.train_split), self.pad_id, asked, self.announce, self.compute_dtype)
         self.reference = self._build_reference()
+        self.step_zero_pending = checkpoint is None and self.reference is not None
         if self.dist.world_size > 1:
-            apply_fsdp(self.policy, cfg.distributed, self.device)
+            apply_fsdp(self.policy, cfg.distributed, self.device, self.compute_dtype)
 
         self.sampler = PairSampler(
             num_examples=len(self.train_split),
@@ -118,6 +141,17 @@ class DPORecipe:
         if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(config_to_yaml(cfg))
+
+    def autocast(self):
+        """Mixed precision on one process: fp32 master weights, the forward in the compute dtype.
+        (Under FSDP2 its MixedPrecisionPolicy does this: parameters are gathered in the compute dtype.)"""
+        if self.params_dtype == self.compute_dtype or self.dist.world_size > 1:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.compute_dtype)
+
+    def announce(self, message: str) -> None:
+        if self.dist.is_main:
+            self.console.print(f"[yellow]note:[/] {message}")
 
     def _load_tokenizer(self):
         from transformers import AutoTokenizer
@@ -148,15 +182,26 @@ class DPORecipe:
         if cfg.reference.source == "live":
             if self.adapters and not cfg.reference.adapter:
                 return LiveReference(self.policy, adapters_off=True, chunk_size=cfg.data.logps_chunk_size)
-            dtype = resolve_dtype(cfg.model.dtype, self.device)
-            frozen = load_reference(cfg.model.path, dtype, self.device, cfg.reference.adapter, cfg.model.attn_implementation)
+            frozen = load_reference(
+                cfg.model.path, self.compute_dtype, self.device, cfg.reference.adapter, attn_implementation_of(self.policy)
+            )
             return LiveReference(frozen, adapters_off=False, chunk_size=cfg.data.logps_chunk_size)
         if not cfg.reference.cache:
             raise DpokitError(
                 "no reference: set reference.cache=ref.h5 (build it with `dpokit ref-logps`) or reference.source=live"
             )
         splits = ["train"] + (["eval"] if self.eval_split is not None else [])
-        return CachedReference(cfg.reference.cache, self.data, cfg.model.path, cfg.reference.adapter, splits)
+        cached = CachedReference(cfg.reference.cache, self.data, cfg.model.path, cfg.reference.adapter, splits)
+        for what, theirs, ours in (
+            ("compute dtype", cached.dtype, dtype_name(self.compute_dtype)),
+            ("attention implementation", cached.attn_implementation, attn_implementation_of(self.policy)),
+        ):
+            if theirs != ours:
+                self.announce(
+                    f"the reference cache was computed with {what} {theirs}, this run uses {ours}; the step-0 check "
+                    f"will tell whether the difference matters (rebuild with `{cached.rebuild_command}` to match)"
+                )
+        return cached
 
     def _pair_lengths(self) -> list[int]:
         """Tokens each pair costs in the padded layout (both full sequences), for length grouping."""
@@ -180,17 +225,35 @@ class DPORecipe:
         columns = split[indices]
         rows = [{k: columns[k][i] for k in ("prompt_ids", "chosen_ids", "rejected_ids")} for i in range(len(indices))]
         data = self.cfg.data
-        return collate_pairs(rows, indices, self.pad_id, data.packing, data.prefix_sharing, data.pack_length).to(self.device)
+        layout = self.layout
+        return collate_pairs(rows, indices, self.pad_id, layout.packing, layout.prefix_sharing, layout.pack_length).to(self.device)
 
     def pair_outputs(self, batch: PairBatch, split: str):
         """Policy and reference outputs and the per-pair loss terms for one batch."""
-        policy_out = concatenated_forward(self.policy, batch, self.cfg.data.logps_chunk_size)
+        with self.autocast():
+            training = split == "train"  # a mixture-of-experts policy adds its load-balancing term in training
+            policy_out = concatenated_forward(self.policy, batch, self.cfg.data.logps_chunk_size, router_aux_loss=training)
         reference_out = None
         if self.reference is not None:
             reference_out = self.reference.outputs(batch, split)
             check_token_counts(policy_out, reference_out, split)
+            if self.step_zero_pending and training:
+                self.check_step_zero(policy_out, reference_out)
         losses, chosen_rewards, rejected_rewards = self.loss_fn(policy_out, reference_out)
         return policy_out, losses, chosen_rewards, rejected_rewards
+
+    def check_step_zero(self, policy_out, reference_out) -> None:
+        """The first batch of a fresh run: the policy must start as the reference (`dpokit.fidelity`)."""
+        self.step_zero_pending = False
+        if self.cfg.model.method in QUANTIZED_METHODS:  # a 4-bit base is not the cache's 16-bit reference
+            logps = torch.cat([policy_out.chosen_logps, policy_out.rejected_logps])
+            tokens = torch.cat([policy_out.chosen_tokens, policy_out.rejected_tokens])
+            reference = torch.cat([reference_out.chosen_logps, reference_out.rejected_logps])
+            _, difference = step_zero_excess(logps, reference, tokens, self.compute_dtype)
+            self.announce(f"step 0: the 4-bit policy differs from the reference by up to {difference:.3g} nats per sequence")
+            return
+        described = getattr(self.reference, "description", "a live reference")
+        check_step_zero(policy_out, reference_out, self.compute_dtype, described)
 
     def train_step(self, micro_batches: list[list[int]]) -> PairMetrics:
         """Forward and backward over this rank's micro-batches of one optimizer step."""
@@ -202,7 +265,10 @@ class DPORecipe:
             batch = self.batch(self.train_split, indices)
             policy_out, losses, chosen_rewards, rejected_rewards = self.pair_outputs(batch, "train")
             # Sum over pairs / pairs per rank: FSDP averages gradients over ranks -> mean over the global batch.
-            (losses.sum() / pairs_per_rank).backward()
+            objective = losses.sum() / pairs_per_rank
+            if policy_out.router_aux_loss is not None:  # MoE load balancing, once per micro-batch
+                objective = objective + policy_out.router_aux_loss / len(micro_batches)
+            objective.backward()
             metrics.add(losses, chosen_rewards, rejected_rewards, policy_out, batch.num_tokens)
         return metrics
 

@@ -1,0 +1,191 @@
+"""Checks that dpokit's log-probs are the model's own, before any of them is cached or trained on.
+
+- `check_layout` (start of ``ref-logps``, ``cache verify`` and ``train``): on a few real pairs, the
+  log-probs of dpokit's batch layout must equal those from the model's own ``model(ids).logits``.
+  Sliding windows are shrunk for the check so that short examples exercise them. A packed layout the
+  family's attention cannot take falls back to the padded layout (said once); a family whose logits
+  dpokit cannot reproduce at all is refused.
+- `check_step_zero` (the first training step of a fresh run): the policy is the reference, so every
+  log-prob difference must be zero within the compute dtype's rounding; otherwise the run stops
+  before the first update and lists the likely causes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from dpokit.data.collate import collate_pairs, pad_pairs
+from dpokit.errors import DpokitError
+from dpokit.family import UnsupportedPattern, attention_pattern, shrunk_windows
+from dpokit.logps import naive_sequence_logps, sequence_logps
+
+CHECK_PAIRS = 4  # the shortest of the first CHECK_CANDIDATES pairs
+CHECK_CANDIDATES = 256
+CHECK_WINDOW = 3  # sliding windows are shrunk to this many tokens during the check
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How pairs are laid out in a batch (`dpokit.data.collate`)."""
+
+    packing: bool = False
+    prefix_sharing: bool = False
+    pack_length: Optional[int] = None
+
+    @property
+    def name(self) -> str:
+        parts = [n for n, on in (("packed", self.packing), ("prefix-shared", self.prefix_sharing)) if on]
+        return " + ".join(parts) or "padded"
+
+    @property
+    def is_padded(self) -> bool:
+        return not self.packing and not self.prefix_sharing
+
+
+PADDED = Layout()
+
+
+def tolerance(dtype: torch.dtype, tokens: Tensor) -> Tensor:
+    """Largest |difference| of a sequence's log-prob that rounding explains, for `tokens` completion tokens.
+
+    float32: 1e-3 + 1e-4 per token (observed: about 1e-5 per sequence). bfloat16/float16: 0.5 + 0.05
+    per token (observed on tiny random models: up to 0.05 per token between bf16 weights and fp32
+    master weights under bf16 autocast). A different model, adapter or template moves log-probs by
+    whole nats per sequence.
+    """
+    tokens = tokens.to(torch.float32)
+    if dtype == torch.float32:
+        return 1e-3 + 1e-4 * tokens
+    return 0.5 + 0.05 * tokens
+
+
+def check_pairs(dataset) -> list[dict]:
+    """The pairs the start-up check runs on: the shortest of the split's first rows."""
+    head = dataset[: min(CHECK_CANDIDATES, len(dataset))]
+    rows = [
+        {"prompt_ids": p, "chosen_ids": c, "rejected_ids": r}
+        for p, c, r in zip(head["prompt_ids"], head["chosen_ids"], head["rejected_ids"])
+    ]
+    rows.sort(key=lambda row: len(row["prompt_ids"]) + max(len(row["chosen_ids"]), len(row["rejected_ids"])))
+    return rows[:CHECK_PAIRS]
+
+
+def model_name(model: nn.Module) -> str:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = base.config
+    return f"{getattr(config, 'name_or_path', '') or type(base).__name__} ({config.model_type})"
+
+
+def check_layout(
+    model: nn.Module, rows: Sequence[dict], pad_id: int, layout: Layout, announce=print,
+    dtype: Optional[torch.dtype] = None,
+) -> Layout:
+    """The layout to use for `model`: `layout` if it reproduces ``model(ids).logits``, else the padded one.
+
+    Raises `DpokitError` when even the padded layout differs from the model's own forward (the family
+    does something between its decoder and its logits that dpokit does not reproduce).
+
+    Args:
+        dtype: the compute dtype, for the tolerance (default: the parameters' dtype).
+    """
+    if not rows:
+        return layout
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    dtype = dtype or next(model.parameters()).dtype
+    if not layout.is_padded:
+        try:
+            attention_pattern(base.config)
+        except UnsupportedPattern as exc:
+            announce(f"{model_name(model)}: {exc} cannot be expressed in the {layout.name} layout; using the padded layout")
+            layout = PADDED
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), shrunk_windows(base.config, CHECK_WINDOW):
+            indices = list(range(len(rows)))
+            padded = pad_pairs(rows, indices, pad_id).to(_device(model))
+            expected = naive_sequence_logps(model, padded.input_ids, padded.attention_mask, padded.completion_mask)
+            tokens = padded.completion_mask[:, 1:].sum(-1)
+            padded_logps = sequence_logps(model, padded)[0]
+            _refuse_if_different(model, padded_logps, expected, tokens, dtype)
+            if layout.is_padded:
+                return layout
+            batch = collate_pairs(rows, indices, pad_id, layout.packing, layout.prefix_sharing, layout.pack_length)
+            logps = sequence_logps(model, batch.to(_device(model)))[0]
+            if worst_excess(logps, expected, tokens, dtype)[0] > 0:
+                announce(
+                    f"{model_name(model)}: the {layout.name} layout does not reproduce this family's attention; "
+                    "using the padded layout (same log-probs, more padding)"
+                )
+                return PADDED
+            return layout
+    finally:
+        model.train(was_training)
+
+
+def worst_excess(logps: Tensor, expected: Tensor, tokens: Tensor, dtype: torch.dtype) -> tuple[float, int, float]:
+    """``(largest |Δ| above tolerance, its sequence, that |Δ|)``; the excess is <= 0 when all agree."""
+    difference = (logps.float() - expected.float()).abs()
+    excess = difference - tolerance(dtype, tokens.to(difference.device))
+    worst = int(torch.argmax(excess))
+    return float(excess[worst]), worst, float(difference[worst])
+
+
+def _refuse_if_different(model, logps: Tensor, expected: Tensor, tokens: Tensor, dtype: torch.dtype) -> None:
+    excess, worst, difference = worst_excess(logps, expected, tokens, dtype)
+    if excess > 0:
+        raise DpokitError(
+            f"{model_name(model)}: dpokit's log-probs differ from the model's own forward (model(ids).logits) by "
+            f"{difference:.3g} nats on check sequence {worst}; this family does something dpokit does not "
+            "reproduce (a logits transform or attention pattern it does not know), so it is not supported. "
+            "Supported families are listed in README.md; please report the model type"
+        )
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+STEP_ZERO_CAUSES = (
+    "another base model or other weights than the cache's (model.path vs the cache's reference)",
+    "another adapter (reference.adapter; the policy starts from it)",
+    "another chat template or tokenizer than the prepared data's",
+    "another compute dtype or attention implementation than the cache's ({cache})",
+    "dropout left on in the policy (model.disable_dropout=false)",
+)
+
+
+def step_zero_excess(policy_logps: Tensor, reference_logps: Tensor, tokens: Tensor, dtype: torch.dtype) -> tuple[float, float]:
+    """``(largest |policy - reference| above tolerance, that |Δ|)`` over a batch's sequences."""
+    excess, _, difference = worst_excess(policy_logps.detach(), reference_logps.to(policy_logps.device), tokens, dtype)
+    return excess, difference
+
+
+def check_step_zero(policy, reference, dtype: torch.dtype, cache_description: str) -> None:
+    """Stop before the first update when the policy does not start as the reference.
+
+    `policy` and `reference` are the first micro-batch's `ChosenRejectedOutputs`. Under several
+    processes every rank checks its own batch and the worst is shared, so all ranks stop together.
+    """
+    logps = torch.cat([policy.chosen_logps, policy.rejected_logps])
+    reference_logps = torch.cat([reference.chosen_logps, reference.rejected_logps])
+    tokens = torch.cat([policy.chosen_tokens, policy.rejected_tokens])
+    excess, difference = step_zero_excess(logps, reference_logps, tokens, dtype)
+    shared = torch.tensor([excess, difference], dtype=torch.float32, device=logps.device)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(shared, op=torch.distributed.ReduceOp.MAX)
+    if float(shared[0]) > 0:
+        causes = "; ".join(c.format(cache=cache_description) for c in STEP_ZERO_CAUSES)
+        raise DpokitError(
+            f"step-0 check: the policy does not start as the reference (log-prob difference up to {float(shared[1]):.3g} "
+            f"nats on the first batch, above the {dtype_label(dtype)} tolerance). Likely causes: {causes}. "
+            "Rebuild the cache with the training model and settings (`dpokit ref-logps ... --overwrite`)"
+        )
+
+
+def dtype_label(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
