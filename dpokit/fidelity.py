@@ -115,10 +115,15 @@ def check_layout(
             if layout.is_padded:
                 return layout
             batch = collate_pairs(rows, indices, pad_id, layout.packing, layout.prefix_sharing, layout.pack_length)
-            logps = sequence_logps(model, batch.to(_device(model)))[0]
-            if worst_excess(logps, expected, tokens, dtype)[0] > 0:
+            try:
+                logps = sequence_logps(model, batch.to(_device(model)))[0]
+                reproduced = worst_excess(logps, expected, tokens, dtype)[0] <= 0
+            except Exception as exc:  # e.g. a model that cannot take per-layer masks
+                reproduced, logps = False, exc
+            if not reproduced:
+                why = f" ({type(logps).__name__}: {logps})" if isinstance(logps, Exception) else ""
                 announce(
-                    f"{model_name(model)}: the {layout.name} layout does not reproduce this family's attention; "
+                    f"{model_name(model)}: the {layout.name} layout does not reproduce this family's attention{why}; "
                     "using the padded layout (same log-probs, more padding)"
                 )
                 return PADDED

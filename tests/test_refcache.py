@@ -14,7 +14,6 @@ from safetensors.torch import load_file, save_file
 from dpokit.errors import DpokitError
 from dpokit.refcache import (
     RefCacheWriter,
-    _sample_steps,
     cache_attrs,
     create_or_resume_cache,
     open_cache,
@@ -57,28 +56,46 @@ def test_weights_fingerprint_changes_when_one_weight_element_changes(tiny_model_
     assert weights_fingerprint(changed) != weights_fingerprint(tiny_model_dir)
 
 
-def test_weights_fingerprint_ignores_resaving_and_unrelated_files(tiny_model_dir, tmp_path):
+def test_weights_fingerprint_changes_when_one_element_of_one_matrix_row_changes(tiny_model_dir, tmp_path):
+    edited = tmp_path / "edited"
+    shutil.copytree(tiny_model_dir, edited)
+    tensors = load_file(edited / WEIGHTS)
+    tensors["model.layers.1.mlp.down_proj.weight"][3, 5] += 1e-3
+    save_file(tensors, edited / WEIGHTS, metadata={"format": "pt"})
+    assert weights_fingerprint(edited) != weights_fingerprint(tiny_model_dir)
+
+
+def test_weights_fingerprint_sees_one_element_of_a_large_matrix(tmp_path):
+    # Every byte is hashed: an edit in a row that a strided sample of a 1024 x 1024 matrix would skip
+    # (the old fingerprint read every 16th row) still changes the fingerprint.
+    for name in ("base", "edited"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text('{"model_type": "llama"}')
+    weight = torch.randn(1024, 1024, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    save_file({"w": weight}, tmp_path / "base" / WEIGHTS)
+    edited = weight.clone()
+    edited[3, 5] += 1
+    save_file({"w": edited}, tmp_path / "edited" / WEIGHTS)
+    assert weights_fingerprint(tmp_path / "base") != weights_fingerprint(tmp_path / "edited")
+
+
+def test_weights_fingerprint_ignores_copying_identical_resaving_and_unrelated_files(tiny_model_dir, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(tiny_model_dir, copy)
-    save_file(load_file(copy / WEIGHTS), copy / WEIGHTS, metadata={"format": "pt"})  # same weights, new file
+    assert weights_fingerprint(copy) == weights_fingerprint(tiny_model_dir)
+    # save_file writes the same tensors with the same metadata to the same bytes
+    save_file(load_file(copy / WEIGHTS), copy / WEIGHTS, metadata={"format": "pt"})
     (copy / "README.md").write_text("a model card")
     torch.save({"learning_rate": 1e-5}, copy / "training_args.bin")  # a Trainer checkpoint's, not weights
     assert weights_fingerprint(copy) == weights_fingerprint(tiny_model_dir)
 
 
-def test_weights_fingerprint_samples_large_tensors_and_still_sees_fine_tuning(tmp_path):
-    # A fine-tune changes (nearly) every element; the strided sample must see that, while reading
-    # only a few rows of a big matrix.
-    assert _sample_steps([4096, 14336]) == [512, 1]  # 8 whole rows of 4096
-    assert _sample_steps([64, 64]) == [1, 1]  # small tensors are hashed whole
-    for name in ("base", "tuned"):
-        (tmp_path / name).mkdir()
-        (tmp_path / name / "config.json").write_text('{"model_type": "llama"}')
-    generator = torch.Generator().manual_seed(0)
-    weight = torch.randn(1024, 1024, generator=generator).to(torch.bfloat16)
-    save_file({"w": weight}, tmp_path / "base" / WEIGHTS)
-    save_file({"w": weight + 0.01 * torch.randn(1024, 1024, generator=generator).to(torch.bfloat16)}, tmp_path / "tuned" / WEIGHTS)
-    assert weights_fingerprint(tmp_path / "base") != weights_fingerprint(tmp_path / "tuned")
+def test_weights_fingerprint_changes_when_the_same_weights_are_stored_differently(tiny_model_dir, tmp_path):
+    # The fingerprint is of the files as stored, not of the tensors they decode to.
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_model_dir, copy)
+    save_file(load_file(copy / WEIGHTS), copy / WEIGHTS, metadata={"format": "pt", "note": "re-saved"})
+    assert weights_fingerprint(copy) != weights_fingerprint(tiny_model_dir)
 
 
 def test_weights_fingerprint_of_bin_weights_changes_with_a_weight(tmp_path):

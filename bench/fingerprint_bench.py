@@ -1,0 +1,165 @@
+"""Benchmark: the cost of `weights_fingerprint` (every byte of every weight file hashed) on a ~1 GB checkpoint.
+
+Builds a Llama-style checkpoint of about 1 GB (float32 safetensors, random init, plus its config.json)
+in a temporary directory, then times:
+
+- ``weights_fingerprint`` with the files evicted from the page cache first (``fsync`` then
+  ``posix_fadvise(DONTNEED)``, which needs no root): the read comes from the disk;
+- ``weights_fingerprint`` with the files in the page cache, best of ``--repeats``;
+- only reading the files (no hashing), warm, best of ``--repeats``: what of the time is I/O;
+- the fingerprint it replaced (safetensors headers plus a strided sample of every tensor), warm,
+  reproduced inline for comparison;
+- the reference pass itself (``compute_reference_cache``, what ``dpokit ref-logps`` runs) over
+  ``--pass-pairs`` synthetic pairs on the same checkpoint, to put the hash next to the work it guards.
+
+The temporary directory is deleted at the end. Prints markdown tables.
+
+    python bench/fingerprint_bench.py                  # ~1 GB checkpoint, 3 repeats, a pass over 8 pairs
+    python bench/fingerprint_bench.py --pass-pairs 0   # the hash timings only
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import math
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+from ref_logps_bench import build_model, build_prepared  # bench/ is sys.path[0] when run as a script
+
+
+def evict_from_page_cache(directory: Path) -> None:
+    for path in directory.iterdir():
+        with path.open("rb") as handle:
+            os.fsync(handle.fileno())
+            os.posix_fadvise(handle.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+
+
+def read_only(directory: Path, block: int = 16 << 20) -> int:
+    """Read every weight file through one buffer without hashing; bytes read."""
+    buffer, total = bytearray(block), 0
+    for path in sorted(directory.glob("*.safetensors")):
+        with path.open("rb", buffering=0) as handle:
+            while read := handle.readinto(buffer):
+                total += read
+    return total
+
+
+def old_sampled_fingerprint(directory: Path) -> str:
+    """The fingerprint before issue 10: config, then per tensor its name, dtype, shape and a strided sample."""
+    import torch
+    from safetensors import safe_open
+
+    from dpokit.refcache import CONFIG_FILES, _canonical_config
+
+    def sample_steps(shape: list[int], budget: int = 1 << 16) -> list[int]:
+        steps = []
+        for dim in reversed(shape):
+            take = max(1, min(dim, budget))
+            steps.append(math.ceil(dim / take))
+            budget = max(1, budget // math.ceil(dim / steps[-1]))
+        steps.reverse()
+        if shape and shape[0] > 0:
+            steps[0] = min(steps[0], math.ceil(shape[0] / min(shape[0], 8)))
+        return steps
+
+    digest = hashlib.sha256()
+    for name in CONFIG_FILES:
+        if (directory / name).is_file():
+            digest.update(name.encode())
+            digest.update(_canonical_config(directory / name))
+    for path in sorted(directory.glob("*.safetensors")):
+        digest.update(path.name.encode())
+        with safe_open(str(path), framework="pt") as handle:
+            for name in sorted(handle.keys()):
+                tensor_slice = handle.get_slice(name)
+                shape = list(tensor_slice.get_shape())
+                digest.update(f"{name}|{tensor_slice.get_dtype()}|{shape}".encode())
+                sample = tensor_slice[tuple(slice(None, None, s) for s in sample_steps(shape))]
+                digest.update(sample.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def timed(fn, *args) -> float:
+    start = time.perf_counter()
+    fn(*args)
+    return time.perf_counter() - start
+
+
+def run_pass(workdir: Path, batch_size: int) -> tuple[float, float, int]:
+    """(seconds of the whole call, seconds of the pass as it reports them, tokens) for one ref-logps run."""
+    from dpokit.reference import RefLogpsOptions, compute_reference_cache
+
+    options = RefLogpsOptions(
+        prepared=str(workdir / "prepared"), model=str(workdir / "model"), out=str(workdir / "ref.h5"),
+        batch_size=batch_size, dtype="fp32", overwrite=True,
+    )
+    start = time.perf_counter()
+    (report,) = compute_reference_cache(options)
+    return time.perf_counter() - start, report.seconds, report.tokens
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--hidden", type=int, default=1024)
+    parser.add_argument("--layers", type=int, default=16, help="16 layers of hidden 1024, vocab 32000: ~1.0 GB in float32")
+    parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--pass-pairs", type=int, default=8, help="pairs for the reference pass; 0 skips it")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads for the pass")
+    args = parser.parse_args()
+
+    import torch
+
+    from dpokit.refcache import weights_fingerprint
+
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp)
+        model = workdir / "model"
+        build_model(model, args.vocab, args.hidden, args.layers)
+        files = sorted(model.glob("*.safetensors"))
+        size = sum(p.stat().st_size for p in files)
+
+        evict_from_page_cache(model)
+        cold = timed(weights_fingerprint, model)
+        warm = min(timed(weights_fingerprint, model) for _ in range(args.repeats))
+        read = min(timed(read_only, model) for _ in range(args.repeats))
+        old = min(timed(old_sampled_fingerprint, model) for _ in range(args.repeats))
+
+        print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; "
+              f"checkpoint: {len(files)} safetensors file(s), {size / 1e9:.3f} GB ({size:,} bytes), "
+              f"Llama {args.layers} layers, hidden {args.hidden}, vocab {args.vocab}, float32\n")
+        print("| what | seconds | GB/s |")
+        print("|---|---:|---:|")
+        rows = [
+            ("weights_fingerprint, files evicted from the page cache (1 run)", cold),
+            (f"weights_fingerprint, page cache warm (best of {args.repeats})", warm),
+            (f"read only, no hashing, warm (best of {args.repeats})", read),
+            (f"old sampled fingerprint, warm (best of {args.repeats})", old),
+        ]
+        for name, seconds in rows:
+            print(f"| {name} | {seconds:.3f} | {size / 1e9 / seconds:.2f} |")
+
+        if args.pass_pairs:
+            build_prepared(workdir / "prepared", args.pass_pairs, args.vocab, seed=0)
+            total, pass_seconds, tokens = run_pass(workdir, args.batch_size)
+            print(f"\nreference pass on the same checkpoint ({args.pass_pairs} pairs, {tokens:,} tokens, "
+                  f"batch size {args.batch_size}, {args.threads} torch threads, float32, CPU):\n")
+            print("| what | seconds |")
+            print("|---|---:|")
+            print(f"| ref-logps pass (as it reports it) | {pass_seconds:.1f} |")
+            print(f"| per pair | {pass_seconds / args.pass_pairs:.2f} |")
+            print(f"| whole compute_reference_cache call (load, fingerprint, pass, writes) | {total:.1f} |")
+            print(f"\nwarm fingerprint = {warm / pass_seconds:.1%} of the pass over {args.pass_pairs} pairs, "
+                  f"{warm / (pass_seconds / args.pass_pairs):.2f} pairs' worth of pass time "
+                  f"(cold: {cold / (pass_seconds / args.pass_pairs):.2f})")
+
+
+if __name__ == "__main__":
+    main()
