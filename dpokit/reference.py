@@ -225,7 +225,7 @@ def checked_layout(model: nn.Module, dataset) -> Layout:
 
 @rank_zero
 def announce(message: str) -> None:
-    Console(stderr=True).print(f"[yellow]note:[/] {message}")
+    Console(stderr=True).print(f"[yellow]note:[/] {message}", soft_wrap=True)
 
 
 def pending_rows_of_cache(

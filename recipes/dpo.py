@@ -151,7 +151,7 @@ class DPORecipe:
 
     def announce(self, message: str) -> None:
         if self.dist.is_main:
-            self.console.print(f"[yellow]note:[/] {message}")
+            self.console.print(f"[yellow]note:[/] {message}", soft_wrap=True)
 
     def _load_tokenizer(self):
         from transformers import AutoTokenizer

@@ -43,6 +43,21 @@ def tiny_model_dir(tmp_path_factory, tokenizer_dir) -> Path:
 
 
 @pytest.fixture(scope="session")
+def family_dirs(tmp_path_factory, tokenizer_dir) -> dict[str, Path]:
+    """A tiny random model of every family in tests/families.py (quirks on), with the test tokenizer."""
+    import families
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    root = tmp_path_factory.mktemp("families")
+    dirs = {}
+    for name in families.FAMILIES:
+        dirs[name] = root / name
+        families.build_family_model(name, dirs[name], tokenizer)
+    return dirs
+
+
+@pytest.fixture(scope="session")
 def pairs_jsonl(tmp_path_factory) -> Path:
     """40 plain-format preference pairs (prompt/chosen/rejected strings) as JSONL."""
     path = tmp_path_factory.mktemp("data") / "pairs.jsonl"

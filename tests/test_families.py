@@ -14,7 +14,7 @@ import random
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 
 from dpokit.config import LoraConfig, ModelConfig
 from dpokit.data.collate import collate_pairs, pad_pairs
@@ -44,17 +44,6 @@ def random_rows(n: int = 4, seed: int = 0) -> list[dict]:
 
 
 ROWS = random_rows()
-
-
-@pytest.fixture(scope="session")
-def family_dirs(tmp_path_factory, tokenizer_dir):
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    root = tmp_path_factory.mktemp("families")
-    dirs = {}
-    for name in families.FAMILIES:
-        dirs[name] = root / name
-        families.build_family_model(name, dirs[name], tokenizer)
-    return dirs
 
 
 def own_logps(model) -> torch.Tensor:
