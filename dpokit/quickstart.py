@@ -204,6 +204,18 @@ def trained_steps(run_dir: Path) -> int:
     return max((record["step"] for record in read_metrics(run_dir, "train")), default=0)
 
 
+def step_zero_note(before: dict[str, float]) -> str:
+    """What the step-0 column means, true to its numbers: the policy is the reference, so rewards are
+    0 up to rounding; a pair counts as won when its margin is > 0, so rounding can win a few."""
+    if before["rewards/accuracies"] == 0:
+        return "At step 0 the policy is the reference model: every reward is 0, so no pair is won yet."
+    return (
+        "At step 0 the policy is the reference model: rewards are 0 up to floating-point rounding (mean margin "
+        f"{before['rewards/margins']:.1e}); the {before['rewards/accuracies']:.3f} accuracy counts pairs whose "
+        "margin is rounding noise above 0."
+    )
+
+
 def print_result(result: QuickstartResult, console: Console) -> None:
     """Two tables: eval metrics at step 0 and at the end; greedy replies before and after."""
     console.rule("[bold]what DPO changed")
@@ -214,7 +226,7 @@ def print_result(result: QuickstartResult, console: Console) -> None:
     for key, label in (("rewards/accuracies", "reward accuracy"), ("rewards/margins", "reward margin"), ("loss", "loss")):
         metrics.add_row(label, f"{result.before[key]:.3f}", f"{result.after[key]:.3f}")
     console.print(metrics)
-    console.print("[dim]At step 0 the policy is the reference model: every reward is 0, so no pair is won yet.[/]")
+    console.print(f"[dim]{step_zero_note(result.before)}[/]")
 
     replies = Table(title="greedy replies")
     replies.add_column("prompt", style="bold")

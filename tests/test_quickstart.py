@@ -12,7 +12,7 @@ import pytest
 from rich.console import Console
 
 from dpokit.cli import main
-from dpokit.quickstart import PROMPTS, demo_files, run_quickstart
+from dpokit.quickstart import PROMPTS, demo_files, run_quickstart, step_zero_note
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -24,6 +24,9 @@ def test_a_short_quickstart_lifts_eval_reward_accuracy_from_chance(tmp_path):
     # Step 0: the policy is the reference, so every reward is 0 and no pair is won.
     assert result.before["rewards/margins"] == pytest.approx(0.0, abs=1e-4)
     assert result.before["rewards/accuracies"] <= 0.55
+    # The summary never claims every reward is 0 beside a non-zero step-0 accuracy.
+    assert ("every reward is 0" in output.getvalue()) == (result.before["rewards/accuracies"] == 0)
+    assert ("every reward is 0" in step_zero_note({"rewards/accuracies": 0.4, "rewards/margins": 1e-8})) is False
     assert result.after["rewards/accuracies"] > 0.8
     assert result.after["rewards/margins"] > 0.01
     assert result.after["loss"] < result.before["loss"]
