@@ -58,6 +58,21 @@ def family_dirs(tmp_path_factory, tokenizer_dir) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="session")
+def adapter_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    """An SFT-like LoRA adapter (rank 4) on the tiny model with non-zero weights, so it changes the outputs."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False)
+    out = tmp_path_factory.mktemp("adapter")
+    get_peft_model(model, config).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
 def pairs_jsonl(tmp_path_factory) -> Path:
     """40 plain-format preference pairs (prompt/chosen/rejected strings) as JSONL."""
     path = tmp_path_factory.mktemp("data") / "pairs.jsonl"

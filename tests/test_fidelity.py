@@ -25,19 +25,6 @@ from dpokit.refcache import open_cache
 RECIPE = load_recipe_module(builtin_recipe_path())
 
 
-@pytest.fixture(scope="module")
-def sft_adapter(tiny_model_dir, tmp_path_factory):
-    """An SFT-like LoRA adapter with non-zero weights (rank 4), on the tiny model."""
-    from peft import LoraConfig, get_peft_model
-
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False)
-    out = tmp_path_factory.mktemp("sft_adapter")
-    get_peft_model(model, config).save_pretrained(out)
-    return out
-
-
 def ref_logps(prepared, model, out, *extra) -> None:
     assert main(["ref-logps", str(prepared), "--model", str(model), "--out", str(out), "--batch-size", "8", *extra]) == 0
 
@@ -48,32 +35,32 @@ def train(model, prepared, run, cache, *extra) -> int:
 
 
 @pytest.mark.parametrize("method", ["lora", "full"])
-def test_dpo_on_an_sft_adapter_starts_at_zero_rewards(method, tiny_model_dir, prepared_dir, sft_adapter, tmp_path):
+def test_dpo_on_an_adapter_dir_starts_at_zero_rewards(method, tiny_model_dir, prepared_dir, adapter_dir, tmp_path):
     cache = tmp_path / "ref.h5"
-    ref_logps(prepared_dir, tiny_model_dir, cache, "--adapter", str(sft_adapter))
+    ref_logps(prepared_dir, tiny_model_dir, cache, "--adapter", str(adapter_dir))
     assert train(tiny_model_dir, prepared_dir, tmp_path / "run", cache, "--method", method,
-                 f"reference.adapter={sft_adapter}") == 0
+                 f"reference.adapter={adapter_dir}") == 0
     first = read_metrics(tmp_path / "run", "train")[0]
     assert first["loss"] == pytest.approx(math.log(2), abs=1e-5)
     assert first["rewards/chosen"] == pytest.approx(0.0, abs=1e-5)
     assert first["rewards/rejected"] == pytest.approx(0.0, abs=1e-5)
 
 
-def test_lora_continues_the_sft_adapter(tiny_model_dir, prepared_dir, sft_adapter, tmp_path):
+def test_lora_continues_the_adapter_dir(tiny_model_dir, prepared_dir, adapter_dir, tmp_path):
     import json
 
     cache = tmp_path / "ref.h5"
-    ref_logps(prepared_dir, tiny_model_dir, cache, "--adapter", str(sft_adapter))
-    assert train(tiny_model_dir, prepared_dir, tmp_path / "run", cache, f"reference.adapter={sft_adapter}", "lora.rank=16") == 0
+    ref_logps(prepared_dir, tiny_model_dir, cache, "--adapter", str(adapter_dir))
+    assert train(tiny_model_dir, prepared_dir, tmp_path / "run", cache, f"reference.adapter={adapter_dir}", "lora.rank=16") == 0
     saved = json.loads(next((tmp_path / "run" / "checkpoints").glob("step_*/adapter_config.json")).read_text())
     assert saved["r"] == 4  # the SFT adapter's own rank, not lora.rank
     assert sorted(saved["target_modules"]) == ["down_proj", "q_proj", "v_proj"]
 
 
-def test_a_lora_adapter_is_not_continued_as_dora(tiny_model_dir, prepared_dir, sft_adapter, tmp_path, capsys):
+def test_a_lora_adapter_is_not_continued_as_dora(tiny_model_dir, prepared_dir, adapter_dir, tmp_path, capsys):
     cache = tmp_path / "ref.h5"
-    ref_logps(prepared_dir, tiny_model_dir, cache, "--adapter", str(sft_adapter))
-    assert train(tiny_model_dir, prepared_dir, tmp_path / "run", cache, "--method", "dora", f"reference.adapter={sft_adapter}") == 1
+    ref_logps(prepared_dir, tiny_model_dir, cache, "--adapter", str(adapter_dir))
+    assert train(tiny_model_dir, prepared_dir, tmp_path / "run", cache, "--method", "dora", f"reference.adapter={adapter_dir}") == 1
     assert "use model.method=lora" in capsys.readouterr().err
 
 

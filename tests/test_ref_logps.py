@@ -95,19 +95,6 @@ def built_cache(tiny_model_dir, prepared_dir, tmp_path_factory) -> Path:
     return out
 
 
-@pytest.fixture(scope="module")
-def adapter_dir(tiny_model_dir, tmp_path_factory) -> Path:
-    """A LoRA adapter on the tiny model with non-zero weights (so merging it changes the outputs)."""
-    from peft import LoraConfig, get_peft_model
-
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False)
-    out = tmp_path_factory.mktemp("adapter")
-    get_peft_model(model, config).save_pretrained(out)
-    return out
-
-
 def other_prepared(prepared_dir: Path, out: Path) -> Path:
     """The fixture's prepared data with one completion token changed."""
     prepared = load_prepared(prepared_dir)

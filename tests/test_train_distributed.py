@@ -91,3 +91,18 @@ def test_a_crashing_worker_brings_the_run_down_with_its_error(tmp_path):
     assert result.returncode == 1
     assert "boom on rank 1" in result.stderr
     assert "rank 1" in result.stderr
+
+
+def test_bf16_full_fine_tuning_keeps_fp32_master_weights_on_two_processes(tiny_model_dir, prepared_dir, tmp_path):
+    from safetensors import safe_open
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    bf16 = ("model.dtype=bfloat16", "model.precision=mixed", "training.gradient_accumulation_steps=2")
+    assert main(args_for(tiny_model_dir, prepared_dir, one, "full", "data.batch_size=2", *bf16)) == 0
+    assert main(args_for(tiny_model_dir, prepared_dir, two, "full", "data.batch_size=1", *bf16, "--gpus", "2")) == 0
+    # autocast on one process and FSDP2's bf16 gathering round differently; both compute in bf16.
+    assert losses(two) == pytest.approx(losses(one), abs=2e-3)
+    for run in (one, two):
+        checkpoint = sorted((run / "checkpoints").glob("step_*"))[-1]
+        with safe_open(str(checkpoint / "model.safetensors"), framework="pt") as weights:
+            assert {weights.get_slice(name).get_dtype() for name in weights.keys()} == {"F32"}  # the masters
