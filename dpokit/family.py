@@ -19,8 +19,9 @@ family that does something this module does not know is refused instead of train
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 from torch import Tensor
@@ -148,31 +149,20 @@ def attn_implementation_of(model) -> str:
     return str(getattr(config, "_attn_implementation", None) or "eager")
 
 
-def shrunk_windows(config, window: int):
-    """A context manager that sets ``config.sliding_window`` to at most `window` (restored after).
+@contextlib.contextmanager
+def shrunk_windows(config, window: int) -> Iterator[bool]:
+    """Set ``config.sliding_window`` (and a nested text config's) to at most `window`, restored after.
 
     The start-up check uses it so that short real examples exercise sliding-window masks that would
     otherwise only differ from full attention on sequences longer than the model's real window.
+    Yields whether the model has a window at all.
     """
-    import contextlib
-
-    @contextlib.contextmanager
-    def manager():
-        configs = [c for c in _configs(config) if getattr(c, "sliding_window", None)]
-        saved = [c.sliding_window for c in configs]
-        try:
-            for c in configs:
-                c.sliding_window = min(int(c.sliding_window), window)
-            yield bool(configs)
-        finally:
-            for c, value in zip(configs, saved):
-                c.sliding_window = value
-
-    return manager()
-
-
-def _configs(config):
-    yield config
-    text = getattr(config, "text_config", None)
-    if text is not None and text is not config:
-        yield text
+    configs = [c for c in (config, getattr(config, "text_config", None)) if getattr(c, "sliding_window", None)]
+    saved = [c.sliding_window for c in configs]
+    try:
+        for c in configs:
+            c.sliding_window = min(int(c.sliding_window), window)
+        yield bool(configs)
+    finally:
+        for c, value in zip(configs, saved):
+            c.sliding_window = value
