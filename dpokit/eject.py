@@ -10,12 +10,11 @@ copy runs the same three ways as the original, with the same ``--config`` and ov
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Optional
 
+from dpokit.artifacts import check_replaceable, ejected_header, replace_atomically
 from dpokit.config import resolve_config_path
-from dpokit.errors import DpokitError
 from dpokit.launch import builtin_recipe_path
 
 DEFAULT_RECIPE_DEST = Path("dpo_recipe.py")
@@ -33,13 +32,13 @@ def eject_config(name: str, dest: Optional[Path] = None, force: bool = False) ->
 
 
 def copy_file(source: Path, dest: Path, force: bool) -> Path:
-    """Copy `source` to `dest` (a file, or a folder to put it in); an existing file needs `force`."""
+    """Copy `source` to `dest` (a file, or a folder to put it in) under an ``# Ejected by dpokit`` line.
+
+    That first line is how a later ``--force`` knows the file is an earlier eject: an existing
+    `dest` without it (a file of the user's) is never replaced.
+    """
     if dest.is_dir():
         dest = dest / source.name
-    if dest.exists() and not force:
-        raise DpokitError(f"{dest} already exists; pass --force to overwrite it, or give another destination")
-    if dest.exists() and dest.resolve() == source.resolve():
-        raise DpokitError(f"{dest} is the shipped file itself; give another destination")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(source, dest)
-    return dest
+    check_replaceable(dest, "ejected", force, inputs=(source,), flag="--force", option="destination")
+    content = ejected_header(source).encode() + source.read_bytes()
+    return replace_atomically(dest, "ejected", lambda tmp: tmp.write_bytes(content))

@@ -1,4 +1,9 @@
-"""`dpokit export`: a run's latest checkpoint as a standalone model directory."""
+"""`dpokit export`: a run's latest checkpoint as a standalone model directory.
+
+The export is written to a temporary sibling of ``--out`` and renamed into place
+(`dpokit.artifacts`); an existing ``--out`` is replaced only with ``--overwrite`` and only if an
+earlier export wrote it, and never when it holds the run being exported or the base model.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +13,7 @@ from typing import Optional
 
 import yaml
 
+from dpokit.artifacts import check_replaceable, replace_atomically
 from dpokit.checkpoint import STATE_FILE, export_merged, latest_checkpoint
 from dpokit.errors import DpokitError
 
@@ -22,19 +28,27 @@ def resolve_checkpoint(run_or_checkpoint: Path) -> Path:
     return checkpoint
 
 
-def export_run(run_or_checkpoint: Path, out: Path, merge: bool = True, base_model: Optional[str] = None) -> Path:
+def export_run(
+    run_or_checkpoint: Path,
+    out: Path,
+    merge: bool = True,
+    base_model: Optional[str] = None,
+    overwrite: bool = False,
+) -> Path:
     """Merge a LoRA-family adapter into its base (or copy a full model) into `out`, without training state."""
     checkpoint = resolve_checkpoint(run_or_checkpoint)
     is_adapter = (checkpoint / "adapter_config.json").is_file()
-    if is_adapter and merge:
-        if base_model is None:
-            config_file = checkpoint.parent.parent / "config.yaml"
-            if not config_file.is_file():
-                raise DpokitError(f"cannot tell the base model of {checkpoint}; pass --base-model")
-            base_model = yaml.safe_load(config_file.read_text())["model"]["path"]
-        return export_merged(checkpoint, base_model, out)
-    out = Path(out)
-    if out.exists():
-        shutil.rmtree(out)
-    shutil.copytree(checkpoint, out, ignore=shutil.ignore_patterns(STATE_FILE))
-    return out
+    if is_adapter and merge and base_model is None:
+        config_file = checkpoint.parent.parent / "config.yaml"
+        if not config_file.is_file():
+            raise DpokitError(f"cannot tell the base model of {checkpoint}; pass --base-model")
+        base_model = yaml.safe_load(config_file.read_text())["model"]["path"]
+    check_replaceable(out, "export", overwrite, inputs=(run_or_checkpoint, checkpoint, base_model))
+
+    def write(tmp: Path) -> None:
+        if is_adapter and merge:
+            export_merged(checkpoint, base_model, tmp)
+        else:
+            shutil.copytree(checkpoint, tmp, ignore=shutil.ignore_patterns(STATE_FILE))
+
+    return replace_atomically(out, "export", write)

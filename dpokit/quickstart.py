@@ -27,6 +27,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from dpokit.artifacts import check_replaceable, is_dpokit_artifact, write_marker
 from dpokit.errors import DpokitError
 
 DEMO_CONFIG = "demo_lora"
@@ -111,9 +112,8 @@ def quickstart_pipeline(out: Path, max_steps: Optional[int], overwrite: bool, co
     from dpokit.reference import RefLogpsOptions, run_ref_logps
 
     started = time.perf_counter()
-    if (out / "prepared").exists() and not overwrite:
-        raise DpokitError(f"{out} already has a quickstart run; pass --overwrite to run it again, or another --out")
     demo = demo_files()
+    prepare_out_folder(out, overwrite, demo)
     prepared, cache, run_dir = out / "prepared", out / "ref.h5", out / "run"
 
     console.rule("[bold]1/3  dpokit prepare")
@@ -147,6 +147,21 @@ def quickstart_pipeline(out: Path, max_steps: Optional[int], overwrite: bool, co
     )
     print_result(result, console)
     return result
+
+
+def prepare_out_folder(out: Path, overwrite: bool, demo: DemoFiles) -> None:
+    """Make `out` a marked quickstart folder: new, empty, or (with overwrite) one an earlier quickstart made.
+
+    The marker is what lets a later ``--overwrite`` replace prepared/, ref.h5 and run/ inside it; a
+    folder of the user's is refused before any work.
+    """
+    if is_dpokit_artifact(out, "quickstart"):
+        if not overwrite:
+            raise DpokitError(f"{out} already has a quickstart run; pass --overwrite to run it again, or another --out")
+        return
+    check_replaceable(out, "quickstart", overwrite, inputs=(demo.model, demo.train, demo.eval))
+    out.mkdir(parents=True, exist_ok=True)
+    write_marker(out, "quickstart")
 
 
 def step_zero_eval(overrides: list[str]) -> dict[str, float]:

@@ -1,5 +1,6 @@
-"""`dpokit eject`: the copies match what ships, refuse to overwrite, and an edited recipe runs
-the three ways its docstring promises (dpokit train --recipe, python, torchrun)."""
+"""`dpokit eject`: the copies match what ships (under an ``# Ejected by dpokit`` line), ``--force``
+replaces only an earlier eject, and an edited recipe runs the three ways its docstring promises
+(dpokit train --recipe, python, torchrun)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from dpokit.artifacts import ejected_header
 from dpokit.cli import main
 from dpokit.config import load_config, shipped_config_names, shipped_configs_dir
 from dpokit.launch import builtin_recipe_path
@@ -24,25 +26,46 @@ def subprocess_env() -> dict[str, str]:
     return {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
 
 
+def shipped_with_header(source: Path) -> bytes:
+    """What eject writes: the marker line, then the shipped file byte for byte."""
+    return ejected_header(source).encode() + source.read_bytes()
+
+
 def test_eject_recipe_copies_the_builtin_and_needs_force_to_overwrite(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     assert main(["eject", "recipe"]) == 0
     ejected = tmp_path / "dpo_recipe.py"
-    assert ejected.read_bytes() == builtin_recipe_path().read_bytes()
-    ejected.write_text("# my edits\n")
+    assert ejected.read_bytes() == shipped_with_header(builtin_recipe_path())
+    assert ejected.read_text().startswith("# Ejected by dpokit ")
+    ejected.write_text(ejected.read_text() + "# my edits\n")
     capsys.readouterr()
     assert main(["eject", "recipe"]) == 1
     err = capsys.readouterr().err
-    assert "dpo_recipe.py already exists; pass --force to overwrite it" in err
-    assert ejected.read_text() == "# my edits\n"
+    assert "dpo_recipe.py already exists; pass --force to replace it, or choose another destination" in err
+    assert ejected.read_text().endswith("# my edits\n")
     assert main(["eject", "recipe", "--force"]) == 0
-    assert ejected.read_bytes() == builtin_recipe_path().read_bytes()
+    assert ejected.read_bytes() == shipped_with_header(builtin_recipe_path())
+
+
+def test_eject_force_never_replaces_a_file_dpokit_did_not_eject(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    mine = tmp_path / "dpo_recipe.py"
+    mine.write_text("# my own training script\n")
+    assert main(["eject", "recipe", "--force"]) == 1
+    err = capsys.readouterr().err
+    assert (
+        "refusing to replace dpo_recipe.py: it is not a file written by `dpokit eject` (its first line is not "
+        "'# Ejected by dpokit'); dpokit only replaces what it wrote: choose another destination or remove it yourself"
+    ) in err
+    assert len(err.strip().splitlines()) == 1
+    assert mine.read_text() == "# my own training script\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["dpo_recipe.py"]
 
 
 def test_eject_config_copies_a_shipped_config_that_loads_the_same(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     assert main(["eject", "config", "demo_lora"]) == 0
-    assert (tmp_path / "demo_lora.yaml").read_bytes() == (shipped_configs_dir() / "demo_lora.yaml").read_bytes()
+    assert (tmp_path / "demo_lora.yaml").read_bytes() == shipped_with_header(shipped_configs_dir() / "demo_lora.yaml")
     (tmp_path / "configs").mkdir()
     assert main(["eject", "config", "tiny_lora", "configs"]) == 0  # into a folder: under the shipped name
     assert (tmp_path / "configs" / "tiny_lora.yaml").is_file()
@@ -50,6 +73,7 @@ def test_eject_config_copies_a_shipped_config_that_loads_the_same(tmp_path, monk
     assert load_config(str(tmp_path / "mine.yaml")) == load_config("tiny_lora")
     assert main(["eject", "config", "tiny_lora", str(tmp_path / "mine.yaml")]) == 1
     assert "mine.yaml already exists; pass --force" in capsys.readouterr().err
+    assert main(["eject", "config", "tiny_lora", str(tmp_path / "mine.yaml"), "--force"]) == 0
     assert main(["eject", "config", "nope"]) == 1
     assert "unknown config 'nope'" in capsys.readouterr().err
 
@@ -129,5 +153,5 @@ def test_the_wheel_ships_recipe_configs_and_demo_and_ejects_from_the_installed_p
     )
     where = subprocess.run([sys.executable, "-c", script], cwd=work, env=env, check=True, capture_output=True, text=True)
     assert where.stdout.splitlines()[-2:] == [str(site / "dpokit" / "recipes" / "dpo.py"), str(site / "dpokit" / "demo" / "model")]
-    assert (work / "dpo_recipe.py").read_bytes() == builtin_recipe_path().read_bytes()
-    assert (work / "qwen2_5_0_5b_full.yaml").read_bytes() == (shipped_configs_dir() / "qwen2_5_0_5b_full.yaml").read_bytes()
+    assert (work / "dpo_recipe.py").read_bytes() == shipped_with_header(builtin_recipe_path())
+    assert (work / "qwen2_5_0_5b_full.yaml").read_bytes() == shipped_with_header(shipped_configs_dir() / "qwen2_5_0_5b_full.yaml")

@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
+from dpokit.artifacts import read_marker, write_marker
 from dpokit.cli import main
-from dpokit.quickstart import PROMPTS, demo_files, run_quickstart, step_zero_note
+from dpokit.quickstart import PROMPTS, demo_files, prepare_out_folder, run_quickstart, step_zero_note
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -39,14 +40,40 @@ def test_a_short_quickstart_lifts_eval_reward_accuracy_from_chance(tmp_path):
     printed = output.getvalue()
     assert "reward accuracy" in printed and "step 10" in printed and "greedy replies" in printed
     assert (tmp_path / "qs" / "ref.h5").is_file() and (tmp_path / "qs" / "prepared" / "manifest.json").is_file()
+    assert read_marker(tmp_path / "qs")["kind"] == "quickstart"
+    assert read_marker(tmp_path / "qs" / "prepared")["kind"] == "prepared"
 
 
 def test_quickstart_refuses_a_folder_with_a_run_unless_overwrite(tmp_path, capsys):
     (tmp_path / "qs" / "prepared").mkdir(parents=True)
+    write_marker(tmp_path / "qs", "quickstart")  # as an earlier quickstart left it
     assert main(["quickstart", "--out", str(tmp_path / "qs")]) == 1
     err = capsys.readouterr().err
     assert "already has a quickstart run; pass --overwrite" in err
     assert len(err.strip().splitlines()) == 1
+
+
+def test_quickstart_overwrite_never_replaces_a_folder_it_did_not_make(tmp_path, capsys):
+    out = tmp_path / "qs"
+    (out / "prepared").mkdir(parents=True)
+    (out / "prepared" / "manifest.json").write_text('{"my": "manifest"}')
+    (out / "prepared" / "pairs.jsonl").write_text("{}\n")
+    assert main(["quickstart", "--out", str(out), "--overwrite"]) == 1
+    err = capsys.readouterr().err
+    assert f"refusing to replace {out}: it is not a `dpokit quickstart` folder (no .dpokit-artifact.json marker)" in err
+    assert len(err.strip().splitlines()) == 1
+    assert sorted(p.name for p in (out / "prepared").iterdir()) == ["manifest.json", "pairs.jsonl"]
+    assert [p.name for p in out.iterdir()] == ["prepared"]
+
+
+def test_quickstart_adopts_an_empty_folder_and_reruns_in_its_own(tmp_path):
+    empty, earlier = tmp_path / "empty", tmp_path / "earlier"
+    empty.mkdir()
+    prepare_out_folder(empty, overwrite=False, demo=demo_files())
+    assert read_marker(empty)["kind"] == "quickstart"
+    (earlier / "run").mkdir(parents=True)
+    write_marker(earlier, "quickstart")
+    prepare_out_folder(earlier, overwrite=True, demo=demo_files())  # no error: its prepared/, ref.h5, run/ are replaced
 
 
 def test_the_demo_is_complete_and_under_10_mb():

@@ -1,0 +1,329 @@
+"""dpokit's own outputs: how they are recognised, when one may be replaced, and how it is replaced.
+
+Every command that writes an output (``prepare``, ``ref-logps``, ``train``, ``export``,
+``quickstart``, ``eject``) goes through this module, so that nothing dpokit did not write is ever
+deleted:
+
+- `check_replaceable` runs before any work: an existing target is replaced only when it is
+  recognisably dpokit's own artifact of that kind, the user passed ``--overwrite``/``--force``,
+  and none of the command's inputs lies inside it.
+- `replace_atomically` writes the new artifact to a temporary sibling (``.NAME.tmp-PID``) and
+  renames it into place, so an interrupted command leaves the old artifact or the new one.
+
+How an artifact is recognised (`is_dpokit_artifact`):
+
+- a directory (``prepared``, ``export``, ``quickstart``, ``run``) holds the marker file
+  ``.dpokit-artifact.json`` naming its kind, the dpokit version and the creation time. A
+  ``prepared/`` directory from before the marker is recognised by its ``manifest.json`` (with
+  ``format_version`` and ``data_fingerprint``) when it holds nothing but that and its split folders.
+- a reference cache (``cache``) is an HDF5 file whose root attributes include dpokit's
+  ``format_version`` and ``data_fingerprint``.
+- an ejected recipe or config (``ejected``) starts with the line ``# Ejected by dpokit ...``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Optional
+
+from dpokit import __version__
+from dpokit.errors import DpokitError
+
+MARKER_NAME = ".dpokit-artifact.json"
+EJECTED_PREFIX = "# Ejected by dpokit"
+
+# kind -> what the user calls it, as it reads in "it is not a ..."
+DIRECTORY_KINDS = {
+    "prepared": "`dpokit prepare` output",
+    "export": "`dpokit export` output",
+    "quickstart": "`dpokit quickstart` folder",
+    "run": "dpokit training run directory",
+}
+FILE_KINDS = {
+    "cache": "dpokit reference cache",
+    "ejected": "file written by `dpokit eject`",
+}
+CACHE_ATTRS = ("format_version", "data_fingerprint")  # root attributes every dpokit cache has
+LEGACY_MANIFEST = "manifest.json"
+LEGACY_MANIFEST_KEYS = ("format_version", "data_fingerprint")
+
+
+# ----------------------------------------------------------------------------------------------
+# recognising dpokit's artifacts
+
+
+def write_marker(directory: str | os.PathLike, kind: str) -> Path:
+    """Mark `directory` as dpokit's artifact of `kind` (e.g. a run directory); returns the marker's path."""
+    _check_kind(kind, DIRECTORY_KINDS)
+    marker = Path(directory) / MARKER_NAME
+    record = {
+        "kind": kind,
+        "dpokit_version": __version__,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    tmp = marker.with_name(f"{MARKER_NAME}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    os.replace(tmp, marker)
+    return marker
+
+
+def read_marker(directory: str | os.PathLike) -> Optional[dict]:
+    """The marker record of a dpokit directory artifact, or None if it has none (or an unreadable one)."""
+    try:
+        record = json.loads((Path(directory) / MARKER_NAME).read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def is_dpokit_artifact(path: str | os.PathLike, kind: str) -> bool:
+    """Whether `path` is an artifact of `kind` that dpokit wrote (see the module docstring for how it is told)."""
+    return not_own_reason(Path(path), kind) is None
+
+
+def not_own_reason(path: Path, kind: str) -> Optional[str]:
+    """Why `path` is not dpokit's artifact of `kind` (e.g. "no .dpokit-artifact.json marker"), or None if it is."""
+    if kind in DIRECTORY_KINDS:
+        return _directory_reason(path, kind)
+    _check_kind(kind, FILE_KINDS)
+    if not path.is_file():
+        return "it is not a file"
+    return _cache_reason(path) if kind == "cache" else _ejected_reason(path)
+
+
+def ejected_header(source: Path) -> str:
+    """The first line `dpokit eject` writes above a copied file, by which ``--force`` recognises it later."""
+    return f"{EJECTED_PREFIX} {__version__} from {source.name}; `dpokit eject --force` replaces this file\n"
+
+
+def _check_kind(kind: str, kinds: dict[str, str]) -> None:
+    if kind not in kinds:
+        raise ValueError(f"unknown artifact kind {kind!r}; one of {', '.join([*DIRECTORY_KINDS, *FILE_KINDS])}")
+
+
+def _directory_reason(path: Path, kind: str) -> Optional[str]:
+    if path.is_symlink():
+        return "it is a symbolic link"
+    if not path.is_dir():
+        return "it is not a directory"
+    record = read_marker(path)
+    if record is not None:
+        found = record.get("kind")
+        return None if found == kind else f"its {MARKER_NAME} marker says it is a dpokit {found!r}, not {kind!r}"
+    if kind == "prepared" and _is_legacy_prepared(path):
+        return None
+    return f"no {MARKER_NAME} marker"
+
+
+def _is_legacy_prepared(path: Path) -> bool:
+    """A ``prepared/`` from before the marker: its manifest parses with dpokit's keys and it holds nothing else."""
+    try:
+        manifest = json.loads((path / LEGACY_MANIFEST).read_text())
+    except (OSError, ValueError):
+        return False
+    if not isinstance(manifest, dict) or not all(key in manifest for key in LEGACY_MANIFEST_KEYS):
+        return False
+    splits = manifest.get("splits")
+    if not isinstance(splits, dict):
+        return False
+    return all(
+        child.name == LEGACY_MANIFEST or (child.name in splits and child.is_dir() and not child.is_symlink())
+        for child in path.iterdir()
+    )
+
+
+def _cache_reason(path: Path) -> Optional[str]:
+    import h5py
+
+    if not h5py.is_hdf5(path):
+        return "it is not an HDF5 file"
+    try:
+        with h5py.File(path, "r") as handle:
+            attrs = set(handle.attrs)
+    except OSError:
+        return "it is not a readable HDF5 file"
+    missing = [name for name in CACHE_ATTRS if name not in attrs]
+    return f"its HDF5 root attributes lack {', '.join(missing)}" if missing else None
+
+
+def _ejected_reason(path: Path) -> Optional[str]:
+    with path.open("rb") as handle:
+        first_line = handle.readline(len(EJECTED_PREFIX) + 1)
+    return None if first_line.startswith(EJECTED_PREFIX.encode()) else f"its first line is not {EJECTED_PREFIX!r}"
+
+
+# ----------------------------------------------------------------------------------------------
+# checking a target before the work
+
+
+def check_replaceable(
+    target: str | os.PathLike,
+    kind: str,
+    overwrite: bool,
+    inputs: Iterable[Optional[str | os.PathLike]] = (),
+    flag: str = "--overwrite",
+    option: str = "--out",
+) -> None:
+    """Raise `DpokitError` unless `target` may be written as a `kind` artifact; call it before any work.
+
+    Fine: `target` is absent (or an empty directory). Refused: one of `inputs` (paths the command
+    reads; names that are not local paths are skipped) is `target` or lies inside it; `target` is
+    not dpokit's own artifact of `kind`; `target` is, but `overwrite` (the user's `flag`) is off.
+    `option` is how the messages name the target to the user (``--out``, ``destination``).
+    """
+    target = Path(target)
+    _restore_interrupted_swap(target)
+    if not target.exists() and not target.is_symlink():
+        return
+    for source in inputs:
+        if source is not None and _lies_within(Path(source), target):
+            relation = "is" if Path(source).resolve() == target.resolve() else "contains"
+            raise DpokitError(
+                f"{option} {target} {relation} the input {source}; dpokit never replaces what a command reads: "
+                f"choose another {option}"
+            )
+    if _is_empty_directory(target, kind):
+        return
+    reason = not_own_reason(target, kind)
+    if reason is not None:
+        raise DpokitError(refusal(target, kind, reason, option))
+    if not overwrite:
+        raise DpokitError(f"{target} already exists; pass {flag} to replace it, or choose another {option}")
+
+
+def refusal(target: Path, kind: str, reason: str, option: str = "--out") -> str:
+    """The one-line refusal to replace `target`, which is not dpokit's `kind` artifact for `reason`."""
+    what = {**DIRECTORY_KINDS, **FILE_KINDS}[kind]
+    return (
+        f"refusing to replace {target}: it is not a {what} ({reason}); dpokit only replaces what it wrote: "
+        f"choose another {option} or remove it yourself"
+    )
+
+
+def _lies_within(path: Path, directory: Path) -> bool:
+    if not path.exists():
+        return False
+    path, directory = path.resolve(), directory.resolve()
+    return path == directory or directory in path.parents
+
+
+def _is_empty_directory(path: Path, kind: str) -> bool:
+    """An empty directory where a directory artifact goes: replacing it loses nothing."""
+    return kind in DIRECTORY_KINDS and path.is_dir() and not path.is_symlink() and not any(path.iterdir())
+
+
+# ----------------------------------------------------------------------------------------------
+# replacing
+
+
+def replace_atomically(target: str | os.PathLike, kind: str, write: Callable[[Path], object]) -> Path:
+    """Write a `kind` artifact to `target` through a temporary sibling, so it is never half there.
+
+    `write(tmp)` must create `tmp` (a directory for directory kinds, a file for file kinds); this
+    then marks a directory and renames it into place. A directory swap renames the old artifact to
+    ``.NAME.old-PID``, the new one in, then deletes the old: if the process dies between the two
+    renames, the next `check_replaceable` or `replace_atomically` of that target puts the old one
+    back. If `write` raises, the temporary sibling is removed and the old artifact is untouched.
+    An existing `target` that is not dpokit's own artifact of `kind` is refused here too, whatever
+    the caller checked before.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    _restore_interrupted_swap(target)
+    if (target.exists() or target.is_symlink()) and not _is_empty_directory(target, kind):
+        reason = not_own_reason(target, kind)
+        if reason is not None:
+            raise DpokitError(refusal(target, kind, reason))
+    remove_stale_siblings(target)
+    tmp = temporary_sibling(target, "tmp")
+    try:
+        write(tmp)
+        if kind in DIRECTORY_KINDS:
+            write_marker(tmp, kind)
+            _swap_directory(tmp, target)
+        else:
+            os.replace(tmp, target)
+    except BaseException:
+        _remove(tmp)
+        raise
+    return target
+
+
+def temporary_sibling(target: Path, role: str) -> Path:
+    """``.NAME.{role}-PID`` next to `target`: the only names `remove_stale_siblings` ever deletes."""
+    return target.parent / f".{target.name}.{role}-{os.getpid()}"
+
+
+def remove_stale_siblings(target: Path) -> list[Path]:
+    """Delete the temporary siblings of `target` left by dpokit processes that died; returns what went.
+
+    Only dpokit's own names are touched (``.NAME.tmp-PID``, ``.NAME.old-PID``, and the
+    ``..NAME.tmp-PID.tmp`` that `checkpoint.export_merged` derives from the path it is given), and
+    only when PID is not a live process on this machine, so a concurrent writer keeps its own.
+    """
+    removed = []
+    for sibling, _ in _dead_siblings(target):
+        _remove(sibling)
+        removed.append(sibling)
+    return removed
+
+
+def _dead_siblings(target: Path) -> Iterator[tuple[Path, str]]:
+    """(path, "tmp" or "old") of each temporary sibling of `target` whose writing process is gone."""
+    name = re.escape(target.name)
+    pattern = re.compile(rf"\.{name}\.(?P<role>tmp|old)-(?P<pid>\d+)|\.\.{name}\.tmp-(?P<merged_pid>\d+)\.tmp")
+    for sibling in target.parent.iterdir():
+        match = pattern.fullmatch(sibling.name)
+        if match is None:
+            continue
+        role, pid = ("tmp", match["merged_pid"]) if match["merged_pid"] else (match["role"], match["pid"])
+        if not _pid_alive(int(pid)):
+            yield sibling, role
+
+
+def _swap_directory(new: Path, target: Path) -> None:
+    if not target.exists():
+        os.rename(new, target)
+        return
+    old = temporary_sibling(target, "old")
+    os.rename(target, old)
+    try:
+        os.rename(new, target)
+    except BaseException:
+        os.rename(old, target)
+        raise
+    _remove(old)
+
+
+def _restore_interrupted_swap(target: Path) -> None:
+    """Put back an old artifact that a dead process had renamed away but not yet replaced."""
+    if target.exists() or target.is_symlink() or not target.parent.is_dir():
+        return
+    for sibling, role in _dead_siblings(target):
+        if role == "old":
+            os.rename(sibling, target)
+            return
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False  # this process is not writing that sibling now: a crashed run that had our pid
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists() or path.is_symlink():
+        path.unlink(missing_ok=True)
