@@ -102,9 +102,17 @@ def save_checkpoint(
     tmp = final.parent / f".{final.name}.tmp"
     if tmp.exists():
         shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    save_pretrained(model, tmp, model_state, tokenizer)
-    torch.save({**training_state, "optimizer": optimizer_state, "rng": rng_state()}, tmp / STATE_FILE)
+    try:
+        tmp.mkdir(parents=True)
+        save_pretrained(model, tmp, model_state, tokenizer)
+        torch.save({**training_state, "optimizer": optimizer_state, "rng": rng_state()}, tmp / STATE_FILE)
+    except (OSError, RuntimeError) as exc:  # disk full, quota, permissions (torch.save reports some as RuntimeError)
+        shutil.rmtree(tmp, ignore_errors=True)
+        previous = latest_checkpoint(run_dir)
+        raise DpokitError(
+            f"cannot write checkpoint {final} ({exc}); free space or fix the directory, then resume from "
+            f"{previous or 'the start (no checkpoint yet)'} with --resume"
+        ) from None
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)

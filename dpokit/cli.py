@@ -88,6 +88,12 @@ def prepare(
 # ref-logps and cache
 
 
+def check_gpus(gpus: int) -> None:
+    """Refuse a process count below 1 (which would otherwise silently run one process)."""
+    if gpus < 1:
+        raise DpokitError(f"--gpus must be at least 1, got {gpus} (the processes to launch, one per GPU; 1 runs in this process)")
+
+
 @app.command("ref-logps")
 def ref_logps(
     prepared: Path = typer.Argument(..., help="Prepared data directory (from `dpokit prepare`)."),
@@ -106,6 +112,8 @@ def ref_logps(
 ) -> None:
     """Run the frozen reference once over prepared data and cache its log-probs in HDF5."""
     from dpokit.reference import RefLogpsOptions, run_ref_logps
+
+    check_gpus(gpus)
 
     run_ref_logps(
         RefLogpsOptions(
@@ -149,7 +157,7 @@ def train_overrides(
     data: Optional[str], model: Optional[str], ref_cache: Optional[str], ref: Optional[str], method: Optional[str],
     out: Optional[str], max_steps: Optional[int], epochs: Optional[int], loss: Optional[str], beta: Optional[float],
     gamma: Optional[float], tau: Optional[float], lr: Optional[float], batch_size: Optional[int], resume: bool,
-    overwrite: bool, merge: bool,
+    overwrite: bool, merge: bool, allow_config_change: bool = False,
 ) -> list[str]:
     """Translate `dpokit train` flags into the recipe's dotted overrides.
 
@@ -165,7 +173,8 @@ def train_overrides(
     overrides = [f"{key}={value}" for key, value in pairs if value is not None]
     if ref_cache and ref is None:
         overrides.append("reference.source=cache")
-    overrides += [f"output.{flag}=true" for flag, on in (("resume", resume), ("overwrite", overwrite), ("merge", merge)) if on]
+    flags = (("resume", resume), ("overwrite", overwrite), ("merge", merge), ("allow_config_change", allow_config_change))
+    overrides += [f"output.{flag}=true" for flag, on in flags if on]
     return overrides
 
 
@@ -190,15 +199,20 @@ def train(
     resume: bool = typer.Option(False, "--resume", help="Continue from the run's latest checkpoint."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Start again in a run directory that has a run."),
     merge: bool = typer.Option(False, "--merge", help="Also write a merged full model (LoRA family) at the end."),
+    allow_config_change: bool = typer.Option(
+        False, "--allow-config-change", help="With --resume: continue although data, loss, batch or optimizer settings changed."
+    ),
     recipe: Optional[Path] = typer.Option(None, "--recipe", help="Run this recipe file (e.g. one made by `dpokit eject recipe`)."),
     gpus: int = typer.Option(1, "--gpus", help="Processes to launch (one per GPU; gloo processes on CPU)."),
 ) -> None:
     """Train a policy with a DPO-family loss from prepared data and a reference cache."""
     from dpokit.launch import run_recipe
 
+    check_gpus(gpus)
+
     argv = (["--config", config] if config else []) + train_overrides(
         data, model, ref_cache, ref, method, out, max_steps, epochs, loss, beta, gamma, tau, lr, batch_size,
-        resume, overwrite, merge,
+        resume, overwrite, merge, allow_config_change,
     ) + list(overrides or [])
     run_recipe(recipe, argv, gpus)
 
@@ -223,11 +237,12 @@ def export(
     out: Path = typer.Option(..., "--out", "-o", help="Directory for the exported model."),
     merge: bool = typer.Option(True, "--merge/--no-merge", help="Merge the adapter into the base model."),
     base_model: Optional[str] = typer.Option(None, "--base-model", help="Base model (default: the run's model.path)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier `dpokit export` output (nothing else)."),
 ) -> None:
     """Export a run's latest checkpoint; LoRA-family adapters are merged into a full HF model."""
     from dpokit.export import export_run
 
-    typer.echo(str(export_run(run, out, merge, base_model)))
+    typer.echo(str(export_run(run, out, merge, base_model, overwrite)))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -328,8 +343,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     except DpokitError as exc:
         if debug:
             raise
-        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
-        return 1
+        code = getattr(exc, "exit_code", 1)  # 75: interrupted, with a checkpoint to resume from
+        label = "[bold red]error:[/]" if code == 1 else "[bold yellow]stopped:[/]"
+        err_console.print(f"{label} {exc}", highlight=False, soft_wrap=True)
+        return code
     except EXIT_ERRORS as exc:
         return exc.exit_code
     except ABORT_ERRORS:

@@ -92,6 +92,8 @@ class TrainingConfig:
     eval_every: int = 0  # optimizer steps; 0: evaluate only at the end (if there is an eval split)
     eval_batches: Optional[int] = None  # cap on eval batches; None: the whole split
     save_every: int = 0  # optimizer steps; 0: save only at the end
+    save_every_minutes: float = 0.0  # also save when this much time passed since the last save; 0: off
+    skip_nonfinite: bool = False  # a non-finite loss or gradient norm skips the batch (counted) instead of stopping
     keep_last: int = 2
     log_every: int = 1
 
@@ -109,6 +111,7 @@ class OutputConfig:
     merge: bool = False  # also write a merged full model at the end (LoRA family)
     resume: bool = False
     overwrite: bool = False
+    allow_config_change: bool = False  # --resume may change data, loss, batch or optimizer settings
 
 
 @dataclass
@@ -234,7 +237,94 @@ def build_dataclass(cls: type, data: Any, prefix: str, source: str) -> Any:
                 f"{source}: unknown key {prefix}{key}{hint}; valid keys: {', '.join(prefix + n for n in names)}"
             )
         kwargs[key] = _coerce(hints[key], value, f"{prefix}{key}", source)
+        check_range(f"{prefix}{key}", kwargs[key], source)
     return cls(**kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Ranges of numeric settings
+
+
+@dataclass(frozen=True)
+class Range:
+    """Allowed values ``low (<|<=) value (<|<=) high``; either end may be open-ended (None)."""
+
+    low: Optional[float] = None
+    high: Optional[float] = None
+    low_inclusive: bool = True
+    high_inclusive: bool = False
+
+    def __contains__(self, value: float) -> bool:
+        above = self.low is None or (value >= self.low if self.low_inclusive else value > self.low)
+        below = self.high is None or (value <= self.high if self.high_inclusive else value < self.high)
+        return above and below
+
+    def __str__(self) -> str:
+        if self.high is None:
+            return f"{'>=' if self.low_inclusive else '>'} {self.low:g}"
+        left, right = "[" if self.low_inclusive else "(", "]" if self.high_inclusive else ")"
+        return f"in {left}{self.low:g}, {self.high:g}{right}"
+
+
+AT_LEAST_0 = Range(0)
+AT_LEAST_1 = Range(1)
+ABOVE_0 = Range(0, low_inclusive=False)
+UNIT = Range(0, 1)  # [0, 1)
+
+# Every numeric setting's allowed values. An Optional key also accepts null (its meaning is in the
+# dataclass comment); a list checks each item. Loss parameters are checked by the losses themselves.
+RANGES: dict[str, Range] = {
+    "lora.rank": AT_LEAST_1,
+    "lora.alpha": ABOVE_0,
+    "lora.dropout": UNIT,
+    "data.batch_size": AT_LEAST_1,
+    "data.pack_length": AT_LEAST_1,
+    "data.logps_chunk_size": AT_LEAST_1,
+    "optimizer.lr": ABOVE_0,
+    "optimizer.weight_decay": AT_LEAST_0,
+    "optimizer.betas": UNIT,
+    "optimizer.eps": ABOVE_0,
+    "scheduler.warmup_steps": AT_LEAST_0,
+    "scheduler.min_lr_ratio": Range(0, 1, high_inclusive=True),
+    "training.max_steps": AT_LEAST_1,
+    "training.epochs": AT_LEAST_1,
+    "training.gradient_accumulation_steps": AT_LEAST_1,
+    "training.max_grad_norm": ABOVE_0,
+    "training.eval_every": AT_LEAST_0,
+    "training.eval_batches": AT_LEAST_1,
+    "training.save_every": AT_LEAST_0,
+    "training.save_every_minutes": AT_LEAST_0,
+    "training.keep_last": AT_LEAST_1,
+    "training.log_every": AT_LEAST_1,
+}
+NULL_MEANS = {
+    "data.pack_length": "null for the batch's longest sequence",
+    "training.max_steps": "null to run training.epochs epochs",
+    "training.max_grad_norm": "null for no clipping",
+    "training.eval_batches": "null for the whole split",
+}
+LIST_LENGTHS = {"optimizer.betas": 2}
+
+
+def check_range(key: str, value: Any, source: str) -> None:
+    """Refuse a numeric setting outside `RANGES[key]`, naming the key, the value and what is allowed."""
+    allowed = RANGES.get(key)
+    if allowed is None or value is None:
+        return
+    if isinstance(value, list):
+        if key in LIST_LENGTHS and len(value) != LIST_LENGTHS[key]:
+            raise DpokitError(f"{source}: {key} must have {LIST_LENGTHS[key]} values, got {value!r}")
+        for index, item in enumerate(value):
+            check_range_value(f"{key}[{index}]", item, allowed, source, key)
+        return
+    check_range_value(key, value, allowed, source, key)
+
+
+def check_range_value(name: str, value: Any, allowed: Range, source: str, key: str) -> None:
+    if value in allowed:  # NaN is in no range
+        return
+    alternative = f" (or {NULL_MEANS[key]})" if key in NULL_MEANS else ""
+    raise DpokitError(f"{source}: {name}={value!r} is out of range; it must be {allowed}{alternative}")
 
 
 def _coerce(hint: Any, value: Any, key: str, source: str) -> Any:

@@ -42,12 +42,40 @@ def init_distributed() -> DistInfo:
         return DistInfo()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if not dist.is_initialized():
+        tie_to_launcher()
         if torch.cuda.is_available():
             torch.cuda.set_device(local_rank)
             dist.init_process_group("nccl", device_id=torch.device("cuda", local_rank))
         else:
             dist.init_process_group("gloo")
     return DistInfo(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank)
+
+
+def tie_to_launcher() -> None:
+    """Make this worker stop with its launcher, and take signals only through it.
+
+    - If the launcher (``dpokit --gpus N`` or torchrun) dies, even by ``kill -9``, the worker gets
+      SIGTERM, which a training run answers by checkpointing and exiting (`dpokit.preemption`),
+      instead of running on unsupervised.
+    - The worker leaves the terminal's process group, so one Ctrl-C reaches it once, forwarded by
+      the launcher, rather than twice (directly and forwarded), which would mean "stop at once".
+    """
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            pr_set_pdeathsig = 1
+            libc.prctl(pr_set_pdeathsig, int(signal.SIGTERM), 0, 0, 0)
+        except (OSError, AttributeError):
+            pass
+        if os.getppid() == 1:  # the launcher died before the line above took effect
+            os.kill(os.getpid(), signal.SIGTERM)
+    try:
+        os.setsid()
+    except OSError:  # already a session or group leader
+        pass
 
 
 def destroy_distributed() -> None:
@@ -127,8 +155,11 @@ def launch_workers(
     Each worker gets ``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``, ``MASTER_ADDR`` and ``MASTER_PORT``.
     If any worker fails, the others are stopped and a `DpokitError` carries the first failure.
     """
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    from dpokit.preemption import INTERRUPTED_EXIT_CODE, TrainingInterrupted
 
     if nprocs < 1:
         raise DpokitError(f"the number of workers must be at least 1, got {nprocs}")
@@ -154,10 +185,26 @@ def launch_workers(
             results = elastic_launch(config, target)(*target_args)
     except ChildFailedError as exc:
         failed_rank, failure = exc.get_first_failure()
+        if failure.exitcode == INTERRUPTED_EXIT_CODE:  # the workers checkpointed on a signal and said how to resume
+            raise TrainingInterrupted("the workers stopped on a signal after writing a checkpoint; their message above says how to resume") from None
         raise DpokitError(_worker_failure_message(failed_rank, failure)) from None
+    except SignalException as exc:  # the launcher itself got SIGTERM/SIGINT; it forwarded it to the workers
+        raise TrainingInterrupted(
+            f"{signal_name(exc.sigval)} reached the launcher, which passed it to the workers: they checkpoint and "
+            "stop, and their message above says how to resume"
+        ) from None
     if not callable(entrypoint):
         return []
     return [results[r] for r in sorted(results)]
+
+
+def signal_name(signum) -> str:
+    import signal
+
+    try:
+        return signal.Signals(int(signum)).name
+    except ValueError:
+        return f"signal {signum}"
 
 
 def _worker_failure_message(failed_rank: int, failure) -> str:

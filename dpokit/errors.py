@@ -3,3 +3,5 @@
 
 class DpokitError(Exception):
     """A user-facing error; the CLI prints its message as one red line (traceback with --debug)."""
+
+    exit_code = 1

@@ -29,7 +29,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dpokit.config import ABOVE_0, AT_LEAST_0, Range
 from dpokit.errors import DpokitError
+
+BETA_WHY = "0 learns nothing, and a negative beta prefers the rejected responses"
 
 
 @dataclass
@@ -65,7 +68,7 @@ class PreferenceLoss(nn.Module, abc.ABC):
 
     def __init__(self, sft_weight: float = 0.0):
         super().__init__()
-        self.sft_weight = sft_weight
+        self.sft_weight = check_parameter("sft_weight", sft_weight, AT_LEAST_0)
 
     @abc.abstractmethod
     def pair_losses(
@@ -83,6 +86,16 @@ class PreferenceLoss(nn.Module, abc.ABC):
         return losses, chosen_rewards, rejected_rewards
 
 
+def check_parameter(name: str, value: Any, allowed: Range, why: str = "") -> float:
+    """`value` as a float if it is a number in `allowed`; else an error naming ``loss.<name>`` and `why` it matters."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise DpokitError(f"loss.{name} must be a number, got {value!r}")
+    if value not in allowed:
+        reason = f" ({why})" if why else ""
+        raise DpokitError(f"loss.{name}={value!r} is out of range; it must be {allowed}{reason}")
+    return float(value)
+
+
 def _logratios(policy: ChosenRejectedOutputs, reference: ChosenRejectedOutputs) -> Tensor:
     return (policy.chosen_logps - policy.rejected_logps) - (reference.chosen_logps - reference.rejected_logps)
 
@@ -92,10 +105,8 @@ class DPOLoss(PreferenceLoss):
 
     def __init__(self, beta: float = 0.1, label_smoothing: float = 0.0, sft_weight: float = 0.0):
         super().__init__(sft_weight)
-        if not 0.0 <= label_smoothing < 0.5:
-            raise DpokitError(f"loss.label_smoothing={label_smoothing} must be in [0, 0.5)")
-        self.beta = beta
-        self.label_smoothing = label_smoothing
+        self.beta = check_parameter("beta", beta, ABOVE_0, why=BETA_WHY)
+        self.label_smoothing = check_parameter("label_smoothing", label_smoothing, Range(0, 0.5))
 
     def pair_losses(self, policy, reference):
         logits = _logratios(policy, reference)
@@ -113,7 +124,9 @@ class RSOLoss(PreferenceLoss):
 
     def __init__(self, gamma: float = 0.1, sft_weight: float = 0.0):
         super().__init__(sft_weight)
-        self.gamma = gamma
+        self.gamma = check_parameter(
+            "gamma", gamma, ABOVE_0, why="it scales the margin: 0 gives a constant loss, a negative gamma prefers the rejected responses"
+        )
 
     def pair_losses(self, policy, reference):
         logits = _logratios(policy, reference)
@@ -128,9 +141,7 @@ class IPOLoss(PreferenceLoss):
 
     def __init__(self, tau: float = 0.1, sft_weight: float = 0.0):
         super().__init__(sft_weight)
-        if tau <= 0:
-            raise DpokitError(f"loss.tau={tau} must be > 0")
-        self.tau = tau
+        self.tau = check_parameter("tau", tau, ABOVE_0, why="the target margin is 1/(2*tau)")
 
     def pair_losses(self, policy, reference):
         pi_chosen, pi_rejected = policy.average_logps()
@@ -149,8 +160,8 @@ class SimPOLoss(PreferenceLoss):
 
     def __init__(self, beta: float = 2.0, gamma: float = 0.5, sft_weight: float = 0.0):
         super().__init__(sft_weight)
-        self.beta = beta
-        self.gamma = gamma
+        self.beta = check_parameter("beta", beta, ABOVE_0, why=BETA_WHY)
+        self.gamma = check_parameter("gamma", gamma, AT_LEAST_0, why="it is the target reward margin")
 
     def pair_losses(self, policy, reference):
         pi_chosen, pi_rejected = policy.average_logps()

@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from dpokit.errors import DpokitError
 from dpokit.losses import ChosenRejectedOutputs
 
 METRICS_FILE = "metrics.jsonl"
@@ -112,16 +113,39 @@ class MetricsLogger:
 
 
 def read_metrics(run_dir: str | Path, split: Optional[str] = None) -> list[dict[str, Any]]:
-    """Records of ``metrics.jsonl``, optionally of one split only."""
+    """Records of ``metrics.jsonl``, optionally of one split only.
+
+    A last line without its newline that is not valid JSON is a write cut short (a run killed while
+    logging) and is left out; any other line that is not a record is an error naming the line.
+    """
     path = Path(run_dir) / METRICS_FILE
     if not path.is_file():
         return []
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = path.read_text(errors="replace").split("\n")  # the last item is "" when the file ends in a newline
+    records = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            if number == len(lines):  # torn: a resumed run logs that step again
+                break
+            raise DpokitError(
+                f"{path} line {number}: not valid JSON ({exc.msg} at column {exc.colno}); "
+                "delete that line (or restore the file) and run again"
+            ) from None
+        if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+            raise DpokitError(
+                f"{path} line {number}: not a metrics record (a JSON object with a step); "
+                "delete that line (or restore the file) and run again"
+            )
+        records.append(record)
     return [r for r in records if split is None or r.get("split") == split]
 
 
 def truncate_metrics(run_dir: Path, after_step: int) -> None:
-    """Drop records past `after_step` (a resumed run rewrites the steps after its checkpoint)."""
+    """Drop records past `after_step` (a resumed run rewrites the steps after its checkpoint) and a torn last line."""
     path = Path(run_dir) / METRICS_FILE
     if not path.is_file():
         return

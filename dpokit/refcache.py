@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from dpokit import __version__
+from dpokit.artifacts import check_replaceable, replace_atomically
 from dpokit.errors import DpokitError
 from dpokit.losses import ChosenRejectedOutputs
 
@@ -403,9 +404,11 @@ def create_or_resume_cache(path: str | os.PathLike, attrs: dict[str, Any], rows:
     """The cache at `path` to fill: a new one, or the existing one if it was made from the same inputs.
 
     An existing file made from other data, tokenizer, model or dtype is refused with a message
-    naming what differs, unless `overwrite`.
+    naming what differs, unless `overwrite`. A directory, or a file that is not a reference cache, is
+    refused either way (`check_cache_target`).
     """
     path = Path(path)
+    check_cache_target(path, overwrite)
     if path.exists() and not overwrite:
         existing = open_cache(path)
         # weights and adapter are compared one by one; their combination would only repeat them
@@ -422,24 +425,40 @@ def create_or_resume_cache(path: str | os.PathLike, attrs: dict[str, Any], rows:
     return open_cache(path)
 
 
+def check_cache_target(path: str | os.PathLike, overwrite: bool) -> None:
+    """Refuse, before any work, an ``--out`` that ref-logps must not write.
+
+    A directory is refused (the cache is one file). An existing file must be a reference cache,
+    with or without `overwrite`: without it the file is resumed, with it replaced; anything else is
+    the user's and stays.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise DpokitError(
+            f"--out {path} is a directory; the reference cache is one file: give a file path such as {path / 'ref.h5'}"
+        )
+    if path.exists():
+        check_replaceable(path, "cache", overwrite=True)
+
+
 def _create_cache_file(path: Path, attrs: dict[str, Any], rows: dict[str, int]) -> None:
     """Write an empty cache (every dataset allocated, nothing done) to a temporary file, then rename it."""
     import h5py
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-    with h5py.File(tmp, "w", libver=LIBVER, track_order=True) as handle:
-        for key, value in attrs.items():
-            handle.attrs[key] = value
-        for split, n in rows.items():
-            group = handle.create_group(split)
-            # Writing the initial values (not just a fill value) allocates the storage now, so later
-            # commits only overwrite bytes in place and never change the file's structure.
-            for name, dtype in ROW_DATASETS.items():
-                initial = np.full(n, np.nan, dtype) if dtype == np.float32 else np.zeros(n, dtype)
-                group.create_dataset(name, data=initial, track_times=False)
-            group.create_dataset(DONE, data=np.zeros(n, dtype=bool), track_times=False)
-    os.replace(tmp, path)
+    def write(tmp: Path) -> None:
+        with h5py.File(tmp, "w", libver=LIBVER, track_order=True) as handle:
+            for key, value in attrs.items():
+                handle.attrs[key] = value
+            for split, n in rows.items():
+                group = handle.create_group(split)
+                # Writing the initial values (not just a fill value) allocates the storage now, so later
+                # commits only overwrite bytes in place and never change the file's structure.
+                for name, dtype in ROW_DATASETS.items():
+                    initial = np.full(n, np.nan, dtype) if dtype == np.float32 else np.zeros(n, dtype)
+                    group.create_dataset(name, data=initial, track_times=False)
+                group.create_dataset(DONE, data=np.zeros(n, dtype=bool), track_times=False)
+
+    replace_atomically(path, "cache", write)
 
 
 class RefCacheWriter:
@@ -505,6 +524,7 @@ __all__ = [
     "RefCacheWriter",
     "cache_attrs",
     "cache_info_table",
+    "check_cache_target",
     "combine_fingerprints",
     "create_or_resume_cache",
     "open_cache",

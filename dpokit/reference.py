@@ -45,6 +45,7 @@ from dpokit.distributed import (
 from dpokit.errors import DpokitError
 from dpokit.family import resolve_attn_implementation
 from dpokit.fidelity import Layout, check_layout, check_pairs
+from dpokit.lock import WriterLock
 from dpokit.logps import concatenated_forward
 from dpokit.metrics import training_progress
 from dpokit.model import check_adapter_dir, default_device, dtype_name, load_reference, resolve_dtype
@@ -53,6 +54,7 @@ from dpokit.refcache import (
     RefCache,
     RefCacheWriter,
     cache_attrs,
+    check_cache_target,
     create_or_resume_cache,
     open_cache,
     reference_fingerprint,
@@ -158,6 +160,7 @@ def batch_logps(model: nn.Module, dataset, index: np.ndarray, device: torch.devi
 
 def run_ref_logps(options: RefLogpsOptions) -> Path:
     """Build (or finish) the reference cache, launching ``options.gpus`` workers when asked."""
+    check_cache_target(options.out, options.overwrite)  # before any model is loaded
     if options.gpus > 1 and not launched_by_torchrun():
         check_gpu_count(options.gpus)
         launch_workers(options.gpus, compute_reference_cache, (options,))
@@ -182,7 +185,9 @@ def compute_reference_cache(options: RefLogpsOptions) -> list[SplitReport]:
     """
     started_group = not torch.distributed.is_initialized()
     init_distributed()
+    lock = WriterLock(Path(f"{options.out}.lock"), f"reference cache {options.out}")  # one writer per cache
     try:
+        main_result(lambda: lock.acquire() and None)  # rank 0 holds it; a refusal stops every rank
         prepared = load_prepared(options.prepared)
         splits = requested_splits(prepared, options.splits)
         device = default_device()
@@ -202,6 +207,7 @@ def compute_reference_cache(options: RefLogpsOptions) -> list[SplitReport]:
         print_report(reports, options.out)
         return reports
     finally:
+        lock.release()
         if started_group:
             destroy_distributed()
 

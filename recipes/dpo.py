@@ -24,6 +24,13 @@ Fidelity (every run, before the first update)
                 cache's within the compute dtype's rounding, or the run stops and lists the causes
     precision   full fine-tuning in bf16 keeps fp32 master weights (``model.precision=mixed``)
 
+Reliability
+    signals     SIGTERM / Ctrl-C: finish the step, checkpoint, exit 75 with the resume command
+    divergence  a non-finite loss or gradient norm stops the run before the update (or skips the
+                batch with ``training.skip_nonfinite=true``); non-finite weights are never saved
+    one writer  a lock file in the run directory; ``--resume`` refuses a changed meaning (data, loss,
+                batch, optimizer) unless ``output.allow_config_change=true``
+
 Assumptions: the data was made by ``dpokit prepare``; the cache by ``dpokit ref-logps`` from the same
 data and ``model.path`` (checked, with the command to rebuild it when they differ).
 """
@@ -41,10 +48,11 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
+from dpokit.artifacts import is_dpokit_artifact, write_marker
 from dpokit.checkpoint import (
-    CHECKPOINTS,
     export_merged,
     latest_checkpoint,
+    list_checkpoints,
     load_model_weights,
     load_optimizer_state,
     load_training_state,
@@ -55,11 +63,12 @@ from dpokit.config import TrainConfig, config_to_dict, config_to_yaml, parse_rec
 from dpokit.data.collate import PairBatch, collate_pairs
 from dpokit.data.prepared import load_prepared, pair_token_counts
 from dpokit.data.sampler import PairSampler
-from dpokit.distributed import apply_fsdp, destroy_distributed, init_distributed
+from dpokit.distributed import apply_fsdp, barrier, broadcast_from_main, destroy_distributed, gather_to_main, init_distributed
 from dpokit.errors import DpokitError
 from dpokit.family import attn_implementation_of
 from dpokit.fidelity import Layout, check_layout, check_pairs, check_step_zero, step_zero_excess
 from dpokit.launch import check_distributed_config
+from dpokit.lock import WriterLock
 from dpokit.logps import concatenated_forward
 from dpokit.losses import build_loss, is_reference_free
 from dpokit.metrics import MetricsLogger, PairMetrics, summary_table, training_progress, truncate_metrics
@@ -73,6 +82,8 @@ from dpokit.model import (
     uses_adapters,
 )
 from dpokit.optim import build_optimizer, build_scheduler
+from dpokit.preemption import StopSignals, TrainingInterrupted, any_rank
+from dpokit.run_dir import RUN_LOCK, check_resume_config, is_run_dir
 from dpokit.refsource import CachedReference, LiveReference, check_token_counts
 
 
@@ -100,6 +111,9 @@ class DPORecipe:
         if self.dist.world_size > 1:
             check_distributed_config(cfg)
         self.loss_fn = build_loss(cfg.loss)
+        self.lock = WriterLock(self.run_dir / RUN_LOCK, f"run directory {self.run_dir}", self.announce)
+        if self.dist.is_main:
+            self.lock.acquire()
         checkpoint = self._resume_checkpoint()
         self.params_dtype, self.compute_dtype = training_dtypes(cfg.model, self.device)
         self.policy = load_policy(cfg.model, cfg.lora, self.device, adapter=cfg.reference.adapter)
@@ -135,12 +149,18 @@ class DPORecipe:
         self.optimizer = build_optimizer(self.policy, cfg.optimizer)
         self.scheduler = build_scheduler(self.optimizer, self.total_steps, cfg.scheduler)
         self.step = 0
+        self.skipped_steps = 0
         if checkpoint is not None:
             self._load_training_state(checkpoint)
         self.logger = MetricsLogger(self.run_dir, enabled=self.dist.is_main)
         if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.yaml").write_text(config_to_yaml(cfg))
+            if not is_dpokit_artifact(self.run_dir, "run"):
+                write_marker(self.run_dir, "run")  # `--overwrite` later replaces only what this run wrote
+            self._write_config(checkpoint)
+        self.signals = StopSignals(self.announce)
+        self.last_saved_step = self.step if checkpoint is not None else None
+        self.last_save_time = time.monotonic()
 
     def autocast(self):
         """Mixed precision on one process: fp32 master weights, the forward in the compute dtype.
@@ -159,21 +179,45 @@ class DPORecipe:
         return AutoTokenizer.from_pretrained(self.cfg.model.tokenizer or self.cfg.model.path)
 
     def _resume_checkpoint(self):
+        """The checkpoint to resume from (``--resume``), after checking the run keeps its meaning; or
+        None for a fresh run, clearing an old run's files first when ``--overwrite`` asks for it."""
         out = self.cfg.output
+        has_run = (self.run_dir / "metrics.jsonl").exists()
         if out.resume:
             checkpoint = latest_checkpoint(self.run_dir)
             if checkpoint is None:
-                raise DpokitError(f"output.resume=true but {self.run_dir} has no complete checkpoint to resume from")
+                advice = "it stopped before its first checkpoint: pass --overwrite to start it again" if has_run else "start it without --resume"
+                raise DpokitError(f"output.resume=true but {self.run_dir} has no complete checkpoint to resume from; {advice}")
+            self.resume_state = load_training_state(checkpoint)
+            check_resume_config(self.resume_state, self.cfg, self.dist.world_size, checkpoint, self.announce)
             return checkpoint
-        if (self.run_dir / "metrics.jsonl").exists() and not out.overwrite:
+        others = [p for p in self.run_dir.iterdir() if p.name != RUN_LOCK] if self.run_dir.is_dir() else []
+        if others and not is_run_dir(self.run_dir):
             raise DpokitError(
-                f"run directory {self.run_dir} already has a run; pass --resume to continue it, "
-                "--overwrite to start again, or another --out"
+                f"--out {self.run_dir} is a non-empty directory that is not a dpokit run; dpokit writes runs only into "
+                "a new or empty directory or its own run directory: choose another --out"
             )
-        if out.overwrite and self.dist.is_main:  # a fresh run must not inherit the old one's checkpoints
-            (self.run_dir / "metrics.jsonl").unlink(missing_ok=True)
-            shutil.rmtree(self.run_dir / CHECKPOINTS, ignore_errors=True)
+        if has_run and not out.overwrite:
+            resumable = latest_checkpoint(self.run_dir) is not None
+            raise DpokitError(
+                f"run directory {self.run_dir} already has a run; "
+                + ("pass --resume to continue it, --overwrite to start again, or another --out" if resumable else
+                   "it has no checkpoint to resume from: pass --overwrite to start again, or another --out")
+            )
+        if out.overwrite and self.dist.is_main:  # a fresh run must not inherit the old one's files (dpokit's only)
+            for name in ("metrics.jsonl", "config.yaml"):
+                (self.run_dir / name).unlink(missing_ok=True)
+            for _, old in list_checkpoints(self.run_dir):
+                shutil.rmtree(old)
         return None
+
+    def _write_config(self, checkpoint) -> None:
+        """``config.yaml`` describes the run; a resumed run with allowed changes keeps the old one beside it."""
+        path = self.run_dir / "config.yaml"
+        text = config_to_yaml(self.cfg)
+        if checkpoint is not None and path.is_file() and path.read_text() != text:
+            path.replace(self.run_dir / f"config.step_{self.step:07d}.yaml")
+        path.write_text(text)
 
     def _build_reference(self):
         cfg = self.cfg
@@ -209,8 +253,9 @@ class DPORecipe:
         return (prompt * 2 + chosen + rejected).tolist()
 
     def _load_training_state(self, checkpoint: Path) -> None:
-        state = load_training_state(checkpoint)
+        state = self.resume_state
         self.step = int(state["step"])
+        self.skipped_steps = int(state.get("skipped_steps", 0))
         self.sampler.load_state_dict(state["sampler"])
         self.scheduler.load_state_dict(state["scheduler"])
         load_optimizer_state(self.policy, self.optimizer, state["optimizer"])
@@ -258,6 +303,7 @@ class DPORecipe:
     def train_step(self, micro_batches: list[list[int]]) -> PairMetrics:
         """Forward and backward over this rank's micro-batches of one optimizer step."""
         metrics = PairMetrics(self.device)
+        self.step_losses: list[tuple[torch.Tensor, torch.Tensor]] = []  # for naming the pairs of a non-finite loss
         pairs_per_rank = self.cfg.data.batch_size * len(micro_batches)
         for micro_step, indices in enumerate(micro_batches):
             if hasattr(self.policy, "set_requires_gradient_sync"):  # FSDP: reduce gradients once per step
@@ -270,18 +316,45 @@ class DPORecipe:
                 objective = objective + policy_out.router_aux_loss / len(micro_batches)
             objective.backward()
             metrics.add(losses, chosen_rewards, rejected_rewards, policy_out, batch.num_tokens)
+            self.step_losses.append((batch.index, losses.detach()))
         return metrics
 
-    def optimizer_step(self) -> float:
+    def optimizer_step(self, metrics: PairMetrics) -> float:
+        """Clip, then update, unless the loss or the gradient norm is not finite (`nonfinite_step`)."""
         max_norm = self.cfg.training.max_grad_norm
         params = [p for p in self.policy.parameters() if p.requires_grad]
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm else float("inf"))
         if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP
             grad_norm = grad_norm.full_tensor()
-        self.optimizer.step()
-        self.scheduler.step()
+        grad_norm = float(grad_norm)
+        loss_sum = float(metrics.sums[0])  # already summed over ranks: every rank sees the same values
+        if math.isfinite(loss_sum) and math.isfinite(grad_norm):
+            self.optimizer.step()
+            self.scheduler.step()
+        else:
+            self.nonfinite_step(loss_sum, grad_norm)
         self.optimizer.zero_grad(set_to_none=True)
-        return float(grad_norm)
+        return grad_norm
+
+    def nonfinite_step(self, loss_sum: float, grad_norm: float) -> None:
+        """Stop before the update (the weights stay finite), or skip the batch when asked; name the pairs."""
+        bad = [int(i) for index, losses in self.step_losses for i in index[~torch.isfinite(losses.cpu())].tolist()]
+        gathered = gather_to_main(bad)
+        pairs = broadcast_from_main(sorted(i for part in gathered for i in part) if gathered is not None else None)
+        what = "loss" if not math.isfinite(loss_sum) else "gradient norm"
+        where = f"step {self.step + 1}: non-finite {what} ({loss_sum:g} / grad norm {grad_norm:g})"
+        if pairs:
+            where += f" on train pairs {', '.join(map(str, pairs[:10]))}{' ...' if len(pairs) > 10 else ''}"
+        if self.cfg.training.skip_nonfinite:
+            self.skipped_steps += 1
+            self.announce(f"{where}: batch skipped, no update ({self.skipped_steps} skipped so far)")
+            return
+        last = latest_checkpoint(self.run_dir)
+        raise DpokitError(
+            f"{where}; stopped before updating the weights. Last good checkpoint: "
+            f"{last or 'none (nothing was saved yet)'}. Lower optimizer.lr, check the loss and those pairs, or set "
+            "training.skip_nonfinite=true to skip such batches"
+        )
 
     def step_metrics(self, metrics: PairMetrics, seconds: float, grad_norm: float, lr: float) -> dict[str, float]:
         values = metrics.means()
@@ -292,6 +365,8 @@ class DPORecipe:
             tokens_per_s=metrics.num_tokens / seconds,
             peak_memory_mb=peak_memory_mb(self.device),
         )
+        if self.skipped_steps:
+            values["skipped_steps"] = self.skipped_steps
         return values
 
     @torch.no_grad()
@@ -324,13 +399,14 @@ class DPORecipe:
         with progress:
             task = progress.add_task("train", total=self.total_steps, completed=self.step, rate="", status="")
             self.policy.train()
+            self.signals.install()
             while self.step < self.total_steps:
                 started = time.perf_counter()
                 metrics = self.train_step(self.sampler.next_step())
-                lr = self.scheduler.get_last_lr()[0]
-                grad_norm = self.optimizer_step()
-                self.step += 1
                 metrics.all_reduce()
+                lr = self.scheduler.get_last_lr()[0]
+                grad_norm = self.optimizer_step(metrics)
+                self.step += 1
                 last = self.step_metrics(metrics, time.perf_counter() - started, grad_norm, lr)
                 if self.step % cfg.log_every == 0 or self.step == self.total_steps:
                     self.logger.log(self.step, "train", last)
@@ -344,7 +420,10 @@ class DPORecipe:
                     last_eval = self.evaluate()
                     self.logger.log(self.step, "eval", last_eval)
                     evaluated_at = self.step
-                if cfg.save_every and self.step % cfg.save_every == 0 and self.step < self.total_steps:
+                stop, time_due = any_rank([self.signals.requested is not None, self.save_time_due()], self.device)
+                if stop:
+                    self.stop_with_checkpoint()
+                if ((cfg.save_every and self.step % cfg.save_every == 0) or time_due) and self.step < self.total_steps:
                     self.save_checkpoint()
         if self.eval_split is not None:
             if evaluated_at != self.step:
@@ -358,14 +437,32 @@ class DPORecipe:
             self.console.print(summary_table(f"dpokit train: {self.step} steps", _summary_rows(last)))
         return last
 
+    def save_time_due(self) -> bool:
+        minutes = self.cfg.training.save_every_minutes
+        return bool(minutes) and time.monotonic() - self.last_save_time >= 60 * minutes
+
+    def stop_with_checkpoint(self) -> None:
+        """A stop was requested (SIGTERM/SIGINT on any rank): checkpoint this step, say how to resume, exit 75."""
+        path = self.save_checkpoint() if self.last_saved_step != self.step else latest_checkpoint(self.run_dir)
+        barrier()  # every rank exits only once the checkpoint is on disk
+        gpus = f" --gpus {self.dist.world_size}" if self.dist.world_size > 1 else ""
+        raise TrainingInterrupted(
+            f"stopped by {self.signals.requested or 'a signal on another rank'} after step {self.step}/{self.total_steps}; "
+            f"checkpoint: {path}. Resume with: dpokit train --config {self.run_dir / 'config.yaml'} --resume{gpus}"
+            if self.dist.is_main else ""
+        )
+
     def save_checkpoint(self) -> Path:
+        check_finite_weights(self.policy, self.step, self.device)
         state = {
             "step": self.step,
+            "skipped_steps": self.skipped_steps,
+            "world_size": self.dist.world_size,
             "sampler": self.sampler.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "config": config_to_dict(self.cfg),
         }
-        return save_checkpoint(
+        path = save_checkpoint(
             self.run_dir,
             self.step,
             self.policy,
@@ -376,11 +473,25 @@ class DPORecipe:
             keep_last=self.cfg.training.keep_last,
             is_main=self.dist.is_main,
         )
+        self.last_saved_step, self.last_save_time = self.step, time.monotonic()
+        return path
 
     def cleanup(self) -> None:
         if hasattr(self, "logger"):
             self.logger.close()
+        if hasattr(self, "signals"):
+            self.signals.restore()
+        if hasattr(self, "lock"):
+            self.lock.release()
         destroy_distributed()
+
+
+def check_finite_weights(model, step: int, device: torch.device) -> None:
+    """Refuse to save non-finite trainable weights (every rank checks its shard; all agree)."""
+    bad = any(not torch.isfinite(p.detach().to_local() if hasattr(p, "to_local") else p.detach()).all()
+              for p in model.parameters() if p.requires_grad)
+    if any_rank([bad], device)[0]:
+        raise DpokitError(f"step {step}: the weights are not finite; refusing to save them over the last good checkpoint")
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -411,6 +522,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 if __name__ == "__main__":
     try:
         main()
+    except TrainingInterrupted as exc:
+        if str(exc):
+            print(str(exc), file=sys.stderr)
+        sys.exit(exc.exit_code)
     except DpokitError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(1)

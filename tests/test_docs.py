@@ -98,9 +98,10 @@ def documented_commands() -> list[tuple[str, str, bool]]:
 def split_command(command: str) -> list[list[str]]:
     """Argument lists of each command joined by `&&`, without `VAR=value` prefixes, `srun` and `...`.
 
-    A shell variable set from a command (`head=$(...)`, in a job script) is glue, not a command.
+    A shell variable set from a command (`head=$(...)`, in a job script) and a line of shell control
+    flow (`if [ -d runs ]; then`, `else`, `fi`) are glue, not commands.
     """
-    if re.match(r"\w+=\$\(", command):
+    if re.match(r"\w+=\$\(", command) or re.match(r"(if|then|else|elif|fi)\b", command):
         return []
     pieces = []
     for piece in command.split("&&"):

@@ -207,6 +207,39 @@ def test_rerun_on_other_data_is_refused_until_overwrite(tiny_model_dir, prepared
     assert open_cache(out).attrs["data_fingerprint"] == load_prepared(other).fingerprint
 
 
+@pytest.mark.parametrize("flags", [[], ["--overwrite"]], ids=["resume", "overwrite"])
+def test_out_naming_a_directory_is_one_line_and_leaves_no_temporary(tiny_model_dir, prepared_dir, tmp_path, capsys, flags):
+    out = tmp_path / "caches"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    assert main(ref_logps_args(prepared_dir, tiny_model_dir, out, *flags)) == 1
+    err = capsys.readouterr().err
+    assert f"--out {out} is a directory; the reference cache is one file: give a file path such as {out / 'ref.h5'}" in err
+    assert len(err.strip().splitlines()) == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["caches"] and [p.name for p in out.iterdir()] == ["notes.txt"]
+
+
+@pytest.mark.parametrize("flags", [[], ["--overwrite"]], ids=["resume", "overwrite"])
+def test_a_file_that_is_not_a_cache_is_never_replaced(tiny_model_dir, prepared_dir, tmp_path, capsys, flags):
+    out = tmp_path / "ref.h5"
+    out.write_text("my notes, not a cache\n")
+    assert main(ref_logps_args(prepared_dir, tiny_model_dir, out, *flags)) == 1
+    err = capsys.readouterr().err
+    assert f"refusing to replace {out}: it is not a dpokit reference cache (it is not an HDF5 file)" in err
+    assert len(err.strip().splitlines()) == 1
+    assert out.read_text() == "my notes, not a cache\n" and [p.name for p in tmp_path.iterdir()] == ["ref.h5"]
+
+
+def test_overwrite_refuses_an_hdf5_file_that_dpokit_did_not_write(tiny_model_dir, prepared_dir, tmp_path, capsys):
+    out = tmp_path / "ref.h5"
+    with h5py.File(out, "w") as handle:
+        handle["activations"] = np.arange(3)
+    assert main(ref_logps_args(prepared_dir, tiny_model_dir, out, "--overwrite")) == 1
+    assert "its HDF5 root attributes lack format_version, data_fingerprint" in capsys.readouterr().err
+    with h5py.File(out, "r") as handle:
+        assert handle["activations"][()].tolist() == [0, 1, 2]
+
+
 def test_rerun_with_another_model_is_refused_naming_the_weights(tiny_model_dir, prepared_dir, built_cache, tmp_path, capsys):
     out = tmp_path / "ref.h5"
     out.write_bytes(built_cache.read_bytes())

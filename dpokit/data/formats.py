@@ -107,15 +107,21 @@ def file_records(path: Path) -> Iterator[Record]:
 def jsonl_records(path: Path) -> Iterator[Record]:
     """One JSON object per line; blank lines are allowed."""
     with open(path, encoding="utf-8-sig") as lines:
-        for number, line in enumerate(lines, start=1):
-            if line.strip():
-                row = parsed_json(line, path, number, "fix or remove that line")
-                yield Record(f"{path} line {number}", object_row(row, f"{path} line {number}"))
+        try:
+            for number, line in enumerate(lines, start=1):
+                if line.strip():
+                    row = parsed_json(line, path, number, "fix or remove that line")
+                    yield Record(f"{path} line {number}", object_row(row, f"{path} line {number}"))
+        except UnicodeDecodeError:
+            raise not_utf8_error(path) from None
 
 
 def json_records(path: Path) -> Iterator[Record]:
     """A JSON array of objects; a ``.json`` file holding JSON lines is read as JSONL."""
-    text = path.read_text(encoding="utf-8-sig")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError:
+        raise not_utf8_error(path) from None
     if not text.lstrip().startswith("["):
         yield from jsonl_records(path)
         return
@@ -137,11 +143,31 @@ def csv_records(path: Path) -> Iterator[Record]:
     csv.field_size_limit(sys.maxsize)  # responses can be longer than csv's 128 KiB default
     with open(path, newline="", encoding="utf-8-sig") as stream:
         reader = csv.DictReader(stream)
-        for row in reader:
-            location = f"{path} line {reader.line_num}"
-            if None in row:
-                raise DpokitError(f"{location}: more values than the header has columns; quote values that contain commas")
-            yield Record(location, row)
+        try:
+            for row in reader:
+                location = f"{path} line {reader.line_num}"
+                if None in row:
+                    raise DpokitError(f"{location}: more values than the header has columns; quote values that contain commas")
+                yield Record(location, row)
+        except UnicodeDecodeError:
+            raise not_utf8_error(path) from None
+
+
+def not_utf8_error(path: Path) -> DpokitError:
+    """The error for a text file that is not UTF-8, naming its first bad line (found by a second, binary read)."""
+    with open(path, "rb") as lines:
+        for number, line in enumerate(lines, start=1):  # a newline byte never occurs inside a UTF-8 character
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                byte = f"byte 0x{line[exc.start]:02x} at column {exc.start + 1}"
+                break
+        else:  # every line decodes on its own (cannot happen for a file that failed to decode)
+            number, byte = 1, "an undecodable byte"
+    return DpokitError(
+        f"{path} line {number}: not UTF-8 text ({byte}); convert the file to UTF-8 "
+        "(for example `iconv -f cp1252 -t utf-8 IN > OUT`, with the file's actual encoding)"
+    )
 
 
 def parquet_records(path: Path) -> Iterator[Record]:

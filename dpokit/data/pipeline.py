@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import multiprocessing
 import random
+import tempfile
 import time
 from collections import Counter
 from contextlib import contextmanager
@@ -37,8 +38,9 @@ from rich.table import Table
 from rich.text import Text
 
 from dpokit import __version__
+from dpokit.artifacts import check_replaceable
 from dpokit.data.formats import FORMATS, Pair, Record, SkippedRow, load_records, normalise, parse_column_map
-from dpokit.data.prepared import COLUMNS, MANIFEST_NAME, write_prepared
+from dpokit.data.prepared import COLUMNS, write_prepared
 from dpokit.data.tokenize import PairTokenizer, TokenizedPair, load_tokenizer, tokenizer_fingerprint
 from dpokit.errors import DpokitError
 
@@ -144,20 +146,34 @@ def check_options(options: PrepareOptions) -> None:
         raise DpokitError("pass --eval-fraction or --eval-data, not both")
     if options.num_proc < 1:
         raise DpokitError(f"--num-proc {options.num_proc} must be at least 1")
-    check_output_dir(Path(options.out), options.overwrite)
+    inputs = (options.data, options.eval_data, options.model, options.tokenizer, options.chat_template)
+    check_output_dir(Path(options.out), options.overwrite, inputs)
+    check_output_writable(Path(options.out))
 
 
-def check_output_dir(out: Path, overwrite: bool) -> None:
-    """`out` may be written: absent, or (with overwrite) an earlier prepare output or empty."""
-    if not out.exists():
-        return
-    if not overwrite:
-        raise DpokitError(f"output directory {out} already exists; pass --overwrite to replace it")
-    if not out.is_dir() or (any(out.iterdir()) and not (out / MANIFEST_NAME).is_file()):
+def check_output_dir(out: Path, overwrite: bool, inputs: tuple[Optional[str], ...] = ()) -> None:
+    """`out` may be written: absent or empty, or (with overwrite) an earlier prepare output holding none of `inputs`."""
+    check_replaceable(out, "prepared", overwrite, inputs=inputs)
+
+
+def check_output_writable(out: Path) -> None:
+    """`out` can be created: its nearest existing ancestor is a directory this process may write in.
+
+    Probed by making (and removing) a hidden directory there: permission bits do not tell (root, a
+    read-only mount, ACLs), and finding out after tokenizing wastes the whole run.
+    """
+    parent = out.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise DpokitError(f"cannot write --out {out}: {parent} is a file, not a directory; choose another --out")
+    try:
+        Path(tempfile.mkdtemp(prefix=f".{out.name}.probe-", dir=parent)).rmdir()
+    except OSError as exc:
         raise DpokitError(
-            f"refusing to replace {out}: it is not a `dpokit prepare` output (no {MANIFEST_NAME}); "
-            "choose another --out"
-        )
+            f"cannot write --out {out}: {parent} is not writable ({exc.strerror}); "
+            "choose a writable --out or fix the directory's permissions"
+        ) from None
 
 
 def split_sources(options: PrepareOptions) -> dict[str, tuple[str, list[Record]]]:

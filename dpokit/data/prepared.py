@@ -17,18 +17,20 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from dpokit.artifacts import check_replaceable, replace_atomically
 from dpokit.errors import DpokitError
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
+DIGEST_SPAN = 2**20  # bytes hashed at each end of a split file (the whole file when smaller)
+FINGERPRINT_RECHECK_BYTES = 64 * 2**20  # without recorded digests, recompute the fingerprint up to this size (~0.2 s)
 
 
 @dataclass
@@ -59,11 +61,14 @@ class PreparedData:
                 f"{self.path}: no split {name!r}; it has {', '.join(self.splits)} "
                 f"(re-run `dpokit prepare` with --eval-fraction or --eval-data for an eval split)"
             )
-        return datasets.load_from_disk(str(self.path / name))
+        try:
+            return datasets.load_from_disk(str(self.path / name))
+        except Exception as exc:  # datasets and pyarrow raise many types for damaged files
+            raise DpokitError(f"{self.path / name}: not a readable dataset ({one_line(exc)}); {remake_hint(self)}") from None
 
 
 def load_prepared(path: str | os.PathLike) -> PreparedData:
-    """Open a `dpokit prepare` output directory, checking that it is complete."""
+    """Open a `dpokit prepare` output directory, checking that it is complete and its split files intact."""
     path = Path(path)
     manifest_path = path / MANIFEST_NAME
     if not path.is_dir():
@@ -85,7 +90,102 @@ def load_prepared(path: str | os.PathLike) -> PreparedData:
     for split in manifest.get("splits", {}):
         if not (path / split).is_dir():
             raise DpokitError(f"{path}: split {split!r} is listed in the manifest but missing on disk")
-    return PreparedData(path=path, manifest=manifest)
+    prepared = PreparedData(path=path, manifest=manifest)
+    check_split_files(prepared)
+    return prepared
+
+
+def remake_hint(prepared: PreparedData) -> str:
+    """How to rebuild a damaged prepared directory."""
+    source = prepared.manifest.get("source", "DATA")
+    model = prepared.manifest.get("tokenizer", {}).get("name", "MODEL")
+    return f"re-create it with `dpokit prepare {source} --model {model} --out {prepared.path} --overwrite` (and its other options)"
+
+
+def one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def split_file_digests(directory: str | os.PathLike) -> dict[str, dict[str, Any]]:
+    """Size and a hash of both ends of every file in each split folder of a prepared `directory`.
+
+    Keyed by the path relative to `directory` (``train/data-00000-of-00001.arrow``). Recorded in the
+    manifest at write time, they let `load_prepared` find a truncated or damaged file without reading it.
+    """
+    directory = Path(directory)
+    return {
+        file.relative_to(directory).as_posix(): {"size": file.stat().st_size, "ends_sha256": ends_sha256(file)}
+        for split in sorted(p for p in directory.iterdir() if p.is_dir() and not p.name.startswith("."))
+        for file in sorted(split.rglob("*"))
+        if file.is_file()
+    }
+
+
+def ends_sha256(file: Path) -> str:
+    """SHA-256 of the first and last `DIGEST_SPAN` bytes of `file` (all of it when smaller than two spans)."""
+    digest = hashlib.sha256()
+    with open(file, "rb") as stream:
+        digest.update(stream.read(DIGEST_SPAN))
+        stream.seek(max(DIGEST_SPAN, file.stat().st_size - DIGEST_SPAN))
+        digest.update(stream.read(DIGEST_SPAN))
+    return digest.hexdigest()
+
+
+def arrow_files(split_dir: Path) -> list[Path]:
+    """The Arrow files of a `datasets.save_to_disk` folder: those its ``state.json`` lists, else ``*.arrow``."""
+    try:
+        listed = json.loads((split_dir / "state.json").read_text())["_data_files"]
+        return [split_dir / entry["filename"] for entry in listed]
+    except (OSError, ValueError, KeyError, TypeError):
+        return sorted(p for p in split_dir.glob("*.arrow") if not p.name.startswith("cache-"))
+
+
+def check_split_files(prepared: PreparedData) -> None:
+    """Refuse split files that are not what `dpokit prepare` wrote, naming the file and the fix.
+
+    With digests in the manifest (``files``): sizes and end hashes only. Without (older outputs): each
+    Arrow file is opened and its rows counted, and the data fingerprint is recomputed when the data is
+    small enough for that to be quick.
+    """
+    path, manifest = prepared.path, prepared.manifest
+    for name, recorded in manifest.get("files", {}).items():
+        file = path / name
+        if not file.is_file():
+            raise DpokitError(f"{file} is missing (listed in {path / MANIFEST_NAME}); {remake_hint(prepared)}")
+        size = file.stat().st_size
+        if size != recorded["size"]:
+            raise DpokitError(
+                f"{file} is {size} bytes but `dpokit prepare` wrote {recorded['size']} (truncated or changed since); "
+                f"{remake_hint(prepared)}"
+            )
+        if ends_sha256(file) != recorded["ends_sha256"]:
+            raise DpokitError(f"{file} has changed since `dpokit prepare` wrote it; {remake_hint(prepared)}")
+    if "files" in manifest:
+        return
+    import pyarrow as pa
+
+    total = 0
+    for split, info in manifest.get("splits", {}).items():
+        files = arrow_files(path / split)
+        rows = 0
+        for file in files:
+            try:
+                with pa.memory_map(str(file)) as source:
+                    rows += pa.ipc.open_stream(source).read_all().num_rows
+            except (OSError, pa.ArrowException) as exc:
+                raise DpokitError(f"{file}: not a readable Arrow file ({one_line(exc)}); {remake_hint(prepared)}") from None
+            total += file.stat().st_size
+        if files and isinstance(info, dict) and "rows" in info and rows != info["rows"]:
+            raise DpokitError(
+                f"{path / split} has {rows} rows but the manifest lists {info['rows']}; {remake_hint(prepared)}"
+            )
+    if "data_fingerprint" in manifest and total <= FINGERPRINT_RECHECK_BYTES:
+        splits = {name: prepared.split(name) for name in prepared.splits}
+        if data_fingerprint(splits) != manifest["data_fingerprint"]:
+            raise DpokitError(
+                f"{path}: the token ids no longer match the manifest's data_fingerprint (its Arrow files changed "
+                f"after `dpokit prepare`); {remake_hint(prepared)}"
+            )
 
 
 def data_fingerprint(splits: dict[str, Any]) -> str:
@@ -105,24 +205,22 @@ def data_fingerprint(splits: dict[str, Any]) -> str:
 def write_prepared(out_dir: str | os.PathLike, splits: dict[str, Any], manifest: dict[str, Any], overwrite: bool) -> Path:
     """Write splits and manifest to a temporary sibling directory, then rename it into place.
 
-    An interrupted run leaves only ``.{name}.tmp-*``, never a directory that `load_prepared` accepts.
+    An existing `out_dir` is replaced only with `overwrite` and only if it is an earlier prepare
+    output (`dpokit.artifacts`). An interrupted run leaves only ``.{name}.tmp-*``, never a directory
+    that `load_prepared` accepts.
     """
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not overwrite:
-        raise DpokitError(f"output directory {out_dir} already exists; pass --overwrite to replace it")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    for stale in out_dir.parent.glob(f".{out_dir.name}.tmp-*"):  # left by an interrupted earlier run
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
-    tmp.mkdir()
-    for name, dataset in splits.items():
-        dataset.save_to_disk(str(tmp / name))
-    manifest = dict(manifest, format_version=FORMAT_VERSION, data_fingerprint=data_fingerprint(splits))
-    (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
-    return out_dir
+    check_replaceable(out_dir, "prepared", overwrite)
+
+    def write(tmp: Path) -> None:
+        tmp.mkdir()
+        for name, dataset in splits.items():
+            dataset.save_to_disk(str(tmp / name))
+        full_manifest = dict(
+            manifest, format_version=FORMAT_VERSION, data_fingerprint=data_fingerprint(splits), files=split_file_digests(tmp)
+        )
+        (tmp / MANIFEST_NAME).write_text(json.dumps(full_manifest, indent=2, sort_keys=False) + "\n")
+
+    return replace_atomically(out_dir, "prepared", write)
 
 
 def pair_token_counts(split) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -1,0 +1,285 @@
+"""Fault injection for `dpokit train`: signals, divergence, concurrent writers, killed launchers and
+resumes that would change the run. Each test does what a user or a scheduler would do and checks
+that nothing is lost: a loadable checkpoint remains and a resume continues exactly."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dpokit.cli import main
+from dpokit.metrics import read_metrics
+from dpokit.preemption import INTERRUPTED_EXIT_CODE
+
+
+def train_argv(model_dir, data_dir, run_dir, *extra) -> list[str]:
+    return ["train", "--config", "tiny_lora", "--data", str(data_dir), "--model", str(model_dir), "--ref", "live",
+            "--out", str(run_dir), "training.eval_every=0", "data.batch_size=2", *extra]
+
+
+def losses(run_dir: Path) -> list[float]:
+    return [r["loss"] for r in read_metrics(run_dir, "train")]
+
+
+def start_train(argv: list[str]) -> subprocess.Popen:
+    """`dpokit train` in its own process (and process group), as a user or a scheduler starts it."""
+    return subprocess.Popen([sys.executable, "-m", "dpokit", *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+
+
+def wait_for_steps(run_dir: Path, steps: int, process: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    metrics = run_dir / "metrics.jsonl"
+    while time.monotonic() < deadline:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= steps:
+            return
+        if process.poll() is not None:
+            raise AssertionError(f"train ended early: {process.stderr.read()[-2000:]}")
+        time.sleep(0.05)
+    raise AssertionError("train did not reach the step in time")
+
+
+# ----------------------------------------------------------------------------------------------
+# preemption
+
+
+@pytest.mark.parametrize("gpus", [1, 2])
+def test_sigterm_checkpoints_and_resume_equals_the_uninterrupted_run(gpus, tiny_model_dir, prepared_dir, tmp_path):
+    steps = ["--max-steps", "60", "--gpus", str(gpus)]
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    assert main(train_argv(tiny_model_dir, prepared_dir, whole, *steps)) == 0
+
+    process = start_train(train_argv(tiny_model_dir, prepared_dir, cut, *steps))
+    wait_for_steps(cut, 2, process)
+    os.kill(process.pid, signal.SIGTERM)  # the launcher, as a scheduler's preemption would
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == INTERRUPTED_EXIT_CODE, stderr[-2000:]
+    assert "received SIGTERM" in stderr
+    assert f"Resume with: dpokit train --config {cut / 'config.yaml'} --resume" in stderr
+    stopped_at = len(losses(cut))
+    assert stopped_at < 60 and (cut / "checkpoints" / f"step_{stopped_at:07d}").is_dir()
+
+    assert main(["train", "--config", str(cut / "config.yaml"), "--resume", "--gpus", str(gpus)]) == 0
+    assert losses(cut) == pytest.approx(losses(whole), abs=1e-6)
+
+
+def test_killing_the_launcher_stops_its_workers_with_a_checkpoint(tiny_model_dir, prepared_dir, tmp_path):
+    run = tmp_path / "run"
+    process = start_train(train_argv(tiny_model_dir, prepared_dir, run, "--max-steps", "400", "--gpus", "2"))
+    wait_for_steps(run, 2, process)
+    process.kill()  # kill -9 the launcher: nothing forwards a signal, the workers must notice by themselves
+    process.communicate()
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline and workers_of(run):
+        time.sleep(0.5)
+    assert not workers_of(run), "the workers outlived their launcher"
+    assert list((run / "checkpoints").glob("step_*")), "the workers stopped without a checkpoint"
+    assert not (run / ".dpokit.lock").exists()
+
+
+def workers_of(run_dir: Path) -> list[int]:
+    """Pids of processes whose command line names `run_dir` (the workers of a `--gpus N` run)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except OSError:
+                continue
+            if str(run_dir) in command and "dpo.py" in command:
+                pids.append(int(entry.name))
+    return pids
+
+
+# ----------------------------------------------------------------------------------------------
+# divergence
+
+
+NAN_LOSS = textwrap.dedent(
+    """
+    import torch
+    from dpokit.losses import DPOLoss
+
+    class NaNAfter(DPOLoss):
+        '''DPO that returns NaN from its `after`-th call on (a loss that diverges mid-run).'''
+
+        def __init__(self, after: int = 3, **kwargs):
+            super().__init__(**kwargs)
+            self.after, self.calls = after, 0
+
+        def forward(self, policy, reference):
+            self.calls += 1
+            losses, chosen, rejected = super().forward(policy, reference)
+            if self.calls >= self.after:
+                losses = losses * float("nan")
+            return losses, chosen, rejected
+    """
+)
+
+
+@pytest.fixture
+def nan_loss(tmp_path, monkeypatch) -> str:
+    (tmp_path / "diverging_loss_module.py").write_text(NAN_LOSS)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return "diverging_loss_module:NaNAfter"
+
+
+def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_model_dir, prepared_dir, tmp_path, nan_loss, capsys):
+    run = tmp_path / "run"
+    argv = train_argv(tiny_model_dir, prepared_dir, run, "--max-steps", "6", "--loss", nan_loss, "loss.after=3",
+                      "training.save_every=1", "training.keep_last=1")
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "step 3: non-finite loss" in err and "on train pairs" in err
+    assert f"Last good checkpoint: {run / 'checkpoints' / 'step_0000002'}" in err
+    checkpoints = sorted(p.name for p in (run / "checkpoints").glob("step_*"))
+    assert checkpoints == ["step_0000002"]  # keep_last=1 kept the good one; nothing non-finite was saved
+    weights = load_file(str(run / "checkpoints" / "step_0000002" / "adapter_model.safetensors"))
+    assert all(torch.isfinite(t).all() for t in weights.values())
+
+
+def test_skip_nonfinite_skips_the_batch_and_counts_it(tiny_model_dir, prepared_dir, tmp_path, nan_loss):
+    run = tmp_path / "run"
+    argv = train_argv(tiny_model_dir, prepared_dir, run, "--max-steps", "4", "--loss", nan_loss, "loss.after=3",
+                      "training.skip_nonfinite=true")
+    assert main(argv) == 0
+    records = read_metrics(run, "train")
+    assert [r.get("skipped_steps", 0) for r in records] == [0, 0, 1, 2]  # every call from the 3rd on is NaN
+    final = load_file(str(run / "checkpoints" / "step_0000004" / "adapter_model.safetensors"))
+    assert all(torch.isfinite(t).all() for t in final.values())
+
+
+# ----------------------------------------------------------------------------------------------
+# one writer per run
+
+
+def test_a_second_writer_to_a_running_run_is_refused(tiny_model_dir, prepared_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    process = start_train(train_argv(tiny_model_dir, prepared_dir, run, "--max-steps", "400"))
+    try:
+        wait_for_steps(run, 1, process)
+        assert main(train_argv(tiny_model_dir, prepared_dir, run, "--max-steps", "2", "--overwrite")) == 1
+        err = capsys.readouterr().err
+        assert f"is being written by another dpokit process (pid {process.pid} on {socket.gethostname()}" in err
+    finally:
+        process.kill()
+        process.communicate()
+
+
+def test_a_stale_lock_is_taken_over(tiny_model_dir, prepared_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (run / ".dpokit.lock").write_text(json.dumps({"host": socket.gethostname(), "pid": dead.pid, "since": "earlier"}))
+    assert main(train_argv(tiny_model_dir, prepared_dir, run, "--max-steps", "1")) == 0
+    assert f"taking over {run / '.dpokit.lock'}: its owner (pid {dead.pid}) no longer runs" in capsys.readouterr().err
+    assert not (run / ".dpokit.lock").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# the run directory
+
+
+def test_resume_refuses_a_run_with_another_meaning(tiny_model_dir, prepared_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(train_argv(tiny_model_dir, prepared_dir, run, "--max-steps", "2", "training.save_every=1")) == 0
+    saved = (run / "config.yaml").read_text()
+    for change in (["--lr", "1e-3"], ["--loss", "ipo"], ["data.batch_size=4"]):
+        assert main(train_argv(tiny_model_dir, prepared_dir, run, "--max-steps", "2", "--resume", *change)) == 1
+        err = capsys.readouterr().err
+        assert "with a different run" in err and "--allow-config-change" in err
+    assert (run / "config.yaml").read_text() == saved  # the refused resumes did not rewrite it
+    allowed = train_argv(tiny_model_dir, prepared_dir, run, "--max-steps", "3", "--resume", "--allow-config-change")
+    assert main(allowed) == 0
+    assert (run / "config.step_0000002.yaml").read_text() == saved  # the old settings are kept beside the new
+
+
+def test_resume_at_another_process_count_with_the_same_global_batch_is_accepted(tiny_model_dir, prepared_dir, tmp_path):
+    run = tmp_path / "run"
+    assert main(train_argv(tiny_model_dir, prepared_dir, run, "--max-steps", "2", "training.save_every=1")) == 0
+    assert main(train_argv(tiny_model_dir, prepared_dir, run, "--max-steps", "2", "--resume", "data.batch_size=1",
+                           "--gpus", "2")) == 0
+
+
+def test_a_run_killed_before_its_first_checkpoint_is_told_to_overwrite(tiny_model_dir, prepared_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(train_argv(tiny_model_dir, prepared_dir, run, "--max-steps", "1")) == 0
+    for checkpoint in (run / "checkpoints").glob("step_*"):
+        import shutil
+
+        shutil.rmtree(checkpoint)  # as if killed before the first save
+    assert main(train_argv(tiny_model_dir, prepared_dir, run, "--max-steps", "1")) == 1
+    err = capsys.readouterr().err
+    assert "no checkpoint to resume from: pass --overwrite" in err and "--resume to continue" not in err
+    assert main(train_argv(tiny_model_dir, prepared_dir, run, "--max-steps", "1", "--resume")) == 1
+    assert "pass --overwrite to start it again" in capsys.readouterr().err
+
+
+def test_train_never_writes_into_a_folder_that_is_not_a_run(tiny_model_dir, prepared_dir, tmp_path, capsys):
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "config.yaml").write_text("my own config\n")
+    assert main(train_argv(tiny_model_dir, prepared_dir, folder, "--max-steps", "1", "--overwrite")) == 1
+    assert "is a non-empty directory that is not a dpokit run" in capsys.readouterr().err
+    assert (folder / "config.yaml").read_text() == "my own config\n"
+    assert sorted(p.name for p in folder.iterdir()) == ["config.yaml"]
+
+
+def test_overwrite_removes_only_what_the_old_run_wrote(tiny_model_dir, prepared_dir, tmp_path):
+    run = tmp_path / "run"
+    assert main(train_argv(tiny_model_dir, prepared_dir, run, "--max-steps", "2", "training.save_every=1")) == 0
+    (run / "notes.txt").write_text("my notes")
+    (run / "checkpoints" / "keep_me").mkdir()
+    assert main(train_argv(tiny_model_dir, prepared_dir, run, "--max-steps", "1", "--overwrite")) == 0
+    assert (run / "notes.txt").read_text() == "my notes"
+    assert (run / "checkpoints" / "keep_me").is_dir()
+    assert sorted(p.name for p in (run / "checkpoints").glob("step_*")) == ["step_0000001"]
+    assert len(losses(run)) == 1
+
+
+def test_a_second_ref_logps_into_the_same_cache_is_refused(tiny_model_dir, prepared_dir, tmp_path, capsys):
+    cache = tmp_path / "ref.h5"
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (tmp_path / "ref.h5.lock").write_text(json.dumps({"host": socket.gethostname(), "pid": holder.pid,
+                                                          "since": "now", "command": "dpokit ref-logps ..."}))
+        assert main(["ref-logps", str(prepared_dir), "--model", str(tiny_model_dir), "--out", str(cache)]) == 1
+        assert f"reference cache {cache} is being written by another dpokit process (pid {holder.pid}" in capsys.readouterr().err
+        assert not cache.exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert main(["ref-logps", str(prepared_dir), "--model", str(tiny_model_dir), "--out", str(cache)]) == 0  # stale: taken over
+    assert cache.exists() and not (tmp_path / "ref.h5.lock").exists()
+
+
+def test_a_checkpoint_that_cannot_be_written_is_named_and_the_previous_kept(tiny_model_dir, prepared_dir, tmp_path,
+                                                                             monkeypatch, capsys):
+    import dpokit.checkpoint as checkpoint
+
+    run = tmp_path / "run"
+    real_save = torch.save
+
+    def disk_full_at_step_2(obj, path, *args, **kwargs):
+        if "step_0000002" in str(path):
+            raise OSError(28, "No space left on device")
+        return real_save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint.torch, "save", disk_full_at_step_2)
+    assert main(train_argv(tiny_model_dir, prepared_dir, run, "--max-steps", "3", "training.save_every=1")) == 1
+    err = capsys.readouterr().err
+    assert "cannot write checkpoint" in err and "No space left on device" in err
+    assert f"resume from {run / 'checkpoints' / 'step_0000001'} with --resume" in err
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_0000001"]  # no half-written one
