@@ -51,27 +51,28 @@ def init_distributed() -> DistInfo:
     return DistInfo(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank)
 
 
-def tie_to_launcher() -> None:
+def tie_to_launcher(poll_seconds: float = 1.0) -> None:
     """Make this worker stop with its launcher, and take signals only through it.
 
-    - If the launcher (``dpokit --gpus N`` or torchrun) dies, even by ``kill -9``, the worker gets
-      SIGTERM, which a training run answers by checkpointing and exiting (`dpokit.preemption`),
-      instead of running on unsupervised.
+    - If the launcher (``dpokit --gpus N`` or torchrun) dies, even by ``kill -9``, the worker sends
+      itself SIGTERM, which a training run answers by checkpointing and exiting
+      (`dpokit.preemption`), instead of running on unsupervised. A daemon thread watches the parent
+      pid; the kernel's ``PR_SET_PDEATHSIG`` was tried and made workers abort at exit now and then.
     - The worker leaves the terminal's process group, so one Ctrl-C reaches it once, forwarded by
       the launcher, rather than twice (directly and forwarded), which would mean "stop at once".
     """
-    if sys.platform.startswith("linux"):
-        import ctypes
-        import signal
+    import signal
+    import threading
+    import time
 
-        try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            pr_set_pdeathsig = 1
-            libc.prctl(pr_set_pdeathsig, int(signal.SIGTERM), 0, 0, 0)
-        except (OSError, AttributeError):
-            pass
-        if os.getppid() == 1:  # the launcher died before the line above took effect
-            os.kill(os.getpid(), signal.SIGTERM)
+    launcher = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == launcher:
+            time.sleep(poll_seconds)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="dpokit-launcher-watch", daemon=True).start()
     try:
         os.setsid()
     except OSError:  # already a session or group leader

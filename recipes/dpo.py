@@ -514,7 +514,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     recipe = DPORecipe(cfg)
     try:
         recipe.setup()
-        return recipe.train()
+        result = recipe.train()
+        barrier()  # no rank tears the process group down while another still uses it
+        return result
     finally:
         recipe.cleanup()
 

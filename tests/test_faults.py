@@ -56,7 +56,8 @@ def wait_for_steps(run_dir: Path, steps: int, process: subprocess.Popen, timeout
 
 @pytest.mark.parametrize("gpus", [1, 2])
 def test_sigterm_checkpoints_and_resume_equals_the_uninterrupted_run(gpus, tiny_model_dir, prepared_dir, tmp_path):
-    steps = ["--max-steps", "60", "--gpus", str(gpus)]
+    total = 60 if gpus == 1 else 24  # enough steps for the signal to land mid-run
+    steps = ["--max-steps", str(total), "--gpus", str(gpus)]
     whole, cut = tmp_path / "whole", tmp_path / "cut"
     assert main(train_argv(tiny_model_dir, prepared_dir, whole, *steps)) == 0
 
@@ -68,7 +69,7 @@ def test_sigterm_checkpoints_and_resume_equals_the_uninterrupted_run(gpus, tiny_
     assert "received SIGTERM" in stderr
     assert f"Resume with: dpokit train --config {cut / 'config.yaml'} --resume" in stderr
     stopped_at = len(losses(cut))
-    assert stopped_at < 60 and (cut / "checkpoints" / f"step_{stopped_at:07d}").is_dir()
+    assert stopped_at < total and (cut / "checkpoints" / f"step_{stopped_at:07d}").is_dir()
 
     assert main(["train", "--config", str(cut / "config.yaml"), "--resume", "--gpus", str(gpus)]) == 0
     assert losses(cut) == pytest.approx(losses(whole), abs=1e-6)
@@ -283,3 +284,34 @@ def test_a_checkpoint_that_cannot_be_written_is_named_and_the_previous_kept(tiny
     assert "cannot write checkpoint" in err and "No space left on device" in err
     assert f"resume from {run / 'checkpoints' / 'step_0000001'} with --resume" in err
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_0000001"]  # no half-written one
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_kill_9_at_a_random_moment_of_a_two_process_run_resumes_exactly(seed, tiny_model_dir, prepared_dir, tmp_path):
+    import random
+
+    steps = ["--max-steps", "20", "--gpus", "2", "training.save_every=3", "training.keep_last=1"]
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    process = start_train(train_argv(tiny_model_dir, prepared_dir, cut, *steps))
+    wait_for_steps(cut, 1, process)
+    time.sleep(random.Random(seed).uniform(0.0, 1.5))  # mid-step, mid-checkpoint or between: wherever it lands
+    for pid in [process.pid, *workers_of(cut)]:  # launcher and workers at once: no one gets to clean up
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    process.communicate()
+    deadline = time.monotonic() + 30
+    while workers_of(cut) and time.monotonic() < deadline:  # a worker still starting when the kill came
+        for pid in workers_of(cut):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.2)
+    if process.returncode == 0:
+        pytest.skip("the run finished before the kill landed")
+    assert main(train_argv(tiny_model_dir, prepared_dir, whole, *steps)) == 0
+    resumed = "--resume" if list((cut / "checkpoints").glob("step_*")) else "--overwrite"
+    assert main(train_argv(tiny_model_dir, prepared_dir, cut, *steps, resumed)) == 0  # the stale lock is taken over
+    assert losses(cut) == pytest.approx(losses(whole), abs=1e-6)
