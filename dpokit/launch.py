@@ -15,7 +15,11 @@ from dpokit.model import QUANTIZED_METHODS
 
 
 def check_distributed_config(cfg: TrainConfig) -> None:
-    """Refuse, before any worker starts, what multi-process training does not support."""
+    """Refuse, before any worker starts, what multi-process training does not support (and a bad loss
+    setting, which every worker would otherwise report once)."""
+    from dpokit.losses import build_loss
+
+    build_loss(cfg.loss)
     if cfg.model.method in QUANTIZED_METHODS:
         raise DpokitError(
             f"model.method={cfg.model.method} is not supported with more than one process: dpokit does not "

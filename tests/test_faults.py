@@ -56,7 +56,7 @@ def wait_for_steps(run_dir: Path, steps: int, process: subprocess.Popen, timeout
 
 @pytest.mark.parametrize("gpus", [1, 2])
 def test_sigterm_checkpoints_and_resume_equals_the_uninterrupted_run(gpus, tiny_model_dir, prepared_dir, tmp_path):
-    total = 60 if gpus == 1 else 24  # enough steps for the signal to land mid-run
+    total = 60 if gpus == 1 else 12  # enough steps for the signal to land mid-run
     steps = ["--max-steps", str(total), "--gpus", str(gpus)]
     whole, cut = tmp_path / "whole", tmp_path / "cut"
     assert main(train_argv(tiny_model_dir, prepared_dir, whole, *steps)) == 0
@@ -290,7 +290,7 @@ def test_a_checkpoint_that_cannot_be_written_is_named_and_the_previous_kept(tiny
 def test_kill_9_at_a_random_moment_of_a_two_process_run_resumes_exactly(seed, tiny_model_dir, prepared_dir, tmp_path):
     import random
 
-    steps = ["--max-steps", "20", "--gpus", "2", "training.save_every=3", "training.keep_last=1"]
+    steps = ["--max-steps", "12", "--gpus", "2", "training.save_every=2", "training.keep_last=1"]
     whole, cut = tmp_path / "whole", tmp_path / "cut"
     process = start_train(train_argv(tiny_model_dir, prepared_dir, cut, *steps))
     wait_for_steps(cut, 1, process)
@@ -315,3 +315,11 @@ def test_kill_9_at_a_random_moment_of_a_two_process_run_resumes_exactly(seed, ti
     resumed = "--resume" if list((cut / "checkpoints").glob("step_*")) else "--overwrite"
     assert main(train_argv(tiny_model_dir, prepared_dir, cut, *steps, resumed)) == 0  # the stale lock is taken over
     assert losses(cut) == pytest.approx(losses(whole), abs=1e-6)
+
+
+def test_save_every_minutes_saves_on_time(tiny_model_dir, prepared_dir, tmp_path):
+    run = tmp_path / "run"
+    argv = train_argv(tiny_model_dir, prepared_dir, run, "--max-steps", "3", "training.save_every_minutes=1e-6",
+                      "training.keep_last=5")
+    assert main(argv) == 0
+    assert sorted(p.name for p in (run / "checkpoints").glob("step_*")) == ["step_0000001", "step_0000002", "step_0000003"]
