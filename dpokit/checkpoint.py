@@ -24,6 +24,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from dpokit.distributed import any_rank
 from dpokit.errors import DpokitError
 
 CHECKPOINTS = "checkpoints"
@@ -119,6 +120,14 @@ def save_checkpoint(
     for _, old in list_checkpoints(run_dir)[:-keep_last] if keep_last > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def check_finite_weights(model, step: int, device: torch.device) -> None:
+    """Refuse to save non-finite trainable weights (every rank checks its shard; all agree)."""
+    bad = any(not torch.isfinite(p.detach().to_local() if hasattr(p, "to_local") else p.detach()).all()
+              for p in model.parameters() if p.requires_grad)
+    if any_rank([bad], device)[0]:
+        raise DpokitError(f"step {step}: the weights are not finite; refusing to save them over the last good checkpoint")
 
 
 def save_pretrained(model: nn.Module, out_dir: Path, state_dict: dict[str, torch.Tensor], tokenizer=None) -> None:

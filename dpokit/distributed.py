@@ -290,6 +290,14 @@ def broadcast_from_main(obj: Optional[T]) -> T:
     return box[0]
 
 
+def any_rank(flags: list[bool], device: torch.device) -> list[bool]:
+    """Each flag OR-ed over all ranks (as is in one process), so every rank takes the same branch."""
+    values = torch.tensor([float(f) for f in flags], dtype=torch.float32, device=device)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(values, op=torch.distributed.ReduceOp.MAX)
+    return [bool(v) for v in values.tolist()]
+
+
 def main_result(fn: Callable[..., T], *args, **kwargs) -> T:
     """Run `fn` on rank 0 and return its result on every rank.
 

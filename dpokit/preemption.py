@@ -1,7 +1,7 @@
 """Stopping a run cleanly: SIGTERM (a scheduler's preemption) and Ctrl-C checkpoint before exit.
 
 The first SIGTERM or SIGINT only records a request; the training loop finishes its current step,
-every rank agrees on the stop (`any_rank`), a checkpoint is written, and the run exits with
+every rank agrees on the stop (`dpokit.distributed.any_rank`), a checkpoint is written, and the run exits with
 `INTERRUPTED_EXIT_CODE` and the command that resumes it. A second SIGINT (Ctrl-C again) exits at once.
 Repeated SIGTERMs (SLURM may signal every process of a job step, and torchrun forwards the signal
 to its workers as well) count as one request.
@@ -12,8 +12,6 @@ from __future__ import annotations
 import signal
 import sys
 from typing import Callable, Optional
-
-import torch
 
 from dpokit.errors import DpokitError
 
@@ -59,11 +57,3 @@ class StopSignals:
         self.announce(
             f"received {name}: finishing the current step, then writing a checkpoint (Ctrl-C again to stop at once)"
         )
-
-
-def any_rank(flags: list[bool], device: torch.device) -> list[bool]:
-    """Each flag OR-ed over all ranks (as is in one process), so every rank takes the same branch."""
-    values = torch.tensor([float(f) for f in flags], dtype=torch.float32, device=device)
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.all_reduce(values, op=torch.distributed.ReduceOp.MAX)
-    return [bool(v) for v in values.tolist()]

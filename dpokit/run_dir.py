@@ -9,8 +9,9 @@ how it runs (logging, saving, layout, memory options, the number of processes) m
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 from dpokit.artifacts import is_dpokit_artifact
 from dpokit.errors import DpokitError
@@ -32,6 +33,43 @@ def is_run_dir(path: Path) -> bool:
     if is_dpokit_artifact(path, "run"):
         return True
     return (path / "config.yaml").is_file() and ((path / "metrics.jsonl").exists() or (path / "checkpoints").is_dir())
+
+
+def start_or_resume(run_dir: Path, output, clear: bool = True) -> Optional[Path]:
+    """The checkpoint a ``--resume`` continues from, or None for a fresh run in `run_dir`.
+
+    A fresh run goes only into a new or empty directory or a dpokit run directory, and into one that
+    already has a run only with ``--overwrite``, which removes that run's own files (``metrics.jsonl``,
+    ``config.yaml``, ``checkpoints/step_*``) when `clear` (the main process) and nothing else.
+    """
+    from dpokit.checkpoint import latest_checkpoint, list_checkpoints
+
+    has_run = (run_dir / "metrics.jsonl").exists()
+    if output.resume:
+        checkpoint = latest_checkpoint(run_dir)
+        if checkpoint is None:
+            advice = "it stopped before its first checkpoint: pass --overwrite to start it again" if has_run else "start it without --resume"
+            raise DpokitError(f"output.resume=true but {run_dir} has no complete checkpoint to resume from; {advice}")
+        return checkpoint
+    others = [p for p in run_dir.iterdir() if p.name != RUN_LOCK] if run_dir.is_dir() else []
+    if others and not is_run_dir(run_dir):
+        raise DpokitError(
+            f"--out {run_dir} is a non-empty directory that is not a dpokit run; dpokit writes runs only into "
+            "a new or empty directory or its own run directory: choose another --out"
+        )
+    if has_run and not output.overwrite:
+        resumable = latest_checkpoint(run_dir) is not None
+        raise DpokitError(
+            f"run directory {run_dir} already has a run; "
+            + ("pass --resume to continue it, --overwrite to start again, or another --out" if resumable else
+               "it has no checkpoint to resume from: pass --overwrite to start again, or another --out")
+        )
+    if output.overwrite and clear:  # a fresh run must not inherit the old one's files (dpokit's only)
+        for name in ("metrics.jsonl", "config.yaml"):
+            (run_dir / name).unlink(missing_ok=True)
+        for _, old in list_checkpoints(run_dir):
+            shutil.rmtree(old)
+    return None
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:

@@ -40,7 +40,6 @@ from __future__ import annotations
 import contextlib
 import math
 import resource
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -50,9 +49,9 @@ from rich.console import Console
 
 from dpokit.artifacts import is_dpokit_artifact, write_marker
 from dpokit.checkpoint import (
+    check_finite_weights,
     export_merged,
     latest_checkpoint,
-    list_checkpoints,
     load_model_weights,
     load_optimizer_state,
     load_training_state,
@@ -63,7 +62,7 @@ from dpokit.config import TrainConfig, config_to_dict, config_to_yaml, parse_rec
 from dpokit.data.collate import PairBatch, collate_pairs
 from dpokit.data.prepared import load_prepared, pair_token_counts
 from dpokit.data.sampler import PairSampler
-from dpokit.distributed import apply_fsdp, barrier, broadcast_from_main, destroy_distributed, gather_to_main, init_distributed
+from dpokit.distributed import any_rank, apply_fsdp, barrier, broadcast_from_main, destroy_distributed, gather_to_main, init_distributed
 from dpokit.errors import DpokitError
 from dpokit.family import attn_implementation_of
 from dpokit.fidelity import Layout, check_layout, check_pairs, check_step_zero, step_zero_excess
@@ -82,8 +81,8 @@ from dpokit.model import (
     uses_adapters,
 )
 from dpokit.optim import build_optimizer, build_scheduler
-from dpokit.preemption import StopSignals, TrainingInterrupted, any_rank
-from dpokit.run_dir import RUN_LOCK, check_resume_config, is_run_dir
+from dpokit.preemption import StopSignals, TrainingInterrupted
+from dpokit.run_dir import RUN_LOCK, check_resume_config, start_or_resume
 from dpokit.refsource import CachedReference, LiveReference, check_token_counts
 
 
@@ -179,37 +178,13 @@ class DPORecipe:
         return AutoTokenizer.from_pretrained(self.cfg.model.tokenizer or self.cfg.model.path)
 
     def _resume_checkpoint(self):
-        """The checkpoint to resume from (``--resume``), after checking the run keeps its meaning; or
-        None for a fresh run, clearing an old run's files first when ``--overwrite`` asks for it."""
-        out = self.cfg.output
-        has_run = (self.run_dir / "metrics.jsonl").exists()
-        if out.resume:
-            checkpoint = latest_checkpoint(self.run_dir)
-            if checkpoint is None:
-                advice = "it stopped before its first checkpoint: pass --overwrite to start it again" if has_run else "start it without --resume"
-                raise DpokitError(f"output.resume=true but {self.run_dir} has no complete checkpoint to resume from; {advice}")
+        """The checkpoint to resume from (``--resume``, after checking the run keeps its meaning), or None
+        for a fresh run (`dpokit.run_dir.start_or_resume`: clears an old run's own files on ``--overwrite``)."""
+        checkpoint = start_or_resume(self.run_dir, self.cfg.output, clear=self.dist.is_main)
+        if checkpoint is not None:
             self.resume_state = load_training_state(checkpoint)
             check_resume_config(self.resume_state, self.cfg, self.dist.world_size, checkpoint, self.announce)
-            return checkpoint
-        others = [p for p in self.run_dir.iterdir() if p.name != RUN_LOCK] if self.run_dir.is_dir() else []
-        if others and not is_run_dir(self.run_dir):
-            raise DpokitError(
-                f"--out {self.run_dir} is a non-empty directory that is not a dpokit run; dpokit writes runs only into "
-                "a new or empty directory or its own run directory: choose another --out"
-            )
-        if has_run and not out.overwrite:
-            resumable = latest_checkpoint(self.run_dir) is not None
-            raise DpokitError(
-                f"run directory {self.run_dir} already has a run; "
-                + ("pass --resume to continue it, --overwrite to start again, or another --out" if resumable else
-                   "it has no checkpoint to resume from: pass --overwrite to start again, or another --out")
-            )
-        if out.overwrite and self.dist.is_main:  # a fresh run must not inherit the old one's files (dpokit's only)
-            for name in ("metrics.jsonl", "config.yaml"):
-                (self.run_dir / name).unlink(missing_ok=True)
-            for _, old in list_checkpoints(self.run_dir):
-                shutil.rmtree(old)
-        return None
+        return checkpoint
 
     def _write_config(self, checkpoint) -> None:
         """``config.yaml`` describes the run; a resumed run with allowed changes keeps the old one beside it."""
@@ -484,14 +459,6 @@ class DPORecipe:
         if hasattr(self, "lock"):
             self.lock.release()
         destroy_distributed()
-
-
-def check_finite_weights(model, step: int, device: torch.device) -> None:
-    """Refuse to save non-finite trainable weights (every rank checks its shard; all agree)."""
-    bad = any(not torch.isfinite(p.detach().to_local() if hasattr(p, "to_local") else p.detach()).all()
-              for p in model.parameters() if p.requires_grad)
-    if any_rank([bad], device)[0]:
-        raise DpokitError(f"step {step}: the weights are not finite; refusing to save them over the last good checkpoint")
 
 
 def peak_memory_mb(device: torch.device) -> float:
