@@ -33,6 +33,7 @@ from typing import Callable, Iterable, Iterator, Optional
 
 from dpokit import __version__
 from dpokit.errors import DpokitError
+from dpokit.lock import process_alive
 
 MARKER_NAME = ".dpokit-artifact.json"
 EJECTED_PREFIX = "# Ejected by dpokit"
@@ -117,6 +118,8 @@ def _directory_reason(path: Path, kind: str) -> Optional[str]:
         return None if found == kind else f"its {MARKER_NAME} marker says it is a dpokit {found!r}, not {kind!r}"
     if kind == "prepared" and _is_legacy_prepared(path):
         return None
+    if kind == "run" and _is_legacy_run(path):
+        return None
     return f"no {MARKER_NAME} marker"
 
 
@@ -135,6 +138,11 @@ def _is_legacy_prepared(path: Path) -> bool:
         child.name == LEGACY_MANIFEST or (child.name in splits and child.is_dir() and not child.is_symlink())
         for child in path.iterdir()
     )
+
+
+def _is_legacy_run(path: Path) -> bool:
+    """A training run from before the marker: its ``config.yaml`` beside ``metrics.jsonl`` or ``checkpoints/``."""
+    return (path / "config.yaml").is_file() and ((path / "metrics.jsonl").is_file() or (path / "checkpoints").is_dir())
 
 
 def _cache_reason(path: Path) -> Optional[str]:
@@ -254,6 +262,25 @@ def replace_atomically(target: str | os.PathLike, kind: str, write: Callable[[Pa
     return target
 
 
+def remove_within(artifact: str | os.PathLike, kind: str, paths: Iterable[str | os.PathLike]) -> None:
+    """Delete `paths` (files or directories, absent ones skipped) inside `artifact`, dpokit's own `kind`.
+
+    For what dpokit wrote inside one of its artifacts and now replaces: a run's old checkpoints and
+    metrics, a checkpoint's temporary directory. Refuses (deleting nothing) when `artifact` is not
+    dpokit's `kind` artifact or a path lies outside it.
+    """
+    artifact = Path(artifact)
+    reason = not_own_reason(artifact, kind)
+    if reason is not None:
+        raise DpokitError(f"refusing to delete inside {artifact}: {refusal(artifact, kind, reason).split(': ', 1)[1]}")
+    paths = [Path(p) for p in paths]
+    outside = [p for p in paths if artifact.resolve() not in p.resolve().parents]
+    if outside:
+        raise DpokitError(f"refusing to delete {outside[0]}: it is not inside the dpokit {kind} {artifact}")
+    for path in paths:
+        _remove(path)
+
+
 def temporary_sibling(target: Path, role: str) -> Path:
     """``.NAME.{role}-PID`` next to `target`: the only names `remove_stale_siblings` ever deletes."""
     return target.parent / f".{target.name}.{role}-{os.getpid()}"
@@ -263,7 +290,7 @@ def remove_stale_siblings(target: Path) -> list[Path]:
     """Delete the temporary siblings of `target` left by dpokit processes that died; returns what went.
 
     Only dpokit's own names are touched (``.NAME.tmp-PID``, ``.NAME.old-PID``, and the
-    ``..NAME.tmp-PID.tmp`` that `checkpoint.export_merged` derives from the path it is given), and
+    ``..NAME.tmp-PID.tmp`` an earlier `checkpoint.export_merged` derived from its temporary), and
     only when PID is not a live process on this machine, so a concurrent writer keeps its own.
     """
     removed = []
@@ -282,7 +309,7 @@ def _dead_siblings(target: Path) -> Iterator[tuple[Path, str]]:
         if match is None:
             continue
         role, pid = ("tmp", match["merged_pid"]) if match["merged_pid"] else (match["role"], match["pid"])
-        if not _pid_alive(int(pid)):
+        if not _writer_alive(int(pid)):
             yield sibling, role
 
 
@@ -310,16 +337,9 @@ def _restore_interrupted_swap(target: Path) -> None:
             return
 
 
-def _pid_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return False  # this process is not writing that sibling now: a crashed run that had our pid
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+def _writer_alive(pid: int) -> bool:
+    # This process is not writing that sibling now: it is a crashed run's that had our pid.
+    return pid != os.getpid() and process_alive(pid)
 
 
 def _remove(path: Path) -> None:

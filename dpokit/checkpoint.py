@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import random
 import re
-import shutil
 from pathlib import Path
 from typing import Any, Optional
 
@@ -24,6 +23,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from dpokit.artifacts import remove_within
 from dpokit.distributed import any_rank
 from dpokit.errors import DpokitError
 
@@ -101,31 +101,29 @@ def save_checkpoint(
     if not is_main:
         return final
     tmp = final.parent / f".{final.name}.tmp"
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    remove_within(run_dir, "run", [tmp])  # left by a save that was killed
     try:
         tmp.mkdir(parents=True)
         save_pretrained(model, tmp, model_state, tokenizer)
         torch.save({**training_state, "optimizer": optimizer_state, "rng": rng_state()}, tmp / STATE_FILE)
     except (OSError, RuntimeError) as exc:  # disk full, quota, permissions (torch.save reports some as RuntimeError)
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove_within(run_dir, "run", [tmp])
         previous = latest_checkpoint(run_dir)
         raise DpokitError(
             f"cannot write checkpoint {final} ({exc}); free space or fix the directory, then resume from "
             f"{previous or 'the start (no checkpoint yet)'} with --resume"
         ) from None
-    if final.exists():
-        shutil.rmtree(final)
+    remove_within(run_dir, "run", [final])  # the same step saved again (a resumed run)
     os.replace(tmp, final)
-    for _, old in list_checkpoints(run_dir)[:-keep_last] if keep_last > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+    remove_within(run_dir, "run", [old for _, old in list_checkpoints(run_dir)[:-keep_last]])
     return final
 
 
 def check_finite_weights(model, step: int, device: torch.device) -> None:
     """Refuse to save non-finite trainable weights (every rank checks its shard; all agree)."""
-    bad = any(not torch.isfinite(p.detach().to_local() if hasattr(p, "to_local") else p.detach()).all()
-              for p in model.parameters() if p.requires_grad)
+    finite = [torch.isfinite(p.detach().to_local() if hasattr(p, "to_local") else p.detach()).all()
+              for p in model.parameters() if p.requires_grad]
+    bad = bool(finite) and not bool(torch.stack(finite).all())  # one device sync, not one per tensor
     if any_rank([bad], device)[0]:
         raise DpokitError(f"step {step}: the weights are not finite; refusing to save them over the last good checkpoint")
 
@@ -178,7 +176,10 @@ def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, sta
 
 
 def export_merged(checkpoint: Path, base_model: str, out_dir: Path, dtype: torch.dtype = torch.float32) -> Path:
-    """Merge a LoRA-family adapter into its base and save a full HF model (with the tokenizer)."""
+    """Merge a LoRA-family adapter into its base and save a full HF model (with the tokenizer) in `out_dir`.
+
+    `out_dir` must not exist: `dpokit.export.export_run` passes a temporary sibling and renames it.
+    """
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -187,13 +188,7 @@ def export_merged(checkpoint: Path, base_model: str, out_dir: Path, dtype: torch
         raise DpokitError(f"{checkpoint} is not a PEFT adapter; a full fine-tuning checkpoint is already a full model")
     base = AutoModelForCausalLM.from_pretrained(base_model, dtype=dtype)
     merged = PeftModel.from_pretrained(base, str(checkpoint)).merge_and_unload()
-    tmp = Path(out_dir).parent / f".{Path(out_dir).name}.tmp"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    merged.save_pretrained(str(tmp), safe_serialization=True)
+    merged.save_pretrained(str(out_dir), safe_serialization=True)
     tokenizer_dir = checkpoint if (checkpoint / "tokenizer_config.json").is_file() else base_model
-    AutoTokenizer.from_pretrained(str(tokenizer_dir)).save_pretrained(str(tmp))
-    if Path(out_dir).exists():
-        shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
+    AutoTokenizer.from_pretrained(str(tokenizer_dir)).save_pretrained(str(out_dir))
     return Path(out_dir)

@@ -292,9 +292,10 @@ def broadcast_from_main(obj: Optional[T]) -> T:
 
 def any_rank(flags: list[bool], device: torch.device) -> list[bool]:
     """Each flag OR-ed over all ranks (as is in one process), so every rank takes the same branch."""
+    if not _in_group():
+        return [bool(f) for f in flags]
     values = torch.tensor([float(f) for f in flags], dtype=torch.float32, device=device)
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.all_reduce(values, op=torch.distributed.ReduceOp.MAX)
+    dist.all_reduce(values, op=dist.ReduceOp.MAX)
     return [bool(v) for v in values.tolist()]
 
 

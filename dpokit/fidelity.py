@@ -22,6 +22,7 @@ from dpokit.data.collate import collate_pairs, pad_pairs
 from dpokit.errors import DpokitError
 from dpokit.family import UnsupportedPattern, attention_pattern, shrunk_windows
 from dpokit.logps import naive_sequence_logps, sequence_logps
+from dpokit.model import dtype_name
 
 CHECK_PAIRS = 4  # the shortest of the first CHECK_CANDIDATES pairs
 CHECK_CANDIDATES = 256
@@ -164,33 +165,26 @@ STEP_ZERO_CAUSES = (
 )
 
 
-def step_zero_excess(policy_logps: Tensor, reference_logps: Tensor, tokens: Tensor, dtype: torch.dtype) -> tuple[float, float]:
-    """``(largest |policy - reference| above tolerance, that |Δ|)`` over a batch's sequences."""
-    excess, _, difference = worst_excess(policy_logps.detach(), reference_logps.to(policy_logps.device), tokens, dtype)
-    return excess, difference
-
-
-def check_step_zero(policy, reference, dtype: torch.dtype, cache_description: str) -> None:
+def check_step_zero(policy, reference, dtype: torch.dtype, cache_description: str, refuse: bool = True) -> float:
     """Stop before the first update when the policy does not start as the reference.
 
     `policy` and `reference` are the first micro-batch's `ChosenRejectedOutputs`. Under several
     processes every rank checks its own batch and the worst is shared, so all ranks stop together.
+    Returns the largest log-prob difference; with ``refuse=False`` it only measures (a 4-bit policy
+    cannot start as the cache's 16-bit reference).
     """
-    logps = torch.cat([policy.chosen_logps, policy.rejected_logps])
-    reference_logps = torch.cat([reference.chosen_logps, reference.rejected_logps])
+    logps = torch.cat([policy.chosen_logps, policy.rejected_logps]).detach()
+    reference_logps = torch.cat([reference.chosen_logps, reference.rejected_logps]).to(logps.device)
     tokens = torch.cat([policy.chosen_tokens, policy.rejected_tokens])
-    excess, difference = step_zero_excess(logps, reference_logps, tokens, dtype)
+    excess, _, difference = worst_excess(logps, reference_logps, tokens, dtype)
     shared = torch.tensor([excess, difference], dtype=torch.float32, device=logps.device)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.all_reduce(shared, op=torch.distributed.ReduceOp.MAX)
-    if float(shared[0]) > 0:
+    if refuse and float(shared[0]) > 0:
         causes = "; ".join(c.format(cache=cache_description) for c in STEP_ZERO_CAUSES)
         raise DpokitError(
             f"step-0 check: the policy does not start as the reference (log-prob difference up to {float(shared[1]):.3g} "
-            f"nats on the first batch, above the {dtype_label(dtype)} tolerance). Likely causes: {causes}. "
+            f"nats on the first batch, above the {dtype_name(dtype)} tolerance). Likely causes: {causes}. "
             "Rebuild the cache with the training model and settings (`dpokit ref-logps ... --overwrite`)"
         )
-
-
-def dtype_label(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
+    return float(shared[1])

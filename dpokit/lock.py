@@ -18,7 +18,8 @@ from typing import Callable, Optional
 from dpokit.errors import DpokitError
 
 
-def _pid_alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether a process with this pid runs on this machine (one owned by another user counts)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -65,7 +66,7 @@ class WriterLock:
         except (OSError, json.JSONDecodeError):
             holder = {}
         host, pid = holder.get("host"), holder.get("pid")
-        if host == socket.gethostname() and isinstance(pid, int) and not _pid_alive(pid):
+        if host == socket.gethostname() and isinstance(pid, int) and not process_alive(pid):
             self.announce(f"note: taking over {self.path}: its owner (pid {pid}) no longer runs")
             self.path.unlink(missing_ok=True)
             return

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from dpokit.data.collate import PairBatch
-from dpokit.family import decoder_masks, logits_transform
+from dpokit.family import attn_implementation_of, decoder_masks, logits_transform
 from dpokit.losses import ChosenRejectedOutputs
 
 DEFAULT_CHUNK_SIZE = 1024
@@ -97,9 +97,8 @@ def model_attention_mask(batch: PairBatch, decoder: nn.Module):
     mask = batch.attention_mask
     if mask.dim() != 4:
         return mask
-    config = decoder.config
-    implementation = getattr(config, "_attn_implementation", None) or "sdpa"
-    return decoder_masks(mask, batch.position_ids, config, implementation, decoder.get_input_embeddings().weight.dtype)
+    dtype = decoder.get_input_embeddings().weight.dtype
+    return decoder_masks(mask, batch.position_ids, decoder.config, attn_implementation_of(decoder), dtype)
 
 
 def sequence_logps(

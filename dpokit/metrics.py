@@ -50,10 +50,11 @@ class PairMetrics:
         ]
         sums = torch.stack([v.detach().double().sum() for v in values])
         aux = policy.router_aux_loss
-        aux_sum = float(aux.detach()) * losses.numel() if aux is not None else 0.0
         extra = torch.tensor(
-            [aux_sum, float(aux is not None), float(losses.numel()), float(num_tokens)], dtype=torch.float64, device=sums.device
+            [0.0, float(aux is not None), float(losses.numel()), float(num_tokens)], dtype=torch.float64, device=sums.device
         )
+        if aux is not None:  # kept on the device: no host sync in the step
+            extra[0] = aux.detach().double() * losses.numel()
         self.sums += torch.cat([sums, extra]).to(self.sums.device)
 
     def all_reduce(self) -> None:

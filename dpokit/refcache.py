@@ -222,13 +222,17 @@ class RefCache:
             command += f" --splits {','.join(splits)}"
         return command
 
+    def attr(self, key: str) -> Any:
+        """A root attribute; one a cache made before it existed lacks reads as `ATTR_DEFAULTS` says."""
+        return self.attrs.get(key, ATTR_DEFAULTS.get(key))
+
     def mismatches(self, expected: dict[str, Any]) -> list[str]:
         """One line per identity attribute whose value differs from `expected` (keys not given are skipped)."""
         lines = []
         for key, value in expected.items():
             if value is None:
                 continue
-            found = self.attrs.get(key, ATTR_DEFAULTS.get(key))
+            found = self.attr(key)
             if found != value:
                 lines.append(
                     f"{key} differs ({IDENTITY_ATTRS.get(key, key)}): {_short(found)} in the file, {_short(value)} now"

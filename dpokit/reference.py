@@ -50,7 +50,6 @@ from dpokit.logps import concatenated_forward
 from dpokit.metrics import training_progress
 from dpokit.model import check_adapter_dir, default_device, dtype_name, load_reference, resolve_dtype
 from dpokit.refcache import (
-    ATTR_DEFAULTS,
     RefCache,
     RefCacheWriter,
     cache_attrs,
@@ -375,7 +374,7 @@ def verify_cache(
     if not chosen_rows:
         raise DpokitError(f"{cache_path} has no written rows to verify; run `{cache.rebuild_command()}` first")
     device = default_device()
-    attn = cache.attrs.get("attn_implementation") or ATTR_DEFAULTS["attn_implementation"]
+    attn = cache.attr("attn_implementation")
     reference = load_reference(model, resolve_dtype(cache.attrs["dtype"], device), device, adapter, attn)
     layout = checked_layout(reference, prepared.split(next(iter(chosen_rows))))
     report = VerifyReport()

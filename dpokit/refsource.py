@@ -27,7 +27,7 @@ class CachedReference:
     """Reference log-probs read from ``ref.h5``, after checking it was built from this data and model."""
 
     def __init__(self, cache_path: str, prepared: PreparedData, model_path: str, adapter: Optional[str], splits: list[str]):
-        from dpokit.refcache import ATTR_DEFAULTS, open_cache, reference_fingerprint
+        from dpokit.refcache import open_cache, reference_fingerprint
 
         cache = open_cache(cache_path)
         cache.check_matches(
@@ -37,7 +37,7 @@ class CachedReference:
         )
         self.path = cache_path
         self.dtype = str(cache.attrs.get("dtype", ""))
-        self.attn_implementation = str(cache.attrs.get("attn_implementation") or ATTR_DEFAULTS["attn_implementation"])
+        self.attn_implementation = str(cache.attr("attn_implementation"))
         self.rebuild_command = f"{cache.rebuild_command()} --overwrite"
         self.description = f"the cache's: {self.dtype}, {self.attn_implementation} attention"
         missing = [split for split in splits if split not in cache.splits]

@@ -9,11 +9,10 @@ how it runs (logging, saving, layout, memory options, the number of processes) m
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
-from dpokit.artifacts import is_dpokit_artifact
+from dpokit.artifacts import is_dpokit_artifact, remove_within
 from dpokit.errors import DpokitError
 
 RUN_LOCK = ".dpokit.lock"
@@ -24,15 +23,6 @@ MEANING_KEYS = (
     "lora.", "data.path", "data.shuffle", "data.group_by_length", "reference.", "loss.", "optimizer.",
     "scheduler.", "training.max_steps", "training.epochs", "training.seed", "training.max_grad_norm",
 )
-
-
-def is_run_dir(path: Path) -> bool:
-    """True for a directory `dpokit train` wrote: its marker (`dpokit.artifacts`), or for runs made before
-    markers existed, its ``config.yaml`` with ``metrics.jsonl`` or ``checkpoints/``."""
-    path = Path(path)
-    if is_dpokit_artifact(path, "run"):
-        return True
-    return (path / "config.yaml").is_file() and ((path / "metrics.jsonl").exists() or (path / "checkpoints").is_dir())
 
 
 def start_or_resume(run_dir: Path, output, clear: bool = True) -> Optional[Path]:
@@ -52,7 +42,7 @@ def start_or_resume(run_dir: Path, output, clear: bool = True) -> Optional[Path]
             raise DpokitError(f"output.resume=true but {run_dir} has no complete checkpoint to resume from; {advice}")
         return checkpoint
     others = [p for p in run_dir.iterdir() if p.name != RUN_LOCK] if run_dir.is_dir() else []
-    if others and not is_run_dir(run_dir):
+    if others and not is_dpokit_artifact(run_dir, "run"):
         raise DpokitError(
             f"--out {run_dir} is a non-empty directory that is not a dpokit run; dpokit writes runs only into "
             "a new or empty directory or its own run directory: choose another --out"
@@ -64,11 +54,10 @@ def start_or_resume(run_dir: Path, output, clear: bool = True) -> Optional[Path]
             + ("pass --resume to continue it, --overwrite to start again, or another --out" if resumable else
                "it has no checkpoint to resume from: pass --overwrite to start again, or another --out")
         )
-    if output.overwrite and clear:  # a fresh run must not inherit the old one's files (dpokit's only)
-        for name in ("metrics.jsonl", "config.yaml"):
-            (run_dir / name).unlink(missing_ok=True)
-        for _, old in list_checkpoints(run_dir):
-            shutil.rmtree(old)
+    # A fresh run must not inherit an old run's files (dpokit's only; an absent or empty --out has none).
+    if output.overwrite and clear and is_dpokit_artifact(run_dir, "run"):
+        old = [run_dir / "metrics.jsonl", run_dir / "config.yaml", *(path for _, path in list_checkpoints(run_dir))]
+        remove_within(run_dir, "run", old)
     return None
 
 

@@ -50,7 +50,6 @@ from rich.console import Console
 from dpokit.artifacts import is_dpokit_artifact, write_marker
 from dpokit.checkpoint import (
     check_finite_weights,
-    export_merged,
     latest_checkpoint,
     load_model_weights,
     load_optimizer_state,
@@ -64,8 +63,9 @@ from dpokit.data.prepared import load_prepared, pair_token_counts
 from dpokit.data.sampler import PairSampler
 from dpokit.distributed import any_rank, apply_fsdp, barrier, broadcast_from_main, destroy_distributed, gather_to_main, init_distributed
 from dpokit.errors import DpokitError
+from dpokit.export import export_run
 from dpokit.family import attn_implementation_of
-from dpokit.fidelity import Layout, check_layout, check_pairs, check_step_zero, step_zero_excess
+from dpokit.fidelity import Layout, check_layout, check_pairs, check_step_zero
 from dpokit.launch import check_distributed_config
 from dpokit.lock import WriterLock
 from dpokit.logps import concatenated_forward
@@ -265,15 +265,11 @@ class DPORecipe:
     def check_step_zero(self, policy_out, reference_out) -> None:
         """The first batch of a fresh run: the policy must start as the reference (`dpokit.fidelity`)."""
         self.step_zero_pending = False
-        if self.cfg.model.method in QUANTIZED_METHODS:  # a 4-bit base is not the cache's 16-bit reference
-            logps = torch.cat([policy_out.chosen_logps, policy_out.rejected_logps])
-            tokens = torch.cat([policy_out.chosen_tokens, policy_out.rejected_tokens])
-            reference = torch.cat([reference_out.chosen_logps, reference_out.rejected_logps])
-            _, difference = step_zero_excess(logps, reference, tokens, self.compute_dtype)
-            self.announce(f"step 0: the 4-bit policy differs from the reference by up to {difference:.3g} nats per sequence")
-            return
+        quantized = self.cfg.model.method in QUANTIZED_METHODS  # a 4-bit base is not the cache's 16-bit reference
         described = getattr(self.reference, "description", "a live reference")
-        check_step_zero(policy_out, reference_out, self.compute_dtype, described)
+        difference = check_step_zero(policy_out, reference_out, self.compute_dtype, described, refuse=not quantized)
+        if quantized:
+            self.announce(f"step 0: the 4-bit policy differs from the reference by up to {difference:.3g} nats per sequence")
 
     def train_step(self, micro_batches: list[list[int]]) -> PairMetrics:
         """Forward and backward over this rank's micro-batches of one optimizer step."""
@@ -407,7 +403,7 @@ class DPORecipe:
             last.update({f"eval/{k}": v for k, v in last_eval.items()})
         final = self.save_checkpoint()
         if self.cfg.output.merge and self.adapters and self.dist.is_main:
-            export_merged(final, self.cfg.model.path, self.run_dir / "merged")
+            export_run(final, self.run_dir / "merged", base_model=self.cfg.model.path, overwrite=True)
         if self.dist.is_main:
             self.console.print(summary_table(f"dpokit train: {self.step} steps", _summary_rows(last)))
         return last

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import h5py
 import pytest
+import torch
 
 from dpokit import __version__
 from dpokit.artifacts import (
@@ -19,6 +20,7 @@ from dpokit.artifacts import (
     is_dpokit_artifact,
     read_marker,
     remove_stale_siblings,
+    remove_within,
     replace_atomically,
     write_marker,
 )
@@ -268,3 +270,47 @@ def test_only_dpokit_temporaries_of_dead_processes_are_swept(tmp_path):
     removed = remove_stale_siblings(target)
     assert sorted(p.name for p in removed) == sorted(names[:3])
     assert siblings(target) == sorted(names[3:])
+
+
+def test_remove_within_deletes_a_runs_own_files(tmp_path):
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step_0000001").mkdir(parents=True)
+    (run / "metrics.jsonl").write_text("{}\n")
+    (run / "notes.txt").write_text("mine")
+    write_marker(run, "run")
+    remove_within(run, "run", [run / "metrics.jsonl", run / "checkpoints" / "step_0000001", run / "absent"])
+    assert sorted(p.name for p in run.iterdir()) == [MARKER_NAME, "checkpoints", "notes.txt"]
+    assert list((run / "checkpoints").iterdir()) == []
+
+
+def test_remove_within_refuses_a_directory_dpokit_did_not_create_and_deletes_nothing(tmp_path):
+    mine = tmp_path / "mine"
+    (mine / "checkpoints" / "step_0000001").mkdir(parents=True)
+    (mine / "metrics.jsonl").write_text("my own log\n")
+    with pytest.raises(DpokitError, match=r"refusing to delete inside .*mine: it is not a dpokit training run directory"):
+        remove_within(mine, "run", [mine / "metrics.jsonl", mine / "checkpoints" / "step_0000001"])
+    assert (mine / "metrics.jsonl").read_text() == "my own log\n"
+    assert (mine / "checkpoints" / "step_0000001").is_dir()
+
+
+def test_remove_within_refuses_a_path_outside_the_artifact(tmp_path):
+    run, outside = tmp_path / "run", tmp_path / "elsewhere.txt"
+    run.mkdir()
+    write_marker(run, "run")
+    outside.write_text("keep")
+    with pytest.raises(DpokitError, match="is not inside the dpokit run"):
+        remove_within(run, "run", [run / ".." / "elsewhere.txt"])
+    assert outside.read_text() == "keep"
+
+
+def test_a_checkpoint_is_not_saved_into_a_directory_dpokit_did_not_create(tmp_path):
+    from dpokit.checkpoint import save_checkpoint
+
+    mine = tmp_path / "mine"
+    (mine / "checkpoints" / "step_0000001").mkdir(parents=True)
+    (mine / "checkpoints" / "step_0000001" / "weights.bin").write_text("my weights")
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    with pytest.raises(DpokitError, match="refusing to delete inside"):
+        save_checkpoint(mine, 1, model, optimizer, {"step": 1}, adapters=False)
+    assert (mine / "checkpoints" / "step_0000001" / "weights.bin").read_text() == "my weights"
