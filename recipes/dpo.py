@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import resource
 import sys
 import time
@@ -485,12 +486,20 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
 
 if __name__ == "__main__":
+    code = 0
     try:
         main()
     except TrainingInterrupted as exc:
         if str(exc):
             print(str(exc), file=sys.stderr)
-        sys.exit(exc.exit_code)
+        code = exc.exit_code
     except DpokitError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        sys.exit(1)
+        code = 1
+    if "WORLD_SIZE" in os.environ:  # a worker of several: everything is saved and the group destroyed
+        # Skip the interpreter's teardown of torch.distributed's C++ objects, which now and then aborts
+        # ("terminate called without an active exception") and would fail a finished run.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
