@@ -15,11 +15,17 @@ import typing
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
+import os
 from typing import Any, Literal, Optional
 
 import yaml
 
 from dpokit.errors import DpokitError
+from dpokit.types import ABOVE_0, AT_LEAST_0, AT_LEAST_1, UNIT, Range
+
+
+QUANTIZED_METHODS = ("qlora", "qdora")  # a bitsandbytes 4-bit base under the adapter
+ADAPTER_METHODS = ("lora", "dora", "qlora", "qdora")
 
 
 @dataclass
@@ -161,8 +167,15 @@ def resolve_config_path(name_or_path: str) -> Path:
 # Loading and validation
 
 
-def load_config(config: Optional[str] = None, overrides: tuple[str, ...] | list[str] = ()) -> TrainConfig:
-    """Defaults, then the YAML `config` (name or path), then `key=value` overrides; validated."""
+def load_config(
+    config: Optional[str] = None, overrides: tuple[str, ...] | list[str] = (), world_size: Optional[int] = None
+) -> TrainConfig:
+    """Defaults, then the YAML `config` (name or path), then `key=value` overrides; validated.
+
+    Args:
+        world_size: processes the run will have, for the checks that depend on it (default: torchrun's
+            ``WORLD_SIZE``, else 1).
+    """
     tree: dict[str, Any] = {}
     source = "defaults"
     if config:
@@ -178,7 +191,23 @@ def load_config(config: Optional[str] = None, overrides: tuple[str, ...] | list[
     for override in overrides:
         key, value = parse_override(override)
         set_dotted(tree, key, value)
-    return build_dataclass(TrainConfig, tree, prefix="", source=source)
+    cfg = build_dataclass(TrainConfig, tree, prefix="", source=source)
+    check_config(cfg, int(os.environ.get("WORLD_SIZE", "1")) if world_size is None else world_size)
+    return cfg
+
+
+def check_config(cfg: TrainConfig, world_size: int) -> None:
+    """The checks that look at more than one key, done once when a config is loaded: the loss section
+    builds (its name and parameters), and nothing multi-process training does not support is asked for."""
+    from dpokit.losses import build_loss
+
+    build_loss(cfg.loss)
+    if world_size > 1 and cfg.model.method in QUANTIZED_METHODS:
+        raise DpokitError(
+            f"model.method={cfg.model.method} is not supported with more than one process: dpokit does not "
+            "shard bitsandbytes 4-bit weights with FSDP2; run it on one process, or use model.method=lora "
+            "(with distributed.cpu_offload=true to save memory)"
+        )
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -244,32 +273,6 @@ def build_dataclass(cls: type, data: Any, prefix: str, source: str) -> Any:
 # ---------------------------------------------------------------------------------------------
 # Ranges of numeric settings
 
-
-@dataclass(frozen=True)
-class Range:
-    """Allowed values ``low (<|<=) value (<|<=) high``; either end may be open-ended (None)."""
-
-    low: Optional[float] = None
-    high: Optional[float] = None
-    low_inclusive: bool = True
-    high_inclusive: bool = False
-
-    def __contains__(self, value: float) -> bool:
-        above = self.low is None or (value >= self.low if self.low_inclusive else value > self.low)
-        below = self.high is None or (value <= self.high if self.high_inclusive else value < self.high)
-        return above and below
-
-    def __str__(self) -> str:
-        if self.high is None:
-            return f"{'>=' if self.low_inclusive else '>'} {self.low:g}"
-        left, right = "[" if self.low_inclusive else "(", "]" if self.high_inclusive else ")"
-        return f"in {left}{self.low:g}, {self.high:g}{right}"
-
-
-AT_LEAST_0 = Range(0)
-AT_LEAST_1 = Range(1)
-ABOVE_0 = Range(0, low_inclusive=False)
-UNIT = Range(0, 1)  # [0, 1)
 
 # Every numeric setting's allowed values. An Optional key also accepts null (its meaning is in the
 # dataclass comment); a list checks each item. Loss parameters are checked by the losses themselves.
@@ -381,8 +384,8 @@ def config_to_yaml(config: Any) -> str:
     return yaml.safe_dump(config_to_dict(config), sort_keys=False)
 
 
-def parse_recipe_args(argv: list[str]) -> TrainConfig:
-    """A recipe's command line: ``[--config NAME|PATH] [key=value ...]``."""
+def parse_recipe_args(argv: list[str], world_size: Optional[int] = None) -> TrainConfig:
+    """A recipe's command line: ``[--config NAME|PATH] [key=value ...]``, loaded and checked (`load_config`)."""
     config = None
     overrides = []
     args = list(argv)
@@ -398,4 +401,4 @@ def parse_recipe_args(argv: list[str]) -> TrainConfig:
             overrides.append(arg)
         else:
             raise DpokitError(f"unexpected argument {arg!r}; a recipe takes --config NAME|PATH and key=value overrides")
-    return load_config(config, overrides)
+    return load_config(config, overrides, world_size)

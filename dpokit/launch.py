@@ -9,23 +9,8 @@ from pathlib import Path
 from types import ModuleType
 from typing import Optional
 
-from dpokit.config import TrainConfig, parse_recipe_args
+from dpokit.config import parse_recipe_args
 from dpokit.errors import DpokitError
-from dpokit.model import QUANTIZED_METHODS
-
-
-def check_distributed_config(cfg: TrainConfig) -> None:
-    """Refuse, before any worker starts, what multi-process training does not support (and a bad loss
-    setting, which every worker would otherwise report once)."""
-    from dpokit.losses import build_loss
-
-    build_loss(cfg.loss)
-    if cfg.model.method in QUANTIZED_METHODS:
-        raise DpokitError(
-            f"model.method={cfg.model.method} is not supported with more than one process: dpokit does not "
-            "shard bitsandbytes 4-bit weights with FSDP2; run it on one process, or use model.method=lora "
-            "(with distributed.cpu_offload=true to save memory)"
-        )
 
 
 def builtin_recipe_path() -> Path:
@@ -50,7 +35,7 @@ def run_recipe(recipe: Optional[Path], argv: list[str], gpus: int = 1):
     """Run `recipe` (default: the built-in one) with `argv`; `gpus` > 1 launches that many workers."""
     path = Path(recipe) if recipe else builtin_recipe_path()
     if gpus > 1 and recipe is None:
-        check_distributed_config(parse_recipe_args(argv))  # fail once, here, not once per worker
+        parse_recipe_args(argv, world_size=gpus)  # a bad config fails once, here, not once per worker
     if gpus > 1:
         from dpokit.distributed import launch_workers
 

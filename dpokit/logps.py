@@ -18,9 +18,9 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from dpokit.data.collate import PairBatch
+from dpokit.types import PairBatch
 from dpokit.family import attn_implementation_of, decoder_masks, logits_transform
-from dpokit.losses import ChosenRejectedOutputs
+from dpokit.types import ChosenRejectedOutputs
 
 DEFAULT_CHUNK_SIZE = 1024
 

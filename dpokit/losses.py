@@ -22,43 +22,16 @@ from __future__ import annotations
 import abc
 import importlib
 import inspect
-from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dpokit.config import ABOVE_0, AT_LEAST_0, Range
 from dpokit.errors import DpokitError
+from dpokit.types import ABOVE_0, AT_LEAST_0, ChosenRejectedOutputs, Range
 
 BETA_WHY = "0 learns nothing, and a negative beta prefers the rejected responses"
-
-
-@dataclass
-class ChosenRejectedOutputs:
-    """Per-pair outputs of one model (policy or reference) on a batch of pairs; each field ``[B]``.
-
-    ``chosen_logits``/``rejected_logits`` are the mean logit over completion positions and
-    vocabulary (a detached diagnostic: dpokit never materialises full ``[B, T, V]`` logits).
-    """
-
-    chosen_logps: Tensor
-    rejected_logps: Tensor
-    chosen_logits: Optional[Tensor] = None
-    rejected_logits: Optional[Tensor] = None
-    chosen_tokens: Optional[Tensor] = None
-    rejected_tokens: Optional[Tensor] = None
-    router_aux_loss: Optional[Tensor] = None  # scalar: a mixture-of-experts policy's load-balancing term
-
-    def average_logps(self) -> tuple[Tensor, Tensor]:
-        """Length-normalised log-probs (sum over completion tokens / their count)."""
-        if self.chosen_tokens is None or self.rejected_tokens is None:
-            raise DpokitError("this loss needs completion token counts (chosen_tokens/rejected_tokens)")
-        return (
-            self.chosen_logps / self.chosen_tokens.clamp(min=1).to(self.chosen_logps.dtype),
-            self.rejected_logps / self.rejected_tokens.clamp(min=1).to(self.rejected_logps.dtype),
-        )
 
 
 class PreferenceLoss(nn.Module, abc.ABC):

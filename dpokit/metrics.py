@@ -13,7 +13,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from dpokit.errors import DpokitError
-from dpokit.losses import ChosenRejectedOutputs
+from dpokit.types import ChosenRejectedOutputs
 
 METRICS_FILE = "metrics.jsonl"
 PAIR_METRICS = (

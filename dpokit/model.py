@@ -18,12 +18,11 @@ from typing import Optional
 import torch
 from torch import nn
 
+from dpokit.config import ADAPTER_METHODS, QUANTIZED_METHODS
 from dpokit.errors import DpokitError
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
-QUANTIZED_METHODS = ("qlora", "qdora")
-ADAPTER_METHODS = ("lora", "dora", "qlora", "qdora")
 
 
 def default_device() -> torch.device:

@@ -39,7 +39,7 @@ import torch
 from dpokit import __version__
 from dpokit.artifacts import check_replaceable, replace_atomically
 from dpokit.errors import DpokitError
-from dpokit.losses import ChosenRejectedOutputs
+from dpokit.types import ChosenRejectedOutputs
 
 FORMAT_VERSION = 1
 LIBVER = ("earliest", "v108")  # never a v3 superblock: see the module docstring

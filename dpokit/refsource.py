@@ -12,11 +12,11 @@ from typing import Optional, Protocol
 import torch
 from torch import nn
 
-from dpokit.data.collate import PairBatch
+from dpokit.types import PairBatch
 from dpokit.data.prepared import PreparedData
 from dpokit.errors import DpokitError
 from dpokit.logps import concatenated_forward
-from dpokit.losses import ChosenRejectedOutputs
+from dpokit.types import ChosenRejectedOutputs
 
 
 class ReferenceSource(Protocol):

@@ -58,8 +58,9 @@ from dpokit.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from dpokit.config import TrainConfig, config_to_dict, config_to_yaml, parse_recipe_args
-from dpokit.data.collate import PairBatch, collate_pairs
+from dpokit.config import QUANTIZED_METHODS, TrainConfig, config_to_dict, config_to_yaml, parse_recipe_args
+from dpokit.data.collate import collate_pairs
+from dpokit.types import PairBatch
 from dpokit.data.prepared import load_prepared, pair_token_counts
 from dpokit.data.sampler import PairSampler
 from dpokit.distributed import any_rank, apply_fsdp, barrier, broadcast_from_main, destroy_distributed, gather_to_main, init_distributed
@@ -67,13 +68,11 @@ from dpokit.errors import DpokitError
 from dpokit.export import export_run
 from dpokit.family import attn_implementation_of
 from dpokit.fidelity import Layout, check_layout, check_pairs, check_step_zero
-from dpokit.launch import check_distributed_config
 from dpokit.lock import WriterLock
 from dpokit.logps import concatenated_forward
 from dpokit.losses import build_loss, is_reference_free
 from dpokit.metrics import MetricsLogger, PairMetrics, summary_table, training_progress, truncate_metrics
 from dpokit.model import (
-    QUANTIZED_METHODS,
     default_device,
     dtype_name,
     load_policy,
@@ -108,8 +107,6 @@ class DPORecipe:
         self.train_split = self.data.split("train")
         self.eval_split = self.data.split("eval") if "eval" in self.data.splits else None
 
-        if self.dist.world_size > 1:
-            check_distributed_config(cfg)
         self.loss_fn = build_loss(cfg.loss)
         self.lock = WriterLock(self.run_dir / RUN_LOCK, f"run directory {self.run_dir}", self.announce)
         if self.dist.is_main:

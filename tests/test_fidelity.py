@@ -18,7 +18,7 @@ from dpokit.errors import DpokitError
 from dpokit.fidelity import check_step_zero, tolerance
 from dpokit.launch import builtin_recipe_path, load_recipe_module
 from dpokit.logps import naive_sequence_logps
-from dpokit.losses import ChosenRejectedOutputs
+from dpokit.types import ChosenRejectedOutputs
 from dpokit.metrics import read_metrics
 from dpokit.refcache import open_cache
 

@@ -16,38 +16,14 @@ it (`target_rows`, `target_cols`), the token (`target_ids`) and the output it co
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
 
+from dpokit.types import PairBatch
+
 PROMPT, CHOSEN, REJECTED = 0, 1, 2  # branches of a prefix-shared segment
-
-
-@dataclass
-class PairBatch:
-    input_ids: torch.Tensor  # [R, L] long
-    attention_mask: torch.Tensor  # [R, L] long padding mask, or [R, 1, L, L] bool (True: may attend)
-    target_rows: torch.Tensor  # [M] long, one entry per completion token in the batch
-    target_cols: torch.Tensor  # [M] long, column whose hidden state predicts the token
-    target_ids: torch.Tensor  # [M] long
-    target_slots: torch.Tensor  # [M] long, 0..B-1 chosen, B..2B-1 rejected
-    index: torch.Tensor  # [B] long, example index of each pair in its split
-    num_tokens: int  # tokens the model computes (padding excluded)
-    position_ids: Optional[torch.Tensor] = None  # [R, L]; None: 0..L-1 in every row
-    completion_mask: Optional[torch.Tensor] = None  # [R, L] bool, padded layout only
-    token_mask: Optional[torch.Tensor] = None  # [R, L] long, 1 on real tokens (0 on padding)
-
-    @property
-    def num_pairs(self) -> int:
-        return int(self.index.numel())
-
-    def to(self, device: torch.device | str) -> "PairBatch":
-        moved = {}
-        for f in fields(self):
-            value = getattr(self, f.name)
-            moved[f.name] = value.to(device, non_blocking=True) if isinstance(value, torch.Tensor) else value
-        return PairBatch(**moved)
 
 
 def pad_pairs(rows: Sequence[dict], indices: Sequence[int], pad_id: int) -> PairBatch:
