@@ -54,7 +54,7 @@ def old_sampled_fingerprint(directory: Path) -> str:
     import torch
     from safetensors import safe_open
 
-    from dpokit.refcache import CONFIG_FILES, _canonical_config
+    from dpokit.fingerprint import CONFIG_FILES, _canonical_config
 
     def sample_steps(shape: list[int], budget: int = 1 << 16) -> list[int]:
         steps = []
@@ -92,7 +92,7 @@ def timed(fn, *args) -> float:
 
 def run_pass(workdir: Path, batch_size: int) -> tuple[float, float, int]:
     """(seconds of the whole call, seconds of the pass as it reports them, tokens) for one ref-logps run."""
-    from dpokit.reference import RefLogpsOptions, compute_reference_cache
+    from dpokit.reference.compute import RefLogpsOptions, compute_reference_cache
 
     options = RefLogpsOptions(
         prepared=str(workdir / "prepared"), model=str(workdir / "model"), out=str(workdir / "ref.h5"),
@@ -116,7 +116,7 @@ def main() -> None:
 
     import torch
 
-    from dpokit.refcache import weights_fingerprint
+    from dpokit.fingerprint import weights_fingerprint
 
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:

@@ -100,8 +100,8 @@ class PeakRss:
 
 def run_dpokit(workdir: Path, batch_size: int) -> dict:
     """The real pass (`compute_reference_cache`), timed by its own report; logps read back from ref.h5."""
-    from dpokit.reference import RefLogpsOptions, compute_reference_cache
-    from dpokit.refcache import open_cache
+    from dpokit.reference.compute import RefLogpsOptions, compute_reference_cache
+    from dpokit.reference.cache import open_cache
 
     options = RefLogpsOptions(
         prepared=str(workdir / "prepared"), model=str(workdir / "model"), out=str(workdir / "ref.h5"),

@@ -252,7 +252,7 @@ class StepClock:
 
 def child_ref_logps(work: Path, batch_size: int) -> dict:
     """The real reference pass (`compute_reference_cache`, what `dpokit ref-logps` runs), over every pair."""
-    from dpokit.reference import RefLogpsOptions, compute_reference_cache
+    from dpokit.reference.compute import RefLogpsOptions, compute_reference_cache
 
     options = RefLogpsOptions(prepared=str(work / "prepared"), model=str(work / "model"), out=str(work / "ref.h5"),
                               batch_size=batch_size, dtype="fp32", overwrite=True)

@@ -28,7 +28,6 @@ app.add_typer(config_app, name="config")
 app.add_typer(eject_app, name="eject")
 
 err_console = Console(stderr=True)
-_state = {"debug": False}
 
 
 def _version(value: bool) -> None:
@@ -40,9 +39,9 @@ def _version(value: bool) -> None:
 @app.callback()
 def _root(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
-    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
+    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors (read by `main`)."),
 ) -> None:
-    _state["debug"] = debug
+    """Options that apply to every command."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -111,7 +110,7 @@ def ref_logps(
     ),
 ) -> None:
     """Run the frozen reference once over prepared data and cache its log-probs in HDF5."""
-    from dpokit.reference import RefLogpsOptions, run_ref_logps
+    from dpokit.reference.compute import RefLogpsOptions, run_ref_logps
 
     check_gpus(gpus)
 
@@ -127,7 +126,8 @@ def ref_logps(
 @cache_app.command("info")
 def cache_info(file: Path = typer.Argument(..., help="A reference cache (ref.h5).")) -> None:
     """Show a cache's splits (rows done/total), model, dtype, fingerprints and creation time."""
-    from dpokit.refcache import cache_info_table, open_cache
+    from dpokit.reference.cache import open_cache
+    from dpokit.reference.inspection import cache_info_table
 
     Console().print(cache_info_table(open_cache(file)))
 
@@ -144,7 +144,7 @@ def cache_verify(
     seed: int = typer.Option(0, "--seed", help="Seed for the random sample."),
 ) -> None:
     """Recompute a random sample of a cache live; exit non-zero if a difference exceeds the tolerance."""
-    from dpokit.reference import verify_cache
+    from dpokit.reference.inspection import verify_cache
 
     verify_cache(str(file), str(prepared), model, adapter, sample, tolerance, batch_size, seed)
 

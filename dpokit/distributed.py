@@ -12,7 +12,6 @@ import sys
 import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
-from functools import wraps
 from typing import Any, Callable, Iterator, Optional, Sequence, TypeVar, Union
 
 import torch
@@ -84,10 +83,6 @@ def destroy_distributed() -> None:
         dist.destroy_process_group()
 
 
-def is_main_process() -> bool:
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
-
-
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
     """The transformer blocks of a (possibly peft-wrapped) causal LM."""
     from dpokit.logps import decoder_and_head
@@ -127,7 +122,7 @@ def apply_fsdp(model: nn.Module, cfg, device: torch.device, compute_dtype: torch
 
 
 # ----------------------------------------------------------------------------------------------
-# Worker processes: launching N local workers (`--gpus N`), rank queries, rank-0-only work, and
+# Worker processes: launching N local workers (`--gpus N`), barriers, and
 # gathers/broadcasts of Python objects. Each helper is a no-op in a single process (rank 0, world
 # size 1, a gather returns ``[obj]``), so callers never branch on whether they are distributed.
 # Under `torchrun` started by hand (single- or multi-node, with its rendezvous options) the
@@ -140,7 +135,7 @@ def launched_by_torchrun() -> bool:
 
 
 def launch_workers(
-    nprocs: int, entrypoint: Union[Callable[..., Any], str, Sequence[str]], args: Sequence[Any] = ()
+    nprocs: int, entrypoint: Union[Callable[..., Any], Sequence[str]], args: Sequence[Any] = ()
 ) -> list[Any]:
     """Run `entrypoint` in `nprocs` local worker processes and wait for all of them.
 
@@ -149,10 +144,9 @@ def launch_workers(
             - a module-level function, called as ``entrypoint(*args)`` in each worker. Workers are
               spawned, so a script that calls this needs the ``if __name__ == "__main__":`` guard
               (the ``dpokit`` command and ``python -m dpokit`` have it);
-            - a module name, run as ``python -m entrypoint *args``;
             - a command, ``[program, *program_args]``, run as ``program *program_args *args``.
 
-    Returns the per-rank return values of a function entrypoint (``[]`` for a module or command).
+    Returns the per-rank return values of a function entrypoint (``[]`` for a command).
     Each worker gets ``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``, ``MASTER_ADDR`` and ``MASTER_PORT``.
     If any worker fails, the others are stopped and a `DpokitError` carries the first failure.
     """
@@ -177,8 +171,6 @@ def launch_workers(
     )
     if callable(entrypoint):
         target, target_args = entrypoint, tuple(args)
-    elif isinstance(entrypoint, str):
-        target, target_args = sys.executable, ("-m", entrypoint, *map(str, args))
     else:
         target, target_args = entrypoint[0], (*map(str, entrypoint[1:]), *map(str, args))
     try:
@@ -242,26 +234,6 @@ def _in_group() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
-def rank() -> int:
-    """This process's global rank (0 in a single process)."""
-    return dist.get_rank() if _in_group() else 0
-
-
-def world_size() -> int:
-    """The number of processes in the group (1 in a single process)."""
-    return dist.get_world_size() if _in_group() else 1
-
-
-def rank_zero(fn: Callable[..., T]) -> Callable[..., Optional[T]]:
-    """Decorate `fn` to run on rank 0 only; other ranks skip it and get None."""
-
-    @wraps(fn)
-    def on_rank_zero(*args, **kwargs):
-        return fn(*args, **kwargs) if is_main_process() else None
-
-    return on_rank_zero
-
-
 def barrier() -> None:
     """Wait for every rank (no-op in a single process)."""
     if _in_group():
@@ -276,7 +248,7 @@ def gather_to_main(obj: T) -> Optional[list[T]]:
     """Every rank's `obj`, in rank order, on rank 0; None on the other ranks."""
     if not _in_group():
         return [obj]
-    gathered = [None] * world_size() if is_main_process() else None
+    gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
     dist.gather_object(obj, gathered, dst=0)
     return gathered
 
@@ -309,7 +281,7 @@ def main_result(fn: Callable[..., T], *args, **kwargs) -> T:
         return fn(*args, **kwargs)
     outcome: Optional[tuple[str, Any]] = None
     error: Optional[BaseException] = None
-    if is_main_process():
+    if dist.get_rank() == 0:
         try:
             outcome = ("ok", fn(*args, **kwargs))
         except Exception as exc:

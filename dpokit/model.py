@@ -251,3 +251,16 @@ def continued_adapter(model: nn.Module, adapter: str, use_dora: bool, method: st
 
 def uses_adapters(method: str) -> bool:
     return method in ADAPTER_METHODS
+
+
+def pad_token_id(model: nn.Module) -> int:
+    """The id that fills padding, the one rule for the reference pass and training: the model config's
+    pad token, else its (first) end-of-sequence token, else 0. Any id works, as padding is masked out;
+    it only has to be in the vocabulary."""
+    config = model.config
+    for token in (getattr(config, "pad_token_id", None), getattr(config, "eos_token_id", None)):
+        if isinstance(token, (list, tuple)):
+            token = token[0] if token else None
+        if token is not None:
+            return int(token)
+    return 0

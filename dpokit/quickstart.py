@@ -5,7 +5,7 @@ helpful and rude replies alike, so it answers most questions with "no. ...", and
 pairs that prefer the helpful reply. The quickstart runs the same functions as the commands:
 
 1. ``dpokit prepare``   (`dpokit.data.pipeline.run_prepare`)   -> OUT/prepared
-2. ``dpokit ref-logps`` (`dpokit.reference.run_ref_logps`)     -> OUT/ref.h5
+2. ``dpokit ref-logps`` (`dpokit.reference.compute.run_ref_logps`)     -> OUT/ref.h5
 3. ``dpokit train --config demo_lora`` (`dpokit.launch.run_recipe`, LoRA DPO) -> OUT/run
 
 then prints eval reward accuracy and margin at step 0 and at the end, greedy replies of the model
@@ -109,7 +109,7 @@ def quickstart_pipeline(out: Path, max_steps: Optional[int], overwrite: bool, co
     from dpokit.data.pipeline import PrepareOptions, run_prepare
     from dpokit.launch import run_recipe
     from dpokit.metrics import plot_run
-    from dpokit.reference import RefLogpsOptions, run_ref_logps
+    from dpokit.reference.compute import RefLogpsOptions, run_ref_logps
 
     started = time.perf_counter()
     demo = demo_files()

@@ -61,7 +61,7 @@ from dpokit.checkpoint import (
 from dpokit.config import QUANTIZED_METHODS, TrainConfig, config_to_dict, config_to_yaml, parse_recipe_args
 from dpokit.data.collate import collate_pairs
 from dpokit.types import PairBatch
-from dpokit.data.prepared import load_prepared, pair_token_counts
+from dpokit.data.prepared import load_prepared, pair_lengths
 from dpokit.data.sampler import PairSampler
 from dpokit.distributed import any_rank, apply_fsdp, barrier, broadcast_from_main, destroy_distributed, gather_to_main, init_distributed
 from dpokit.errors import DpokitError
@@ -77,13 +77,14 @@ from dpokit.model import (
     dtype_name,
     load_policy,
     load_reference,
+    pad_token_id,
     training_dtypes,
     uses_adapters,
 )
 from dpokit.optim import build_optimizer, build_scheduler
 from dpokit.preemption import StopSignals, TrainingInterrupted
 from dpokit.run_dir import RUN_LOCK, check_resume_config, start_or_resume
-from dpokit.refsource import CachedReference, LiveReference, check_token_counts
+from dpokit.reference.source import CachedReference, LiveReference, check_token_counts
 
 
 class DPORecipe:
@@ -115,7 +116,7 @@ class DPORecipe:
         self.params_dtype, self.compute_dtype = training_dtypes(cfg.model, self.device)
         self.policy = load_policy(cfg.model, cfg.lora, self.device, adapter=cfg.reference.adapter)
         self.tokenizer = self._load_tokenizer()
-        self.pad_id = next((t for t in (self.tokenizer.pad_token_id, self.tokenizer.eos_token_id) if t is not None), 0)
+        self.pad_id = pad_token_id(self.policy)
         if checkpoint is not None:
             load_model_weights(self.policy, checkpoint, self.adapters)
         with self.autocast():
@@ -134,7 +135,7 @@ class DPORecipe:
             rank=self.dist.rank,
             seed=cfg.training.seed,
             shuffle=cfg.data.shuffle,
-            lengths=self._pair_lengths() if cfg.data.group_by_length else None,
+            lengths=pair_lengths(self.train_split).tolist() if cfg.data.group_by_length else None,
         )
         if self.sampler.steps_per_epoch == 0:
             raise DpokitError(
@@ -219,11 +220,6 @@ class DPORecipe:
                     f"will tell whether the difference matters (rebuild with `{cached.rebuild_command}` to match)"
                 )
         return cached
-
-    def _pair_lengths(self) -> list[int]:
-        """Tokens each pair costs in the padded layout (both full sequences), for length grouping."""
-        prompt, chosen, rejected = pair_token_counts(self.train_split)
-        return (prompt * 2 + chosen + rejected).tolist()
 
     def _load_training_state(self, checkpoint: Path) -> None:
         state = self.resume_state

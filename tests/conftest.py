@@ -127,3 +127,23 @@ def style_prepared_dir(tmp_path_factory, tiny_model_dir) -> Path:
     """A prepared/ directory of kind-vs-rude pairs (train: 96, eval: 32): a signal DPO learns fast."""
     out = tmp_path_factory.mktemp("prepared_style") / "prepared"
     return write_test_prepared(out, tiny_model_dir, tiny.style_rows(128), num_train=96)
+
+
+@pytest.fixture
+def crash_cache_writer(monkeypatch):
+    """``crash_cache_writer(after_rows=K)``: the reference cache writer raises once K rows are committed
+    (as a crash mid-run would); the returned function puts the real writer back."""
+    from dpokit.reference.cache import RefCacheWriter
+
+    mark_done = RefCacheWriter.mark_done
+
+    def install(after_rows: int):
+        def mark_done_then_fail(self, group, rows):
+            mark_done(self, group, rows)
+            if self.rows_written >= after_rows:
+                raise RuntimeError(f"simulated crash after {self.rows_written} rows")
+
+        monkeypatch.setattr(RefCacheWriter, "mark_done", mark_done_then_fail)
+        return lambda: monkeypatch.setattr(RefCacheWriter, "mark_done", mark_done)
+
+    return install

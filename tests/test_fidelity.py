@@ -20,7 +20,7 @@ from dpokit.launch import builtin_recipe_path, load_recipe_module
 from dpokit.logps import naive_sequence_logps
 from dpokit.types import ChosenRejectedOutputs
 from dpokit.metrics import read_metrics
-from dpokit.refcache import open_cache
+from dpokit.reference.cache import open_cache
 
 RECIPE = load_recipe_module(builtin_recipe_path())
 

@@ -16,14 +16,31 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+import tiny
 from dpokit.cli import main
 from dpokit.data.collate import pad_pairs
 from dpokit.data.prepared import load_prepared, write_prepared
 from dpokit.logps import naive_sequence_logps
-from dpokit.refcache import open_cache, reference_fingerprint
-from test_refcache import copy_model_with_changed_weight
+from dpokit.fingerprint import reference_fingerprint
+from dpokit.reference.cache import open_cache
 
-CRASH_ENV = "DPOKIT_TEST_CRASH_AFTER_ROWS"
+# `dpokit ref-logps` in a process that SIGKILLs itself in the middle of the commit that reaches ROWS rows:
+# values flushed, `done` written, the file not closed.
+KILLED_MID_COMMIT = """
+import os, signal, sys
+from dpokit.cli import main
+from dpokit.reference.cache import RefCacheWriter
+
+rows, mark_done = int(sys.argv[1]), RefCacheWriter.mark_done
+
+def mark_done_then_die(self, group, index):
+    mark_done(self, group, index)
+    if self.rows_written >= rows:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+RefCacheWriter.mark_done = mark_done_then_die
+sys.exit(main(sys.argv[2:]))
+"""
 ROW_NAMES = ("chosen_logps", "rejected_logps", "chosen_tokens", "rejected_tokens", "done")
 
 
@@ -159,13 +176,13 @@ def test_unknown_split_is_an_error_naming_the_splits(tiny_model_dir, prepared_di
 # interruption and reruns
 
 
-def test_resumed_run_fills_only_rows_not_done(tiny_model_dir, prepared_dir, tmp_path, monkeypatch, live):
+def test_resumed_run_fills_only_rows_not_done(tiny_model_dir, prepared_dir, tmp_path, crash_cache_writer, live):
     out = tmp_path / "ref.h5"
     args = ref_logps_args(prepared_dir, tiny_model_dir, out, "--batch-size", "4")
-    monkeypatch.setenv(CRASH_ENV, "8")
+    undo = crash_cache_writer(after_rows=8)
     with pytest.raises(RuntimeError, match="simulated crash"):
         main(args)
-    monkeypatch.delenv(CRASH_ENV)
+    undo()
     written = np.flatnonzero(open_cache(out).done_mask("train"))
     assert len(written) == 8
     with h5py.File(out, "r+") as handle:  # mark a written row: a resumed run must not recompute it
@@ -181,9 +198,8 @@ def test_resumed_run_fills_only_rows_not_done(tiny_model_dir, prepared_dir, tmp_
 def test_killed_run_resumes_and_ends_identical_to_an_uninterrupted_run(tiny_model_dir, prepared_dir, tmp_path):
     killed = tmp_path / "killed.h5"
     args = ref_logps_args(prepared_dir, tiny_model_dir, killed, "--batch-size", "4")
-    # SIGKILL while the file is open in the middle of a commit: values flushed, `done` written, not closed.
-    env = {**os.environ, CRASH_ENV: "12:kill", "OMP_NUM_THREADS": "1"}
-    run = subprocess.run([sys.executable, "-m", "dpokit", *args], env=env, capture_output=True, text=True, timeout=120)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([sys.executable, "-c", KILLED_MID_COMMIT, "12", *args], env=env, capture_output=True, text=True, timeout=120)
     assert run.returncode == -signal.SIGKILL, run.stderr
     assert open_cache(killed).rows_done == {"train": 12, "eval": 0}
     assert main(args) == 0
@@ -243,7 +259,7 @@ def test_overwrite_refuses_an_hdf5_file_that_dpokit_did_not_write(tiny_model_dir
 def test_rerun_with_another_model_is_refused_naming_the_weights(tiny_model_dir, prepared_dir, built_cache, tmp_path, capsys):
     out = tmp_path / "ref.h5"
     out.write_bytes(built_cache.read_bytes())
-    changed = copy_model_with_changed_weight(tiny_model_dir, tmp_path / "changed")
+    changed = tiny.copy_model_with_changed_weight(tiny_model_dir, tmp_path / "changed")
     assert main(ref_logps_args(prepared_dir, changed, out)) == 1
     err = capsys.readouterr().err
     assert "weights_fingerprint differs (the reference model's weights)" in err and "data_fingerprint" not in err

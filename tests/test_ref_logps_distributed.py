@@ -91,9 +91,12 @@ def test_a_user_error_on_rank_zero_stops_every_worker_with_one_clear_message():
 
 
 def test_single_process_helpers_need_no_process_group():
-    from dpokit.distributed import gather_to_main, is_main_process, main_result, rank, rank_zero, world_size
+    import torch
 
-    assert (rank(), world_size(), is_main_process()) == (0, 1, True)
+    from dpokit.distributed import DistInfo, any_rank, broadcast_from_main, gather_to_main, init_distributed, main_result
+
+    assert init_distributed() == DistInfo(rank=0, world_size=1, local_rank=0) and init_distributed().is_main
     assert gather_to_main({"rows": 3}) == [{"rows": 3}]
+    assert broadcast_from_main("same") == "same"
     assert main_result(lambda x: x + 1, 1) == 2
-    assert rank_zero(lambda: "written")() == "written"
+    assert any_rank([True, False], torch.device("cpu")) == [True, False]

@@ -11,27 +11,13 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+import tiny
 from dpokit.errors import DpokitError
-from dpokit.refcache import (
-    RefCacheWriter,
-    cache_attrs,
-    create_or_resume_cache,
-    open_cache,
-    reference_fingerprint,
-    weights_fingerprint,
-)
+from dpokit.fingerprint import reference_fingerprint, weights_fingerprint
+from dpokit.reference.cache import RefCacheWriter, cache_attrs, create_or_resume_cache, open_cache
 
 WEIGHTS = "model.safetensors"
 
-
-def copy_model_with_changed_weight(model_dir: Path, out: Path, name: str = "model.norm.weight", delta: float = 1e-3) -> Path:
-    """A copy of a model directory with one element of one tensor changed by `delta`."""
-    shutil.copytree(model_dir, out)
-    tensors = load_file(out / WEIGHTS)
-    tensors[name] = tensors[name].clone()
-    tensors[name].view(-1)[0] += delta
-    save_file(tensors, out / WEIGHTS, metadata={"format": "pt"})
-    return out
 
 
 def write_attrs(**changes) -> dict:
@@ -52,7 +38,7 @@ def fill(path: Path, split: str, rows: np.ndarray) -> None:
 
 
 def test_weights_fingerprint_changes_when_one_weight_element_changes(tiny_model_dir, tmp_path):
-    changed = copy_model_with_changed_weight(tiny_model_dir, tmp_path / "changed")
+    changed = tiny.copy_model_with_changed_weight(tiny_model_dir, tmp_path / "changed")
     assert weights_fingerprint(changed) != weights_fingerprint(tiny_model_dir)
 
 
@@ -222,10 +208,10 @@ def test_opening_a_missing_or_corrupt_cache_says_how_to_build_it(tmp_path):
         open_cache(tmp_path / "junk.h5")
 
 
-def test_writer_crash_hook_raises_after_the_given_rows(tmp_path, monkeypatch):
+def test_a_writer_that_fails_mid_run_leaves_exactly_its_committed_rows_done(tmp_path, crash_cache_writer):
     path = tmp_path / "ref.h5"
     create_or_resume_cache(path, write_attrs(), {"train": 6}, overwrite=False)
-    monkeypatch.setenv("DPOKIT_TEST_CRASH_AFTER_ROWS", "4")
+    crash_cache_writer(after_rows=4)
     writer = RefCacheWriter(path)
     writer.write("train", np.array([0, 1]), *[np.zeros(2)] * 4)
     with pytest.raises(RuntimeError, match="simulated crash after 4 rows"):

@@ -113,3 +113,17 @@ def style_rows(n: int = 128, seed: int = 1) -> list[dict]:
             }
         )
     return rows
+
+
+def copy_model_with_changed_weight(model_dir: Path, out: Path, name: str = "model.norm.weight", delta: float = 1e-3) -> Path:
+    """A copy of a model directory with one element of one tensor changed by `delta`."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(model_dir, out)
+    tensors = load_file(out / "model.safetensors")
+    tensors[name] = tensors[name].clone()
+    tensors[name].view(-1)[0] += delta
+    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    return out

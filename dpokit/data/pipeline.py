@@ -41,7 +41,8 @@ from dpokit import __version__
 from dpokit.artifacts import check_replaceable
 from dpokit.data.formats import FORMATS, Pair, Record, SkippedRow, load_records, normalise, parse_column_map
 from dpokit.data.prepared import COLUMNS, write_prepared
-from dpokit.data.tokenize import PairTokenizer, TokenizedPair, load_tokenizer, tokenizer_fingerprint
+from dpokit.data.tokenize import PairTokenizer, TokenizedPair, load_tokenizer
+from dpokit.fingerprint import tokenizer_fingerprint
 from dpokit.errors import DpokitError
 
 CHUNK_SIZE = 256  # pairs per tokenizer call and per worker task

@@ -14,7 +14,6 @@ split is example ``i`` in the reference cache and in training.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -25,11 +24,11 @@ import numpy as np
 
 from dpokit.artifacts import check_replaceable, replace_atomically
 from dpokit.errors import DpokitError
+from dpokit.fingerprint import data_fingerprint, ends_sha256
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
-DIGEST_SPAN = 2**20  # bytes hashed at each end of a split file (the whole file when smaller)
 FINGERPRINT_RECHECK_BYTES = 64 * 2**20  # without recorded digests, recompute the fingerprint up to this size (~0.2 s)
 
 
@@ -121,16 +120,6 @@ def split_file_digests(directory: str | os.PathLike) -> dict[str, dict[str, Any]
     }
 
 
-def ends_sha256(file: Path) -> str:
-    """SHA-256 of the first and last `DIGEST_SPAN` bytes of `file` (all of it when smaller than two spans)."""
-    digest = hashlib.sha256()
-    with open(file, "rb") as stream:
-        digest.update(stream.read(DIGEST_SPAN))
-        stream.seek(max(DIGEST_SPAN, file.stat().st_size - DIGEST_SPAN))
-        digest.update(stream.read(DIGEST_SPAN))
-    return digest.hexdigest()
-
-
 def arrow_files(split_dir: Path) -> list[Path]:
     """The Arrow files of a `datasets.save_to_disk` folder: those its ``state.json`` lists, else ``*.arrow``."""
     try:
@@ -181,25 +170,11 @@ def check_split_files(prepared: PreparedData) -> None:
             )
     if "data_fingerprint" in manifest and total <= FINGERPRINT_RECHECK_BYTES:
         splits = {name: prepared.split(name) for name in prepared.splits}
-        if data_fingerprint(splits) != manifest["data_fingerprint"]:
+        if data_fingerprint(splits, COLUMNS) != manifest["data_fingerprint"]:
             raise DpokitError(
                 f"{path}: the token ids no longer match the manifest's data_fingerprint (its Arrow files changed "
                 f"after `dpokit prepare`); {remake_hint(prepared)}"
             )
-
-
-def data_fingerprint(splits: dict[str, Any]) -> str:
-    """SHA-256 over the token ids of every split (names, offsets and values), in split-name order."""
-    digest = hashlib.sha256()
-    for name in sorted(splits):
-        table = splits[name].data
-        digest.update(name.encode())
-        for column in COLUMNS:
-            array = table.column(column).combine_chunks()
-            digest.update(column.encode())
-            digest.update(np.asarray(array.offsets).astype(np.int64).tobytes())
-            digest.update(np.asarray(array.values).astype(np.int32).tobytes())
-    return digest.hexdigest()
 
 
 def write_prepared(out_dir: str | os.PathLike, splits: dict[str, Any], manifest: dict[str, Any], overwrite: bool) -> Path:
@@ -216,7 +191,7 @@ def write_prepared(out_dir: str | os.PathLike, splits: dict[str, Any], manifest:
         for name, dataset in splits.items():
             dataset.save_to_disk(str(tmp / name))
         full_manifest = dict(
-            manifest, format_version=FORMAT_VERSION, data_fingerprint=data_fingerprint(splits), files=split_file_digests(tmp)
+            manifest, format_version=FORMAT_VERSION, data_fingerprint=data_fingerprint(splits, COLUMNS), files=split_file_digests(tmp)
         )
         (tmp / MANIFEST_NAME).write_text(json.dumps(full_manifest, indent=2, sort_keys=False) + "\n")
 
@@ -231,3 +206,10 @@ def pair_token_counts(split) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return tuple(
         pc.list_value_length(arrow[name]).to_numpy(zero_copy_only=False).astype(np.int64) for name in COLUMNS
     )
+
+
+def pair_lengths(split) -> np.ndarray:
+    """A pair's length, the one definition every batching rule uses: prompt plus its longer completion
+    (the width of the pair's rows in the padded layout). ``[N]`` int64."""
+    prompt, chosen, rejected = pair_token_counts(split)
+    return prompt + np.maximum(chosen, rejected)

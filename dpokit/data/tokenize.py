@@ -15,8 +15,6 @@ prompt's start is dropped down to ``max_prompt_length`` tokens, then the respons
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -78,25 +76,6 @@ def check_chat_template(tokenizer) -> None:
         )
     except Exception as exc:  # jinja2 syntax and runtime errors
         raise DpokitError(f"the chat template does not render a user/assistant conversation: {exc}") from None
-
-
-def tokenizer_fingerprint(tokenizer) -> str:
-    """SHA-256 over vocabulary, merges, normalisation, special tokens and chat template."""
-    digest = hashlib.sha256()
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None:
-        digest.update(backend.to_str().encode())
-    else:
-        digest.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
-    specials = {
-        "tokens": dict(zip(tokenizer.all_special_tokens, tokenizer.all_special_ids)),
-        "bos": tokenizer.bos_token_id,
-        "eos": tokenizer.eos_token_id,
-        "pad": tokenizer.pad_token_id,
-        "chat_template": tokenizer.chat_template,
-    }
-    digest.update(json.dumps(specials, sort_keys=True).encode())
-    return digest.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ Both give a `ChosenRejectedOutputs` for a `PairBatch`, so the recipe does not ca
 from __future__ import annotations
 
 import contextlib
-from typing import Optional, Protocol
+from typing import Optional
 
 import torch
 from torch import nn
@@ -15,20 +15,16 @@ from torch import nn
 from dpokit.types import PairBatch
 from dpokit.data.prepared import PreparedData
 from dpokit.errors import DpokitError
+from dpokit.fingerprint import reference_fingerprint
 from dpokit.logps import concatenated_forward
+from dpokit.reference.cache import open_cache
 from dpokit.types import ChosenRejectedOutputs
-
-
-class ReferenceSource(Protocol):
-    def outputs(self, batch: PairBatch, split: str) -> ChosenRejectedOutputs: ...
 
 
 class CachedReference:
     """Reference log-probs read from ``ref.h5``, after checking it was built from this data and model."""
 
     def __init__(self, cache_path: str, prepared: PreparedData, model_path: str, adapter: Optional[str], splits: list[str]):
-        from dpokit.refcache import open_cache, reference_fingerprint
-
         cache = open_cache(cache_path)
         cache.check_matches(
             data_fingerprint=prepared.fingerprint,

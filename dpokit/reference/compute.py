@@ -8,9 +8,6 @@ batch size changes the file.
 
 With N processes, the batches are dealt round-robin to the ranks; after each step every rank's
 results are gathered to rank 0, which alone writes the file and shows progress.
-
-`verify_cache` (`dpokit cache verify`) recomputes a random sample of a cache live and reports the
-largest difference.
 """
 
 from __future__ import annotations
@@ -19,7 +16,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -28,37 +25,25 @@ from rich.table import Table
 from torch import nn
 
 from dpokit.data.collate import collate_pairs
-from dpokit.data.prepared import pair_token_counts
-from dpokit.data.prepared import PreparedData, load_prepared
+from dpokit.data.prepared import PreparedData, load_prepared, pair_lengths
 from dpokit.distributed import (
+    DistInfo,
     destroy_distributed,
     gather_to_main,
     init_distributed,
-    is_main_process,
     launch_workers,
     launched_by_torchrun,
     main_result,
-    rank,
-    rank_zero,
-    world_size,
 )
 from dpokit.errors import DpokitError
 from dpokit.family import resolve_attn_implementation
 from dpokit.fidelity import Layout, check_layout, check_pairs
+from dpokit.fingerprint import weights_fingerprint
 from dpokit.lock import WriterLock
 from dpokit.logps import concatenated_forward
 from dpokit.metrics import training_progress
-from dpokit.model import check_adapter_dir, default_device, dtype_name, load_reference, resolve_dtype
-from dpokit.refcache import (
-    RefCache,
-    RefCacheWriter,
-    cache_attrs,
-    check_cache_target,
-    create_or_resume_cache,
-    open_cache,
-    reference_fingerprint,
-    weights_fingerprint,
-)
+from dpokit.model import check_adapter_dir, default_device, dtype_name, load_reference, pad_token_id, resolve_dtype
+from dpokit.reference.cache import RefCacheWriter, cache_attrs, check_cache_target, create_or_resume_cache
 
 
 @dataclass
@@ -110,12 +95,6 @@ class SplitReport:
 DEFAULT_LAYOUT = Layout(packing=True, prefix_sharing=True)
 
 
-def pair_lengths(dataset) -> np.ndarray:
-    """Padded width of each pair in a prepared split: prompt + the longer completion. ``[N]`` int64."""
-    prompt, chosen, rejected = pair_token_counts(dataset)
-    return prompt + np.maximum(chosen, rejected)
-
-
 def plan_batches(rows: np.ndarray, lengths: np.ndarray, batch_size: int, bucket: bool = True) -> list[np.ndarray]:
     """Example indices `rows` cut into batches; with `bucket`, longest first so each batch is of similar lengths."""
     if batch_size < 1:
@@ -124,12 +103,6 @@ def plan_batches(rows: np.ndarray, lengths: np.ndarray, batch_size: int, bucket:
     if bucket:
         rows = rows[np.argsort(-lengths[rows], kind="stable")]
     return [rows[start : start + batch_size] for start in range(0, len(rows), batch_size)]
-
-
-def pad_token_id(model: nn.Module) -> int:
-    """The id used for padding (any id works: padded positions are masked out)."""
-    pad = getattr(model.config, "pad_token_id", None)
-    return 0 if pad is None else int(pad)
 
 
 def batch_logps(model: nn.Module, dataset, index: np.ndarray, device: torch.device, layout: Layout = DEFAULT_LAYOUT) -> BatchLogps:
@@ -183,7 +156,7 @@ def compute_reference_cache(options: RefLogpsOptions) -> list[SplitReport]:
     Returns one `SplitReport` per split (counts are rank 0's: every row it wrote, from all ranks).
     """
     started_group = not torch.distributed.is_initialized()
-    init_distributed()
+    info = init_distributed()
     lock = WriterLock(Path(f"{options.out}.lock"), f"reference cache {options.out}")  # one writer per cache
     try:
         main_result(lambda: lock.acquire() and None)  # rank 0 holds it; a refusal stops every rank
@@ -195,15 +168,16 @@ def compute_reference_cache(options: RefLogpsOptions) -> list[SplitReport]:
         pending = main_result(pending_rows_of_cache, options, prepared, splits, dtype_name(dtype), attn)
         if any(len(rows) for rows in pending.values()):
             model = load_reference(options.model, dtype, device, options.adapter, attn)
-            layout = checked_layout(model, prepared.split(splits[0]))
-            writer = RefCacheWriter(options.out) if is_main_process() else None
+            layout = checked_layout(model, prepared.split(splits[0]), announce if info.is_main else None)
+            writer = RefCacheWriter(options.out) if info.is_main else None
             reports = [
-                compute_split(model, prepared, split, pending[split], options.batch_size, options.bucket, device, writer, layout)
+                compute_split(model, prepared, split, pending[split], options.batch_size, options.bucket, device, writer, layout, info)
                 for split in splits
             ]
         else:  # a finished cache: nothing to load or compute
             reports = [SplitReport(split=split, rows_total=len(prepared.split(split))) for split in splits]
-        print_report(reports, options.out)
+        if info.is_main:
+            Console().print(report_table(reports, options.out))
         return reports
     finally:
         lock.release()
@@ -223,12 +197,11 @@ def requested_splits(prepared: PreparedData, splits: Optional[Sequence[str]]) ->
     return list(splits)
 
 
-def checked_layout(model: nn.Module, dataset) -> Layout:
+def checked_layout(model: nn.Module, dataset, announce: Optional[Callable[[str], None]]) -> Layout:
     """The default layout, or padded where the family needs it; refuses a family dpokit cannot reproduce."""
     return check_layout(model, check_pairs(dataset), pad_token_id(model), DEFAULT_LAYOUT, announce=announce)
 
 
-@rank_zero
 def announce(message: str) -> None:
     Console(stderr=True).print(f"[yellow]note:[/] {message}", soft_wrap=True)
 
@@ -275,15 +248,16 @@ def compute_split(
     device: torch.device,
     writer: Optional[RefCacheWriter],
     layout: Layout = DEFAULT_LAYOUT,
+    info: DistInfo = DistInfo(),
 ) -> SplitReport:
     """Compute and (on rank 0) write the `pending` rows of one split; every rank calls this."""
     dataset = prepared.split(split)
     report = SplitReport(split=split, rows_total=len(dataset))
     batches = plan_batches(pending, pair_lengths(dataset), batch_size, bucket)
-    my_batches = batches[rank() :: world_size()]
-    steps = math.ceil(len(batches) / world_size())
+    my_batches = batches[info.rank :: info.world_size]
+    steps = math.ceil(len(batches) / info.world_size)
     start = time.perf_counter()
-    with training_progress(console=Console(stderr=True), enabled=is_main_process()) as progress:
+    with training_progress(console=Console(stderr=True), enabled=info.is_main) as progress:
         task = progress.add_task(f"ref-logps {split}", total=len(pending), rate="", status="")
         for step in range(steps):
             # Every rank joins every gather, with None once its own batches have run out.
@@ -309,11 +283,6 @@ def rate_text(report: SplitReport) -> str:
     return f"{report.rows_computed / seconds:,.1f} ex/s · {report.tokens / seconds:,.0f} tok/s"
 
 
-@rank_zero
-def print_report(reports: Sequence[SplitReport], out: str) -> None:
-    Console().print(report_table(reports, out))
-
-
 def report_table(reports: Sequence[SplitReport], out: str) -> Table:
     """The closing table: per split, rows computed, tokens, time and rates."""
     table = Table(title=f"reference log-probs → {out}")
@@ -330,128 +299,3 @@ def report_table(reports: Sequence[SplitReport], out: str) -> Table:
             f"{r.tokens / seconds:,.0f}",
         )
     return table
-
-
-# ----------------------------------------------------------------------------------------------
-# verify
-
-
-@dataclass
-class VerifyReport:
-    """The outcome of `verify_cache`: the largest absolute difference and where it is."""
-
-    rows_checked: int = 0
-    max_difference: float = 0.0
-    worst: str = ""  # "split row i (chosen)"
-    token_mismatches: list[str] = field(default_factory=list)
-    per_split: dict[str, tuple[int, float, float]] = field(default_factory=dict)  # rows, max |Δ| chosen, rejected
-
-
-def verify_cache(
-    cache_path: str,
-    prepared_path: str,
-    model: str,
-    adapter: Optional[str] = None,
-    sample: int = 32,
-    tolerance: float = 1e-4,
-    batch_size: int = 8,
-    seed: int = 0,
-) -> VerifyReport:
-    """Recompute `sample` random written rows of a cache live and compare; raise above `tolerance`.
-
-    The model runs in the dtype the cache was made with. Raises `DpokitError` if the cache was built
-    from other inputs, if the largest absolute log-prob difference exceeds `tolerance`, or if a
-    token count differs.
-    """
-    cache = open_cache(cache_path)
-    prepared = load_prepared(prepared_path)
-    cache.check_matches(
-        data_fingerprint=prepared.fingerprint,
-        reference_fingerprint=reference_fingerprint(model, adapter),
-        tokenizer_fingerprint=prepared.tokenizer_fingerprint,
-    )
-    chosen_rows = sample_written_rows(cache, sample, seed)
-    if not chosen_rows:
-        raise DpokitError(f"{cache_path} has no written rows to verify; run `{cache.rebuild_command()}` first")
-    device = default_device()
-    attn = cache.attr("attn_implementation")
-    reference = load_reference(model, resolve_dtype(cache.attrs["dtype"], device), device, adapter, attn)
-    layout = checked_layout(reference, prepared.split(next(iter(chosen_rows))))
-    report = VerifyReport()
-    for split, rows in chosen_rows.items():
-        compare_split(reference, prepared.split(split), cache, split, rows, batch_size, device, report, layout)
-    Console().print(verify_table(report, cache_path, tolerance))
-    if report.token_mismatches:
-        raise DpokitError(
-            f"{cache_path}: completion token counts differ from the prepared data at {', '.join(report.token_mismatches[:5])}; "
-            f"rebuild it with `{cache.rebuild_command()} --overwrite`"
-        )
-    if report.max_difference > tolerance:
-        raise DpokitError(
-            f"{cache_path}: largest difference {report.max_difference:.3g} at {report.worst} exceeds the tolerance "
-            f"{tolerance:g}; rebuild it with `{cache.rebuild_command()} --overwrite` (a bf16 cache needs a looser "
-            "--tolerance, e.g. 0.1)"
-        )
-    return report
-
-
-def sample_written_rows(cache: RefCache, sample: int, seed: int) -> dict[str, np.ndarray]:
-    """Up to `sample` written rows drawn at random over all splits, ascending per split."""
-    written = {split: np.flatnonzero(cache.done_mask(split)) for split in cache.splits}
-    total = sum(len(rows) for rows in written.values())
-    picks = np.sort(np.random.default_rng(seed).choice(total, size=min(sample, total), replace=False))
-    chosen, offset = {}, 0
-    for split, rows in written.items():
-        mine = picks[(picks >= offset) & (picks < offset + len(rows))] - offset
-        if len(mine):
-            chosen[split] = rows[mine]
-        offset += len(rows)
-    return chosen
-
-
-def compare_split(
-    model: nn.Module, dataset, cache: RefCache, split: str, rows: np.ndarray, batch_size: int, device: torch.device,
-    report: VerifyReport, layout: Layout = DEFAULT_LAYOUT,
-) -> None:
-    """Recompute `rows` of `split` and fold the differences from the cache into `report`."""
-    cached = cache.logps(split, require_done=False)
-    side_max = {"chosen": 0.0, "rejected": 0.0}
-    for index in plan_batches(rows, pair_lengths(dataset), batch_size):
-        live = batch_logps(model, dataset, index, device, layout)
-        for side in side_max:
-            differences = np.abs(getattr(cached, f"{side}_logps")[index].numpy() - getattr(live, f"{side}_logps"))
-            side_max[side] = max(side_max[side], float(differences.max()))
-            worst = int(np.argmax(differences))
-            if differences[worst] > report.max_difference:
-                report.max_difference = float(differences[worst])
-                report.worst = f"{split} row {int(index[worst])} ({side})"
-            mismatched = index[getattr(cached, f"{side}_tokens")[index].numpy() != getattr(live, f"{side}_tokens")]
-            report.token_mismatches += [f"{split} row {int(i)} ({side})" for i in mismatched]
-    report.rows_checked += len(rows)
-    report.per_split[split] = (len(rows), side_max["chosen"], side_max["rejected"])
-
-
-def verify_table(report: VerifyReport, cache_path: str, tolerance: float) -> Table:
-    """Per split: rows recomputed and the largest differences; the caption says pass or fail."""
-    passed = report.max_difference <= tolerance and not report.token_mismatches
-    table = Table(
-        title=f"cache verify {cache_path}",
-        caption=f"largest |Δ| {report.max_difference:.3g} (tolerance {tolerance:g}): {'ok' if passed else 'FAILED'}",
-    )
-    for column in ("split", "rows checked", "max |Δ| chosen", "max |Δ| rejected"):
-        table.add_column(column, justify="left" if column == "split" else "right")
-    for split, (rows, chosen, rejected) in report.per_split.items():
-        table.add_row(split, str(rows), f"{chosen:.3g}", f"{rejected:.3g}")
-    return table
-
-
-__all__ = [
-    "BatchLogps",
-    "RefLogpsOptions",
-    "batch_logps",
-    "compute_reference_cache",
-    "pair_lengths",
-    "plan_batches",
-    "run_ref_logps",
-    "verify_cache",
-]

@@ -24,10 +24,7 @@ unreadable until ``h5clear`` is run on it.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
-import signal
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -39,6 +36,7 @@ import torch
 from dpokit import __version__
 from dpokit.artifacts import check_replaceable, replace_atomically
 from dpokit.errors import DpokitError
+from dpokit.fingerprint import combine_fingerprints
 from dpokit.types import ChosenRejectedOutputs
 
 FORMAT_VERSION = 1
@@ -65,104 +63,6 @@ IDENTITY_ATTRS = {
 # What a cache made before an attribute existed used (absent attributes read as these).
 ATTR_DEFAULTS = {"attn_implementation": "sdpa"}
 
-# Test hook: after this many rows are committed, the writer fails (``K``) or is killed with
-# SIGKILL while the file is open mid-commit (``K:kill``), to test that a resumed run recovers.
-CRASH_AFTER_ROWS_ENV = "DPOKIT_TEST_CRASH_AFTER_ROWS"
-
-
-# ----------------------------------------------------------------------------------------------
-# fingerprints
-
-CONFIG_FILES = ("config.json", "adapter_config.json")
-# Keys of config.json that describe how a file was saved, not the model it holds.
-CONFIG_KEYS_IGNORED = ("transformers_version", "_name_or_path")
-READ_BLOCK = 16 << 20  # bytes read at a time when hashing a weight file
-
-
-def weights_fingerprint(model_path: str | os.PathLike) -> str:
-    """A SHA-256 identifying a model's (or adapter's) weights: any change to any weight changes it.
-
-    Hashes the config (``config.json`` / ``adapter_config.json``, minus save-time keys) and every
-    byte of every weight file as stored (safetensors, or pickled ``.bin`` when there are none), with
-    its name and size. A 1 GB checkpoint takes about 0.5 s from the page cache, 0.9 s from disk
-    (bench/fingerprint_results.md), 1.5% of the reference pass over 8 pairs on that CPU. The same
-    weights saved differently (another dtype, sharding or safetensors metadata) get another
-    fingerprint. `model_path` is a local directory or a hub name already in the local cache.
-    """
-    directory = resolve_model_dir(model_path)
-    digest = hashlib.sha256()
-    for name in CONFIG_FILES:
-        if (directory / name).is_file():
-            digest.update(name.encode())
-            digest.update(_canonical_config(directory / name))
-    weight_files = _weight_files(directory)
-    if not weight_files:
-        raise DpokitError(f"model {model_path}: no weight files (*.safetensors, pytorch_model*.bin) in {directory}")
-    for path in weight_files:
-        _hash_file(path, digest)
-    return digest.hexdigest()
-
-
-def reference_fingerprint(model_path: str | os.PathLike, adapter: Optional[str | os.PathLike] = None) -> str:
-    """The fingerprint of a reference model: its weights, plus its adapter's if it has one."""
-    weights = weights_fingerprint(model_path)
-    if not adapter:
-        return weights
-    return combine_fingerprints(weights, weights_fingerprint(adapter))
-
-
-def combine_fingerprints(weights: str, adapter: str) -> str:
-    """The reference fingerprint of base weights with an adapter merged in."""
-    return hashlib.sha256(f"{weights}+{adapter}".encode()).hexdigest()
-
-
-def resolve_model_dir(model_path: str | os.PathLike) -> Path:
-    """The local directory holding a model: the path itself, or a hub name's cached snapshot."""
-    path = Path(model_path).expanduser()
-    if path.is_dir():
-        return path
-    if path.exists() or str(model_path).startswith((".", "/", "~")):
-        raise DpokitError(f"model {model_path}: not a directory; give a transformers model directory or a hub name")
-    from huggingface_hub import snapshot_download
-
-    try:
-        directory = Path(snapshot_download(str(model_path), allow_patterns=["*.json", "*.safetensors"]))
-        if not _weight_files(directory):  # an older repo with pickled weights only
-            directory = Path(snapshot_download(str(model_path), allow_patterns=["*.json", "*.bin"]))
-    except Exception as exc:
-        raise DpokitError(f"model {model_path}: cannot find it locally or on the hub ({exc})") from None
-    return directory
-
-
-def _weight_files(directory: Path) -> list[Path]:
-    """The files transformers/peft load weights from: safetensors if any, else the pickled ``.bin`` ones.
-
-    Other files in a checkpoint directory (``training_args.bin``, ``optimizer.pt``) are not weights.
-    """
-    safetensors = sorted(directory.glob("*.safetensors"))
-    if safetensors:
-        return safetensors
-    return sorted([*directory.glob("pytorch_model*.bin"), *directory.glob("adapter_model.bin")])
-
-
-def _canonical_config(path: Path) -> bytes:
-    try:
-        config = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise DpokitError(f"{path}: not valid JSON ({exc})") from None
-    for key in CONFIG_KEYS_IGNORED:
-        config.pop(key, None)
-    return json.dumps(config, sort_keys=True).encode()
-
-
-def _hash_file(path: Path, digest) -> None:
-    """Feed a file's name, size and every byte to `digest`, reading `READ_BLOCK` bytes at a time."""
-    digest.update(f"{path.name}|{path.stat().st_size}|".encode())
-    buffer = bytearray(READ_BLOCK)
-    view = memoryview(buffer)
-    with path.open("rb", buffering=0) as handle:
-        while read := handle.readinto(buffer):
-            digest.update(view[:read])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -235,7 +135,7 @@ class RefCache:
             found = self.attr(key)
             if found != value:
                 lines.append(
-                    f"{key} differs ({IDENTITY_ATTRS.get(key, key)}): {_short(found)} in the file, {_short(value)} now"
+                    f"{key} differs ({IDENTITY_ATTRS.get(key, key)}): {short_value(found)} in the file, {short_value(value)} now"
                 )
         return lines
 
@@ -296,24 +196,6 @@ class RefCache:
         return np.flatnonzero(~self.done_mask(split))
 
 
-def cache_info_table(cache: RefCache):
-    """A rich table describing a cache: rows done per split, then what it was made from."""
-    from rich.table import Table
-
-    table = Table(title=f"reference cache {cache.path}", show_header=True)
-    table.add_column("split", style="bold", overflow="fold")
-    table.add_column("rows done / total", justify="right", overflow="fold")
-    for split in cache.splits:
-        state = "complete" if cache.is_complete(split) else "incomplete"
-        table.add_row(split, f"{cache.rows_done[split]}/{cache.rows[split]} ({state})")
-    table.add_section()
-    for key in ("model", "adapter", "dtype", "attn_implementation", "created", "dpokit_version", "format_version", "prepared"):
-        table.add_row(key, str(cache.attrs.get(key) or "none"))
-    for key in ("weights_fingerprint", "adapter_fingerprint", "data_fingerprint", "tokenizer_fingerprint"):
-        table.add_row(key, _short(cache.attrs.get(key)))
-    return table
-
-
 def open_cache(path: str | os.PathLike) -> RefCache:
     """Open a reference cache written by `dpokit ref-logps`, checking its format and layout."""
     path = Path(path)
@@ -364,7 +246,7 @@ def _attr_value(value: Any) -> Any:
     return value
 
 
-def _short(value: Any) -> str:
+def short_value(value: Any) -> str:
     if value is None or value == "":
         return "none"
     text = str(value)
@@ -471,7 +353,6 @@ class RefCacheWriter:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self.rows_written = 0
-        self._crash_after, self._crash_kill = _crash_hook()
 
     def write(
         self,
@@ -501,38 +382,9 @@ class RefCacheWriter:
             for name, array in values.items():
                 group[name][rows] = np.asarray(array, dtype=ROW_DATASETS[name])[order]
             handle.flush()
-            group[DONE][rows] = True
-            self.rows_written += len(rows)
-            self._maybe_crash(handle)
+            self.mark_done(group, rows)
 
-    def _maybe_crash(self, handle) -> None:
-        if self._crash_after is None or self.rows_written < self._crash_after:
-            return
-        if self._crash_kill:
-            os.kill(os.getpid(), signal.SIGKILL)  # the file is open, `done` written but not flushed
-        handle.close()
-        raise RuntimeError(f"{CRASH_AFTER_ROWS_ENV}: simulated crash after {self.rows_written} rows")
-
-
-def _crash_hook() -> tuple[Optional[int], bool]:
-    value = os.environ.get(CRASH_AFTER_ROWS_ENV)
-    if not value:
-        return None, False
-    rows, _, mode = value.partition(":")
-    return int(rows), mode == "kill"
-
-
-__all__ = [
-    "CachedLogps",
-    "RefCache",
-    "RefCacheWriter",
-    "cache_attrs",
-    "cache_info_table",
-    "check_cache_target",
-    "combine_fingerprints",
-    "create_or_resume_cache",
-    "open_cache",
-    "reference_fingerprint",
-    "resolve_model_dir",
-    "weights_fingerprint",
-]
+    def mark_done(self, group, rows: np.ndarray) -> None:
+        """Set ``done`` for `rows` of a split's open group (their values are already flushed)."""
+        group[DONE][rows] = True
+        self.rows_written += len(rows)

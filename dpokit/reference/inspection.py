@@ -1,0 +1,147 @@
+"""Looking into a reference cache: `dpokit cache info` (what it holds) and `dpokit cache verify`
+(recompute a random sample live and report the largest difference)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.table import Table
+from torch import nn
+
+from dpokit.errors import DpokitError
+from dpokit.fidelity import Layout
+from dpokit.fingerprint import reference_fingerprint
+from dpokit.model import default_device, load_reference, resolve_dtype
+from dpokit.reference.cache import RefCache, open_cache, short_value
+from dpokit.data.prepared import load_prepared, pair_lengths
+from dpokit.reference.compute import DEFAULT_LAYOUT, announce, batch_logps, checked_layout, plan_batches
+
+
+def cache_info_table(cache: RefCache):
+    """A rich table describing a cache: rows done per split, then what it was made from."""
+    table = Table(title=f"reference cache {cache.path}", show_header=True)
+    table.add_column("split", style="bold", overflow="fold")
+    table.add_column("rows done / total", justify="right", overflow="fold")
+    for split in cache.splits:
+        state = "complete" if cache.is_complete(split) else "incomplete"
+        table.add_row(split, f"{cache.rows_done[split]}/{cache.rows[split]} ({state})")
+    table.add_section()
+    for key in ("model", "adapter", "dtype", "attn_implementation", "created", "dpokit_version", "format_version", "prepared"):
+        table.add_row(key, str(cache.attrs.get(key) or "none"))
+    for key in ("weights_fingerprint", "adapter_fingerprint", "data_fingerprint", "tokenizer_fingerprint"):
+        table.add_row(key, short_value(cache.attrs.get(key)))
+    return table
+
+
+
+@dataclass
+class VerifyReport:
+    """The outcome of `verify_cache`: the largest absolute difference and where it is."""
+
+    rows_checked: int = 0
+    max_difference: float = 0.0
+    worst: str = ""  # "split row i (chosen)"
+    token_mismatches: list[str] = field(default_factory=list)
+    per_split: dict[str, tuple[int, float, float]] = field(default_factory=dict)  # rows, max |Δ| chosen, rejected
+
+
+def verify_cache(
+    cache_path: str,
+    prepared_path: str,
+    model: str,
+    adapter: Optional[str] = None,
+    sample: int = 32,
+    tolerance: float = 1e-4,
+    batch_size: int = 8,
+    seed: int = 0,
+) -> VerifyReport:
+    """Recompute `sample` random written rows of a cache live and compare; raise above `tolerance`.
+
+    The model runs in the dtype the cache was made with. Raises `DpokitError` if the cache was built
+    from other inputs, if the largest absolute log-prob difference exceeds `tolerance`, or if a
+    token count differs.
+    """
+    cache = open_cache(cache_path)
+    prepared = load_prepared(prepared_path)
+    cache.check_matches(
+        data_fingerprint=prepared.fingerprint,
+        reference_fingerprint=reference_fingerprint(model, adapter),
+        tokenizer_fingerprint=prepared.tokenizer_fingerprint,
+    )
+    chosen_rows = sample_written_rows(cache, sample, seed)
+    if not chosen_rows:
+        raise DpokitError(f"{cache_path} has no written rows to verify; run `{cache.rebuild_command()}` first")
+    device = default_device()
+    attn = cache.attr("attn_implementation")
+    reference = load_reference(model, resolve_dtype(cache.attrs["dtype"], device), device, adapter, attn)
+    layout = checked_layout(reference, prepared.split(next(iter(chosen_rows))), announce)
+    report = VerifyReport()
+    for split, rows in chosen_rows.items():
+        compare_split(reference, prepared.split(split), cache, split, rows, batch_size, device, report, layout)
+    Console().print(verify_table(report, cache_path, tolerance))
+    if report.token_mismatches:
+        raise DpokitError(
+            f"{cache_path}: completion token counts differ from the prepared data at {', '.join(report.token_mismatches[:5])}; "
+            f"rebuild it with `{cache.rebuild_command()} --overwrite`"
+        )
+    if report.max_difference > tolerance:
+        raise DpokitError(
+            f"{cache_path}: largest difference {report.max_difference:.3g} at {report.worst} exceeds the tolerance "
+            f"{tolerance:g}; rebuild it with `{cache.rebuild_command()} --overwrite` (a bf16 cache needs a looser "
+            "--tolerance, e.g. 0.1)"
+        )
+    return report
+
+
+def sample_written_rows(cache: RefCache, sample: int, seed: int) -> dict[str, np.ndarray]:
+    """Up to `sample` written rows drawn at random over all splits, ascending per split."""
+    written = {split: np.flatnonzero(cache.done_mask(split)) for split in cache.splits}
+    total = sum(len(rows) for rows in written.values())
+    picks = np.sort(np.random.default_rng(seed).choice(total, size=min(sample, total), replace=False))
+    chosen, offset = {}, 0
+    for split, rows in written.items():
+        mine = picks[(picks >= offset) & (picks < offset + len(rows))] - offset
+        if len(mine):
+            chosen[split] = rows[mine]
+        offset += len(rows)
+    return chosen
+
+
+def compare_split(
+    model: nn.Module, dataset, cache: RefCache, split: str, rows: np.ndarray, batch_size: int, device: torch.device,
+    report: VerifyReport, layout: Layout = DEFAULT_LAYOUT,
+) -> None:
+    """Recompute `rows` of `split` and fold the differences from the cache into `report`."""
+    cached = cache.logps(split, require_done=False)
+    side_max = {"chosen": 0.0, "rejected": 0.0}
+    for index in plan_batches(rows, pair_lengths(dataset), batch_size):
+        live = batch_logps(model, dataset, index, device, layout)
+        for side in side_max:
+            differences = np.abs(getattr(cached, f"{side}_logps")[index].numpy() - getattr(live, f"{side}_logps"))
+            side_max[side] = max(side_max[side], float(differences.max()))
+            worst = int(np.argmax(differences))
+            if differences[worst] > report.max_difference:
+                report.max_difference = float(differences[worst])
+                report.worst = f"{split} row {int(index[worst])} ({side})"
+            mismatched = index[getattr(cached, f"{side}_tokens")[index].numpy() != getattr(live, f"{side}_tokens")]
+            report.token_mismatches += [f"{split} row {int(i)} ({side})" for i in mismatched]
+    report.rows_checked += len(rows)
+    report.per_split[split] = (len(rows), side_max["chosen"], side_max["rejected"])
+
+
+def verify_table(report: VerifyReport, cache_path: str, tolerance: float) -> Table:
+    """Per split: rows recomputed and the largest differences; the caption says pass or fail."""
+    passed = report.max_difference <= tolerance and not report.token_mismatches
+    table = Table(
+        title=f"cache verify {cache_path}",
+        caption=f"largest |Δ| {report.max_difference:.3g} (tolerance {tolerance:g}): {'ok' if passed else 'FAILED'}",
+    )
+    for column in ("split", "rows checked", "max |Δ| chosen", "max |Δ| rejected"):
+        table.add_column(column, justify="left" if column == "split" else "right")
+    for split, (rows, chosen, rejected) in report.per_split.items():
+        table.add_row(split, str(rows), f"{chosen:.3g}", f"{rejected:.3g}")
+    return table
