@@ -67,10 +67,7 @@ def write_marker(directory: str | os.PathLike, kind: str) -> Path:
         "dpokit_version": __version__,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    tmp = marker.with_name(f"{MARKER_NAME}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    os.replace(tmp, marker)
-    return marker
+    return _write_through_sibling(marker, lambda tmp: tmp.write_text(json.dumps(record, indent=2) + "\n"))
 
 
 def read_marker(directory: str | os.PathLike) -> Optional[dict]:
@@ -247,12 +244,38 @@ def replace_atomically(target: str | os.PathLike, kind: str, write: Callable[[Pa
         reason = not_own_reason(target, kind)
         if reason is not None:
             raise DpokitError(refusal(target, kind, reason))
+    mark = (lambda tmp: write_marker(tmp, kind)) if kind in DIRECTORY_KINDS else None
+    return _write_through_sibling(target, write, mark)
+
+
+def replace_within(artifact: str | os.PathLike, kind: str, target: str | os.PathLike, write: Callable[[Path], object]) -> Path:
+    """Write `target`, a file or directory inside dpokit's own `kind` artifact (a run's checkpoint,
+    metrics or config), through a temporary sibling renamed into place: a reader sees the old version
+    or the new one, never half of one. Refused when `artifact` is not dpokit's or `target` lies outside it."""
+    target = Path(target)
+    _check_within(Path(artifact), kind, [target], "write")
+    _restore_interrupted_swap(target)
+    return _write_through_sibling(target, write)
+
+
+def write_text_within(artifact: str | os.PathLike, kind: str, target: str | os.PathLike, text: str) -> Path:
+    """`replace_within` for a text file."""
+    return replace_within(artifact, kind, target, lambda tmp: tmp.write_text(text))
+
+
+def _write_through_sibling(
+    target: Path, write: Callable[[Path], object], finish: Optional[Callable[[Path], object]] = None
+) -> Path:
+    """The one atomic-write mechanism: `write(tmp)` creates ``.NAME.tmp-PID`` next to `target`, `finish(tmp)`
+    may add to it, then it is renamed over `target` (a directory is swapped: `_swap_directory`). If anything
+    raises, the temporary is removed and `target` is as it was. Dead writers' temporaries are cleared first."""
     remove_stale_siblings(target)
     tmp = temporary_sibling(target, "tmp")
     try:
         write(tmp)
-        if kind in DIRECTORY_KINDS:
-            write_marker(tmp, kind)
+        if finish is not None:
+            finish(tmp)
+        if tmp.is_dir():
             _swap_directory(tmp, target)
         else:
             os.replace(tmp, target)
@@ -262,6 +285,16 @@ def replace_atomically(target: str | os.PathLike, kind: str, write: Callable[[Pa
     return target
 
 
+def _check_within(artifact: Path, kind: str, paths: list[Path], action: str) -> None:
+    """Refuse to `action` `paths` unless `artifact` is dpokit's own `kind` artifact and they lie inside it."""
+    reason = not_own_reason(artifact, kind)
+    if reason is not None:
+        raise DpokitError(f"refusing to {action} inside {artifact}: {refusal(artifact, kind, reason).split(': ', 1)[1]}")
+    outside = [p for p in paths if artifact.resolve() not in p.resolve().parents]
+    if outside:
+        raise DpokitError(f"refusing to {action} {outside[0]}: it is not inside the dpokit {kind} {artifact}")
+
+
 def remove_within(artifact: str | os.PathLike, kind: str, paths: Iterable[str | os.PathLike]) -> None:
     """Delete `paths` (files or directories, absent ones skipped) inside `artifact`, dpokit's own `kind`.
 
@@ -269,14 +302,8 @@ def remove_within(artifact: str | os.PathLike, kind: str, paths: Iterable[str | 
     metrics, a checkpoint's temporary directory. Refuses (deleting nothing) when `artifact` is not
     dpokit's `kind` artifact or a path lies outside it.
     """
-    artifact = Path(artifact)
-    reason = not_own_reason(artifact, kind)
-    if reason is not None:
-        raise DpokitError(f"refusing to delete inside {artifact}: {refusal(artifact, kind, reason).split(': ', 1)[1]}")
     paths = [Path(p) for p in paths]
-    outside = [p for p in paths if artifact.resolve() not in p.resolve().parents]
-    if outside:
-        raise DpokitError(f"refusing to delete {outside[0]}: it is not inside the dpokit {kind} {artifact}")
+    _check_within(Path(artifact), kind, paths, "delete")
     for path in paths:
         _remove(path)
 

@@ -8,7 +8,6 @@ by rank, so a run saved with N processes resumes with any other number.
 
 from __future__ import annotations
 
-import os
 import random
 import re
 from pathlib import Path
@@ -23,7 +22,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from dpokit.artifacts import remove_within
+from dpokit.artifacts import remove_within, replace_within
 from dpokit.distributed import any_rank
 from dpokit.errors import DpokitError
 
@@ -100,21 +99,21 @@ def save_checkpoint(
     final = checkpoint_path(run_dir, step)
     if not is_main:
         return final
-    tmp = final.parent / f".{final.name}.tmp"
-    remove_within(run_dir, "run", [tmp])  # left by a save that was killed
-    try:
+
+    def write(tmp: Path) -> None:
         tmp.mkdir(parents=True)
         save_pretrained(model, tmp, model_state, tokenizer)
         torch.save({**training_state, "optimizer": optimizer_state, "rng": rng_state()}, tmp / STATE_FILE)
+
+    final.parent.mkdir(parents=True, exist_ok=True)
+    try:  # the same step saved again (a resumed run) is swapped in whole
+        replace_within(run_dir, "run", final, write)
     except (OSError, RuntimeError) as exc:  # disk full, quota, permissions (torch.save reports some as RuntimeError)
-        remove_within(run_dir, "run", [tmp])
         previous = latest_checkpoint(run_dir)
         raise DpokitError(
             f"cannot write checkpoint {final} ({exc}); free space or fix the directory, then resume from "
             f"{previous or 'the start (no checkpoint yet)'} with --resume"
         ) from None
-    remove_within(run_dir, "run", [final])  # the same step saved again (a resumed run)
-    os.replace(tmp, final)
     remove_within(run_dir, "run", [old for _, old in list_checkpoints(run_dir)[:-keep_last]])
     return final
 

@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from dpokit.artifacts import write_text_within
 from dpokit.errors import DpokitError
 from dpokit.types import ChosenRejectedOutputs
 
@@ -151,9 +152,7 @@ def truncate_metrics(run_dir: Path, after_step: int) -> None:
     if not path.is_file():
         return
     keep = [r for r in read_metrics(run_dir) if r["step"] <= after_step]
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
-    os.replace(tmp, path)
+    write_text_within(run_dir, "run", path, "".join(json.dumps(r) + "\n" for r in keep))
 
 
 def training_progress(console: Optional[Console] = None, enabled: bool = True) -> Progress:

@@ -48,7 +48,7 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from dpokit.artifacts import is_dpokit_artifact, write_marker
+from dpokit.artifacts import is_dpokit_artifact, write_marker, write_text_within
 from dpokit.checkpoint import (
     check_finite_weights,
     latest_checkpoint,
@@ -190,8 +190,8 @@ class DPORecipe:
         path = self.run_dir / "config.yaml"
         text = config_to_yaml(self.cfg)
         if checkpoint is not None and path.is_file() and path.read_text() != text:
-            path.replace(self.run_dir / f"config.step_{self.step:07d}.yaml")
-        path.write_text(text)
+            write_text_within(self.run_dir, "run", self.run_dir / f"config.step_{self.step:07d}.yaml", path.read_text())
+        write_text_within(self.run_dir, "run", path, text)
 
     def _build_reference(self):
         cfg = self.cfg

@@ -311,6 +311,6 @@ def test_a_checkpoint_is_not_saved_into_a_directory_dpokit_did_not_create(tmp_pa
     (mine / "checkpoints" / "step_0000001" / "weights.bin").write_text("my weights")
     model = torch.nn.Linear(2, 2)
     optimizer = torch.optim.AdamW(model.parameters())
-    with pytest.raises(DpokitError, match="refusing to delete inside"):
+    with pytest.raises(DpokitError, match="refusing to write inside"):
         save_checkpoint(mine, 1, model, optimizer, {"step": 1}, adapters=False)
     assert (mine / "checkpoints" / "step_0000001" / "weights.bin").read_text() == "my weights"
