@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import inspect
 import sys
+from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, List, Optional
 
 import click
 import typer
@@ -153,68 +155,98 @@ def cache_verify(
 # train
 
 
-def train_overrides(
-    data: Optional[str], model: Optional[str], ref_cache: Optional[str], ref: Optional[str], method: Optional[str],
-    out: Optional[str], max_steps: Optional[int], epochs: Optional[int], loss: Optional[str], beta: Optional[float],
-    gamma: Optional[float], tau: Optional[float], lr: Optional[float], batch_size: Optional[int], resume: bool,
-    overwrite: bool, merge: bool, allow_config_change: bool = False,
-) -> list[str]:
-    """Translate `dpokit train` flags into the recipe's dotted overrides.
+@dataclass(frozen=True)
+class TrainFlag:
+    """One `dpokit train` option, declared once: its name, the config key it sets, type and help."""
+
+    option: str  # "--data"
+    key: str  # "data.path"; a switch sets it to true
+    type: Any  # str, int, float or bool (a switch)
+    help: str
+    short: Optional[str] = None
+
+    @property
+    def name(self) -> str:
+        return self.option.removeprefix("--").replace("-", "_")
+
+
+TRAIN_FLAGS = (
+    TrainFlag("--data", "data.path", str, "Prepared data directory (from `dpokit prepare`)."),
+    TrainFlag("--model", "model.path", str, "Policy model directory or hub name.", "-m"),
+    TrainFlag("--ref-cache", "reference.cache", str, "Reference cache (ref.h5 from `dpokit ref-logps`)."),
+    TrainFlag("--ref", "reference.source", str, "Reference source: cache or live (compute it on the fly)."),
+    TrainFlag("--method", "model.method", str, "full, lora, dora, qlora or qdora."),
+    TrainFlag("--out", "output.dir", str, "Run directory (checkpoints, metrics.jsonl, plots).", "-o"),
+    TrainFlag("--max-steps", "training.max_steps", int, "Optimizer steps to run."),
+    TrainFlag("--epochs", "training.epochs", int, "Epochs (when --max-steps is not set)."),
+    TrainFlag("--loss", "loss", str, "dpo, rso, ipo, simpo, or package.module:Class (replaces the config's whole loss section)."),
+    TrainFlag("--beta", "loss.beta", float, "The loss's beta (dpo, simpo)."),
+    TrainFlag("--gamma", "loss.gamma", float, "The loss's gamma (rso, simpo)."),
+    TrainFlag("--tau", "loss.tau", float, "The loss's tau (ipo)."),
+    TrainFlag("--lr", "optimizer.lr", float, "Peak learning rate."),
+    TrainFlag("--batch-size", "data.batch_size", int, "Pairs per device per micro-step."),
+    TrainFlag("--resume", "output.resume", bool, "Continue from the run's latest checkpoint."),
+    TrainFlag("--overwrite", "output.overwrite", bool, "Start again in a run directory that has a run."),
+    TrainFlag("--merge", "output.merge", bool, "Also write a merged full model (LoRA family) at the end."),
+    TrainFlag(
+        "--allow-config-change", "output.allow_config_change", bool,
+        "With --resume: continue although data, loss, batch or optimizer settings changed.",
+    ),
+)
+
+
+def train_argv(params: dict[str, Any]) -> list[str]:
+    """A recipe's command line (``--config`` and dotted overrides) from `dpokit train`'s parsed options.
 
     `--loss` replaces the config's whole loss section, so a config's `beta` for dpo does not follow
-    the switch to `--loss rso`; `--beta/--gamma/--tau` then set the new loss's parameters.
+    the switch to `--loss rso`; `--beta/--gamma/--tau` then set the new loss's parameters. `--ref-cache`
+    alone also selects the cache as the reference source.
     """
-    pairs = [
-        ("data.path", data), ("model.path", model), ("reference.cache", ref_cache), ("reference.source", ref),
-        ("model.method", method), ("output.dir", out), ("training.max_steps", max_steps),
-        ("training.epochs", epochs), ("loss", f"{{name: '{loss}'}}" if loss else None), ("loss.beta", beta), ("loss.gamma", gamma),
-        ("loss.tau", tau), ("optimizer.lr", lr), ("data.batch_size", batch_size),
-    ]
-    overrides = [f"{key}={value}" for key, value in pairs if value is not None]
-    if ref_cache and ref is None:
-        overrides.append("reference.source=cache")
-    flags = (("resume", resume), ("overwrite", overwrite), ("merge", merge), ("allow_config_change", allow_config_change))
-    overrides += [f"output.{flag}=true" for flag, on in flags if on]
-    return overrides
+    argv = ["--config", params["config"]] if params.get("config") else []
+    for flag in TRAIN_FLAGS:
+        value = params.get(flag.name)
+        if value is None or value is False:
+            continue
+        if flag.type is bool:
+            value = "true"
+        elif flag.key == "loss":
+            value = f"{{name: '{value}'}}"
+        argv.append(f"{flag.key}={value}")
+    if params.get("ref_cache") and params.get("ref") is None:
+        argv.append("reference.source=cache")
+    return argv + list(params.get("overrides") or [])
 
 
-@app.command(context_settings={"allow_extra_args": False})
-def train(
-    overrides: Optional[List[str]] = typer.Argument(None, help="Dotted overrides, e.g. optimizer.lr=1e-5 lora.rank=16."),
-    config: Optional[str] = typer.Option(None, "--config", "-c", help="A shipped config name (see `dpokit config list`) or a YAML path."),
-    data: Optional[str] = typer.Option(None, "--data", help="Prepared data directory (from `dpokit prepare`)."),
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="Policy model directory or hub name."),
-    ref_cache: Optional[str] = typer.Option(None, "--ref-cache", help="Reference cache (ref.h5 from `dpokit ref-logps`)."),
-    ref: Optional[str] = typer.Option(None, "--ref", help="Reference source: cache or live (compute it on the fly)."),
-    method: Optional[str] = typer.Option(None, "--method", help="full, lora, dora, qlora or qdora."),
-    out: Optional[str] = typer.Option(None, "--out", "-o", help="Run directory (checkpoints, metrics.jsonl, plots)."),
-    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Optimizer steps to run."),
-    epochs: Optional[int] = typer.Option(None, "--epochs", help="Epochs (when --max-steps is not set)."),
-    loss: Optional[str] = typer.Option(None, "--loss", help="dpo, rso, ipo, simpo, or package.module:Class."),
-    beta: Optional[float] = typer.Option(None, "--beta", help="The loss's beta (dpo, simpo)."),
-    gamma: Optional[float] = typer.Option(None, "--gamma", help="The loss's gamma (rso, simpo)."),
-    tau: Optional[float] = typer.Option(None, "--tau", help="The loss's tau (ipo)."),
-    lr: Optional[float] = typer.Option(None, "--lr", help="Peak learning rate."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Pairs per device per micro-step."),
-    resume: bool = typer.Option(False, "--resume", help="Continue from the run's latest checkpoint."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Start again in a run directory that has a run."),
-    merge: bool = typer.Option(False, "--merge", help="Also write a merged full model (LoRA family) at the end."),
-    allow_config_change: bool = typer.Option(
-        False, "--allow-config-change", help="With --resume: continue although data, loss, batch or optimizer settings changed."
-    ),
-    recipe: Optional[Path] = typer.Option(None, "--recipe", help="Run this recipe file (e.g. one made by `dpokit eject recipe`)."),
-    gpus: int = typer.Option(1, "--gpus", help="Processes to launch (one per GPU; gloo processes on CPU)."),
-) -> None:
+def _train(**params: Any) -> None:
     """Train a policy with a DPO-family loss from prepared data and a reference cache."""
     from dpokit.launch import run_recipe
 
-    check_gpus(gpus)
+    check_gpus(params["gpus"])
+    run_recipe(params["recipe"], train_argv(params), params["gpus"])
 
-    argv = (["--config", config] if config else []) + train_overrides(
-        data, model, ref_cache, ref, method, out, max_steps, epochs, loss, beta, gamma, tau, lr, batch_size,
-        resume, overwrite, merge, allow_config_change,
-    ) + list(overrides or [])
-    run_recipe(recipe, argv, gpus)
+
+def _train_parameters() -> list[inspect.Parameter]:
+    """`dpokit train`'s signature for Typer: the fixed arguments, then one option per `TRAIN_FLAGS` entry."""
+    keyword = inspect.Parameter.KEYWORD_ONLY
+    fixed = [
+        ("overrides", Optional[List[str]], typer.Argument(None, help="Dotted overrides, e.g. optimizer.lr=1e-5 lora.rank=16.")),
+        ("config", Optional[str], typer.Option(None, "--config", "-c", help="A shipped config name (see `dpokit config list`) or a YAML path.")),
+    ]
+    flags = [
+        (flag.name, bool if flag.type is bool else Optional[flag.type],
+         typer.Option(False if flag.type is bool else None, flag.option, *([flag.short] if flag.short else []), help=flag.help))
+        for flag in TRAIN_FLAGS
+    ]
+    last = [
+        ("recipe", Optional[Path], typer.Option(None, "--recipe", help="Run this recipe file (e.g. one made by `dpokit eject recipe`).")),
+        ("gpus", int, typer.Option(1, "--gpus", help="Processes to launch (one per GPU; gloo processes on CPU).")),
+    ]
+    return [inspect.Parameter(name, keyword, default=default, annotation=hint) for name, hint, default in fixed + flags + last]
+
+
+_train.__signature__ = inspect.Signature(_train_parameters())
+_train.__annotations__ = {p.name: p.annotation for p in _train.__signature__.parameters.values()}
+train = app.command("train", context_settings={"allow_extra_args": False})(_train)
 
 
 @app.command()

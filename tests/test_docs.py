@@ -163,9 +163,7 @@ def parse_dpokit(args: list[str], whole: bool):
 
 def check_train_config(ctx) -> None:
     """`dpokit train`: the config name and every override (from flags and key=value) validate."""
-    flags = {name: ctx.params[name] for name in inspect.signature(cli.train_overrides).parameters}
-    config = ["--config", ctx.params["config"]] if ctx.params["config"] else []
-    parse_recipe_args(config + cli.train_overrides(**flags) + list(ctx.params["overrides"] or []))
+    parse_recipe_args(cli.train_argv(ctx.params))
 
 
 def check_recipe_script(args: list[str], cwd: Path) -> None:
@@ -262,6 +260,9 @@ def test_docs_show_commands_for_every_stage():
 @pytest.mark.parametrize("source", sorted({source for source, _, _ in documented_commands()}))
 def test_every_documented_command_runs_or_parses(source, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)  # ejected files land here, where later commands of the same page use them
+    for name, code in documented_modules(source).items():  # "Save it as my_losses.py": as the reader would
+        (tmp_path / name).write_text(code)
+    monkeypatch.syspath_prepend(str(tmp_path))  # the page's PYTHONPATH=.
     commands = [(command, whole) for where, command, whole in documented_commands() if where == source]
     assert commands
     for command, whole in commands:
@@ -272,15 +273,22 @@ def test_every_documented_command_runs_or_parses(source, tmp_path, monkeypatch, 
                 pytest.fail(f"{source}: {command!r} fails: {type(exc).__name__}: {exc}")
 
 
+def documented_modules(source: str) -> dict[str, str]:
+    """Python blocks a page tells the reader to save, by file name (their docstring starts with ``NAME.py:``)."""
+    path = next((p for p in DOCS if p.name == source), None)
+    if path is None:
+        return {}
+    blocks = re.findall(r"^```python\n(.*?)^```", path.read_text(), flags=re.MULTILINE | re.DOTALL)
+    return {match[1]: block for block in blocks if (match := re.match(r'"""(\w+\.py):', block))}
+
+
 def test_the_custom_loss_example_in_docs_losses_trains(tiny_model_dir, prepared_dir, tmp_path, monkeypatch):
     import math
 
     from dpokit.metrics import read_metrics
 
     text = (REPO / "docs" / "losses.md").read_text()
-    (example,) = [block for block in re.findall(r"^```python\n(.*?)^```", text, flags=re.MULTILINE | re.DOTALL)
-                  if "class MarginDPOLoss" in block]
-    (tmp_path / "my_losses.py").write_text(example)
+    (tmp_path / "my_losses.py").write_text(documented_modules("losses.md")["my_losses.py"])
     monkeypatch.syspath_prepend(str(tmp_path))
     run = tmp_path / "run"
     args = ["train", "--config", "tiny_lora", "--loss", "my_losses:MarginDPOLoss", "loss.beta=0.1", "loss.margin=0.5",
