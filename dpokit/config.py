@@ -96,6 +96,7 @@ class TrainingConfig:
     max_grad_norm: Optional[float] = 1.0
     seed: int = 42
     eval_every: int = 0  # optimizer steps; 0: evaluate only at the end (if there is an eval split)
+    eval_at_start: bool = False  # also evaluate before the first update (logged as step 0)
     eval_batches: Optional[int] = None  # cap on eval batches; None: the whole split
     save_every: int = 0  # optimizer steps; 0: save only at the end
     save_every_minutes: float = 0.0  # also save when this much time passed since the last save; 0: off

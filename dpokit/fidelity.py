@@ -162,6 +162,8 @@ STEP_ZERO_CAUSES = (
     "another chat template or tokenizer than the prepared data's",
     "another compute dtype or attention implementation than the cache's ({cache})",
     "dropout left on in the policy (model.disable_dropout=false)",
+    "a recipe whose forward (`policy_logps`) was edited to compute other log-probs than the cache's "
+    "`dpokit.logps.concatenated_forward` (then use reference.source=live, or make the cache with the same forward)",
 )
 
 

@@ -14,7 +14,6 @@ before and after, and writes the curves to OUT/run/plots. A few minutes on two C
 
 from __future__ import annotations
 
-import tempfile
 import time
 import warnings
 from contextlib import contextmanager
@@ -125,22 +124,21 @@ def quickstart_pipeline(out: Path, max_steps: Optional[int], overwrite: bool, co
     run_ref_logps(RefLogpsOptions(prepared=str(prepared), model=str(demo.model), out=str(cache), batch_size=32, overwrite=overwrite))
 
     console.rule("[bold]3/3  dpokit train --config demo_lora")
-    overrides = [f"data.path={prepared}", f"model.path={demo.model}", f"reference.cache={cache}", f"output.dir={run_dir}"]
+    overrides = [f"data.path={prepared}", f"model.path={demo.model}", f"reference.cache={cache}", f"output.dir={run_dir}",
+                 "training.eval_at_start=true"]  # the step-0 column: the recipe's own eval before any update
     if max_steps is not None:
         overrides.append(f"training.max_steps={max_steps}")
     if overwrite:
         overrides.append("output.overwrite=true")
-    before = step_zero_eval(overrides)
     replies_before = greedy_replies(load_demo_policy(demo.model, None), demo.model)
-    final = run_recipe(None, ["--config", DEMO_CONFIG, *overrides])
-    after = {key.removeprefix("eval/"): value for key, value in final.items() if key.startswith("eval/")}
-    replies_after = greedy_replies(load_demo_policy(demo.model, run_dir), demo.model)
+    trained = run_recipe(None, ["--config", DEMO_CONFIG, *overrides])
+    replies_after = greedy_replies(load_demo_policy(demo.model, trained.checkpoint), demo.model)
 
     result = QuickstartResult(
         run_dir=run_dir,
-        steps=trained_steps(run_dir),
-        before=before,
-        after=after,
+        steps=trained.steps,
+        before=trained.eval_at_start,
+        after=trained.eval,
         replies=list(zip(PROMPTS, replies_before, replies_after)),
         plots=plot_run(run_dir),
         seconds=time.perf_counter() - started,
@@ -164,34 +162,17 @@ def prepare_out_folder(out: Path, overwrite: bool, demo: DemoFiles) -> None:
     write_marker(out, "quickstart")
 
 
-def step_zero_eval(overrides: list[str]) -> dict[str, float]:
-    """The recipe's own eval metrics before any step (policy = reference, so rewards are ~0)."""
-    from dpokit.config import load_config
-    from dpokit.launch import builtin_recipe_path, load_recipe_module
-
-    recipe_module = load_recipe_module(builtin_recipe_path())
-    with tempfile.TemporaryDirectory() as scratch:  # setup() writes its run files there, not in the real run
-        cfg = load_config(DEMO_CONFIG, [*overrides, f"output.dir={scratch}"])
-        recipe = recipe_module.DPORecipe(cfg)
-        try:
-            recipe.setup()
-            return recipe.evaluate()
-        finally:
-            recipe.cleanup()
-
-
-def load_demo_policy(model_dir: Path, run_dir: Optional[Path]):
-    """The demo model, with the run's final LoRA adapter applied when `run_dir` is given."""
+def load_demo_policy(model_dir: Path, adapter: Optional[Path]):
+    """The demo model, with a LoRA `adapter` (the run's final checkpoint) applied when given."""
     from peft import PeftModel
 
-    from dpokit.checkpoint import latest_checkpoint
     from dpokit.model import load_causal_lm
 
     model = load_causal_lm(str(model_dir), torch.float32, torch.device("cpu"))
-    if run_dir is not None:
+    if adapter is not None:
         with warnings.catch_warnings():  # peft calls a transformers API deprecated in v5
             warnings.simplefilter("ignore", FutureWarning)
-            model = PeftModel.from_pretrained(model, str(latest_checkpoint(run_dir)))
+            model = PeftModel.from_pretrained(model, str(adapter))
     return model.eval()
 
 
@@ -211,12 +192,6 @@ def greedy_replies(model, tokenizer_dir: Path, prompts: tuple[str, ...] = PROMPT
         )
         replies.append(tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip())
     return replies
-
-
-def trained_steps(run_dir: Path) -> int:
-    from dpokit.metrics import read_metrics
-
-    return max((record["step"] for record in read_metrics(run_dir, "train")), default=0)
 
 
 def step_zero_note(before: dict[str, float]) -> str:

@@ -6,7 +6,8 @@ but `dpokit.errors`, so data, log-probs, losses, the reference and metrics can a
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -92,3 +93,15 @@ AT_LEAST_0 = Range(0)
 AT_LEAST_1 = Range(1)
 ABOVE_0 = Range(0, low_inclusive=False)
 UNIT = Range(0, 1)  # [0, 1)
+
+
+@dataclass
+class TrainResult:
+    """What a training recipe's ``main(argv)`` returns (on the main rank): the run and its last metrics."""
+
+    run_dir: Path
+    steps: int  # optimizer steps the run has done
+    checkpoint: Optional[Path]  # the final checkpoint
+    train: dict[str, float] = field(default_factory=dict)  # the last step's metrics
+    eval: dict[str, float] = field(default_factory=dict)  # the final eval (empty without an eval split)
+    eval_at_start: dict[str, float] = field(default_factory=dict)  # before any update (training.eval_at_start)

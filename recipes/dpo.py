@@ -14,8 +14,12 @@ Run it
 
 Where to change things (after ``dpokit eject recipe``)
     the loss          ``self.loss_fn`` in ``setup()`` (or just set ``loss.name`` in the config)
-    the forward pass  ``concatenated_forward`` in ``train_step()``: one pass over chosen+rejected rows
+    the forward pass  ``policy_logps()``: the log-probs of chosen and rejected under a model, one pass;
+                      the policy and a live reference both go through it. The cache was made by
+                      ``dpokit.logps.concatenated_forward``: if an edit changes the log-probs, the
+                      step-0 check stops the run before any update (use ``reference.source=live``)
     the metrics       ``step_metrics()``: add a key there and it goes to metrics.jsonl and TensorBoard
+    the cadence       ``after_step()``: when to log, evaluate and save
 
 Fidelity (every run, before the first update)
     layout      the batch layout's log-probs are checked against the model's own ``model(ids).logits``
@@ -60,7 +64,7 @@ from dpokit.checkpoint import (
 )
 from dpokit.config import QUANTIZED_METHODS, TrainConfig, config_to_dict, config_to_yaml, parse_recipe_args
 from dpokit.data.collate import collate_pairs
-from dpokit.types import PairBatch
+from dpokit.types import ChosenRejectedOutputs, PairBatch, TrainResult
 from dpokit.data.prepared import load_prepared, pair_lengths
 from dpokit.data.sampler import PairSampler
 from dpokit.distributed import any_rank, apply_fsdp, barrier, broadcast_from_main, destroy_distributed, gather_to_main, init_distributed
@@ -199,11 +203,11 @@ class DPORecipe:
             return None
         if cfg.reference.source == "live":
             if self.adapters and not cfg.reference.adapter:
-                return LiveReference(self.policy, adapters_off=True, chunk_size=cfg.data.logps_chunk_size)
+                return LiveReference(self.policy, adapters_off=True, forward=self.policy_logps)
             frozen = load_reference(
                 cfg.model.path, self.compute_dtype, self.device, cfg.reference.adapter, attn_implementation_of(self.policy)
             )
-            return LiveReference(frozen, adapters_off=False, chunk_size=cfg.data.logps_chunk_size)
+            return LiveReference(frozen, adapters_off=False, forward=self.policy_logps)
         if not cfg.reference.cache:
             raise DpokitError(
                 "no reference: set reference.cache=ref.h5 (build it with `dpokit ref-logps`) or reference.source=live"
@@ -236,17 +240,27 @@ class DPORecipe:
     # -------------------------------------------------------------------------------------- loop
 
     def batch(self, split, indices: list[int]) -> PairBatch:
+        """The pairs `indices` of a prepared split, collated in the checked layout, on the device."""
         columns = split[indices]
         rows = [{k: columns[k][i] for k in ("prompt_ids", "chosen_ids", "rejected_ids")} for i in range(len(indices))]
-        data = self.cfg.data
         layout = self.layout
         return collate_pairs(rows, indices, self.pad_id, layout.packing, layout.prefix_sharing, layout.pack_length).to(self.device)
+
+    def policy_logps(self, model: torch.nn.Module, batch: PairBatch, training: bool = False) -> ChosenRejectedOutputs:
+        """The forward pass: per-pair log-probs of the chosen and rejected completions under `model`.
+
+        One pass over the batch's rows (`dpokit.logps.concatenated_forward`: chunked vocabulary
+        projection, fp32 log-softmax, sums over completion tokens). With `training`, a
+        mixture-of-experts model also returns its load-balancing term. Edit here to change how
+        log-probs are computed; the step-0 check tells whether the reference cache still matches.
+        """
+        return concatenated_forward(model, batch, self.cfg.data.logps_chunk_size, router_aux_loss=training)
 
     def pair_outputs(self, batch: PairBatch, split: str):
         """Policy and reference outputs and the per-pair loss terms for one batch."""
         with self.autocast():
-            training = split == "train"  # a mixture-of-experts policy adds its load-balancing term in training
-            policy_out = concatenated_forward(self.policy, batch, self.cfg.data.logps_chunk_size, router_aux_loss=training)
+            training = split == "train"
+            policy_out = self.policy_logps(self.policy, batch, training=training)
         reference_out = None
         if self.reference is not None:
             reference_out = self.reference.outputs(batch, split)
@@ -356,13 +370,15 @@ class DPORecipe:
         self.policy.train()
         return metrics.means()
 
-    def train(self) -> dict[str, float]:
-        cfg = self.cfg.training
+    def train(self) -> TrainResult:
+        """The loop: step, then `after_step` logs, evaluates and saves on one cadence; the last step always does all three."""
         progress = training_progress(self.console, enabled=self.dist.is_main)
-        last: dict[str, float] = {}
-        evaluated_at = -1
+        self.result = TrainResult(run_dir=self.run_dir, steps=self.step, checkpoint=latest_checkpoint(self.run_dir))
         with progress:
             task = progress.add_task("train", total=self.total_steps, completed=self.step, rate="", status="")
+            if self.cfg.training.eval_at_start and self.step == 0 and self.eval_split is not None:
+                self.result.eval_at_start = self.evaluate()
+                self.logger.log(0, "eval", self.result.eval_at_start)
             self.policy.train()
             self.signals.install()
             while self.step < self.total_steps:
@@ -372,35 +388,31 @@ class DPORecipe:
                 lr = self.scheduler.get_last_lr()[0]
                 grad_norm = self.optimizer_step(metrics)
                 self.step += 1
-                last = self.step_metrics(metrics, time.perf_counter() - started, grad_norm, lr)
-                if self.step % cfg.log_every == 0 or self.step == self.total_steps:
-                    self.logger.log(self.step, "train", last)
-                progress.update(
-                    task,
-                    completed=self.step,
-                    rate=f"{last['pairs_per_s']:.1f} pairs/s",
-                    status=f"loss {last['loss']:.4f} acc {last['rewards/accuracies']:.2f}",
-                )
-                if self.eval_split is not None and cfg.eval_every and self.step % cfg.eval_every == 0:
-                    last_eval = self.evaluate()
-                    self.logger.log(self.step, "eval", last_eval)
-                    evaluated_at = self.step
-                stop, time_due = any_rank([self.signals.requested is not None, self.save_time_due()], self.device)
-                if stop:
-                    self.stop_with_checkpoint()
-                if ((cfg.save_every and self.step % cfg.save_every == 0) or time_due) and self.step < self.total_steps:
-                    self.save_checkpoint()
-        if self.eval_split is not None:
-            if evaluated_at != self.step:
-                last_eval = self.evaluate()
-                self.logger.log(self.step, "eval", last_eval)
-            last.update({f"eval/{k}": v for k, v in last_eval.items()})
-        final = self.save_checkpoint()
-        if self.cfg.output.merge and self.adapters and self.dist.is_main:
-            export_run(final, self.run_dir / "merged", base_model=self.cfg.model.path, overwrite=True)
+                self.result.train = self.step_metrics(metrics, time.perf_counter() - started, grad_norm, lr)
+                status = f"loss {self.result.train['loss']:.4f} acc {self.result.train['rewards/accuracies']:.2f}"
+                progress.update(task, completed=self.step, rate=f"{self.result.train['pairs_per_s']:.1f} pairs/s", status=status)
+                self.after_step(is_last=self.step == self.total_steps)
+        self.result.steps = self.step
+        if self.cfg.output.merge and self.adapters and self.dist.is_main and self.result.checkpoint is not None:
+            export_run(self.result.checkpoint, self.run_dir / "merged", base_model=self.cfg.model.path, overwrite=True)
         if self.dist.is_main:
-            self.console.print(summary_table(f"dpokit train: {self.step} steps", _summary_rows(last)))
-        return last
+            self.console.print(summary_table(f"dpokit train: {self.step} steps", _summary_rows(self.result)))
+        return self.result
+
+    def after_step(self, is_last: bool) -> None:
+        """Log, evaluate and save when due (every ``log_every`` / ``eval_every`` / ``save_every`` steps or
+        ``save_every_minutes``), all three after the last step; a requested stop checkpoints and exits."""
+        cfg = self.cfg.training
+        if is_last or self.step % cfg.log_every == 0:
+            self.logger.log(self.step, "train", self.result.train)
+        if self.eval_split is not None and (is_last or (cfg.eval_every and self.step % cfg.eval_every == 0)):
+            self.result.eval = self.evaluate()
+            self.logger.log(self.step, "eval", self.result.eval)
+        stop, time_due = any_rank([self.signals.requested is not None, self.save_time_due()], self.device)
+        if stop and not is_last:
+            self.stop_with_checkpoint()
+        if is_last or time_due or (cfg.save_every and self.step % cfg.save_every == 0):
+            self.result.checkpoint = self.save_checkpoint()
 
     def save_time_due(self) -> bool:
         minutes = self.cfg.training.save_every_minutes
@@ -458,16 +470,16 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _summary_rows(metrics: dict[str, float]):
+def _summary_rows(result: TrainResult):
+    metrics = {**result.train, **{f"eval/{key}": value for key, value in result.eval.items()}}
     for key in ("loss", "rewards/accuracies", "rewards/margins", "eval/loss", "eval/rewards/accuracies",
                 "eval/rewards/margins", "pairs_per_s", "tokens_per_s", "peak_memory_mb"):
         if key in metrics:
             yield key, f"{metrics[key]:.4g}"
 
 
-def main(argv: list[str] | None = None) -> dict[str, float]:
-    """Parse ``--config`` and ``key=value`` overrides, then setup, train, save."""
-    cfg = parse_recipe_args(sys.argv[1:] if argv is None else argv)
+def run(cfg: TrainConfig) -> TrainResult:
+    """Setup, train, save: the whole run for a loaded config (what `main` and library callers use)."""
     recipe = DPORecipe(cfg)
     try:
         recipe.setup()
@@ -476,6 +488,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         return result
     finally:
         recipe.cleanup()
+
+
+def main(argv: list[str] | None = None) -> TrainResult:
+    """Parse ``--config`` and ``key=value`` overrides, then `run`."""
+    return run(parse_recipe_args(sys.argv[1:] if argv is None else argv))
 
 
 if __name__ == "__main__":

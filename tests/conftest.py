@@ -147,3 +147,13 @@ def crash_cache_writer(monkeypatch):
         return lambda: monkeypatch.setattr(RefCacheWriter, "mark_done", mark_done)
 
     return install
+
+
+@pytest.fixture(scope="session")
+def ref_cache(tiny_model_dir, prepared_dir, tmp_path_factory) -> Path:
+    """``ref.h5`` of the tiny model over `prepared_dir` (both splits), made by `dpokit ref-logps`."""
+    from dpokit.cli import main
+
+    path = tmp_path_factory.mktemp("cache") / "ref.h5"
+    assert main(["ref-logps", str(prepared_dir), "--model", str(tiny_model_dir), "--out", str(path), "--batch-size", "3"]) == 0
+    return path

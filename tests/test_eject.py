@@ -114,6 +114,49 @@ def test_an_edited_ejected_recipe_runs_three_ways(tiny_model_dir, prepared_dir, 
     assert losses["dpokit_train"][0] == pytest.approx(0.693147, abs=1e-5)  # ln 2: step 1 starts at the reference
 
 
+FORWARD_CALL = "        return concatenated_forward(model, batch, self.cfg.data.logps_chunk_size, router_aux_loss=training)\n"
+EXACT_EDIT = "        return concatenated_forward(model, batch, 5, router_aux_loss=training)  # smaller chunks, same values\n"
+DIVERGING_EDIT = (
+    "        out = concatenated_forward(model, batch, self.cfg.data.logps_chunk_size, router_aux_loss=training)\n"
+    "        out.chosen_logps = out.chosen_logps / 1.1  # a temperature the cache was not made with\n"
+    "        return out\n"
+)
+
+
+def eject_with_forward(dest: Path, forward: str) -> Path:
+    """Eject the recipe and replace the body of its forward pass (`policy_logps`)."""
+    assert main(["eject", "recipe", str(dest)]) == 0
+    source = dest.read_text()
+    assert source.count(FORWARD_CALL) == 1
+    dest.write_text(source.replace(FORWARD_CALL, forward))
+    return dest
+
+
+def cached_run_args(recipe: Path, model_dir: Path, data_dir: Path, cache: Path, run: Path) -> list[str]:
+    return ["train", "--recipe", str(recipe), "--config", "tiny_lora", "--model", str(model_dir), "--data", str(data_dir),
+            "--ref-cache", str(cache), "--out", str(run), "--max-steps", "1", "training.eval_every=0"]
+
+
+def test_a_recipe_whose_forward_keeps_the_log_probs_trains_on_the_cache(tiny_model_dir, prepared_dir, ref_cache, tmp_path):
+    recipe = eject_with_forward(tmp_path / "dpo_recipe.py", EXACT_EDIT)
+    assert main(cached_run_args(recipe, tiny_model_dir, prepared_dir, ref_cache, tmp_path / "run")) == 0
+    (first,) = read_metrics(tmp_path / "run", "train")
+    assert first["loss"] == pytest.approx(0.693147, abs=1e-5)  # ln 2: the edited forward matches the cache
+    assert first["rewards/chosen"] == pytest.approx(0.0, abs=1e-5)
+
+
+def test_a_recipe_whose_forward_changes_the_log_probs_is_stopped_before_any_update(
+    tiny_model_dir, prepared_dir, ref_cache, tmp_path, capsys
+):
+    recipe = eject_with_forward(tmp_path / "dpo_recipe.py", DIVERGING_EDIT)
+    run = tmp_path / "run"
+    assert main(cached_run_args(recipe, tiny_model_dir, prepared_dir, ref_cache, run)) == 1
+    err = capsys.readouterr().err
+    assert "step-0 check: the policy does not start as the reference" in err
+    assert "a recipe whose forward (`policy_logps`) was edited" in err
+    assert read_metrics(run, "train") == [] and not list(run.glob("checkpoints/step_*"))
+
+
 def build_wheel(tmp_path: Path) -> Path:
     """A wheel built from a copy of the sources (setuptools writes build/ next to what it builds)."""
     import shutil

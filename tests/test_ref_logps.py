@@ -104,14 +104,6 @@ def live(tiny_model_dir, prepared_dir):
     return live_logps(tiny_model_dir, prepared_dir)
 
 
-@pytest.fixture(scope="module")
-def built_cache(tiny_model_dir, prepared_dir, tmp_path_factory) -> Path:
-    """A complete cache of the fixture data (batch size 8, bucketed)."""
-    out = tmp_path_factory.mktemp("built") / "ref.h5"
-    assert main(ref_logps_args(prepared_dir, tiny_model_dir, out)) == 0
-    return out
-
-
 def other_prepared(prepared_dir: Path, out: Path) -> Path:
     """The fixture's prepared data with one completion token changed."""
     prepared = load_prepared(prepared_dir)
@@ -147,8 +139,8 @@ def test_cached_logps_with_adapter_equal_live_adapter_model(tiny_model_dir, prep
     cache.check_matches(reference_fingerprint=reference_fingerprint(tiny_model_dir, adapter_dir))
 
 
-def test_cache_records_what_it_was_made_from(built_cache, tiny_model_dir, prepared_dir):
-    cache = open_cache(built_cache)
+def test_cache_records_what_it_was_made_from(ref_cache, tiny_model_dir, prepared_dir):
+    cache = open_cache(ref_cache)
     prepared = load_prepared(prepared_dir)
     assert cache.attrs["model"] == str(tiny_model_dir.resolve())
     assert cache.attrs["dtype"] == "float32" and cache.attrs["format_version"] == 1
@@ -211,9 +203,9 @@ def test_killed_run_resumes_and_ends_identical_to_an_uninterrupted_run(tiny_mode
         np.testing.assert_array_equal(killed_values[key], uninterrupted_values[key], err_msg=key)
 
 
-def test_rerun_on_other_data_is_refused_until_overwrite(tiny_model_dir, prepared_dir, built_cache, tmp_path, capsys):
+def test_rerun_on_other_data_is_refused_until_overwrite(tiny_model_dir, prepared_dir, ref_cache, tmp_path, capsys):
     out = tmp_path / "ref.h5"
-    out.write_bytes(built_cache.read_bytes())
+    out.write_bytes(ref_cache.read_bytes())
     other = other_prepared(prepared_dir, tmp_path / "other")
     assert main(ref_logps_args(other, tiny_model_dir, out)) == 1
     err = capsys.readouterr().err
@@ -256,21 +248,21 @@ def test_overwrite_refuses_an_hdf5_file_that_dpokit_did_not_write(tiny_model_dir
         assert handle["activations"][()].tolist() == [0, 1, 2]
 
 
-def test_rerun_with_another_model_is_refused_naming_the_weights(tiny_model_dir, prepared_dir, built_cache, tmp_path, capsys):
+def test_rerun_with_another_model_is_refused_naming_the_weights(tiny_model_dir, prepared_dir, ref_cache, tmp_path, capsys):
     out = tmp_path / "ref.h5"
-    out.write_bytes(built_cache.read_bytes())
+    out.write_bytes(ref_cache.read_bytes())
     changed = tiny.copy_model_with_changed_weight(tiny_model_dir, tmp_path / "changed")
     assert main(ref_logps_args(prepared_dir, changed, out)) == 1
     err = capsys.readouterr().err
     assert "weights_fingerprint differs (the reference model's weights)" in err and "data_fingerprint" not in err
 
 
-def test_rerun_of_a_finished_cache_computes_nothing(built_cache, prepared_dir, tiny_model_dir, tmp_path, capsys):
+def test_rerun_of_a_finished_cache_computes_nothing(ref_cache, prepared_dir, tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "ref.h5"
-    out.write_bytes(built_cache.read_bytes())
+    out.write_bytes(ref_cache.read_bytes())
     assert main(ref_logps_args(prepared_dir, tiny_model_dir, out)) == 0
     assert "0 new / 32" in capsys.readouterr().out
-    before, after = read_datasets(built_cache), read_datasets(out)
+    before, after = read_datasets(ref_cache), read_datasets(out)
     for key in before:
         np.testing.assert_array_equal(after[key], before[key], err_msg=key)
 
@@ -279,9 +271,9 @@ def test_rerun_of_a_finished_cache_computes_nothing(built_cache, prepared_dir, t
 # cache info and verify
 
 
-def test_cache_info_shows_rows_model_and_dtype(built_cache, tiny_model_dir, capsys, monkeypatch):
+def test_cache_info_shows_rows_model_and_dtype(ref_cache, tiny_model_dir, capsys, monkeypatch):
     monkeypatch.setenv("COLUMNS", "250")
-    assert main(["cache", "info", str(built_cache)]) == 0
+    assert main(["cache", "info", str(ref_cache)]) == 0
     out = capsys.readouterr().out
     assert "32/32 (complete)" in out and "8/8 (complete)" in out
     assert str(tiny_model_dir.resolve()) in out and "float32" in out and "created" in out
@@ -295,15 +287,15 @@ def test_cache_info_shows_an_unfinished_split(tiny_model_dir, prepared_dir, tmp_
     assert "0/32 (incomplete)" in capsys.readouterr().out
 
 
-def test_cache_verify_passes_on_a_good_cache(built_cache, prepared_dir, tiny_model_dir, capsys):
-    args = ["cache", "verify", str(built_cache), str(prepared_dir), "--model", str(tiny_model_dir), "--sample", "32"]
+def test_cache_verify_passes_on_a_good_cache(ref_cache, prepared_dir, tiny_model_dir, capsys):
+    args = ["cache", "verify", str(ref_cache), str(prepared_dir), "--model", str(tiny_model_dir), "--sample", "32"]
     assert main(args) == 0
     assert ": ok" in capsys.readouterr().out
 
 
-def test_cache_verify_fails_on_a_tampered_cache(built_cache, prepared_dir, tiny_model_dir, tmp_path, capsys):
+def test_cache_verify_fails_on_a_tampered_cache(ref_cache, prepared_dir, tiny_model_dir, tmp_path, capsys):
     tampered = tmp_path / "tampered.h5"
-    tampered.write_bytes(built_cache.read_bytes())
+    tampered.write_bytes(ref_cache.read_bytes())
     with h5py.File(tampered, "r+") as handle:
         handle["eval/rejected_logps"][5] += 0.5
     args = ["cache", "verify", str(tampered), str(prepared_dir), "--model", str(tiny_model_dir), "--sample", "40"]

@@ -8,13 +8,6 @@ from dpokit.cli import main
 from dpokit.metrics import read_metrics
 
 
-@pytest.fixture(scope="module")
-def ref_cache(tiny_model_dir, prepared_dir, tmp_path_factory):
-    path = tmp_path_factory.mktemp("cache") / "ref.h5"
-    assert main(["ref-logps", str(prepared_dir), "--model", str(tiny_model_dir), "--out", str(path), "--batch-size", "3"]) == 0
-    return path
-
-
 def train_args(model_dir, data_dir, run_dir, method, *extra):
     return ["train", "--config", "tiny_lora", "--data", str(data_dir), "--model", str(model_dir), "--out", str(run_dir),
             "--method", method, "--max-steps", "5", "optimizer.lr=1e-3", "training.eval_every=5", *extra]

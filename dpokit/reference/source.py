@@ -7,18 +7,16 @@ Both give a `ChosenRejectedOutputs` for a `PairBatch`, so the recipe does not ca
 from __future__ import annotations
 
 import contextlib
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import nn
 
-from dpokit.types import PairBatch
 from dpokit.data.prepared import PreparedData
 from dpokit.errors import DpokitError
 from dpokit.fingerprint import reference_fingerprint
-from dpokit.logps import concatenated_forward
 from dpokit.reference.cache import open_cache
-from dpokit.types import ChosenRejectedOutputs
+from dpokit.types import ChosenRejectedOutputs, PairBatch
 
 
 class CachedReference:
@@ -54,12 +52,16 @@ class CachedReference:
 
 
 class LiveReference:
-    """The reference computed on the fly: the policy with its adapters switched off, or a frozen copy."""
+    """The reference computed on the fly: the policy with its adapters switched off, or a frozen copy.
 
-    def __init__(self, model: nn.Module, adapters_off: bool, chunk_size: int):
+    `forward(model, batch)` computes the log-probs: the recipe passes its own (`policy_logps`), so an
+    edited forward applies to the policy and the live reference alike.
+    """
+
+    def __init__(self, model: nn.Module, adapters_off: bool, forward: Callable[[nn.Module, PairBatch], ChosenRejectedOutputs]):
         self.model = model
         self.adapters_off = adapters_off
-        self.chunk_size = chunk_size
+        self.forward = forward
 
     def outputs(self, batch: PairBatch, split: str) -> ChosenRejectedOutputs:
         was_training = self.model.training
@@ -67,7 +69,7 @@ class LiveReference:
         adapters = self.model.disable_adapter() if self.adapters_off else contextlib.nullcontext()
         try:
             with torch.no_grad(), adapters:
-                out = concatenated_forward(self.model, batch, self.chunk_size)
+                out = self.forward(self.model, batch)
         finally:
             self.model.train(was_training)
         return out
