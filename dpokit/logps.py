@@ -18,9 +18,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from dpokit.types import PairBatch
 from dpokit.family import attn_implementation_of, decoder_masks, logits_transform
-from dpokit.types import ChosenRejectedOutputs
+from dpokit.types import ChosenRejectedOutputs, PairBatch
 
 DEFAULT_CHUNK_SIZE = 1024
 
