@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -157,3 +158,41 @@ def ref_cache(tiny_model_dir, prepared_dir, tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("cache") / "ref.h5"
     assert main(["ref-logps", str(prepared_dir), "--model", str(tiny_model_dir), "--out", str(path), "--batch-size", "3"]) == 0
     return path
+
+
+# ---------------------------------------------------------------------------------------------
+# `dpokit train` arguments and runs shared by the training, fault and distributed tests
+
+
+def train_cli_args(model_dir: Path, data_dir: Path, run_dir: Path, *extra) -> list[str]:
+    """`dpokit train` on a tiny model and data: tiny_lora, a live reference, no periodic eval."""
+    return ["train", "--config", "tiny_lora", "--model", str(model_dir), "--data", str(data_dir), "--ref", "live",
+            "--out", str(run_dir), "training.eval_every=0", *map(str, extra)]
+
+
+@pytest.fixture
+def train_cli(tiny_model_dir, prepared_dir):
+    """``train_cli(run_dir, *extra)``: `train_cli_args` on the tiny model and `prepared_dir`."""
+    return lambda run_dir, *extra: train_cli_args(tiny_model_dir, prepared_dir, run_dir, *extra)
+
+
+def run_dpokit_elsewhere(argv: list[str]) -> None:
+    """`dpokit ARGV` run to completion in a process of its own (several training processes, or a clean start).
+
+    In-process, the torchelastic launcher leaves threads in the test process, and a later test that
+    forks (`prepare --num-proc 2`) could then deadlock on a lock one of them held.
+    """
+    done = subprocess.run([sys.executable, "-m", "dpokit", *argv], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+# A 2-process LoRA run long enough for faults to land mid-run, checkpointing every other step.
+TWO_PROCESS_RUN = ("--max-steps", "12", "--gpus", "2", "data.batch_size=2", "training.save_every=2", "training.keep_last=2")
+
+
+@pytest.fixture(scope="session")
+def two_process_run(tiny_model_dir, prepared_dir, tmp_path_factory) -> Path:
+    """An uninterrupted `TWO_PROCESS_RUN` (global batch 4): what faulted runs and one process must reproduce."""
+    run = tmp_path_factory.mktemp("two_process") / "run"
+    run_dpokit_elsewhere(train_cli_args(tiny_model_dir, prepared_dir, run, *TWO_PROCESS_RUN))
+    return run

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -22,10 +23,7 @@ from dpokit.cli import main
 from dpokit.metrics import read_metrics
 from dpokit.preemption import INTERRUPTED_EXIT_CODE
 
-
-def train_argv(model_dir, data_dir, run_dir, *extra) -> list[str]:
-    return ["train", "--config", "tiny_lora", "--data", str(data_dir), "--model", str(model_dir), "--ref", "live",
-            "--out", str(run_dir), "training.eval_every=0", "data.batch_size=2", *extra]
+from conftest import TWO_PROCESS_RUN, run_dpokit_elsewhere
 
 
 def losses(run_dir: Path) -> list[float]:
@@ -36,16 +34,6 @@ def start_train(argv: list[str]) -> subprocess.Popen:
     """`dpokit train` in its own process (and process group), as a user or a scheduler starts it."""
     return subprocess.Popen([sys.executable, "-m", "dpokit", *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)
-
-
-def train_elsewhere(argv: list[str]) -> None:
-    """`dpokit train` (here with several processes) run to completion in a process of its own.
-
-    In-process, the torchelastic launcher leaves threads in the test process, and a later test that
-    forks (`prepare --num-proc 2`) could then deadlock on a lock one of them held.
-    """
-    done = subprocess.run([sys.executable, "-m", "dpokit", *argv], capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-2000:]
 
 
 def wait_for_steps(run_dir: Path, steps: int, process: subprocess.Popen, timeout: float = 120) -> None:
@@ -64,30 +52,90 @@ def wait_for_steps(run_dir: Path, steps: int, process: subprocess.Popen, timeout
 # preemption
 
 
-@pytest.mark.parametrize("gpus", [1, 2])
-def test_sigterm_checkpoints_and_resume_equals_the_uninterrupted_run(gpus, tiny_model_dir, prepared_dir, tmp_path):
-    total = 60 if gpus == 1 else 12  # enough steps for the signal to land mid-run
-    steps = ["--max-steps", str(total), "--gpus", str(gpus)]
+SIGTERM_LOSS = textwrap.dedent(
+    """
+    import os, signal
+    from dpokit.losses import DPOLoss
+
+    class SigtermAt(DPOLoss):
+        # DPO that sends its own process SIGTERM during its `at`-th call, as a scheduler's preemption
+        # would; once per `once` file, so the resumed run is not stopped again.
+
+        def __init__(self, at: int = 3, once: str = "", **kwargs):
+            super().__init__(**kwargs)
+            self.at, self.once, self.calls = at, once, 0
+
+        def forward(self, policy, reference):
+            self.calls += 1
+            if self.calls == self.at and not os.path.exists(self.once):
+                open(self.once, "w").close()
+                os.kill(os.getpid(), signal.SIGTERM)
+            return super().forward(policy, reference)
+    """
+)
+
+
+def test_sigterm_checkpoints_and_resume_equals_the_uninterrupted_run(train_cli, tmp_path, monkeypatch, capsys):
+    (tmp_path / "sigterm_loss_module.py").write_text(SIGTERM_LOSS)
+    monkeypatch.syspath_prepend(str(tmp_path))
     whole, cut = tmp_path / "whole", tmp_path / "cut"
-    train_elsewhere(train_argv(tiny_model_dir, prepared_dir, whole, *steps))
-
-    process = start_train(train_argv(tiny_model_dir, prepared_dir, cut, *steps))
-    wait_for_steps(cut, 2, process)
-    os.kill(process.pid, signal.SIGTERM)  # the launcher, as a scheduler's preemption would
-    _, stderr = process.communicate(timeout=120)
-    assert process.returncode == INTERRUPTED_EXIT_CODE, stderr[-2000:]
-    assert "received SIGTERM" in stderr
-    assert f"Resume with: dpokit train --config {cut / 'config.yaml'} --resume" in stderr
-    stopped_at = len(losses(cut))
-    assert stopped_at < total and (cut / "checkpoints" / f"step_{stopped_at:07d}").is_dir()
-
-    train_elsewhere(["train", "--config", str(cut / "config.yaml"), "--resume", "--gpus", str(gpus)])
+    assert main(train_cli(whole, "--max-steps", "6", "data.batch_size=2")) == 0
+    sigterm_at_3 = ["--loss", "sigterm_loss_module:SigtermAt", "loss.at=3", f"loss.once={tmp_path / 'signalled'}"]
+    code = main(train_cli(cut, "--max-steps", "6", "data.batch_size=2", *sigterm_at_3))
+    err = capsys.readouterr().err
+    assert code == INTERRUPTED_EXIT_CODE, err[-2000:]
+    assert "received SIGTERM" in err and "stopped by SIGTERM after step 3/6" in err
+    assert f"Resume with: dpokit train --config {cut / 'config.yaml'} --resume" in err
+    assert len(losses(cut)) == 3 and (cut / "checkpoints" / "step_0000003").is_dir()
+    assert main(["train", "--config", str(cut / "config.yaml"), "--resume"]) == 0
     assert losses(cut) == pytest.approx(losses(whole), abs=1e-6)
 
 
-def test_killing_the_launcher_stops_its_workers_with_a_checkpoint(tiny_model_dir, prepared_dir, tmp_path):
+def test_a_two_process_run_survives_sigterm_and_kill_9_and_ends_as_the_uninterrupted_run(
+    train_cli, two_process_run, tmp_path
+):
+    cut = tmp_path / "cut"
+    # 1. SIGTERM to the launcher, as a scheduler's preemption: the workers checkpoint and the run exits 75.
+    process = start_train(train_cli(cut, *TWO_PROCESS_RUN))
+    wait_for_steps(cut, 2, process)
+    os.kill(process.pid, signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == INTERRUPTED_EXIT_CODE, stderr[-2000:]
+    assert "received SIGTERM" in stderr
+    assert f"Resume with: dpokit train --config {cut / 'config.yaml'} --resume --gpus 2" in stderr
+    stopped_at = len(losses(cut))
+    assert stopped_at < 12 and (cut / "checkpoints" / f"step_{stopped_at:07d}").is_dir()
+
+    # 2. Resumed, then kill -9 of launcher and workers at once, mid-step, mid-checkpoint or between.
+    process = start_train(train_cli(cut, *TWO_PROCESS_RUN, "--resume"))
+    wait_for_steps(cut, stopped_at + 1, process)
+    time.sleep(random.Random(0).uniform(0.0, 0.6))
+    kill_launcher_and_workers(process, cut)
+    assert process.returncode != 0, "the run finished before the kill landed; give it more steps"
+
+    # 3. Resumed again (the dead run's lock is taken over) to the end: every loss as if nothing happened.
+    run_dpokit_elsewhere(train_cli(cut, *TWO_PROCESS_RUN, "--resume"))
+    assert losses(cut) == pytest.approx(losses(two_process_run), abs=1e-6)
+
+
+def kill_launcher_and_workers(process: subprocess.Popen, run_dir: Path) -> None:
+    """SIGKILL a `--gpus N` run's launcher and workers together: no one gets to clean up."""
+    deadline = time.monotonic() + 30
+    pids = [process.pid, *workers_of(run_dir)]
+    while pids and time.monotonic() < deadline:  # a worker still starting when the kill came shows up late
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.2)
+        pids = workers_of(run_dir)
+    process.communicate()
+
+
+def test_killing_the_launcher_stops_its_workers_with_a_checkpoint(train_cli, tmp_path):
     run = tmp_path / "run"
-    process = start_train(train_argv(tiny_model_dir, prepared_dir, run, "--max-steps", "400", "--gpus", "2"))
+    process = start_train(train_cli(run, "--max-steps", "400", "--gpus", "2"))
     wait_for_steps(run, 2, process)
     process.kill()  # kill -9 the launcher: nothing forwards a signal, the workers must notice by themselves
     process.communicate()
@@ -146,9 +194,9 @@ def nan_loss(tmp_path, monkeypatch) -> str:
     return "diverging_loss_module:NaNAfter"
 
 
-def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_model_dir, prepared_dir, tmp_path, nan_loss, capsys):
+def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(train_cli, tmp_path, nan_loss, capsys):
     run = tmp_path / "run"
-    argv = train_argv(tiny_model_dir, prepared_dir, run, "--max-steps", "6", "--loss", nan_loss, "loss.after=3",
+    argv = train_cli(run, "--max-steps", "6", "--loss", nan_loss, "loss.after=3",
                       "training.save_every=1", "training.keep_last=1")
     assert main(argv) == 1
     err = capsys.readouterr().err.strip().splitlines()[-1]
@@ -160,9 +208,9 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_model_
     assert all(torch.isfinite(t).all() for t in weights.values())
 
 
-def test_skip_nonfinite_skips_the_batch_and_counts_it(tiny_model_dir, prepared_dir, tmp_path, nan_loss):
+def test_skip_nonfinite_skips_the_batch_and_counts_it(train_cli, tmp_path, nan_loss):
     run = tmp_path / "run"
-    argv = train_argv(tiny_model_dir, prepared_dir, run, "--max-steps", "4", "--loss", nan_loss, "loss.after=3",
+    argv = train_cli(run, "--max-steps", "4", "--loss", nan_loss, "loss.after=3",
                       "training.skip_nonfinite=true")
     assert main(argv) == 0
     records = read_metrics(run, "train")
@@ -175,12 +223,12 @@ def test_skip_nonfinite_skips_the_batch_and_counts_it(tiny_model_dir, prepared_d
 # one writer per run
 
 
-def test_a_second_writer_to_a_running_run_is_refused(tiny_model_dir, prepared_dir, tmp_path, capsys):
+def test_a_second_writer_to_a_running_run_is_refused(train_cli, tmp_path, capsys):
     run = tmp_path / "run"
-    process = start_train(train_argv(tiny_model_dir, prepared_dir, run, "--max-steps", "400"))
+    process = start_train(train_cli(run, "--max-steps", "400"))
     try:
         wait_for_steps(run, 1, process)
-        assert main(train_argv(tiny_model_dir, prepared_dir, run, "--max-steps", "2", "--overwrite")) == 1
+        assert main(train_cli(run, "--max-steps", "2", "--overwrite")) == 1
         err = capsys.readouterr().err
         assert f"is being written by another dpokit process (pid {process.pid} on {socket.gethostname()}" in err
     finally:
@@ -188,13 +236,13 @@ def test_a_second_writer_to_a_running_run_is_refused(tiny_model_dir, prepared_di
         process.communicate()
 
 
-def test_a_stale_lock_is_taken_over(tiny_model_dir, prepared_dir, tmp_path, capsys):
+def test_a_stale_lock_is_taken_over(train_cli, tmp_path, capsys):
     run = tmp_path / "run"
     run.mkdir()
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     (run / ".dpokit.lock").write_text(json.dumps({"host": socket.gethostname(), "pid": dead.pid, "since": "earlier"}))
-    assert main(train_argv(tiny_model_dir, prepared_dir, run, "--max-steps", "1")) == 0
+    assert main(train_cli(run, "--max-steps", "1")) == 0
     assert f"taking over {run / '.dpokit.lock'}: its owner (pid {dead.pid}) no longer runs" in capsys.readouterr().err
     assert not (run / ".dpokit.lock").exists()
 
@@ -203,57 +251,50 @@ def test_a_stale_lock_is_taken_over(tiny_model_dir, prepared_dir, tmp_path, caps
 # the run directory
 
 
-def test_resume_refuses_a_run_with_another_meaning(tiny_model_dir, prepared_dir, tmp_path, capsys):
+def test_resume_refuses_a_run_with_another_meaning(train_cli, tmp_path, capsys):
     run = tmp_path / "run"
-    assert main(train_argv(tiny_model_dir, prepared_dir, run, "--max-steps", "2", "training.save_every=1")) == 0
+    assert main(train_cli(run, "--max-steps", "2", "training.save_every=1")) == 0
     saved = (run / "config.yaml").read_text()
-    for change in (["--lr", "1e-3"], ["--loss", "ipo"], ["data.batch_size=4"]):
-        assert main(train_argv(tiny_model_dir, prepared_dir, run, "--max-steps", "2", "--resume", *change)) == 1
+    for change in (["--lr", "1e-3"], ["--loss", "ipo"], ["data.batch_size=8"]):
+        assert main(train_cli(run, "--max-steps", "2", "--resume", *change)) == 1
         err = capsys.readouterr().err
         assert "with a different run" in err and "--allow-config-change" in err
     assert (run / "config.yaml").read_text() == saved  # the refused resumes did not rewrite it
-    allowed = train_argv(tiny_model_dir, prepared_dir, run, "--max-steps", "3", "--resume", "--allow-config-change")
+    allowed = train_cli(run, "--max-steps", "3", "--resume", "--allow-config-change")
     assert main(allowed) == 0
     assert (run / "config.step_0000002.yaml").read_text() == saved  # the old settings are kept beside the new
 
 
-def test_resume_at_another_process_count_with_the_same_global_batch_is_accepted(tiny_model_dir, prepared_dir, tmp_path):
+def test_a_run_killed_before_its_first_checkpoint_is_told_to_overwrite(train_cli, tmp_path, capsys):
     run = tmp_path / "run"
-    assert main(train_argv(tiny_model_dir, prepared_dir, run, "--max-steps", "2", "training.save_every=1")) == 0
-    train_elsewhere(train_argv(tiny_model_dir, prepared_dir, run, "--max-steps", "2", "--resume", "data.batch_size=1",
-                               "--gpus", "2"))
-
-
-def test_a_run_killed_before_its_first_checkpoint_is_told_to_overwrite(tiny_model_dir, prepared_dir, tmp_path, capsys):
-    run = tmp_path / "run"
-    assert main(train_argv(tiny_model_dir, prepared_dir, run, "--max-steps", "1")) == 0
+    assert main(train_cli(run, "--max-steps", "1")) == 0
     for checkpoint in (run / "checkpoints").glob("step_*"):
         import shutil
 
         shutil.rmtree(checkpoint)  # as if killed before the first save
-    assert main(train_argv(tiny_model_dir, prepared_dir, run, "--max-steps", "1")) == 1
+    assert main(train_cli(run, "--max-steps", "1")) == 1
     err = capsys.readouterr().err
     assert "no checkpoint to resume from: pass --overwrite" in err and "--resume to continue" not in err
-    assert main(train_argv(tiny_model_dir, prepared_dir, run, "--max-steps", "1", "--resume")) == 1
+    assert main(train_cli(run, "--max-steps", "1", "--resume")) == 1
     assert "pass --overwrite to start it again" in capsys.readouterr().err
 
 
-def test_train_never_writes_into_a_folder_that_is_not_a_run(tiny_model_dir, prepared_dir, tmp_path, capsys):
+def test_train_never_writes_into_a_folder_that_is_not_a_run(train_cli, tmp_path, capsys):
     folder = tmp_path / "mine"
     folder.mkdir()
     (folder / "config.yaml").write_text("my own config\n")
-    assert main(train_argv(tiny_model_dir, prepared_dir, folder, "--max-steps", "1", "--overwrite")) == 1
+    assert main(train_cli(folder, "--max-steps", "1", "--overwrite")) == 1
     assert "is a non-empty directory that is not a dpokit run" in capsys.readouterr().err
     assert (folder / "config.yaml").read_text() == "my own config\n"
     assert sorted(p.name for p in folder.iterdir()) == ["config.yaml"]
 
 
-def test_overwrite_removes_only_what_the_old_run_wrote(tiny_model_dir, prepared_dir, tmp_path):
+def test_overwrite_removes_only_what_the_old_run_wrote(train_cli, tmp_path):
     run = tmp_path / "run"
-    assert main(train_argv(tiny_model_dir, prepared_dir, run, "--max-steps", "2", "training.save_every=1")) == 0
+    assert main(train_cli(run, "--max-steps", "2", "training.save_every=1")) == 0
     (run / "notes.txt").write_text("my notes")
     (run / "checkpoints" / "keep_me").mkdir()
-    assert main(train_argv(tiny_model_dir, prepared_dir, run, "--max-steps", "1", "--overwrite")) == 0
+    assert main(train_cli(run, "--max-steps", "1", "--overwrite")) == 0
     assert (run / "notes.txt").read_text() == "my notes"
     assert (run / "checkpoints" / "keep_me").is_dir()
     assert sorted(p.name for p in (run / "checkpoints").glob("step_*")) == ["step_0000001"]
@@ -276,7 +317,7 @@ def test_a_second_ref_logps_into_the_same_cache_is_refused(tiny_model_dir, prepa
     assert cache.exists() and not (tmp_path / "ref.h5.lock").exists()
 
 
-def test_a_checkpoint_that_cannot_be_written_is_named_and_the_previous_kept(tiny_model_dir, prepared_dir, tmp_path,
+def test_a_checkpoint_that_cannot_be_written_is_named_and_the_previous_kept(train_cli, tmp_path,
                                                                              monkeypatch, capsys):
     import dpokit.checkpoint as checkpoint
 
@@ -289,47 +330,16 @@ def test_a_checkpoint_that_cannot_be_written_is_named_and_the_previous_kept(tiny
         return real_save(obj, path, *args, **kwargs)
 
     monkeypatch.setattr(checkpoint.torch, "save", disk_full_at_step_2)
-    assert main(train_argv(tiny_model_dir, prepared_dir, run, "--max-steps", "3", "training.save_every=1")) == 1
+    assert main(train_cli(run, "--max-steps", "3", "training.save_every=1")) == 1
     err = capsys.readouterr().err
     assert "cannot write checkpoint" in err and "No space left on device" in err
     assert f"resume from {run / 'checkpoints' / 'step_0000001'} with --resume" in err
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_0000001"]  # no half-written one
 
 
-@pytest.mark.parametrize("seed", [0, 1])
-def test_kill_9_at_a_random_moment_of_a_two_process_run_resumes_exactly(seed, tiny_model_dir, prepared_dir, tmp_path):
-    import random
-
-    steps = ["--max-steps", "12", "--gpus", "2", "training.save_every=2", "training.keep_last=1"]
-    whole, cut = tmp_path / "whole", tmp_path / "cut"
-    process = start_train(train_argv(tiny_model_dir, prepared_dir, cut, *steps))
-    wait_for_steps(cut, 1, process)
-    time.sleep(random.Random(seed).uniform(0.0, 1.5))  # mid-step, mid-checkpoint or between: wherever it lands
-    for pid in [process.pid, *workers_of(cut)]:  # launcher and workers at once: no one gets to clean up
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    process.communicate()
-    deadline = time.monotonic() + 30
-    while workers_of(cut) and time.monotonic() < deadline:  # a worker still starting when the kill came
-        for pid in workers_of(cut):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        time.sleep(0.2)
-    if process.returncode == 0:
-        pytest.skip("the run finished before the kill landed")
-    train_elsewhere(train_argv(tiny_model_dir, prepared_dir, whole, *steps))
-    resumed = "--resume" if list((cut / "checkpoints").glob("step_*")) else "--overwrite"
-    train_elsewhere(train_argv(tiny_model_dir, prepared_dir, cut, *steps, resumed))  # the stale lock is taken over
-    assert losses(cut) == pytest.approx(losses(whole), abs=1e-6)
-
-
-def test_save_every_minutes_saves_on_time(tiny_model_dir, prepared_dir, tmp_path):
+def test_save_every_minutes_saves_on_time(train_cli, tmp_path):
     run = tmp_path / "run"
-    argv = train_argv(tiny_model_dir, prepared_dir, run, "--max-steps", "3", "training.save_every_minutes=1e-6",
+    argv = train_cli(run, "--max-steps", "3", "training.save_every_minutes=1e-6",
                       "training.keep_last=5")
     assert main(argv) == 0
     assert sorted(p.name for p in (run / "checkpoints").glob("step_*")) == ["step_0000001", "step_0000002", "step_0000003"]

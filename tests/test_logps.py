@@ -77,7 +77,7 @@ def test_prefix_shared_mask_hides_chosen_from_rejected():
     assert batch.position_ids[0].tolist() == list(range(p + c)) + [p, p + 1]
 
 
-@pytest.mark.parametrize("layout", ["padded", "packed_prefix"])
+@pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_layout_gradients_equal_full_logits(tiny_model_dir, layout):
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     batch = collate_pairs(ROWS, [0, 1, 2], pad_id=0, **LAYOUTS[layout])
@@ -98,3 +98,23 @@ def test_logps_do_not_depend_on_batch_composition(tiny_model_dir):
         alone = [concatenated_forward(model, pad_pairs([row], [i], pad_id=0)) for i, row in enumerate(ROWS)]
     torch.testing.assert_close(joint.chosen_logps, torch.cat([a.chosen_logps for a in alone]), atol=1e-5, rtol=0)
     torch.testing.assert_close(joint.rejected_logps, torch.cat([a.rejected_logps for a in alone]), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_activation_checkpointing_changes_no_gradient(tiny_model_dir, method):
+    from dpokit.config import LoraConfig, ModelConfig
+    from dpokit.model import load_policy
+
+    gradients = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)  # the same LoRA initialisation both times
+        policy = load_policy(ModelConfig(path=str(tiny_model_dir), method=method, activation_checkpointing=checkpointing),
+                             LoraConfig(), torch.device("cpu"))
+        policy.train()
+        assert any(getattr(m, "gradient_checkpointing", False) for m in policy.modules()) == checkpointing
+        out = concatenated_forward(policy, collate_pairs(ROWS, [0, 1, 2], pad_id=0, packing=True, prefix_sharing=True))
+        (out.chosen_logps - 0.5 * out.rejected_logps).sum().backward()
+        gradients.append({n: p.grad.clone() for n, p in policy.named_parameters() if p.requires_grad})
+    assert gradients[0].keys() == gradients[1].keys() and any(g.abs().sum() > 0 for g in gradients[0].values())
+    for name, gradient in gradients[0].items():
+        torch.testing.assert_close(gradients[1][name], gradient, atol=1e-6, rtol=1e-5, msg=name)

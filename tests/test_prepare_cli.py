@@ -255,7 +255,7 @@ def test_overwrite_replaces_a_prepare_output_from_before_the_marker(pairs_jsonl,
 
 
 def test_an_interrupted_write_leaves_no_valid_looking_output(pairs_jsonl, tokenizer_dir, tmp_path, monkeypatch):
-    def interrupt(splits):
+    def interrupt(splits, columns):
         raise KeyboardInterrupt  # after the splits are on disk, before the manifest
 
     monkeypatch.setattr("dpokit.data.prepared.data_fingerprint", interrupt)

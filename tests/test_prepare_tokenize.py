@@ -6,7 +6,8 @@ import pytest
 from transformers import AutoTokenizer
 
 from dpokit.data.formats import Pair
-from dpokit.data.tokenize import PairTokenizer, load_tokenizer, tokenizer_fingerprint, truncate_pair
+from dpokit.data.tokenize import PairTokenizer, load_tokenizer, truncate_pair
+from dpokit.fingerprint import tokenizer_fingerprint
 from dpokit.errors import DpokitError
 
 # A template whose generation prompt ends in a space: BPE then merges that space with the answer's

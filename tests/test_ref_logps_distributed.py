@@ -60,7 +60,6 @@ def refuse_on_main() -> None:
     main_result(check_inputs)
 
 
-@pytest.mark.slow
 def test_two_processes_write_the_same_values_as_the_live_computation(tiny_model_dir, prepared_dir, tmp_path):
     from test_ref_logps import assert_cache_equals, live_logps, ref_logps_args
 
@@ -72,7 +71,6 @@ def test_two_processes_write_the_same_values_as_the_live_computation(tiny_model_
     assert_cache_equals(out, live_logps(tiny_model_dir, prepared_dir))
 
 
-@pytest.mark.slow
 def test_a_crashed_worker_stops_the_run_with_its_error():
     started = time.monotonic()
     run = launch_in_subprocess("fail_on_rank_one")
@@ -82,7 +80,6 @@ def test_a_crashed_worker_stops_the_run_with_its_error():
     assert time.monotonic() - started < TIMEOUT_S / 2
 
 
-@pytest.mark.slow
 def test_a_user_error_on_rank_zero_stops_every_worker_with_one_clear_message():
     run = launch_in_subprocess("refuse_on_main")
     assert run.returncode == 1

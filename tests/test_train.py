@@ -129,14 +129,37 @@ def test_sixty_steps_of_dpo_raise_eval_reward_accuracy(tiny_model_dir, style_pre
     assert evals[-1]["rewards/margins"] > 0.3
 
 
-@pytest.mark.parametrize("loss", [["--loss", "rso", "--gamma", "0.5"], ["--loss", "ipo", "--tau", "0.1"],
-                                  ["--loss", "simpo", "--beta", "2.0"]])
-def test_cli_loss_flags_train(loss, tiny_model_dir, prepared_dir, tmp_path):
-    args = ["train", "--config", "tiny_lora", "--max-steps", "2", *loss,
-            *overrides(tiny_model_dir, prepared_dir, tmp_path / "run")]
+def simpo_step_one_loss(model_dir, data_dir, beta: float, gamma: float) -> float:
+    """SimPO's loss on the whole train split (batch = split, in order), from the model's own logits."""
+    from transformers import AutoModelForCausalLM
+
+    from dpokit.data.collate import pad_pairs
+    from dpokit.data.prepared import load_prepared
+    from dpokit.logps import naive_sequence_logps
+
+    rows = load_prepared(data_dir).split("train").to_list()
+    batch = pad_pairs(rows, list(range(len(rows))), pad_id=0)
+    with torch.no_grad():
+        logps = naive_sequence_logps(AutoModelForCausalLM.from_pretrained(model_dir), batch.input_ids,
+                                     batch.attention_mask, batch.completion_mask)
+    counts = batch.completion_mask[:, 1:].sum(-1).double()
+    average = logps.double() / counts
+    chosen, rejected = average[: len(rows)], average[len(rows):]
+    return float(torch.nn.functional.softplus(-(beta * (chosen - rejected) - gamma)).mean())
+
+
+# At step 1 the policy is the reference (h = 0): hinge 1 - gamma*0 = 1, IPO (0 - 1/(2 tau))^2 = 25.
+@pytest.mark.parametrize("flags, expected", [
+    (["--loss", "rso", "--gamma", "0.5"], lambda model, data: 1.0),
+    (["--loss", "ipo", "--tau", "0.1"], lambda model, data: 25.0),
+    (["--loss", "simpo", "--beta", "2.5", "--gamma", "0.3"], lambda model, data: simpo_step_one_loss(model, data, 2.5, 0.3)),
+], ids=["rso", "ipo", "simpo"])
+def test_each_loss_flag_computes_its_formula_at_step_one(flags, expected, tiny_model_dir, prepared_dir, tmp_path):
+    args = ["train", "--config", "tiny_lora", "--max-steps", "1", "--batch-size", "32", *flags,
+            *overrides(tiny_model_dir, prepared_dir, tmp_path / "run", "data.shuffle=false")]
     assert main(args) == 0
-    config = (tmp_path / "run" / "config.yaml").read_text()
-    assert f"name: {loss[1]}" in config
+    (first,) = read_metrics(tmp_path / "run", "train")
+    assert first["loss"] == pytest.approx(expected(tiny_model_dir, prepared_dir), abs=1e-5)
 
 
 def test_custom_loss_class_by_import_path_trains(tiny_model_dir, prepared_dir, tmp_path, monkeypatch):
@@ -221,35 +244,11 @@ def test_existing_run_directory_is_refused_without_resume_or_overwrite(tiny_mode
     assert len(read_metrics(tmp_path / "run", "train")) == 1
 
 
-PADDED = ["data.packing=false", "data.prefix_sharing=false"]
-
-
-@pytest.mark.parametrize("layout", [["data.packing=true", "data.prefix_sharing=false"],
-                                    ["data.packing=false", "data.prefix_sharing=true"],
-                                    ["data.group_by_length=true"]])  # the defaults: packed + prefix-shared
-def test_packed_and_prefix_shared_training_matches_padded(layout, tiny_model_dir, prepared_dir, tmp_path):
-    common = ["model.method=full", "training.max_steps=5", "optimizer.lr=1e-3", "data.batch_size=4"]
-    if "data.group_by_length=true" in layout:
-        common.append("data.group_by_length=true")  # the same order for both runs
-    padded, other = tmp_path / "padded", tmp_path / "other"
-    assert main(["train", "--config", "tiny_lora", *overrides(tiny_model_dir, prepared_dir, padded, *common, *PADDED)]) == 0
-    assert main(["train", "--config", "tiny_lora", *overrides(tiny_model_dir, prepared_dir, other, *common, *layout)]) == 0
-    assert train_losses(other) == pytest.approx(train_losses(padded), abs=1e-4)
-    assert train_losses(other)[-1] != pytest.approx(train_losses(other)[0], abs=1e-3)  # it did train
 
 
 def test_default_layout_is_packed_and_prefix_shared():
     data = load_config("tiny_lora").data
     assert data.packing and data.prefix_sharing
-
-
-@pytest.mark.parametrize("method", ["lora", "full"])
-def test_activation_checkpointing_changes_no_loss(method, tiny_model_dir, prepared_dir, tmp_path):
-    common = [f"model.method={method}", "training.max_steps=3", "optimizer.lr=1e-3"]
-    plain, checkpointed = tmp_path / "plain", tmp_path / "checkpointed"
-    assert main(["train", *overrides(tiny_model_dir, prepared_dir, plain, *common)]) == 0
-    assert main(["train", *overrides(tiny_model_dir, prepared_dir, checkpointed, *common, "model.activation_checkpointing=true")]) == 0
-    assert train_losses(checkpointed) == pytest.approx(train_losses(plain), abs=1e-5)
 
 
 def test_8bit_adamw_trains(tiny_model_dir, prepared_dir, tmp_path):

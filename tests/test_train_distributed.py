@@ -13,8 +13,7 @@ import pytest
 from dpokit.cli import main
 from dpokit.metrics import read_metrics
 
-pytestmark = pytest.mark.slow
-
+from conftest import TWO_PROCESS_RUN
 
 def args_for(model_dir, data_dir, run_dir, method, *extra):
     return ["train", "--config", "tiny_lora", f"model.path={model_dir}", f"data.path={data_dir}",
@@ -40,24 +39,26 @@ def test_two_processes_match_one_process_step_by_step_full_with_accumulation(tin
         assert r2["rewards/margins"] == pytest.approx(r1["rewards/margins"], abs=1e-4)
 
 
-def test_lora_two_processes_match_one_and_their_checkpoint_resumes_on_one(tiny_model_dir, prepared_dir, tmp_path):
+def test_lora_two_processes_match_one_and_their_checkpoint_resumes_on_one(train_cli, two_process_run, tiny_model_dir, tmp_path):
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    common = ["training.save_every=4", "training.keep_last=3"]
-    straight, two = tmp_path / "straight", tmp_path / "two"
-    assert main(args_for(tiny_model_dir, prepared_dir, straight, "lora", "data.batch_size=4", *common)) == 0
-    assert main(args_for(tiny_model_dir, prepared_dir, two, "lora", "data.batch_size=2", "--gpus", "2", *common)) == 0
-    assert losses(two) == pytest.approx(losses(straight), abs=1e-4)
-    checkpoint = two / "checkpoints" / "step_0000004"
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(checkpoint))
+    # The same run on one process: a global batch of 4 in one micro-batch instead of 2 x 2 processes.
+    one_process = [arg for arg in TWO_PROCESS_RUN if arg not in ("--gpus", "2", "data.batch_size=2")] + ["data.batch_size=4"]
+    straight = tmp_path / "straight"
+    assert main(train_cli(straight, *one_process)) == 0
+    assert losses(two_process_run) == pytest.approx(losses(straight), abs=1e-4)
+    two = shutil.copytree(two_process_run, tmp_path / "two")
+    checkpoints = sorted((two / "checkpoints").glob("step_*"))
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(checkpoints[0]))
     with torch.no_grad():
         assert model(input_ids=torch.tensor([[3, 40, 41, 5]])).logits.isfinite().all()
-    # Resume the 2-process run from step 4 on one process: step 5 must equal the uninterrupted run's.
-    shutil.rmtree(two / "checkpoints" / "step_0000005")
-    assert main(args_for(tiny_model_dir, prepared_dir, two, "lora", "data.batch_size=4", "--resume", *common)) == 0
-    assert losses(two)[4] == pytest.approx(losses(straight)[4], abs=1e-4)
+    # Resume the 2-process run from its second-to-last checkpoint on one process (another process count,
+    # the same global batch): the last steps must equal the uninterrupted run's.
+    shutil.rmtree(checkpoints[-1])
+    assert main(train_cli(two, *one_process, "--resume")) == 0
+    assert losses(two) == pytest.approx(losses(straight), abs=1e-4)
 
 
 def test_qlora_with_two_processes_is_refused_clearly(tiny_model_dir, prepared_dir, tmp_path, capsys):
