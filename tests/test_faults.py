@@ -92,7 +92,7 @@ def test_sigterm_checkpoints_and_resume_equals_the_uninterrupted_run(train_cli, 
 
 
 def test_a_two_process_run_survives_sigterm_and_kill_9_and_ends_as_the_uninterrupted_run(
-    train_cli, two_process_run, tmp_path
+    train_cli, two_process_run, tmp_path, capsys
 ):
     cut = tmp_path / "cut"
     # 1. SIGTERM to the launcher, as a scheduler's preemption: the workers checkpoint and the run exits 75.
@@ -113,8 +113,18 @@ def test_a_two_process_run_survives_sigterm_and_kill_9_and_ends_as_the_uninterru
     kill_launcher_and_workers(process, cut)
     assert process.returncode != 0, "the run finished before the kill landed; give it more steps"
 
-    # 3. Resumed again (the dead run's lock is taken over) to the end: every loss as if nothing happened.
-    run_dpokit_elsewhere(train_cli(cut, *TWO_PROCESS_RUN, "--resume"))
+    # 3. Resumed again: the dead run's lock is taken over; while it runs, a second writer is refused.
+    process = start_train(train_cli(cut, *TWO_PROCESS_RUN, "--resume"))
+    wait_for_steps(cut, len(losses(cut)) + 1, process)
+    assert main(train_cli(cut, "--max-steps", "2", "--overwrite")) == 1
+    holder = json.loads((cut / ".dpokit.lock").read_text())["pid"]
+    assert holder in workers_of(cut)  # rank 0 of the running run
+    err = capsys.readouterr().err
+    assert f"is being written by another dpokit process (pid {holder} on {socket.gethostname()}" in err
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 0, stderr[-2000:]
+    assert "taking over" in stderr and "no longer runs" in stderr
+    # Every loss as if nothing had happened.
     assert losses(cut) == pytest.approx(losses(two_process_run), abs=1e-6)
 
 
@@ -221,19 +231,6 @@ def test_skip_nonfinite_skips_the_batch_and_counts_it(train_cli, tmp_path, nan_l
 
 # ----------------------------------------------------------------------------------------------
 # one writer per run
-
-
-def test_a_second_writer_to_a_running_run_is_refused(train_cli, tmp_path, capsys):
-    run = tmp_path / "run"
-    process = start_train(train_cli(run, "--max-steps", "400"))
-    try:
-        wait_for_steps(run, 1, process)
-        assert main(train_cli(run, "--max-steps", "2", "--overwrite")) == 1
-        err = capsys.readouterr().err
-        assert f"is being written by another dpokit process (pid {process.pid} on {socket.gethostname()}" in err
-    finally:
-        process.kill()
-        process.communicate()
 
 
 def test_a_stale_lock_is_taken_over(train_cli, tmp_path, capsys):
