@@ -385,6 +385,11 @@ def config_to_yaml(config: Any) -> str:
     return yaml.safe_dump(config_to_dict(config), sort_keys=False)
 
 
+def uses_bitsandbytes(cfg: TrainConfig) -> bool:
+    """Whether a run needs bitsandbytes: 4-bit base weights (qlora, qdora) or the 8-bit optimizer."""
+    return cfg.model.method in QUANTIZED_METHODS or cfg.optimizer.name == "adamw8bit"
+
+
 def parse_recipe_args(argv: list[str], world_size: Optional[int] = None) -> TrainConfig:
     """A recipe's command line: ``[--config NAME|PATH] [key=value ...]``, loaded and checked (`load_config`)."""
     config = None

@@ -264,3 +264,18 @@ def pad_token_id(model: nn.Module) -> int:
         if token is not None:
             return int(token)
     return 0
+
+
+def block_bitsandbytes_import() -> None:
+    """Keep bitsandbytes out of this process: peft and transformers import it whenever it is installed,
+    which costs about a second (it compiles kernels with torch's compiler at import) and prints a warning
+    about a missing `kernels` package. ``sys.modules["bitsandbytes"] = None`` is Python's own way to
+    block an import: ``find_spec`` then reports it absent and ``import`` raises ImportError.
+
+    Only for a process that runs one job which needs no 4-bit weights and no 8-bit optimizer (a recipe
+    run as a script, a worker of several processes): the block lasts as long as the process. No-op when
+    bitsandbytes is already imported.
+    """
+    import sys
+
+    sys.modules.setdefault("bitsandbytes", None)

@@ -62,7 +62,7 @@ from dpokit.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from dpokit.config import QUANTIZED_METHODS, TrainConfig, config_to_dict, config_to_yaml, parse_recipe_args
+from dpokit.config import QUANTIZED_METHODS, TrainConfig, config_to_dict, config_to_yaml, parse_recipe_args, uses_bitsandbytes
 from dpokit.data.collate import collate_pairs
 from dpokit.types import ChosenRejectedOutputs, PairBatch, TrainResult
 from dpokit.data.prepared import load_prepared, pair_lengths
@@ -77,6 +77,7 @@ from dpokit.logps import concatenated_forward
 from dpokit.losses import build_loss, is_reference_free
 from dpokit.metrics import MetricsLogger, PairMetrics, summary_table, training_progress, truncate_metrics
 from dpokit.model import (
+    block_bitsandbytes_import,
     default_device,
     dtype_name,
     load_policy,
@@ -498,7 +499,10 @@ def main(argv: list[str] | None = None) -> TrainResult:
 if __name__ == "__main__":
     code = 0
     try:
-        main()
+        config = parse_recipe_args(sys.argv[1:])
+        if not uses_bitsandbytes(config):  # this process runs this one config (a script, or a worker of several)
+            block_bitsandbytes_import()
+        run(config)
     except TrainingInterrupted as exc:
         if str(exc):
             print(str(exc), file=sys.stderr)

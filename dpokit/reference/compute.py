@@ -42,7 +42,7 @@ from dpokit.fingerprint import weights_fingerprint
 from dpokit.lock import WriterLock
 from dpokit.logps import concatenated_forward
 from dpokit.metrics import training_progress
-from dpokit.model import check_adapter_dir, default_device, dtype_name, load_reference, pad_token_id, resolve_dtype
+from dpokit.model import block_bitsandbytes_import, check_adapter_dir, default_device, dtype_name, load_reference, pad_token_id, resolve_dtype
 from dpokit.reference.cache import RefCacheWriter, cache_attrs, check_cache_target, create_or_resume_cache
 
 
@@ -157,6 +157,8 @@ def compute_reference_cache(options: RefLogpsOptions) -> list[SplitReport]:
     """
     started_group = not torch.distributed.is_initialized()
     info = init_distributed()
+    if info.world_size > 1:  # a worker process runs only this pass, which loads no 4-bit weights
+        block_bitsandbytes_import()
     lock = WriterLock(Path(f"{options.out}.lock"), f"reference cache {options.out}")  # one writer per cache
     try:
         main_result(lambda: lock.acquire() and None)  # rank 0 holds it; a refusal stops every rank
