@@ -164,10 +164,15 @@ def ref_cache(tiny_model_dir, prepared_dir, tmp_path_factory) -> Path:
 # `dpokit train` arguments and runs shared by the training, fault and distributed tests
 
 
+def recipe_overrides(model_dir: Path, data_dir: Path, run_dir: Path, *extra) -> list[str]:
+    """The recipe's dotted overrides for a run on a tiny model and data: a live reference, no periodic eval."""
+    return [f"model.path={model_dir}", f"data.path={data_dir}", f"output.dir={run_dir}", "reference.source=live",
+            "training.eval_every=0", *map(str, extra)]
+
+
 def train_cli_args(model_dir: Path, data_dir: Path, run_dir: Path, *extra) -> list[str]:
-    """`dpokit train` on a tiny model and data: tiny_lora, a live reference, no periodic eval."""
-    return ["train", "--config", "tiny_lora", "--model", str(model_dir), "--data", str(data_dir), "--ref", "live",
-            "--out", str(run_dir), "training.eval_every=0", *map(str, extra)]
+    """`dpokit train --config tiny_lora` with `recipe_overrides`, then `extra` flags or overrides."""
+    return ["train", "--config", "tiny_lora", *recipe_overrides(model_dir, data_dir, run_dir, *extra)]
 
 
 @pytest.fixture
@@ -196,3 +201,61 @@ def two_process_run(tiny_model_dir, prepared_dir, tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("two_process") / "run"
     run_dpokit_elsewhere(train_cli_args(tiny_model_dir, prepared_dir, run, *TWO_PROCESS_RUN))
     return run
+
+
+# ---------------------------------------------------------------------------------------------
+# `dpokit ref-logps` arguments and the live values a cache must hold
+
+
+def live_logps(model_dir: Path, prepared_dir: Path, adapter: Path | None = None) -> dict:
+    """Per split, each pair's log-probs from full logits, one pair at a time (an independent computation)."""
+    import numpy as np
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from dpokit.data.collate import pad_pairs
+    from dpokit.data.prepared import load_prepared
+    from dpokit.logps import naive_sequence_logps
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    if adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter)  # not merged: independent of merge_and_unload
+    model.eval()
+    prepared = load_prepared(prepared_dir)
+    expected = {}
+    for split in prepared.splits:
+        rows = list(prepared.split(split))
+        with torch.no_grad():
+            logps = [
+                naive_sequence_logps(model, b.input_ids, b.attention_mask, b.completion_mask)
+                for b in (pad_pairs([row], [i], pad_id=0) for i, row in enumerate(rows))
+            ]
+        expected[split] = {
+            "chosen_logps": np.array([float(lp[0]) for lp in logps]),
+            "rejected_logps": np.array([float(lp[1]) for lp in logps]),
+            "chosen_tokens": np.array([len(row["chosen_ids"]) for row in rows]),
+            "rejected_tokens": np.array([len(row["rejected_ids"]) for row in rows]),
+        }
+    return expected
+
+
+def assert_cache_equals(path: Path, expected: dict) -> None:
+    """The cache at `path` holds `expected` (`live_logps`): log-probs within 1e-4, token counts exactly."""
+    import numpy as np
+
+    from dpokit.reference.cache import open_cache
+
+    cache = open_cache(path)
+    assert cache.splits == list(expected)
+    for split, values in expected.items():
+        got = cache.logps(split)._asdict()
+        for name in ("chosen_logps", "rejected_logps"):
+            np.testing.assert_allclose(got[name].numpy(), values[name], atol=1e-4, rtol=0, err_msg=f"{split}/{name}")
+        for name in ("chosen_tokens", "rejected_tokens"):
+            assert got[name].tolist() == values[name].tolist(), f"{split}/{name}"
+
+
+def ref_logps_args(prepared: Path, model: Path, out: Path, *extra: str) -> list[str]:
+    return ["ref-logps", str(prepared), "--model", str(model), "--out", str(out), *extra]

@@ -24,6 +24,10 @@ from dpokit.logps import naive_sequence_logps
 from dpokit.fingerprint import reference_fingerprint
 from dpokit.reference.cache import open_cache
 
+from conftest import assert_cache_equals, live_logps, ref_logps_args
+
+ROW_NAMES = ("chosen_logps", "rejected_logps", "chosen_tokens", "rejected_tokens", "done")
+
 # `dpokit ref-logps` in a process that SIGKILLs itself in the middle of the commit that reaches ROWS rows:
 # values flushed, `done` written, the file not closed.
 KILLED_MID_COMMIT = """
@@ -41,53 +45,9 @@ def mark_done_then_die(self, group, index):
 RefCacheWriter.mark_done = mark_done_then_die
 sys.exit(main(sys.argv[2:]))
 """
-ROW_NAMES = ("chosen_logps", "rejected_logps", "chosen_tokens", "rejected_tokens", "done")
-
-
-def live_logps(model_dir: Path, prepared_dir: Path, adapter: Path | None = None) -> dict[str, dict[str, np.ndarray]]:
-    """Per split, each pair's log-probs from full logits, one pair at a time (an independent computation)."""
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    if adapter is not None:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, adapter)  # not merged: independent of merge_and_unload
-    model.eval()
-    prepared = load_prepared(prepared_dir)
-    expected = {}
-    for split in prepared.splits:
-        rows = list(prepared.split(split))
-        with torch.no_grad():
-            logps = [
-                naive_sequence_logps(model, b.input_ids, b.attention_mask, b.completion_mask)
-                for b in (pad_pairs([row], [i], pad_id=0) for i, row in enumerate(rows))
-            ]
-        expected[split] = {
-            "chosen_logps": np.array([float(lp[0]) for lp in logps]),
-            "rejected_logps": np.array([float(lp[1]) for lp in logps]),
-            "chosen_tokens": np.array([len(row["chosen_ids"]) for row in rows]),
-            "rejected_tokens": np.array([len(row["rejected_ids"]) for row in rows]),
-        }
-    return expected
-
-
-def assert_cache_equals(path: Path, expected: dict[str, dict[str, np.ndarray]]) -> None:
-    cache = open_cache(path)
-    assert cache.splits == list(expected)
-    for split, values in expected.items():
-        got = cache.logps(split)._asdict()
-        for name in ("chosen_logps", "rejected_logps"):
-            np.testing.assert_allclose(got[name].numpy(), values[name], atol=1e-4, rtol=0, err_msg=f"{split}/{name}")
-        for name in ("chosen_tokens", "rejected_tokens"):
-            assert got[name].tolist() == values[name].tolist(), f"{split}/{name}"
-
-
 def read_datasets(path: Path) -> dict[str, np.ndarray]:
     with h5py.File(path, "r") as handle:
         return {f"{split}/{name}": handle[split][name][()] for split in handle for name in ROW_NAMES}
-
-
-def ref_logps_args(prepared: Path, model: Path, out: Path, *extra: str) -> list[str]:
-    return ["ref-logps", str(prepared), "--model", str(model), "--out", str(out), *extra]
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -61,7 +61,7 @@ def refuse_on_main() -> None:
 
 
 def test_two_processes_write_the_same_values_as_the_live_computation(tiny_model_dir, prepared_dir, tmp_path):
-    from test_ref_logps import assert_cache_equals, live_logps, ref_logps_args
+    from conftest import assert_cache_equals, live_logps, ref_logps_args
 
     out = tmp_path / "ref.h5"
     args = ref_logps_args(prepared_dir, tiny_model_dir, out, "--gpus", "2", "--batch-size", "3")

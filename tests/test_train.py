@@ -17,18 +17,9 @@ from dpokit.errors import DpokitError
 from dpokit.launch import builtin_recipe_path, load_recipe_module
 from dpokit.metrics import read_metrics
 
+from conftest import recipe_overrides as overrides
+
 RECIPE = load_recipe_module(builtin_recipe_path())
-
-
-def overrides(model_dir, data_dir, run_dir, *extra) -> list[str]:
-    return [
-        f"model.path={model_dir}",
-        f"data.path={data_dir}",
-        f"output.dir={run_dir}",
-        "reference.source=live",
-        "training.eval_every=0",
-        *extra,
-    ]
 
 
 def train_losses(run_dir: Path) -> list[float]:

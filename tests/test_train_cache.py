@@ -7,17 +7,24 @@ import pytest
 from dpokit.cli import main
 from dpokit.metrics import read_metrics
 
+from conftest import train_cli_args
+
 
 def train_args(model_dir, data_dir, run_dir, method, *extra):
-    return ["train", "--config", "tiny_lora", "--data", str(data_dir), "--model", str(model_dir), "--out", str(run_dir),
-            "--method", method, "--max-steps", "5", "optimizer.lr=1e-3", "training.eval_every=5", *extra]
+    """Five steps of `method` with an eval at the end, on the live reference unless `extra` names the cache."""
+    return train_cli_args(model_dir, data_dir, run_dir, "--method", method, "--max-steps", "5", "optimizer.lr=1e-3",
+                          "training.eval_every=5", *extra)
+
+
+def on_cache(cache) -> tuple[str, str]:
+    return "reference.source=cache", f"reference.cache={cache}"
 
 
 @pytest.mark.parametrize("method", ["full", "lora"])
 def test_cache_gives_the_same_losses_as_the_live_reference(method, tiny_model_dir, prepared_dir, ref_cache, tmp_path):
     live, cached = tmp_path / "live", tmp_path / "cached"
-    assert main(train_args(tiny_model_dir, prepared_dir, live, method, "--ref", "live")) == 0
-    assert main(train_args(tiny_model_dir, prepared_dir, cached, method, "--ref-cache", str(ref_cache))) == 0
+    assert main(train_args(tiny_model_dir, prepared_dir, live, method)) == 0
+    assert main(train_args(tiny_model_dir, prepared_dir, cached, method, *on_cache(ref_cache))) == 0
     for split in ("train", "eval"):
         want, got = read_metrics(live, split), read_metrics(cached, split)
         assert len(got) == len(want) > 0
@@ -29,7 +36,7 @@ def test_cache_gives_the_same_losses_as_the_live_reference(method, tiny_model_di
 
 
 def test_cache_from_other_data_is_refused_in_one_line(tiny_model_dir, style_prepared_dir, ref_cache, tmp_path, capsys):
-    args = train_args(tiny_model_dir, style_prepared_dir, tmp_path / "run", "lora", "--ref-cache", str(ref_cache))
+    args = train_args(tiny_model_dir, style_prepared_dir, tmp_path / "run", "lora", *on_cache(ref_cache))
     assert main(args) == 1
     err = capsys.readouterr().err.strip()
     assert "Traceback" not in err and len(err.splitlines()) == 1
@@ -49,5 +56,5 @@ def test_cache_from_another_model_is_refused(tmp_path, prepared_dir, ref_cache, 
     name = next(iter(weights))
     weights[name] = weights[name] + 0.01 * torch.ones_like(weights[name])
     save_file(weights, str(other / "model.safetensors"), metadata={"format": "pt"})
-    assert main(train_args(other, prepared_dir, tmp_path / "run", "lora", "--ref-cache", str(ref_cache))) == 1
+    assert main(train_args(other, prepared_dir, tmp_path / "run", "lora", *on_cache(ref_cache))) == 1
     assert "reference_fingerprint differs" in capsys.readouterr().err

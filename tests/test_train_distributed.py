@@ -15,22 +15,21 @@ from dpokit.metrics import read_metrics
 
 from conftest import TWO_PROCESS_RUN
 
-def args_for(model_dir, data_dir, run_dir, method, *extra):
-    return ["train", "--config", "tiny_lora", f"model.path={model_dir}", f"data.path={data_dir}",
-            f"output.dir={run_dir}", "reference.source=live", "training.max_steps=5", "training.eval_every=0",
-            f"model.method={method}", "optimizer.lr=1e-3", *extra]
+def args_for(train_cli, run_dir, method, *extra):
+    """Five steps of `method` at lr 1e-3 (`train_cli`)."""
+    return train_cli(run_dir, "--max-steps", "5", "--method", method, "--lr", "1e-3", *extra)
 
 
 def losses(run_dir):
     return [r["loss"] for r in read_metrics(run_dir, "train")]
 
 
-def test_two_processes_match_one_process_step_by_step_full_with_accumulation(tiny_model_dir, prepared_dir, tmp_path):
+def test_two_processes_match_one_process_step_by_step_full_with_accumulation(train_cli, tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     # Global batch 4 = 2 pairs x 2 accumulation steps on one process = 1 pair x 2 processes x 2 steps.
     accumulate = "training.gradient_accumulation_steps=2"
-    assert main(args_for(tiny_model_dir, prepared_dir, one, "full", "data.batch_size=2", accumulate)) == 0
-    assert main(args_for(tiny_model_dir, prepared_dir, two, "full", "data.batch_size=1", accumulate, "--gpus", "2")) == 0
+    assert main(args_for(train_cli, one, "full", "data.batch_size=2", accumulate)) == 0
+    assert main(args_for(train_cli, two, "full", "data.batch_size=1", accumulate, "--gpus", "2")) == 0
     assert len(losses(two)) == 5
     assert losses(two) == pytest.approx(losses(one), abs=1e-4)
     # Metrics are means over the global batch: accuracies are multiples of 1/4, not of 1/2 per rank.
@@ -61,8 +60,8 @@ def test_lora_two_processes_match_one_and_their_checkpoint_resumes_on_one(train_
     assert losses(two) == pytest.approx(losses(straight), abs=1e-4)
 
 
-def test_qlora_with_two_processes_is_refused_clearly(tiny_model_dir, prepared_dir, tmp_path, capsys):
-    assert main(args_for(tiny_model_dir, prepared_dir, tmp_path / "run", "qlora", "data.batch_size=2", "--gpus", "2")) == 1
+def test_qlora_with_two_processes_is_refused_clearly(train_cli, tmp_path, capsys):
+    assert main(args_for(train_cli, tmp_path / "run", "qlora", "data.batch_size=2", "--gpus", "2")) == 1
     err = capsys.readouterr().err
     assert "model.method=qlora is not supported with more than one process" in err
     assert "worker" not in err  # refused before any worker started
@@ -94,13 +93,13 @@ def test_a_crashing_worker_brings_the_run_down_with_its_error(tmp_path):
     assert "rank 1" in result.stderr
 
 
-def test_bf16_full_fine_tuning_keeps_fp32_master_weights_on_two_processes(tiny_model_dir, prepared_dir, tmp_path):
+def test_bf16_full_fine_tuning_keeps_fp32_master_weights_on_two_processes(train_cli, tmp_path):
     from safetensors import safe_open
 
     one, two = tmp_path / "one", tmp_path / "two"
     bf16 = ("model.dtype=bfloat16", "model.precision=mixed", "training.gradient_accumulation_steps=2")
-    assert main(args_for(tiny_model_dir, prepared_dir, one, "full", "data.batch_size=2", *bf16)) == 0
-    assert main(args_for(tiny_model_dir, prepared_dir, two, "full", "data.batch_size=1", *bf16, "--gpus", "2")) == 0
+    assert main(args_for(train_cli, one, "full", "data.batch_size=2", *bf16)) == 0
+    assert main(args_for(train_cli, two, "full", "data.batch_size=1", *bf16, "--gpus", "2")) == 0
     # autocast on one process and FSDP2's bf16 gathering round differently; both compute in bf16.
     assert losses(two) == pytest.approx(losses(one), abs=2e-3)
     for run in (one, two):
