@@ -13,7 +13,7 @@ import pytest
 from dpokit.cli import main
 from dpokit.metrics import read_metrics
 
-from conftest import TWO_PROCESS_RUN
+from conftest import ONE_PROCESS_RUN
 
 def args_for(train_cli, run_dir, method, *extra):
     """Five steps of `method` at lr 1e-3 (`train_cli`)."""
@@ -24,40 +24,37 @@ def losses(run_dir):
     return [r["loss"] for r in read_metrics(run_dir, "train")]
 
 
-def test_two_processes_match_one_process_step_by_step_full_with_accumulation(train_cli, tmp_path):
-    one, two = tmp_path / "one", tmp_path / "two"
-    # Global batch 4 = 2 pairs x 2 accumulation steps on one process = 1 pair x 2 processes x 2 steps.
-    accumulate = "training.gradient_accumulation_steps=2"
-    assert main(args_for(train_cli, one, "full", "data.batch_size=2", accumulate)) == 0
-    assert main(args_for(train_cli, two, "full", "data.batch_size=1", accumulate, "--gpus", "2")) == 0
-    assert len(losses(two)) == 5
-    assert losses(two) == pytest.approx(losses(one), abs=1e-4)
+def test_two_processes_match_one_process_step_by_step_full_with_accumulation(train_cli, two_process_run, tmp_path):
+    one = tmp_path / "one"
+    assert main(train_cli(one, *ONE_PROCESS_RUN)) == 0
+    assert len(losses(two_process_run)) == 12
+    assert losses(two_process_run) == pytest.approx(losses(one), abs=1e-4)
     # Metrics are means over the global batch: accuracies are multiples of 1/4, not of 1/2 per rank.
-    for r1, r2 in zip(read_metrics(one, "train"), read_metrics(two, "train")):
+    for r1, r2 in zip(read_metrics(one, "train"), read_metrics(two_process_run, "train")):
         assert r2["rewards/accuracies"] == pytest.approx(r1["rewards/accuracies"], abs=1e-6)
         assert r2["rewards/margins"] == pytest.approx(r1["rewards/margins"], abs=1e-4)
 
 
-def test_lora_two_processes_match_one_and_their_checkpoint_resumes_on_one(train_cli, two_process_run, tiny_model_dir, tmp_path):
+def test_a_two_process_checkpoint_resumes_on_one_process(train_cli, two_process_run, tmp_path):
+    # Another process count with the same global batch is accepted, and the last steps equal the uninterrupted run's.
+    two = shutil.copytree(two_process_run, tmp_path / "two")
+    shutil.rmtree(sorted((two / "checkpoints").glob("step_*"))[-1])
+    assert main(train_cli(two, *ONE_PROCESS_RUN, "--resume")) == 0
+    assert losses(two) == pytest.approx(losses(two_process_run), abs=1e-4)
+
+
+def test_lora_two_processes_match_one_and_their_checkpoint_loads_in_peft(train_cli, tiny_model_dir, tmp_path):
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    # The same run on one process: a global batch of 4 in one micro-batch instead of 2 x 2 processes.
-    one_process = [arg for arg in TWO_PROCESS_RUN if arg not in ("--gpus", "2", "data.batch_size=2")] + ["data.batch_size=4"]
-    straight = tmp_path / "straight"
-    assert main(train_cli(straight, *one_process)) == 0
-    assert losses(two_process_run) == pytest.approx(losses(straight), abs=1e-4)
-    two = shutil.copytree(two_process_run, tmp_path / "two")
-    checkpoints = sorted((two / "checkpoints").glob("step_*"))
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(checkpoints[0]))
+    straight, two = tmp_path / "straight", tmp_path / "two"
+    assert main(args_for(train_cli, straight, "lora", "data.batch_size=4")) == 0
+    assert main(args_for(train_cli, two, "lora", "data.batch_size=2", "--gpus", "2")) == 0
+    assert losses(two) == pytest.approx(losses(straight), abs=1e-4)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(two / "checkpoints" / "step_0000005"))
     with torch.no_grad():
         assert model(input_ids=torch.tensor([[3, 40, 41, 5]])).logits.isfinite().all()
-    # Resume the 2-process run from its second-to-last checkpoint on one process (another process count,
-    # the same global batch): the last steps must equal the uninterrupted run's.
-    shutil.rmtree(checkpoints[-1])
-    assert main(train_cli(two, *one_process, "--resume")) == 0
-    assert losses(two) == pytest.approx(losses(straight), abs=1e-4)
 
 
 def test_qlora_with_two_processes_is_refused_clearly(train_cli, tmp_path, capsys):
