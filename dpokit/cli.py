@@ -110,6 +110,9 @@ def ref_logps(
     attn_implementation: str = typer.Option(
         "auto", "--attn-implementation", help="auto (SDPA where the family supports it, else eager), sdpa or eager; recorded in the cache."
     ),
+    per_token: bool = typer.Option(
+        False, "--per-token", help="Also store every completion token's log-prob (for token-level losses such as ld_dpo)."
+    ),
 ) -> None:
     """Run the frozen reference once over prepared data and cache its log-probs in HDF5."""
     from dpokit.reference.compute import RefLogpsOptions, run_ref_logps
@@ -120,7 +123,7 @@ def ref_logps(
         RefLogpsOptions(
             prepared=str(prepared), model=model, out=str(out), gpus=gpus, batch_size=batch_size, dtype=dtype,
             splits=[s.strip() for s in splits.split(",") if s.strip()] if splits else None, adapter=adapter,
-            overwrite=overwrite, bucket=not no_bucket, attn_implementation=attn_implementation,
+            overwrite=overwrite, bucket=not no_bucket, attn_implementation=attn_implementation, per_token=per_token,
         )
     )
 
@@ -179,7 +182,8 @@ TRAIN_FLAGS = (
     TrainFlag("--out", "output.dir", str, "Run directory (checkpoints, metrics.jsonl, plots).", "-o"),
     TrainFlag("--max-steps", "training.max_steps", int, "Optimizer steps to run."),
     TrainFlag("--epochs", "training.epochs", int, "Epochs (when --max-steps is not set)."),
-    TrainFlag("--loss", "loss", str, "dpo, rso, ipo, simpo, or package.module:Class (replaces the config's whole loss section)."),
+    TrainFlag("--loss", "loss", str, "A loss (dpo, ipo, simpo, orpo, ... see docs/losses.md), a list such as [dpo,sft] "
+              "(with loss.weights=[1,0.5]), or package.module:Class; replaces the config's whole loss section."),
     TrainFlag("--beta", "loss.beta", float, "The loss's beta (dpo, simpo)."),
     TrainFlag("--gamma", "loss.gamma", float, "The loss's gamma (rso, simpo)."),
     TrainFlag("--tau", "loss.tau", float, "The loss's tau (ipo)."),
@@ -209,8 +213,8 @@ def train_argv(params: dict[str, Any]) -> list[str]:
             continue
         if flag.type is bool:
             value = "true"
-        elif flag.key == "loss":
-            value = f"{{name: '{value}'}}"
+        elif flag.key == "loss":  # one name, or a list such as [dpo,sft] (with loss.weights=[...])
+            value = f"{{name: {value}}}" if value.startswith("[") else f"{{name: '{value}'}}"
         argv.append(f"{flag.key}={value}")
     if params.get("ref_cache") and params.get("ref") is None:
         argv.append("reference.source=cache")

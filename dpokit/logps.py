@@ -12,14 +12,14 @@ memory for the logits is ``chunk_size x V`` floats, never ``[2B, T, V]``.
 from __future__ import annotations
 
 import sys
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from dpokit.family import attn_implementation_of, decoder_masks, logits_transform
-from dpokit.types import ChosenRejectedOutputs, PairBatch
+from dpokit.types import ChosenRejectedOutputs, PairBatch, split_token_values
 
 DEFAULT_CHUNK_SIZE = 1024
 
@@ -44,49 +44,77 @@ def output_head(model: nn.Module) -> tuple[nn.Module, Optional[Callable[[Tensor]
     return head, logits_transform(base.config)
 
 
+TOKEN_STATS = ("log_sq_norm", "entropy")  # full-vocabulary values a loss may ask for (`ChosenRejectedOutputs`)
+
+
+class Completions(NamedTuple):
+    """Per-output values of a batch's completions (outputs ``0..B-1`` chosen, ``B..2B-1`` rejected)."""
+
+    logps: Tensor  # [2B] float32 sums over completion tokens
+    counts: Tensor  # [2B] long
+    mean_logits: Tensor  # [2B] float32, detached
+    token_logps: Tensor  # [M] float32, every completion token, grouped by output in token order
+    token_slots: Tensor  # [M] long, the output of each token
+    token_stats: Tensor  # [M, len(stats)] float32, the requested `TOKEN_STATS`
+
+
 def _chunk_token_logps(
-    head: nn.Module, transform: Optional[Callable[[Tensor], Tensor]], hidden: Tensor, targets: Tensor
-) -> tuple[Tensor, Tensor]:
-    """log p(target) and the mean logit for each row of `hidden` [n, H]; float32 throughout."""
+    head: nn.Module, transform: Optional[Callable[[Tensor], Tensor]], hidden: Tensor, targets: Tensor,
+    stats: tuple[str, ...] = (),
+) -> tuple[Tensor, Tensor, Tensor]:
+    """log p(target), the mean logit and the requested `stats` for each row of `hidden` [n, H]; float32."""
     logits = head(hidden).float()  # [n, V]
     if transform is not None:  # soft-capping, logit scales: the model's own logits
         logits = transform(logits)
-    token_logps = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
-    return token_logps, logits.mean(dim=-1)
+    normaliser = torch.logsumexp(logits, dim=-1)
+    token_logps = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - normaliser
+    columns = []
+    for name in stats:
+        log_probs = logits - normaliser.unsqueeze(-1)
+        if name == "log_sq_norm":  # log sum_v p(v)^2
+            columns.append(torch.logsumexp(2 * log_probs, dim=-1))
+        else:  # entropy, -sum_v p(v) log p(v)
+            columns.append(-(log_probs.exp() * log_probs).sum(-1))
+    extra = torch.stack(columns, dim=-1) if columns else logits.new_zeros((logits.shape[0], 0))
+    return token_logps, logits.mean(dim=-1), extra
 
 
 def completion_logps(
     head: nn.Module, hidden: Tensor, batch: PairBatch, chunk_size: int = DEFAULT_CHUNK_SIZE,
-    transform: Optional[Callable[[Tensor], Tensor]] = None,
-) -> tuple[Tensor, Tensor, Tensor]:
+    transform: Optional[Callable[[Tensor], Tensor]] = None, token_stats: tuple[str, ...] = (),
+) -> Completions:
     """Per-output completion log-probs from final hidden states ``[R, L, H]`` and the batch's targets.
 
-    Returns ``(logps [2B] float32, token_counts [2B] long, mean_logits [2B] float32 detached)``:
-    entries ``0..B-1`` are the chosen completions, ``B..2B-1`` the rejected ones.
+    `token_stats` names full-vocabulary values (`TOKEN_STATS`) to compute per token in the same chunks;
+    the common path asks for none and pays nothing for them.
     """
+    unknown = [name for name in token_stats if name not in TOKEN_STATS]
+    if unknown:
+        raise ValueError(f"unknown token statistics {unknown}; available: {', '.join(TOKEN_STATS)}")
     num_outputs = 2 * batch.num_pairs
-    selected = hidden[batch.target_rows, batch.target_cols]  # [M, H], M = completion tokens in the batch
-    targets, slots = batch.target_ids, batch.target_slots
+    # Each output's tokens lie in one row in increasing columns: order them by (output, column).
+    order = torch.argsort(batch.target_slots * hidden.shape[1] + batch.target_cols)
+    rows, cols = batch.target_rows[order], batch.target_cols[order]
+    targets, slots = batch.target_ids[order], batch.target_slots[order]
+    selected = hidden[rows, cols]  # [M, H], M = completion tokens in the batch
     use_checkpoint = torch.is_grad_enabled() and selected.requires_grad
-    token_logps, token_mean_logits = [], []
+    token_logps, token_mean_logits, token_extras = [], [], []
     for start in range(0, selected.shape[0], chunk_size):
         stop = start + chunk_size
-        if use_checkpoint:
-            lp, ml = checkpoint(
-                _chunk_token_logps, head, transform, selected[start:stop], targets[start:stop], use_reentrant=False
-            )
-        else:
-            lp, ml = _chunk_token_logps(head, transform, selected[start:stop], targets[start:stop])
+        args = (head, transform, selected[start:stop], targets[start:stop], tuple(token_stats))
+        lp, ml, extra = checkpoint(_chunk_token_logps, *args, use_reentrant=False) if use_checkpoint else _chunk_token_logps(*args)
         token_logps.append(lp)
         token_mean_logits.append(ml.detach())
+        token_extras.append(extra)
     device = hidden.device
     empty = torch.zeros(0, dtype=torch.float32, device=device)
     flat_logps = torch.cat(token_logps) if token_logps else empty
     flat_logits = torch.cat(token_mean_logits) if token_mean_logits else empty
+    flat_stats = torch.cat(token_extras) if token_extras else torch.zeros((0, len(token_stats)), device=device)
     logps = torch.zeros(num_outputs, dtype=torch.float32, device=device).index_add(0, slots, flat_logps)
     counts = torch.zeros(num_outputs, dtype=torch.long, device=device).index_add(0, slots, torch.ones_like(slots))
     logit_sums = torch.zeros(num_outputs, dtype=torch.float32, device=device).index_add(0, slots, flat_logits)
-    return logps, counts, logit_sums / counts.clamp(min=1)
+    return Completions(logps, counts, logit_sums / counts.clamp(min=1), flat_logps, slots, flat_stats)
 
 
 def model_attention_mask(batch: PairBatch, decoder: nn.Module):
@@ -103,10 +131,18 @@ def model_attention_mask(batch: PairBatch, decoder: nn.Module):
 def sequence_logps(
     model: nn.Module, batch: PairBatch, chunk_size: int = DEFAULT_CHUNK_SIZE, router_aux_loss: bool = False
 ) -> tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
-    """Run `model`'s decoder on the batch's rows (any layout) and return per-output completion log-probs.
+    """``(logps [2B], token_counts [2B], mean_logits [2B], aux)`` of `model` on the batch (`decoder_completions`)."""
+    completions, aux = decoder_completions(model, batch, chunk_size, router_aux_loss)
+    return completions.logps, completions.counts, completions.mean_logits, aux
 
-    Returns ``(logps [2B], token_counts [2B], mean_logits [2B], aux)`` as in `completion_logps`;
-    ``aux`` is the mixture-of-experts load-balancing loss over the batch's real tokens when
+
+def decoder_completions(
+    model: nn.Module, batch: PairBatch, chunk_size: int = DEFAULT_CHUNK_SIZE, router_aux_loss: bool = False,
+    token_stats: tuple[str, ...] = (),
+) -> tuple[Completions, Optional[Tensor]]:
+    """Run `model`'s decoder on the batch's rows (any layout); its `Completions` and the MoE term.
+
+    The second value is the mixture-of-experts load-balancing loss over the batch's real tokens when
     `router_aux_loss` is set and the model config asks for it (``output_router_logits``), else None.
     """
     decoder, _ = decoder_and_head(model)
@@ -120,9 +156,9 @@ def sequence_logps(
         use_cache=False,
         **kwargs,
     )
-    logps, counts, mean_logits = completion_logps(head, outputs.last_hidden_state, batch, chunk_size, transform)
+    completions = completion_logps(head, outputs.last_hidden_state, batch, chunk_size, transform, token_stats)
     aux = moe_load_balancing_loss(model, outputs.router_logits, batch.token_mask) if with_router else None
-    return logps, counts, mean_logits, aux
+    return completions, aux
 
 
 def moe_load_balancing_loss(model: nn.Module, router_logits, token_mask: Tensor) -> Optional[Tensor]:
@@ -139,19 +175,31 @@ def moe_load_balancing_loss(model: nn.Module, router_logits, token_mask: Tensor)
 
 
 def concatenated_forward(
-    model: nn.Module, batch: PairBatch, chunk_size: int = DEFAULT_CHUNK_SIZE, router_aux_loss: bool = False
+    model: nn.Module, batch: PairBatch, chunk_size: int = DEFAULT_CHUNK_SIZE, router_aux_loss: bool = False,
+    token_stats: tuple[str, ...] = (),
 ) -> ChosenRejectedOutputs:
-    """One forward over chosen and rejected together (one pass, whatever the layout), split per pair."""
-    logps, counts, mean_logits, aux = sequence_logps(model, batch, chunk_size, router_aux_loss)
+    """One forward over chosen and rejected together (one pass, whatever the layout), split per pair,
+    with per-token log-probs and the requested full-vocabulary `token_stats` (`TOKEN_STATS`)."""
+    done, aux = decoder_completions(model, batch, chunk_size, router_aux_loss, token_stats)
     b = batch.num_pairs
+    chosen_tokens, chosen_mask, rejected_tokens, rejected_mask = split_token_values(done.token_logps, done.token_slots, b)
+    stats = {}
+    for k, name in enumerate(token_stats):
+        chosen_stat, _, rejected_stat, _ = split_token_values(done.token_stats[:, k], done.token_slots, b)
+        stats[name] = (chosen_stat, rejected_stat)
     return ChosenRejectedOutputs(
-        chosen_logps=logps[:b],
-        rejected_logps=logps[b:],
-        chosen_logits=mean_logits[:b],
-        rejected_logits=mean_logits[b:],
-        chosen_tokens=counts[:b],
-        rejected_tokens=counts[b:],
+        chosen_logps=done.logps[:b],
+        rejected_logps=done.logps[b:],
+        chosen_logits=done.mean_logits[:b],
+        rejected_logits=done.mean_logits[b:],
+        chosen_tokens=done.counts[:b],
+        rejected_tokens=done.counts[b:],
         router_aux_loss=aux,
+        chosen_token_logps=chosen_tokens,
+        rejected_token_logps=rejected_tokens,
+        chosen_token_mask=chosen_mask,
+        rejected_token_mask=rejected_mask,
+        token_stats=stats,
     )
 
 

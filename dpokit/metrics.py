@@ -36,8 +36,12 @@ class PairMetrics:
     def __init__(self, device: torch.device | str = "cpu"):
         # PAIR_METRICS, then the MoE load-balancing term (pair-weighted sum, micro-batches with it), pairs, tokens
         self.sums = torch.zeros(len(PAIR_METRICS) + 4, dtype=torch.float64, device=device)
+        self.term_sums: dict[str, torch.Tensor] = {}  # a weighted combination's terms, by name
 
-    def add(self, losses, chosen_rewards, rejected_rewards, policy: ChosenRejectedOutputs, num_tokens: int) -> None:
+    def add(
+        self, losses, chosen_rewards, rejected_rewards, policy: ChosenRejectedOutputs, num_tokens: int,
+        terms: Optional[dict[str, torch.Tensor]] = None,
+    ) -> None:
         values = [
             losses,
             chosen_rewards,
@@ -57,11 +61,18 @@ class PairMetrics:
         if aux is not None:  # kept on the device: no host sync in the step
             extra[0] = aux.detach().double() * losses.numel()
         self.sums += torch.cat([sums, extra]).to(self.sums.device)
+        for name, values in (terms or {}).items():
+            total = values.detach().double().sum().to(self.sums.device)
+            self.term_sums[name] = self.term_sums[name] + total if name in self.term_sums else total
 
     def all_reduce(self) -> None:
         """Sum over ranks (a no-op in a single process)."""
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(self.sums)
+            if self.term_sums:  # every rank has the same terms, in the same order
+                stacked = torch.stack(list(self.term_sums.values()))
+                torch.distributed.all_reduce(stacked)
+                self.term_sums = dict(zip(self.term_sums, stacked))
 
     @property
     def num_pairs(self) -> int:
@@ -76,6 +87,7 @@ class PairMetrics:
         means = {name: float(self.sums[i]) / pairs for i, name in enumerate(PAIR_METRICS)}
         if self.sums[-3] > 0:  # a mixture-of-experts policy's load-balancing term (already times its coefficient)
             means["router_aux_loss"] = float(self.sums[-4]) / pairs
+        means.update({f"loss/{name}": float(total) / pairs for name, total in self.term_sums.items()})
         return means
 
 
@@ -189,7 +201,8 @@ PLOTS = {
 
 
 def plot_run(run_dir: str | Path, out_dir: Optional[str | Path] = None) -> list[Path]:
-    """PNG curves of a run (train vs eval): loss, reward accuracy, margins, rewards."""
+    """PNG curves of a run (train vs eval): loss, reward accuracy, margins, rewards, and each term of a
+    weighted loss combination (``loss_terms.png``) when it has them."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -200,7 +213,9 @@ def plot_run(run_dir: str | Path, out_dir: Optional[str | Path] = None) -> list[
     out_dir.mkdir(parents=True, exist_ok=True)
     records = read_metrics(run_dir)
     written = []
-    for name, keys in PLOTS.items():
+    terms = sorted({key for r in records for key in r if key.startswith("loss/")})  # a weighted combination's terms
+    panels = {**PLOTS, **({"loss_terms": terms} if terms else {})}
+    for name, keys in panels.items():
         fig, ax = plt.subplots(figsize=(6, 4))
         for split, style in (("train", "-"), ("eval", "o-")):
             rows = [r for r in records if r["split"] == split]

@@ -44,10 +44,26 @@ class PairBatch:
 
 @dataclass
 class ChosenRejectedOutputs:
-    """Per-pair outputs of one model (policy or reference) on a batch of pairs; each field ``[B]``.
+    """One model's outputs (policy or reference) on a batch of B pairs: what a loss receives.
 
-    ``chosen_logits``/``rejected_logits`` are the mean logit over completion positions and
-    vocabulary (a detached diagnostic: dpokit never materialises full ``[B, T, V]`` logits).
+    Per pair (``[B]``): ``chosen_logps``/``rejected_logps``, the sums of log p over each completion's
+    tokens (float32), and ``chosen_tokens``/``rejected_tokens``, their token counts.
+
+    Per token (padded ``[B, T]``, T the batch's longest completion of that side): ``chosen_token_logps``
+    and ``rejected_token_logps`` hold log p of each completion token in order, 0 after the last;
+    ``chosen_token_mask``/``rejected_token_mask`` are True on real tokens. The policy always has them;
+    a cached reference has them when the cache was built with ``dpokit ref-logps --per-token`` (a loss
+    that needs them sets ``needs_per_token_reference = True``).
+
+    ``token_stats`` holds full-vocabulary values per token, computed inside the chunked projection
+    only when the loss names them in its ``token_stats`` attribute: ``"log_sq_norm"`` is
+    ``log sum_v p(v)^2`` (WPO's normaliser) and ``"entropy"`` is ``-sum_v p(v) log p(v)``; each maps
+    to ``(chosen [B, Tc], rejected [B, Tr])``, padded like the token log-probs.
+
+    Unlike torchtune's dataclass of the same name, ``chosen_logits``/``rejected_logits`` are not the
+    ``[B, T, V]`` logits (dpokit never materialises them) but one detached number per sequence, the mean
+    logit over completion positions and vocabulary, kept as a diagnostic for the metrics. Use the
+    per-token log-probs and ``token_stats`` instead.
     """
 
     chosen_logps: Tensor
@@ -57,6 +73,11 @@ class ChosenRejectedOutputs:
     chosen_tokens: Optional[Tensor] = None
     rejected_tokens: Optional[Tensor] = None
     router_aux_loss: Optional[Tensor] = None  # scalar: a mixture-of-experts policy's load-balancing term
+    chosen_token_logps: Optional[Tensor] = None  # [B, Tc]
+    rejected_token_logps: Optional[Tensor] = None  # [B, Tr]
+    chosen_token_mask: Optional[Tensor] = None  # [B, Tc] bool
+    rejected_token_mask: Optional[Tensor] = None  # [B, Tr] bool
+    token_stats: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)
 
     def average_logps(self) -> tuple[Tensor, Tensor]:
         """Length-normalised log-probs (sum over completion tokens / their count)."""
@@ -66,6 +87,35 @@ class ChosenRejectedOutputs:
             self.chosen_logps / self.chosen_tokens.clamp(min=1).to(self.chosen_logps.dtype),
             self.rejected_logps / self.rejected_tokens.clamp(min=1).to(self.rejected_logps.dtype),
         )
+
+    @property
+    def has_token_logps(self) -> bool:
+        return self.chosen_token_logps is not None and self.rejected_token_logps is not None
+
+
+def split_token_values(values: Tensor, slots: Tensor, num_pairs: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Ragged per-token `values` ``[M, ...]`` into padded chosen and rejected tensors.
+
+    `slots` ``[M]`` gives each token's output (``0..B-1`` chosen, ``B..2B-1`` rejected); tokens of one
+    output must appear in order. Returns ``(chosen [B, Tc, ...], chosen_mask [B, Tc], rejected [B, Tr, ...],
+    rejected_mask [B, Tr])``, zeros after each completion's last token.
+    """
+    outputs = 2 * num_pairs
+    counts = torch.zeros(outputs, dtype=torch.long, device=slots.device).index_add(0, slots, torch.ones_like(slots))
+    starts = torch.cumsum(counts, 0) - counts
+    order = torch.argsort(slots, stable=True)
+    slots, values = slots[order], values[order]
+    positions = torch.arange(slots.numel(), device=slots.device) - starts[slots]
+    halves = []
+    for side, (low, high) in enumerate(((0, num_pairs), (num_pairs, outputs))):
+        width = int(counts[low:high].max()) if high > low else 0
+        padded = values.new_zeros((high - low, width, *values.shape[1:]))
+        mask = torch.zeros((high - low, width), dtype=torch.bool, device=values.device)
+        keep = (slots >= low) & (slots < high)
+        padded[slots[keep] - low, positions[keep]] = values[keep]
+        mask[slots[keep] - low, positions[keep]] = True
+        halves += [padded, mask]
+    return halves[0], halves[1], halves[2], halves[3]
 
 
 @dataclass(frozen=True)

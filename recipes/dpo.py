@@ -74,7 +74,7 @@ from dpokit.family import attn_implementation_of
 from dpokit.fidelity import Layout, check_layout, check_pairs, check_step_zero
 from dpokit.lock import WriterLock
 from dpokit.logps import concatenated_forward
-from dpokit.losses import build_loss, is_reference_free
+from dpokit.losses import build_loss, check_loss_outputs, is_reference_free
 from dpokit.metrics import MetricsLogger, PairMetrics, summary_table, training_progress, truncate_metrics
 from dpokit.model import (
     block_bitsandbytes_import,
@@ -114,6 +114,7 @@ class DPORecipe:
         self.eval_split = self.data.split("eval") if "eval" in self.data.splits else None
 
         self.loss_fn = build_loss(cfg.loss)
+        self.token_stats = tuple(getattr(self.loss_fn, "token_stats", ()))  # full-vocabulary values the loss asks for
         self.lock = WriterLock(self.run_dir / RUN_LOCK, f"run directory {self.run_dir}", self.announce)
         if self.dist.is_main:
             self.lock.acquire()
@@ -215,6 +216,11 @@ class DPORecipe:
             )
         splits = ["train"] + (["eval"] if self.eval_split is not None else [])
         cached = CachedReference(cfg.reference.cache, self.data, cfg.model.path, cfg.reference.adapter, splits)
+        if getattr(self.loss_fn, "needs_per_token_reference", False) and not cached.per_token:
+            raise DpokitError(
+                f"loss {cfg.loss.get('name')} needs per-token reference log-probs and {cfg.reference.cache} has only "
+                f"sequence sums; rebuild it with `{cached.rebuild_command} --per-token` or train with --ref live"
+            )
         for what, theirs, ours in (
             ("compute dtype", cached.dtype, dtype_name(self.compute_dtype)),
             ("attention implementation", cached.attn_implementation, attn_implementation_of(self.policy)),
@@ -233,6 +239,8 @@ class DPORecipe:
         self.sampler.load_state_dict(state["sampler"])
         self.scheduler.load_state_dict(state["scheduler"])
         load_optimizer_state(self.policy, self.optimizer, state["optimizer"])
+        if state.get("loss"):  # a loss with running statistics (bco)
+            self.loss_fn.load_state_dict(state["loss"])
         set_rng_state(state["rng"])
         if self.dist.is_main:
             truncate_metrics(self.run_dir, after_step=self.step)
@@ -255,7 +263,8 @@ class DPORecipe:
         mixture-of-experts model also returns its load-balancing term. Edit here to change how
         log-probs are computed; the step-0 check tells whether the reference cache still matches.
         """
-        return concatenated_forward(model, batch, self.cfg.data.logps_chunk_size, router_aux_loss=training)
+        return concatenated_forward(model, batch, self.cfg.data.logps_chunk_size, router_aux_loss=training,
+                                    token_stats=self.token_stats)
 
     def pair_outputs(self, batch: PairBatch, split: str):
         """Policy and reference outputs and the per-pair loss terms for one batch."""
@@ -268,7 +277,9 @@ class DPORecipe:
             check_token_counts(policy_out, reference_out, split)
             if self.step_zero_pending and training:
                 self.check_step_zero(policy_out, reference_out)
-        losses, chosen_rewards, rejected_rewards = self.loss_fn(policy_out, reference_out)
+        losses, chosen_rewards, rejected_rewards = check_loss_outputs(
+            self.loss_fn, self.loss_fn(policy_out, reference_out), batch.num_pairs
+        )
         return policy_out, losses, chosen_rewards, rejected_rewards
 
     def check_step_zero(self, policy_out, reference_out) -> None:
@@ -295,7 +306,7 @@ class DPORecipe:
             if policy_out.router_aux_loss is not None:  # MoE load balancing, once per micro-batch
                 objective = objective + policy_out.router_aux_loss / len(micro_batches)
             objective.backward()
-            metrics.add(losses, chosen_rewards, rejected_rewards, policy_out, batch.num_tokens)
+            metrics.add(losses, chosen_rewards, rejected_rewards, policy_out, batch.num_tokens, self.loss_terms())
             self.step_losses.append((batch.index, losses.detach()))
         return metrics
 
@@ -349,10 +360,15 @@ class DPORecipe:
             values["skipped_steps"] = self.skipped_steps
         return values
 
+    def loss_terms(self) -> dict[str, torch.Tensor]:
+        """A weighted combination's per-term, per-pair values of the last call (logged as ``loss/<name>``)."""
+        return getattr(self.loss_fn, "term_values", {})
+
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """Loss, reward accuracy and margins over the eval split (each rank a slice, reduced)."""
         self.policy.eval()
+        self.loss_fn.eval()  # a loss's running statistics (bco) learn from training batches only
         metrics = PairMetrics(self.device)
         size, world, rank = len(self.eval_split), self.dist.world_size, self.dist.rank
         per_step = self.cfg.data.batch_size * world
@@ -366,9 +382,10 @@ class DPORecipe:
             batch = self.batch(self.eval_split, indices or [0])
             policy_out, losses, chosen_rewards, rejected_rewards = self.pair_outputs(batch, "eval")
             if indices:
-                metrics.add(losses, chosen_rewards, rejected_rewards, policy_out, batch.num_tokens)
+                metrics.add(losses, chosen_rewards, rejected_rewards, policy_out, batch.num_tokens, self.loss_terms())
         metrics.all_reduce()
         self.policy.train()
+        self.loss_fn.train()
         return metrics.means()
 
     def train(self) -> TrainResult:
@@ -439,6 +456,7 @@ class DPORecipe:
             "sampler": self.sampler.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "config": config_to_dict(self.cfg),
+            "loss": self.loss_fn.state_dict(),
         }
         path = save_checkpoint(
             self.run_dir,

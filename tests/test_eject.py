@@ -126,7 +126,10 @@ def test_an_edited_ejected_recipe_runs_three_ways(tiny_model_dir, prepared_dir, 
     assert losses["dpokit_train"][0] == pytest.approx(0.693147, abs=1e-5)  # ln 2: step 1 starts at the reference
 
 
-FORWARD_CALL = "        return concatenated_forward(model, batch, self.cfg.data.logps_chunk_size, router_aux_loss=training)\n"
+FORWARD_CALL = (
+    "        return concatenated_forward(model, batch, self.cfg.data.logps_chunk_size, router_aux_loss=training,\n"
+    "                                    token_stats=self.token_stats)\n"
+)
 EXACT_EDIT = "        return concatenated_forward(model, batch, 5, router_aux_loss=training)  # smaller chunks, same values\n"
 DIVERGING_EDIT = (
     "        out = concatenated_forward(model, batch, self.cfg.data.logps_chunk_size, router_aux_loss=training)\n"

@@ -7,6 +7,8 @@ Layout (docs/cache-format.md has the full schema and an h5py snippet)::
     /{split}/chosen_tokens    int32   [N]   completion token counts
     /{split}/rejected_tokens  int32   [N]
     /{split}/done             bool    [N]   rows written; a resumed run fills only the others
+    /{split}/token_offsets    int64   [N+1] with --per-token: row i's tokens are token_logps[offsets[i]:offsets[i+1]],
+    /{split}/token_logps      float32 [T]   its chosen completion's tokens, then its rejected completion's
 
 Root attributes name what the rows were computed from (data, tokenizer and reference fingerprints,
 compute dtype), so a reader can refuse a cache that belongs to other data or another model.
@@ -37,7 +39,7 @@ from dpokit import __version__
 from dpokit.artifacts import check_replaceable, replace_atomically
 from dpokit.errors import DpokitError
 from dpokit.fingerprint import combine_fingerprints
-from dpokit.types import ChosenRejectedOutputs
+from dpokit.types import ChosenRejectedOutputs, split_token_values
 
 FORMAT_VERSION = 1
 LIBVER = ("earliest", "v108")  # never a v3 superblock: see the module docstring
@@ -48,6 +50,7 @@ ROW_DATASETS = {
     "rejected_tokens": np.int32,
 }
 DONE = "done"
+TOKEN_LOGPS, TOKEN_OFFSETS = "token_logps", "token_offsets"  # the optional per-token layout (``per_token``)
 
 # Attributes that say what the rows were computed from; a rerun or a reader compares them.
 IDENTITY_ATTRS = {
@@ -59,9 +62,10 @@ IDENTITY_ATTRS = {
     "reference_fingerprint": "the reference model (weights and adapter)",
     "dtype": "the compute dtype",
     "attn_implementation": "the attention implementation",
+    "per_token": "per-token log-probs (--per-token)",
 }
 # What a cache made before an attribute existed used (absent attributes read as these).
-ATTR_DEFAULTS = {"attn_implementation": "sdpa"}
+ATTR_DEFAULTS = {"attn_implementation": "sdpa", "per_token": False}
 
 
 
@@ -70,22 +74,41 @@ ATTR_DEFAULTS = {"attn_implementation": "sdpa"}
 
 
 class CachedLogps(NamedTuple):
-    """One split's reference outputs, indexed by example: log-probs float32, token counts int64."""
+    """One split's reference outputs, indexed by example: log-probs float32, token counts int64, and
+    with a per-token cache each row's token log-probs (flat, with offsets)."""
 
     chosen_logps: torch.Tensor  # [N]
     rejected_logps: torch.Tensor  # [N]
     chosen_tokens: torch.Tensor  # [N]
     rejected_tokens: torch.Tensor  # [N]
+    token_logps: Optional[torch.Tensor] = None  # [T] float32
+    token_offsets: Optional[torch.Tensor] = None  # [N+1] int64
 
     def select(self, index: torch.Tensor) -> ChosenRejectedOutputs:
         """The reference outputs of the examples in `index` (e.g. ``PairBatch.index``)."""
         index = index.cpu()
-        return ChosenRejectedOutputs(
+        outputs = ChosenRejectedOutputs(
             chosen_logps=self.chosen_logps[index],
             rejected_logps=self.rejected_logps[index],
             chosen_tokens=self.chosen_tokens[index],
             rejected_tokens=self.rejected_tokens[index],
         )
+        if self.token_logps is not None:
+            chosen, chosen_mask, rejected, rejected_mask = self.select_tokens(index)
+            outputs.chosen_token_logps, outputs.chosen_token_mask = chosen, chosen_mask
+            outputs.rejected_token_logps, outputs.rejected_token_mask = rejected, rejected_mask
+        return outputs
+
+    def select_tokens(self, index: torch.Tensor):
+        """Padded per-token log-probs of rows `index` (`split_token_values`)."""
+        starts, chosen, rejected = self.token_offsets[index], self.chosen_tokens[index], self.rejected_tokens[index]
+        b = index.numel()
+        lengths = torch.cat([chosen, rejected])  # outputs 0..B-1 chosen, B..2B-1 rejected
+        firsts = torch.cat([starts, starts + chosen])
+        slots = torch.repeat_interleave(torch.arange(2 * b), lengths)
+        positions = torch.arange(int(lengths.sum())) - torch.repeat_interleave(torch.cumsum(lengths, 0) - lengths, lengths)
+        values = self.token_logps[firsts[slots] + positions]
+        return split_token_values(values, slots, b)
 
 
 @dataclass(frozen=True)
@@ -118,6 +141,8 @@ class RefCache:
             command += f" --dtype {self.attrs['dtype']}"
         if self.attrs.get("attn_implementation"):
             command += f" --attn-implementation {self.attrs['attn_implementation']}"
+        if self.attrs.get("per_token"):
+            command += " --per-token"
         if splits:
             command += f" --splits {','.join(splits)}"
         return command
@@ -179,11 +204,16 @@ class RefCache:
                     f"finish it with `{self.rebuild_command([split])}` (it resumes where it stopped)"
                 )
             arrays = {name: group[name][()] for name in ROW_DATASETS}
+            per_token = TOKEN_LOGPS in group
+            if per_token:
+                arrays[TOKEN_LOGPS], arrays[TOKEN_OFFSETS] = group[TOKEN_LOGPS][()], group[TOKEN_OFFSETS][()]
         return CachedLogps(
             chosen_logps=torch.from_numpy(arrays["chosen_logps"]),
             rejected_logps=torch.from_numpy(arrays["rejected_logps"]),
             chosen_tokens=torch.from_numpy(arrays["chosen_tokens"].astype(np.int64)),
             rejected_tokens=torch.from_numpy(arrays["rejected_tokens"].astype(np.int64)),
+            token_logps=torch.from_numpy(arrays[TOKEN_LOGPS]) if per_token else None,
+            token_offsets=torch.from_numpy(arrays[TOKEN_OFFSETS].astype(np.int64)) if per_token else None,
         )
 
     def done_mask(self, split: str) -> np.ndarray:
@@ -267,6 +297,7 @@ def cache_attrs(
     tokenizer_fingerprint: str,
     dtype: str,
     attn_implementation: str = "sdpa",
+    per_token: bool = False,
 ) -> dict[str, Any]:
     """The root attributes of a new cache (HDF5 attributes cannot be None: absent is "")."""
     return {
@@ -282,11 +313,15 @@ def cache_attrs(
         "prepared": prepared_path,
         "dtype": dtype,
         "attn_implementation": attn_implementation,
+        "per_token": bool(per_token),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
 
 
-def create_or_resume_cache(path: str | os.PathLike, attrs: dict[str, Any], rows: dict[str, int], overwrite: bool) -> RefCache:
+def create_or_resume_cache(
+    path: str | os.PathLike, attrs: dict[str, Any], rows: dict[str, int], overwrite: bool,
+    token_counts: Optional[dict[str, np.ndarray]] = None,
+) -> RefCache:
     """The cache at `path` to fill: a new one, or the existing one if it was made from the same inputs.
 
     An existing file made from other data, tokenizer, model or dtype is refused with a message
@@ -307,7 +342,7 @@ def create_or_resume_cache(path: str | os.PathLike, attrs: dict[str, Any], rows:
                 "Pass --overwrite to replace it, or write to another --out"
             )
         return existing
-    _create_cache_file(path, attrs, rows)
+    _create_cache_file(path, attrs, rows, token_counts if attrs.get("per_token") else None)
     return open_cache(path)
 
 
@@ -327,7 +362,9 @@ def check_cache_target(path: str | os.PathLike, overwrite: bool) -> None:
         check_replaceable(path, "cache", overwrite=True)
 
 
-def _create_cache_file(path: Path, attrs: dict[str, Any], rows: dict[str, int]) -> None:
+def _create_cache_file(
+    path: Path, attrs: dict[str, Any], rows: dict[str, int], token_counts: Optional[dict[str, np.ndarray]] = None
+) -> None:
     """Write an empty cache (every dataset allocated, nothing done) to a temporary file, then rename it."""
     import h5py
 
@@ -343,6 +380,10 @@ def _create_cache_file(path: Path, attrs: dict[str, Any], rows: dict[str, int]) 
                     initial = np.full(n, np.nan, dtype) if dtype == np.float32 else np.zeros(n, dtype)
                     group.create_dataset(name, data=initial, track_times=False)
                 group.create_dataset(DONE, data=np.zeros(n, dtype=bool), track_times=False)
+                if token_counts is not None:  # per row: chosen + rejected completion tokens, all allocated now
+                    offsets = np.concatenate([[0], np.cumsum(token_counts[split])]).astype(np.int64)
+                    group.create_dataset(TOKEN_OFFSETS, data=offsets, track_times=False)
+                    group.create_dataset(TOKEN_LOGPS, data=np.full(int(offsets[-1]), np.nan, np.float32), track_times=False)
 
     replace_atomically(path, "cache", write)
 
@@ -362,8 +403,11 @@ class RefCacheWriter:
         rejected_logps: np.ndarray,
         chosen_tokens: np.ndarray,
         rejected_tokens: np.ndarray,
+        token_logps: Optional[Sequence[np.ndarray]] = None,
     ) -> None:
         """Write rows `index` of `split` and mark them done, in one short open-write-flush-close.
+
+        `token_logps` (a per-token cache): for each row, its chosen then rejected tokens' log-probs.
 
         Values are flushed before ``done`` is set, so a row is never marked done without its values.
         """
@@ -381,6 +425,13 @@ class RefCacheWriter:
             group = handle[split]
             for name, array in values.items():
                 group[name][rows] = np.asarray(array, dtype=ROW_DATASETS[name])[order]
+            if token_logps is not None and TOKEN_LOGPS in group:
+                offsets = group[TOKEN_OFFSETS][()]
+                positions = np.concatenate([np.arange(offsets[i], offsets[i + 1]) for i in rows])
+                flat = np.concatenate([np.asarray(token_logps[k], dtype=np.float32) for k in order])
+                if flat.size != positions.size:
+                    raise DpokitError(f"{self.path}: per-token values do not match the rows' token counts")
+                group[TOKEN_LOGPS][positions] = flat  # rows ascending, so positions ascending too
             handle.flush()
             self.mark_done(group, rows)
 

@@ -25,7 +25,7 @@ from rich.table import Table
 from torch import nn
 
 from dpokit.data.collate import collate_pairs
-from dpokit.data.prepared import PreparedData, load_prepared, pair_lengths
+from dpokit.data.prepared import PreparedData, load_prepared, pair_lengths, pair_token_counts
 from dpokit.distributed import (
     DistInfo,
     destroy_distributed,
@@ -61,6 +61,7 @@ class RefLogpsOptions:
     overwrite: bool = False
     bucket: bool = True  # sort rows by length before batching
     attn_implementation: str = "auto"  # auto: SDPA where the family supports it, else eager
+    per_token: bool = False  # also store each completion token's log-prob (token-level losses)
 
 
 @dataclass
@@ -73,6 +74,7 @@ class BatchLogps:
     chosen_tokens: np.ndarray  # [B] completion token counts
     rejected_tokens: np.ndarray
     num_tokens: int  # real (non-padding) tokens in the batch, chosen and rejected rows together
+    token_logps: Optional[list[np.ndarray]] = None  # per row: chosen then rejected tokens' log-probs
 
 
 @dataclass
@@ -105,7 +107,9 @@ def plan_batches(rows: np.ndarray, lengths: np.ndarray, batch_size: int, bucket:
     return [rows[start : start + batch_size] for start in range(0, len(rows), batch_size)]
 
 
-def batch_logps(model: nn.Module, dataset, index: np.ndarray, device: torch.device, layout: Layout = DEFAULT_LAYOUT) -> BatchLogps:
+def batch_logps(
+    model: nn.Module, dataset, index: np.ndarray, device: torch.device, layout: Layout = DEFAULT_LAYOUT, per_token: bool = False
+) -> BatchLogps:
     """The reference outputs for the examples `index` of a prepared split, in `layout`."""
     columns = dataset[index.tolist()]
     rows = [
@@ -123,7 +127,17 @@ def batch_logps(model: nn.Module, dataset, index: np.ndarray, device: torch.devi
         rejected_tokens=outputs.rejected_tokens.cpu().numpy(),
         # Tokens of both full sequences per pair, as in the padded layout, so rates stay comparable.
         num_tokens=sum(2 * len(r["prompt_ids"]) + len(r["chosen_ids"]) + len(r["rejected_ids"]) for r in rows),
+        token_logps=row_token_logps(outputs) if per_token else None,
     )
+
+
+def row_token_logps(outputs) -> list[np.ndarray]:
+    """Each pair's chosen then rejected per-token log-probs, as the cache stores them."""
+    chosen = outputs.chosen_token_logps.float().cpu().numpy()
+    rejected = outputs.rejected_token_logps.float().cpu().numpy()
+    chosen_mask = outputs.chosen_token_mask.cpu().numpy()
+    rejected_mask = outputs.rejected_token_mask.cpu().numpy()
+    return [np.concatenate([chosen[i][chosen_mask[i]], rejected[i][rejected_mask[i]]]) for i in range(len(chosen))]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -173,7 +187,10 @@ def compute_reference_cache(options: RefLogpsOptions) -> list[SplitReport]:
             layout = checked_layout(model, prepared.split(splits[0]), announce if info.is_main else None)
             writer = RefCacheWriter(options.out) if info.is_main else None
             reports = [
-                compute_split(model, prepared, split, pending[split], options.batch_size, options.bucket, device, writer, layout, info)
+                compute_split(
+                    model, prepared, split, pending[split], options.batch_size, options.bucket, device, writer, layout, info,
+                    options.per_token,
+                )
                 for split in splits
             ]
         else:  # a finished cache: nothing to load or compute
@@ -228,9 +245,13 @@ def pending_rows_of_cache(
         tokenizer_fingerprint=prepared.tokenizer_fingerprint,
         dtype=dtype,
         attn_implementation=attn_implementation,
+        per_token=options.per_token,
     )
     rows = {split: len(prepared.split(split)) for split in prepared.splits}
-    cache = create_or_resume_cache(options.out, attrs, rows, options.overwrite)
+    token_counts = None
+    if options.per_token:
+        token_counts = {split: sum(pair_token_counts(prepared.split(split))[1:]) for split in prepared.splits}
+    cache = create_or_resume_cache(options.out, attrs, rows, options.overwrite, token_counts)
     return {split: cache.pending_rows(split) for split in splits}
 
 
@@ -251,6 +272,7 @@ def compute_split(
     writer: Optional[RefCacheWriter],
     layout: Layout = DEFAULT_LAYOUT,
     info: DistInfo = DistInfo(),
+    per_token: bool = False,
 ) -> SplitReport:
     """Compute and (on rank 0) write the `pending` rows of one split; every rank calls this."""
     dataset = prepared.split(split)
@@ -263,13 +285,14 @@ def compute_split(
         task = progress.add_task(f"ref-logps {split}", total=len(pending), rate="", status="")
         for step in range(steps):
             # Every rank joins every gather, with None once its own batches have run out.
-            result = batch_logps(model, dataset, my_batches[step], device, layout) if step < len(my_batches) else None
+            result = batch_logps(model, dataset, my_batches[step], device, layout, per_token) if step < len(my_batches) else None
             gathered = gather_to_main(result)
             if writer is None:
                 continue
             for batch in filter(None, gathered):
                 writer.write(
-                    split, batch.index, batch.chosen_logps, batch.rejected_logps, batch.chosen_tokens, batch.rejected_tokens
+                    split, batch.index, batch.chosen_logps, batch.rejected_logps, batch.chosen_tokens, batch.rejected_tokens,
+                    batch.token_logps,
                 )
                 report.rows_computed += len(batch.index)
                 report.tokens += batch.num_tokens

@@ -30,7 +30,7 @@ def cache_info_table(cache: RefCache):
         state = "complete" if cache.is_complete(split) else "incomplete"
         table.add_row(split, f"{cache.rows_done[split]}/{cache.rows[split]} ({state})")
     table.add_section()
-    for key in ("model", "adapter", "dtype", "attn_implementation", "created", "dpokit_version", "format_version", "prepared"):
+    for key in ("model", "adapter", "dtype", "attn_implementation", "per_token", "created", "dpokit_version", "format_version", "prepared"):
         table.add_row(key, str(cache.attrs.get(key) or "none"))
     for key in ("weights_fingerprint", "adapter_fingerprint", "data_fingerprint", "tokenizer_fingerprint"):
         table.add_row(key, short_value(cache.attrs.get(key)))

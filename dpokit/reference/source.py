@@ -33,6 +33,7 @@ class CachedReference:
         self.dtype = str(cache.attrs.get("dtype", ""))
         self.attn_implementation = str(cache.attr("attn_implementation"))
         self.rebuild_command = f"{cache.rebuild_command()} --overwrite"
+        self.per_token = bool(cache.attr("per_token"))
         self.description = f"the cache's: {self.dtype}, {self.attn_implementation} attention"
         missing = [split for split in splits if split not in cache.splits]
         if missing:

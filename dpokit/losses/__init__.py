@@ -1,0 +1,175 @@
+"""Preference losses in torchtune's signature: ``forward(policy, reference) -> (losses, chosen_rewards,
+rejected_rewards)``, each ``[B]``, over `ChosenRejectedOutputs` (`dpokit.types`).
+
+- `dpokit.losses.objectives`: every built-in objective, one small class each, side by side.
+- `dpokit.losses.base`: the base class (WPO weighting, the SFT term) and parameter checks.
+- `dpokit.losses.combined`: weighted sums (``loss.name=[dpo,sft] loss.weights=[1.0,0.5]``).
+
+A user's loss is any ``torch.nn.Module`` with the same ``forward``; ``--loss pkg.module:Class`` loads it and
+``loss.<param>=value`` sets its constructor arguments. docs/losses.md is the reference table.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from dpokit.errors import DpokitError
+from dpokit.losses.base import PreferenceLoss, check_parameter
+from dpokit.losses.combined import CombinedLoss
+from dpokit.losses.objectives import (
+    AOTLoss,
+    AOTPairLoss,
+    APODownLoss,
+    APOZeroLoss,
+    BCOLoss,
+    DiscoPOPLoss,
+    DPOLoss,
+    DPOPLoss,
+    EXOLoss,
+    IPOLoss,
+    LDDPOLoss,
+    NCALoss,
+    NormalizedDPOLoss,
+    ORPOLoss,
+    RobustDPOLoss,
+    RSOLoss,
+    SFTLoss,
+    SimPOLoss,
+    SPPOHardLoss,
+    WPOLoss,
+)
+from dpokit.types import AT_LEAST_0, ChosenRejectedOutputs
+
+LOSSES: dict[str, type[nn.Module]] = {
+    "dpo": DPOLoss,
+    "robust": RobustDPOLoss,
+    "dpo_norm": NormalizedDPOLoss,
+    "ld_dpo": LDDPOLoss,
+    "wpo": WPOLoss,
+    "dpop": DPOPLoss,
+    "rso": RSOLoss,
+    "hinge": RSOLoss,
+    "ipo": IPOLoss,
+    "exo": EXOLoss,
+    "nca": NCALoss,
+    "bco": BCOLoss,
+    "sppo_hard": SPPOHardLoss,
+    "aot_pair": AOTPairLoss,
+    "aot": AOTLoss,
+    "apo_zero": APOZeroLoss,
+    "apo_down": APODownLoss,
+    "discopop": DiscoPOPLoss,
+    "simpo": SimPOLoss,
+    "orpo": ORPOLoss,
+    "sft": SFTLoss,
+}
+
+
+def loss_class(name: str) -> type[nn.Module]:
+    """A registered loss name, or ``package.module:Class`` for a user's own loss."""
+    if name in LOSSES:
+        return LOSSES[name]
+    if ":" not in name:
+        raise DpokitError(
+            f"unknown loss {name!r}; choose one of {', '.join(sorted(LOSSES))} or give package.module:Class"
+        )
+    module_name, _, attr = name.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise DpokitError(f"loss {name!r}: cannot import module {module_name!r} ({exc}); is it on PYTHONPATH?") from None
+    cls = getattr(module, attr, None)
+    if cls is None:
+        raise DpokitError(f"loss {name!r}: module {module_name!r} has no attribute {attr!r}")
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise DpokitError(f"loss {name!r} must be a torch.nn.Module subclass with forward(policy, reference)")
+    return cls
+
+
+def loss_parameters(cls: type) -> list[str]:
+    """Names of the constructor parameters a loss accepts."""
+    signature = inspect.signature(cls.__init__)
+    return [
+        p.name
+        for p in list(signature.parameters.values())[1:]
+        if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+    ]
+
+
+def build_loss(spec: dict[str, Any]) -> nn.Module:
+    """Build a loss from the config's ``loss`` section: ``name`` (one, or a list with ``weights``) plus
+    constructor parameters. For a list, each parameter goes to every term that takes it."""
+    spec = dict(spec)
+    name = spec.pop("name", "dpo")
+    weights = spec.pop("weights", None)
+    if not isinstance(name, (list, tuple)):
+        if weights is not None:
+            raise DpokitError(f"loss.weights is for a list of losses (loss.name=[dpo,sft]); loss.name is {name!r}")
+        return _build_one(str(name), spec, spec)
+    names = [str(n) for n in name]
+    if not names or len(set(names)) != len(names):
+        raise DpokitError(f"loss.name={names!r}: give one or more different losses, e.g. [dpo, sft]")
+    weights = [1.0] * len(names) if weights is None else weights
+    if not isinstance(weights, (list, tuple)) or len(weights) != len(names):
+        raise DpokitError(f"loss.weights must list one number per loss in loss.name ({len(names)}), got {weights!r}")
+    weights = [check_parameter(f"weights[{i}]", w, AT_LEAST_0) for i, w in enumerate(weights)]
+    accepted = {n: loss_parameters(loss_class(n)) for n in names}
+    unused = [key for key in spec if not any(key in params for params in accepted.values())]
+    if unused:
+        listed = "; ".join(f"{n}: {', '.join(p) or 'none'}" for n, p in accepted.items())
+        raise DpokitError(f"no loss in {names} has the parameter {', '.join(unused)}; their parameters: {listed}")
+    terms = {n: _build_one(n, {k: v for k, v in spec.items() if k in accepted[n]}, spec) for n in names}
+    return CombinedLoss(terms, weights)
+
+
+def _build_one(name: str, params: dict[str, Any], spec: dict[str, Any]) -> nn.Module:
+    cls = loss_class(name)
+    valid = loss_parameters(cls)
+    unknown = [key for key in params if key not in valid]
+    if unknown:
+        listed = ", ".join(f"loss.{p}" for p in valid) or "none"
+        raise DpokitError(f"loss {name!r} has no parameter {', '.join(unknown)}; its parameters: {listed}")
+    try:
+        return cls(**params)
+    except TypeError as exc:
+        raise DpokitError(f"loss {name!r}: {exc}") from None
+
+
+def is_reference_free(loss: nn.Module) -> bool:
+    return bool(getattr(loss, "is_reference_free", False))
+
+
+def check_loss_outputs(loss: nn.Module, outputs: Any, num_pairs: int) -> tuple[Tensor, Tensor, Tensor]:
+    """What a loss returned, checked: three float tensors of shape ``[B]`` (losses, chosen and rejected
+    rewards). A scalar would be averaged a second time and its accuracy read as nonsense."""
+    name = type(loss).__name__
+    if not (isinstance(outputs, (tuple, list)) and len(outputs) == 3):
+        raise DpokitError(
+            f"loss {name} returned {type(outputs).__name__}; a loss's forward must return (losses, chosen_rewards, "
+            f"rejected_rewards), each a tensor of shape [{num_pairs}] (one value per pair)"
+        )
+    shapes = [tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__ for v in outputs]
+    if any(shape != (num_pairs,) for shape in shapes):
+        raise DpokitError(
+            f"loss {name} returned shapes {', '.join(map(str, shapes))} for (losses, chosen_rewards, rejected_rewards); "
+            f"each must be [{num_pairs}], one value per pair (return per-pair losses, not their mean: the recipe averages)"
+        )
+    return outputs[0], outputs[1], outputs[2]
+
+
+__all__ = [
+    "LOSSES",
+    "ChosenRejectedOutputs",
+    "CombinedLoss",
+    "PreferenceLoss",
+    "build_loss",
+    "check_loss_outputs",
+    "is_reference_free",
+    "loss_class",
+    *sorted(cls.__name__ for cls in set(LOSSES.values())),
+]
