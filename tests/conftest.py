@@ -262,3 +262,20 @@ def assert_cache_equals(path: Path, expected: dict) -> None:
 
 def ref_logps_args(prepared: Path, model: Path, out: Path, *extra: str) -> list[str]:
     return ["ref-logps", str(prepared), "--model", str(model), "--out", str(out), *extra]
+
+
+def naive_token_values(model, rows):
+    """Per completion token, from the model's own full logits: log p(y_t), log sum_v p(v)^2 and the entropy."""
+    import torch
+
+    from dpokit.data.collate import pad_pairs
+
+    batch = pad_pairs(rows, list(range(len(rows))), pad_id=0)
+    with torch.no_grad():
+        log_probs = torch.log_softmax(model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits.float(), -1)
+    mask = batch.completion_mask[:, 1:]
+    chosen_ids = batch.input_ids[:, 1:]
+    token_logps = log_probs[:, :-1].gather(-1, chosen_ids.unsqueeze(-1)).squeeze(-1)
+    log_sq_norm = torch.logsumexp(2 * log_probs[:, :-1], -1)
+    entropy = -(log_probs[:, :-1].exp() * log_probs[:, :-1]).sum(-1)
+    return [[values[i][mask[i]] for i in range(mask.shape[0])] for values in (token_logps, log_sq_norm, entropy)]

@@ -10,6 +10,8 @@ from transformers import AutoModelForCausalLM
 from dpokit.data.collate import collate_pairs, pad_pairs
 from dpokit.logps import concatenated_forward, naive_sequence_logps, sequence_logps
 
+from conftest import naive_token_values
+
 ROWS = [
     {"prompt_ids": [3, 40, 41, 42, 5, 4], "chosen_ids": [50, 51, 52, 5], "rejected_ids": [60, 5]},
     {"prompt_ids": [3, 43, 5, 4], "chosen_ids": [53, 54, 55, 56, 57, 5], "rejected_ids": [61, 62, 5]},
@@ -118,3 +120,31 @@ def test_activation_checkpointing_changes_no_gradient(tiny_model_dir, method):
     assert gradients[0].keys() == gradients[1].keys() and any(g.abs().sum() > 0 for g in gradients[0].values())
     for name, gradient in gradients[0].items():
         torch.testing.assert_close(gradients[1][name], gradient, atol=1e-6, rtol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_per_token_logps_and_token_stats_equal_the_models_own_in_every_layout(model, layout):
+    token_logps, log_sq_norm, entropy = naive_token_values(model, ROWS)
+    batch = collate_pairs(ROWS, [0, 1, 2], pad_id=0, **LAYOUTS[layout])
+    with torch.no_grad():
+        out = concatenated_forward(model, batch, chunk_size=5, token_stats=("log_sq_norm", "entropy"))
+    b = len(ROWS)
+    for side, offset in (("chosen", 0), ("rejected", b)):
+        mask = getattr(out, f"{side}_token_mask")
+        for i in range(b):
+            expected = {"logps": token_logps[offset + i], "log_sq_norm": log_sq_norm[offset + i], "entropy": entropy[offset + i]}
+            got = {
+                "logps": getattr(out, f"{side}_token_logps")[i][mask[i]],
+                "log_sq_norm": out.token_stats["log_sq_norm"][0 if side == "chosen" else 1][i][mask[i]],
+                "entropy": out.token_stats["entropy"][0 if side == "chosen" else 1][i][mask[i]],
+            }
+            for name in expected:
+                torch.testing.assert_close(got[name], expected[name], atol=1e-4, rtol=0, msg=f"{side} {i} {name}")
+    torch.testing.assert_close((out.chosen_token_logps * out.chosen_token_mask).sum(-1), out.chosen_logps, atol=1e-5, rtol=0)
+
+
+def test_the_common_path_computes_no_token_stats(tiny_model_dir):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    with torch.no_grad():
+        out = concatenated_forward(model, collate_pairs(ROWS, [0, 1, 2], pad_id=0))
+    assert out.token_stats == {} and out.has_token_logps

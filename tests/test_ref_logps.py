@@ -24,7 +24,7 @@ from dpokit.logps import naive_sequence_logps
 from dpokit.fingerprint import reference_fingerprint
 from dpokit.reference.cache import open_cache
 
-from conftest import assert_cache_equals, live_logps, ref_logps_args
+from conftest import assert_cache_equals, live_logps, naive_token_values, ref_logps_args
 
 ROW_NAMES = ("chosen_logps", "rejected_logps", "chosen_tokens", "rejected_tokens", "done")
 
@@ -264,3 +264,46 @@ def test_cache_verify_fails_on_a_tampered_cache(ref_cache, prepared_dir, tiny_mo
     assert "FAILED" in captured.out
     assert "largest difference 0.5 at eval row 5 (rejected) exceeds the tolerance 0.0001" in captured.err
 
+
+
+# ----------------------------------------------------------------------------------------------
+# per-token reference values (--per-token)
+
+
+def test_per_token_cache_holds_every_completion_tokens_logp_and_resumes(tiny_model_dir, prepared_dir, tmp_path,
+                                                                        crash_cache_writer, live):
+    out = tmp_path / "ref.h5"
+    args = ref_logps_args(prepared_dir, tiny_model_dir, out, "--per-token", "--batch-size", "4")
+    undo = crash_cache_writer(after_rows=8)  # killed mid-pass: the rest is filled by the rerun
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        main(args)
+    undo()
+    assert main(args) == 0
+    assert_cache_equals(out, live)
+    cache = open_cache(out)
+    assert cache.attrs["per_token"] and "--per-token" in cache.rebuild_command()
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    for split in ("train", "eval"):
+        rows = list(load_prepared(prepared_dir).split(split))
+        token_logps, _, _ = naive_token_values(model, rows)
+        cached = cache.logps(split).select(torch.arange(len(rows)))
+        for i in range(len(rows)):
+            for side, offset in (("chosen", 0), ("rejected", len(rows))):
+                got = getattr(cached, f"{side}_token_logps")[i][getattr(cached, f"{side}_token_mask")[i]]
+                torch.testing.assert_close(got, token_logps[offset + i], atol=1e-4, rtol=0, msg=f"{split} {i} {side}")
+
+
+def test_a_sequence_cache_is_not_silently_extended_with_per_token_values(tiny_model_dir, prepared_dir, ref_cache, tmp_path, capsys):
+    out = tmp_path / "ref.h5"
+    out.write_bytes(ref_cache.read_bytes())
+    assert main(ref_logps_args(prepared_dir, tiny_model_dir, out, "--per-token")) == 1
+    assert "per_token differs (per-token log-probs (--per-token)): False in the file, True now" in capsys.readouterr().err
+
+
+def test_per_token_values_cost_four_bytes_a_token(tiny_model_dir, prepared_dir, ref_cache, tmp_path):
+    out = tmp_path / "ref.h5"
+    assert main(ref_logps_args(prepared_dir, tiny_model_dir, out, "--per-token")) == 0
+    prepared = load_prepared(prepared_dir)
+    tokens = sum(len(r["chosen_ids"]) + len(r["rejected_ids"]) for s in prepared.splits for r in prepared.split(s))
+    rows = sum(len(prepared.split(s)) for s in prepared.splits)
+    assert out.stat().st_size - ref_cache.stat().st_size == pytest.approx(4 * tokens + 8 * (rows + 2), abs=4096)

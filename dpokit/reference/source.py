@@ -47,9 +47,10 @@ class CachedReference:
     def outputs(self, batch: PairBatch, split: str) -> ChosenRejectedOutputs:
         cached = self.tables[split].select(batch.index)
         device = batch.input_ids.device
-        return ChosenRejectedOutputs(
-            **{name: getattr(cached, name).to(device) for name in ("chosen_logps", "rejected_logps", "chosen_tokens", "rejected_tokens")}
-        )
+        for name, value in vars(cached).items():
+            if isinstance(value, torch.Tensor):
+                setattr(cached, name, value.to(device))
+        return cached
 
 
 class LiveReference:
