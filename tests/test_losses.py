@@ -241,6 +241,10 @@ def test_wpo_weights_each_pair_by_the_policys_own_token_probabilities():
     torch.testing.assert_close(losses, torch.tensor(expected))
 
 
+def test_a_list_of_losses_can_be_written_with_commas():
+    assert list(build_loss({"name": "dpo,sft", "weights": "1.0,0.5"}).terms) == ["dpo", "sft"]
+
+
 def test_a_weighted_combination_sums_its_terms_and_keeps_each_for_the_metrics():
     loss = build_loss({"name": ["dpo", "sft"], "weights": [1.0, 0.5], "beta": 0.1})
     losses, chosen, rejected = loss(POLICY, REFERENCE)

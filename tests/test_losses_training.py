@@ -156,7 +156,7 @@ def test_a_loss_returning_a_scalar_stops_with_one_line_and_the_last_checkpoint_s
 
 def test_a_weighted_combination_logs_each_term_and_plots_them(train_cli, tmp_path):
     run = tmp_path / "run"
-    assert main(train_cli(run, "--loss", "[dpo,sft]", "loss.weights=[1.0,0.5]", "--max-steps", "2",
+    assert main(train_cli(run, "--loss", "dpo,sft", "loss.weights=1.0,0.5", "--max-steps", "2",
                           "training.eval_every=2")) == 0
     for record in read_metrics(run):
         assert record["loss"] == pytest.approx(record["loss/dpo"] + 0.5 * record["loss/sft"], abs=1e-5)

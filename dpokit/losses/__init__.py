@@ -107,6 +107,13 @@ def build_loss(spec: dict[str, Any]) -> nn.Module:
     spec = dict(spec)
     name = spec.pop("name", "dpo")
     weights = spec.pop("weights", None)
+    if isinstance(name, str) and "," in name and ":" not in name:  # --loss dpo,sft
+        name = [part.strip() for part in name.split(",") if part.strip()]
+    if isinstance(weights, str):  # loss.weights=1.0,0.5
+        try:
+            weights = [float(part) for part in weights.split(",")]
+        except ValueError:
+            raise DpokitError(f"loss.weights={weights!r}: give numbers, e.g. loss.weights=1.0,0.5") from None
     if not isinstance(name, (list, tuple)):
         if weights is not None:
             raise DpokitError(f"loss.weights is for a list of losses (loss.name=[dpo,sft]); loss.name is {name!r}")
