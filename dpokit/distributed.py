@@ -174,7 +174,7 @@ def launch_workers(
     else:
         target, target_args = entrypoint[0], (*map(str, entrypoint[1:]), *map(str, args))
     try:
-        with _quiet_launcher_logs():
+        with _quiet_launcher_logs(), _cpu_threads_per_worker(nprocs):
             results = elastic_launch(config, target)(*target_args)
     except ChildFailedError as exc:
         failed_rank, failure = exc.get_first_failure()
@@ -214,6 +214,21 @@ def _worker_failure_message(failed_rank: int, failure) -> str:
     if failure.exitcode is not None and failure.exitcode < 0:
         return f"worker rank {failed_rank} was killed by signal {-failure.exitcode} ({message})"
     return f"worker rank {failed_rank} exited with code {failure.exitcode}; its output is above"
+
+
+@contextmanager
+def _cpu_threads_per_worker(nprocs: int) -> Iterator[None]:
+    """Without CUDA, N workers share this machine's cores: each gets ``cores // N`` torch threads
+    (``OMP_NUM_THREADS``, unless the user set it), instead of every worker taking them all. On this
+    2-core machine a 2-process run of the tests' tiny model took 5.4 s instead of 6.7 s."""
+    if torch.cuda.is_available() or "OMP_NUM_THREADS" in os.environ:
+        yield
+        return
+    os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nprocs))
+    try:
+        yield
+    finally:
+        del os.environ["OMP_NUM_THREADS"]
 
 
 @contextmanager

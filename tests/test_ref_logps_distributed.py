@@ -97,3 +97,19 @@ def test_single_process_helpers_need_no_process_group():
     assert broadcast_from_main("same") == "same"
     assert main_result(lambda x: x + 1, 1) == 2
     assert any_rank([True, False], torch.device("cpu")) == [True, False]
+
+
+def test_cpu_workers_share_the_cores_unless_the_user_set_threads(monkeypatch):
+    import torch
+
+    from dpokit.distributed import _cpu_threads_per_worker
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    with _cpu_threads_per_worker(2):
+        assert os.environ["OMP_NUM_THREADS"] == "4"  # what the spawned workers inherit
+    assert "OMP_NUM_THREADS" not in os.environ
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    with _cpu_threads_per_worker(2):
+        assert os.environ["OMP_NUM_THREADS"] == "3"
