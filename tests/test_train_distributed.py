@@ -43,14 +43,15 @@ def test_a_two_process_checkpoint_resumes_on_one_process(train_cli, two_process_
     assert losses(two) == pytest.approx(losses(two_process_run), abs=1e-4)
 
 
-def test_lora_two_processes_match_one_and_their_checkpoint_loads_in_peft(train_cli, tiny_model_dir, tmp_path):
+def test_lora_two_processes_match_one_and_their_checkpoint_loads_in_peft(train_cli, tiny_model_dir, ref_cache, tmp_path):
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     straight, two = tmp_path / "straight", tmp_path / "two"
-    assert main(args_for(train_cli, straight, "lora", "data.batch_size=4")) == 0
-    assert main(args_for(train_cli, two, "lora", "data.batch_size=2", "--gpus", "2")) == 0
+    cached = ("reference.source=cache", f"reference.cache={ref_cache}")
+    assert main(args_for(train_cli, straight, "lora", "data.batch_size=4", *cached)) == 0
+    assert main(args_for(train_cli, two, "lora", "data.batch_size=2", "--gpus", "2", *cached)) == 0
     assert losses(two) == pytest.approx(losses(straight), abs=1e-4)
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(two / "checkpoints" / "step_0000005"))
     with torch.no_grad():
