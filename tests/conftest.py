@@ -279,3 +279,40 @@ def naive_token_values(model, rows):
     log_sq_norm = torch.logsumexp(2 * log_probs[:, :-1], -1)
     entropy = -(log_probs[:, :-1].exp() * log_probs[:, :-1]).sum(-1)
     return [[values[i][mask[i]] for i in range(mask.shape[0])] for values in (token_logps, log_sq_norm, entropy)]
+
+
+MISBEHAVING_LOSSES = """
+import torch
+from dpokit.losses import DPOLoss
+
+
+class MisbehavesAfter(DPOLoss):
+    # DPO whose output goes wrong from its `after`-th call on (`spoil`), as a buggy or diverging loss would.
+
+    def __init__(self, after: int = 3, **kwargs):
+        super().__init__(**kwargs)
+        self.after, self.calls = after, 0
+
+    def forward(self, policy, reference):
+        self.calls += 1
+        losses, chosen, rejected = super().forward(policy, reference)
+        return (self.spoil(losses) if self.calls >= self.after else losses), chosen, rejected
+
+
+class NaNAfter(MisbehavesAfter):
+    def spoil(self, losses):
+        return losses * float("nan")
+
+
+class ScalarAfter(MisbehavesAfter):
+    def spoil(self, losses):
+        return losses.mean()  # the batch mean instead of per-pair values
+"""
+
+
+@pytest.fixture
+def misbehaving_losses(tmp_path, monkeypatch) -> str:
+    """The import path of a module with `NaNAfter` and `ScalarAfter` (``--loss {path}:NaNAfter loss.after=3``)."""
+    (tmp_path / "misbehaving_losses.py").write_text(MISBEHAVING_LOSSES)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return "misbehaving_losses"

@@ -175,33 +175,9 @@ def workers_of(run_dir: Path) -> list[int]:
 # divergence
 
 
-NAN_LOSS = textwrap.dedent(
-    """
-    import torch
-    from dpokit.losses import DPOLoss
-
-    class NaNAfter(DPOLoss):
-        '''DPO that returns NaN from its `after`-th call on (a loss that diverges mid-run).'''
-
-        def __init__(self, after: int = 3, **kwargs):
-            super().__init__(**kwargs)
-            self.after, self.calls = after, 0
-
-        def forward(self, policy, reference):
-            self.calls += 1
-            losses, chosen, rejected = super().forward(policy, reference)
-            if self.calls >= self.after:
-                losses = losses * float("nan")
-            return losses, chosen, rejected
-    """
-)
-
-
 @pytest.fixture
-def nan_loss(tmp_path, monkeypatch) -> str:
-    (tmp_path / "diverging_loss_module.py").write_text(NAN_LOSS)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    return "diverging_loss_module:NaNAfter"
+def nan_loss(misbehaving_losses) -> str:
+    return f"{misbehaving_losses}:NaNAfter"
 
 
 def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(train_cli, tmp_path, nan_loss, capsys):

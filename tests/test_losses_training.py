@@ -4,7 +4,6 @@ the cache and live, and the checks on what a loss returns."""
 from __future__ import annotations
 
 import math
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -120,32 +119,10 @@ def test_a_token_level_loss_refuses_a_cache_without_per_token_values(tiny_model_
 # ----------------------------------------------------------------------------------------------
 # what a loss returns
 
-BAD_LOSSES = textwrap.dedent(
-    """
-    import torch
-    from dpokit.losses import DPOLoss
-
-    class ScalarAfter(DPOLoss):
-        # DPO that returns the batch mean instead of per-pair losses from its `after`-th call on.
-
-        def __init__(self, after: int = 3, **kwargs):
-            super().__init__(**kwargs)
-            self.after, self.calls = after, 0
-
-        def forward(self, policy, reference):
-            self.calls += 1
-            losses, chosen, rejected = super().forward(policy, reference)
-            return (losses.mean() if self.calls >= self.after else losses), chosen, rejected
-    """
-)
-
-
 def test_a_loss_returning_a_scalar_stops_with_one_line_and_the_last_checkpoint_stays_loadable(train_cli, tmp_path,
-                                                                                             monkeypatch, capsys):
-    (tmp_path / "bad_losses_module.py").write_text(BAD_LOSSES)
-    monkeypatch.syspath_prepend(str(tmp_path))
+                                                                                             misbehaving_losses, capsys):
     run = tmp_path / "run"
-    args = train_cli(run, "--max-steps", "4", "--loss", "bad_losses_module:ScalarAfter", "loss.after=3",
+    args = train_cli(run, "--max-steps", "4", "--loss", f"{misbehaving_losses}:ScalarAfter", "loss.after=3",
                      "data.batch_size=2", "training.save_every=1")
     assert main(args) == 1
     err = capsys.readouterr().err.strip().splitlines()[-1]
