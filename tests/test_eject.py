@@ -193,6 +193,8 @@ def test_the_wheel_ships_recipe_configs_and_demo_and_ejects_from_the_installed_p
     wheel = build_wheel(tmp_path)
     names = set(zipfile.ZipFile(wheel).namelist())
     assert "dpokit/recipes/dpo.py" in names
+    sources = {path.relative_to(REPO).as_posix() for path in (REPO / "dpokit").rglob("*.py")}
+    assert sources <= names, f"modules missing from the wheel: {sorted(sources - names)}"  # every package listed
     assert {f"dpokit/recipes/configs/{name}.yaml" for name in shipped_config_names()} <= names
     assert {"dpokit/demo/data/train.jsonl", "dpokit/demo/data/eval.jsonl", "dpokit/demo/model/config.json",
             "dpokit/demo/model/model.safetensors", "dpokit/demo/model/tokenizer.json"} <= names
