@@ -113,6 +113,9 @@ def ref_logps(
     per_token: bool = typer.Option(
         False, "--per-token", help="Also store every completion token's log-prob (for token-level losses such as ld_dpo)."
     ),
+    threads: Optional[int] = typer.Option(
+        None, "--threads", help="CPU only: torch threads per process (default: the cores, shared among --gpus N processes)."
+    ),
 ) -> None:
     """Run the frozen reference once over prepared data and cache its log-probs in HDF5."""
     from dpokit.reference.compute import RefLogpsOptions, run_ref_logps
@@ -124,6 +127,7 @@ def ref_logps(
             prepared=str(prepared), model=model, out=str(out), gpus=gpus, batch_size=batch_size, dtype=dtype,
             splits=[s.strip() for s in splits.split(",") if s.strip()] if splits else None, adapter=adapter,
             overwrite=overwrite, bucket=not no_bucket, attn_implementation=attn_implementation, per_token=per_token,
+            threads=threads,
         )
     )
 
@@ -189,6 +193,8 @@ TRAIN_FLAGS = (
     TrainFlag("--tau", "loss.tau", float, "The loss's tau (ipo)."),
     TrainFlag("--lr", "optimizer.lr", float, "Peak learning rate."),
     TrainFlag("--batch-size", "data.batch_size", int, "Pairs per device per micro-step."),
+    TrainFlag("--threads", "distributed.cpu_threads", int,
+              "CPU only: torch threads per process (default: the cores, shared among --gpus N processes)."),
     TrainFlag("--resume", "output.resume", bool, "Continue from the run's latest checkpoint."),
     TrainFlag("--overwrite", "output.overwrite", bool, "Start again in a run directory that has a run."),
     TrainFlag("--merge", "output.merge", bool, "Also write a merged full model (LoRA family) at the end."),

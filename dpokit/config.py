@@ -110,6 +110,7 @@ class DistributedConfig:
     reshard_after_forward: bool = True
     cpu_offload: bool = False
     mixed_precision: bool = True  # FSDP gathers parameters in the compute dtype and reduces gradients in fp32
+    cpu_threads: Optional[int] = None  # torch threads per process on CPU; null: all cores, shared among --gpus N workers
 
 
 @dataclass
@@ -284,6 +285,7 @@ RANGES: dict[str, Range] = {
     "data.batch_size": AT_LEAST_1,
     "data.pack_length": AT_LEAST_1,
     "data.logps_chunk_size": AT_LEAST_1,
+    "distributed.cpu_threads": AT_LEAST_1,
     "optimizer.lr": ABOVE_0,
     "optimizer.weight_decay": AT_LEAST_0,
     "optimizer.betas": UNIT,
@@ -306,6 +308,7 @@ NULL_MEANS = {
     "training.max_steps": "null to run training.epochs epochs",
     "training.max_grad_norm": "null for no clipping",
     "training.eval_batches": "null for the whole split",
+    "distributed.cpu_threads": "null for the machine's cores, shared among the processes",
 }
 LIST_LENGTHS = {"optimizer.betas": 2}
 

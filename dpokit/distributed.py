@@ -217,6 +217,22 @@ def _worker_failure_message(failed_rank: int, failure) -> str:
 
 
 @contextmanager
+def cpu_threads(threads: Optional[int]) -> Iterator[None]:
+    """Run with `threads` intra-op CPU threads (``--threads``), then restore the previous count; None keeps it."""
+    if threads is None:
+        yield
+        return
+    if threads < 1:
+        raise DpokitError(f"--threads must be at least 1, got {threads}")
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+@contextmanager
 def _cpu_threads_per_worker(nprocs: int) -> Iterator[None]:
     """Without CUDA, N workers share this machine's cores: each gets ``cores // N`` torch threads
     (``OMP_NUM_THREADS``, unless the user set it), instead of every worker taking them all. On this

@@ -16,17 +16,17 @@ from __future__ import annotations
 
 import time
 import warnings
-from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Optional
 
 import torch
 from rich.console import Console
 from rich.table import Table
 
 from dpokit.artifacts import check_replaceable, is_dpokit_artifact, write_marker
+from dpokit.distributed import cpu_threads
 from dpokit.errors import DpokitError
 
 DEMO_CONFIG = "demo_lora"
@@ -74,19 +74,6 @@ def demo_files() -> DemoFiles:
     return files
 
 
-@contextmanager
-def torch_threads(threads: int) -> Iterator[None]:
-    """Run with `threads` intra-op CPU threads, then restore the previous count."""
-    if threads < 1:
-        raise DpokitError(f"--threads must be at least 1, got {threads}")
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
 def run_quickstart(
     out: Path,
     max_steps: Optional[int] = None,
@@ -100,7 +87,7 @@ def run_quickstart(
         threads: torch's CPU threads. The demo's matrices are tiny; on a machine busy with other
             work, two threads ran the pipeline several times slower than one.
     """
-    with torch_threads(threads):
+    with cpu_threads(threads):
         return quickstart_pipeline(Path(out), max_steps, overwrite, console or Console())
 
 

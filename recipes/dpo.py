@@ -67,7 +67,16 @@ from dpokit.data.collate import collate_pairs
 from dpokit.types import ChosenRejectedOutputs, PairBatch, TrainResult
 from dpokit.data.prepared import load_prepared, pair_lengths
 from dpokit.data.sampler import PairSampler
-from dpokit.distributed import any_rank, apply_fsdp, barrier, broadcast_from_main, destroy_distributed, gather_to_main, init_distributed
+from dpokit.distributed import (
+    any_rank,
+    apply_fsdp,
+    barrier,
+    broadcast_from_main,
+    cpu_threads,
+    destroy_distributed,
+    gather_to_main,
+    init_distributed,
+)
 from dpokit.errors import DpokitError
 from dpokit.export import export_run
 from dpokit.family import attn_implementation_of
@@ -105,6 +114,8 @@ class DPORecipe:
         cfg = self.cfg
         self.dist = init_distributed()
         self.device = default_device()
+        self.process_settings = contextlib.ExitStack()  # undone in cleanup()
+        self.process_settings.enter_context(cpu_threads(cfg.distributed.cpu_threads if self.device.type == "cpu" else None))
         self.adapters = uses_adapters(cfg.model.method)
         self.run_dir = Path(cfg.output.dir)
         torch.manual_seed(cfg.training.seed)
@@ -473,6 +484,8 @@ class DPORecipe:
         return path
 
     def cleanup(self) -> None:
+        if hasattr(self, "process_settings"):
+            self.process_settings.close()
         if hasattr(self, "logger"):
             self.logger.close()
         if hasattr(self, "signals"):

@@ -15,6 +15,8 @@ from dpokit.cli import main
 from dpokit.data.prepared import MANIFEST_NAME, load_prepared, split_file_digests
 from dpokit.metrics import read_metrics
 
+from conftest import train_cli_args
+
 
 def error_line(capsys) -> str:
     """The one stderr line of a failed command (no traceback)."""
@@ -323,3 +325,50 @@ def test_resume_drops_a_torn_last_line_and_continues(tiny_model_dir, prepared_di
     text = (run / "metrics.jsonl").read_text()
     assert text.endswith("\n") and TORN not in text
     assert [r["step"] for r in read_metrics(run, "train")] == [1, 2]
+
+
+# ----------------------------------------------------------------------------------------------
+# process resources and start-up
+
+THREAD_RECORDING_LOSS = """
+import torch
+from dpokit.losses import DPOLoss
+
+SEEN = []
+
+
+class RecordsThreads(DPOLoss):
+    def forward(self, policy, reference):
+        SEEN.append(torch.get_num_threads())
+        return super().forward(policy, reference)
+"""
+
+
+def test_threads_sets_torch_threads_for_a_run_and_restores_them(tiny_model_dir, prepared_dir, tmp_path, monkeypatch):
+    import torch
+
+    (tmp_path / "thread_recording_loss.py").write_text(THREAD_RECORDING_LOSS)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import thread_recording_loss
+
+    before = torch.get_num_threads()
+    args = train_cli_args(tiny_model_dir, prepared_dir, tmp_path / "run", "--threads", "1", "--max-steps", "2",
+                          "--loss", "thread_recording_loss:RecordsThreads")
+    assert main(args) == 0
+    assert thread_recording_loss.SEEN and set(thread_recording_loss.SEEN) == {1}
+    assert torch.get_num_threads() == before
+    assert main(["ref-logps", str(prepared_dir), "--model", str(tiny_model_dir), "--out", str(tmp_path / "ref.h5"),
+                 "--threads", "1"]) == 0
+    assert torch.get_num_threads() == before
+    assert main(train_cli_args(tiny_model_dir, prepared_dir, tmp_path / "other", "--threads", "0")) == 1
+
+
+def test_cache_info_starts_without_torch(ref_cache):
+    import subprocess
+    import sys
+
+    code = ("import sys; from dpokit.cli import main; code = main(['cache', 'info', sys.argv[1]]); "
+            "assert 'torch' not in sys.modules, 'cache info imported torch'; sys.exit(code)")
+    done = subprocess.run([sys.executable, "-c", code, str(ref_cache)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "per_token" in done.stdout and "complete" in done.stdout

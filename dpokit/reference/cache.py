@@ -30,16 +30,21 @@ import os
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, NamedTuple, Optional, Sequence
+from typing import TYPE_CHECKING, Any, NamedTuple, Optional, Sequence
 
 import numpy as np
-import torch
 
 from dpokit import __version__
 from dpokit.artifacts import check_replaceable, replace_atomically
 from dpokit.errors import DpokitError
 from dpokit.fingerprint import combine_fingerprints
-from dpokit.types import ChosenRejectedOutputs, split_token_values
+
+if TYPE_CHECKING:
+    import torch
+
+    from dpokit.types import ChosenRejectedOutputs
+
+# torch is imported where tensors are made (`RefCache.logps`), so `dpokit cache info` starts in well under a second.
 
 FORMAT_VERSION = 1
 LIBVER = ("earliest", "v108")  # never a v3 superblock: see the module docstring
@@ -86,6 +91,8 @@ class CachedLogps(NamedTuple):
 
     def select(self, index: torch.Tensor) -> ChosenRejectedOutputs:
         """The reference outputs of the examples in `index` (e.g. ``PairBatch.index``)."""
+        from dpokit.types import ChosenRejectedOutputs
+
         index = index.cpu()
         outputs = ChosenRejectedOutputs(
             chosen_logps=self.chosen_logps[index],
@@ -101,6 +108,10 @@ class CachedLogps(NamedTuple):
 
     def select_tokens(self, index: torch.Tensor):
         """Padded per-token log-probs of rows `index` (`split_token_values`)."""
+        import torch
+
+        from dpokit.types import split_token_values
+
         starts, chosen, rejected = self.token_offsets[index], self.chosen_tokens[index], self.rejected_tokens[index]
         b = index.numel()
         lengths = torch.cat([chosen, rejected])  # outputs 0..B-1 chosen, B..2B-1 rejected
@@ -207,6 +218,8 @@ class RefCache:
             per_token = TOKEN_LOGPS in group
             if per_token:
                 arrays[TOKEN_LOGPS], arrays[TOKEN_OFFSETS] = group[TOKEN_LOGPS][()], group[TOKEN_OFFSETS][()]
+        import torch
+
         return CachedLogps(
             chosen_logps=torch.from_numpy(arrays["chosen_logps"]),
             rejected_logps=torch.from_numpy(arrays["rejected_logps"]),

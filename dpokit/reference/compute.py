@@ -28,6 +28,7 @@ from dpokit.data.collate import collate_pairs
 from dpokit.data.prepared import PreparedData, load_prepared, pair_lengths, pair_token_counts
 from dpokit.distributed import (
     DistInfo,
+    cpu_threads,
     destroy_distributed,
     gather_to_main,
     init_distributed,
@@ -62,6 +63,7 @@ class RefLogpsOptions:
     bucket: bool = True  # sort rows by length before batching
     attn_implementation: str = "auto"  # auto: SDPA where the family supports it, else eager
     per_token: bool = False  # also store each completion token's log-prob (token-level losses)
+    threads: Optional[int] = None  # CPU torch threads per process; None: the cores, shared among the workers
 
 
 @dataclass
@@ -169,6 +171,11 @@ def compute_reference_cache(options: RefLogpsOptions) -> list[SplitReport]:
 
     Returns one `SplitReport` per split (counts are rank 0's: every row it wrote, from all ranks).
     """
+    with cpu_threads(options.threads if not torch.cuda.is_available() else None):
+        return _compute_reference_cache(options)
+
+
+def _compute_reference_cache(options: RefLogpsOptions) -> list[SplitReport]:
     started_group = not torch.distributed.is_initialized()
     info = init_distributed()
     if info.world_size > 1:  # a worker process runs only this pass, which loads no 4-bit weights

@@ -6,19 +6,22 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
 from rich.console import Console
 from rich.table import Table
-from torch import nn
 
 from dpokit.errors import DpokitError
-from dpokit.fidelity import Layout
-from dpokit.fingerprint import reference_fingerprint
-from dpokit.model import default_device, load_reference, resolve_dtype
 from dpokit.reference.cache import RefCache, open_cache, short_value
-from dpokit.data.prepared import load_prepared, pair_lengths
-from dpokit.reference.compute import DEFAULT_LAYOUT, announce, batch_logps, checked_layout, plan_batches
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from dpokit.fidelity import Layout
+
+# `cache info` needs only the file; `verify` imports the model machinery when it runs.
 
 
 def cache_info_table(cache: RefCache):
@@ -65,6 +68,11 @@ def verify_cache(
     from other inputs, if the largest absolute log-prob difference exceeds `tolerance`, or if a
     token count differs.
     """
+    from dpokit.data.prepared import load_prepared
+    from dpokit.fingerprint import reference_fingerprint
+    from dpokit.model import default_device, load_reference, resolve_dtype
+    from dpokit.reference.compute import announce, checked_layout
+
     cache = open_cache(cache_path)
     prepared = load_prepared(prepared_path)
     cache.check_matches(
@@ -113,9 +121,12 @@ def sample_written_rows(cache: RefCache, sample: int, seed: int) -> dict[str, np
 
 def compare_split(
     model: nn.Module, dataset, cache: RefCache, split: str, rows: np.ndarray, batch_size: int, device: torch.device,
-    report: VerifyReport, layout: Layout = DEFAULT_LAYOUT,
+    report: VerifyReport, layout: Layout,
 ) -> None:
     """Recompute `rows` of `split` and fold the differences from the cache into `report`."""
+    from dpokit.data.prepared import pair_lengths
+    from dpokit.reference.compute import batch_logps, plan_batches
+
     cached = cache.logps(split, require_done=False)
     side_max = {"chosen": 0.0, "rejected": 0.0}
     for index in plan_batches(rows, pair_lengths(dataset), batch_size):
