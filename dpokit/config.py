@@ -60,7 +60,7 @@ class DataConfig:
     packing: bool = True  # pack sequences into rows without padding (block-diagonal attention)
     prefix_sharing: bool = True  # compute each pair's prompt once: [prompt, chosen, rejected]
     pack_length: Optional[int] = None  # tokens per packed row; default: the batch's longest sequence
-    logps_chunk_size: int = 1024  # positions per chunk of the vocabulary projection
+    logps_chunk_size: Optional[int] = None  # positions per chunk of the vocabulary projection; null: a byte budget
 
 
 @dataclass
@@ -308,6 +308,7 @@ NULL_MEANS = {
     "training.max_steps": "null to run training.epochs epochs",
     "training.max_grad_norm": "null for no clipping",
     "training.eval_batches": "null for the whole split",
+    "data.logps_chunk_size": "null for as many positions as fit the device's byte budget (dpokit.logps.CHUNK_BYTES)",
     "distributed.cpu_threads": "null for the machine's cores, shared among the processes",
 }
 LIST_LENGTHS = {"optimizer.betas": 2}

@@ -4,9 +4,14 @@
 the log-softmax and the sum kept in float32.
 
 Memory: the decoder runs once over the batch; the vocabulary projection then runs only on the
-positions that predict a completion token, ``chunk_size`` positions at a time. Under autograd each
-chunk is checkpointed, so backward recomputes that chunk's logits instead of keeping them: peak
-memory for the logits is ``chunk_size x V`` floats, never ``[2B, T, V]``.
+positions that predict a completion token, a chunk at a time. A chunk holds as many positions as fit
+a byte budget for its float32 ``[n, V]`` logits (`chunk_positions`: 32 MiB on CPU, the largest block
+glibc's allocator reuses instead of mmap-ing and page-faulting it afresh each time, and the fastest
+measured; 256 MiB on CUDA), or a fixed
+``chunk_size``. Backward never keeps a chunk's logits: for a plain linear head `FusedChunkLogps`
+recomputes them and writes the projection's gradient directly (``onehot - softmax``); other heads
+(LoRA on the head, soft-capping, extra token statistics, autocast) checkpoint the chunk instead.
+Peak memory for the logits is one chunk, never ``[2B, T, V]``.
 """
 
 from __future__ import annotations
@@ -15,13 +20,24 @@ import sys
 from typing import Callable, NamedTuple, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from dpokit.family import attn_implementation_of, decoder_masks, logits_transform
 from dpokit.types import ChosenRejectedOutputs, PairBatch, split_token_values
 
-DEFAULT_CHUNK_SIZE = 1024
+DEFAULT_CHUNK_SIZE = None  # positions per chunk from the byte budget (`chunk_positions`)
+CHUNK_BYTES = {"cpu": 32 << 20, "cuda": 256 << 20}  # float32 logits per chunk (bench/logps_chunk_results.md)
+
+
+def chunk_positions(vocab_size: int, device: torch.device, chunk_size: Optional[int] = None) -> int:
+    """Positions per chunk of the vocabulary projection: `chunk_size` if given, else what fits the device's
+    byte budget for float32 logits (at least 1)."""
+    if chunk_size:
+        return int(chunk_size)
+    budget = CHUNK_BYTES.get(device.type, CHUNK_BYTES["cuda"])
+    return max(1, budget // (4 * vocab_size))
 
 
 def decoder_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
@@ -58,6 +74,44 @@ class Completions(NamedTuple):
     token_stats: Tensor  # [M, len(stats)] float32, the requested `TOKEN_STATS`
 
 
+class FusedChunkLogps(torch.autograd.Function):
+    """log p(target) and the mean logit for rows of `hidden` ``[n, H]`` under a linear head, whose backward
+    computes the projection's gradient directly from recomputed logits: ``d logp / d logits = onehot - softmax``.
+    Equal to checkpointing `_chunk_token_logps` (tests/test_logps.py) without autograd's graph over the
+    ``[n, V]`` logits in backward."""
+
+    @staticmethod
+    def forward(ctx, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor):
+        logits = F.linear(hidden, weight, bias).float()  # [n, V]
+        normaliser = torch.logsumexp(logits, dim=-1)
+        token_logps = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - normaliser
+        ctx.save_for_backward(hidden, weight, bias, targets, normaliser)
+        return token_logps, logits.mean(dim=-1)
+
+    @staticmethod
+    def backward(ctx, grad_logps: Tensor, grad_mean_logits: Optional[Tensor]):  # the mean logit is a detached diagnostic
+        hidden, weight, bias, targets, normaliser = ctx.saved_tensors
+        logits = F.linear(hidden, weight, bias).float()
+        grad_logits = torch.exp(logits.sub_(normaliser.unsqueeze(-1))).mul_(-grad_logps.unsqueeze(-1))  # -softmax * g
+        grad_logits.scatter_add_(-1, targets.unsqueeze(-1), grad_logps.unsqueeze(-1))  # + onehot * g
+        grad_logits = grad_logits.to(hidden.dtype)
+        grad_hidden = grad_logits @ weight if ctx.needs_input_grad[0] else None
+        grad_weight = grad_logits.transpose(0, 1) @ hidden if ctx.needs_input_grad[1] else None
+        grad_bias = grad_logits.sum(0) if bias is not None and ctx.needs_input_grad[2] else None
+        return grad_hidden, grad_weight, grad_bias, None
+
+
+def fused_head(head: nn.Module, transform, token_stats: tuple[str, ...], hidden: Tensor) -> bool:
+    """Whether `FusedChunkLogps` computes exactly what this head does: a plain ``nn.Linear`` (not LoRA-wrapped,
+    not sharded), no logit transform or token statistics, no autocast."""
+    weight = getattr(head, "weight", None)
+    return (
+        type(head) is nn.Linear and transform is None and not token_stats and type(weight) is nn.Parameter
+        and not hasattr(weight, "to_local")  # a DTensor under FSDP: the head's own forward gathers it
+        and not torch.is_autocast_enabled(hidden.device.type) and weight.dtype == hidden.dtype
+    )
+
+
 def _chunk_token_logps(
     head: nn.Module, transform: Optional[Callable[[Tensor], Tensor]], hidden: Tensor, targets: Tensor,
     stats: tuple[str, ...] = (),
@@ -80,7 +134,7 @@ def _chunk_token_logps(
 
 
 def completion_logps(
-    head: nn.Module, hidden: Tensor, batch: PairBatch, chunk_size: int = DEFAULT_CHUNK_SIZE,
+    head: nn.Module, hidden: Tensor, batch: PairBatch, chunk_size: Optional[int] = DEFAULT_CHUNK_SIZE,
     transform: Optional[Callable[[Tensor], Tensor]] = None, token_stats: tuple[str, ...] = (),
 ) -> Completions:
     """Per-output completion log-probs from final hidden states ``[R, L, H]`` and the batch's targets.
@@ -97,10 +151,17 @@ def completion_logps(
     rows, cols = batch.target_rows[order], batch.target_cols[order]
     targets, slots = batch.target_ids[order], batch.target_slots[order]
     selected = hidden[rows, cols]  # [M, H], M = completion tokens in the batch
-    use_checkpoint = torch.is_grad_enabled() and selected.requires_grad
+    use_checkpoint = torch.is_grad_enabled() and (selected.requires_grad or any(p.requires_grad for p in head.parameters()))
+    fused = use_checkpoint and fused_head(head, transform, token_stats, selected)
+    step = chunk_positions(getattr(head, "out_features", 0) or head.weight.shape[0], hidden.device, chunk_size)
     token_logps, token_mean_logits, token_extras = [], [], []
-    for start in range(0, selected.shape[0], chunk_size):
-        stop = start + chunk_size
+    for start in range(0, selected.shape[0], step):
+        stop = start + step
+        if fused:
+            lp, ml = FusedChunkLogps.apply(selected[start:stop], head.weight, head.bias, targets[start:stop])
+            token_logps.append(lp)
+            token_mean_logits.append(ml.detach())
+            continue
         args = (head, transform, selected[start:stop], targets[start:stop], tuple(token_stats))
         lp, ml, extra = checkpoint(_chunk_token_logps, *args, use_reentrant=False) if use_checkpoint else _chunk_token_logps(*args)
         token_logps.append(lp)
@@ -110,7 +171,7 @@ def completion_logps(
     empty = torch.zeros(0, dtype=torch.float32, device=device)
     flat_logps = torch.cat(token_logps) if token_logps else empty
     flat_logits = torch.cat(token_mean_logits) if token_mean_logits else empty
-    flat_stats = torch.cat(token_extras) if token_extras else torch.zeros((0, len(token_stats)), device=device)
+    flat_stats = torch.cat(token_extras) if token_extras else torch.zeros((flat_logps.shape[0], len(token_stats)), device=device)
     logps = torch.zeros(num_outputs, dtype=torch.float32, device=device).index_add(0, slots, flat_logps)
     counts = torch.zeros(num_outputs, dtype=torch.long, device=device).index_add(0, slots, torch.ones_like(slots))
     logit_sums = torch.zeros(num_outputs, dtype=torch.float32, device=device).index_add(0, slots, flat_logits)
@@ -129,7 +190,7 @@ def model_attention_mask(batch: PairBatch, decoder: nn.Module):
 
 
 def sequence_logps(
-    model: nn.Module, batch: PairBatch, chunk_size: int = DEFAULT_CHUNK_SIZE, router_aux_loss: bool = False
+    model: nn.Module, batch: PairBatch, chunk_size: Optional[int] = DEFAULT_CHUNK_SIZE, router_aux_loss: bool = False
 ) -> tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
     """``(logps [2B], token_counts [2B], mean_logits [2B], aux)`` of `model` on the batch (`decoder_completions`)."""
     completions, aux = decoder_completions(model, batch, chunk_size, router_aux_loss)
@@ -137,7 +198,7 @@ def sequence_logps(
 
 
 def decoder_completions(
-    model: nn.Module, batch: PairBatch, chunk_size: int = DEFAULT_CHUNK_SIZE, router_aux_loss: bool = False,
+    model: nn.Module, batch: PairBatch, chunk_size: Optional[int] = DEFAULT_CHUNK_SIZE, router_aux_loss: bool = False,
     token_stats: tuple[str, ...] = (),
 ) -> tuple[Completions, Optional[Tensor]]:
     """Run `model`'s decoder on the batch's rows (any layout); its `Completions` and the MoE term.
@@ -175,7 +236,7 @@ def moe_load_balancing_loss(model: nn.Module, router_logits, token_mask: Tensor)
 
 
 def concatenated_forward(
-    model: nn.Module, batch: PairBatch, chunk_size: int = DEFAULT_CHUNK_SIZE, router_aux_loss: bool = False,
+    model: nn.Module, batch: PairBatch, chunk_size: Optional[int] = DEFAULT_CHUNK_SIZE, router_aux_loss: bool = False,
     token_stats: tuple[str, ...] = (),
 ) -> ChosenRejectedOutputs:
     """One forward over chosen and rejected together (one pass, whatever the layout), split per pair,

@@ -148,3 +148,53 @@ def test_the_common_path_computes_no_token_stats(tiny_model_dir):
     with torch.no_grad():
         out = concatenated_forward(model, collate_pairs(ROWS, [0, 1, 2], pad_id=0))
     assert out.token_stats == {} and out.has_token_logps
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_the_fused_chunk_gradient_equals_checkpointing_the_plain_computation(bias):
+    from torch.utils.checkpoint import checkpoint
+
+    from dpokit.logps import FusedChunkLogps, _chunk_token_logps
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 50, bias=bias)
+    hidden = torch.randn(7, 16, requires_grad=True)
+    targets = torch.randint(0, 50, (7,))
+    weights = torch.randn(7)  # an arbitrary upstream gradient
+    results = []
+    for fused in (True, False):
+        head.zero_grad()
+        hidden.grad = None
+        if fused:
+            logps, _ = FusedChunkLogps.apply(hidden, head.weight, head.bias, targets)
+        else:
+            logps, _, _ = checkpoint(_chunk_token_logps, head, None, hidden, targets, (), use_reentrant=False)
+        (logps * weights).sum().backward()
+        results.append([logps.detach(), hidden.grad.clone(), head.weight.grad.clone()] + ([head.bias.grad.clone()] if bias else []))
+    for fused_value, plain_value in zip(*results):
+        torch.testing.assert_close(fused_value, plain_value, atol=1e-6, rtol=0)
+
+
+def test_training_gradients_are_the_same_through_the_fused_head(tiny_model_dir, monkeypatch):
+    import dpokit.logps as logps_module
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    assert logps_module.fused_head(model.get_output_embeddings(), None, (), torch.zeros(1, 1))  # the plain head fuses
+    batch = collate_pairs(ROWS, [0, 1, 2], pad_id=0, packing=True, prefix_sharing=True)
+    gradients = []
+    for fused in (True, False):
+        monkeypatch.setattr(logps_module, "fused_head", lambda *args, on=fused: on)
+        model.zero_grad()
+        out = concatenated_forward(model, batch, chunk_size=4)
+        (out.chosen_logps - 0.5 * out.rejected_logps).sum().backward()
+        gradients.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    for name, gradient in gradients[0].items():
+        torch.testing.assert_close(gradient, gradients[1][name], atol=1e-6, rtol=0, msg=name)
+
+
+def test_chunks_hold_as_many_positions_as_the_byte_budget_allows():
+    from dpokit.logps import CHUNK_BYTES, chunk_positions
+
+    assert chunk_positions(32000, torch.device("cpu")) == CHUNK_BYTES["cpu"] // (4 * 32000) == 262
+    assert chunk_positions(32000, torch.device("cpu"), chunk_size=1024) == 1024
+    assert chunk_positions(10**9, torch.device("cpu")) == 1
