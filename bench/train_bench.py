@@ -534,7 +534,13 @@ def slug(name: str) -> str:
 def versions() -> dict:
     from importlib.metadata import version
 
-    return {name: version(name) for name in ("torch", "transformers", "peft", "trl", "dpokit", "datasets")}
+    def installed(name: str) -> str:
+        try:
+            return version(name)
+        except Exception:  # trl only with the bench extra; a dpokit-only run (--only ...) does not need it
+            return "not installed"
+
+    return {name: installed(name) for name in ("torch", "transformers", "peft", "trl", "dpokit", "datasets")}
 
 
 
