@@ -38,6 +38,7 @@ class ModelConfig:
     precision: Literal["mixed", "pure"] = "mixed"
     method: Literal["full", "lora", "dora", "qlora", "qdora"] = "lora"
     activation_checkpointing: bool = False
+    activation_offloading: bool = False  # CUDA: keep the activations saved for backward in (pinned) CPU memory
     attn_implementation: Literal["auto", "sdpa", "eager"] = "auto"  # auto: SDPA where the family supports it
     disable_dropout: bool = True  # the policy trains without the config's dropout (as TRL); LoRA dropout stays
 

@@ -279,3 +279,15 @@ def block_bitsandbytes_import() -> None:
     import sys
 
     sys.modules.setdefault("bitsandbytes", None)
+
+
+def activation_offloading(enabled: bool, device: torch.device):
+    """The context the policy's training forward runs in: with ``model.activation_offloading`` on CUDA, the
+    tensors autograd saves for backward go to pinned CPU memory and come back for backward
+    (``torch.autograd.graph.save_on_cpu``), trading host-device copies for accelerator memory. On CPU the
+    activations already live in host memory: nothing to do."""
+    import contextlib
+
+    if enabled and device.type == "cuda":
+        return torch.autograd.graph.save_on_cpu(pin_memory=True)
+    return contextlib.nullcontext()

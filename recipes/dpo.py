@@ -86,6 +86,7 @@ from dpokit.logps import concatenated_forward
 from dpokit.losses import build_loss, check_loss_outputs, is_reference_free
 from dpokit.metrics import MetricsLogger, PairMetrics, summary_table, training_progress, truncate_metrics
 from dpokit.model import (
+    activation_offloading,
     block_bitsandbytes_import,
     default_device,
     dtype_name,
@@ -139,6 +140,9 @@ class DPORecipe:
         with self.autocast():
             asked = Layout(cfg.data.packing, cfg.data.prefix_sharing, cfg.data.pack_length)
             self.layout = check_layout(self.policy, check_pairs(self.train_split), self.pad_id, asked, self.announce, self.compute_dtype)
+        if cfg.model.activation_offloading and self.device.type != "cuda":
+            self.announce("model.activation_offloading moves saved activations from the GPU to CPU memory; "
+                          "on CPU they are already there, so it changes nothing")
         self.reference = self._build_reference()
         self.step_zero_pending = checkpoint is None and self.reference is not None
         if self.dist.world_size > 1:
@@ -279,8 +283,8 @@ class DPORecipe:
 
     def pair_outputs(self, batch: PairBatch, split: str):
         """Policy and reference outputs and the per-pair loss terms for one batch."""
-        with self.autocast():
-            training = split == "train"
+        training = split == "train"
+        with self.autocast(), activation_offloading(training and self.cfg.model.activation_offloading, self.device):
             policy_out = self.policy_logps(self.policy, batch, training=training)
         reference_out = None
         if self.reference is not None:

@@ -248,3 +248,13 @@ def test_8bit_adamw_trains(tiny_model_dir, prepared_dir, tmp_path):
     assert main(["train", *args]) == 0
     losses = train_losses(tmp_path / "run")
     assert losses[-1] < losses[0]
+
+
+def test_activation_offloading_on_cpu_says_it_changes_nothing_and_changes_nothing(tiny_model_dir, prepared_dir, tmp_path, capsys):
+    common = ["--config", "tiny_lora", "--max-steps", "2"]
+    plain, offloaded = tmp_path / "plain", tmp_path / "offloaded"
+    assert main(["train", *common, *overrides(tiny_model_dir, prepared_dir, plain)]) == 0
+    capsys.readouterr()
+    assert main(["train", *common, *overrides(tiny_model_dir, prepared_dir, offloaded, "model.activation_offloading=true")]) == 0
+    assert "on CPU they are already there, so it changes nothing" in capsys.readouterr().err
+    assert train_losses(offloaded) == train_losses(plain)
