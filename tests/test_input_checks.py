@@ -236,7 +236,8 @@ def test_train_flags_out_of_range_are_one_line_naming_the_key(flags, message, ti
     ("lora.alpha", "0.5", "0", "lora.alpha=0.0 is out of range; it must be > 0"),
     ("lora.dropout", "0", "1", "lora.dropout=1.0 is out of range; it must be in [0, 1)"),
     ("data.pack_length", "null", "0", "data.pack_length=0 is out of range; it must be >= 1 (or null for the batch's longest sequence)"),
-    ("data.logps_chunk_size", "1", "0", "data.logps_chunk_size=0 is out of range; it must be >= 1"),
+    ("data.logps_chunk_size", "1", "0", "data.logps_chunk_size=0 is out of range; it must be >= 1 (or null for as many "
+     "positions as fit the device's byte budget (dpokit.logps.CHUNK_BYTES))"),
     ("optimizer.weight_decay", "0", "-0.1", "optimizer.weight_decay=-0.1 is out of range; it must be >= 0"),
     ("optimizer.eps", "1.0e-12", "0", "optimizer.eps=0.0 is out of range; it must be > 0"),
     ("scheduler.warmup_steps", "0", "-1", "scheduler.warmup_steps=-1 is out of range; it must be >= 0"),
