@@ -40,7 +40,7 @@ the second time in reverse order, and pools both (TRL runs once: its gap is far 
 
     python bench/train_bench.py                     # the full run (~23 min on 2 cores), writes bench/RESULTS.md
     python bench/train_bench.py --rounds 2          # as bench/RESULTS.md was made (~33 min)
-    python bench/train_bench.py --quick             # a smoke run (small data, few steps), prints only
+    python bench/train_bench.py --quick             # the headline ratio in about 4 minutes (200 pairs), prints only
     python bench/train_bench.py --methods lora --only trl,cache,best --steps 4 --out /tmp/r.md
 """
 
@@ -150,14 +150,24 @@ def build_model(out: Path, seed: int = 0) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def write_pairs(path: Path, source: TextSource, pairs: int) -> None:
-    """Plain-format JSONL pairs; prompt tokens log-normal in [20, 400], responses in [10, 300]."""
+# (median, low, high) of prompt and response tokens, log-normal: the default mixed workload of RESULTS.md,
+# short pairs (about 35 tokens: 2 x prompt + both responses) and long-prompt pairs (about 350).
+SHAPES = {
+    "mixed": ((100, 20, 400), (70, 10, 300)),
+    "short": ((10, 4, 30), (8, 3, 24)),
+    "long": ((150, 80, 400), (25, 8, 80)),
+}
+
+
+def write_pairs(path: Path, source: TextSource, pairs: int, shape: str = "mixed") -> None:
+    """Plain-format JSONL pairs whose prompt and response token counts follow `SHAPES[shape]`."""
     rng = source.rng
+    prompt_shape, response_shape = SHAPES[shape]
 
     def lengths(median: float, low: int, high: int) -> np.ndarray:
         return np.clip(rng.lognormal(np.log(median), 0.75, pairs), low, high).astype(int)
 
-    prompts, chosen, rejected = lengths(100, 20, 400), lengths(70, 10, 300), lengths(70, 10, 300)
+    prompts, chosen, rejected = lengths(*prompt_shape), lengths(*response_shape), lengths(*response_shape)
     with path.open("w") as f:
         for p, c, r in zip(prompts, chosen, rejected):
             # dpokit (plain mode) and TRL both append EOS to each response; leave room for it.
@@ -165,7 +175,7 @@ def write_pairs(path: Path, source: TextSource, pairs: int) -> None:
             f.write(json.dumps(row) + "\n")
 
 
-def build_workload(work: Path, pairs: int, ref_batch_size: int, env: dict, reuse: bool = False) -> dict:
+def build_workload(work: Path, pairs: int, ref_batch_size: int, env: dict, reuse: bool = False, shape: str = "mixed") -> dict:
     """Tokenizer + model in work/model, pairs.jsonl, `dpokit prepare` -> work/prepared, `ref-logps` -> work/ref.h5.
 
     With `reuse`, a workload this function built earlier in `work` for as many pairs is used as it is.
@@ -173,7 +183,7 @@ def build_workload(work: Path, pairs: int, ref_batch_size: int, env: dict, reuse
     record = work / "workload.json"
     if reuse and record.is_file():
         workload = json.loads(record.read_text())
-        if workload["pairs"] == pairs:
+        if workload["pairs"] == pairs and workload.get("shape", "mixed") == shape:
             print(f"reusing the workload in {work}", flush=True)
             return workload
     source = TextSource(seed=0)
@@ -181,7 +191,7 @@ def build_workload(work: Path, pairs: int, ref_batch_size: int, env: dict, reuse
     started = time.perf_counter()
     build_tokenizer(model_dir, source)
     parameters = build_model(model_dir)
-    write_pairs(work / "pairs.jsonl", source, pairs)
+    write_pairs(work / "pairs.jsonl", source, pairs, shape)
     print(f"workload: tokenizer, model ({parameters / 1e6:.1f}M parameters) and {pairs} pairs in "
           f"{time.perf_counter() - started:.0f} s", flush=True)
 
@@ -194,7 +204,7 @@ def build_workload(work: Path, pairs: int, ref_batch_size: int, env: dict, reuse
     print("dpokit ref-logps over all pairs ...", flush=True)
     ref = run_child(["--child", "ref-logps", "--workdir", str(work), "--ref-batch-size", str(ref_batch_size)], env)
     print(f"  {ref['rows']} pairs in {ref['seconds']:.0f} s ({ref['rows'] / ref['seconds']:.2f} pairs/s)", flush=True)
-    workload = {"pairs": pairs, "parameters": parameters, "prepare_seconds": prepare_seconds, "ref": ref,
+    workload = {"pairs": pairs, "shape": shape, "parameters": parameters, "prepare_seconds": prepare_seconds, "ref": ref,
                 "lengths": pair_length_stats(work / "prepared")}
     record.write_text(json.dumps(workload))
     return workload
@@ -442,7 +452,7 @@ def dpokit_command(work: Path, variant: Variant, method: str, args, run_dir: Pat
 def measure_dpokit(work: Path, variant: Variant, method: str, args, env: dict) -> dict:
     """One run of `dpokit train` in a child (see `child_dpokit`)."""
     name = f"{method}-{slug(variant.name)}"
-    train_args = dpokit_command(work, variant, method, args, work / "runs" / name)
+    train_args = dpokit_command(work, variant, method, args, work / "runs" / name) + args.dpokit_args.split()
     child = [sys.executable, __file__, "--child", "dpokit", "--train-args", *train_args]
     wall, process_rss, output = run_measured(child, env, work / "logs" / f"{name}.log")
     return timed_run(json.loads(output.strip().splitlines()[-1]), args, wall, process_rss)
@@ -706,6 +716,8 @@ def total_lines(rows: list[dict], method: str, ref: dict) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pairs", type=int, default=2000, help="pairs in the data set")
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="mixed",
+                        help="pair lengths: mixed (RESULTS.md's), short (~35 tokens a pair) or long (long prompts, ~350)")
     parser.add_argument("--batch-size", type=int, default=4, help="pairs per optimizer step (every variant)")
     parser.add_argument("--steps", type=int, default=6, help="timed steps per variant")
     parser.add_argument("--grouped-steps", type=int, default=15, help="timed steps of the length-grouped variants")
@@ -723,10 +735,14 @@ def main() -> None:
                         help="torch threads per run (1: on a shared machine a second OpenMP thread stalls whenever "
                              "another process holds its core)")
     parser.add_argument("--trl-precompute", action="store_true", help="also run TRL with precompute_ref_log_probs=True")
-    parser.add_argument("--quick", action="store_true", help="smoke run: 200 pairs, 2 + 3 steps, no report written")
+    parser.add_argument("--quick", action="store_true",
+                        help="the headline in minutes: 200 pairs, TRL against dpokit's default layout (unless --only), "
+                             "1 + 3 steps, the report printed, not written")
     parser.add_argument("--workdir", type=Path, help="keep the workload and runs here (default: a temporary folder)")
     parser.add_argument("--reuse-workload", action="store_true", help="use the workload already built in --workdir")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "RESULTS.md", help="the Markdown report")
+    parser.add_argument("--dpokit-args", default="",
+                        help="extra dotted overrides for every dpokit run, e.g. 'training.compile=true' (space-separated)")
     parser.add_argument("--child", choices=["ref-logps", "trl", "dpokit"], help=argparse.SUPPRESS)
     parser.add_argument("--train-args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     parser.add_argument("--method", help=argparse.SUPPRESS)
@@ -744,7 +760,8 @@ def main() -> None:
         return
 
     if args.quick:
-        args.pairs, args.steps, args.grouped_steps, args.warmup, args.out = 200, 3, 3, 2, None
+        args.pairs, args.steps, args.grouped_steps, args.warmup, args.out = 200, 3, 3, 1, None
+        args.only = args.only or "trl,packprefix"
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     import torch
 
@@ -759,7 +776,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="train_bench_") as tmp:
         work = args.workdir or Path(tmp)
         (work / "logs").mkdir(parents=True, exist_ok=True)
-        workload = build_workload(work, args.pairs, args.ref_batch_size, env, args.reuse_workload)
+        workload = build_workload(work, args.pairs, args.ref_batch_size, env, args.reuse_workload, args.shape)
         args.pair_lengths = padded_pair_lengths(work / "prepared")
         rows = run_all(work, args, env)
     load_end = os.getloadavg()

@@ -102,6 +102,8 @@ class TrainingConfig:
     save_every: int = 0  # optimizer steps; 0: save only at the end
     save_every_minutes: float = 0.0  # also save when this much time passed since the last save; 0: off
     skip_nonfinite: bool = False  # a non-finite loss or gradient norm skips the batch (counted) instead of stopping
+    compile: bool = False  # torch.compile each decoder layer and the loss (compiles during the first steps)
+    compile_backend: Literal["inductor", "aot_eager", "eager"] = "inductor"  # eager/aot_eager: to debug a compile
     keep_last: int = 2
     log_every: int = 1
 

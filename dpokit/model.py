@@ -291,3 +291,14 @@ def activation_offloading(enabled: bool, device: torch.device):
     if enabled and device.type == "cuda":
         return torch.autograd.graph.save_on_cpu(pin_memory=True)
     return contextlib.nullcontext()
+
+
+def compile_layers(model: nn.Module, backend: str = "inductor") -> int:
+    """``torch.compile`` each decoder layer of `model` in place, as torchtune does: one graph per layer, reused by
+    every layer of the same code and recompiled for new shapes as they come. Returns the number of layers."""
+    from dpokit.distributed import decoder_layers
+
+    layers = decoder_layers(model)
+    for layer in layers:
+        layer.compile(backend=backend)
+    return len(layers)

@@ -86,6 +86,7 @@ from dpokit.logps import concatenated_forward
 from dpokit.losses import build_loss, check_loss_outputs, is_reference_free
 from dpokit.metrics import MetricsLogger, PairMetrics, summary_table, training_progress, truncate_metrics
 from dpokit.model import (
+    compile_layers,
     activation_offloading,
     block_bitsandbytes_import,
     default_device,
@@ -145,6 +146,9 @@ class DPORecipe:
                           "on CPU they are already there, so it changes nothing")
         self.reference = self._build_reference()
         self.step_zero_pending = checkpoint is None and self.reference is not None
+        if cfg.training.compile:  # after the fidelity check, which compares the uncompiled model with itself
+            compile_layers(self.policy, cfg.training.compile_backend)
+            self.loss_fn.compile(backend=cfg.training.compile_backend)
         if self.dist.world_size > 1:
             apply_fsdp(self.policy, cfg.distributed, self.device, self.compute_dtype)
 

@@ -258,3 +258,19 @@ def test_activation_offloading_on_cpu_says_it_changes_nothing_and_changes_nothin
     assert main(["train", *common, *overrides(tiny_model_dir, prepared_dir, offloaded, "model.activation_offloading=true")]) == 0
     assert "on CPU they are already there, so it changes nothing" in capsys.readouterr().err
     assert train_losses(offloaded) == train_losses(plain)
+
+
+def test_compile_compiles_each_decoder_layer_and_changes_no_loss(tiny_model_dir, prepared_dir, tmp_path, monkeypatch):
+    import dpokit.model
+
+    compiled = []
+    real = dpokit.model.compile_layers
+    monkeypatch.setattr(dpokit.model, "compile_layers", lambda model, backend: compiled.append(real(model, backend)) or compiled[-1])
+    common = ["--config", "tiny_lora", "--max-steps", "3", "--lr", "1e-2"]
+    plain, with_compile = tmp_path / "plain", tmp_path / "compiled"
+    assert main(["train", *common, *overrides(tiny_model_dir, prepared_dir, plain)]) == 0
+    # The eager backend traces with dynamo like inductor but generates no kernels: the wiring, in seconds.
+    assert main(["train", *common, *overrides(tiny_model_dir, prepared_dir, with_compile, "training.compile=true",
+                                              "training.compile_backend=eager")]) == 0
+    assert compiled == [2]  # both layers of the tiny model
+    assert train_losses(with_compile) == pytest.approx(train_losses(plain), abs=1e-6)
