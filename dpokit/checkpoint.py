@@ -25,6 +25,7 @@ from torch.distributed.checkpoint.state_dict import (
 from dpokit.artifacts import remove_within, replace_within
 from dpokit.distributed import any_rank
 from dpokit.errors import DpokitError
+from dpokit.optim import OptimizerInBackward
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "training_state.pt"
@@ -60,6 +61,8 @@ def full_model_state(model: nn.Module, trainable_only: bool) -> dict[str, torch.
 
 
 def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    if isinstance(optimizer, OptimizerInBackward):  # one process: per-parameter states by name
+        return optimizer.state_dict()
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     return get_optimizer_state_dict(model, optimizer, options=options)
 
@@ -170,6 +173,9 @@ def load_model_weights(model: nn.Module, checkpoint: Path, adapters: bool) -> No
 
 
 def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    if isinstance(optimizer, OptimizerInBackward):
+        optimizer.load_state_dict(state)
+        return
     options = StateDictOptions(full_state_dict=True)
     set_optimizer_state_dict(model, optimizer, optim_state_dict=state, options=options)
 

@@ -103,6 +103,7 @@ class TrainingConfig:
     save_every_minutes: float = 0.0  # also save when this much time passed since the last save; 0: off
     skip_nonfinite: bool = False  # a non-finite loss or gradient norm skips the batch (counted) instead of stopping
     compile: bool = False  # torch.compile each decoder layer and the loss (compiles during the first steps)
+    optimizer_in_backward: bool = False  # step each parameter in backward and free its gradient (no clipping/accumulation)
     compile_backend: Literal["inductor", "aot_eager", "eager"] = "inductor"  # eager/aot_eager: to debug a compile
     keep_last: int = 2
     log_every: int = 1
@@ -207,6 +208,16 @@ def check_config(cfg: TrainConfig, world_size: int) -> None:
     from dpokit.losses import build_loss
 
     build_loss(cfg.loss)
+    if cfg.training.optimizer_in_backward:
+        clashes = [
+            (cfg.training.gradient_accumulation_steps != 1, "training.gradient_accumulation_steps=1"),
+            (cfg.training.max_grad_norm is not None, "training.max_grad_norm=null (clipping needs every gradient first)"),
+            (cfg.training.skip_nonfinite, "training.skip_nonfinite=false (the update is applied in backward, before the check)"),
+            (world_size > 1, "one process"),
+        ]
+        needed = [fix for clash, fix in clashes if clash]
+        if needed:
+            raise DpokitError(f"training.optimizer_in_backward=true needs {', '.join(needed)}; or set it false")
     if world_size > 1 and cfg.model.method in QUANTIZED_METHODS:
         raise DpokitError(
             f"model.method={cfg.model.method} is not supported with more than one process: dpokit does not "

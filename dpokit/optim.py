@@ -15,6 +15,11 @@ def build_optimizer(model: nn.Module, cfg) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise DpokitError("the model has no trainable parameters; check model.method and lora.target_modules")
+    return optimizer_over(params, cfg)
+
+
+def optimizer_over(params: list[nn.Parameter], cfg) -> torch.optim.Optimizer:
+    """The configured optimizer over `params`."""
     kwargs = dict(lr=cfg.lr, weight_decay=cfg.weight_decay, betas=tuple(cfg.betas), eps=cfg.eps)
     if cfg.name == "adamw8bit":
         try:
@@ -43,3 +48,62 @@ def lr_multiplier(step: int, total_steps: int, cfg) -> float:
 
 def build_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, cfg) -> torch.optim.lr_scheduler.LambdaLR:
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_multiplier(step, total_steps, cfg))
+
+
+class OptimizerInBackward:
+    """One optimizer (and schedule) per trainable parameter, stepped by a hook the moment that parameter's gradient
+    is complete in backward; the gradient is freed at once, so the model's gradients never exist all together
+    (torchtune's ``optimizer_in_bwd``). The same update as one optimizer over all parameters; no clipping (it
+    needs every gradient first) and no accumulation (a step per backward).
+
+    It stands in for the optimizer (`step` and `zero_grad` have nothing left to do; `state_dict` holds every
+    parameter's state by name) and `schedules` for the scheduler.
+    """
+
+    def __init__(self, model: nn.Module, cfg, total_steps: int, scheduler_cfg):
+        named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+        if not named:
+            raise DpokitError("the model has no trainable parameters; check model.method and lora.target_modules")
+        self.optimizers = {name: optimizer_over([p], cfg) for name, p in named}
+        self.schedules = Schedules({name: build_scheduler(self.optimizers[name], total_steps, scheduler_cfg) for name, _ in named})
+        self.names = {p: name for name, p in named}
+        self.hooks = [p.register_post_accumulate_grad_hook(self.update) for _, p in named]
+
+    def update(self, param: nn.Parameter) -> None:
+        optimizer = self.optimizers[self.names[param]]
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    def step(self) -> None:
+        """Nothing to do: every parameter was updated in backward."""
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Nothing to do: each gradient was freed right after its update."""
+
+    def state_dict(self) -> dict:
+        return {name: optimizer.state_dict() for name, optimizer in self.optimizers.items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        for name, optimizer in self.optimizers.items():
+            optimizer.load_state_dict(state[name])
+
+
+class Schedules:
+    """Per-parameter learning-rate schedules that advance together, with a scheduler's interface."""
+
+    def __init__(self, schedulers: dict):
+        self.schedulers = schedulers
+
+    def step(self) -> None:
+        for scheduler in self.schedulers.values():
+            scheduler.step()
+
+    def get_last_lr(self) -> list[float]:
+        return next(iter(self.schedulers.values())).get_last_lr()
+
+    def state_dict(self) -> dict:
+        return {name: scheduler.state_dict() for name, scheduler in self.schedulers.items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        for name, scheduler in self.schedulers.items():
+            scheduler.load_state_dict(state[name])

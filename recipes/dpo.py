@@ -97,7 +97,7 @@ from dpokit.model import (
     training_dtypes,
     uses_adapters,
 )
-from dpokit.optim import build_optimizer, build_scheduler
+from dpokit.optim import OptimizerInBackward, build_optimizer, build_scheduler
 from dpokit.preemption import StopSignals, TrainingInterrupted
 from dpokit.run_dir import RUN_LOCK, check_resume_config, start_or_resume
 from dpokit.reference.source import CachedReference, LiveReference, check_token_counts
@@ -169,8 +169,12 @@ class DPORecipe:
                 "lower data.batch_size or training.gradient_accumulation_steps"
             )
         self.total_steps = cfg.training.max_steps or cfg.training.epochs * self.sampler.steps_per_epoch
-        self.optimizer = build_optimizer(self.policy, cfg.optimizer)
-        self.scheduler = build_scheduler(self.optimizer, self.total_steps, cfg.scheduler)
+        if cfg.training.optimizer_in_backward:  # each parameter steps in backward; its gradient is freed at once
+            self.optimizer = OptimizerInBackward(self.policy, cfg.optimizer, self.total_steps, cfg.scheduler)
+            self.scheduler = self.optimizer.schedules
+        else:
+            self.optimizer = build_optimizer(self.policy, cfg.optimizer)
+            self.scheduler = build_scheduler(self.optimizer, self.total_steps, cfg.scheduler)
         self.step = 0
         self.skipped_steps = 0
         if checkpoint is not None:
@@ -331,6 +335,12 @@ class DPORecipe:
 
     def optimizer_step(self, metrics: PairMetrics) -> float:
         """Clip, then update, unless the loss or the gradient norm is not finite (`nonfinite_step`)."""
+        if isinstance(self.optimizer, OptimizerInBackward):  # updated in backward: no gradients left to measure
+            loss_sum = float(metrics.sums[0])
+            if not math.isfinite(loss_sum):
+                self.nonfinite_step(loss_sum, float("nan"))
+            self.scheduler.step()
+            return float("nan")
         max_norm = self.cfg.training.max_grad_norm
         params = [p for p in self.policy.parameters() if p.requires_grad]
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm else float("inf"))
@@ -360,8 +370,10 @@ class DPORecipe:
             self.announce(f"{where}: batch skipped, no update ({self.skipped_steps} skipped so far)")
             return
         last = latest_checkpoint(self.run_dir)
+        when = ("the update was already applied in backward (training.optimizer_in_backward), so nothing more is saved"
+                if isinstance(self.optimizer, OptimizerInBackward) else "stopped before updating the weights")
         raise DpokitError(
-            f"{where}; stopped before updating the weights. Last good checkpoint: "
+            f"{where}; {when}. Last good checkpoint: "
             f"{last or 'none (nothing was saved yet)'}. Lower optimizer.lr, check the loss and those pairs, or set "
             "training.skip_nonfinite=true to skip such batches"
         )
@@ -370,7 +382,7 @@ class DPORecipe:
         values = metrics.means()
         values.update(
             lr=lr,
-            grad_norm=grad_norm,
+            grad_norm=grad_norm,  # NaN with training.optimizer_in_backward: no gradient outlives its update
             pairs_per_s=metrics.num_pairs / seconds,
             tokens_per_s=metrics.num_tokens / seconds,
             peak_memory_mb=peak_memory_mb(self.device),

@@ -274,3 +274,26 @@ def test_compile_compiles_each_decoder_layer_and_changes_no_loss(tiny_model_dir,
                                               "training.compile_backend=eager")]) == 0
     assert compiled == [2]  # both layers of the tiny model
     assert train_losses(with_compile) == pytest.approx(train_losses(plain), abs=1e-6)
+
+
+def test_optimizer_in_backward_trains_and_resumes_as_the_plain_optimizer(tiny_model_dir, prepared_dir, tmp_path):
+    common = ["--config", "tiny_lora", "--method", "full", "--lr", "1e-3", "--batch-size", "2",
+              "training.max_grad_norm=null", "training.save_every=2", "training.keep_last=3"]
+    plain, in_backward, resumed = tmp_path / "plain", tmp_path / "in_backward", tmp_path / "resumed"
+    assert main(["train", *common, "--max-steps", "4", *overrides(tiny_model_dir, prepared_dir, plain)]) == 0
+    in_bwd = [*common, "--max-steps", "4", "training.optimizer_in_backward=true"]
+    assert main(["train", *in_bwd, *overrides(tiny_model_dir, prepared_dir, in_backward)]) == 0
+    assert train_losses(in_backward) == pytest.approx(train_losses(plain), abs=1e-6)
+    assert len(train_losses(in_backward)) == 4
+    # Killed after step 2: the per-parameter optimizer states and schedules come back from the checkpoint.
+    shutil.copytree(in_backward, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step_0000004")
+    assert main(["train", *in_bwd, "--resume", *overrides(tiny_model_dir, prepared_dir, resumed)]) == 0
+    assert train_losses(resumed) == pytest.approx(train_losses(in_backward), abs=1e-7)
+
+
+def test_optimizer_in_backward_refuses_clipping_and_accumulation_in_one_line(capsys):
+    assert main(["config", "show", "tiny_lora", "training.optimizer_in_backward=true",
+                 "training.gradient_accumulation_steps=2"]) == 1
+    err = error_line(capsys)
+    assert "training.optimizer_in_backward=true needs training.gradient_accumulation_steps=1, training.max_grad_norm=null" in err
