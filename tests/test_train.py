@@ -297,3 +297,11 @@ def test_optimizer_in_backward_refuses_clipping_and_accumulation_in_one_line(cap
                  "training.gradient_accumulation_steps=2"]) == 1
     err = error_line(capsys)
     assert "training.optimizer_in_backward=true needs training.gradient_accumulation_steps=1, training.max_grad_norm=null" in err
+
+
+def test_adamw_uses_the_fused_kernel_for_plain_cpu_parameters():
+    from dpokit.config import OptimizerConfig
+    from dpokit.optim import build_optimizer
+
+    optimizer = build_optimizer(torch.nn.Linear(4, 4), OptimizerConfig())
+    assert optimizer.defaults["fused"] is True
