@@ -11,6 +11,7 @@ from typing import Any, List, Optional
 import click
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from dpokit import __version__
 from dpokit.errors import DpokitError
@@ -387,7 +388,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             raise
         code = getattr(exc, "exit_code", 1)  # 75: interrupted, with a checkpoint to resume from
         label = "[bold red]error:[/]" if code == 1 else "[bold yellow]stopped:[/]"
-        err_console.print(f"{label} {exc}", highlight=False, soft_wrap=True)
+        err_console.print(f"{label} {escape(str(exc))}", highlight=False, soft_wrap=True)  # "[plot]" is text, not markup
         return code
     except EXIT_ERRORS as exc:
         return exc.exit_code

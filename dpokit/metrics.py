@@ -96,6 +96,7 @@ class MetricsLogger:
 
     def __init__(self, run_dir: Path, enabled: bool = True, tensorboard: bool = True):
         self.enabled = enabled
+        self.tensorboard_missing = False  # asked for, but the optional package is not installed
         self.path = Path(run_dir) / METRICS_FILE
         self.tb = None
         if not enabled:
@@ -108,6 +109,7 @@ class MetricsLogger:
                 self.tb = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
             except ImportError:
                 self.tb = None
+                self.tensorboard_missing = True
 
     def log(self, step: int, split: str, metrics: dict[str, float]) -> None:
         if not self.enabled:
@@ -200,10 +202,19 @@ PLOTS = {
 }
 
 
+PLOT_EXTRA = "pip install 'dpokit[plot]'"  # matplotlib is an optional extra
+TENSORBOARD_EXTRA = "pip install 'dpokit[tensorboard]'"
+
+
 def plot_run(run_dir: str | Path, out_dir: Optional[str | Path] = None) -> list[Path]:
     """PNG curves of a run (train vs eval): loss, reward accuracy, margins, rewards, and each term of a
-    weighted loss combination (``loss_terms.png``) when it has them."""
-    import matplotlib
+    weighted loss combination (``loss_terms.png``) when it has them.
+
+    Raises `DpokitError` naming the extra to install when matplotlib is missing."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise DpokitError(f"drawing curves needs matplotlib, an optional extra: {PLOT_EXTRA}") from None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -23,6 +23,7 @@ from typing import Optional
 
 import torch
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from dpokit.artifacts import check_replaceable, is_dpokit_artifact, write_marker
@@ -94,7 +95,6 @@ def run_quickstart(
 def quickstart_pipeline(out: Path, max_steps: Optional[int], overwrite: bool, console: Console) -> QuickstartResult:
     from dpokit.data.pipeline import PrepareOptions, run_prepare
     from dpokit.launch import run_recipe
-    from dpokit.metrics import plot_run
     from dpokit.reference.compute import RefLogpsOptions, run_ref_logps
 
     started = time.perf_counter()
@@ -127,11 +127,22 @@ def quickstart_pipeline(out: Path, max_steps: Optional[int], overwrite: bool, co
         before=trained.eval_at_start,
         after=trained.eval,
         replies=list(zip(PROMPTS, replies_before, replies_after)),
-        plots=plot_run(run_dir),
+        plots=curves(run_dir, console),
         seconds=time.perf_counter() - started,
     )
     print_result(result, console)
     return result
+
+
+def curves(run_dir: Path, console: Console) -> list[Path]:
+    """The run's PNG curves, or none (said once) when the optional plotting extra is not installed."""
+    from dpokit.metrics import plot_run
+
+    try:
+        return plot_run(run_dir)
+    except DpokitError as exc:
+        console.print(f"[yellow]note:[/] no curves: {escape(str(exc))}", soft_wrap=True)
+        return []
 
 
 def prepare_out_folder(out: Path, overwrite: bool, demo: DemoFiles) -> None:
@@ -212,4 +223,5 @@ def print_result(result: QuickstartResult, console: Console) -> None:
     for prompt, before, after in result.replies:
         replies.add_row(prompt, before, after)
     console.print(replies)
-    console.print(f"run: {result.run_dir}   curves: {result.plots[0].parent}   time: {result.seconds:.0f} s")
+    where = result.plots[0].parent if result.plots else "none (matplotlib not installed)"
+    console.print(f"run: {result.run_dir}   curves: {where}   time: {result.seconds:.0f} s")

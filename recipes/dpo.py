@@ -51,6 +51,7 @@ from pathlib import Path
 
 import torch
 from rich.console import Console
+from rich.markup import escape
 
 from dpokit.artifacts import is_dpokit_artifact, write_marker, write_text_within
 from dpokit.checkpoint import (
@@ -84,7 +85,7 @@ from dpokit.fidelity import Layout, check_layout, check_pairs, check_step_zero
 from dpokit.lock import WriterLock
 from dpokit.logps import concatenated_forward
 from dpokit.losses import build_loss, check_loss_outputs, is_reference_free
-from dpokit.metrics import MetricsLogger, PairMetrics, summary_table, training_progress, truncate_metrics
+from dpokit.metrics import TENSORBOARD_EXTRA, MetricsLogger, PairMetrics, summary_table, training_progress, truncate_metrics
 from dpokit.model import (
     compile_layers,
     activation_offloading,
@@ -198,7 +199,7 @@ class DPORecipe:
 
     def announce(self, message: str) -> None:
         if self.dist.is_main:
-            self.console.print(f"[yellow]note:[/] {message}", soft_wrap=True)
+            self.console.print(f"[yellow]note:[/] {escape(message)}", soft_wrap=True)
 
     def _load_tokenizer(self):
         from transformers import AutoTokenizer
@@ -446,6 +447,9 @@ class DPORecipe:
             export_run(self.result.checkpoint, self.run_dir / "merged", base_model=self.cfg.model.path, overwrite=True)
         if self.dist.is_main:
             self.console.print(summary_table(f"dpokit train: {self.step} steps", _summary_rows(self.result)))
+            if self.logger.tensorboard_missing:  # said once, at the end of the run
+                self.announce(f"no TensorBoard logs: the tensorboard package is an optional extra ({TENSORBOARD_EXTRA}); "
+                              "metrics.jsonl has every value")
         return self.result
 
     def after_step(self, is_last: bool) -> None:

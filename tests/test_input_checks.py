@@ -373,3 +373,31 @@ def test_cache_info_starts_without_torch(ref_cache):
     done = subprocess.run([sys.executable, "-c", code, str(ref_cache)], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert "per_token" in done.stdout and "complete" in done.stdout
+
+
+def test_a_missing_plot_extra_is_one_line_and_the_quickstart_still_finishes(tmp_path, monkeypatch, capsys):
+    import sys
+
+    from dpokit.quickstart import curves
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as after a plain `pip install dpokit`
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"step": 1, "split": "train", "loss": 0.69}\n')
+    assert main(["plot", str(run)]) == 1
+    assert error_line(capsys) == "error: drawing curves needs matplotlib, an optional extra: pip install 'dpokit[plot]'"
+    from rich.console import Console
+
+    console = Console(file=open(tmp_path / "out.txt", "w"), width=200)
+    assert curves(run, console) == []
+    console.file.close()
+    assert "no curves: drawing curves needs matplotlib" in (tmp_path / "out.txt").read_text()
+
+
+def test_a_run_without_tensorboard_says_so_once_at_the_end(tiny_model_dir, prepared_dir, tmp_path, monkeypatch, capsys):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
+    assert main(train_cli_args(tiny_model_dir, prepared_dir, tmp_path / "run", "--max-steps", "1")) == 0
+    err = capsys.readouterr().err
+    assert err.count("no TensorBoard logs: the tensorboard package is an optional extra (pip install 'dpokit[tensorboard]')") == 1

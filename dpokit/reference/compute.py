@@ -21,6 +21,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 from torch import nn
 
@@ -229,7 +230,7 @@ def checked_layout(model: nn.Module, dataset, announce: Optional[Callable[[str],
 
 
 def announce(message: str) -> None:
-    Console(stderr=True).print(f"[yellow]note:[/] {message}", soft_wrap=True)
+    Console(stderr=True).print(f"[yellow]note:[/] {escape(message)}", soft_wrap=True)
 
 
 def pending_rows_of_cache(
