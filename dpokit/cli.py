@@ -145,18 +145,20 @@ def cache_info(file: Path = typer.Argument(..., help="A reference cache (ref.h5)
 @cache_app.command("verify")
 def cache_verify(
     file: Path = typer.Argument(..., help="A reference cache (ref.h5)."),
-    prepared: Path = typer.Argument(..., help="The prepared data directory it was built from."),
-    model: str = typer.Option(..., "--model", "-m", help="The reference model it was built with."),
-    adapter: Optional[str] = typer.Option(None, "--adapter", help="The PEFT adapter it was built with, if any."),
+    prepared: Optional[Path] = typer.Argument(None, help="The prepared data it was built from (default: the one the cache records)."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="The reference model (default: the one the cache records)."),
+    adapter: Optional[str] = typer.Option(None, "--adapter", help="The PEFT adapter (default: the one the cache records, if any)."),
     sample: int = typer.Option(32, "--sample", help="Rows to recompute, drawn at random over all splits."),
-    tolerance: float = typer.Option(1e-4, "--tolerance", help="Largest allowed absolute log-prob difference (bf16 caches need ~0.1)."),
+    tolerance: Optional[float] = typer.Option(
+        None, "--tolerance", help="Largest allowed absolute log-prob difference (default: 1e-4 for a float32 cache, 0.1 for bf16)."
+    ),
     batch_size: int = typer.Option(8, "--batch-size", help="Pairs per forward pass."),
     seed: int = typer.Option(0, "--seed", help="Seed for the random sample."),
 ) -> None:
     """Recompute a random sample of a cache live; exit non-zero if a difference exceeds the tolerance."""
     from dpokit.reference.inspection import verify_cache
 
-    verify_cache(str(file), str(prepared), model, adapter, sample, tolerance, batch_size, seed)
+    verify_cache(str(file), str(prepared) if prepared else None, model, adapter, sample, tolerance, batch_size, seed)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -265,6 +265,16 @@ def test_cache_verify_fails_on_a_tampered_cache(ref_cache, prepared_dir, tiny_mo
     assert "largest difference 0.5 at eval row 5 (rejected) exceeds the tolerance 0.0001" in captured.err
 
 
+def test_cache_verify_takes_the_data_model_and_tolerance_the_cache_records(ref_cache, tmp_path, capsys):
+    assert main(["cache", "verify", str(ref_cache), "--sample", "8"]) == 0
+    assert "(tolerance 0.0001): ok" in capsys.readouterr().out
+    as_bf16 = tmp_path / "bf16.h5"  # a cache made in bf16 gets bf16's tolerance
+    as_bf16.write_bytes(ref_cache.read_bytes())
+    with h5py.File(as_bf16, "r+") as handle:
+        handle.attrs["dtype"] = "bfloat16"
+    main(["cache", "verify", str(as_bf16), "--sample", "8"])
+    assert "(tolerance 0.1)" in capsys.readouterr().out
+
 
 # ----------------------------------------------------------------------------------------------
 # per-token reference values (--per-token)

@@ -52,21 +52,27 @@ class VerifyReport:
     per_split: dict[str, tuple[int, float, float]] = field(default_factory=dict)  # rows, max |Δ| chosen, rejected
 
 
+# The default --tolerance by the cache's compute dtype: the recompute batches rows differently, and in bf16
+# a sum over a completion's tokens moves by a few hundredths with the batch it is in.
+DEFAULT_TOLERANCE = {"float32": 1e-4, "bfloat16": 0.1, "float16": 0.1}
+
+
 def verify_cache(
     cache_path: str,
-    prepared_path: str,
-    model: str,
+    prepared_path: Optional[str] = None,
+    model: Optional[str] = None,
     adapter: Optional[str] = None,
     sample: int = 32,
-    tolerance: float = 1e-4,
+    tolerance: Optional[float] = None,
     batch_size: int = 8,
     seed: int = 0,
 ) -> VerifyReport:
     """Recompute `sample` random written rows of a cache live and compare; raise above `tolerance`.
 
-    The model runs in the dtype the cache was made with. Raises `DpokitError` if the cache was built
-    from other inputs, if the largest absolute log-prob difference exceeds `tolerance`, or if a
-    token count differs.
+    The prepared data, model and adapter default to what the cache records; the tolerance to one that fits
+    its compute dtype (`DEFAULT_TOLERANCE`). The model runs in the dtype the cache was made with. Raises
+    `DpokitError` if the cache was built from other inputs, if the largest absolute log-prob difference
+    exceeds `tolerance`, or if a token count differs.
     """
     from dpokit.data.prepared import load_prepared
     from dpokit.fingerprint import reference_fingerprint
@@ -74,6 +80,15 @@ def verify_cache(
     from dpokit.reference.compute import announce, checked_layout
 
     cache = open_cache(cache_path)
+    prepared_path = prepared_path or cache.attrs.get("prepared")
+    model = model or cache.attrs.get("model")
+    if adapter is None and cache.attrs.get("adapter"):
+        adapter = cache.attrs["adapter"]
+    if tolerance is None:
+        tolerance = DEFAULT_TOLERANCE.get(str(cache.attrs.get("dtype")), 1e-4)
+    if not prepared_path or not model:
+        raise DpokitError(f"{cache_path} does not record its prepared data and model; pass them: "
+                          f"dpokit cache verify {cache_path} PREPARED --model MODEL")
     prepared = load_prepared(prepared_path)
     cache.check_matches(
         data_fingerprint=prepared.fingerprint,
