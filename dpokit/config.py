@@ -118,6 +118,13 @@ class DistributedConfig:
 
 
 @dataclass
+class EvalConfig:
+    samples: int = 0  # eval prompts the policy answers at every eval (samples.jsonl, TensorBoard text, the summary)
+    max_new_tokens: int = 64
+    temperature: float = 0.0  # 0: greedy
+
+
+@dataclass
 class OutputConfig:
     dir: str = "runs/dpo"
     merge: bool = False  # also write a merged full model at the end (LoRA family)
@@ -137,6 +144,7 @@ class TrainConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
 
 
@@ -300,6 +308,9 @@ RANGES: dict[str, Range] = {
     "data.pack_length": AT_LEAST_1,
     "data.logps_chunk_size": AT_LEAST_1,
     "distributed.cpu_threads": AT_LEAST_1,
+    "eval.samples": AT_LEAST_0,
+    "eval.max_new_tokens": AT_LEAST_1,
+    "eval.temperature": AT_LEAST_0,
     "optimizer.lr": ABOVE_0,
     "optimizer.weight_decay": AT_LEAST_0,
     "optimizer.betas": UNIT,

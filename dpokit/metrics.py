@@ -123,9 +123,38 @@ class MetricsLogger:
             for name, value in metrics.items():
                 self.tb.add_scalar(f"{split}/{name}", value, step)
 
+    def log_samples(self, step: int, samples: list[dict[str, str]]) -> None:
+        """Append the policy's replies at `step` to ``samples.jsonl`` (one record per prompt) and TensorBoard."""
+        if not self.enabled or not samples:
+            return
+        with (self.path.parent / SAMPLES_FILE).open("a") as f:
+            f.write("".join(json.dumps({"step": step, **sample}) + "\n" for sample in samples))
+            f.flush()
+            os.fsync(f.fileno())
+        if self.tb is not None:
+            table = "\n".join(f"| {s['prompt']!r} | {s['completion']!r} |" for s in samples)
+            self.tb.add_text("eval/samples", "| prompt | completion |\n|---|---|\n" + table, step)
+
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+
+
+SAMPLES_FILE = "samples.jsonl"
+
+
+def read_samples(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The records of ``samples.jsonl`` (step, prompt, completion), a torn last line left out."""
+    path = Path(run_dir) / SAMPLES_FILE
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
 
 
 def read_metrics(run_dir: str | Path, split: Optional[str] = None) -> list[dict[str, Any]]:
@@ -167,6 +196,9 @@ def truncate_metrics(run_dir: Path, after_step: int) -> None:
         return
     keep = [r for r in read_metrics(run_dir) if r["step"] <= after_step]
     write_text_within(run_dir, "run", path, "".join(json.dumps(r) + "\n" for r in keep))
+    if (Path(run_dir) / SAMPLES_FILE).is_file():  # the replies too: a resumed run writes its later evals again
+        kept = [r for r in read_samples(run_dir) if r["step"] <= after_step]
+        write_text_within(run_dir, "run", Path(run_dir) / SAMPLES_FILE, "".join(json.dumps(r) + "\n" for r in kept))
 
 
 def training_progress(console: Optional[Console] = None, enabled: bool = True) -> Progress:

@@ -56,7 +56,8 @@ def start_or_resume(run_dir: Path, output, clear: bool = True) -> Optional[Path]
         )
     # A fresh run must not inherit an old run's files (dpokit's only; an absent or empty --out has none).
     if output.overwrite and clear and is_dpokit_artifact(run_dir, "run"):
-        old = [run_dir / "metrics.jsonl", run_dir / "config.yaml", *(path for _, path in list_checkpoints(run_dir))]
+        old = [run_dir / "metrics.jsonl", run_dir / "samples.jsonl", run_dir / "config.yaml",
+               *(path for _, path in list_checkpoints(run_dir))]
         remove_within(run_dir, "run", old)
     return None
 

@@ -416,9 +416,32 @@ class DPORecipe:
             if indices:
                 metrics.add(losses, chosen_rewards, rejected_rewards, policy_out, batch.num_tokens, self.loss_terms())
         metrics.all_reduce()
+        self.samples = self.eval_samples()
         self.policy.train()
         self.loss_fn.train()
         return metrics.means()
+
+    @torch.no_grad()
+    def eval_samples(self) -> list[dict[str, str]]:
+        """The policy's replies to the first ``eval.samples`` eval prompts (greedy unless ``eval.temperature``).
+        Every rank generates the same prompts (under FSDP each forward is collective); the main rank logs them."""
+        cfg = self.cfg.eval
+        if not cfg.samples or self.eval_split is None:
+            return []
+        replies = []
+        for prompt_ids in self.eval_split[: cfg.samples]["prompt_ids"]:
+            inputs = torch.tensor([prompt_ids], device=self.device)
+            with self.autocast():
+                output = self.policy.generate(
+                    input_ids=inputs, attention_mask=torch.ones_like(inputs), max_new_tokens=cfg.max_new_tokens,
+                    do_sample=cfg.temperature > 0, temperature=cfg.temperature if cfg.temperature > 0 else None,
+                    top_p=None, top_k=None, pad_token_id=self.pad_id,
+                )
+            replies.append({
+                "prompt": self.tokenizer.decode(prompt_ids, skip_special_tokens=False),
+                "completion": self.tokenizer.decode(output[0, inputs.shape[1]:], skip_special_tokens=True).strip(),
+            })
+        return replies
 
     def train(self) -> TrainResult:
         """The loop: step, then `after_step` logs, evaluates and saves on one cadence; the last step always does all three."""
@@ -429,6 +452,8 @@ class DPORecipe:
             if self.cfg.training.eval_at_start and self.step == 0 and self.eval_split is not None:
                 self.result.eval_at_start = self.evaluate()
                 self.logger.log(0, "eval", self.result.eval_at_start)
+                self.logger.log_samples(0, self.samples)
+                self.first_samples = (0, self.samples)
             self.policy.train()
             self.signals.install()
             while self.step < self.total_steps:
@@ -447,6 +472,8 @@ class DPORecipe:
             export_run(self.result.checkpoint, self.run_dir / "merged", base_model=self.cfg.model.path, overwrite=True)
         if self.dist.is_main:
             self.console.print(summary_table(f"dpokit train: {self.step} steps", _summary_rows(self.result)))
+            if getattr(self, "samples", None):
+                self.console.print(samples_table(self.first_samples, (self.step, self.samples)))
             if self.logger.tensorboard_missing:  # said once, at the end of the run
                 self.announce(f"no TensorBoard logs: the tensorboard package is an optional extra ({TENSORBOARD_EXTRA}); "
                               "metrics.jsonl has every value")
@@ -461,6 +488,9 @@ class DPORecipe:
         if self.eval_split is not None and (is_last or (cfg.eval_every and self.step % cfg.eval_every == 0)):
             self.result.eval = self.evaluate()
             self.logger.log(self.step, "eval", self.result.eval)
+            self.logger.log_samples(self.step, self.samples)
+            if not hasattr(self, "first_samples"):
+                self.first_samples = (self.step, self.samples)
         stop, time_due = any_rank([self.signals.requested is not None, self.save_time_due()], self.device)
         if stop and not is_last:
             self.stop_with_checkpoint()
@@ -524,6 +554,21 @@ def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def samples_table(first: tuple[int, list[dict]], last: tuple[int, list[dict]]):
+    """The policy's replies at the first and the last eval, side by side (``eval.samples``)."""
+    from rich.table import Table
+
+    table = Table(title="eval samples")
+    table.add_column("prompt", style="bold")
+    if first[0] != last[0]:
+        table.add_column(f"step {first[0]}")
+    table.add_column(f"step {last[0]}", style="green")
+    for index, sample in enumerate(last[1]):
+        earlier = [first[1][index]["completion"]] if first[0] != last[0] else []
+        table.add_row(escape(sample["prompt"]), *map(escape, earlier), escape(sample["completion"]))
+    return table
 
 
 def _summary_rows(result: TrainResult):

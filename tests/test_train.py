@@ -305,3 +305,18 @@ def test_adamw_uses_the_fused_kernel_for_plain_cpu_parameters():
 
     optimizer = build_optimizer(torch.nn.Linear(4, 4), OptimizerConfig())
     assert optimizer.defaults["fused"] is True
+
+
+def test_eval_samples_are_written_at_every_eval_and_shown_before_and_after(tiny_model_dir, prepared_dir, tmp_path, capsys):
+    from dpokit.metrics import read_samples
+
+    run = tmp_path / "run"
+    args = ["train", "--config", "tiny_lora", "--max-steps", "4", *overrides(tiny_model_dir, prepared_dir, run),
+            "training.eval_every=2", "training.eval_at_start=true", "eval.samples=2", "eval.max_new_tokens=5"]
+    assert main(args) == 0
+    samples = read_samples(run)
+    assert [s["step"] for s in samples] == [0, 0, 2, 2, 4, 4]
+    assert all(s["prompt"] and isinstance(s["completion"], str) for s in samples)
+    assert samples[0]["prompt"] == samples[2]["prompt"]  # the same eval prompts at every eval
+    summary = capsys.readouterr().err
+    assert "eval samples" in summary and "step 0" in summary and "step 4" in summary  # before and after, side by side
