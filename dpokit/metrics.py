@@ -144,17 +144,8 @@ SAMPLES_FILE = "samples.jsonl"
 
 
 def read_samples(run_dir: str | Path) -> list[dict[str, Any]]:
-    """The records of ``samples.jsonl`` (step, prompt, completion), a torn last line left out."""
-    path = Path(run_dir) / SAMPLES_FILE
-    if not path.is_file():
-        return []
-    records = []
-    for line in path.read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return records
+    """The records of ``samples.jsonl`` (step, prompt, completion), read like `read_metrics`."""
+    return read_records(Path(run_dir) / SAMPLES_FILE)
 
 
 def read_metrics(run_dir: str | Path, split: Optional[str] = None) -> list[dict[str, Any]]:
@@ -163,7 +154,12 @@ def read_metrics(run_dir: str | Path, split: Optional[str] = None) -> list[dict[
     A last line without its newline that is not valid JSON is a write cut short (a run killed while
     logging) and is left out; any other line that is not a record is an error naming the line.
     """
-    path = Path(run_dir) / METRICS_FILE
+    records = read_records(Path(run_dir) / METRICS_FILE)
+    return [r for r in records if split is None or r.get("split") == split]
+
+
+def read_records(path: Path) -> list[dict[str, Any]]:
+    """The JSON records, one per line, of a run's log file (each an object with an integer ``step``)."""
     if not path.is_file():
         return []
     lines = path.read_text(errors="replace").split("\n")  # the last item is "" when the file ends in a newline
@@ -186,11 +182,12 @@ def read_metrics(run_dir: str | Path, split: Optional[str] = None) -> list[dict[
                 "delete that line (or restore the file) and run again"
             )
         records.append(record)
-    return [r for r in records if split is None or r.get("split") == split]
+    return records
 
 
 def truncate_metrics(run_dir: Path, after_step: int) -> None:
-    """Drop records past `after_step` (a resumed run rewrites the steps after its checkpoint) and a torn last line."""
+    """Drop the records of ``metrics.jsonl`` and ``samples.jsonl`` past `after_step` (a resumed run writes the
+    steps after its checkpoint again) and a torn last line."""
     path = Path(run_dir) / METRICS_FILE
     if not path.is_file():
         return

@@ -96,15 +96,14 @@ class ChosenRejectedOutputs:
 def split_token_values(values: Tensor, slots: Tensor, num_pairs: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Ragged per-token `values` ``[M, ...]`` into padded chosen and rejected tensors.
 
-    `slots` ``[M]`` gives each token's output (``0..B-1`` chosen, ``B..2B-1`` rejected); tokens of one
-    output must appear in order. Returns ``(chosen [B, Tc, ...], chosen_mask [B, Tc], rejected [B, Tr, ...],
+    `slots` ``[M]`` gives each token's output (``0..B-1`` chosen, ``B..2B-1`` rejected), grouped by output in
+    ascending order with each output's tokens in token order (as `dpokit.logps.completion_logps` and the cache
+    give them). Returns ``(chosen [B, Tc, ...], chosen_mask [B, Tc], rejected [B, Tr, ...],
     rejected_mask [B, Tr])``, zeros after each completion's last token.
     """
     outputs = 2 * num_pairs
     counts = torch.zeros(outputs, dtype=torch.long, device=slots.device).index_add(0, slots, torch.ones_like(slots))
     starts = torch.cumsum(counts, 0) - counts
-    order = torch.argsort(slots, stable=True)
-    slots, values = slots[order], values[order]
     positions = torch.arange(slots.numel(), device=slots.device) - starts[slots]
     halves = []
     for side, (low, high) in enumerate(((0, num_pairs), (num_pairs, outputs))):

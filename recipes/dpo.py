@@ -416,7 +416,6 @@ class DPORecipe:
             if indices:
                 metrics.add(losses, chosen_rewards, rejected_rewards, policy_out, batch.num_tokens, self.loss_terms())
         metrics.all_reduce()
-        self.samples = self.eval_samples()
         self.policy.train()
         self.loss_fn.train()
         return metrics.means()
@@ -428,6 +427,7 @@ class DPORecipe:
         cfg = self.cfg.eval
         if not cfg.samples or self.eval_split is None:
             return []
+        self.policy.eval()
         replies = []
         for prompt_ids in self.eval_split[: cfg.samples]["prompt_ids"]:
             inputs = torch.tensor([prompt_ids], device=self.device)
@@ -441,19 +441,29 @@ class DPORecipe:
                 "prompt": self.tokenizer.decode(prompt_ids, skip_special_tokens=False),
                 "completion": self.tokenizer.decode(output[0, inputs.shape[1]:], skip_special_tokens=True).strip(),
             })
+        self.policy.train()
         return replies
+
+    def evaluate_and_log(self) -> dict[str, float]:
+        """`evaluate`, the replies of ``eval.samples``, both logged at this step; the first and latest replies
+        are kept for the closing table."""
+        metrics = self.evaluate()
+        self.logger.log(self.step, "eval", metrics)
+        replies = (self.step, self.eval_samples())
+        self.logger.log_samples(*replies)
+        self.first_replies = self.first_replies or replies
+        self.last_replies = replies
+        return metrics
 
     def train(self) -> TrainResult:
         """The loop: step, then `after_step` logs, evaluates and saves on one cadence; the last step always does all three."""
         progress = training_progress(self.console, enabled=self.dist.is_main)
         self.result = TrainResult(run_dir=self.run_dir, steps=self.step, checkpoint=latest_checkpoint(self.run_dir))
+        self.first_replies = self.last_replies = None  # (step, replies) of the first and latest eval
         with progress:
             task = progress.add_task("train", total=self.total_steps, completed=self.step, rate="", status="")
             if self.cfg.training.eval_at_start and self.step == 0 and self.eval_split is not None:
-                self.result.eval_at_start = self.evaluate()
-                self.logger.log(0, "eval", self.result.eval_at_start)
-                self.logger.log_samples(0, self.samples)
-                self.first_samples = (0, self.samples)
+                self.result.eval_at_start = self.evaluate_and_log()
             self.policy.train()
             self.signals.install()
             while self.step < self.total_steps:
@@ -472,8 +482,8 @@ class DPORecipe:
             export_run(self.result.checkpoint, self.run_dir / "merged", base_model=self.cfg.model.path, overwrite=True)
         if self.dist.is_main:
             self.console.print(summary_table(f"dpokit train: {self.step} steps", _summary_rows(self.result)))
-            if getattr(self, "samples", None):
-                self.console.print(samples_table(self.first_samples, (self.step, self.samples)))
+            if self.last_replies and self.last_replies[1]:
+                self.console.print(samples_table(self.first_replies, self.last_replies))
             if self.logger.tensorboard_missing:  # said once, at the end of the run
                 self.announce(f"no TensorBoard logs: the tensorboard package is an optional extra ({TENSORBOARD_EXTRA}); "
                               "metrics.jsonl has every value")
@@ -486,11 +496,7 @@ class DPORecipe:
         if is_last or self.step % cfg.log_every == 0:
             self.logger.log(self.step, "train", self.result.train)
         if self.eval_split is not None and (is_last or (cfg.eval_every and self.step % cfg.eval_every == 0)):
-            self.result.eval = self.evaluate()
-            self.logger.log(self.step, "eval", self.result.eval)
-            self.logger.log_samples(self.step, self.samples)
-            if not hasattr(self, "first_samples"):
-                self.first_samples = (self.step, self.samples)
+            self.result.eval = self.evaluate_and_log()
         stop, time_due = any_rank([self.signals.requested is not None, self.save_time_due()], self.device)
         if stop and not is_last:
             self.stop_with_checkpoint()

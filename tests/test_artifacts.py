@@ -314,3 +314,25 @@ def test_a_checkpoint_is_not_saved_into_a_directory_dpokit_did_not_create(tmp_pa
     with pytest.raises(DpokitError, match="refusing to write inside"):
         save_checkpoint(mine, 1, model, optimizer, {"step": 1}, adapters=False)
     assert (mine / "checkpoints" / "step_0000001" / "weights.bin").read_text() == "my weights"
+
+
+def test_writing_inside_a_run_refuses_a_folder_dpokit_did_not_create_and_a_path_outside_it(tmp_path):
+    from dpokit.artifacts import write_text_within
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "metrics.jsonl").write_text("my numbers\n")
+    with pytest.raises(DpokitError, match="refusing to write inside .*mine: it is not a dpokit training run directory"):
+        write_text_within(mine, "run", mine / "metrics.jsonl", "replaced\n")
+    assert (mine / "metrics.jsonl").read_text() == "my numbers\n"
+    assert sorted(p.name for p in mine.iterdir()) == ["metrics.jsonl"]  # no temporary left behind
+
+    run = tmp_path / "run"
+    run.mkdir()
+    write_marker(run, "run")
+    (tmp_path / "elsewhere.txt").write_text("keep")
+    with pytest.raises(DpokitError, match="is not inside the dpokit run"):
+        write_text_within(run, "run", run / ".." / "elsewhere.txt", "replaced")
+    assert (tmp_path / "elsewhere.txt").read_text() == "keep"
+    write_text_within(run, "run", run / "metrics.jsonl", "ours\n")  # inside its own run it replaces
+    assert (run / "metrics.jsonl").read_text() == "ours\n"

@@ -4,6 +4,7 @@ that nothing is lost: a loadable checkpoint remains and a resume continues exact
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -134,10 +135,8 @@ def kill_launcher_and_workers(process: subprocess.Popen, run_dir: Path) -> None:
     pids = [process.pid, *workers_of(run_dir)]
     while pids and time.monotonic() < deadline:  # a worker still starting when the kill came shows up late
         for pid in pids:
-            try:
+            with contextlib.suppress(ProcessLookupError):  # it ended between the listing and the kill
                 os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
         time.sleep(0.2)
         pids = workers_of(run_dir)
     process.communicate()

@@ -117,7 +117,7 @@ def build_loss(spec: dict[str, Any]) -> nn.Module:
     if not isinstance(name, (list, tuple)):
         if weights is not None:
             raise DpokitError(f"loss.weights is for a list of losses (loss.name=[dpo,sft]); loss.name is {name!r}")
-        return _build_one(str(name), spec, spec)
+        return _build_one(str(name), spec)
     names = [str(n) for n in name]
     if not names or len(set(names)) != len(names):
         raise DpokitError(f"loss.name={names!r}: give one or more different losses, e.g. [dpo, sft]")
@@ -130,11 +130,11 @@ def build_loss(spec: dict[str, Any]) -> nn.Module:
     if unused:
         listed = "; ".join(f"{n}: {', '.join(p) or 'none'}" for n, p in accepted.items())
         raise DpokitError(f"no loss in {names} has the parameter {', '.join(unused)}; their parameters: {listed}")
-    terms = {n: _build_one(n, {k: v for k, v in spec.items() if k in accepted[n]}, spec) for n in names}
+    terms = {n: _build_one(n, {k: v for k, v in spec.items() if k in accepted[n]}) for n in names}
     return CombinedLoss(terms, weights)
 
 
-def _build_one(name: str, params: dict[str, Any], spec: dict[str, Any]) -> nn.Module:
+def _build_one(name: str, params: dict[str, Any]) -> nn.Module:
     cls = loss_class(name)
     valid = loss_parameters(cls)
     unknown = [key for key in params if key not in valid]
