@@ -69,7 +69,7 @@ def dpokit_in_process(data: Path, model: str, out: Path, num_proc: int) -> dict:
     from dpokit.data.pipeline import PrepareOptions, run_prepare
 
     run_prepare(
-        PrepareOptions(data=str(data), model=model, out=out, max_length=1024, max_prompt_length=512, num_proc=num_proc),
+        PrepareOptions(data=str(data), model=model, out=out, max_length=1024, num_proc=num_proc),
         console=Console(file=open(os.devnull, "w")),
     )
     return json.loads((out / "manifest.json").read_text())

@@ -196,7 +196,7 @@ def build_workload(work: Path, pairs: int, ref_batch_size: int, env: dict, reuse
           f"{time.perf_counter() - started:.0f} s", flush=True)
 
     prepare = [sys.executable, "-m", "dpokit", "prepare", str(work / "pairs.jsonl"), "--model", str(model_dir),
-               "--out", str(work / "prepared"), "--max-length", "1024", "--max-prompt-length", "512"]
+               "--out", str(work / "prepared"), "--max-length", "1024"]
     started = time.perf_counter()
     subprocess.run(prepare, env=env, check=True, stdout=subprocess.DEVNULL)
     prepare_seconds = time.perf_counter() - started

@@ -65,8 +65,11 @@ def prepare(
     eval_split: str = typer.Option("test", "--eval-split", help="Split to load when --eval-data is a dataset name."),
     subset: Optional[str] = typer.Option(None, "--subset", help="Dataset configuration name for datasets.load_dataset."),
     max_length: int = typer.Option(1024, "--max-length", help="Max tokens of prompt+response."),
-    max_prompt_length: int = typer.Option(512, "--max-prompt-length", help="Prompt tokens kept (its end) when a pair is over --max-length, before responses are cut."),
+    max_prompt_length: Optional[int] = typer.Option(None, "--max-prompt-length", help="Cap every prompt at this many tokens (the end --truncation keeps); under keep_end also how far an over-long pair's prompt may be cut (default: half of --max-length)."),
+    max_completion_length: Optional[int] = typer.Option(None, "--max-completion-length", help="Cap every completion at its first N tokens."),
+    truncation: str = typer.Option("keep_start", "--truncation", help="keep_start (TRL's default: the whole prompt, completions cut at their end) or keep_end (the prompt's start is cut first)."),
     overlength: str = typer.Option("truncate", "--overlength", help="truncate, drop or error for pairs over --max-length."),
+    separator: str = typer.Option("\n\n", "--separator", help="Without a chat template: text between prompt and completion (added unless whitespace already divides them)."),
     eval_fraction: float = typer.Option(0.0, "--eval-fraction", help="Hold out this fraction of rows as the eval split."),
     eval_data: Optional[str] = typer.Option(None, "--eval-data", help="A separate source for the eval split."),
     seed: int = typer.Option(42, "--seed", help="Seed for the eval split."),
@@ -80,7 +83,8 @@ def prepare(
         PrepareOptions(
             data=data, model=model, out=out, tokenizer=tokenizer, format=format, column_map=column_map,
             system_prompt=system_prompt, chat_template=chat_template, split=split, eval_split=eval_split, subset=subset,
-            max_length=max_length, max_prompt_length=max_prompt_length, overlength=overlength,
+            max_length=max_length, max_prompt_length=max_prompt_length, max_completion_length=max_completion_length,
+            truncation=truncation, overlength=overlength, separator=separator,
             eval_fraction=eval_fraction, eval_data=eval_data, seed=seed, num_proc=num_proc, overwrite=overwrite,
         )
     )

@@ -36,13 +36,14 @@ def test_prepare_writes_int32_splits_and_a_complete_manifest(pairs_jsonl, tokeni
     assert manifest["source"] == str(pairs_jsonl)
     assert manifest["splits"]["train"]["rows"] == 30 and manifest["splits"]["eval"]["rows"] == 10
     assert manifest["counts"] == {
-        "read": 40, "kept": 40, "truncated": 0, "retokenized": 0,
-        "dropped": {}, "first_dropped": {}, "formats": {"plain": 40},
+        "read": 40, "kept": 40, "truncated": 0, "truncated_prompt": 0, "truncated_completion": 0, "retokenized": 0,
+        "template_common_prefix": 0, "dropped": {}, "first_dropped": {}, "formats": {"plain": 40},
     }
     assert manifest["tokenizer"]["name"] == str(tokenizer_dir)
     assert len(manifest["tokenizer"]["fingerprint"]) == 64
     assert manifest["chat_template"] == tiny.CHAT_TEMPLATE
-    assert (manifest["max_length"], manifest["max_prompt_length"], manifest["overlength"]) == (1024, 512, "truncate")
+    limits = ("max_length", "max_prompt_length", "max_completion_length", "truncation", "overlength", "separator")
+    assert [manifest[key] for key in limits] == [1024, None, None, "keep_start", "truncate", None]
     assert (manifest["format"], manifest["column_map"], manifest["system_prompt"]) == ("auto", {}, None)
     prompt_lengths = sorted(len(ids) for split in (train, eval_) for ids in split["prompt_ids"])
     assert manifest["lengths"]["prompt"]["max"] == prompt_lengths[-1]
@@ -95,15 +96,36 @@ def test_skipped_rows_are_counted_by_reason_in_manifest_and_summary(tokenizer_di
 def test_truncate_policy_counts_truncated_rows_with_exact_lengths(tokenizer_dir, tmp_path):
     data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "what is " + "one plus " * 20 + "two?", "chosen": "it is " + "three " * 30 + ".", "rejected": "no."}])
     out = tmp_path / "prepared"
-    assert prepare(data, tokenizer_dir, out, "--max-length", 40, "--max-prompt-length", 24) == 0
+    assert prepare(data, tokenizer_dir, out, "--max-length", 40, "--max-prompt-length", 24, "--truncation", "keep_end") == 0
     prepared = load_prepared(out)
     row = prepared.split("train")[0]
     assert (len(row["prompt_ids"]), len(row["chosen_ids"]), len(row["rejected_ids"])) == (24, 16, 4)
-    assert prepared.manifest["counts"]["truncated"] == 1
+    counts = prepared.manifest["counts"]
+    assert (counts["truncated"], counts["truncated_prompt"], counts["truncated_completion"]) == (1, 1, 1)
+
+
+def test_a_lone_max_length_works_and_keep_start_counts_only_completion_cuts(pairs_jsonl, tokenizer_dir, tmp_path):
+    assert prepare(pairs_jsonl, tokenizer_dir, tmp_path / "out", "--max-length", 25) == 0  # prompts 14-15, replies 13
+    prepared = load_prepared(tmp_path / "out")
+    counts = prepared.manifest["counts"]
+    # cut to 10-11 tokens, half the pairs' replies no longer differ: dropped, and counted as such
+    assert (counts["kept"], counts["dropped"]) == (20, {"identical_after_truncation": 20})
+    assert (counts["truncated"], counts["truncated_prompt"], counts["truncated_completion"]) == (15, 0, 15)
+    train = prepared.split("train")
+    assert prepared.manifest["lengths"]["prompt"]["max"] == 15  # no prompt was cut
+    assert all(len(p) + max(len(c), len(r)) <= 25 for p, c, r in zip(train["prompt_ids"], train["chosen_ids"], train["rejected_ids"]))
+
+
+def test_contradicting_limits_are_one_line(pairs_jsonl, tokenizer_dir, tmp_path, capsys):
+    assert prepare(pairs_jsonl, tokenizer_dir, tmp_path / "out", "--max-length", 256, "--max-prompt-length", 512) == 1
+    error = capsys.readouterr().err.strip()
+    assert error == (
+        "error: --max-prompt-length 512 must be below --max-length 256, so that every completion keeps at least one token"
+    )
 
 
 def test_overlength_error_names_the_row(pairs_jsonl, tokenizer_dir, tmp_path, capsys):
-    assert prepare(pairs_jsonl, tokenizer_dir, tmp_path / "out", "--max-length", 20, "--max-prompt-length", 10, "--overlength", "error") == 1
+    assert prepare(pairs_jsonl, tokenizer_dir, tmp_path / "out", "--max-length", 20, "--overlength", "error") == 1
     error = capsys.readouterr().err
     assert f"{pairs_jsonl} line 1: prompt 15 + chosen 13 = 28 tokens" in error
     assert "over --max-length 20; raise --max-length, or pass --overlength truncate or drop" in error
@@ -168,7 +190,7 @@ def test_data_fingerprint_follows_the_token_ids(pairs_jsonl, tokenizer_dir, plai
     base = prepared("base", tokenizer_dir)
     again = prepared("again", tokenizer_dir)
     plain = prepared("plain", plain_tokenizer_dir)
-    shorter = prepared("shorter", tokenizer_dir, "--max-length", 25, "--max-prompt-length", 12)
+    shorter = prepared("shorter", tokenizer_dir, "--max-length", 25, "--truncation", "keep_end")
     assert again.fingerprint == base.fingerprint
     assert again.tokenizer_fingerprint == base.tokenizer_fingerprint
     assert plain.fingerprint != base.fingerprint and plain.tokenizer_fingerprint != base.tokenizer_fingerprint

@@ -6,7 +6,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from dpokit.data.formats import Pair
-from dpokit.data.tokenize import PairTokenizer, load_tokenizer, truncate_pair
+from dpokit.data.tokenize import LengthLimits, PairTokenizer, load_tokenizer, truncate_pair
 from dpokit.fingerprint import tokenizer_fingerprint
 from dpokit.errors import DpokitError
 
@@ -38,8 +38,8 @@ def plain_tokenizer(plain_tokenizer_dir):
     return load_tokenizer(str(plain_tokenizer_dir))
 
 
-def ids_of(tokenizer, example: Pair, max_length=1024, max_prompt_length=512, overlength="truncate"):
-    return PairTokenizer(tokenizer, max_length, max_prompt_length, overlength).tokenize([example])[0]
+def ids_of(tokenizer, example: Pair, separator="\n\n", **limits):
+    return PairTokenizer(tokenizer, LengthLimits(**limits), separator).tokenize([example])[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -58,9 +58,9 @@ def test_chat_template_prompt_and_completions_match_apply_chat_template(chat_tok
     assert not ids.retokenized and not ids.truncated
 
 
-def test_without_a_chat_template_prompt_and_responses_are_concatenated_with_eos(plain_tokenizer):
+def test_without_a_chat_template_prompt_separator_and_responses_are_concatenated_with_eos(plain_tokenizer):
     ids = ids_of(plain_tokenizer, pair())
-    assert ids.prompt_ids == plain_tokenizer("what is 2 plus 3?")["input_ids"]
+    assert ids.prompt_ids == plain_tokenizer("what is 2 plus 3?\n\n")["input_ids"]
     assert ids.chosen_ids == plain_tokenizer("2 plus 3 equals 5.", add_special_tokens=False)["input_ids"] + [plain_tokenizer.eos_token_id]
     assert ids.rejected_ids[-1] == plain_tokenizer.eos_token_id
 
@@ -72,7 +72,7 @@ def test_plain_path_prompt_gets_the_tokenizers_own_special_tokens(plain_tokenize
     # A BOS-adding post-processor, as Llama-style tokenizers have (<|pad|> stands in for <s>).
     tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(single="<|pad|> $A", special_tokens=[("<|pad|>", 0)])
     ids = ids_of(tokenizer, pair())
-    assert ids.prompt_ids[0] == 0 and ids.prompt_ids[1:] == tokenizer("what is 2 plus 3?", add_special_tokens=False)["input_ids"]
+    assert ids.prompt_ids[0] == 0 and ids.prompt_ids[1:] == tokenizer("what is 2 plus 3?\n\n", add_special_tokens=False)["input_ids"]
     assert 0 not in ids.chosen_ids
 
 
@@ -80,7 +80,25 @@ def test_plain_path_joins_turns_with_blank_lines(plain_tokenizer):
     example = pair()
     example.prompt = [{"role": "system", "content": "be brief"}] + example.prompt
     ids = ids_of(plain_tokenizer, example)
-    assert plain_tokenizer.decode(ids.prompt_ids) == "be brief\n\nwhat is 2 plus 3?"
+    assert plain_tokenizer.decode(ids.prompt_ids) == "be brief\n\nwhat is 2 plus 3?\n\n"
+
+
+@pytest.mark.parametrize(
+    "prompt, chosen, rejected, separator, joined",
+    [
+        ("Human: hi\n\nAssistant:", " hello.", " go away.", "\n\n", "Human: hi\n\nAssistant: hello."),  # HH style
+        ("question:\n", "yes.", "no.", "\n\n", "question:\nyes."),  # the prompt ends in whitespace
+        ("question?", "yes.", " no.", "\n\n", "question?\n\nyes."),  # only one reply starts with a space
+        ("question?", "yes.", "no.", " ", "question? yes."),  # --separator ' '
+        ("question?", "yes.", "no.", "", "question?yes."),  # --separator ''
+    ],
+)
+def test_plain_path_separates_prompt_and_reply_unless_whitespace_already_does(
+    plain_tokenizer, prompt, chosen, rejected, separator, joined
+):
+    ids = ids_of(plain_tokenizer, pair(prompt, chosen, rejected), separator=separator)
+    assert plain_tokenizer.decode(ids.prompt_ids + ids.chosen_ids[:-1]) == joined
+    assert plain_tokenizer.decode(ids.chosen_ids[:-1]) == chosen  # the separator belongs to the prompt
 
 
 def test_chat_template_option_takes_text_or_a_file(plain_tokenizer_dir, tmp_path):
@@ -133,91 +151,201 @@ def test_a_row_the_template_refuses_is_dropped_with_the_templates_message(plain_
     tokenizer = load_tokenizer(str(plain_tokenizer_dir), template)
     with_system = pair()
     with_system.prompt = [{"role": "system", "content": "be brief"}] + with_system.prompt
-    results = PairTokenizer(tokenizer, 1024, 512, "truncate").tokenize([with_system, pair()])
+    results = PairTokenizer(tokenizer, LengthLimits()).tokenize([with_system, pair()])
     assert (results[0].dropped, results[0].detail) == ("template_error", "system turns are not supported")
     assert results[1].dropped is None
+
+
+# ---------------------------------------------------------------------------------------------
+# Templates of the shape real models ship (simplified to their structure)
+
+TEMPLATES = {
+    "llama3": (
+        "<|begin_of_text|>{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
+        "{{ m['content'] | trim }}<|eot_id|>{% endfor %}"
+        "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}",
+        "2 plus 3 equals 5.<|eot_id|>",
+    ),
+    "qwen2.5": (
+        "{% if messages[0]['role'] != 'system' %}<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. "
+        "You are a helpful assistant.<|im_end|>\n{% endif %}"
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}",
+        "2 plus 3 equals 5.<|im_end|>\n",
+    ),
+    "chatml": (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}",
+        "2 plus 3 equals 5.<|im_end|>\n",
+    ),
+    "gemma": (  # no system role (folded into the first user turn), roles must alternate, "model" for assistant
+        "<bos>{% if messages[0]['role'] == 'system' %}{% set first = messages[0]['content'] + '\n\n' %}"
+        "{% set turns = messages[1:] %}{% else %}{% set first = '' %}{% set turns = messages %}{% endif %}"
+        "{% for m in turns %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+        "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+        "<start_of_turn>{{ 'model' if m['role'] == 'assistant' else m['role'] }}\n"
+        "{{ (first if loop.first else '') + m['content'] | trim }}<end_of_turn>\n{% endfor %}"
+        "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}",
+        "2 plus 3 equals 5.<end_of_turn>\n",
+    ),
+    "mistral": (  # the reply follows "[/INST]" after a space and ends in </s>; no generation prompt
+        "<s>{% for m in messages %}{% if m['role'] == 'user' %}[INST] {{ m['content'] }} [/INST]"
+        "{% elif m['role'] == 'assistant' %}{{ ' ' + m['content'] + '</s>' }}{% endif %}{% endfor %}",
+        " 2 plus 3 equals 5.</s>",
+    ),
+    "reasoning": (  # the generation prompt opens a <think> block the rendered conversation does not have
+        "{% for m in messages %}{% if m['role'] == 'user' %}<|User|>{{ m['content'] }}"
+        "{% elif m['role'] == 'assistant' %}<|Assistant|>{{ m['content'] }}<|end_of_sentence|>{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}<|Assistant|><think>\n{% endif %}",
+        "2 plus 3 equals 5.<|end_of_sentence|>",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", TEMPLATES)
+def test_templates_of_real_model_shapes_keep_their_rows_and_split_at_the_reply(plain_tokenizer_dir, name):
+    template, chosen_text = TEMPLATES[name]
+    tokenizer = load_tokenizer(str(plain_tokenizer_dir), template)
+    example = pair()
+    ids = ids_of(tokenizer, example)
+    assert ids.dropped is None
+    conversation = tokenizer.apply_chat_template(example.prompt + example.chosen, tokenize=False)
+    assert tokenizer.decode(ids.prompt_ids + ids.chosen_ids) == conversation  # the exact text, nothing lost
+    assert tokenizer.decode(ids.chosen_ids) == chosen_text  # the reply and its end of turn, nothing of the prompt
+    assert ids.template_common_prefix == (name == "reasoning")
+    if name == "reasoning":
+        assert tokenizer.decode(ids.prompt_ids) == "<|User|>what is 2 plus 3?<|Assistant|>"
+
+
+def test_gemma_shaped_template_folds_a_system_turn_and_a_broken_alternation_is_a_template_error(plain_tokenizer_dir):
+    tokenizer = load_tokenizer(str(plain_tokenizer_dir), TEMPLATES["gemma"][0])
+    with_system = pair()
+    with_system.prompt = [{"role": "system", "content": "be brief"}] + with_system.prompt
+    assert tokenizer.decode(ids_of(tokenizer, with_system).prompt_ids) == (
+        "<bos><start_of_turn>user\nbe brief\n\nwhat is 2 plus 3?<end_of_turn>\n<start_of_turn>model\n"
+    )
+    two_users = pair()
+    two_users.prompt = two_users.prompt * 2
+    ids = ids_of(tokenizer, two_users)
+    assert (ids.dropped, ids.detail) == ("template_error", "Conversation roles must alternate user/assistant/user/assistant/...")
 
 
 # ---------------------------------------------------------------------------------------------
 # Truncation
 
 
-def test_truncation_keeps_the_prompt_end_then_the_response_start():
-    prompt, chosen, rejected = list(range(100, 110)), list(range(200, 220)), list(range(300, 303))
-    # 10 + 20 > 12: the prompt keeps its last 4 tokens, then each response its first 12 - 4 = 8.
-    assert truncate_pair(prompt, chosen, rejected, 12, 4) == (
-        [106, 107, 108, 109],
-        list(range(200, 208)),
-        [300, 301, 302],
-    )
+def cut(prompt, chosen, rejected, **limits):
+    t = truncate_pair(prompt, chosen, rejected, LengthLimits(**limits))
+    return t.prompt, t.chosen, t.rejected
 
 
-def test_truncation_cuts_only_the_prompt_when_that_is_enough():
-    prompt, chosen, rejected = list(range(10)), list(range(8)), list(range(3))
-    assert truncate_pair(prompt, chosen, rejected, 12, 4) == ([6, 7, 8, 9], list(range(8)), [0, 1, 2])
+P10, C20, R3 = list(range(100, 110)), list(range(200, 220)), list(range(300, 303))
 
 
-def test_a_short_prompt_is_kept_and_responses_fill_the_rest():
-    prompt, chosen, rejected = [1, 2, 3], list(range(20)), list(range(5))
-    assert truncate_pair(prompt, chosen, rejected, 12, 4) == ([1, 2, 3], list(range(9)), list(range(5)))
+def test_keep_start_keeps_the_whole_prompt_and_cuts_the_completions_ends():
+    # 10 + 20 > 12: the prompt stays, each completion keeps its first 12 - 10 = 2 tokens (TRL's default).
+    assert cut(P10, C20, R3, max_length=12) == (P10, C20[:2], R3[:2])
 
 
-def test_pairs_within_max_length_are_not_touched():
-    assert truncate_pair([1] * 10, [2] * 2, [3] * 2, 12, 4) == ([1] * 10, [2] * 2, [3] * 2)
+def test_keep_end_cuts_the_prompts_start_down_to_half_of_max_length_then_the_completions():
+    # excess 18; the prompt may lose at most 10 - 12 // 2 = 4 tokens, then completions keep 12 - 6 = 6.
+    assert cut(P10, C20, R3, max_length=12, truncation="keep_end") == (P10[4:], C20[:6], R3)
+
+
+def test_keep_end_cuts_the_prompt_only_as_much_as_needed():
+    assert cut(P10, C20[:5], R3, max_length=12, truncation="keep_end") == (P10[3:], C20[:5], R3)
+
+
+def test_keep_end_with_max_prompt_length_is_the_original_dpo_rule():
+    # The prompt keeps its last 4 tokens, then each response its first 12 - 4 = 8 (as the DPO paper's code).
+    assert cut(P10, C20, R3, max_length=12, max_prompt_length=4, truncation="keep_end") == (P10[-4:], C20[:8], R3)
+
+
+def test_max_prompt_length_caps_every_prompt_from_the_end_truncation_names():
+    assert cut(P10, R3, R3, max_length=100, max_prompt_length=4) == (P10[:4], R3, R3)
+    assert cut(P10, R3, R3, max_length=100, max_prompt_length=4, truncation="keep_end") == (P10[-4:], R3, R3)
+
+
+def test_max_completion_length_caps_every_completion_at_its_start():
+    t = truncate_pair(P10, C20, R3, LengthLimits(max_length=100, max_completion_length=5))
+    assert (t.prompt, t.chosen, t.rejected, t.cut_prompt, t.cut_completion) == (P10, C20[:5], R3, False, True)
+
+
+def test_pairs_within_the_limits_are_not_touched():
+    t = truncate_pair([1] * 10, [2] * 2, [3] * 2, LengthLimits(max_length=12))
+    assert (t.prompt, t.chosen, t.rejected, t.cut_prompt, t.cut_completion) == ([1] * 10, [2] * 2, [3] * 2, False, False)
 
 
 def test_truncate_policy_gives_exact_token_counts(chat_tokenizer):
     example = pair(prompt="what is " + "one plus " * 20 + "two?", chosen="it is " + "three " * 30 + ".", rejected="no.")
     full = ids_of(chat_tokenizer, example)
     assert (len(full.prompt_ids), len(full.chosen_ids), len(full.rejected_ids)) == (51, 36, 4)
-    ids = ids_of(chat_tokenizer, example, max_length=40, max_prompt_length=24)
-    assert ids.truncated
+    ids = ids_of(chat_tokenizer, example, max_length=60)  # keep_start: the prompt whole, chosen's first 9
+    assert (ids.prompt_ids, ids.chosen_ids, ids.rejected_ids) == (full.prompt_ids, full.chosen_ids[:9], full.rejected_ids)
+    assert (ids.truncated_prompt, ids.truncated_completion) == (False, True)
+    ids = ids_of(chat_tokenizer, example, max_length=40, max_prompt_length=24, truncation="keep_end")
+    assert (ids.truncated_prompt, ids.truncated_completion) == (True, True)
     assert ids.prompt_ids == full.prompt_ids[-24:]
     assert ids.chosen_ids == full.chosen_ids[:16]
     assert ids.rejected_ids == full.rejected_ids  # each side is checked on its own
-    assert (len(ids.prompt_ids), len(ids.chosen_ids), len(ids.rejected_ids)) == (24, 16, 4)
+
+
+def test_keep_start_drops_a_pair_whose_prompt_leaves_no_room_and_says_what_to_do(chat_tokenizer):
+    example = pair(prompt="what is " + "one plus " * 20 + "two?")
+    ids = ids_of(chat_tokenizer, example, max_length=40)
+    assert ids.dropped == "prompt_over_max_length"
+    assert ids.detail == (
+        "the prompt's 51 tokens leave no room for a completion under --max-length 40; "
+        "raise it, set --max-prompt-length, or use --truncation keep_end"
+    )
+    assert ids_of(chat_tokenizer, example, max_length=40, truncation="keep_end").dropped is None
 
 
 def test_drop_policy_drops_overlength_pairs_and_explains(chat_tokenizer):
     example = pair(chosen="it is " + "three " * 30 + ".")
     full = ids_of(chat_tokenizer, example)
-    ids = ids_of(chat_tokenizer, example, max_length=40, max_prompt_length=24, overlength="drop")
+    ids = ids_of(chat_tokenizer, example, max_length=40, overlength="drop")
     assert ids.dropped == "overlength"
     total = len(full.prompt_ids) + len(full.chosen_ids)
     assert ids.detail == f"prompt {len(full.prompt_ids)} + chosen {len(full.chosen_ids)} = {total} tokens, over --max-length 40"
-    assert ids_of(chat_tokenizer, pair(), max_length=40, max_prompt_length=24, overlength="drop").dropped is None
-
-
-def test_truncation_to_an_empty_prompt_drops_the_row(chat_tokenizer):
-    example = pair(chosen="it is " + "three " * 30 + ".")
-    ids = ids_of(chat_tokenizer, example, max_length=20, max_prompt_length=0)
-    assert ids.dropped == "empty_prompt_after_truncation"
+    assert ids_of(chat_tokenizer, pair(), max_length=40, overlength="drop").dropped is None
+    # the caps are asked for explicitly, so they apply first: capped, the pair fits and is kept
+    capped = ids_of(chat_tokenizer, example, max_length=40, max_completion_length=8, overlength="drop")
+    assert capped.dropped is None and capped.chosen_ids == full.chosen_ids[:8]
 
 
 def test_responses_identical_after_truncation_drop_the_row(chat_tokenizer):
     example = pair(chosen="three " * 30 + "yes.", rejected="three " * 30 + "no.")
-    ids = ids_of(chat_tokenizer, example, max_length=30, max_prompt_length=10)
+    ids = ids_of(chat_tokenizer, example, max_length=30, max_prompt_length=10, truncation="keep_end")
     assert ids.dropped == "identical_after_truncation"
 
 
 @pytest.mark.parametrize(
-    "max_length, max_prompt_length, overlength, message",
+    "limits, message",
     [
-        (10, 10, "truncate", "--max-prompt-length 10 must be at least 0 and below --max-length 10"),
-        (10, 4, "cut", "--overlength 'cut' is not one of truncate, drop, error"),
+        (dict(max_length=10, max_prompt_length=10), "--max-prompt-length 10 must be below --max-length 10"),
+        (dict(max_length=10, max_prompt_length=0), "--max-prompt-length 0 must be at least 1"),
+        (dict(max_length=10, max_completion_length=0), "--max-completion-length 0 must be at least 1"),
+        (dict(max_length=1), "--max-length 1 leaves no room for a prompt and a completion"),
+        (dict(overlength="cut"), "--overlength 'cut' is not one of truncate, drop, error"),
+        (dict(truncation="middle"), "--truncation 'middle' is not one of keep_start, keep_end"),
     ],
 )
-def test_bad_length_settings_are_refused(chat_tokenizer, max_length, max_prompt_length, overlength, message):
+def test_bad_length_settings_are_refused_in_one_line(limits, message):
     with pytest.raises(DpokitError) as error:
-        PairTokenizer(chat_tokenizer, max_length, max_prompt_length, overlength)
+        LengthLimits(**limits)
     assert str(error.value).startswith(message)
+
+
+def test_a_lone_max_length_is_a_valid_setting():
+    assert LengthLimits(max_length=256).max_prompt_length is None
 
 
 def test_a_tokenizer_without_template_or_eos_is_refused(plain_tokenizer_dir):
     tokenizer = AutoTokenizer.from_pretrained(plain_tokenizer_dir)
     tokenizer.eos_token = None
     with pytest.raises(DpokitError, match="no chat template and no EOS token"):
-        PairTokenizer(tokenizer, 100, 50, "truncate")
+        PairTokenizer(tokenizer, LengthLimits(100))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -5,7 +5,7 @@ The steps, for each split (``train``, and ``eval`` from ``--eval-fraction`` or `
 1. read the source's rows (`formats.load_records`);
 2. normalise each row to a `Pair` of messages (`formats.normalise`), skipping unusable rows;
 3. tokenize pairs in chunks, on ``num_proc`` processes (`tokenize.PairTokenizer`), applying the
-   overlength policy;
+   length limits (`tokenize.LengthLimits`);
 4. write the kept rows and ``manifest.json`` with `prepared.write_prepared` (temp dir + rename).
 
 Every skipped row is counted by reason in the manifest and in the closing summary table.
@@ -41,7 +41,7 @@ from dpokit import __version__
 from dpokit.artifacts import check_replaceable
 from dpokit.data.formats import FORMATS, Pair, Record, SkippedRow, load_records, normalise, parse_column_map
 from dpokit.data.prepared import COLUMNS, write_prepared
-from dpokit.data.tokenize import PairTokenizer, TokenizedPair, load_tokenizer
+from dpokit.data.tokenize import PLAIN_TURN_SEPARATOR, LengthLimits, PairTokenizer, TokenizedPair, load_tokenizer
 from dpokit.fingerprint import tokenizer_fingerprint
 from dpokit.errors import DpokitError
 
@@ -65,13 +65,26 @@ class PrepareOptions:
     eval_split: str = "test"
     subset: Optional[str] = None
     max_length: int = 1024
-    max_prompt_length: int = 512
+    max_prompt_length: Optional[int] = None
+    max_completion_length: Optional[int] = None
+    truncation: str = "keep_start"
     overlength: str = "truncate"
+    separator: str = PLAIN_TURN_SEPARATOR
     eval_fraction: float = 0.0
     eval_data: Optional[str] = None
     seed: int = 42
     num_proc: int = 1
     overwrite: bool = False
+
+    def length_limits(self) -> LengthLimits:
+        """The length settings, checked against each other."""
+        return LengthLimits(
+            self.max_length, self.max_prompt_length, self.max_completion_length, self.truncation, self.overlength
+        )
+
+
+# What happened to kept rows, counted in the manifest and the summary (`TokenizedPair` flags).
+ROW_EVENTS = ("truncated", "truncated_prompt", "truncated_completion", "retokenized", "template_common_prefix")
 
 
 @dataclass
@@ -81,8 +94,7 @@ class SplitResult:
     source: str
     read: int = 0
     columns: dict[str, list[list[int]]] = field(default_factory=lambda: {c: [] for c in COLUMNS})
-    truncated: int = 0
-    retokenized: int = 0
+    events: Counter = field(default_factory=Counter)  # ROW_EVENTS -> kept rows
     dropped: Counter = field(default_factory=Counter)
     first_dropped: dict[str, str] = field(default_factory=dict)  # reason -> "location: detail"
     formats: Counter = field(default_factory=Counter)
@@ -99,8 +111,7 @@ class SplitResult:
         self.columns["prompt_ids"].append(ids.prompt_ids)
         self.columns["chosen_ids"].append(ids.chosen_ids)
         self.columns["rejected_ids"].append(ids.rejected_ids)
-        self.truncated += ids.truncated
-        self.retokenized += ids.retokenized
+        self.events.update(event for event in ROW_EVENTS if getattr(ids, event))
 
     def completion_lengths(self) -> list[int]:
         return [len(ids) for side in ("chosen_ids", "rejected_ids") for ids in self.columns[side]]
@@ -116,7 +127,7 @@ def run_prepare(options: PrepareOptions, console: Optional[Console] = None) -> P
     check_options(options)
     column_map = parse_column_map(options.column_map)
     tokenizer = load_tokenizer(options.tokenizer or options.model, options.chat_template)
-    pair_tokenizer = PairTokenizer(tokenizer, options.max_length, options.max_prompt_length, options.overlength)
+    pair_tokenizer = PairTokenizer(tokenizer, options.length_limits(), options.separator)
     sources = split_sources(options)
 
     results = {}
@@ -147,6 +158,7 @@ def check_options(options: PrepareOptions) -> None:
         raise DpokitError("pass --eval-fraction or --eval-data, not both")
     if options.num_proc < 1:
         raise DpokitError(f"--num-proc {options.num_proc} must be at least 1")
+    options.length_limits()
     inputs = (options.data, options.eval_data, options.model, options.tokenizer, options.chat_template)
     check_output_dir(Path(options.out), options.overwrite, inputs)
     check_output_writable(Path(options.out))
@@ -307,8 +319,7 @@ def build_manifest(options: PrepareOptions, results: dict[str, SplitResult], tok
         totals.read += result.read
         for column in COLUMNS:
             totals.columns[column] += result.columns[column]
-        totals.truncated += result.truncated
-        totals.retokenized += result.retokenized
+        totals.events.update(result.events)
         totals.dropped.update(result.dropped)
         for reason, example in result.first_dropped.items():
             totals.first_dropped.setdefault(reason, example)
@@ -322,7 +333,10 @@ def build_manifest(options: PrepareOptions, results: dict[str, SplitResult], tok
         "chat_template": tokenizer.chat_template or None,
         "max_length": options.max_length,
         "max_prompt_length": options.max_prompt_length,
+        "max_completion_length": options.max_completion_length,
+        "truncation": options.truncation,
         "overlength": options.overlength,
+        "separator": None if tokenizer.chat_template else options.separator,
         "format": options.format,
         "column_map": parse_column_map(options.column_map),
         "system_prompt": options.system_prompt,
@@ -340,8 +354,7 @@ def counts(result: SplitResult) -> dict:
     return {
         "read": result.read,
         "kept": result.kept,
-        "truncated": result.truncated,
-        "retokenized": result.retokenized,
+        **{event: result.events[event] for event in ROW_EVENTS},
         "dropped": dict(sorted(result.dropped.items())),
         "first_dropped": dict(sorted(result.first_dropped.items())),
         "formats": dict(sorted(result.formats.items())),
@@ -414,9 +427,13 @@ def summary_table(results: dict[str, SplitResult], out: Path, seconds: float) ->
 
     row("rows read", lambda r: r.read)
     row("rows kept", lambda r: r.kept)
-    row("truncated", lambda r: r.truncated)
-    if any(r.retokenized for r in results.values()):
-        row("retokenized at prompt boundary", lambda r: r.retokenized)
+    row("truncated", lambda r: r.events["truncated"])
+    for event, label in (
+        ("truncated_prompt", "  prompt cut"), ("truncated_completion", "  completion cut"),
+        ("retokenized", "retokenized at prompt boundary"), ("template_common_prefix", "template: prompt cut to shared text"),
+    ):
+        if any(r.events[event] for r in results.values()):
+            row(label, lambda r, event=event: r.events[event])
     for reason in sorted(set().union(*(r.dropped for r in results.values()))):
         row(f"dropped: {reason}", lambda r: r.dropped[reason])
     for label, values in (("prompt", SplitResult.prompt_lengths), ("completion", SplitResult.completion_lengths)):

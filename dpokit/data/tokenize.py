@@ -5,16 +5,22 @@ completion is what the templated prompt+response adds after it, so the end-of-tu
 template appends belongs to the completion. When the prompt's tokens are not a prefix of the
 prompt+response tokens (BPE merged across the boundary, e.g. after a generation prompt ending in
 a space), the completion is the text after the templated prompt, tokenized on its own; such rows
-are counted as ``retokenized``. Without a chat template, the prompt is its turns' text joined by
-blank lines and each completion its text plus EOS, tokenized separately.
+are counted as ``retokenized``. When the generation prompt adds text the conversation lacks (a
+reasoning model's ``<think>`` opener), the prompt is the text both renderings share, as TRL does;
+such rows are counted as ``template_common_prefix``. Without a chat template, the prompt is its
+turns' text joined by blank lines, followed by a separator (a blank line unless the prompt ends in,
+or both completions start with, whitespace), and each completion its text plus EOS.
 
-Pairs over ``max_length`` (prompt + response, each side checked) are truncated, dropped, or
-reported, by the ``overlength`` policy. Truncation follows the original DPO code: first the
-prompt's start is dropped down to ``max_prompt_length`` tokens, then the responses' ends.
+Length limits (`LengthLimits`): completions keep their first ``max_completion_length`` tokens and
+prompts ``max_prompt_length`` tokens (the end ``truncation`` names); a pair still over
+``max_length`` is truncated, dropped or reported by the ``overlength`` policy. Truncation keeps the
+sequence's start under ``keep_start`` (TRL's default: the whole prompt, completions cut at their
+end) or, under ``keep_end``, cuts the prompt's start first (down to half of ``max_length``).
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -23,6 +29,7 @@ from dpokit.data.formats import Pair, SkippedRow
 from dpokit.errors import DpokitError
 
 OVERLENGTH_POLICIES = ("truncate", "drop", "error")
+TRUNCATION_MODES = ("keep_start", "keep_end")
 PLAIN_TURN_SEPARATOR = "\n\n"
 
 
@@ -33,10 +40,16 @@ class TokenizedPair:
     prompt_ids: list[int] = field(default_factory=list)
     chosen_ids: list[int] = field(default_factory=list)
     rejected_ids: list[int] = field(default_factory=list)
-    truncated: bool = False
+    truncated_prompt: bool = False
+    truncated_completion: bool = False
     retokenized: bool = False  # a completion was tokenized apart from its prompt (see module docstring)
+    template_common_prefix: bool = False  # the prompt is the text the renderings share (see module docstring)
     dropped: Optional[str] = None  # reason, a manifest count key
     detail: str = ""
+
+    @property
+    def truncated(self) -> bool:
+        return self.truncated_prompt or self.truncated_completion
 
 
 # ---------------------------------------------------------------------------------------------
@@ -82,16 +95,75 @@ def check_chat_template(tokenizer) -> None:
 # Truncation
 
 
-def truncate_pair(prompt: list[int], chosen: list[int], rejected: list[int], max_length: int, max_prompt_length: int):
-    """Fit both prompt+response sequences into `max_length` tokens.
+@dataclass(frozen=True)
+class LengthLimits:
+    """The token limits of a prepared pair and what happens to a pair over them (checked on creation)."""
 
-    When either side is too long, the prompt keeps its last `max_prompt_length` tokens; then each
-    response keeps its first ``max_length - len(prompt)`` tokens.
+    max_length: int = 1024
+    max_prompt_length: Optional[int] = None
+    max_completion_length: Optional[int] = None
+    truncation: str = "keep_start"
+    overlength: str = "truncate"
+
+    def __post_init__(self):
+        if self.overlength not in OVERLENGTH_POLICIES:
+            raise DpokitError(f"--overlength {self.overlength!r} is not one of {', '.join(OVERLENGTH_POLICIES)}")
+        if self.truncation not in TRUNCATION_MODES:
+            raise DpokitError(f"--truncation {self.truncation!r} is not one of {', '.join(TRUNCATION_MODES)}")
+        if self.max_length < 2:
+            raise DpokitError(f"--max-length {self.max_length} leaves no room for a prompt and a completion; use 2 or more")
+        for flag, value in (("--max-prompt-length", self.max_prompt_length), ("--max-completion-length", self.max_completion_length)):
+            if value is not None and value < 1:
+                raise DpokitError(f"{flag} {value} must be at least 1 (leave it out for no limit)")
+        if self.max_prompt_length is not None and self.max_prompt_length >= self.max_length:
+            raise DpokitError(
+                f"--max-prompt-length {self.max_prompt_length} must be below --max-length {self.max_length}, "
+                "so that every completion keeps at least one token"
+            )
+
+
+@dataclass(frozen=True)
+class Truncated:
+    """A pair's ids after `truncate_pair`, and which parts were cut."""
+
+    prompt: list[int]
+    chosen: list[int]
+    rejected: list[int]
+    cut_prompt: bool
+    cut_completion: bool
+
+
+def capped(prompt: list[int], chosen: list[int], rejected: list[int], limits: LengthLimits):
+    """The pair under the per-part caps: completions keep their first ``max_completion_length``
+    tokens, the prompt ``max_prompt_length`` tokens from the end ``truncation`` names."""
+    if limits.max_completion_length is not None:
+        chosen, rejected = chosen[: limits.max_completion_length], rejected[: limits.max_completion_length]
+    if limits.max_prompt_length is not None and len(prompt) > limits.max_prompt_length:
+        keep = limits.max_prompt_length
+        prompt = prompt[:keep] if limits.truncation == "keep_start" else prompt[len(prompt) - keep:]
+    return prompt, chosen, rejected
+
+
+def truncate_pair(prompt: list[int], chosen: list[int], rejected: list[int], limits: LengthLimits) -> Truncated:
+    """Apply the per-part caps, then fit both prompt+completion sequences into ``limits.max_length``.
+
+    Under ``keep_start`` the prompt is kept whole and the completions keep their first tokens (a
+    prompt that leaves no room comes back whole, with empty completions: the caller drops it).
+    Under ``keep_end`` the prompt's start is cut, as little as needed but not below
+    ``max_prompt_length`` (default: half of ``max_length``) tokens, and then the completions' ends.
+    A completion's start is never cut: it must follow its prompt.
     """
-    if len(prompt) + max(len(chosen), len(rejected)) > max_length and len(prompt) > max_prompt_length:
-        prompt = prompt[len(prompt) - max_prompt_length:]
-    room = max_length - len(prompt)
-    return prompt, chosen[:room], rejected[:room]
+    original = (len(prompt), len(chosen), len(rejected))
+    prompt, chosen, rejected = capped(prompt, chosen, rejected, limits)
+    excess = len(prompt) + max(len(chosen), len(rejected)) - limits.max_length
+    if excess > 0 and limits.truncation == "keep_end":
+        floor = limits.max_prompt_length if limits.max_prompt_length is not None else limits.max_length // 2
+        prompt = prompt[min(excess, max(0, len(prompt) - floor)):]
+    room = max(0, limits.max_length - len(prompt))
+    chosen, rejected = chosen[:room], rejected[:room]
+    return Truncated(
+        prompt, chosen, rejected, len(prompt) < original[0], (len(chosen), len(rejected)) != original[1:]
+    )
 
 
 def overlength_detail(prompt: list[int], chosen: list[int], rejected: list[int], max_length: int) -> str:
@@ -111,22 +183,14 @@ def overlength_detail(prompt: list[int], chosen: list[int], rejected: list[int],
 class PairTokenizer:
     """Turns `Pair` messages into `TokenizedPair` ids under one set of length limits (picklable)."""
 
-    def __init__(self, tokenizer, max_length: int, max_prompt_length: int, overlength: str):
-        if overlength not in OVERLENGTH_POLICIES:
-            raise DpokitError(f"--overlength {overlength!r} is not one of {', '.join(OVERLENGTH_POLICIES)}")
-        if not 0 <= max_prompt_length < max_length:
-            raise DpokitError(
-                f"--max-prompt-length {max_prompt_length} must be at least 0 and below --max-length {max_length}, "
-                "so that truncated responses keep at least one token"
-            )
+    def __init__(self, tokenizer, limits: LengthLimits, separator: str = PLAIN_TURN_SEPARATOR):
         if not tokenizer.chat_template and tokenizer.eos_token_id is None:
             raise DpokitError(
                 "the tokenizer has no chat template and no EOS token to end responses with; pass --chat-template"
             )
         self.tokenizer = tokenizer
-        self.max_length = max_length
-        self.max_prompt_length = max_prompt_length
-        self.overlength = overlength
+        self.limits = limits
+        self.separator = separator
 
     @property
     def uses_chat_template(self) -> bool:
@@ -141,64 +205,82 @@ class PairTokenizer:
 
     def templated_ids(self, pairs: list[Pair]) -> list[TokenizedPair]:
         """Prompt and completion ids from the chat template, before truncation."""
-        texts: list[Optional[tuple[str, str, str]]] = []
-        failures: dict[int, str] = {}
+        texts: list[Optional[tuple[str, str, str, bool]]] = []
+        failures: dict[int, SkippedRow] = {}
         for index, pair in enumerate(pairs):
             try:
                 texts.append(self.templated_texts(pair))
+            except SkippedRow as skipped:
+                texts.append(None)
+                failures[index] = skipped
             except Exception as exc:  # the template's raise_exception (e.g. roles must alternate) and jinja errors
                 texts.append(None)
-                failures[index] = str(exc)
-        ids = iter(self.encode([t for triple in texts if triple is not None for t in triple]))
+                failures[index] = SkippedRow("template_error", str(exc))
+        ids = iter(self.encode([t for texts_of in texts if texts_of is not None for t in texts_of[:3]]))
         results = []
-        for index, triple in enumerate(texts):
-            if triple is None:
-                results.append(TokenizedPair(dropped="template_error", detail=failures[index]))
+        for index, texts_of in enumerate(texts):
+            if texts_of is None:
+                results.append(TokenizedPair(dropped=failures[index].reason, detail=failures[index].detail))
                 continue
-            prompt_text, chosen_text, rejected_text = triple
+            prompt_text, chosen_text, rejected_text, common_prefix = texts_of
             prompt_ids, chosen_full, rejected_full = next(ids), next(ids), next(ids)
-            try:
-                chosen_ids, chosen_split = self.completion_ids(prompt_text, prompt_ids, chosen_text, chosen_full)
-                rejected_ids, rejected_split = self.completion_ids(prompt_text, prompt_ids, rejected_text, rejected_full)
-            except SkippedRow as skipped:
-                results.append(TokenizedPair(dropped=skipped.reason, detail=skipped.detail))
-                continue
+            chosen_ids, chosen_split = self.completion_ids(prompt_text, prompt_ids, chosen_text, chosen_full)
+            rejected_ids, rejected_split = self.completion_ids(prompt_text, prompt_ids, rejected_text, rejected_full)
             results.append(
-                TokenizedPair(prompt_ids, chosen_ids, rejected_ids, retokenized=chosen_split or rejected_split)
+                TokenizedPair(
+                    prompt_ids, chosen_ids, rejected_ids, retokenized=chosen_split or rejected_split,
+                    template_common_prefix=common_prefix,
+                )
             )
         return results
 
-    def templated_texts(self, pair: Pair) -> tuple[str, str, str]:
-        """The templated prompt (with the generation prompt) and both templated prompt+response texts."""
+    def templated_texts(self, pair: Pair) -> tuple[str, str, str, bool]:
+        """The templated prompt (with the generation prompt), both templated prompt+response texts, and
+        whether the prompt had to be cut back to the text all three share."""
         render = self.tokenizer.apply_chat_template
-        return (
-            render(pair.prompt, tokenize=False, add_generation_prompt=True),
-            render(pair.prompt + pair.chosen, tokenize=False),
-            render(pair.prompt + pair.rejected, tokenize=False),
-        )
-
-    def completion_ids(self, prompt_text: str, prompt_ids: list[int], full_text: str, full_ids: list[int]):
-        """The completion's ids, and whether they had to be tokenized apart from the prompt."""
-        if full_ids[: len(prompt_ids)] == prompt_ids:
-            return full_ids[len(prompt_ids):], False
-        if not full_text.startswith(prompt_text):
+        prompt_text = render(pair.prompt, tokenize=False, add_generation_prompt=True)
+        chosen_text = render(pair.prompt + pair.chosen, tokenize=False)
+        rejected_text = render(pair.prompt + pair.rejected, tokenize=False)
+        if chosen_text.startswith(prompt_text) and rejected_text.startswith(prompt_text):
+            return prompt_text, chosen_text, rejected_text, False
+        # The generation prompt adds text the conversation lacks (e.g. "<think>\n"): the prompt is the
+        # shared text, provided it still holds the whole conversation before the response.
+        shared = os.path.commonprefix([prompt_text, chosen_text, rejected_text])
+        if not shared.startswith(render(pair.prompt, tokenize=False)):
             raise SkippedRow(
                 "template_prompt_mismatch",
                 "the chat template renders the prompt differently when a response follows it",
             )
+        return shared, chosen_text, rejected_text, True
+
+    def completion_ids(self, prompt_text: str, prompt_ids: list[int], full_text: str, full_ids: list[int]):
+        """The completion's ids, and whether they had to be tokenized apart from the prompt (whose text
+        `full_text` starts with)."""
+        if full_ids[: len(prompt_ids)] == prompt_ids:
+            return full_ids[len(prompt_ids):], False
         return self.encode([full_text[len(prompt_text):]])[0], True
 
     # -- plain concatenation ------------------------------------------------------------------
 
     def plain_ids(self, pairs: list[Pair]) -> list[TokenizedPair]:
-        """Prompt ids (with the tokenizer's own special tokens) and completion ids plus EOS."""
-        prompts = self.encode([plain_text(p.prompt) for p in pairs], add_special_tokens=True)
-        completions = self.encode([plain_text(m) for p in pairs for m in (p.chosen, p.rejected)])
+        """Prompt ids (with the tokenizer's own special tokens and the separator) and completion ids plus EOS."""
+        completion_texts = [plain_text(m) for p in pairs for m in (p.chosen, p.rejected)]
+        prompt_texts = [
+            self.separated(plain_text(p.prompt), completion_texts[2 * i : 2 * i + 2]) for i, p in enumerate(pairs)
+        ]
+        prompts = self.encode(prompt_texts, add_special_tokens=True)
+        completions = self.encode(completion_texts)
         eos = [self.tokenizer.eos_token_id]
         return [
             TokenizedPair(prompt, completions[2 * i] + eos, completions[2 * i + 1] + eos)
             for i, prompt in enumerate(prompts)
         ]
+
+    def separated(self, prompt: str, completions: list[str]) -> str:
+        """The prompt followed by the separator, unless whitespace already divides it from both completions."""
+        if prompt[-1:].isspace() or all(c[:1].isspace() for c in completions):
+            return prompt
+        return prompt + self.separator
 
     # -- shared -------------------------------------------------------------------------------
 
@@ -212,20 +294,23 @@ class PairTokenizer:
         return [list(ids) for ids in self.tokenizer(texts, add_special_tokens=add_special_tokens)["input_ids"]]
 
     def fitted(self, pair: TokenizedPair) -> TokenizedPair:
-        """The pair under the overlength policy: unchanged, truncated, or dropped with a reason."""
-        detail = overlength_detail(pair.prompt_ids, pair.chosen_ids, pair.rejected_ids, self.max_length)
-        if not detail:
-            return pair
-        if self.overlength != "truncate":  # "error" is raised by the caller, which knows the row
+        """The pair under the length limits: unchanged, truncated, or dropped with a reason."""
+        limits = self.limits
+        detail = overlength_detail(*capped(pair.prompt_ids, pair.chosen_ids, pair.rejected_ids, limits), limits.max_length)
+        if detail and limits.overlength != "truncate":  # "error" is raised by the caller, which knows the row
             return TokenizedPair(dropped="overlength", detail=detail)
-        prompt, chosen, rejected = truncate_pair(
-            pair.prompt_ids, pair.chosen_ids, pair.rejected_ids, self.max_length, self.max_prompt_length
-        )
-        if not prompt:
-            return TokenizedPair(dropped="empty_prompt_after_truncation", detail=detail)
-        if chosen == rejected:
+        cut = truncate_pair(pair.prompt_ids, pair.chosen_ids, pair.rejected_ids, limits)
+        if not cut.chosen or not cut.rejected:
+            return TokenizedPair(
+                dropped="prompt_over_max_length",
+                detail=f"the prompt's {len(cut.prompt)} tokens leave no room for a completion under --max-length "
+                f"{limits.max_length}; raise it, set --max-prompt-length, or use --truncation keep_end",
+            )
+        if cut.chosen == cut.rejected:
             return TokenizedPair(dropped="identical_after_truncation", detail=detail)
-        return TokenizedPair(prompt, chosen, rejected, truncated=True, retokenized=pair.retokenized)
+        return TokenizedPair(
+            cut.prompt, cut.chosen, cut.rejected, cut.cut_prompt, cut.cut_completion, pair.retokenized, pair.template_common_prefix
+        )
 
 
 def plain_text(messages: list[dict[str, Any]]) -> str:
