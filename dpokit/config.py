@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 import os
-from typing import Any, Literal, Optional
+from typing import Any, Iterator, Literal, Optional
 
 import yaml
 
@@ -125,6 +125,15 @@ class EvalConfig:
 
 
 @dataclass
+class LoggingConfig:
+    # where metrics go besides metrics.jsonl: any of tensorboard, wandb, mlflow, trackio (optional extras)
+    report_to: list[Literal["tensorboard", "wandb", "mlflow", "trackio"]] = field(default_factory=lambda: ["tensorboard"])
+    project: str = "dpokit"  # W&B and trackio project, MLflow experiment
+    run_name: Optional[str] = None  # default: the run directory's name
+    mlflow_tracking_uri: Optional[str] = None  # default: MLFLOW_TRACKING_URI, else MLflow's own default
+
+
+@dataclass
 class OutputConfig:
     dir: str = "runs/dpo"
     merge: bool = False  # also write a merged full model at the end (LoRA family)
@@ -145,6 +154,7 @@ class TrainConfig:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
 
 
@@ -403,6 +413,15 @@ def _coerce(hint: Any, value: Any, key: str, source: str) -> Any:
             raise DpokitError(f"{source}: {key} must be a string, got {value!r}")
         return str(value)
     return value
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """``{"optimizer": {"lr": 1e-5}}`` -> ``("optimizer.lr", 1e-5)``, for every leaf."""
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            yield from flatten(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:

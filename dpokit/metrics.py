@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Optional, Sequence
 
 import torch
 from rich.console import Console
@@ -92,24 +92,15 @@ class PairMetrics:
 
 
 class MetricsLogger:
-    """Appends one JSON object per log call to ``run/metrics.jsonl`` (and TensorBoard if installed)."""
+    """Appends one JSON object per log call to ``run/metrics.jsonl``, and passes the same values to the run's
+    trackers (`dpokit.trackers`: TensorBoard, W&B, MLflow, trackio) as ``split/name``."""
 
-    def __init__(self, run_dir: Path, enabled: bool = True, tensorboard: bool = True):
+    def __init__(self, run_dir: Path, enabled: bool = True, trackers: Sequence = ()):
         self.enabled = enabled
-        self.tensorboard_missing = False  # asked for, but the optional package is not installed
         self.path = Path(run_dir) / METRICS_FILE
-        self.tb = None
-        if not enabled:
-            return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.tb = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
-            except ImportError:
-                self.tb = None
-                self.tensorboard_missing = True
+        self.trackers = list(trackers) if enabled else []
+        if enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
 
     def log(self, step: int, split: str, metrics: dict[str, float]) -> None:
         if not self.enabled:
@@ -119,25 +110,24 @@ class MetricsLogger:
             f.write(json.dumps(record) + "\n")
             f.flush()
             os.fsync(f.fileno())
-        if self.tb is not None:
-            for name, value in metrics.items():
-                self.tb.add_scalar(f"{split}/{name}", value, step)
+        for tracker in self.trackers:
+            tracker.log(step, {f"{split}/{name}": value for name, value in metrics.items()})
 
     def log_samples(self, step: int, samples: list[dict[str, str]]) -> None:
-        """Append the policy's replies at `step` to ``samples.jsonl`` (one record per prompt) and TensorBoard."""
+        """Append the policy's replies at `step` to ``samples.jsonl`` (one record per prompt) and the trackers."""
         if not self.enabled or not samples:
             return
         with (self.path.parent / SAMPLES_FILE).open("a") as f:
             f.write("".join(json.dumps({"step": step, **sample}) + "\n" for sample in samples))
             f.flush()
             os.fsync(f.fileno())
-        if self.tb is not None:
-            table = "\n".join(f"| {s['prompt']!r} | {s['completion']!r} |" for s in samples)
-            self.tb.add_text("eval/samples", "| prompt | completion |\n|---|---|\n" + table, step)
+        for tracker in self.trackers:
+            tracker.log_samples(step, samples)
 
     def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
+        for tracker in self.trackers:
+            tracker.close()
+        self.trackers = []
 
 
 SAMPLES_FILE = "samples.jsonl"
@@ -232,7 +222,20 @@ PLOTS = {
 
 
 PLOT_EXTRA = "pip install 'dpokit[plot]'"  # matplotlib is an optional extra
-TENSORBOARD_EXTRA = "pip install 'dpokit[tensorboard]'"
+
+
+def pyplot(purpose: str = "drawing curves"):
+    """``matplotlib.pyplot`` on the file-only Agg backend; `DpokitError` naming the extra to install (and
+    what it was for, `purpose`) when matplotlib is missing."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise DpokitError(f"{purpose} needs matplotlib, an optional extra: {PLOT_EXTRA}") from None
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def plot_run(run_dir: str | Path, out_dir: Optional[str | Path] = None) -> list[Path]:
@@ -240,14 +243,7 @@ def plot_run(run_dir: str | Path, out_dir: Optional[str | Path] = None) -> list[
     weighted loss combination (``loss_terms.png``) when it has them.
 
     Raises `DpokitError` naming the extra to install when matplotlib is missing."""
-    try:
-        import matplotlib
-    except ImportError:
-        raise DpokitError(f"drawing curves needs matplotlib, an optional extra: {PLOT_EXTRA}") from None
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     run_dir = Path(run_dir)
     out_dir = Path(out_dir) if out_dir else run_dir / "plots"
     out_dir.mkdir(parents=True, exist_ok=True)

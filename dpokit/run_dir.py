@@ -10,10 +10,12 @@ how it runs (logging, saving, layout, memory options, the number of processes) m
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 from dpokit.artifacts import is_dpokit_artifact, remove_within
+from dpokit.config import flatten
 from dpokit.errors import DpokitError
+from dpokit.trackers import TRACKERS_FILE
 
 RUN_LOCK = ".dpokit.lock"
 
@@ -56,18 +58,10 @@ def start_or_resume(run_dir: Path, output, clear: bool = True) -> Optional[Path]
         )
     # A fresh run must not inherit an old run's files (dpokit's only; an absent or empty --out has none).
     if output.overwrite and clear and is_dpokit_artifact(run_dir, "run"):
-        old = [run_dir / "metrics.jsonl", run_dir / "samples.jsonl", run_dir / "config.yaml",
+        old = [run_dir / "metrics.jsonl", run_dir / "samples.jsonl", run_dir / "config.yaml", run_dir / TRACKERS_FILE,
                *(path for _, path in list_checkpoints(run_dir))]
         remove_within(run_dir, "run", old)
     return None
-
-
-def flatten(tree: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            yield from flatten(value, f"{prefix}{key}.")
-        else:
-            yield f"{prefix}{key}", value
 
 
 def config_changes(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:

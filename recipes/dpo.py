@@ -18,7 +18,7 @@ Where to change things (after ``dpokit eject recipe``)
                       the policy and a live reference both go through it. The cache was made by
                       ``dpokit.logps.concatenated_forward``: if an edit changes the log-probs, the
                       step-0 check stops the run before any update (use ``reference.source=live``)
-    the metrics       ``step_metrics()``: add a key there and it goes to metrics.jsonl and TensorBoard
+    the metrics       ``step_metrics()``: add a key there and it goes to metrics.jsonl and every tracker
     the cadence       ``after_step()``: when to log, evaluate and save
 
 Fidelity (every run, before the first update)
@@ -63,7 +63,7 @@ from dpokit.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from dpokit.config import QUANTIZED_METHODS, TrainConfig, config_to_dict, config_to_yaml, parse_recipe_args, uses_bitsandbytes
+from dpokit.config import QUANTIZED_METHODS, LoggingConfig, TrainConfig, config_to_dict, config_to_yaml, parse_recipe_args, uses_bitsandbytes
 from dpokit.data.collate import collate_pairs
 from dpokit.types import ChosenRejectedOutputs, PairBatch, TrainResult
 from dpokit.data.prepared import load_prepared, pair_lengths
@@ -85,7 +85,7 @@ from dpokit.fidelity import Layout, check_layout, check_pairs, check_step_zero
 from dpokit.lock import WriterLock
 from dpokit.logps import concatenated_forward
 from dpokit.losses import build_loss, check_loss_outputs, is_reference_free
-from dpokit.metrics import TENSORBOARD_EXTRA, MetricsLogger, PairMetrics, summary_table, training_progress, truncate_metrics
+from dpokit.metrics import MetricsLogger, PairMetrics, summary_table, training_progress, truncate_metrics
 from dpokit.model import (
     compile_layers,
     activation_offloading,
@@ -100,6 +100,7 @@ from dpokit.model import (
 )
 from dpokit.optim import OptimizerInBackward, build_optimizer, build_scheduler
 from dpokit.preemption import StopSignals, TrainingInterrupted
+from dpokit.trackers import check_trackers, extra_of, missing_trackers, open_trackers
 from dpokit.run_dir import RUN_LOCK, check_resume_config, start_or_resume
 from dpokit.reference.source import CachedReference, LiveReference, check_token_counts
 
@@ -127,6 +128,8 @@ class DPORecipe:
         self.train_split = self.data.split("train")
         self.eval_split = self.data.split("eval") if "eval" in self.data.splits else None
 
+        if self.dist.is_main:  # a tracker named but not installed fails now, not after the model loads
+            check_trackers(cfg.logging.report_to, default=LoggingConfig().report_to)
         self.loss_fn = build_loss(cfg.loss)
         self.token_stats = tuple(getattr(self.loss_fn, "token_stats", ()))  # full-vocabulary values the loss asks for
         self.lock = WriterLock(self.run_dir / RUN_LOCK, f"run directory {self.run_dir}", self.announce)
@@ -180,12 +183,12 @@ class DPORecipe:
         self.skipped_steps = 0
         if checkpoint is not None:
             self._load_training_state(checkpoint)
-        self.logger = MetricsLogger(self.run_dir, enabled=self.dist.is_main)
         if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             if not is_dpokit_artifact(self.run_dir, "run"):
                 write_marker(self.run_dir, "run")  # `--overwrite` later replaces only what this run wrote
             self._write_config(checkpoint)
+        self.logger = MetricsLogger(self.run_dir, enabled=self.dist.is_main, trackers=self._open_trackers(checkpoint))
         self.signals = StopSignals(self.announce)
         self.last_saved_step = self.step if checkpoint is not None else None
         self.last_save_time = time.monotonic()
@@ -214,6 +217,16 @@ class DPORecipe:
             self.resume_state = load_training_state(checkpoint)
             check_resume_config(self.resume_state, self.cfg, self.dist.world_size, checkpoint, self.announce)
         return checkpoint
+
+    def _open_trackers(self, checkpoint) -> list:
+        """The trackers of ``logging.report_to`` (main process only), continuing their runs on resume."""
+        log = self.cfg.logging
+        if not self.dist.is_main:
+            return []
+        return open_trackers(
+            log.report_to, self.run_dir, log.project, log.run_name, config_to_dict(self.cfg),
+            resume=checkpoint is not None, tracking_uri=log.mlflow_tracking_uri,
+        )
 
     def _write_config(self, checkpoint) -> None:
         """``config.yaml`` describes the run; a resumed run with allowed changes keeps the old one beside it."""
@@ -484,8 +497,8 @@ class DPORecipe:
             self.console.print(summary_table(f"dpokit train: {self.step} steps", _summary_rows(self.result)))
             if self.last_replies and self.last_replies[1]:
                 self.console.print(samples_table(self.first_replies, self.last_replies))
-            if self.logger.tensorboard_missing:  # said once, at the end of the run
-                self.announce(f"no TensorBoard logs: the tensorboard package is an optional extra ({TENSORBOARD_EXTRA}); "
+            if "tensorboard" in missing_trackers(self.cfg.logging.report_to):  # said once, at the end of the run
+                self.announce(f"no TensorBoard logs: the tensorboard package is an optional extra ({extra_of('tensorboard')}); "
                               "metrics.jsonl has every value")
         return self.result
 
