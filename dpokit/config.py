@@ -119,7 +119,8 @@ class DistributedConfig:
 
 @dataclass
 class EvalConfig:
-    samples: int = 0  # eval prompts the policy answers at every eval (samples.jsonl, TensorBoard text, the summary)
+    samples: int = 0  # eval prompts the policy answers at every eval (samples.jsonl, the trackers, the summary)
+    prompts_file: Optional[str] = None  # more prompts it answers at every eval: .txt lines, or rows with a 'prompt'
     max_new_tokens: int = 64
     temperature: float = 0.0  # 0: greedy
 

@@ -266,6 +266,16 @@ def pad_token_id(model: nn.Module) -> int:
     return 0
 
 
+def stop_token_ids(model: nn.Module, tokenizer) -> set[int]:
+    """The ids that end a generated reply, as `generate` reads them: the generation config's and the model
+    config's end-of-sequence tokens (one or a list), and the tokenizer's."""
+    ids: set[int] = set()
+    for source in (getattr(model, "generation_config", None), model.config, tokenizer):
+        token = getattr(source, "eos_token_id", None)
+        ids.update(token if isinstance(token, (list, tuple)) else [] if token is None else [token])
+    return {int(t) for t in ids}
+
+
 def block_bitsandbytes_import() -> None:
     """Keep bitsandbytes out of this process: peft and transformers import it whenever it is installed,
     which costs about a second (it compiles kernels with torch's compiler at import) and prints a warning

@@ -65,9 +65,11 @@ from dpokit.checkpoint import (
 )
 from dpokit.config import QUANTIZED_METHODS, LoggingConfig, TrainConfig, config_to_dict, config_to_yaml, parse_recipe_args, uses_bitsandbytes
 from dpokit.data.collate import collate_pairs
+from dpokit.data.formats import load_prompts
 from dpokit.types import ChosenRejectedOutputs, PairBatch, TrainResult
 from dpokit.data.prepared import load_prepared, pair_lengths
 from dpokit.data.sampler import PairSampler
+from dpokit.data.tokenize import PLAIN_TURN_SEPARATOR, LengthLimits, PairTokenizer
 from dpokit.distributed import (
     any_rank,
     apply_fsdp,
@@ -83,7 +85,7 @@ from dpokit.export import export_run
 from dpokit.family import attn_implementation_of
 from dpokit.fidelity import Layout, check_layout, check_pairs, check_step_zero
 from dpokit.lock import WriterLock
-from dpokit.logps import concatenated_forward
+from dpokit.logps import concatenated_forward, generate_reply
 from dpokit.losses import build_loss, check_loss_outputs, is_reference_free
 from dpokit.metrics import MetricsLogger, PairMetrics, summary_table, training_progress, truncate_metrics
 from dpokit.model import (
@@ -95,6 +97,7 @@ from dpokit.model import (
     load_policy,
     load_reference,
     pad_token_id,
+    stop_token_ids,
     training_dtypes,
     uses_adapters,
 )
@@ -139,6 +142,8 @@ class DPORecipe:
         self.params_dtype, self.compute_dtype = training_dtypes(cfg.model, self.device)
         self.policy = load_policy(cfg.model, cfg.lora, self.device, adapter=cfg.reference.adapter)
         self.tokenizer = self._load_tokenizer()
+        self.prompts_to_answer = self.sample_prompts()
+        self.stop_ids = stop_token_ids(self.policy, self.tokenizer)
         self.pad_id = pad_token_id(self.policy)
         if checkpoint is not None:
             load_model_weights(self.policy, checkpoint, self.adapters)
@@ -434,26 +439,36 @@ class DPORecipe:
         return metrics.means()
 
     @torch.no_grad()
-    def eval_samples(self) -> list[dict[str, str]]:
-        """The policy's replies to the first ``eval.samples`` eval prompts (greedy unless ``eval.temperature``).
-        Every rank generates the same prompts (under FSDP each forward is collective); the main rank logs them."""
+    def sample_prompts(self) -> list[list[int]]:
+        """Prompt ids the policy answers at every eval: the first ``eval.samples`` of the eval split, then those
+        of ``eval.prompts_file``, made as `dpokit prepare` made the data's (its chat template or separator)."""
         cfg = self.cfg.eval
-        if not cfg.samples or self.eval_split is None:
+        prompts = list(self.eval_split[: cfg.samples]["prompt_ids"]) if cfg.samples and self.eval_split is not None else []
+        if cfg.prompts_file:
+            manifest = self.data.manifest  # data written by other tools may not record a template: the tokenizer's
+            self.tokenizer.chat_template = manifest.get("chat_template", self.tokenizer.chat_template)
+            as_prepared = PairTokenizer(self.tokenizer, LengthLimits(), manifest.get("separator") or PLAIN_TURN_SEPARATOR)
+            prompts += as_prepared.prompt_ids(load_prompts(cfg.prompts_file))
+        return prompts
+
+    def eval_samples(self) -> list[dict[str, str]]:
+        """The policy's replies to `sample_prompts` (greedy unless ``eval.temperature``). Every rank generates
+        the same prompts with the same seed (under FSDP each forward is collective); the main rank logs them."""
+        cfg = self.cfg.eval
+        if not self.prompts_to_answer:
             return []
         self.policy.eval()
         replies = []
-        for prompt_ids in self.eval_split[: cfg.samples]["prompt_ids"]:
-            inputs = torch.tensor([prompt_ids], device=self.device)
-            with self.autocast():
-                output = self.policy.generate(
-                    input_ids=inputs, attention_mask=torch.ones_like(inputs), max_new_tokens=cfg.max_new_tokens,
-                    do_sample=cfg.temperature > 0, temperature=cfg.temperature if cfg.temperature > 0 else None,
-                    top_p=None, top_k=None, pad_token_id=self.pad_id,
-                )
-            replies.append({
-                "prompt": self.tokenizer.decode(prompt_ids, skip_special_tokens=False),
-                "completion": self.tokenizer.decode(output[0, inputs.shape[1]:], skip_special_tokens=True).strip(),
-            })
+        devices = [torch.cuda.current_device()] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):  # sampling leaves the training RNG as it was (exact resume)
+            torch.manual_seed(self.cfg.training.seed + self.step)
+            for prompt_ids in self.prompts_to_answer:
+                with self.autocast():
+                    reply = generate_reply(self.policy, prompt_ids, cfg.max_new_tokens, cfg.temperature, self.stop_ids, self.device)
+                replies.append({
+                    "prompt": self.tokenizer.decode(prompt_ids, skip_special_tokens=False),
+                    "completion": self.tokenizer.decode(reply, skip_special_tokens=True).strip(),
+                })
         self.policy.train()
         return replies
 

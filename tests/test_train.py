@@ -308,15 +308,27 @@ def test_adamw_uses_the_fused_kernel_for_plain_cpu_parameters():
 
 
 def test_eval_samples_are_written_at_every_eval_and_shown_before_and_after(tiny_model_dir, prepared_dir, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     from dpokit.metrics import read_samples
 
-    run = tmp_path / "run"
+    run, prompts = tmp_path / "run", tmp_path / "prompts.txt"
+    prompts.write_text("what is 7 plus 1?\n\n")  # one prompt; blank lines are not prompts
     args = ["train", "--config", "tiny_lora", "--max-steps", "4", *overrides(tiny_model_dir, prepared_dir, run),
-            "training.eval_every=2", "training.eval_at_start=true", "eval.samples=2", "eval.max_new_tokens=5"]
+            "training.eval_every=2", "training.eval_at_start=true", "eval.samples=2", "eval.max_new_tokens=5",
+            f"eval.prompts_file={prompts}"]
     assert main(args) == 0
     samples = read_samples(run)
-    assert [s["step"] for s in samples] == [0, 0, 2, 2, 4, 4]
+    assert [s["step"] for s in samples] == [0, 0, 0, 2, 2, 2, 4, 4, 4]
     assert all(s["prompt"] and isinstance(s["completion"], str) for s in samples)
-    assert samples[0]["prompt"] == samples[2]["prompt"]  # the same eval prompts at every eval
+    assert samples[0]["prompt"] == samples[3]["prompt"]  # the same eval prompts at every eval
+    # the file's prompt goes through the data's chat template, and at step 0 (LoRA starts as a no-op) the reply is
+    # the model's own greedy continuation
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    assert samples[2]["prompt"] == "<|user|>what is 7 plus 1?<|end|><|assistant|>"
+    ids = tokenizer(samples[2]["prompt"], add_special_tokens=False, return_tensors="pt")["input_ids"]
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    greedy = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    assert samples[2]["completion"] == tokenizer.decode(greedy[0, ids.shape[1]:], skip_special_tokens=True).strip()
     summary = capsys.readouterr().err
     assert "eval samples" in summary and "step 0" in summary and "step 4" in summary  # before and after, side by side

@@ -11,7 +11,7 @@ import textwrap
 import pytest
 
 from dpokit.cli import main
-from dpokit.metrics import read_metrics
+from dpokit.metrics import read_metrics, read_samples
 
 from conftest import ONE_PROCESS_RUN
 
@@ -33,6 +33,8 @@ def test_two_processes_match_one_process_step_by_step_full_with_accumulation(tra
     for r1, r2 in zip(read_metrics(one, "train"), read_metrics(two_process_run, "train")):
         assert r2["rewards/accuracies"] == pytest.approx(r1["rewards/accuracies"], abs=1e-6)
         assert r2["rewards/margins"] == pytest.approx(r1["rewards/margins"], abs=1e-4)
+    # eval.samples under FSDP: every rank generates (collective forwards), the main rank logs the same replies
+    assert read_samples(two_process_run) == read_samples(one) and len(read_samples(one)) == 2
 
 
 def test_a_two_process_checkpoint_resumes_on_one_process(train_cli, two_process_run, tmp_path):

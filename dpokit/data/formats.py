@@ -78,6 +78,29 @@ def load_records(data: str, split: str = "train", subset: Optional[str] = None) 
     return hub_records(data, split, subset)
 
 
+def load_prompts(path: str) -> list[list[dict[str, str]]]:
+    """The prompts of a file, as message lists: a ``.txt`` file's non-empty lines (one user turn each), or the
+    ``prompt`` of each row of a json/jsonl/csv/parquet file (text, or a list of messages as in the
+    conversational format). A bad row stops with its location (nothing is skipped silently)."""
+    file = Path(path)
+    if not file.is_file():
+        raise DpokitError(f"prompts file {path} does not exist")
+    if file.suffix.lower() == ".txt":
+        lines = file.read_text(encoding="utf-8").splitlines()
+        return [[{"role": "user", "content": line}] for line in lines if line.strip()]
+    prompts = []
+    for record in file_records(file):
+        value = record.row.get("prompt")
+        try:
+            if value is None:
+                raise SkippedRow("missing", f"no 'prompt' column (columns: {', '.join(record.row)})")
+            prompts.append(message_list(value, "prompt") if not isinstance(value, str) else
+                           [{"role": "user", "content": text_value(value, "prompt")}])
+        except SkippedRow as bad:
+            raise DpokitError(f"{record.location}: {bad.detail}; a prompts file has a 'prompt' per row (text or messages)") from None
+    return prompts
+
+
 def data_files(folder: Path) -> list[Path]:
     """The supported files below `folder`, in sorted order (hidden files left out)."""
     files = sorted(

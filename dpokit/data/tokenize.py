@@ -276,6 +276,14 @@ class PairTokenizer:
             for i, prompt in enumerate(prompts)
         ]
 
+    def prompt_ids(self, prompts: list[list[dict[str, Any]]]) -> list[list[int]]:
+        """Ids of prompts alone, as `tokenize` makes a pair's prompt: the template's generation prompt, or the
+        plain text and the separator (for generation, where no reply decides whether whitespace divides them)."""
+        if self.uses_chat_template:
+            render = self.tokenizer.apply_chat_template
+            return self.encode([render(p, tokenize=False, add_generation_prompt=True) for p in prompts])
+        return self.encode([self.separated(plain_text(p), ["x"]) for p in prompts], add_special_tokens=True)
+
     def separated(self, prompt: str, completions: list[str]) -> str:
         """The prompt followed by the separator, unless whitespace already divides it from both completions."""
         if prompt[-1:].isspace() or all(c[:1].isspace() for c in completions):
