@@ -1,7 +1,7 @@
 """dpokit's own outputs: how they are recognised, when one may be replaced, and how it is replaced.
 
 Every command that writes an output (``prepare``, ``ref-logps``, ``train``, ``export``,
-``quickstart``, ``eject``) goes through this module, so that nothing dpokit did not write is ever
+``quickstart``, ``eject``, ``cache audit``, ``import``) goes through this module, so that nothing dpokit did not write is ever
 deleted:
 
 - `check_replaceable` runs before any work: an existing target is replaced only when it is
@@ -12,13 +12,14 @@ deleted:
 
 How an artifact is recognised (`is_dpokit_artifact`):
 
-- a directory (``prepared``, ``export``, ``quickstart``, ``run``) holds the marker file
+- a directory (``prepared``, ``export``, ``quickstart``, ``run``, ``audit``) holds the marker file
   ``.dpokit-artifact.json`` naming its kind, the dpokit version and the creation time. A
   ``prepared/`` directory from before the marker is recognised by its ``manifest.json`` (with
   ``format_version`` and ``data_fingerprint``) when it holds nothing but that and its split folders.
 - a reference cache (``cache``) is an HDF5 file whose root attributes include dpokit's
   ``format_version`` and ``data_fingerprint``.
-- an ejected recipe or config (``ejected``) starts with the line ``# Ejected by dpokit ...``.
+- an ejected recipe or config (``ejected``) starts with the line ``# Ejected by dpokit ...``, a config
+  converted by ``dpokit import`` (``imported``) with ``# Imported by dpokit ...``.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from dpokit.lock import process_alive
 
 MARKER_NAME = ".dpokit-artifact.json"
 EJECTED_PREFIX = "# Ejected by dpokit"
+IMPORTED_PREFIX = "# Imported by dpokit"
 
 # kind -> what the user calls it, as it reads in "it is not a ..."
 DIRECTORY_KINDS = {
@@ -44,11 +46,14 @@ DIRECTORY_KINDS = {
     "export": "`dpokit export` output",
     "quickstart": "`dpokit quickstart` folder",
     "run": "dpokit training run directory",
+    "audit": "`dpokit cache audit` output",
 }
 FILE_KINDS = {
     "cache": "dpokit reference cache",
     "ejected": "file written by `dpokit eject`",
+    "imported": "config written by `dpokit import`",
 }
+FIRST_LINES = {"ejected": EJECTED_PREFIX, "imported": IMPORTED_PREFIX}  # how a text file kind is told
 CACHE_ATTRS = ("format_version", "data_fingerprint")  # root attributes every dpokit cache has
 LEGACY_MANIFEST = "manifest.json"
 LEGACY_MANIFEST_KEYS = ("format_version", "data_fingerprint")
@@ -91,12 +96,17 @@ def not_own_reason(path: Path, kind: str) -> Optional[str]:
     _check_kind(kind, FILE_KINDS)
     if not path.is_file():
         return "it is not a file"
-    return _cache_reason(path) if kind == "cache" else _ejected_reason(path)
+    return _cache_reason(path) if kind == "cache" else _first_line_reason(path, FIRST_LINES[kind])
 
 
 def ejected_header(source: Path) -> str:
     """The first line `dpokit eject` writes above a copied file, by which ``--force`` recognises it later."""
     return f"{EJECTED_PREFIX} {__version__} from {source.name}; `dpokit eject --force` replaces this file\n"
+
+
+def imported_header(source: Path) -> str:
+    """The first line of a config `dpokit import` converted, by which ``--overwrite`` recognises it later."""
+    return f"{IMPORTED_PREFIX} {__version__} from {source.name}; `dpokit import ... --overwrite` replaces this file\n"
 
 
 def _check_kind(kind: str, kinds: dict[str, str]) -> None:
@@ -156,10 +166,10 @@ def _cache_reason(path: Path) -> Optional[str]:
     return f"its HDF5 root attributes lack {', '.join(missing)}" if missing else None
 
 
-def _ejected_reason(path: Path) -> Optional[str]:
+def _first_line_reason(path: Path, prefix: str) -> Optional[str]:
     with path.open("rb") as handle:
-        first_line = handle.readline(len(EJECTED_PREFIX) + 1)
-    return None if first_line.startswith(EJECTED_PREFIX.encode()) else f"its first line is not {EJECTED_PREFIX!r}"
+        first_line = handle.readline(len(prefix) + 1)
+    return None if first_line.startswith(prefix.encode()) else f"its first line is not {prefix!r}"
 
 
 # ----------------------------------------------------------------------------------------------

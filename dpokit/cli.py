@@ -23,12 +23,14 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-cache_app = typer.Typer(help="Inspect and verify reference caches (ref.h5).", no_args_is_help=True)
+cache_app = typer.Typer(help="Inspect, verify and audit reference caches (ref.h5).", no_args_is_help=True)
 config_app = typer.Typer(help="List and show training configs.", no_args_is_help=True)
 eject_app = typer.Typer(help="Copy the training recipe or a config out for customisation.", no_args_is_help=True)
 app.add_typer(cache_app, name="cache")
 app.add_typer(config_app, name="config")
+import_app = typer.Typer(help="Convert another tool's training config into a dpokit config.", no_args_is_help=True)
 app.add_typer(eject_app, name="eject")
+app.add_typer(import_app, name="import")
 
 err_console = Console(stderr=True)
 
@@ -163,6 +165,33 @@ def cache_verify(
     from dpokit.reference.inspection import verify_cache
 
     verify_cache(str(file), str(prepared) if prepared else None, model, adapter, sample, tolerance, batch_size, seed)
+
+
+@cache_app.command("audit")
+def cache_audit(
+    file: Path = typer.Argument(..., help="A finished reference cache (ref.h5)."),
+    data: Optional[Path] = typer.Option(None, "--data", help="The prepared data it was built from (default: the one the cache records)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Folder for audit.json and the plots (default: REF-audit/ next to the cache); an earlier audit there is replaced."),
+    top: int = typer.Option(10, "--top", help="Pairs listed per split that the reference disagrees with most."),
+    write_filtered: Optional[Path] = typer.Option(None, "--write-filtered", help="Write the rows --drop keeps as a new prepared dataset here, with its reference cache."),
+    drop: Optional[str] = typer.Option(None, "--drop", help="With --write-filtered: comma-separated reasons to drop a pair: identical, ref-disagrees, dup-prompts."),
+    min_margin: float = typer.Option(0.0, "--min-margin", help="ref-disagrees drops pairs whose reference margin (chosen - rejected log-prob) is below this."),
+    filtered_cache: Optional[Path] = typer.Option(None, "--filtered-cache", help="The filtered data's cache (default: OUT-ref.h5 next to --write-filtered OUT)."),
+    filter_eval: bool = typer.Option(False, "--filter-eval", help="Also filter the eval split (by default it is copied whole, so eval metrics stay comparable)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier --write-filtered output and its cache."),
+) -> None:
+    """Report what the reference thinks of the data (accuracy, margins, length bias, identical pairs, duplicate
+    prompts, worst pairs); optionally write a filtered prepared dataset and its cache (docs/audit.md)."""
+    from dpokit.reference.audit import AuditOptions, run_audit
+
+    run_audit(
+        AuditOptions(
+            cache=str(file), prepared=str(data) if data else None, out=str(out) if out else None, top=top,
+            write_filtered=str(write_filtered) if write_filtered else None, drop=drop.split(",") if drop else (),
+            min_margin=min_margin, filtered_cache=str(filtered_cache) if filtered_cache else None,
+            filter_eval=filter_eval, overwrite=overwrite,
+        )
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -316,6 +345,22 @@ def config_show(
     from dpokit.config import config_to_yaml, load_config
 
     typer.echo(config_to_yaml(load_config(name, overrides or [])), nl=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# import
+
+
+@import_app.command("torchtune")
+def import_torchtune(
+    config: Path = typer.Argument(..., help="A torchtune DPO recipe config (YAML), e.g. 8B_lora_dpo_single_device.yaml."),
+    out: Path = typer.Option(..., "--out", "-o", help="The dpokit config to write; pass it to `dpokit train --config`."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a config an earlier `dpokit import` wrote (nothing else)."),
+) -> None:
+    """Convert a torchtune DPO config into a dpokit config; print what to run and what has no equivalent."""
+    from dpokit.torchtune_config import import_torchtune as convert_file, summary
+
+    typer.echo(summary(convert_file(config, out, overwrite), out))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -6,4 +6,6 @@
 - `dpokit.reference.source`: what training reads: `CachedReference` (the file) or `LiveReference`
   (a model run on the fly), both giving a `ChosenRejectedOutputs` per batch.
 - `dpokit.reference.inspection`: `dpokit cache info` and `dpokit cache verify`.
+- `dpokit.reference.audit`: `dpokit cache audit`: what the reference thinks of the data, and a filtered
+  copy of the data with its cache.
 """

@@ -38,6 +38,7 @@ from dpokit import __version__
 from dpokit.artifacts import check_replaceable, replace_atomically
 from dpokit.errors import DpokitError
 from dpokit.fingerprint import combine_fingerprints
+from dpokit.lock import WriterLock
 
 if TYPE_CHECKING:
     import torch
@@ -452,3 +453,27 @@ class RefCacheWriter:
         """Set ``done`` for `rows` of a split's open group (their values are already flushed)."""
         group[DONE][rows] = True
         self.rows_written += len(rows)
+
+
+def subset_cache(source: RefCache, rows: dict[str, np.ndarray], path: str | os.PathLike, attrs: dict[str, Any]) -> RefCache:
+    """A new cache at `path` holding rows ``rows[split]`` of `source`, renumbered ``0..K-1`` in that order, with
+    root attributes `attrs`: the cache of a prepared dataset made of those rows (``dpokit cache audit
+    --write-filtered``). Values are copied, not recomputed; every listed row of `source` must be done.
+
+    A file already at `path` is replaced only if it is a reference cache (`check_cache_target`).
+    """
+    path = Path(path)
+    tables = {split: source.logps(split) for split in rows}
+    token_counts = {split: (table.chosen_tokens + table.rejected_tokens).numpy()[rows[split]] for split, table in tables.items()}
+    with WriterLock(Path(f"{path}.lock"), f"reference cache {path}"):
+        create_or_resume_cache(path, attrs, {split: len(index) for split, index in rows.items()}, True, token_counts)
+        writer = RefCacheWriter(path)
+        for split, index in rows.items():
+            table = tables[split]
+            token_logps = None
+            if table.token_logps is not None:
+                offsets, values = table.token_offsets.numpy(), table.token_logps.numpy()
+                token_logps = [values[offsets[i] : offsets[i + 1]] for i in index]
+            columns = {name: getattr(table, name).numpy()[index] for name in ROW_DATASETS}
+            writer.write(split, np.arange(len(index)), **columns, token_logps=token_logps)
+    return open_cache(path)
