@@ -221,7 +221,7 @@ PLOTS = {
 }
 
 
-PLOT_EXTRA = "pip install 'dpokit[plot]'"  # matplotlib is an optional extra
+PLOT_INSTALL = "pip install matplotlib"  # a dependency, but an environment can still lack it
 
 
 def pyplot(purpose: str = "drawing curves"):
@@ -230,7 +230,7 @@ def pyplot(purpose: str = "drawing curves"):
     try:
         import matplotlib
     except ImportError:
-        raise DpokitError(f"{purpose} needs matplotlib, an optional extra: {PLOT_EXTRA}") from None
+        raise DpokitError(f"{purpose} needs matplotlib, a dpokit dependency missing here: {PLOT_INSTALL}") from None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

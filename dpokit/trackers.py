@@ -8,7 +8,7 @@ config as the run's parameters, and the eval replies as a text table. The run id
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import json
 import os
 from pathlib import Path
@@ -19,7 +19,7 @@ from dpokit.config import flatten
 from dpokit.errors import DpokitError
 
 TRACKERS = ("tensorboard", "wandb", "mlflow", "trackio")
-PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "trackio": "trackio"}
+MODULES = {"tensorboard": "torch.utils.tensorboard", "wandb": "wandb", "mlflow": "mlflow", "trackio": "trackio"}
 TRACKERS_FILE = "trackers.json"
 
 
@@ -29,8 +29,14 @@ def extra_of(name: str) -> str:
 
 
 def missing_trackers(names: list[str]) -> list[str]:
-    """The trackers in `names` whose package is not installed."""
-    return [name for name in names if importlib.util.find_spec(PACKAGES[name]) is None]
+    """The trackers in `names` whose package does not import (imported here, as opening them would)."""
+    missing = []
+    for name in names:
+        try:
+            importlib.import_module(MODULES[name])
+        except ImportError:
+            missing.append(name)
+    return missing
 
 
 def check_trackers(names: list[str], default: list[str]) -> None:

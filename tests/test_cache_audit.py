@@ -200,11 +200,11 @@ def test_without_matplotlib_the_audit_says_so_in_one_line_and_still_writes_its_j
 
     from rich.console import Console
 
-    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as after a plain `pip install dpokit`
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # an environment without it
     console = Console(file=io.StringIO(), width=200)
     audit = run_audit(AuditOptions(cache=str(planted["cache"]), out=str(tmp_path / "audit")), console)
     notes = [line for line in console.file.getvalue().splitlines() if line.startswith("note:")]
-    assert notes == ["note: no plots: drawing the audit plots needs matplotlib, an optional extra: pip install 'dpokit[plot]'"]
+    assert notes == ["note: no plots: drawing the audit plots needs matplotlib, a dpokit dependency missing here: pip install matplotlib"]
     assert audit.plots == [] and sorted(p.name for p in (tmp_path / "audit").iterdir()) == [".dpokit-artifact.json", "audit.json"]
 
 

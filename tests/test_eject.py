@@ -189,8 +189,12 @@ def build_wheel(tmp_path: Path) -> Path:
     return wheel
 
 
-def test_the_wheel_ships_recipe_configs_and_demo_and_ejects_from_the_installed_package(tmp_path):
-    wheel = build_wheel(tmp_path)
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory) -> Path:
+    return build_wheel(tmp_path_factory.mktemp("wheel"))
+
+
+def test_the_wheel_ships_recipe_configs_and_demo_and_ejects_from_the_installed_package(tmp_path, wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
     assert "dpokit/recipes/dpo.py" in names
     sources = {path.relative_to(REPO).as_posix() for path in (REPO / "dpokit").rglob("*.py")}
@@ -215,3 +219,31 @@ def test_the_wheel_ships_recipe_configs_and_demo_and_ejects_from_the_installed_p
     assert where.stdout.splitlines()[-2:] == [str(site / "dpokit" / "recipes" / "dpo.py"), str(site / "dpokit" / "demo" / "model")]
     assert (work / "dpo_recipe.py").read_bytes() == shipped_with_header(builtin_recipe_path())
     assert (work / "qwen2_5_0_5b_full.yaml").read_bytes() == shipped_with_header(shipped_configs_dir() / "qwen2_5_0_5b_full.yaml")
+
+
+EXTRAS_MODULES = ("tensorboard", "wandb", "mlflow", "trackio", "trl")  # what only an extra installs
+
+
+def test_the_wheel_without_extras_runs_the_quickstart_to_the_end(tmp_path, wheel):
+    """`pip install dpokit` and `dpokit quickstart`: a venv of its own with the wheel installed by pip, its
+    dependencies lent from this environment (a .pth file, so this checkout's editable install is not seen) and
+    every extra's package blocked; the quickstart finishes with its curves and says once what TensorBoard needs."""
+    import site
+    import venv
+
+    fresh = tmp_path / "venv"
+    venv.create(fresh, with_pip=False)
+    (fresh_site,) = fresh.glob("lib/python*/site-packages")
+    (fresh_site / "dependencies.pth").write_text("\n".join(site.getsitepackages()) + "\n")
+    (fresh_site / "sitecustomize.py").write_text(f"import sys\nfor name in {EXTRAS_MODULES!r}:\n    sys.modules[name] = None\n")
+    subprocess.run([sys.executable, "-m", "pip", "--python", str(fresh / "bin" / "python"), "install", "--no-deps",
+                    "--no-index", str(wheel)], env=subprocess_env(), check=True, capture_output=True)
+    done = subprocess.run([str(fresh / "bin" / "dpokit"), "quickstart", "--max-steps", "2", "--out", "qs"],
+                          cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0 and "Traceback" not in output, output[-3000:]
+    assert output.count("no TensorBoard logs: the tensorboard package is an optional extra") == 1
+    assert (tmp_path / "qs" / "run" / "plots" / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    where = subprocess.run([str(fresh / "bin" / "python"), "-c", "import dpokit; print(dpokit.__file__)"],
+                           cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, check=True)
+    assert Path(where.stdout.strip()).is_relative_to(fresh_site)  # the wheel's dpokit, not this checkout's

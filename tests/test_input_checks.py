@@ -380,12 +380,12 @@ def test_a_missing_plot_extra_is_one_line_and_the_quickstart_still_finishes(tmp_
 
     from dpokit.quickstart import curves
 
-    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as after a plain `pip install dpokit`
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # an environment without it
     run = tmp_path / "run"
     run.mkdir()
     (run / "metrics.jsonl").write_text('{"step": 1, "split": "train", "loss": 0.69}\n')
     assert main(["plot", str(run)]) == 1
-    assert error_line(capsys) == "error: drawing curves needs matplotlib, an optional extra: pip install 'dpokit[plot]'"
+    assert error_line(capsys) == "error: drawing curves needs matplotlib, a dpokit dependency missing here: pip install matplotlib"
     from rich.console import Console
 
     console = Console(file=open(tmp_path / "out.txt", "w"), width=200)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import struct
+import sys
 
 import pytest
 import yaml
@@ -109,8 +110,8 @@ def test_wandb_mlflow_and_trackio_get_every_logged_value_and_a_resume_continues_
 
 
 def test_a_named_tracker_that_is_not_installed_stops_the_run_before_the_model_loads(train_cli, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr("dpokit.trackers.PACKAGES", {"tensorboard": "no_such_tb", "wandb": "no_such_wandb",
-                                                     "mlflow": "mlflow", "trackio": "trackio"})
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as without the extras
+    monkeypatch.setitem(sys.modules, "wandb", None)
     with pytest.raises(DpokitError) as error:
         check_trackers(["tensorboard", "wandb"], default=["tensorboard"])  # a missing default is only noted
     assert str(error.value) == (
