@@ -452,4 +452,8 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 def entry() -> None:
+    """The `dpokit` console script: one command in a process of its own."""
+    import dpokit.launch
+
+    dpokit.launch.one_command_per_process = True
     sys.exit(main())

@@ -9,8 +9,12 @@ from pathlib import Path
 from types import ModuleType
 from typing import Optional
 
-from dpokit.config import parse_recipe_args
+from dpokit.config import parse_recipe_args, uses_bitsandbytes
 from dpokit.errors import DpokitError
+
+# True in the `dpokit` command's own process, which runs one command and exits (not in tests or in a
+# program that imports dpokit): there a run whose config needs no bitsandbytes keeps it out entirely.
+one_command_per_process = False
 
 
 def builtin_recipe_path() -> Path:
@@ -40,4 +44,8 @@ def run_recipe(recipe: Optional[Path], argv: list[str], gpus: int = 1):
         from dpokit.distributed import launch_workers
 
         return launch_workers(gpus, [sys.executable, str(path), *argv])
+    if one_command_per_process and not uses_bitsandbytes(parse_recipe_args(argv)):
+        from dpokit.model import block_bitsandbytes_import  # no 1 s import, no `kernels` warning for LoRA or full
+
+        block_bitsandbytes_import()
     return load_recipe_module(path).main(argv)

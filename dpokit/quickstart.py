@@ -93,9 +93,14 @@ def run_quickstart(
 
 
 def quickstart_pipeline(out: Path, max_steps: Optional[int], overwrite: bool, console: Console) -> QuickstartResult:
+    from dpokit import launch
     from dpokit.data.pipeline import PrepareOptions, run_prepare
     from dpokit.launch import run_recipe
+    from dpokit.model import block_bitsandbytes_import
     from dpokit.reference.compute import RefLogpsOptions, run_ref_logps
+
+    if launch.one_command_per_process:  # the demo's LoRA needs no bitsandbytes: no import, no `kernels` warning
+        block_bitsandbytes_import()
 
     started = time.perf_counter()
     demo = demo_files()

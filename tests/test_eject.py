@@ -243,6 +243,7 @@ def test_the_wheel_without_extras_runs_the_quickstart_to_the_end(tmp_path, wheel
     output = done.stdout + done.stderr
     assert done.returncode == 0 and "Traceback" not in output, output[-3000:]
     assert output.count("no TensorBoard logs: the tensorboard package is an optional extra") == 1
+    assert "kernels" not in output  # bitsandbytes (and its warning) stays out of a run that does not use it
     assert (tmp_path / "qs" / "run" / "plots" / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     where = subprocess.run([str(fresh / "bin" / "python"), "-c", "import dpokit; print(dpokit.__file__)"],
                            cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, check=True)

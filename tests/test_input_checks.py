@@ -401,3 +401,18 @@ def test_a_run_without_tensorboard_says_so_once_at_the_end(tiny_model_dir, prepa
     assert main(train_cli_args(tiny_model_dir, prepared_dir, tmp_path / "run", "--max-steps", "1")) == 0
     err = capsys.readouterr().err
     assert err.count("no TensorBoard logs: the tensorboard package is an optional extra (pip install 'dpokit[tensorboard]')") == 1
+
+
+def test_the_dpokit_command_keeps_bitsandbytes_out_of_runs_that_do_not_use_it(tmp_path, monkeypatch):
+    from dpokit.launch import run_recipe
+
+    recipe = tmp_path / "recipe.py"
+    recipe.write_text("def main(argv):\n    return argv\n")
+    blocked = []
+    monkeypatch.setattr("dpokit.model.block_bitsandbytes_import", lambda: blocked.append(True))
+    run_recipe(recipe, ["--config", "tiny_lora"])  # in a program that imports dpokit: nothing is blocked
+    assert blocked == []
+    monkeypatch.setattr("dpokit.launch.one_command_per_process", True)  # as the `dpokit` command sets it
+    run_recipe(recipe, ["--config", "tiny_lora", "model.method=qlora"])  # 4-bit weights need bitsandbytes
+    run_recipe(recipe, ["--config", "tiny_lora"])
+    assert blocked == [True]
