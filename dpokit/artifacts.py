@@ -285,14 +285,44 @@ def _write_through_sibling(
         write(tmp)
         if finish is not None:
             finish(tmp)
-        if tmp.is_dir():
-            _swap_directory(tmp, target)
-        else:
-            os.replace(tmp, target)
+        _put_in_place(tmp, target)
     except BaseException:
         _remove(tmp)
         raise
     return target
+
+
+def _put_in_place(tmp: Path, target: Path) -> None:
+    if tmp.is_dir():
+        _swap_directory(tmp, target)
+    else:
+        os.replace(tmp, target)
+
+
+def begin_within(artifact: str | os.PathLike, kind: str, target: str | os.PathLike) -> Path:
+    """`replace_within` in two halves, for a temporary filled over several calls or by several processes
+    (a sharded checkpoint): the checks, then the temporary sibling's path (not yet created). Finish with
+    `commit_within`, or `abort_within` on failure."""
+    target = Path(target)
+    _check_within(Path(artifact), kind, [target], "write")
+    _restore_interrupted_swap(target)
+    remove_stale_siblings(target)
+    return temporary_sibling(target, "tmp")
+
+
+def commit_within(tmp: Path, target: str | os.PathLike) -> Path:
+    """Rename the filled temporary from `begin_within` over `target` (a directory is swapped whole)."""
+    try:
+        _put_in_place(Path(tmp), Path(target))
+    except BaseException:
+        _remove(Path(tmp))
+        raise
+    return Path(target)
+
+
+def abort_within(tmp: Path) -> None:
+    """Remove a temporary from `begin_within` that will not be committed."""
+    _remove(Path(tmp))
 
 
 def _check_within(artifact: Path, kind: str, paths: list[Path], action: str) -> None:

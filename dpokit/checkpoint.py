@@ -1,9 +1,19 @@
-"""Checkpoints: PEFT adapters or HF full models in safetensors, plus the state a resume needs.
+"""Checkpoints: the sharded training state every rank writes, and the model in Hugging Face's format.
 
-A checkpoint is ``RUN/checkpoints/step_0000004/``. It is written under a temporary name and renamed
-only once complete, so a run killed while saving leaves nothing that `latest_checkpoint` trusts.
-The training state (optimizer, scheduler, sampler position, RNG) is keyed by parameter names, not
-by rank, so a run saved with N processes resumes with any other number.
+A checkpoint is ``RUN/checkpoints/step_0000004/``:
+
+- ``shards/``: the trainable weights and the optimizer state, written with `torch.distributed.checkpoint`
+  (DCP) by every rank in parallel, each its own shard: no rank ever holds the whole optimizer state. DCP
+  keys them by parameter name, so a run saved with N processes resumes with any other number (it reshards).
+- ``training_state.pt`` (rank 0): step, sampler, scheduler, the loss's statistics, the config, and the RNG
+  state of every rank.
+- the model, consolidated: a PEFT adapter (LoRA family: small, in every checkpoint) or a full model in
+  safetensors (full fine-tuning: only in the run's last checkpoint, since gathering it costs a pass over
+  the whole model on rank 0; `consolidate_checkpoint` and `dpokit export` make it from the shards).
+
+It is written into a temporary sibling that every rank fills and rank 0 renames once complete, so a run
+killed while saving leaves nothing that `latest_checkpoint` trusts. Checkpoints of earlier versions (the
+full optimizer state in ``training_state.pt``) still resume.
 """
 
 from __future__ import annotations
@@ -14,21 +24,25 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
     get_optimizer_state_dict,
+    set_model_state_dict,
     set_optimizer_state_dict,
 )
 
-from dpokit.artifacts import remove_within, replace_within
-from dpokit.distributed import any_rank
+from dpokit.artifacts import abort_within, begin_within, commit_within, remove_within
+from dpokit.distributed import any_rank, gather_to_main, main_result
 from dpokit.errors import DpokitError
 from dpokit.optim import OptimizerInBackward
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "training_state.pt"
+SHARDS = "shards"  # DCP: the trainable weights and the optimizer state, one file per rank
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
@@ -60,11 +74,15 @@ def full_model_state(model: nn.Module, trainable_only: bool) -> dict[str, torch.
     return get_model_state_dict(model, options=options)
 
 
-def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    if isinstance(optimizer, OptimizerInBackward):  # one process: per-parameter states by name
-        return optimizer.state_dict()
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    return get_optimizer_state_dict(model, optimizer, options=options)
+def sharded_state(model: nn.Module, optimizer: torch.optim.Optimizer, trainable_only: bool) -> dict[str, Any]:
+    """Each rank's shards of the trainable weights and the optimizer state, keyed by parameter name (what DCP
+    saves, and the template it loads into). An optimizer stepped inside backward (one process) keeps its own
+    state in ``training_state.pt``."""
+    options = StateDictOptions(ignore_frozen_params=trainable_only)
+    state = {"model": get_model_state_dict(model, options=options)}
+    if not isinstance(optimizer, OptimizerInBackward):
+        state["optimizer"] = get_optimizer_state_dict(model, optimizer, options=options)
+    return state
 
 
 def rng_state() -> dict[str, Any]:
@@ -92,33 +110,65 @@ def save_checkpoint(
     tokenizer=None,
     keep_last: int = 2,
     is_main: bool = True,
+    consolidate: bool = True,
 ) -> Path:
-    """Write checkpoint `step` (model + optimizer + `training_state`); keep only the last `keep_last`.
+    """Write checkpoint `step`; keep only the last `keep_last`. Every rank calls this: each writes its shards
+    into the temporary directory rank 0 opens, and rank 0 adds ``training_state.pt`` (and, with `consolidate`,
+    the consolidated model) and renames it into place once all are done.
 
-    Every rank calls this (gathering the sharded state is collective); only the main rank writes.
+    Args:
+        consolidate: also write the model in Hugging Face's format (always done for adapters, which are small).
     """
-    model_state = full_model_state(model, trainable_only=adapters)
-    optimizer_state = full_optimizer_state(model, optimizer)
+    model_state = full_model_state(model, trainable_only=adapters) if consolidate or adapters else None  # collective
     final = checkpoint_path(run_dir, step)
-    if not is_main:
-        return final
 
-    def write(tmp: Path) -> None:
-        tmp.mkdir(parents=True)
-        save_pretrained(model, tmp, model_state, tokenizer)
-        torch.save({**training_state, "optimizer": optimizer_state, "rng": rng_state()}, tmp / STATE_FILE)
+    def begin() -> Path:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = begin_within(run_dir, "run", final)
+        tmp.mkdir()
+        return tmp
 
-    final.parent.mkdir(parents=True, exist_ok=True)
-    try:  # the same step saved again (a resumed run) is swapped in whole
-        replace_within(run_dir, "run", final, write)
-    except (OSError, RuntimeError) as exc:  # disk full, quota, permissions (torch.save reports some as RuntimeError)
-        previous = latest_checkpoint(run_dir)
-        raise DpokitError(
-            f"cannot write checkpoint {final} ({exc}); free space or fix the directory, then resume from "
-            f"{previous or 'the start (no checkpoint yet)'} with --resume"
-        ) from None
-    remove_within(run_dir, "run", [old for _, old in list_checkpoints(run_dir)[:-keep_last]])
+    tmp = Path(main_result(_saving(final, begin)))  # a refusal or a full disk on rank 0 stops every rank
+    try:
+        dcp.save(sharded_state(model, optimizer, trainable_only=adapters), checkpoint_id=str(tmp / SHARDS))
+    except (OSError, RuntimeError, CheckpointException) as exc:  # DCP raises on every rank when one fails
+        if is_main:
+            abort_within(tmp)
+        raise _cannot_write(final, Path(run_dir), exc) from None
+    rngs = gather_to_main(rng_state())  # every rank's: rank r resumes with its own
+
+    def finish() -> None:
+        try:
+            if model_state is not None:
+                save_pretrained(model, tmp, model_state, tokenizer)
+            own = {"optimizer_in_backward": optimizer.state_dict()} if isinstance(optimizer, OptimizerInBackward) else {}
+            torch.save({**training_state, **own, "rng": rngs}, tmp / STATE_FILE)
+            commit_within(tmp, final)
+        except BaseException:
+            abort_within(tmp)
+            raise
+        remove_within(run_dir, "run", [old for _, old in list_checkpoints(run_dir)[:-keep_last]])
+
+    main_result(_saving(final, finish))  # rank 0 completes it; the others return once it is in place
     return final
+
+
+def _saving(final: Path, write):
+    """`write`, with a failure to write turned into one error that names the last checkpoint to resume from."""
+    def run():
+        try:
+            return write()
+        except (OSError, RuntimeError) as exc:
+            raise _cannot_write(final, final.parent.parent, exc) from None
+    return run
+
+
+def _cannot_write(final: Path, run_dir: Path, exc: BaseException) -> DpokitError:
+    previous = latest_checkpoint(run_dir)
+    return DpokitError(
+        f"cannot write checkpoint {final} ({exc}); free space or fix the directory, then resume from "
+        f"{previous or 'the start (no checkpoint yet)'} with --resume"
+    )
 
 
 def check_finite_weights(model, step: int, device: torch.device) -> None:
@@ -173,11 +223,61 @@ def load_model_weights(model: nn.Module, checkpoint: Path, adapters: bool) -> No
 
 
 def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    """An earlier version's full optimizer state (in ``training_state.pt``) into the optimizer."""
     if isinstance(optimizer, OptimizerInBackward):
         optimizer.load_state_dict(state)
         return
     options = StateDictOptions(full_state_dict=True)
     set_optimizer_state_dict(model, optimizer, optim_state_dict=state, options=options)
+
+
+def is_sharded(checkpoint: Path) -> bool:
+    """Whether `checkpoint` keeps its weights and optimizer state in DCP shards (this version's format)."""
+    return (Path(checkpoint) / SHARDS).is_dir()
+
+
+def load_checkpoint_state(model: nn.Module, optimizer, checkpoint: Path, state: dict[str, Any], adapters: bool) -> None:
+    """The trainable weights and the optimizer state of `checkpoint` into the (sharded) model and its optimizer;
+    each rank reads the pieces of its own shards, at whatever process count the checkpoint was written."""
+    if not is_sharded(checkpoint):  # an earlier version's: the weights were loaded before sharding
+        load_optimizer_state(model, optimizer, state["optimizer"])
+        return
+    template = sharded_state(model, optimizer, trainable_only=adapters)
+    dcp.load(template, checkpoint_id=str(Path(checkpoint) / SHARDS))
+    options = StateDictOptions(ignore_frozen_params=adapters, strict=not adapters)
+    set_model_state_dict(model, template["model"], options=options)
+    if "optimizer" in template:
+        set_optimizer_state_dict(model, optimizer, optim_state_dict=template["optimizer"], options=options)
+    else:
+        optimizer.load_state_dict(state["optimizer_in_backward"])
+
+
+def rank_rng_state(state: dict[str, Any], rank: int, world_size: int) -> dict[str, Any]:
+    """This rank's saved RNG state: its own when the process count is unchanged, else rank 0's (an earlier
+    version saved rank 0's only)."""
+    saved = state["rng"]
+    if isinstance(saved, dict):
+        return saved
+    return saved[rank] if len(saved) == world_size else saved[0]
+
+
+def consolidate_checkpoint(checkpoint: Path, out_dir: Path) -> None:
+    """Write `checkpoint`'s model in Hugging Face's format into `out_dir` (which must not exist) from its shards:
+    the run's policy is built on CPU from its recorded config and the shards' weights loaded into it, in one
+    process (DCP reshards). The optimizer state is not read."""
+    from dpokit.config import TrainConfig, build_dataclass
+    from dpokit.model import load_policy, uses_adapters
+
+    checkpoint = Path(checkpoint)
+    cfg = build_dataclass(TrainConfig, load_training_state(checkpoint)["config"], prefix="", source=str(checkpoint / STATE_FILE))
+    adapters = uses_adapters(cfg.model.method)
+    model = load_policy(cfg.model, cfg.lora, torch.device("cpu"), adapter=cfg.reference.adapter)
+    options = StateDictOptions(ignore_frozen_params=adapters, strict=not adapters)
+    weights = {"model": get_model_state_dict(model, options=options)}
+    dcp.load(weights, checkpoint_id=str(checkpoint / SHARDS))
+    set_model_state_dict(model, weights["model"], options=options)
+    Path(out_dir).mkdir(parents=True)
+    save_pretrained(model, Path(out_dir), full_model_state(model, trainable_only=adapters))
 
 
 def export_merged(checkpoint: Path, base_model: str, out_dir: Path, dtype: torch.dtype = torch.float32) -> Path:

@@ -14,7 +14,7 @@ from typing import Optional
 import yaml
 
 from dpokit.artifacts import check_replaceable, replace_atomically
-from dpokit.checkpoint import STATE_FILE, export_merged, latest_checkpoint
+from dpokit.checkpoint import SHARDS, STATE_FILE, consolidate_checkpoint, export_merged, latest_checkpoint
 from dpokit.errors import DpokitError
 
 
@@ -35,7 +35,8 @@ def export_run(
     base_model: Optional[str] = None,
     overwrite: bool = False,
 ) -> Path:
-    """Merge a LoRA-family adapter into its base (or copy a full model) into `out`, without training state."""
+    """Merge a LoRA-family adapter into its base (or copy a full model, consolidating it from the checkpoint's
+    shards when it was saved before the run's end) into `out`, without training state."""
     checkpoint = resolve_checkpoint(run_or_checkpoint)
     is_adapter = (checkpoint / "adapter_config.json").is_file()
     if is_adapter and merge and base_model is None:
@@ -48,7 +49,9 @@ def export_run(
     def write(tmp: Path) -> None:
         if is_adapter and merge:
             export_merged(checkpoint, base_model, tmp)
+        elif not is_adapter and not (checkpoint / "config.json").is_file():  # an intermediate full checkpoint: shards only
+            consolidate_checkpoint(checkpoint, tmp)
         else:
-            shutil.copytree(checkpoint, tmp, ignore=shutil.ignore_patterns(STATE_FILE))
+            shutil.copytree(checkpoint, tmp, ignore=shutil.ignore_patterns(STATE_FILE, SHARDS))
 
     return replace_atomically(out, "export", write)

@@ -56,10 +56,12 @@ from rich.markup import escape
 from dpokit.artifacts import is_dpokit_artifact, write_marker, write_text_within
 from dpokit.checkpoint import (
     check_finite_weights,
+    is_sharded,
     latest_checkpoint,
+    load_checkpoint_state,
     load_model_weights,
-    load_optimizer_state,
     load_training_state,
+    rank_rng_state,
     save_checkpoint,
     set_rng_state,
 )
@@ -145,7 +147,7 @@ class DPORecipe:
         self.prompts_to_answer = self.sample_prompts()
         self.stop_ids = stop_token_ids(self.policy, self.tokenizer)
         self.pad_id = pad_token_id(self.policy)
-        if checkpoint is not None:
+        if checkpoint is not None and not is_sharded(checkpoint):  # an earlier version's: weights before sharding
             load_model_weights(self.policy, checkpoint, self.adapters)
         with self.autocast():
             asked = Layout(cfg.data.packing, cfg.data.prefix_sharing, cfg.data.pack_length)
@@ -280,10 +282,10 @@ class DPORecipe:
         self.skipped_steps = int(state.get("skipped_steps", 0))
         self.sampler.load_state_dict(state["sampler"])
         self.scheduler.load_state_dict(state["scheduler"])
-        load_optimizer_state(self.policy, self.optimizer, state["optimizer"])
+        load_checkpoint_state(self.policy, self.optimizer, checkpoint, state, self.adapters)
         if state.get("loss"):  # a loss with running statistics (bco)
             self.loss_fn.load_state_dict(state["loss"])
-        set_rng_state(state["rng"])
+        set_rng_state(rank_rng_state(state, self.dist.rank, self.dist.world_size))
         if self.dist.is_main:
             truncate_metrics(self.run_dir, after_step=self.step)
             self.console.print(f"resumed from {checkpoint} at step {self.step}")
@@ -567,6 +569,7 @@ class DPORecipe:
             tokenizer=self.tokenizer,
             keep_last=self.cfg.training.keep_last,
             is_main=self.dist.is_main,
+            consolidate=self.step == self.total_steps,  # the full model in HF format once, at the end
         )
         self.last_saved_step, self.last_save_time = self.step, time.monotonic()
         return path

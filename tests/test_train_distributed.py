@@ -45,6 +45,31 @@ def test_a_two_process_checkpoint_resumes_on_one_process(train_cli, two_process_
     assert losses(two) == pytest.approx(losses(two_process_run), abs=1e-4)
 
 
+def test_each_rank_writes_its_shards_and_no_file_holds_the_whole_optimizer_state(two_process_run, tmp_path):
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from dpokit.checkpoint import SHARDS, STATE_FILE, consolidate_checkpoint
+    from dpokit.export import export_run
+
+    middle, last = sorted((two_process_run / "checkpoints").glob("step_*"))
+    for checkpoint in (middle, last):
+        assert sorted(p.name for p in (checkpoint / SHARDS).glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+        state = torch.load(checkpoint / STATE_FILE, weights_only=True)
+        assert "optimizer" not in state and len(state["rng"]) == 2  # the optimizer is only in the ranks' shards
+    assert not (middle / "model.safetensors").exists()  # the full model is gathered once, at the end
+    # Consolidated from the shards (in one process), the last checkpoint's weights equal the gathered ones.
+    consolidate_checkpoint(last, tmp_path / "consolidated")
+    gathered, rebuilt = load_file(str(last / "model.safetensors")), load_file(str(tmp_path / "consolidated" / "model.safetensors"))
+    assert gathered.keys() == rebuilt.keys() and all(torch.equal(gathered[k], rebuilt[k]) for k in gathered)
+    # An intermediate checkpoint exports to a model that loads, with the weights of that step (not the last).
+    out = export_run(middle, tmp_path / "export")
+    model = AutoModelForCausalLM.from_pretrained(out)
+    weight = model.state_dict()["model.layers.0.mlp.down_proj.weight"]
+    assert weight.isfinite().all() and not torch.equal(weight, gathered["model.layers.0.mlp.down_proj.weight"])
+
+
 def test_lora_two_processes_match_one_and_their_checkpoint_loads_in_peft(train_cli, tiny_model_dir, ref_cache, tmp_path):
     import torch
     from peft import PeftModel
