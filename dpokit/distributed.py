@@ -121,6 +121,17 @@ def apply_fsdp(model: nn.Module, cfg, device: torch.device, compute_dtype: torch
     return model
 
 
+def reshard(model: nn.Module) -> None:
+    """Put every FSDP2 unit of `model` back in its sharded state: a forward outside training (a check) leaves
+    the units that do not reshard after forward (the output head) gathered, and an optimizer built then
+    would hold the gathered parameters instead of the shards."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
 # ----------------------------------------------------------------------------------------------
 # Worker processes: launching N local workers (`--gpus N`), barriers, and
 # gathers/broadcasts of Python objects. Each helper is a no-op in a single process (rank 0, world

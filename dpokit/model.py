@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import warnings
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -198,9 +198,15 @@ def load_policy(model_cfg, lora_cfg, device: torch.device, adapter: Optional[str
             base with the adapter merged in.
     """
     params_dtype, compute_dtype = training_dtypes(model_cfg, device)
-    method = model_cfg.method
-    quant = quantization_config(compute_dtype) if method in QUANTIZED_METHODS else None
+    quant = quantization_config(compute_dtype) if model_cfg.method in QUANTIZED_METHODS else None
     model = load_causal_lm(model_cfg.path, params_dtype, device, model_cfg.attn_implementation, quant)
+    return trainable_policy(model, model_cfg, lora_cfg, adapter, quantized=quant is not None)
+
+
+def trainable_policy(model: nn.Module, model_cfg, lora_cfg, adapter: Optional[str] = None, quantized: bool = False) -> nn.Module:
+    """`model` made the policy ``model.method`` trains: dropout off, LoRA/DoRA adapters (or all weights
+    trainable), activation checkpointing."""
+    method = model_cfg.method
     model.config.use_cache = False
     if model_cfg.disable_dropout:
         disable_dropout(model)
@@ -211,7 +217,7 @@ def load_policy(model_cfg, lora_cfg, device: torch.device, adapter: Optional[str
     else:
         from peft import get_peft_model, prepare_model_for_kbit_training
 
-        if quant is not None:
+        if quantized:
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
         use_dora = method in ("dora", "qdora")
         try:
@@ -229,6 +235,167 @@ def load_policy(model_cfg, lora_cfg, device: torch.device, adapter: Optional[str
             model.enable_input_require_grads()
     model.train()
     return model
+
+
+# ----------------------------------------------------------------------------------------------
+# Lean loading: build on the meta device, shard, then fill each rank's shards
+
+
+LEAN_METHODS = ("full", "lora")
+
+
+def lean_loading_blocker(model_cfg, adapter: Optional[str], compile: bool) -> Optional[str]:
+    """Why this policy cannot be built on the meta device and filled shard by shard (None: it can)."""
+    if model_cfg.method not in LEAN_METHODS:
+        return f"model.method={model_cfg.method} (its weights need the whole base model: 4-bit packing, DoRA magnitudes)"
+    if adapter:
+        return "reference.adapter (the adapter is merged into, or continued from, the whole model)"
+    if compile:
+        return "training.compile (the layers are compiled before they are sharded)"
+    if safetensors_files(model_cfg.path) is None:
+        return f"{model_cfg.path} has no local safetensors files"
+    return None
+
+
+def safetensors_files(path: str) -> Optional[dict[str, Path]]:
+    """Checkpoint key -> the safetensors file that holds it, for a local model directory (None otherwise)."""
+    import json
+
+    folder = Path(path)
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return {key: folder / name for key, name in weight_map.items()}
+    single = folder / "model.safetensors"
+    if not single.is_file():
+        return None
+    from safetensors import safe_open
+
+    with safe_open(str(single), "pt") as handle:
+        return {key: single for key in handle.keys()}
+
+
+def load_policy_sharded(model_cfg, lora_cfg, device: torch.device, shard) -> nn.Module:
+    """The policy as `load_policy` makes it, without any process ever holding the whole model.
+
+    The model is built on the meta device (buffers such as rotary tables are computed for real) and
+    LoRA adapters are initialised on CPU exactly as peft does; `shard` (FSDP2's `apply_fsdp`) shards it;
+    then each rank allocates only its own shards and fills them, one tensor at a time, from the
+    safetensors files (base weights) or the adapters' initial values.
+    """
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    params_dtype, _ = training_dtypes(model_cfg, device)
+    _check_model_path(model_cfg.path)
+    config = AutoConfig.from_pretrained(model_cfg.path)
+    attn = None if model_cfg.attn_implementation == "auto" else model_cfg.attn_implementation
+    with init_empty_weights(include_buffers=False):
+        base = AutoModelForCausalLM.from_config(config, dtype=params_dtype, attn_implementation=attn)
+    files = safetensors_files(model_cfg.path)
+    base_names = {name for name, _ in base.named_parameters()}
+    # Weights that take no memory (one value, strided 0) but look real to peft, so it creates its adapters on CPU.
+    replace_parameters(base, lambda p: torch.zeros((), dtype=p.dtype).expand(p.shape))
+    model = trainable_policy(base, model_cfg, lora_cfg)  # adapters drawn from the RNG exactly as `load_policy` draws them
+    initial = {name: p.detach().clone() for name, p in model.named_parameters() if checkpoint_key(name) not in base_names}
+    missing = [checkpoint_key(n) for n, _ in model.named_parameters() if n not in initial and checkpoint_key(n) not in files]
+    if missing:
+        raise DpokitError(f"{model_cfg.path}: the safetensors files lack {missing[:3]}; set model.lean_loading=false")
+    replace_parameters(model, lambda p: torch.empty_like(p, device="meta"))
+    buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
+    shard(model)
+    model.to_empty(device=device)
+    fill_shards(model, files, initial, buffers)
+    return model
+
+
+def replace_parameters(model: nn.Module, new) -> None:
+    """Give every parameter of `model` the tensor ``new(param)`` (same trainability; tied parameters stay tied)."""
+    replaced: dict[int, nn.Parameter] = {}
+    for module in model.modules():
+        for name, param in list(module.named_parameters(recurse=False)):
+            if id(param) not in replaced:
+                replaced[id(param)] = nn.Parameter(new(param.detach()), requires_grad=param.requires_grad)
+            setattr(module, name, replaced[id(param)])
+
+
+def checkpoint_key(name: str) -> str:
+    """The safetensors key of a policy parameter: without peft's wrapping (``base_model.model.``, ``.base_layer``)."""
+    return name.removeprefix("base_model.model.").replace(".base_layer.", ".")
+
+
+def fill_shards(model: nn.Module, files: dict[str, Path], initial: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor]) -> None:
+    """Copy into each parameter's local shard its rows of the full tensor (from `initial`, else read from the
+    file that holds its checkpoint key: only those rows), and put the buffers back."""
+    from torch.distributed.tensor import DTensor
+
+    readers: dict[Path, SafetensorsRows] = {}
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            local = param.to_local() if isinstance(param, DTensor) else param
+            start, stop = shard_rows(param)
+            if name in initial:
+                rows = initial[name][start:stop]
+            else:
+                path = files[checkpoint_key(name)]
+                readers.setdefault(path, SafetensorsRows(path))
+                rows = readers[path].rows(checkpoint_key(name), start, stop)
+            local.copy_(rows)
+        for name, buffer in model.named_buffers():
+            if name in buffers:
+                buffer.copy_(buffers[name])
+
+
+def shard_rows(param: torch.Tensor) -> tuple[int, int]:
+    """The rows ``[start, stop)`` of the full parameter that this rank's shard holds: all of them, or FSDP2's
+    dim-0 chunk (``torch.chunk``: ceil(rows / ranks) a rank, the last ones shorter or empty)."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    rows = param.shape[0] if param.dim() else 1
+    if not isinstance(param, DTensor):
+        return 0, rows
+    (placement,) = param.placements
+    if not isinstance(placement, Shard) or placement.dim != 0:
+        raise DpokitError(f"lean loading expects FSDP2's dim-0 shards, got {param.placements}; set model.lean_loading=false")
+    chunk = -(-rows // param.device_mesh.size())
+    start = min(rows, chunk * param.device_mesh.get_local_rank())
+    stop = min(rows, start + chunk)
+    if param.to_local().shape[0] != stop - start:
+        raise DpokitError(f"lean loading: a shard of {rows} rows is not FSDP2's chunk; set model.lean_loading=false")
+    return start, stop
+
+
+class SafetensorsRows:
+    """Rows of the tensors of one safetensors file, read with plain file reads: only the bytes asked for
+    are read, and nothing is memory-mapped (mapped pages would count in every rank's resident set)."""
+
+    DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64,
+              "I64": torch.int64, "I32": torch.int32, "U8": torch.uint8, "BOOL": torch.bool}
+
+    def __init__(self, path: Path):
+        import json
+        import struct
+
+        self.path = Path(path)
+        with self.path.open("rb") as handle:
+            (size,) = struct.unpack("<Q", handle.read(8))
+            self.header = json.loads(handle.read(size))
+        self.data_start = 8 + size
+
+    def rows(self, key: str, start: int, stop: int) -> torch.Tensor:
+        entry = self.header[key]
+        dtype, shape = self.DTYPES[entry["dtype"]], entry["shape"]
+        row_numel = 1
+        for size in shape[1:]:
+            row_numel *= size
+        row_bytes = row_numel * torch.empty((), dtype=dtype).element_size()
+        begin = self.data_start + entry["data_offsets"][0] + start * row_bytes
+        data = bytearray((stop - start) * row_bytes)
+        with self.path.open("rb") as handle:
+            handle.seek(begin)
+            handle.readinto(data)
+        flat = torch.frombuffer(data, dtype=dtype) if data else torch.empty(0, dtype=dtype)
+        return flat.reshape(stop - start, *shape[1:]) if shape else flat.reshape(())
 
 
 def continued_adapter(model: nn.Module, adapter: str, use_dora: bool, method: str) -> nn.Module:

@@ -81,6 +81,7 @@ from dpokit.distributed import (
     destroy_distributed,
     gather_to_main,
     init_distributed,
+    reshard,
 )
 from dpokit.errors import DpokitError
 from dpokit.export import export_run
@@ -96,7 +97,9 @@ from dpokit.model import (
     block_bitsandbytes_import,
     default_device,
     dtype_name,
+    lean_loading_blocker,
     load_policy,
+    load_policy_sharded,
     load_reference,
     pad_token_id,
     stop_token_ids,
@@ -142,7 +145,7 @@ class DPORecipe:
             self.lock.acquire()
         checkpoint = self._resume_checkpoint()
         self.params_dtype, self.compute_dtype = training_dtypes(cfg.model, self.device)
-        self.policy = load_policy(cfg.model, cfg.lora, self.device, adapter=cfg.reference.adapter)
+        self.policy, self.sharded = self._load_policy(checkpoint)
         self.tokenizer = self._load_tokenizer()
         self.prompts_to_answer = self.sample_prompts()
         self.stop_ids = stop_token_ids(self.policy, self.tokenizer)
@@ -152,6 +155,8 @@ class DPORecipe:
         with self.autocast():
             asked = Layout(cfg.data.packing, cfg.data.prefix_sharing, cfg.data.pack_length)
             self.layout = check_layout(self.policy, check_pairs(self.train_split), self.pad_id, asked, self.announce, self.compute_dtype)
+        if self.sharded:
+            reshard(self.policy)
         if cfg.model.activation_offloading and self.device.type != "cuda":
             self.announce("model.activation_offloading moves saved activations from the GPU to CPU memory; "
                           "on CPU they are already there, so it changes nothing")
@@ -160,7 +165,7 @@ class DPORecipe:
         if cfg.training.compile:  # after the fidelity check, which compares the uncompiled model with itself
             compile_layers(self.policy, cfg.training.compile_backend)
             self.loss_fn.compile(backend=cfg.training.compile_backend)
-        if self.dist.world_size > 1:
+        if self.dist.world_size > 1 and not self.sharded:
             apply_fsdp(self.policy, cfg.distributed, self.device, self.compute_dtype)
 
         self.sampler = PairSampler(
@@ -210,6 +215,18 @@ class DPORecipe:
     def announce(self, message: str) -> None:
         if self.dist.is_main:
             self.console.print(f"[yellow]note:[/] {escape(message)}", soft_wrap=True)
+
+    def _load_policy(self, checkpoint) -> tuple[torch.nn.Module, bool]:
+        """The policy, and whether it is already sharded: with several processes it is built on the meta device,
+        sharded, and each rank reads only its own shards (``model.lean_loading``), where the method allows."""
+        cfg = self.cfg
+        if self.dist.world_size > 1 and cfg.model.lean_loading and (checkpoint is None or is_sharded(checkpoint)):
+            blocker = lean_loading_blocker(cfg.model, cfg.reference.adapter, cfg.training.compile)
+            if blocker is None:
+                shard = lambda model: apply_fsdp(model, cfg.distributed, self.device, self.compute_dtype)  # noqa: E731
+                return load_policy_sharded(cfg.model, cfg.lora, self.device, shard), True
+            self.announce(f"every process loads the whole model before sharding it: {blocker}")
+        return load_policy(cfg.model, cfg.lora, self.device, adapter=cfg.reference.adapter), False
 
     def _load_tokenizer(self):
         from transformers import AutoTokenizer

@@ -332,3 +332,36 @@ def test_eval_samples_are_written_at_every_eval_and_shown_before_and_after(tiny_
     assert samples[2]["completion"] == tokenizer.decode(greedy[0, ids.shape[1]:], skip_special_tokens=True).strip()
     summary = capsys.readouterr().err
     assert "eval samples" in summary and "step 0" in summary and "step 4" in summary  # before and after, side by side
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_lean_loading_builds_the_same_policy_as_loading_the_whole_model(method, tiny_model_dir):
+    """Built on the meta device and filled from the safetensors file (here without sharding: every row), the policy
+    equals `load_policy`'s weight for weight, LoRA adapters included (drawn from the RNG in the same order)."""
+    from dpokit.model import lean_loading_blocker, load_policy, load_policy_sharded
+
+    cfg = load_config("tiny_lora", [f"model.path={tiny_model_dir}", f"model.method={method}"])
+    assert lean_loading_blocker(cfg.model, None, compile=False) is None
+    torch.manual_seed(7)
+    whole = load_policy(cfg.model, cfg.lora, torch.device("cpu"))
+    torch.manual_seed(7)
+    lean = load_policy_sharded(cfg.model, cfg.lora, torch.device("cpu"), shard=lambda model: None)
+    expected, got = whole.state_dict(), lean.state_dict()
+    assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
+    assert [n for n, p in lean.named_parameters() if p.requires_grad] == [n for n, p in whole.named_parameters() if p.requires_grad]
+    base = {name: dict(m.named_buffers()) for name, m in (("whole", whole), ("lean", lean))}
+    assert base["whole"].keys() == base["lean"].keys()  # the rotary tables, computed, not left empty
+    assert all(torch.equal(base["whole"][k], base["lean"][k]) for k in base["whole"])
+
+
+def test_lean_loading_says_why_it_cannot_apply(tiny_model_dir, tmp_path):
+    from dpokit.model import lean_loading_blocker
+
+    qlora = load_config("tiny_lora", [f"model.path={tiny_model_dir}", "model.method=qlora"]).model
+    assert lean_loading_blocker(qlora, None, compile=False).startswith("model.method=qlora")
+    lora = load_config("tiny_lora", [f"model.path={tiny_model_dir}"]).model
+    assert lean_loading_blocker(lora, "some/adapter", compile=False).startswith("reference.adapter")
+    assert lean_loading_blocker(lora, None, compile=True).startswith("training.compile")
+    (tmp_path / "config.json").write_text((tiny_model_dir / "config.json").read_text())
+    elsewhere = load_config("tiny_lora", [f"model.path={tmp_path}"]).model
+    assert lean_loading_blocker(elsewhere, None, compile=False) == f"{tmp_path} has no local safetensors files"
