@@ -238,12 +238,6 @@ def check_config(cfg: TrainConfig, world_size: int) -> None:
         needed = [fix for clash, fix in clashes if clash]
         if needed:
             raise DpokitError(f"training.optimizer_in_backward=true needs {', '.join(needed)}; or set it false")
-    if world_size > 1 and cfg.model.method in QUANTIZED_METHODS:
-        raise DpokitError(
-            f"model.method={cfg.model.method} is not supported with more than one process: dpokit does not "
-            "shard bitsandbytes 4-bit weights with FSDP2; run it on one process, or use model.method=lora "
-            "(with distributed.cpu_offload=true to save memory)"
-        )
 
 
 def parse_override(text: str) -> tuple[str, Any]:

@@ -91,7 +91,8 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
 
 
 def apply_fsdp(model: nn.Module, cfg, device: torch.device, compute_dtype: torch.dtype = torch.float32) -> nn.Module:
-    """FSDP2: shard each decoder layer, the embeddings+norm and the output head, then the root.
+    """FSDP2: shard each decoder layer, the embeddings+norm and the output head, then the root (4-bit base
+    weights stay whole on every rank).
 
     Options (``distributed`` config): ``reshard_after_forward`` (free gathered weights after each
     layer's forward: less memory, one more all-gather in backward), ``cpu_offload`` (keep shards and
@@ -109,6 +110,11 @@ def apply_fsdp(model: nn.Module, cfg, device: torch.device, compute_dtype: torch
         kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
     elif params_dtype != compute_dtype:  # fp32 master weights need the cast to the compute dtype
         raise DpokitError("model.precision=mixed under FSDP needs distributed.mixed_precision=true")
+    # 4-bit base weights (QLoRA) are frozen and a quarter of bf16's size: every rank keeps them whole, as
+    # bitsandbytes' packed tensors cannot be all-gathered; FSDP2 shards the adapters and everything else.
+    quantized = {p for p in model.parameters() if hasattr(p, "quant_state")}
+    if quantized:
+        kwargs["ignored_params"] = quantized
     for layer in decoder_layers(model):
         fully_shard(layer, reshard_after_forward=cfg.reshard_after_forward, **kwargs)
     from dpokit.logps import decoder_and_head

@@ -85,11 +85,17 @@ def test_lora_two_processes_match_one_and_their_checkpoint_loads_in_peft(train_c
         assert model(input_ids=torch.tensor([[3, 40, 41, 5]])).logits.isfinite().all()
 
 
-def test_qlora_with_two_processes_is_refused_clearly(train_cli, tmp_path, capsys):
-    assert main(args_for(train_cli, tmp_path / "run", "qlora", "data.batch_size=2", "--gpus", "2")) == 1
-    err = capsys.readouterr().err
-    assert "model.method=qlora is not supported with more than one process" in err
-    assert "worker" not in err  # refused before any worker started
+def test_qlora_two_processes_match_one_with_the_4_bit_base_whole_on_each_rank(train_cli, ref_cache, tmp_path):
+    from safetensors.torch import load_file
+
+    straight, two = tmp_path / "straight", tmp_path / "two"
+    cached = ("reference.source=cache", f"reference.cache={ref_cache}")
+    assert main(args_for(train_cli, straight, "qlora", "data.batch_size=4", *cached)) == 0
+    assert main(args_for(train_cli, two, "qlora", "data.batch_size=2", "--gpus", "2", *cached)) == 0
+    assert losses(two) == pytest.approx(losses(straight), abs=1e-4)
+    adapters = [load_file(str(run / "checkpoints" / "step_0000005" / "adapter_model.safetensors")) for run in (straight, two)]
+    assert adapters[0].keys() == adapters[1].keys()
+    assert all(adapters[1][k].float().sub(adapters[0][k].float()).abs().max() < 1e-4 for k in adapters[0])
 
 
 def test_a_crashing_worker_brings_the_run_down_with_its_error(tmp_path):
