@@ -62,6 +62,7 @@ class DataConfig:
     packing: bool = True  # pack sequences into rows without padding (block-diagonal attention)
     prefix_sharing: bool = True  # compute each pair's prompt once: [prompt, chosen, rejected]
     pack_length: Optional[int] = None  # tokens per packed row; default: the batch's longest sequence
+    num_workers: Optional[int] = None  # processes preparing the next steps' batches; null: 2 on CUDA, 0 on CPU
     logps_chunk_size: Optional[int] = None  # positions per chunk of the vocabulary projection; null: a byte budget
 
 
@@ -311,6 +312,7 @@ RANGES: dict[str, Range] = {
     "lora.alpha": ABOVE_0,
     "lora.dropout": UNIT,
     "data.batch_size": AT_LEAST_1,
+    "data.num_workers": AT_LEAST_0,
     "data.pack_length": AT_LEAST_1,
     "data.logps_chunk_size": AT_LEAST_1,
     "distributed.cpu_threads": AT_LEAST_1,

@@ -35,11 +35,14 @@ class PairBatch:
         return int(self.index.numel())
 
     def to(self, device: torch.device | str) -> "PairBatch":
-        moved = {}
-        for f in fields(self):
-            value = getattr(self, f.name)
-            moved[f.name] = value.to(device, non_blocking=True) if isinstance(value, torch.Tensor) else value
-        return PairBatch(**moved)
+        return self._map(lambda t: t.to(device, non_blocking=True))
+
+    def pin_memory(self) -> "PairBatch":
+        """A copy in page-locked memory (what `DataLoader(pin_memory=True)` calls), for asynchronous copies to CUDA."""
+        return self._map(torch.Tensor.pin_memory)
+
+    def _map(self, fn) -> "PairBatch":
+        return PairBatch(**{f.name: fn(v) if isinstance(v := getattr(self, f.name), torch.Tensor) else v for f in fields(self)})
 
 
 @dataclass

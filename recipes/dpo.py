@@ -66,7 +66,7 @@ from dpokit.checkpoint import (
     set_rng_state,
 )
 from dpokit.config import QUANTIZED_METHODS, LoggingConfig, TrainConfig, config_to_dict, config_to_yaml, parse_recipe_args, uses_bitsandbytes
-from dpokit.data.collate import collate_pairs
+from dpokit.data.loader import StepBatches, collated, default_workers, step_loader
 from dpokit.data.formats import load_prompts
 from dpokit.types import ChosenRejectedOutputs, PairBatch, TrainResult
 from dpokit.data.prepared import load_prepared, pair_lengths
@@ -311,10 +311,17 @@ class DPORecipe:
 
     def batch(self, split, indices: list[int]) -> PairBatch:
         """The pairs `indices` of a prepared split, collated in the checked layout, on the device."""
-        columns = split[indices]
-        rows = [{k: columns[k][i] for k in ("prompt_ids", "chosen_ids", "rejected_ids")} for i in range(len(indices))]
         layout = self.layout
-        return collate_pairs(rows, indices, self.pad_id, layout.packing, layout.prefix_sharing, layout.pack_length).to(self.device)
+        return collated(split, indices, self.pad_id, layout.packing, layout.prefix_sharing, layout.pack_length).to(self.device)
+
+    def step_batches(self):
+        """The steps still to run, each a list of this rank's collated micro-batches, prepared ahead by
+        ``data.num_workers`` processes (default: 2 on CUDA, none on CPU) and pinned on CUDA."""
+        layout, workers = self.layout, self.cfg.data.num_workers
+        batches = StepBatches(self.train_split, self.sampler, self.pad_id, layout.packing, layout.prefix_sharing, layout.pack_length)
+        first = self.sampler.steps_done
+        workers = default_workers(self.device) if workers is None else workers
+        return iter(step_loader(batches, first, first + self.total_steps - self.step, workers, self.device))
 
     def policy_logps(self, model: torch.nn.Module, batch: PairBatch, training: bool = False) -> ChosenRejectedOutputs:
         """The forward pass: per-pair log-probs of the chosen and rejected completions under `model`.
@@ -352,15 +359,15 @@ class DPORecipe:
         if quantized:
             self.announce(f"step 0: the 4-bit policy differs from the reference by up to {difference:.3g} nats per sequence")
 
-    def train_step(self, micro_batches: list[list[int]]) -> PairMetrics:
+    def train_step(self, micro_batches: list[PairBatch]) -> PairMetrics:
         """Forward and backward over this rank's micro-batches of one optimizer step."""
         metrics = PairMetrics(self.device)
         self.step_losses: list[tuple[torch.Tensor, torch.Tensor]] = []  # for naming the pairs of a non-finite loss
         pairs_per_rank = self.cfg.data.batch_size * len(micro_batches)
-        for micro_step, indices in enumerate(micro_batches):
+        for micro_step, micro_batch in enumerate(micro_batches):
             if hasattr(self.policy, "set_requires_gradient_sync"):  # FSDP: reduce gradients once per step
                 self.policy.set_requires_gradient_sync(micro_step == len(micro_batches) - 1)
-            batch = self.batch(self.train_split, indices)
+            batch = micro_batch.to(self.device)
             policy_out, losses, chosen_rewards, rejected_rewards = self.pair_outputs(batch, "train")
             # Sum over pairs / pairs per rank: FSDP averages gradients over ranks -> mean over the global batch.
             objective = losses.sum() / pairs_per_rank
@@ -513,9 +520,11 @@ class DPORecipe:
                 self.result.eval_at_start = self.evaluate_and_log()
             self.policy.train()
             self.signals.install()
+            steps = self.step_batches()
             while self.step < self.total_steps:
                 started = time.perf_counter()
-                metrics = self.train_step(self.sampler.next_step())
+                metrics = self.train_step(next(steps))
+                self.sampler.advance()
                 metrics.all_reduce()
                 lr = self.scheduler.get_last_lr()[0]
                 grad_norm = self.optimizer_step(metrics)

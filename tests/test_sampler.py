@@ -53,3 +53,14 @@ def test_group_by_length_makes_batches_of_similar_length():
     assert padding(grouped) < 0.2 * padding(plain)
     again = PairSampler(512, batch_size=8, seed=0, lengths=lengths)
     assert steps(again, 5) == steps(PairSampler(512, batch_size=8, seed=0, lengths=lengths), 5)
+
+
+def test_a_step_is_the_same_pairs_whether_drawn_in_order_or_prepared_ahead():
+    drawn = PairSampler(num_examples=23, batch_size=2, accumulation_steps=2, world_size=2, rank=1, seed=3)
+    ahead = PairSampler(num_examples=23, batch_size=2, accumulation_steps=2, world_size=2, rank=1, seed=3)
+    steps = [drawn.next_step() for _ in range(12)]  # 2 steps an epoch: over several epoch boundaries
+    assert [ahead.step_indices(step) for step in range(12)] == steps
+    assert ahead.state_dict() == {"epoch": 0, "step_in_epoch": 0}  # preparing ahead consumes nothing
+    for _ in range(12):
+        ahead.advance()
+    assert ahead.state_dict() == drawn.state_dict() and ahead.steps_done == 12

@@ -365,3 +365,14 @@ def test_lean_loading_says_why_it_cannot_apply(tiny_model_dir, tmp_path):
     (tmp_path / "config.json").write_text((tiny_model_dir / "config.json").read_text())
     elsewhere = load_config("tiny_lora", [f"model.path={tmp_path}"]).model
     assert lean_loading_blocker(elsewhere, None, compile=False) == f"{tmp_path} has no local safetensors files"
+
+
+def test_batches_prepared_by_loader_processes_train_exactly_as_in_process(tiny_model_dir, prepared_dir, tmp_path):
+    runs = {}
+    for workers in (0, 1):
+        run = tmp_path / f"workers_{workers}"
+        args = ["train", "--config", "tiny_lora", "--max-steps", "3", *overrides(tiny_model_dir, prepared_dir, run),
+                f"data.num_workers={workers}", "training.gradient_accumulation_steps=2"]
+        assert main(args) == 0
+        runs[workers] = [(r["step"], r["loss"], r["rewards/margins"]) for r in read_metrics(run, "train")]
+    assert runs[1] == runs[0]

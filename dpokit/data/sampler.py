@@ -44,6 +44,8 @@ class PairSampler:
         self.shuffle = shuffle
         self.lengths = None if lengths is None else torch.as_tensor(lengths)
         self.state = SamplerState()
+        self._cached_epoch: Optional[int] = None
+        self._cached_order: Optional[torch.Tensor] = None
 
     @property
     def global_batch_size(self) -> int:
@@ -91,15 +93,33 @@ class PairSampler:
 
     def next_step(self) -> list[list[int]]:
         """Advance one optimizer step; returns this rank's micro-batches of indices."""
+        indices = self.step_indices(self.steps_done)
+        self.advance()
+        return indices
+
+    @property
+    def steps_done(self) -> int:
+        """Optimizer steps consumed so far, over all epochs."""
+        return self.state.epoch * self.steps_per_epoch + self.state.step_in_epoch
+
+    def advance(self) -> None:
+        """Count one optimizer step as consumed (what `state_dict` records for resume)."""
+        if self.state.step_in_epoch >= self.steps_per_epoch:
+            self.state = SamplerState(epoch=self.state.epoch + 1, step_in_epoch=0)
+        self.state.step_in_epoch += 1
+
+    def step_indices(self, step: int) -> list[list[int]]:
+        """This rank's micro-batches of indices for optimizer step `step` (counted from the run's start), without
+        changing the state: a loader can prepare steps ahead of the ones consumed."""
         if self.steps_per_epoch == 0:
             raise ValueError(
                 f"{self.num_examples} examples make no global batch of {self.global_batch_size} pairs"
             )
-        if self.state.step_in_epoch >= self.steps_per_epoch:
-            self.state = SamplerState(epoch=self.state.epoch + 1, step_in_epoch=0)
-        batch = self.global_batch(self.state.epoch, self.state.step_in_epoch)
-        self.state.step_in_epoch += 1
-        return self.micro_batches(batch)
+        epoch, step_in_epoch = divmod(step, self.steps_per_epoch)
+        if self._cached_epoch != epoch:  # one permutation per epoch, not one per step
+            self._cached_epoch, self._cached_order = epoch, self.epoch_order(epoch)
+        g = self.global_batch_size
+        return self.micro_batches(self._cached_order[step_in_epoch * g : (step_in_epoch + 1) * g])
 
     def state_dict(self) -> dict:
         return {"epoch": self.state.epoch, "step_in_epoch": self.state.step_in_epoch}
