@@ -100,6 +100,27 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+class PendingCheckpoint:
+    """A checkpoint whose shards are being written (`save_checkpoint(asynchronous=True)`); `wait` completes it."""
+
+    def __init__(self, path: Path, written, finish):
+        self.path, self._written, self._finish = path, written, finish
+
+    def written(self) -> bool:
+        """Whether this rank's shards are on disk (the others' may not be: agree before `wait`)."""
+        return self._written is None or self._written.done()
+
+    def wait(self) -> Path:
+        """Wait for every rank's shards, then rank 0 adds the training state and renames the checkpoint into place."""
+        if self._written is not None:
+            try:
+                self._written.result()
+            except (OSError, RuntimeError, CheckpointException) as exc:
+                self._finish(failed=exc)
+        self._finish(failed=None)
+        return self.path
+
+
 def save_checkpoint(
     run_dir: Path,
     step: int,
@@ -111,15 +132,25 @@ def save_checkpoint(
     keep_last: int = 2,
     is_main: bool = True,
     consolidate: bool = True,
-) -> Path:
-    """Write checkpoint `step`; keep only the last `keep_last`. Every rank calls this: each writes its shards
-    into the temporary directory rank 0 opens, and rank 0 adds ``training_state.pt`` (and, with `consolidate`,
-    the consolidated model) and renames it into place once all are done.
+    asynchronous: bool = False,
+    write_group=None,
+) -> PendingCheckpoint:
+    """Start checkpoint `step`; keep only the last `keep_last` once it is complete (`PendingCheckpoint.wait`).
+    Every rank calls this: each writes its shards into the temporary directory rank 0 opens, and rank 0 adds
+    ``training_state.pt`` (and, with `consolidate`, the consolidated model) and renames it into place once all
+    are done.
 
     Args:
         consolidate: also write the model in Hugging Face's format (always done for adapters, which are small).
+        asynchronous: copy the shards to host memory now and write them in a background thread (DCP's
+            ``async_save``, over `write_group`, a process group of its own so that its collectives never mix
+            with training's); training goes on until `wait`.
     """
     model_state = full_model_state(model, trainable_only=adapters) if consolidate or adapters else None  # collective
+    if asynchronous and model_state is not None:  # one process's "full" state shares the live weights' storage
+        model_state = {name: tensor.clone() for name, tensor in model_state.items()}
+    own = {"optimizer_in_backward": optimizer.state_dict()} if isinstance(optimizer, OptimizerInBackward) else {}
+    training_state = {**training_state, **own, "rng": gather_to_main(rng_state())}  # rank r resumes with its own
     final = checkpoint_path(run_dir, step)
 
     def begin() -> Path:
@@ -129,28 +160,34 @@ def save_checkpoint(
         return tmp
 
     tmp = Path(main_result(_saving(final, begin)))  # a refusal or a full disk on rank 0 stops every rank
+
+    def finish(failed: Optional[BaseException]) -> None:
+        if failed is not None:  # DCP raises on every rank when one fails
+            if is_main:
+                abort_within(tmp)
+            raise _cannot_write(final, Path(run_dir), failed) from None
+
+        def complete() -> None:
+            try:
+                if model_state is not None:
+                    save_pretrained(model, tmp, model_state, tokenizer)
+                torch.save(training_state, tmp / STATE_FILE)
+                commit_within(tmp, final)
+            except BaseException:
+                abort_within(tmp)
+                raise
+            remove_within(run_dir, "run", [old for _, old in list_checkpoints(run_dir)[:-keep_last]])
+
+        main_result(_saving(final, complete))  # rank 0 completes it; the others return once it is in place
+
+    shards = sharded_state(model, optimizer, trainable_only=adapters)
     try:
-        dcp.save(sharded_state(model, optimizer, trainable_only=adapters), checkpoint_id=str(tmp / SHARDS))
-    except (OSError, RuntimeError, CheckpointException) as exc:  # DCP raises on every rank when one fails
-        if is_main:
-            abort_within(tmp)
-        raise _cannot_write(final, Path(run_dir), exc) from None
-    rngs = gather_to_main(rng_state())  # every rank's: rank r resumes with its own
-
-    def finish() -> None:
-        try:
-            if model_state is not None:
-                save_pretrained(model, tmp, model_state, tokenizer)
-            own = {"optimizer_in_backward": optimizer.state_dict()} if isinstance(optimizer, OptimizerInBackward) else {}
-            torch.save({**training_state, **own, "rng": rngs}, tmp / STATE_FILE)
-            commit_within(tmp, final)
-        except BaseException:
-            abort_within(tmp)
-            raise
-        remove_within(run_dir, "run", [old for _, old in list_checkpoints(run_dir)[:-keep_last]])
-
-    main_result(_saving(final, finish))  # rank 0 completes it; the others return once it is in place
-    return final
+        if asynchronous:
+            return PendingCheckpoint(final, dcp.async_save(shards, checkpoint_id=str(tmp / SHARDS), process_group=write_group), finish)
+        dcp.save(shards, checkpoint_id=str(tmp / SHARDS))
+    except (OSError, RuntimeError, CheckpointException) as exc:
+        finish(failed=exc)
+    return PendingCheckpoint(final, None, finish)
 
 
 def _saving(final: Path, write):

@@ -102,6 +102,7 @@ class TrainingConfig:
     eval_at_start: bool = False  # also evaluate before the first update (logged as step 0)
     eval_batches: Optional[int] = None  # cap on eval batches; None: the whole split
     save_every: int = 0  # optimizer steps; 0: save only at the end
+    async_save: bool = False  # periodic checkpoints are written in the background while training goes on
     save_every_minutes: float = 0.0  # also save when this much time passed since the last save; 0: off
     skip_nonfinite: bool = False  # a non-finite loss or gradient norm skips the batch (counted) instead of stopping
     compile: bool = False  # torch.compile each decoder layer and the loss (compiles during the first steps)

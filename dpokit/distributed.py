@@ -127,6 +127,12 @@ def apply_fsdp(model: nn.Module, cfg, device: torch.device, compute_dtype: torch
     return model
 
 
+def background_group():
+    """A gloo process group of its own for collectives run from a background thread (an asynchronous
+    checkpoint's), so they never interleave with training's on the default group (None in one process)."""
+    return dist.new_group(backend="gloo") if _in_group() else None
+
+
 def reshard(model: nn.Module) -> None:
     """Put every FSDP2 unit of `model` back in its sharded state: a forward outside training (a check) leaves
     the units that do not reshard after forward (the output head) gathered, and an optimizer built then

@@ -75,6 +75,7 @@ from dpokit.data.tokenize import PLAIN_TURN_SEPARATOR, LengthLimits, PairTokeniz
 from dpokit.distributed import (
     any_rank,
     apply_fsdp,
+    background_group,
     barrier,
     broadcast_from_main,
     cpu_threads,
@@ -202,6 +203,8 @@ class DPORecipe:
             self._write_config(checkpoint)
         self.logger = MetricsLogger(self.run_dir, enabled=self.dist.is_main, trackers=self._open_trackers(checkpoint))
         self.signals = StopSignals(self.announce)
+        self.pending_checkpoint = None  # an asynchronous checkpoint not yet complete
+        self.checkpoint_group = background_group() if cfg.training.async_save else None
         self.last_saved_step = self.step if checkpoint is not None else None
         self.last_save_time = time.monotonic()
 
@@ -549,6 +552,7 @@ class DPORecipe:
         """Log, evaluate and save when due (every ``log_every`` / ``eval_every`` / ``save_every`` steps or
         ``save_every_minutes``), all three after the last step; a requested stop checkpoints and exits."""
         cfg = self.cfg.training
+        self.finish_checkpoint(wait=False)
         if is_last or self.step % cfg.log_every == 0:
             self.logger.log(self.step, "train", self.result.train)
         if self.eval_split is not None and (is_last or (cfg.eval_every and self.step % cfg.eval_every == 0)):
@@ -557,7 +561,7 @@ class DPORecipe:
         if stop and not is_last:
             self.stop_with_checkpoint()
         if is_last or time_due or (cfg.save_every and self.step % cfg.save_every == 0):
-            self.result.checkpoint = self.save_checkpoint()
+            self.result.checkpoint = self.save_checkpoint(asynchronous=cfg.async_save and not is_last)
 
     def save_time_due(self) -> bool:
         minutes = self.cfg.training.save_every_minutes
@@ -565,6 +569,7 @@ class DPORecipe:
 
     def stop_with_checkpoint(self) -> None:
         """A stop was requested (SIGTERM/SIGINT on any rank): checkpoint this step, say how to resume, exit 75."""
+        self.finish_checkpoint(wait=True)
         path = self.save_checkpoint() if self.last_saved_step != self.step else latest_checkpoint(self.run_dir)
         barrier()  # every rank exits only once the checkpoint is on disk
         gpus = f" --gpus {self.dist.world_size}" if self.dist.world_size > 1 else ""
@@ -574,7 +579,10 @@ class DPORecipe:
             if self.dist.is_main else ""
         )
 
-    def save_checkpoint(self) -> Path:
+    def save_checkpoint(self, asynchronous: bool = False) -> Path:
+        """Checkpoint this step; with `asynchronous` the shards are written in the background and the checkpoint
+        is completed by `finish_checkpoint` once every rank's are on disk."""
+        self.finish_checkpoint(wait=True)
         check_finite_weights(self.policy, self.step, self.device)
         state = {
             "step": self.step,
@@ -585,7 +593,7 @@ class DPORecipe:
             "config": config_to_dict(self.cfg),
             "loss": self.loss_fn.state_dict(),
         }
-        path = save_checkpoint(
+        pending = save_checkpoint(
             self.run_dir,
             self.step,
             self.policy,
@@ -596,9 +604,23 @@ class DPORecipe:
             keep_last=self.cfg.training.keep_last,
             is_main=self.dist.is_main,
             consolidate=self.step == self.total_steps,  # the full model in HF format once, at the end
+            asynchronous=asynchronous,
+            write_group=self.checkpoint_group,
         )
         self.last_saved_step, self.last_save_time = self.step, time.monotonic()
-        return path
+        if asynchronous:
+            self.pending_checkpoint = pending
+            return pending.path
+        return pending.wait()
+
+    def finish_checkpoint(self, wait: bool) -> None:
+        """Complete a checkpoint written in the background: always with `wait`, else once every rank's shards
+        are on disk (all ranks agree, so they complete it together)."""
+        pending = self.pending_checkpoint
+        if pending is None or (not wait and any_rank([not pending.written()], self.device)[0]):
+            return
+        self.pending_checkpoint = None
+        pending.wait()
 
     def cleanup(self) -> None:
         if hasattr(self, "process_settings"):

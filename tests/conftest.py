@@ -191,10 +191,12 @@ def run_dpokit_elsewhere(argv: list[str]) -> None:
     assert done.returncode == 0, done.stderr[-2000:]
 
 
-# Full fine-tuning on 2 processes, long enough for faults to land mid-run, checkpointing every other step;
+# Full fine-tuning on 2 processes, long enough for faults to land mid-run, checkpointing every other step
+# (in the background: the faults land while checkpoints are being written too);
 # global batch 4 = 1 pair x 2 processes x 2 accumulation steps = 2 pairs x 2 steps on one process.
 TWO_PROCESS_RUN = ("--max-steps", "12", "--method", "full", "--lr", "1e-3", "training.gradient_accumulation_steps=2",
-                   "training.save_every=2", "training.keep_last=2", "eval.samples=2", "eval.max_new_tokens=4",
+                   "training.save_every=2", "training.keep_last=2", "training.async_save=true",
+                   "eval.samples=2", "eval.max_new_tokens=4",
                    "--gpus", "2", "data.batch_size=1")
 ONE_PROCESS_RUN = (*TWO_PROCESS_RUN[:-3], "data.batch_size=2")  # the same run on one process
 

@@ -376,3 +376,16 @@ def test_batches_prepared_by_loader_processes_train_exactly_as_in_process(tiny_m
         assert main(args) == 0
         runs[workers] = [(r["step"], r["loss"], r["rewards/margins"]) for r in read_metrics(run, "train")]
     assert runs[1] == runs[0]
+
+
+def test_checkpoints_written_in_the_background_resume_exactly(tiny_model_dir, prepared_dir, tmp_path):
+    straight, run = tmp_path / "straight", tmp_path / "run"
+    common = ("--max-steps", "6", "training.save_every=2", "training.keep_last=3", "--lr", "1e-3")
+    assert main(["train", "--config", "tiny_lora", *overrides(tiny_model_dir, prepared_dir, straight), *common]) == 0
+    assert main(["train", "--config", "tiny_lora", *overrides(tiny_model_dir, prepared_dir, run), *common,
+                 "training.async_save=true"]) == 0
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_0000002", "step_0000004", "step_0000006"]
+    shutil.rmtree(run / "checkpoints" / "step_0000006")
+    assert main(["train", "--config", "tiny_lora", *overrides(tiny_model_dir, prepared_dir, run), *common,
+                 "training.async_save=true", "--resume"]) == 0  # from the step-4 checkpoint written in the background
+    assert [r["loss"] for r in read_metrics(run, "train")] == pytest.approx([r["loss"] for r in read_metrics(straight, "train")], abs=1e-6)
