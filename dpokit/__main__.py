@@ -1,5 +1,3 @@
-import sys
+from dpokit.cli import entry
 
-from dpokit.cli import main
-
-sys.exit(main())
+entry()  # `python -m dpokit` is the `dpokit` command: one command in a process of its own
