@@ -13,6 +13,18 @@ Three timings, each of the whole job from rows on disk to a written prepared/ di
 * ``dpokit prepare`` as a command (a new interpreter, imports included), ``--num-proc 2``.
 
 Results go to stdout as a Markdown table; `bench/prepare_results.md` records a run.
+
+Memory mode: peak resident memory of `dpokit prepare` as the number of pairs grows, this tree's code
+against a git revision's (``--baseline``, default ``HEAD``, unpacked with ``git archive``), each run
+in a fresh process. The process imports everything and loads the tokenizer, resets its peak
+(``5 > /proc/self/clear_refs``), runs `run_prepare` and reports its peak during the run (``VmHWM``);
+the parent also reads the process's peak with ``os.wait4`` (imports included, and its workers'):
+
+    python bench/prepare_bench.py --memory                          # 2,000 and 200,000 short pairs
+    python bench/prepare_bench.py --memory --memory-rows 2000 20000 --prompt-words 60 --response-words 125
+
+Both revisions must give the same data fingerprint on the same input (checked).
+`bench/prepare_memory_results.md` records a run.
 """
 
 from __future__ import annotations
@@ -80,6 +92,96 @@ def dpokit_command(data: Path, model: str, out: Path, num_proc: int) -> None:
     subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
 
 
+# One measured `dpokit prepare` run: argv = dpokit's parent directory, data, model, out, num_proc, eval_fraction.
+# Imports (datasets too: the old code imports it to write, the new one to read) and the tokenizer come first: every
+# run holds them before it reads a row, and importing torch peaks higher than it settles. Then the peak is reset,
+# so VmHWM after the run is the run's own. Prints the resident memory at the start, the peak, seconds, fingerprint.
+MEMORY_CHILD = """
+import json, os, re, sys, time
+sys.path.insert(0, sys.argv[1])
+import dpokit
+assert dpokit.__file__.startswith(sys.argv[1]), dpokit.__file__
+from rich.console import Console
+from dpokit.data.pipeline import PrepareOptions, run_prepare
+from dpokit.data.tokenize import load_tokenizer
+import datasets  # noqa: F401
+
+def status_kib(key):
+    return int(re.search(key + r":\\s+(\\d+)", open("/proc/self/status").read()).group(1))
+
+load_tokenizer(sys.argv[3])
+with open("/proc/self/clear_refs", "w") as stream:
+    stream.write("5")  # VmHWM := VmRSS
+start = status_kib("VmRSS")
+started = time.perf_counter()
+options = PrepareOptions(data=sys.argv[2], model=sys.argv[3], out=sys.argv[4], num_proc=int(sys.argv[5]),
+                         eval_fraction=float(sys.argv[6]))
+out = run_prepare(options, console=Console(file=open(os.devnull, "w")))
+seconds = time.perf_counter() - started
+manifest = json.loads((out / "manifest.json").read_text())
+print(json.dumps({"start_kib": start, "peak_kib": status_kib("VmHWM"), "seconds": seconds,
+                  "fingerprint": manifest["data_fingerprint"], "lengths": manifest["lengths"]}))
+"""
+
+
+def measured_prepare(code: Path, data: Path, model: str, out: Path, num_proc: int, eval_fraction: float) -> dict:
+    """Run `dpokit prepare` from the package under `code` in a new process; its result and peaks (KiB)."""
+    command = [sys.executable, "-c", MEMORY_CHILD, str(code), str(data), model, str(out), str(num_proc), str(eval_fraction)]
+    child = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+    output = child.stdout.read()
+    _, status, usage = os.wait4(child.pid, 0)  # this child's peak (and its workers'), not the largest child's so far
+    child.returncode = os.waitstatus_to_exitcode(status)
+    if child.returncode != 0:
+        raise SystemExit(f"prepare from {code} failed with exit code {child.returncode}")
+    return {**json.loads(output.strip().splitlines()[-1]), "wait4_peak_kib": usage.ru_maxrss}
+
+
+def unpacked_revision(revision: str, into: Path) -> Path:
+    """The `dpokit` package as it is at git `revision`, unpacked under `into` (the working tree is not touched)."""
+    into.mkdir(parents=True)
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", revision, "dpokit"], check=True, capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
+    return into
+
+
+def mib(kib: int) -> str:
+    return f"{kib / 1024:,.0f} MiB"
+
+
+def memory_bench(args, work: Path, model: str) -> None:
+    """Peak RSS and rows/s of the baseline revision and this tree, at each of ``--memory-rows``."""
+    codes = {f"{args.baseline} (before)": unpacked_revision(args.baseline, work / "baseline"), "this tree (after)": ROOT}
+    print(f"machine: {cpu_model()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
+          f"load average {os.getloadavg()[0]:.1f}; --num-proc {args.num_proc}, --eval-fraction {args.eval_fraction}")
+    print()
+    print("| code | pairs | RSS at the start | peak RSS during the run | peak / peak at the fewest pairs | "
+          "peak of process and workers (wait4) | seconds | rows/s |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    fingerprints: dict[int, set] = {}
+    for rows in args.memory_rows:
+        data = work / f"pairs-{rows}.jsonl"
+        with open(data, "w") as stream:
+            for row in generated_rows(rows, args.prompt_words, args.response_words):
+                stream.write(json.dumps(row) + "\n")
+    for name, code in codes.items():
+        first_peak = None
+        for rows in args.memory_rows:
+            result = measured_prepare(code, work / f"pairs-{rows}.jsonl", model, work / "out", args.num_proc, args.eval_fraction)
+            shutil.rmtree(work / "out")
+            fingerprints.setdefault(rows, set()).add(result["fingerprint"])
+            first_peak = first_peak or result["peak_kib"]
+            print(f"| {name} | {rows:,} | {mib(result['start_kib'])} | {mib(result['peak_kib'])} | "
+                  f"{result['peak_kib'] / first_peak:.2f}x | {mib(result['wait4_peak_kib'])} | {result['seconds']:.1f} | "
+                  f"{rows / result['seconds']:,.0f} |", flush=True)
+    lengths = result["lengths"]
+    print()
+    print(f"tokens per pair (p50): prompt {lengths['prompt']['p50']}, each completion {lengths['completion']['p50']}")
+    same = all(len(values) == 1 for values in fingerprints.values())
+    print(f"data fingerprints equal between the two: {same}")
+    if not same:
+        raise SystemExit("the two revisions prepared different data")
+
+
 def cpu_model() -> str:
     """The CPU's model name from /proc/cpuinfo (Linux), else the platform's machine type."""
     try:
@@ -101,9 +203,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=10_000)
     parser.add_argument("--model", default=None, help="Tokenizer directory (default: build the tiny test tokenizer).")
-    parser.add_argument("--prompt-words", type=int, default=60)
-    parser.add_argument("--response-words", type=int, default=125)
+    parser.add_argument("--prompt-words", type=int, default=None, help="Default 60, with --memory 8.")
+    parser.add_argument("--response-words", type=int, default=None, help="Default 125, with --memory 4.")
+    parser.add_argument("--memory", action="store_true", help="Measure peak RSS against --memory-rows pairs instead.")
+    parser.add_argument("--memory-rows", type=int, nargs="+", default=[2_000, 200_000])
+    parser.add_argument("--baseline", default="HEAD", help="The git revision measured as 'before' (--memory).")
+    parser.add_argument("--num-proc", type=int, default=1, help="--num-proc of the measured runs (--memory).")
+    parser.add_argument("--eval-fraction", type=float, default=0.0, help="--eval-fraction of the measured runs (--memory).")
     args = parser.parse_args()
+    short = args.memory  # short pairs with --memory, so that 200,000 of them take a minute
+    args.prompt_words = args.prompt_words or (8 if short else 60)
+    args.response_words = args.response_words or (4 if short else 125)
 
     # Import the heavy libraries before any timing, so that no in-process run pays for them.
     import datasets
@@ -116,6 +226,9 @@ def main() -> None:
         model = args.model or str(work / "tokenizer")
         if args.model is None:
             tiny.build_tokenizer(Path(model), chat_template=True)
+        if args.memory:
+            memory_bench(args, work, model)
+            return
         data = work / "pairs.jsonl"
         data.write_text("".join(json.dumps(r) + "\n" for r in generated_rows(args.rows, args.prompt_words, args.response_words)))
 

@@ -133,17 +133,36 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 
 def data_fingerprint(splits: dict[str, Any], columns: Sequence[str]) -> str:
-    """SHA-256 over the token ids of every split (names, offsets and values), in split-name order."""
+    """SHA-256 over the token ids of every split (names, offsets and values), in split-name order.
+
+    A split is a `datasets.Dataset`, or a function returning a fresh iterator over its Arrow record
+    batches (`dpokit prepare` reads its split files back that way). Each column is hashed as one list
+    array of all its rows: its offsets from 0 as int64, then its values as int32. The bytes are fed a
+    batch at a time (two passes per column: offsets, then values), so a split larger than memory is
+    hashed in one batch's worth of it.
+    """
     digest = hashlib.sha256()
     for name in sorted(splits):
-        table = splits[name].data
+        batches = splits[name] if callable(splits[name]) else splits[name].data.to_batches
         digest.update(name.encode())
         for column in columns:
-            array = table.column(column).combine_chunks()
             digest.update(column.encode())
-            digest.update(np.asarray(array.offsets).astype(np.int64).tobytes())
-            digest.update(np.asarray(array.values).astype(np.int32).tobytes())
+            digest.update(np.zeros(1, np.int64).tobytes())  # the first offset
+            end = 0
+            for lists in _list_arrays(batches(), column):
+                offsets = np.asarray(lists.offsets).astype(np.int64)
+                digest.update((offsets[1:] - offsets[0] + end).tobytes())
+                end += int(offsets[-1] - offsets[0])
+            for lists in _list_arrays(batches(), column):
+                digest.update(np.asarray(lists.flatten()).astype(np.int32).tobytes())
     return digest.hexdigest()
+
+
+def _list_arrays(batches, column: str):
+    """The list arrays of `column` in record batches (or tables, whose columns are chunked)."""
+    for batch in batches:
+        values = batch.column(column)
+        yield from getattr(values, "chunks", [values])
 
 
 def ends_sha256(file: Path) -> str:

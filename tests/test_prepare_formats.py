@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from dpokit.data.formats import Record, SkippedRow, load_records, normalise, parse_column_map
+from dpokit.data.formats import Record, SkippedRow, load_records, normalise, open_records, parse_column_map
 from dpokit.errors import DpokitError
 
 
@@ -226,9 +226,11 @@ def test_a_json_line_that_is_not_an_object_is_an_error(tmp_path):
     assert str(error.value) == f"{path} line 1: expected a JSON object with prompt/chosen/rejected, got list"
 
 
-def test_json_array_csv_and_parquet_files_read_the_same_rows(tmp_path):
+def test_json_array_csv_and_parquet_files_read_the_same_rows(tmp_path, monkeypatch):
     import pyarrow as pa
     import pyarrow.parquet as pq
+
+    monkeypatch.setattr("dpokit.data.formats.PARQUET_BATCH_ROWS", 1)  # Parquet rows are decoded a batch at a time
 
     rows = [{"prompt": "p1", "chosen": "c1, with a comma", "rejected": "r1"}, {"prompt": "p2", "chosen": "c2", "rejected": "r2"}]
     (tmp_path / "a.json").write_text(json.dumps(rows, indent=1))
@@ -241,6 +243,8 @@ def test_json_array_csv_and_parquet_files_read_the_same_rows(tmp_path):
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "c.parquet")
     for name in ("a.json", "b.csv", "c.parquet"):
         assert [r.row for r in load_records(str(tmp_path / name))] == rows, name
+        source = open_records(str(tmp_path / name))  # read lazily: counted, then read again the same
+        assert source.count() == 2 and [r.row for r in source] == rows, name
     assert [r.location for r in load_records(str(tmp_path / "b.csv"))] == [f"{tmp_path / 'b.csv'} line {n}" for n in (2, 3)]
 
 

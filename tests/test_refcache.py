@@ -217,3 +217,29 @@ def test_a_writer_that_fails_mid_run_leaves_exactly_its_committed_rows_done(tmp_
     with pytest.raises(RuntimeError, match="simulated crash after 4 rows"):
         writer.write("train", np.array([2, 3]), *[np.zeros(2)] * 4)
     assert open_cache(path).rows_done == {"train": 4}
+
+
+def test_a_steps_batches_from_every_rank_commit_as_one_write_with_their_token_values(tmp_path):
+    from dpokit.reference.compute import BatchLogps, concatenated
+
+    path = tmp_path / "ref.h5"
+    chosen, rejected = np.array([2, 1, 3, 1, 2]), np.array([1, 2, 1, 3, 1])
+    create_or_resume_cache(path, write_attrs(per_token=True), {"train": 5}, False, {"train": chosen + rejected})
+    tokens = [np.arange(n, dtype=np.float32) + 10 * row for row, n in enumerate(chosen + rejected)]
+
+    def batch(rows):  # one rank's outputs for example indices `rows`, as the pass gathers them
+        rows = np.array(rows)
+        return BatchLogps(rows, -rows.astype(np.float32), -2 * rows.astype(np.float32), chosen[rows], rejected[rows],
+                          num_tokens=1, token_logps=[tokens[i] for i in rows])
+
+    writer = RefCacheWriter(path)
+    step = concatenated([batch([4, 1]), batch([3, 0])])
+    writer.write("train", step.index, step.chosen_logps, step.rejected_logps, step.chosen_tokens, step.rejected_tokens,
+                 step.token_logps)
+    assert writer.rows_written == 4 and open_cache(path).pending_rows("train").tolist() == [2]
+    values = open_cache(path).logps("train", require_done=False)
+    assert values.chosen_logps.tolist()[:2] == [0.0, -1.0] and values.chosen_logps.tolist()[3:] == [-3.0, -4.0]
+    for row in (0, 1, 3, 4):
+        start, end = values.token_offsets[row], values.token_offsets[row + 1]
+        np.testing.assert_array_equal(values.token_logps.numpy()[start:end], tokens[row])
+    assert np.isnan(values.token_logps.numpy()[values.token_offsets[2]:values.token_offsets[3]]).all()

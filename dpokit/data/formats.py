@@ -10,6 +10,10 @@ message ``{"role": ..., "content": ...}``. Three input shapes are recognised:
 * ``implicit``: no ``prompt``; ``chosen``/``rejected`` are whole conversations (message lists, or
   Anthropic HH text ``"\\n\\nHuman: ...\\n\\nAssistant: ..."``) whose shared turns are the prompt.
 
+Rows are read lazily (`open_records`): JSONL and CSV a line at a time, Parquet `PARQUET_BATCH_ROWS`
+rows at a time, a JSON array an item at a time (its text is held, not its rows), so `dpokit prepare`
+never holds a source's rows in memory.
+
 A row that cannot be used (empty or non-string content, identical responses, ...) raises
 `SkippedRow` with a reason; the pipeline counts it. Problems with the input as a whole (an
 unreadable file, a missing column) raise `DpokitError`.
@@ -32,6 +36,8 @@ COLUMNS = ("prompt", "chosen", "rejected")
 FILE_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
 HH_TURN = re.compile(r"\n\n(Human|Assistant):")
 HH_ROLES = {"Human": "user", "Assistant": "assistant"}
+JSON_WHITESPACE = re.compile(r"[ \t\n\r]*")  # what JSON allows between tokens (narrower than str.isspace)
+PARQUET_BATCH_ROWS = 1024  # rows decoded from a Parquet file at a time
 
 
 @dataclass
@@ -66,16 +72,47 @@ class SkippedRow(Exception):
 # Loading
 
 
-def load_records(data: str, split: str = "train", subset: Optional[str] = None) -> list[Record]:
-    """Rows of a local file, a folder of files, or a dataset name for `datasets.load_dataset`."""
+@dataclass
+class RecordSource:
+    """The rows of some files or of a loaded dataset, read lazily: each iteration reads them afresh,
+    one at a time, so a pass to count them and one pass per split hold no more than a row."""
+
+    files: list[Path]
+    dataset: Any = None  # a `datasets.Dataset` (memory-mapped Arrow), for a dataset name
+    label: str = ""  # a dataset's row locations start with it: ``name[split]``
+
+    def __iter__(self) -> Iterator[Record]:
+        if self.dataset is not None:
+            return (Record(f"{self.label} row {index}", row) for index, row in enumerate(self.dataset))
+        return (record for file in self.files for record in file_records(file))
+
+    def count(self) -> int:
+        """How many rows there are: a dataset's length, a Parquet file's metadata, else a pass that parses
+        every row (so malformed JSON or CSV stops the run before any tokenizing)."""
+        if self.dataset is not None:
+            return len(self.dataset)
+        return sum(parquet_rows(file) if file.suffix.lower() == ".parquet" else sum(1 for _ in file_records(file))
+                   for file in self.files)
+
+
+def open_records(data: str, split: str = "train", subset: Optional[str] = None) -> RecordSource:
+    """The rows of a local file, a folder of files, or a dataset name for `datasets.load_dataset`.
+
+    A missing file, an empty folder or a dataset that cannot be loaded is an error here, before any row is read.
+    """
     path = Path(data)
     if path.is_dir():
-        return [record for file in data_files(path) for record in file_records(file)]
+        return RecordSource(data_files(path))
     if path.is_file():
-        return list(file_records(path))
+        return RecordSource([path])
     if path.suffix.lower() in FILE_SUFFIXES:
         raise DpokitError(f"data file {data} does not exist")
-    return hub_records(data, split, subset)
+    return RecordSource([], hub_dataset(data, split, subset), f"{data}[{split}]")
+
+
+def load_records(data: str, split: str = "train", subset: Optional[str] = None) -> list[Record]:
+    """Every row of `data` in a list (`open_records` reads them one at a time)."""
+    return list(open_records(data, split, subset))
 
 
 def load_prompts(path: str) -> list[list[dict[str, str]]]:
@@ -148,8 +185,36 @@ def json_records(path: Path) -> Iterator[Record]:
     if not text.lstrip().startswith("["):
         yield from jsonl_records(path)
         return
-    for index, row in enumerate(parsed_json(text, path, 1, "fix the file")):
+    for index, row in enumerate(json_array_items(text, path)):
         yield Record(f"{path} row {index}", object_row(row, f"{path} row {index}"))
+
+
+def json_array_items(text: str, path: Path) -> Iterator[Any]:
+    """The items of the JSON array `text`, decoded one at a time (the text is held, its rows are not).
+
+    Anything that is not a well-formed array stops with the error `json.loads` gives for the whole text.
+    """
+    decoder = json.JSONDecoder()
+    position = JSON_WHITESPACE.match(text).end()
+    end = None  # just past the closing bracket, once it is found
+    if text.startswith("[", position):
+        position = JSON_WHITESPACE.match(text, position + 1).end()
+        end = position + 1 if text.startswith("]", position) else None
+        while end is None:
+            try:
+                item, position = decoder.raw_decode(text, position)
+            except json.JSONDecodeError:
+                break
+            yield item
+            position = JSON_WHITESPACE.match(text, position).end()
+            if text.startswith("]", position):
+                end = position + 1
+            elif text.startswith(",", position):
+                position = JSON_WHITESPACE.match(text, position + 1).end()
+            else:
+                break
+    if end is None or JSON_WHITESPACE.match(text, end).end() != len(text):
+        parsed_json(text, path, 1, "fix the file")  # raises json's own message for the malformed spot
 
 
 def parsed_json(text: str, path: Path, first_line: int, fix: str) -> Any:
@@ -194,30 +259,40 @@ def not_utf8_error(path: Path) -> DpokitError:
 
 
 def parquet_records(path: Path) -> Iterator[Record]:
+    """The rows of a Parquet file, `PARQUET_BATCH_ROWS` decoded at a time."""
     import pyarrow.parquet as pq
 
     try:
-        table = pq.read_table(path)
+        batches = pq.ParquetFile(path).iter_batches(batch_size=PARQUET_BATCH_ROWS)
+        rows = (row for batch in batches for row in batch.to_pylist())
+        for index, row in enumerate(rows):
+            yield Record(f"{path} row {index}", row)
     except Exception as exc:  # pyarrow raises several types for a damaged file
         raise DpokitError(f"{path}: not a readable Parquet file ({exc})") from None
-    for index, row in enumerate(table.to_pylist()):
-        yield Record(f"{path} row {index}", row)
 
 
-def hub_records(name: str, split: str, subset: Optional[str]) -> list[Record]:
-    """Rows of `datasets.load_dataset(name, subset, split=split)`."""
+def parquet_rows(path: Path) -> int:
+    """A Parquet file's row count, from its metadata."""
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.ParquetFile(path).metadata.num_rows
+    except Exception as exc:  # pyarrow raises several types for a damaged file
+        raise DpokitError(f"{path}: not a readable Parquet file ({exc})") from None
+
+
+def hub_dataset(name: str, split: str, subset: Optional[str]):
+    """`datasets.load_dataset(name, subset, split=split)`: its rows stay in Arrow files until read."""
     import datasets
 
     try:
-        dataset = datasets.load_dataset(name, subset, split=split)
+        return datasets.load_dataset(name, subset, split=split)
     except Exception as exc:  # datasets raises many types (not found, offline, bad config)
         which = f"subset {subset!r}, split {split!r}" if subset else f"split {split!r}"
         raise DpokitError(
             f"could not load dataset {name!r} ({which}): {exc}; "
             "pass a local .json/.jsonl/.csv/.parquet file or folder, or check --subset and --split"
         ) from None
-    label = f"{name}[{split}]"
-    return [Record(f"{label} row {index}", row) for index, row in enumerate(dataset)]
 
 
 def object_row(row: Any, location: str) -> dict[str, Any]:

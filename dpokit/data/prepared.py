@@ -18,7 +18,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -30,6 +30,8 @@ FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
 FINGERPRINT_RECHECK_BYTES = 64 * 2**20  # without recorded digests, recompute the fingerprint up to this size (~0.2 s)
+WRITE_BATCH_ROWS = 1000  # rows per Arrow record batch that `SplitWriter` writes (save_to_disk's batch too)
+SHARD_BYTES = 500 * 10**6  # a split file this large is closed and the next begun (save_to_disk's default shard size)
 
 
 @dataclass
@@ -178,24 +180,142 @@ def check_split_files(prepared: PreparedData) -> None:
 
 
 def write_prepared(out_dir: str | os.PathLike, splits: dict[str, Any], manifest: dict[str, Any], overwrite: bool) -> Path:
-    """Write splits and manifest to a temporary sibling directory, then rename it into place.
+    """Write `datasets.Dataset` splits and the manifest as a prepared directory (`write_prepared_with`)."""
 
-    An existing `out_dir` is replaced only with `overwrite` and only if it is an earlier prepare
-    output (`dpokit.artifacts`). An interrupted run leaves only ``.{name}.tmp-*``, never a directory
-    that `load_prepared` accepts.
+    def save(tmp: Path) -> dict[str, Any]:
+        for name, dataset in splits.items():
+            dataset.save_to_disk(str(tmp / name))
+        return manifest
+
+    return write_prepared_with(out_dir, save, overwrite)
+
+
+def write_prepared_with(out_dir: str | os.PathLike, write_splits: Callable[[Path], dict[str, Any]], overwrite: bool) -> Path:
+    """Write a prepared directory to a temporary sibling, then rename it into place.
+
+    `write_splits(tmp)` writes one folder per split into `tmp` (`dpokit prepare` streams rows there
+    with `SplitWriter` as it tokenizes them) and returns the manifest; the format version, the data
+    fingerprint (read back from those files a batch at a time) and the file digests are added, and
+    ``manifest.json`` is written last. An existing `out_dir` is replaced only with `overwrite` and
+    only if it is an earlier prepare output (`dpokit.artifacts`). An interrupted run leaves only
+    ``.{name}.tmp-*``, never a directory that `load_prepared` accepts.
     """
     check_replaceable(out_dir, "prepared", overwrite)
 
     def write(tmp: Path) -> None:
         tmp.mkdir()
-        for name, dataset in splits.items():
-            dataset.save_to_disk(str(tmp / name))
+        manifest = write_splits(tmp)
+        folders = [folder for folder in tmp.iterdir() if folder.is_dir() and not folder.name.startswith(".")]
+        splits = {folder.name: split_batches(folder) for folder in folders}
         full_manifest = dict(
             manifest, format_version=FORMAT_VERSION, data_fingerprint=data_fingerprint(splits, COLUMNS), files=split_file_digests(tmp)
         )
         (tmp / MANIFEST_NAME).write_text(json.dumps(full_manifest, indent=2, sort_keys=False) + "\n")
 
     return replace_atomically(out_dir, "prepared", write)
+
+
+def split_batches(split_dir: Path) -> Callable[[], Iterator]:
+    """A function that reads a split folder's Arrow files a record batch at a time.
+
+    Read through plain file reads, not memory-mapped: a memory-mapped file's pages count in the
+    process's resident memory once touched, and hashing touches all of them.
+    """
+    import pyarrow as pa
+
+    def batches() -> Iterator:
+        for file in arrow_files(split_dir):
+            with pa.OSFile(str(file)) as source:
+                yield from pa.ipc.open_stream(source)
+
+    return batches
+
+
+def features():
+    """The `datasets.Features` of a prepared split: int32 id lists."""
+    import datasets
+
+    return datasets.Features({column: datasets.List(datasets.Value("int32")) for column in COLUMNS})
+
+
+class SplitWriter:
+    """Appends rows of token ids to a split folder, in the layout `datasets.Dataset.save_to_disk` writes.
+
+    Rows are buffered `WRITE_BATCH_ROWS` at a time and written as Arrow record batches to
+    ``data-NNNNN-of-NNNNN.arrow`` stream files (a new one after `SHARD_BYTES`, as save_to_disk shards),
+    so `dpokit prepare` never holds a split in memory; `finish` adds ``state.json`` and
+    ``dataset_info.json``, after which `datasets.load_from_disk` reads the folder as save_to_disk's own.
+    Use it as a context manager: leaving it by an exception closes the file without finishing.
+    """
+
+    def __init__(self, directory: Path):
+        self.directory = Path(directory)
+        self.directory.mkdir()
+        self.schema = features().arrow_schema  # with the features in its metadata, as datasets writes it
+        self.rows: dict[str, list[Sequence[int]]] = {column: [] for column in COLUMNS}
+        self.files: list[Path] = []
+        self.sink: Any = None  # the open file and its Arrow stream writer
+        self.stream: Any = None
+
+    def __enter__(self) -> SplitWriter:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close_file()
+
+    def add(self, prompt_ids: Sequence[int], chosen_ids: Sequence[int], rejected_ids: Sequence[int]) -> None:
+        """Append one row."""
+        for column, ids in zip(COLUMNS, (prompt_ids, chosen_ids, rejected_ids)):
+            self.rows[column].append(ids)
+        if len(self.rows[COLUMNS[0]]) >= WRITE_BATCH_ROWS:
+            self.write_batch()
+
+    def write_batch(self) -> None:
+        import pyarrow as pa
+
+        if not self.rows[COLUMNS[0]]:
+            return
+        if self.stream is None or self.sink.tell() >= SHARD_BYTES:
+            self.next_file()
+        arrays = [pa.array(self.rows[column], type=self.schema.field(column).type) for column in COLUMNS]
+        self.stream.write_batch(pa.record_batch(arrays, schema=self.schema))
+        self.rows = {column: [] for column in COLUMNS}
+
+    def next_file(self) -> None:
+        import pyarrow as pa
+
+        self.close_file()
+        self.files.append(self.directory / f"data-{len(self.files):05d}.arrow")  # numbered "-of-N" by `finish`
+        self.sink = pa.OSFile(str(self.files[-1]), "wb")
+        self.stream = pa.ipc.new_stream(self.sink, self.schema)
+
+    def close_file(self) -> None:
+        if self.stream is not None:
+            self.stream.close()
+            self.sink.close()
+            self.stream = self.sink = None
+
+    def finish(self) -> None:
+        """Write the buffered rows, close the last file, name the files and write the folder's metadata."""
+        self.write_batch()
+        if not self.files:
+            self.next_file()  # an empty split is one file holding only the schema
+        self.close_file()
+        names = [f"data-{index:05d}-of-{len(self.files):05d}.arrow" for index in range(len(self.files))]
+        for file, name in zip(self.files, names):
+            file.rename(self.directory / name)
+        state = {  # save_to_disk's for a dataset without a format or split
+            "_data_files": [{"filename": name} for name in names],
+            "_fingerprint": os.urandom(8).hex(),  # a fresh dataset's fingerprint is random too
+            "_format_columns": None,
+            "_format_kwargs": {},
+            "_format_type": None,
+            "_output_all_columns": False,
+            "_split": None,
+        }
+        (self.directory / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True))
+        info = {"citation": "", "description": "", "features": features().to_dict(), "homepage": "", "license": ""}
+        (self.directory / "dataset_info.json").write_text(json.dumps(info, indent=2))  # save_to_disk's, to the byte
 
 
 def pair_token_counts(split) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -403,11 +403,17 @@ def _create_cache_file(
 
 
 class RefCacheWriter:
-    """Commits computed rows to a cache made by `create_or_resume_cache`, by example index."""
+    """Commits computed rows to a cache made by `create_or_resume_cache`, by example index.
+
+    A commit costs mostly per HDF5 call, little per row (bench/ref_writer_results.md): each dataset is
+    written with one point selection, a per-token cache's offsets are read once per split (they are
+    fixed when the file is made), and the pass commits every rank's rows of a step in one `write`.
+    """
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self.rows_written = 0
+        self.token_offsets: dict[str, np.ndarray] = {}  # split -> its ``token_offsets``, read at its first commit
 
     def write(
         self,
@@ -427,8 +433,8 @@ class RefCacheWriter:
         """
         if len(index) == 0:
             return
-        order = np.argsort(index, kind="stable")  # h5py writes a point selection in ascending order
-        rows = np.asarray(index)[order]
+        order = np.argsort(index, kind="stable")  # a point selection is written in ascending order
+        rows = np.asarray(index, dtype=np.int64)[order]
         values = {
             "chosen_logps": chosen_logps,
             "rejected_logps": rejected_logps,
@@ -438,21 +444,33 @@ class RefCacheWriter:
         with _open_h5(self.path, "r+") as handle:
             group = handle[split]
             for name, array in values.items():
-                group[name][rows] = np.asarray(array, dtype=ROW_DATASETS[name])[order]
+                _write_points(group[name], rows, np.asarray(array, dtype=ROW_DATASETS[name])[order])
             if token_logps is not None and TOKEN_LOGPS in group:
-                offsets = group[TOKEN_OFFSETS][()]
+                if split not in self.token_offsets:
+                    self.token_offsets[split] = group[TOKEN_OFFSETS][()]
+                offsets = self.token_offsets[split]
                 positions = np.concatenate([np.arange(offsets[i], offsets[i + 1]) for i in rows])
                 flat = np.concatenate([np.asarray(token_logps[k], dtype=np.float32) for k in order])
                 if flat.size != positions.size:
                     raise DpokitError(f"{self.path}: per-token values do not match the rows' token counts")
-                group[TOKEN_LOGPS][positions] = flat  # rows ascending, so positions ascending too
+                _write_points(group[TOKEN_LOGPS], positions, flat)  # rows ascending, so positions ascending too
             handle.flush()
             self.mark_done(group, rows)
 
     def mark_done(self, group, rows: np.ndarray) -> None:
         """Set ``done`` for `rows` of a split's open group (their values are already flushed)."""
-        group[DONE][rows] = True
+        _write_points(group[DONE], rows, np.ones(len(rows), dtype=bool))
         self.rows_written += len(rows)
+
+
+def _write_points(dataset, points: np.ndarray, values: np.ndarray) -> None:
+    """``dataset[points] = values`` (`points` ascending) as one HDF5 write of a point selection: h5py's
+    fancy indexing costs 2-3x more for the few scattered rows of a commit (bench/ref_writer_results.md)."""
+    import h5py
+
+    selection = dataset.id.get_space()
+    selection.select_elements(points.reshape(-1, 1))
+    dataset.id.write(h5py.h5s.create_simple((len(points),)), selection, np.ascontiguousarray(values))
 
 
 def subset_cache(source: RefCache, rows: dict[str, np.ndarray], path: str | os.PathLike, attrs: dict[str, Any]) -> RefCache:

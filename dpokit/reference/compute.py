@@ -7,7 +7,8 @@ length and little padding. Each batch goes through `dpokit.logps.concatenated_fo
 batch size changes the file.
 
 With N processes, the batches are dealt round-robin to the ranks; after each step every rank's
-results are gathered to rank 0, which alone writes the file and shows progress.
+results are gathered to rank 0, which alone writes the file (the step's rows in one commit) and
+shows progress.
 """
 
 from __future__ import annotations
@@ -132,6 +133,16 @@ def batch_logps(
         num_tokens=sum(2 * len(r["prompt_ids"]) + len(r["chosen_ids"]) + len(r["rejected_ids"]) for r in rows),
         token_logps=row_token_logps(outputs) if per_token else None,
     )
+
+
+def concatenated(batches: Sequence[BatchLogps]) -> BatchLogps:
+    """Several batches' outputs as one (rank 0 writes a step's batches from every rank together)."""
+    if len(batches) == 1:
+        return batches[0]
+    arrays = {name: np.concatenate([getattr(batch, name) for batch in batches])
+              for name in ("index", "chosen_logps", "rejected_logps", "chosen_tokens", "rejected_tokens")}
+    token_logps = None if batches[0].token_logps is None else [row for batch in batches for row in batch.token_logps]
+    return BatchLogps(**arrays, num_tokens=sum(batch.num_tokens for batch in batches), token_logps=token_logps)
 
 
 def row_token_logps(outputs) -> list[np.ndarray]:
@@ -297,13 +308,15 @@ def compute_split(
             gathered = gather_to_main(result)
             if writer is None:
                 continue
-            for batch in filter(None, gathered):
+            batches = [batch for batch in gathered if batch is not None]
+            if batches:  # every rank's rows of this step in one commit: a commit costs per call, not per row
+                step_rows = concatenated(batches)
                 writer.write(
-                    split, batch.index, batch.chosen_logps, batch.rejected_logps, batch.chosen_tokens, batch.rejected_tokens,
-                    batch.token_logps,
+                    split, step_rows.index, step_rows.chosen_logps, step_rows.rejected_logps, step_rows.chosen_tokens,
+                    step_rows.rejected_tokens, step_rows.token_logps,
                 )
-                report.rows_computed += len(batch.index)
-                report.tokens += batch.num_tokens
+                report.rows_computed += len(step_rows.index)
+                report.tokens += step_rows.num_tokens
             report.seconds = time.perf_counter() - start
             progress.update(task, completed=report.rows_computed, rate=rate_text(report))
     report.seconds = time.perf_counter() - start
