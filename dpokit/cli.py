@@ -323,6 +323,29 @@ def export(
     typer.echo(str(export_run(run, out, merge, base_model, overwrite)))
 
 
+@app.command()
+def plan(
+    overrides: Optional[List[str]] = typer.Argument(None, help="Dotted overrides, e.g. data.batch_size=2 model.activation_checkpointing=true."),
+    config: Optional[str] = typer.Option(None, "--config", "-c", help="A shipped config name (see `dpokit config list`) or a YAML path."),
+    model: Optional[str] = typer.Option(
+        None, "--model", "-m",
+        help="A model folder or its config.json (default: model.path; the shipped configs' models ship their config.json). Nothing is downloaded.",
+    ),
+    gpus: int = typer.Option(1, "--gpus", help="Processes, one per GPU: FSDP2 shards weights, gradients and optimizer state over them."),
+    gpu_memory: Optional[str] = typer.Option(None, "--gpu-memory", help="Memory of one GPU, e.g. 80GB, 24GiB, 40960MiB (GB: 10^9 bytes; default 80GB)."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Prepared data (`dpokit prepare`): plan for its longest pair."),
+    seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Without --data: tokens per sequence, prompt + completion (default 1024)."),
+    device: str = typer.Option("cuda", "--device", help="cuda (model.dtype auto: bf16) or cpu (fp32 and CPU's logits budget)."),
+) -> None:
+    """Estimate a training run's memory per GPU before starting it; exit 1 if it does not fit."""
+    from dpokit.plan import plan_memory, plan_report
+
+    result = plan_memory(config, overrides or [], model, gpus, gpu_memory, str(data) if data else None, seq_len, device)
+    Console().print(plan_report(result))
+    if not result.fits:
+        raise typer.Exit(1)
+
+
 # ----------------------------------------------------------------------------------------------
 # config
 

@@ -200,6 +200,7 @@ def test_the_wheel_ships_recipe_configs_and_demo_and_ejects_from_the_installed_p
     sources = {path.relative_to(REPO).as_posix() for path in (REPO / "dpokit").rglob("*.py")}
     assert sources <= names, f"modules missing from the wheel: {sorted(sources - names)}"  # every package listed
     assert {f"dpokit/recipes/configs/{name}.yaml" for name in shipped_config_names()} <= names
+    assert {"dpokit/recipes/configs/models/llama3_1_8b.json", "dpokit/recipes/configs/models/qwen2_5_0_5b.json"} <= names
     assert {"dpokit/demo/data/train.jsonl", "dpokit/demo/data/eval.jsonl", "dpokit/demo/model/config.json",
             "dpokit/demo/model/model.safetensors", "dpokit/demo/model/tokenizer.json"} <= names
     assert not any(name.startswith(("tests/", "examples/")) for name in names)
