@@ -33,7 +33,7 @@ def hand_8b(config: str) -> dict[str, int]:
     if config == "llama3_1_8b_full_4gpu":  # fp32 master weights, AdamW in fp32, all sharded 4 ways
         return {"weights (stored)": PARAMS_8B * 4 // 4, "gradients": PARAMS_8B * 4 // 4,
                 "optimizer state": 2 * 4 * PARAMS_8B // 4 + 4 * TENSORS_8B,
-                "gradients between micro-steps (FSDP)": PARAMS_8B * 4}  # accumulation 2: unsharded fp32
+                "gradients between micro-steps (FSDP)": 0}  # no accumulation: reduce-scattered in backward
     if config == "llama3_1_8b_lora_2gpu":  # bf16 base, fp32 adapters, sharded 2 ways
         return {"weights (stored)": (PARAMS_8B * 2 + LORA_8B * 4) // 2, "gradients": LORA_8B * 4 // 2,
                 "optimizer state": 2 * 4 * LORA_8B // 2 + 4 * LORA_TENSORS_8B}
@@ -55,6 +55,11 @@ def test_shipped_8b_configs_give_the_hand_calculated_bytes_per_gpu(config, gpus)
     assert plan.trainable == (PARAMS_8B if "full" in config else LORA_8B)
     for label, expected in hand_8b(config).items():
         assert plan.bytes(label) == expected, label
+
+
+def test_accumulating_under_fsdp_holds_every_gradient_unsharded_in_fp32():
+    plan = plan_memory("llama3_1_8b_full_4gpu", ["data.batch_size=4", "training.gradient_accumulation_steps=2"], gpus=4)
+    assert plan.bytes("gradients between micro-steps (FSDP)") == PARAMS_8B * 4  # not divided by the 4 GPUs
 
 
 def test_the_8b_plan_takes_seconds_and_allocates_no_parameter_memory(monkeypatch):
