@@ -228,9 +228,13 @@ EXTRAS_MODULES = ("tensorboard", "wandb", "mlflow", "trackio", "trl")  # what on
 def test_the_wheel_without_extras_runs_the_quickstart_to_the_end(tmp_path, wheel):
     """`pip install dpokit` and `dpokit quickstart`: a venv of its own with the wheel installed by pip, its
     dependencies lent from this environment (a .pth file, so this checkout's editable install is not seen) and
-    every extra's package blocked; the quickstart finishes with its curves and says once what TensorBoard needs."""
+    every extra's package blocked. The quickstart finishes, lifts the eval reward accuracy from chance, shows the
+    rude demo model's replies before and after, draws its curves and says once what TensorBoard needs."""
     import site
     import venv
+
+    from dpokit.artifacts import read_marker
+    from dpokit.quickstart import PROMPTS
 
     fresh = tmp_path / "venv"
     venv.create(fresh, with_pip=False)
@@ -239,13 +243,26 @@ def test_the_wheel_without_extras_runs_the_quickstart_to_the_end(tmp_path, wheel
     (fresh_site / "sitecustomize.py").write_text(f"import sys\nfor name in {EXTRAS_MODULES!r}:\n    sys.modules[name] = None\n")
     subprocess.run([sys.executable, "-m", "pip", "--python", str(fresh / "bin" / "python"), "install", "--no-deps",
                     "--no-index", str(wheel)], env=subprocess_env(), check=True, capture_output=True)
-    done = subprocess.run([str(fresh / "bin" / "dpokit"), "quickstart", "--max-steps", "2", "--out", "qs"],
-                          cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True)
+    done = subprocess.run([str(fresh / "bin" / "dpokit"), "quickstart", "--max-steps", "10", "--out", "qs"],
+                          cwd=tmp_path, env={**subprocess_env(), "COLUMNS": "200"}, capture_output=True, text=True)
     output = done.stdout + done.stderr
     assert done.returncode == 0 and "Traceback" not in output, output[-3000:]
     assert output.count("no TensorBoard logs: the tensorboard package is an optional extra") == 1
     assert "kernels" not in output  # bitsandbytes (and its warning) stays out of a run that does not use it
-    assert (tmp_path / "qs" / "run" / "plots" / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     where = subprocess.run([str(fresh / "bin" / "python"), "-c", "import dpokit; print(dpokit.__file__)"],
                            cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, check=True)
     assert Path(where.stdout.strip()).is_relative_to(fresh_site)  # the wheel's dpokit, not this checkout's
+
+    run = tmp_path / "qs" / "run"
+    evals = {r["step"]: r for r in read_metrics(run, "eval")}
+    before, after = evals[0], evals[10]
+    assert before["rewards/margins"] == pytest.approx(0.0, abs=1e-4)  # step 0: the policy is the reference
+    assert before["rewards/accuracies"] <= 0.55
+    assert after["rewards/accuracies"] > 0.8 and after["rewards/margins"] > 0.01 and after["loss"] < before["loss"]
+    assert "reward accuracy" in output and "step 10" in output and "greedy replies" in output
+    assert all(prompt[:20] in output for prompt in PROMPTS)
+    assert output.count("no.") >= len(PROMPTS)  # the demo model is rude first: every reply before opens with "no."
+    for name in ("loss", "accuracy", "margins", "rewards"):
+        assert (run / "plots" / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (tmp_path / "qs" / "ref.h5").is_file()
+    assert read_marker(tmp_path / "qs")["kind"] == "quickstart" and read_marker(tmp_path / "qs" / "prepared")["kind"] == "prepared"

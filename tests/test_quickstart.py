@@ -2,46 +2,26 @@
 
 from __future__ import annotations
 
-import io
 import json
 import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-from rich.console import Console
-
 from dpokit.artifacts import read_marker, write_marker
 from dpokit.cli import main
-from dpokit.quickstart import PROMPTS, demo_files, prepare_out_folder, run_quickstart, step_zero_note
+from dpokit.quickstart import demo_files, prepare_out_folder, step_zero_note
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_a_short_quickstart_lifts_eval_reward_accuracy_from_chance(tmp_path):
-    output = io.StringIO()
-    result = run_quickstart(tmp_path / "qs", max_steps=10, console=Console(file=output, width=160))
+# The whole quickstart runs once, as a user runs it after `pip install dpokit`:
+# tests/test_eject.py::test_the_wheel_without_extras_runs_the_quickstart_to_the_end (eval accuracy lifted from chance,
+# the rude model's replies before and after, the curves, the markers).
 
-    # Step 0: the policy is the reference, so every reward is 0 and no pair is won.
-    assert result.before["rewards/margins"] == pytest.approx(0.0, abs=1e-4)
-    assert result.before["rewards/accuracies"] <= 0.55
-    # The summary never claims every reward is 0 beside a non-zero step-0 accuracy.
-    assert ("every reward is 0" in output.getvalue()) == (result.before["rewards/accuracies"] == 0)
-    assert ("every reward is 0" in step_zero_note({"rewards/accuracies": 0.4, "rewards/margins": 1e-8})) is False
-    assert result.after["rewards/accuracies"] > 0.8
-    assert result.after["rewards/margins"] > 0.01
-    assert result.after["loss"] < result.before["loss"]
-    assert result.steps == 10
-    # The demo model is rude first: its greedy reply to every demo prompt opens with "no.".
-    assert [prompt for prompt, _, _ in result.replies] == list(PROMPTS)
-    assert all(before.startswith("no.") for _, before, _ in result.replies)
-    for name in ("loss", "accuracy", "margins", "rewards"):
-        assert (result.run_dir / "plots" / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    printed = output.getvalue()
-    assert "reward accuracy" in printed and "step 10" in printed and "greedy replies" in printed
-    assert (tmp_path / "qs" / "ref.h5").is_file() and (tmp_path / "qs" / "prepared" / "manifest.json").is_file()
-    assert read_marker(tmp_path / "qs")["kind"] == "quickstart"
-    assert read_marker(tmp_path / "qs" / "prepared")["kind"] == "prepared"
+
+def test_the_step_zero_note_never_claims_every_reward_is_0_beside_a_won_pair():
+    assert "every reward is 0" in step_zero_note({"rewards/accuracies": 0.0, "rewards/margins": 0.0})
+    assert "every reward is 0" not in step_zero_note({"rewards/accuracies": 0.4, "rewards/margins": 1e-8})
 
 
 def test_quickstart_refuses_a_folder_with_a_run_unless_overwrite(tmp_path, capsys):
