@@ -87,7 +87,7 @@ from dpokit.distributed import (
 from dpokit.errors import DpokitError
 from dpokit.export import export_run
 from dpokit.family import attn_implementation_of
-from dpokit.fidelity import Layout, check_layout, check_pairs, check_step_zero
+from dpokit.fidelity import PADDED, Layout, check_layout, check_pairs, check_step_zero
 from dpokit.lock import WriterLock
 from dpokit.logps import concatenated_forward, generate_reply
 from dpokit.losses import build_loss, check_loss_outputs, is_reference_free
@@ -153,16 +153,12 @@ class DPORecipe:
         self.pad_id = pad_token_id(self.policy)
         if checkpoint is not None and not is_sharded(checkpoint):  # an earlier version's: weights before sharding
             load_model_weights(self.policy, checkpoint, self.adapters)
-        with self.autocast():
-            asked = Layout(cfg.data.packing, cfg.data.prefix_sharing, cfg.data.pack_length)
-            self.layout = check_layout(self.policy, check_pairs(self.train_split), self.pad_id, asked, self.announce, self.compute_dtype)
-        if self.sharded:
-            reshard(self.policy)
+        self.reference = self._build_reference()
+        self.step_zero_pending = checkpoint is None and self.reference is not None
+        self.layout = self._startup_layout(Layout(cfg.data.packing, cfg.data.prefix_sharing, cfg.data.pack_length))
         if cfg.model.activation_offloading and self.device.type != "cuda":
             self.announce("model.activation_offloading moves saved activations from the GPU to CPU memory; "
                           "on CPU they are already there, so it changes nothing")
-        self.reference = self._build_reference()
-        self.step_zero_pending = checkpoint is None and self.reference is not None
         if cfg.training.compile:  # after the fidelity check, which compares the uncompiled model with itself
             compile_layers(self.policy, cfg.training.compile_backend)
             self.loss_fn.compile(backend=cfg.training.compile_backend)
@@ -230,6 +226,24 @@ class DPORecipe:
                 return load_policy_sharded(cfg.model, cfg.lora, self.device, shard), True
             self.announce(f"every process loads the whole model before sharding it: {blocker}")
         return load_policy(cfg.model, cfg.lora, self.device, adapter=cfg.reference.adapter), False
+
+    def _startup_layout(self, asked: Layout) -> Layout:
+        """The batch layout, checked against the model's own logits on a few pairs (`check_layout`).
+
+        A sharded policy trained from a cache whose `dpokit ref-logps` pass ran that check on these very
+        weights (the fingerprints matched) with the same attention skips it: the step-0 check then compares
+        the policy's first batch with the cache. Under FSDP the check is a full forward pass of gathered units.
+        """
+        reference = self.reference
+        checked = getattr(reference, "checked_layout", None) if isinstance(reference, CachedReference) else None
+        if (self.sharded and self.step_zero_pending and checked is not None
+                and reference.attn_implementation == attn_implementation_of(self.policy)):
+            return PADDED if checked == PADDED.name else asked
+        with self.autocast():
+            layout = check_layout(self.policy, check_pairs(self.train_split), self.pad_id, asked, self.announce, self.compute_dtype)
+        if self.sharded:
+            reshard(self.policy)
+        return layout
 
     def _load_tokenizer(self):
         from transformers import AutoTokenizer

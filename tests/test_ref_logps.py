@@ -104,6 +104,7 @@ def test_cache_records_what_it_was_made_from(ref_cache, tiny_model_dir, prepared
     prepared = load_prepared(prepared_dir)
     assert cache.attrs["model"] == str(tiny_model_dir.resolve())
     assert cache.attrs["dtype"] == "float32" and cache.attrs["format_version"] == 1
+    assert cache.attrs["checked_layout"] == "packed + prefix-shared"  # what its pass checked against the model's logits
     cache.check_matches(
         data_fingerprint=prepared.fingerprint,
         reference_fingerprint=reference_fingerprint(tiny_model_dir),

@@ -457,6 +457,12 @@ class RefCacheWriter:
             handle.flush()
             self.mark_done(group, rows)
 
+    def record_checked_layout(self, name: str) -> None:
+        """Record the batch layout the pass checked against the model's own logits (`dpokit.fidelity`), so
+        that training from this cache can rely on that check instead of repeating it."""
+        with _open_h5(self.path, "r+") as handle:
+            handle.attrs["checked_layout"] = name
+
     def mark_done(self, group, rows: np.ndarray) -> None:
         """Set ``done`` for `rows` of a split's open group (their values are already flushed)."""
         _write_points(group[DONE], rows, np.ones(len(rows), dtype=bool))

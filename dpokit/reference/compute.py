@@ -205,6 +205,8 @@ def _compute_reference_cache(options: RefLogpsOptions) -> list[SplitReport]:
             model = load_reference(options.model, dtype, device, options.adapter, attn)
             layout = checked_layout(model, prepared.split(splits[0]), announce if info.is_main else None)
             writer = RefCacheWriter(options.out) if info.is_main else None
+            if writer is not None:
+                writer.record_checked_layout(layout.name)
             reports = [
                 compute_split(
                     model, prepared, split, pending[split], options.batch_size, options.bucket, device, writer, layout, info,

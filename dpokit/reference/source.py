@@ -34,6 +34,7 @@ class CachedReference:
         self.attn_implementation = str(cache.attr("attn_implementation"))
         self.rebuild_command = f"{cache.rebuild_command()} --overwrite"
         self.per_token = bool(cache.attr("per_token"))
+        self.checked_layout = cache.attrs.get("checked_layout")  # the layout its pass checked; None before 0.1
         self.description = f"the cache's: {self.dtype}, {self.attn_implementation} attention"
         missing = [split for split in splits if split not in cache.splits]
         if missing:
