@@ -76,29 +76,42 @@ class Completions(NamedTuple):
 
 class FusedChunkLogps(torch.autograd.Function):
     """log p(target) and the mean logit for rows of `hidden` ``[n, H]`` under a linear head, whose backward
-    computes the projection's gradient directly from recomputed logits: ``d logp / d logits = onehot - softmax``.
-    Equal to checkpointing `_chunk_token_logps` (tests/test_logps.py) without autograd's graph over the
-    ``[n, V]`` logits in backward."""
+    computes the projection's gradient directly: ``d logp / d logits = onehot - softmax``. Equal to
+    checkpointing `_chunk_token_logps` (tests/test_logps.py) without autograd's graph over the ``[n, V]``
+    logits in backward.
+
+    With `keep_softmax` the chunk's softmax is kept for backward (``[n, V]`` float32, within the logits byte
+    budget): the batch's only chunk on short pairs, where recomputing the logits in backward was a quarter
+    of the projection's time. Otherwise backward recomputes the logits, so no chunk outlives its forward.
+    """
 
     @staticmethod
-    def forward(ctx, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor):
+    def forward(ctx, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, keep_softmax: bool = False):
         logits = F.linear(hidden, weight, bias).float()  # [n, V]
         normaliser = torch.logsumexp(logits, dim=-1)
         token_logps = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - normaliser
-        ctx.save_for_backward(hidden, weight, bias, targets, normaliser)
-        return token_logps, logits.mean(dim=-1)
+        mean_logits = logits.mean(dim=-1)
+        ctx.keep_softmax = keep_softmax
+        if keep_softmax:  # the logits are not needed again: become the softmax in place
+            ctx.save_for_backward(hidden, weight, bias, targets, logits.sub_(normaliser.unsqueeze(-1)).exp_())
+        else:
+            ctx.save_for_backward(hidden, weight, bias, targets, normaliser)
+        return token_logps, mean_logits
 
     @staticmethod
     def backward(ctx, grad_logps: Tensor, grad_mean_logits: Optional[Tensor]):  # the mean logit is a detached diagnostic
-        hidden, weight, bias, targets, normaliser = ctx.saved_tensors
-        logits = F.linear(hidden, weight, bias).float()
-        grad_logits = torch.exp(logits.sub_(normaliser.unsqueeze(-1))).mul_(-grad_logps.unsqueeze(-1))  # -softmax * g
+        hidden, weight, bias, targets, saved = ctx.saved_tensors
+        if ctx.keep_softmax:
+            grad_logits = saved * -grad_logps.unsqueeze(-1)  # -softmax * g
+        else:
+            logits = F.linear(hidden, weight, bias).float()
+            grad_logits = torch.exp(logits.sub_(saved.unsqueeze(-1))).mul_(-grad_logps.unsqueeze(-1))
         grad_logits.scatter_add_(-1, targets.unsqueeze(-1), grad_logps.unsqueeze(-1))  # + onehot * g
         grad_logits = grad_logits.to(hidden.dtype)
         grad_hidden = grad_logits @ weight if ctx.needs_input_grad[0] else None
         grad_weight = grad_logits.transpose(0, 1) @ hidden if ctx.needs_input_grad[1] else None
         grad_bias = grad_logits.sum(0) if bias is not None and ctx.needs_input_grad[2] else None
-        return grad_hidden, grad_weight, grad_bias, None
+        return grad_hidden, grad_weight, grad_bias, None, None
 
 
 def fused_head(head: nn.Module, transform, token_stats: tuple[str, ...], hidden: Tensor) -> bool:
@@ -158,7 +171,8 @@ def completion_logps(
     for start in range(0, selected.shape[0], step):
         stop = start + step
         if fused:
-            lp, ml = FusedChunkLogps.apply(selected[start:stop], head.weight, head.bias, targets[start:stop])
+            keep_softmax = selected.shape[0] <= step  # one chunk: its softmax fits the byte budget until backward
+            lp, ml = FusedChunkLogps.apply(selected[start:stop], head.weight, head.bias, targets[start:stop], keep_softmax)
             token_logps.append(lp)
             token_mean_logits.append(ml.detach())
             continue

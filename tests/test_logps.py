@@ -150,8 +150,9 @@ def test_the_common_path_computes_no_token_stats(tiny_model_dir):
     assert out.token_stats == {} and out.has_token_logps
 
 
+@pytest.mark.parametrize("keep_softmax", [False, True])
 @pytest.mark.parametrize("bias", [False, True])
-def test_the_fused_chunk_gradient_equals_checkpointing_the_plain_computation(bias):
+def test_the_fused_chunk_gradient_equals_checkpointing_the_plain_computation(bias, keep_softmax):
     from torch.utils.checkpoint import checkpoint
 
     from dpokit.logps import FusedChunkLogps, _chunk_token_logps
@@ -166,7 +167,7 @@ def test_the_fused_chunk_gradient_equals_checkpointing_the_plain_computation(bia
         head.zero_grad()
         hidden.grad = None
         if fused:
-            logps, _ = FusedChunkLogps.apply(hidden, head.weight, head.bias, targets)
+            logps, _ = FusedChunkLogps.apply(hidden, head.weight, head.bias, targets, keep_softmax)
         else:
             logps, _, _ = checkpoint(_chunk_token_logps, head, None, hidden, targets, (), use_reentrant=False)
         (logps * weights).sum().backward()
@@ -175,7 +176,8 @@ def test_the_fused_chunk_gradient_equals_checkpointing_the_plain_computation(bia
         torch.testing.assert_close(fused_value, plain_value, atol=1e-6, rtol=0)
 
 
-def test_training_gradients_are_the_same_through_the_fused_head(tiny_model_dir, monkeypatch):
+@pytest.mark.parametrize("chunk_size", [4, 1024])  # several chunks (logits recomputed) or one (its softmax kept)
+def test_training_gradients_are_the_same_through_the_fused_head(tiny_model_dir, monkeypatch, chunk_size):
     import dpokit.logps as logps_module
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
@@ -185,7 +187,7 @@ def test_training_gradients_are_the_same_through_the_fused_head(tiny_model_dir, 
     for fused in (True, False):
         monkeypatch.setattr(logps_module, "fused_head", lambda *args, on=fused: on)
         model.zero_grad()
-        out = concatenated_forward(model, batch, chunk_size=4)
+        out = concatenated_forward(model, batch, chunk_size=chunk_size)
         (out.chosen_logps - 0.5 * out.rejected_logps).sum().backward()
         gradients.append({n: p.grad.clone() for n, p in model.named_parameters()})
     for name, gradient in gradients[0].items():
