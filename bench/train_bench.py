@@ -212,10 +212,9 @@ def build_workload(work: Path, pairs: int, ref_batch_size: int, env: dict, reuse
 
 def prepared_lengths(prepared: Path) -> dict[str, np.ndarray]:
     """Token counts of ``prompt_ids``, ``chosen_ids`` and ``rejected_ids`` per pair of the prepared train split."""
-    from dpokit.data.prepared import load_prepared
+    from dpokit.data.prepared import load_prepared, pair_token_counts
 
-    split = load_prepared(prepared).split("train").with_format("arrow")
-    return {name: split[name].combine_chunks().value_lengths().to_numpy() for name in ("prompt_ids", "chosen_ids", "rejected_ids")}
+    return dict(zip(("prompt_ids", "chosen_ids", "rejected_ids"), pair_token_counts(load_prepared(prepared).split("train"))))
 
 
 def pair_length_stats(prepared: Path) -> dict:

@@ -625,6 +625,11 @@ def estimate(
 
     # The vocabulary projection: one chunk of float32 logits (and its 16-bit twin) at a time.
     chunk = min(chunk_positions(V, torch.device(device_type), cfg.data.logps_chunk_size), completion)
+    # A plain head (one process, no autocast, not 4-bit) keeps its softmax for backward when one chunk holds
+    # every completion token (`dpokit.logps.FusedChunkLogps`).
+    if world_size == 1 and not dt.autocast and cfg.model.method not in QUANTIZED_METHODS and completion <= chunk:
+        rows.append(Row("softmax kept for backward", completion * V * 4, "start",
+                        f"{completion:,} completion tokens fit one logits chunk: its float32 softmax waits for backward"))
     twin = dt.activation if dt.activation < 4 else 0
     budget = "data.logps_chunk_size" if cfg.data.logps_chunk_size else f"the {device_type} byte budget (dpokit.logps.CHUNK_BYTES)"
     rows.append(Row(

@@ -29,8 +29,8 @@ def test_prepare_writes_int32_splits_and_a_complete_manifest(pairs_jsonl, tokeni
     prepared = load_prepared(out)
     train, eval_ = prepared.split("train"), prepared.split("eval")
     assert (len(train), len(eval_)) == (30, 10)
-    assert {c: str(train.features[c]) for c in train.column_names} == {
-        c: "List(Value('int32'))" for c in ("prompt_ids", "chosen_ids", "rejected_ids")
+    assert {c: str(train.schema.field(c).type) for c in train.column_names} == {
+        c: "list<item: int32>" for c in ("prompt_ids", "chosen_ids", "rejected_ids")
     }
     manifest = prepared.manifest
     assert manifest["source"] == str(pairs_jsonl)

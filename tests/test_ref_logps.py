@@ -12,6 +12,7 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+import datasets
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -70,7 +71,7 @@ def other_prepared(prepared_dir: Path, out: Path) -> Path:
     splits = {name: prepared.split(name) for name in prepared.splits}
     rows = splits["train"].to_list()
     rows[0]["chosen_ids"] = rows[0]["chosen_ids"][:-1] + [rows[0]["chosen_ids"][-1] + 1]
-    splits["train"] = splits["train"].from_list(rows)
+    splits["train"] = datasets.Dataset.from_list(rows)
     manifest = json.loads((prepared_dir / "manifest.json").read_text())
     return write_prepared(out, splits, manifest, overwrite=False)
 

@@ -362,8 +362,7 @@ def write_filtered(
         "splits": splits,
     }
     with quiet_datasets_progress():
-        datasets = {split: rows[split].dataset.select(index, keep_in_memory=True).flatten_indices(keep_in_memory=True)
-                    for split, index in kept.items()}
+        datasets = {split: rows[split].dataset.select(index).to_dataset() for split, index in kept.items()}
         out = write_prepared(options.write_filtered, datasets, filtered_manifest(prepared.manifest, datasets, record),
                              overwrite=options.overwrite)
     filtered = load_prepared(out)
