@@ -77,6 +77,7 @@ class ArrowSplit:
 
     def __init__(self, table):
         self.table = table
+        self._buffers: dict[str, tuple] = {}  # column -> (row starts of its chunks, [(offsets, values) per chunk])
 
     @property
     def data(self):
@@ -107,7 +108,25 @@ class ArrowSplit:
             if not 0 <= index < len(self):
                 raise IndexError(f"row {key} of a split of {len(self)}")
             return self.table.slice(index, 1).to_pylist()[0]
-        return self.table.take(np.asarray(list(key), dtype=np.int64)).to_pydict()
+        rows = np.asarray(list(key), dtype=np.int64)
+        if len(rows) and (rows.min() < 0 or rows.max() >= len(self)):
+            raise IndexError(f"rows {rows.min()}..{rows.max()} of a split of {len(self)}")
+        return {name: self._lists(name, rows) for name in self.table.column_names}
+
+    def _lists(self, name: str, rows: np.ndarray) -> list[list]:
+        """Column `name`'s values at `rows`, sliced from the Arrow buffers by their offsets: a training batch of a
+        few rows costs microseconds, where `Table.take(...).to_pydict()` cost milliseconds."""
+        if name not in self._buffers:
+            chunks = self.table.column(name).chunks
+            starts = np.cumsum([0] + [len(chunk) for chunk in chunks])
+            self._buffers[name] = (starts, [(np.asarray(c.offsets), c.values.to_numpy(zero_copy_only=False)) for c in chunks])
+        starts, buffers = self._buffers[name]
+        which = np.searchsorted(starts, rows, side="right") - 1
+        out = []
+        for chunk, row in zip(which.tolist(), (rows - starts[which]).tolist()):
+            offsets, values = buffers[chunk]
+            out.append(values[offsets[row] : offsets[row + 1]].tolist())
+        return out
 
     def __iter__(self):
         for batch in self.table.to_batches(max_chunksize=1024):
