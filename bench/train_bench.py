@@ -277,11 +277,11 @@ def child_dpokit(train_args: list[str]) -> dict:
     The recipe logs each optimizer step right after it (``training.log_every=1``), so the clock sees
     the same moment TRL's ``on_step_end`` marks.
     """
-    import dpokit.launch
+    import dpokit.cli
     from dpokit import metrics
     from dpokit.cli import main as dpokit_main
 
-    dpokit.launch.one_command_per_process = True  # as the `dpokit` command sets it (`dpokit.cli.entry`)
+    dpokit.cli.own_process = True  # as the `dpokit` command sets it (`dpokit.cli.entry`)
 
     clock = StepClock()
     log = metrics.MetricsLogger.log

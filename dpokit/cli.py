@@ -23,6 +23,10 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
+# True in the `dpokit` command's own process, which runs one command and exits (not in tests or in a program
+# that imports dpokit): `train` and `quickstart` then keep bitsandbytes out when the run does not use it.
+own_process = False
+
 cache_app = typer.Typer(help="Inspect, verify and audit reference caches (ref.h5).", no_args_is_help=True)
 config_app = typer.Typer(help="List and show training configs.", no_args_is_help=True)
 eject_app = typer.Typer(help="Copy the training recipe or a config out for customisation.", no_args_is_help=True)
@@ -268,7 +272,7 @@ def _train(**params: Any) -> None:
     from dpokit.launch import run_recipe
 
     check_gpus(params["gpus"])
-    run_recipe(params["recipe"], train_argv(params), params["gpus"])
+    run_recipe(params["recipe"], train_argv(params), params["gpus"], own_process=own_process)
 
 
 def _train_parameters() -> list[inspect.Parameter]:
@@ -425,7 +429,7 @@ def quickstart(
     """Prepare, cache the reference and train (LoRA DPO) on the bundled tiny demo; show before/after."""
     from dpokit.quickstart import run_quickstart
 
-    run_quickstart(out, max_steps, overwrite, threads)
+    run_quickstart(out, max_steps, overwrite, threads, own_process=own_process)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -476,7 +480,6 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 def entry() -> None:
     """The `dpokit` console script: one command in a process of its own."""
-    import dpokit.launch
-
-    dpokit.launch.one_command_per_process = True
+    global own_process
+    own_process = True
     sys.exit(main())

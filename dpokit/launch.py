@@ -12,10 +12,6 @@ from typing import Optional
 from dpokit.config import parse_recipe_args, uses_bitsandbytes
 from dpokit.errors import DpokitError
 
-# True in the `dpokit` command's own process, which runs one command and exits (not in tests or in a
-# program that imports dpokit): there a run whose config needs no bitsandbytes keeps it out entirely.
-one_command_per_process = False
-
 
 def builtin_recipe_path() -> Path:
     """The shipped `recipes/dpo.py` (inside the installed package)."""
@@ -35,8 +31,13 @@ def load_recipe_module(path: Path) -> ModuleType:
     return module
 
 
-def run_recipe(recipe: Optional[Path], argv: list[str], gpus: int = 1):
-    """Run `recipe` (default: the built-in one) with `argv`; `gpus` > 1 launches that many workers."""
+def run_recipe(recipe: Optional[Path], argv: list[str], gpus: int = 1, own_process: bool = False):
+    """Run `recipe` (default: the built-in one) with `argv`; `gpus` > 1 launches that many workers.
+
+    Args:
+        own_process: this process runs this one command and exits (the `dpokit` command, not a program that
+            imports dpokit): a run whose config needs no bitsandbytes then keeps it out of the process.
+    """
     path = Path(recipe) if recipe else builtin_recipe_path()
     if gpus > 1 and recipe is None:
         parse_recipe_args(argv, world_size=gpus)  # a bad config fails once, here, not once per worker
@@ -44,7 +45,7 @@ def run_recipe(recipe: Optional[Path], argv: list[str], gpus: int = 1):
         from dpokit.distributed import launch_workers
 
         return launch_workers(gpus, [sys.executable, str(path), *argv])
-    if one_command_per_process and not uses_bitsandbytes(parse_recipe_args(argv)):
+    if own_process and not uses_bitsandbytes(parse_recipe_args(argv)):
         from dpokit.model import block_bitsandbytes_import  # no 1 s import, no `kernels` warning for LoRA or full
 
         block_bitsandbytes_import()

@@ -81,25 +81,29 @@ def run_quickstart(
     overwrite: bool = False,
     threads: int = 1,
     console: Optional[Console] = None,
+    own_process: bool = False,
 ) -> QuickstartResult:
     """prepare -> ref-logps -> train on the demo in `out`, then print and return before/after results.
 
     Args:
         threads: torch's CPU threads. The demo's matrices are tiny; on a machine busy with other
             work, two threads ran the pipeline several times slower than one.
+        own_process: this process runs only the quickstart (the `dpokit` command): bitsandbytes, which the
+            demo's LoRA does not use, is kept out of it (no import, no `kernels` warning).
     """
     with cpu_threads(threads):
-        return quickstart_pipeline(Path(out), max_steps, overwrite, console or Console())
+        return quickstart_pipeline(Path(out), max_steps, overwrite, console or Console(), own_process)
 
 
-def quickstart_pipeline(out: Path, max_steps: Optional[int], overwrite: bool, console: Console) -> QuickstartResult:
-    from dpokit import launch
+def quickstart_pipeline(
+    out: Path, max_steps: Optional[int], overwrite: bool, console: Console, own_process: bool = False
+) -> QuickstartResult:
     from dpokit.data.pipeline import PrepareOptions, run_prepare
     from dpokit.launch import run_recipe
     from dpokit.model import block_bitsandbytes_import
     from dpokit.reference.compute import RefLogpsOptions, run_ref_logps
 
-    if launch.one_command_per_process:  # the demo's LoRA needs no bitsandbytes: no import, no `kernels` warning
+    if own_process:
         block_bitsandbytes_import()
 
     started = time.perf_counter()
@@ -123,7 +127,7 @@ def quickstart_pipeline(out: Path, max_steps: Optional[int], overwrite: bool, co
     if overwrite:
         overrides.append("output.overwrite=true")
     replies_before = greedy_replies(load_demo_policy(demo.model, None), demo.model)
-    trained = run_recipe(None, ["--config", DEMO_CONFIG, *overrides])
+    trained = run_recipe(None, ["--config", DEMO_CONFIG, *overrides], own_process=own_process)
     replies_after = greedy_replies(load_demo_policy(demo.model, trained.checkpoint), demo.model)
 
     result = QuickstartResult(

@@ -364,15 +364,19 @@ def test_threads_sets_torch_threads_for_a_run_and_restores_them(tiny_model_dir, 
     assert main(train_cli_args(tiny_model_dir, prepared_dir, tmp_path / "other", "--threads", "0")) == 1
 
 
-def test_cache_info_starts_without_torch(ref_cache):
+def test_cache_info_and_help_start_without_torch(ref_cache):
     import subprocess
     import sys
 
-    code = ("import sys; from dpokit.cli import main; code = main(['cache', 'info', sys.argv[1]]); "
-            "assert 'torch' not in sys.modules, 'cache info imported torch'; sys.exit(code)")
-    done = subprocess.run([sys.executable, "-c", code, str(ref_cache)], capture_output=True, text=True)
+    # As the `dpokit` console script runs them (`dpokit.cli.entry`), `python -m dpokit` included.
+    code = ("import sys; from dpokit.cli import entry; sys.argv = ['dpokit', *sys.argv[1:]]\n"
+            "try:\n    entry()\nexcept SystemExit as stop:\n    code = stop.code\n"
+            "assert 'torch' not in sys.modules, 'imported torch'; sys.exit(code)")
+    done = subprocess.run([sys.executable, "-c", code, "cache", "info", str(ref_cache)], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert "per_token" in done.stdout and "complete" in done.stdout
+    done = subprocess.run([sys.executable, "-c", code, "--help"], capture_output=True, text=True)
+    assert done.returncode == 0 and "quickstart" in done.stdout, done.stderr
 
 
 def test_a_missing_plot_extra_is_one_line_and_the_quickstart_still_finishes(tmp_path, monkeypatch, capsys):
@@ -412,7 +416,6 @@ def test_the_dpokit_command_keeps_bitsandbytes_out_of_runs_that_do_not_use_it(tm
     monkeypatch.setattr("dpokit.model.block_bitsandbytes_import", lambda: blocked.append(True))
     run_recipe(recipe, ["--config", "tiny_lora"])  # in a program that imports dpokit: nothing is blocked
     assert blocked == []
-    monkeypatch.setattr("dpokit.launch.one_command_per_process", True)  # as the `dpokit` command sets it
-    run_recipe(recipe, ["--config", "tiny_lora", "model.method=qlora"])  # 4-bit weights need bitsandbytes
-    run_recipe(recipe, ["--config", "tiny_lora"])
+    run_recipe(recipe, ["--config", "tiny_lora", "model.method=qlora"], own_process=True)  # 4-bit weights need it
+    run_recipe(recipe, ["--config", "tiny_lora"], own_process=True)  # as the `dpokit` command runs it
     assert blocked == [True]
