@@ -598,6 +598,7 @@ class DPORecipe:
         is completed by `finish_checkpoint` once every rank's are on disk."""
         self.finish_checkpoint(wait=True)
         check_finite_weights(self.policy, self.step, self.device)
+        self.logger.sync()  # the metrics up to this checkpoint are on disk before it is
         state = {
             "step": self.step,
             "skipped_steps": self.skipped_steps,
