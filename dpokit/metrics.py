@@ -93,14 +93,28 @@ class PairMetrics:
 
 class MetricsLogger:
     """Appends one JSON object per log call to ``run/metrics.jsonl``, and passes the same values to the run's
-    trackers (`dpokit.trackers`: TensorBoard, W&B, MLflow, trackio) as ``split/name``."""
+    trackers (`dpokit.trackers`: TensorBoard, W&B, MLflow, trackio) as ``split/name``.
 
-    def __init__(self, run_dir: Path, enabled: bool = True, trackers: Sequence = ()):
+    A tracker that fails (its server unreachable, its disk full) is dropped with one note through `announce`:
+    hours of training never stop for a dashboard, and ``metrics.jsonl`` keeps every value."""
+
+    def __init__(self, run_dir: Path, enabled: bool = True, trackers: Sequence = (), announce=print):
         self.enabled = enabled
         self.path = Path(run_dir) / METRICS_FILE
         self.trackers = list(trackers) if enabled else []
+        self.announce = announce
         if enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def _to_trackers(self, call) -> None:
+        """`call(tracker)` for each tracker; one that raises is dropped, with a note."""
+        for tracker in list(self.trackers):
+            try:
+                call(tracker)
+            except Exception as exc:  # any tracker error: network, auth, disk, a changed API
+                self.trackers.remove(tracker)
+                self.announce(f"{tracker.name} failed ({type(exc).__name__}: {exc}); the run goes on without it, "
+                              "metrics.jsonl has every value")
 
     def log(self, step: int, split: str, metrics: dict[str, float]) -> None:
         if not self.enabled:
@@ -108,8 +122,8 @@ class MetricsLogger:
         record = {"step": step, "split": split, **metrics}
         with self.path.open("a") as f:  # closed at once: a killed process loses no line (`sync` covers the OS)
             f.write(json.dumps(record) + "\n")
-        for tracker in self.trackers:
-            tracker.log(step, {f"{split}/{name}": value for name, value in metrics.items()})
+        values = {f"{split}/{name}": value for name, value in metrics.items()}
+        self._to_trackers(lambda tracker: tracker.log(step, values))
 
     def log_samples(self, step: int, samples: list[dict[str, str]]) -> None:
         """Append the policy's replies at `step` to ``samples.jsonl`` (one record per prompt) and the trackers."""
@@ -117,8 +131,7 @@ class MetricsLogger:
             return
         with (self.path.parent / SAMPLES_FILE).open("a") as f:
             f.write("".join(json.dumps({"step": step, **sample}) + "\n" for sample in samples))
-        for tracker in self.trackers:
-            tracker.log_samples(step, samples)
+        self._to_trackers(lambda tracker: tracker.log_samples(step, samples))
 
     def sync(self) -> None:
         """Force the lines written so far to disk. Called before each checkpoint: a resume keeps exactly the lines
@@ -132,8 +145,7 @@ class MetricsLogger:
 
     def close(self) -> None:
         self.sync()
-        for tracker in self.trackers:
-            tracker.close()
+        self._to_trackers(lambda tracker: tracker.close())
         self.trackers = []
 
 

@@ -197,7 +197,8 @@ class DPORecipe:
             if not is_dpokit_artifact(self.run_dir, "run"):
                 write_marker(self.run_dir, "run")  # `--overwrite` later replaces only what this run wrote
             self._write_config(checkpoint)
-        self.logger = MetricsLogger(self.run_dir, enabled=self.dist.is_main, trackers=self._open_trackers(checkpoint))
+        self.logger = MetricsLogger(self.run_dir, enabled=self.dist.is_main, trackers=self._open_trackers(checkpoint),
+                                    announce=self.announce)
         self.signals = StopSignals(self.announce)
         self.pending_checkpoint = None  # an asynchronous checkpoint not yet complete
         self.checkpoint_group = background_group() if cfg.training.async_save else None

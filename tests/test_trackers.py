@@ -125,3 +125,30 @@ def test_a_named_tracker_that_is_not_installed_stops_the_run_before_the_model_lo
 def test_an_unknown_tracker_name_is_refused_with_the_choices(train_cli, tmp_path, capsys):
     assert main(train_cli(tmp_path / "run", "logging.report_to=[wandb,neptune]")) == 1
     assert "logging.report_to[1]='neptune' is not valid; choose one of: tensorboard, wandb, mlflow, trackio" in capsys.readouterr().err
+
+
+def test_a_tracker_that_fails_mid_run_is_dropped_with_one_note_and_metrics_jsonl_keeps_every_value(tmp_path):
+    from dpokit.metrics import MetricsLogger
+
+    class Flaky:
+        name, logged = "wandb", []
+
+        def log(self, step, values):
+            if step == 2:
+                raise ConnectionError("wandb.ai unreachable")
+            self.logged.append(step)
+
+        def log_samples(self, step, samples):
+            pass
+
+        def close(self):
+            pass
+
+    notes = []
+    logger = MetricsLogger(tmp_path, trackers=[Flaky()], announce=notes.append)
+    for step in (1, 2, 3):
+        logger.log(step, "train", {"loss": 0.5})
+    logger.close()
+    assert Flaky.logged == [1] and [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3]
+    assert notes == ["wandb failed (ConnectionError: wandb.ai unreachable); the run goes on without it, "
+                     "metrics.jsonl has every value"]
