@@ -186,14 +186,22 @@ def open_trackers(
     ids_path = run_dir / TRACKERS_FILE
     known = json.loads(ids_path.read_text()) if resume and ids_path.is_file() else {}
     missing = set(missing_trackers(names))
-    trackers = [
-        TRACKER_CLASSES[name](
-            run_dir=run_dir, project=project, run_name=run_name or run_dir.resolve().name, config=config,
-            run_id=known.get(name), tracking_uri=tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"),
-        )
-        for name in names
-        if name not in missing
-    ]
+    trackers = []
+    for name in names:
+        if name in missing:
+            continue
+        try:
+            trackers.append(TRACKER_CLASSES[name](
+                run_dir=run_dir, project=project, run_name=run_name or run_dir.resolve().name, config=config,
+                run_id=known.get(name), tracking_uri=tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"),
+            ))
+        except Exception as exc:  # not logged in, no server, a bad URI: before any training, one line
+            for started in trackers:
+                started.close()
+            raise DpokitError(
+                f"logging.report_to: {name} did not start ({type(exc).__name__}: {exc}); fix its setup "
+                f"(for W&B offline: WANDB_MODE=offline) or leave it out of logging.report_to"
+            ) from None
     ids = {t.name: t.run_id for t in trackers if t.run_id is not None}
     if ids:
         write_text_within(run_dir, "run", ids_path, json.dumps(ids, indent=2) + "\n")

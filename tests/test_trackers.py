@@ -152,3 +152,11 @@ def test_a_tracker_that_fails_mid_run_is_dropped_with_one_note_and_metrics_jsonl
     assert Flaky.logged == [1] and [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3]
     assert notes == ["wandb failed (ConnectionError: wandb.ai unreachable); the run goes on without it, "
                      "metrics.jsonl has every value"]
+
+
+def test_a_tracker_that_cannot_start_stops_the_run_before_training_in_one_line(train_cli, tmp_path, capsys, offline_trackers):
+    assert main(train_cli(tmp_path / "run", "--max-steps", "1", "logging.report_to=mlflow",
+                          "logging.mlflow_tracking_uri=nosuchscheme://nowhere")) == 1
+    err = capsys.readouterr().err
+    assert "logging.report_to: mlflow did not start (" in err and "Traceback" not in err
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
