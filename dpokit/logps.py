@@ -290,27 +290,20 @@ def naive_sequence_logps(model: nn.Module, input_ids: Tensor, attention_mask: Te
 
 
 @torch.no_grad()
-def next_token_logits(model: nn.Module, ids: Tensor) -> Tensor:
-    """``model(ids).logits[:, -1]`` in float32 for ids ``[1, T]``, computed as training computes logits: the
-    decoder, the output head and the family's logit transform, called directly (under FSDP2 they are the
-    units dpokit runs; the root module's forward is never used)."""
-    decoder, head = decoder_and_head(model)
-    hidden = decoder(input_ids=ids, use_cache=False).last_hidden_state[:, -1]
-    _, transform = output_head(model)
-    logits = head(hidden).float()
-    return transform(logits) if transform is not None else logits
-
-
-@torch.no_grad()
 def generate_reply(model: nn.Module, prompt_ids: list[int], max_new_tokens: int, temperature: float,
                    stop_ids: set[int], device: torch.device) -> list[int]:
     """The reply's token ids: greedy, or sampled at `temperature` from the global RNG, up to a token of `stop_ids`
     (kept, as `generate` keeps it). Without a KV cache: a sample is a few dozen tokens, and every process of
     an FSDP run takes the same steps, so their collective forwards stay in step."""
+    # The decoder, the output head and the family's logit transform, called as training calls them (under FSDP2 they
+    # are the units dpokit runs; the root module's forward is never used): `model(ids).logits[:, -1]` in float32.
+    decoder, _ = decoder_and_head(model)
+    head, transform = output_head(model)
     ids = torch.tensor([prompt_ids], device=device)
     reply: list[int] = []
     for _ in range(max_new_tokens):
-        logits = next_token_logits(model, ids)[0]
+        logits = head(decoder(input_ids=ids, use_cache=False).last_hidden_state[:, -1]).float()
+        logits = (transform(logits) if transform is not None else logits)[0]
         if temperature > 0:
             token = int(torch.multinomial(torch.softmax(logits / temperature, dim=-1), 1))
         else:
@@ -325,7 +318,6 @@ def generate_reply(model: nn.Module, prompt_ids: list[int], max_new_tokens: int,
 __all__ = [
     "completion_logps",
     "generate_reply",
-    "next_token_logits",
     "concatenated_forward",
     "decoder_and_head",
     "model_attention_mask",

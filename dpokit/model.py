@@ -257,22 +257,16 @@ def lean_loading_blocker(model_cfg, adapter: Optional[str], compile: bool) -> Op
     return None
 
 
-def safetensors_files(path: str) -> Optional[dict[str, Path]]:
-    """Checkpoint key -> the safetensors file that holds it, for a local model directory (None otherwise)."""
+def safetensors_files(path: str) -> Optional[list[Path]]:
+    """The safetensors files of a local model directory (None: it has none)."""
     import json
 
     folder = Path(path)
     index = folder / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        return {key: folder / name for key, name in weight_map.items()}
+        return [folder / name for name in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
     single = folder / "model.safetensors"
-    if not single.is_file():
-        return None
-    from safetensors import safe_open
-
-    with safe_open(str(single), "pt") as handle:
-        return {key: single for key in handle.keys()}
+    return [single] if single.is_file() else None
 
 
 def load_policy_sharded(model_cfg, lora_cfg, device: torch.device, shard) -> nn.Module:
@@ -292,20 +286,21 @@ def load_policy_sharded(model_cfg, lora_cfg, device: torch.device, shard) -> nn.
     attn = None if model_cfg.attn_implementation == "auto" else model_cfg.attn_implementation
     with init_empty_weights(include_buffers=False):
         base = AutoModelForCausalLM.from_config(config, dtype=params_dtype, attn_implementation=attn)
-    files = safetensors_files(model_cfg.path)
+    readers = {key: reader for reader in map(SafetensorsRows, safetensors_files(model_cfg.path)) for key in reader.header
+               if key != "__metadata__"}  # checkpoint key -> the file holding it (each header read once)
     base_names = {name for name, _ in base.named_parameters()}
     # Weights that take no memory (one value, strided 0) but look real to peft, so it creates its adapters on CPU.
     replace_parameters(base, lambda p: torch.zeros((), dtype=p.dtype).expand(p.shape))
     model = trainable_policy(base, model_cfg, lora_cfg)  # adapters drawn from the RNG exactly as `load_policy` draws them
     initial = {name: p.detach().clone() for name, p in model.named_parameters() if checkpoint_key(name) not in base_names}
-    missing = [checkpoint_key(n) for n, _ in model.named_parameters() if n not in initial and checkpoint_key(n) not in files]
+    missing = [checkpoint_key(n) for n, _ in model.named_parameters() if n not in initial and checkpoint_key(n) not in readers]
     if missing:
         raise DpokitError(f"{model_cfg.path}: the safetensors files lack {missing[:3]}; set model.lean_loading=false")
     replace_parameters(model, lambda p: torch.empty_like(p, device="meta"))
     buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
     shard(model)
     model.to_empty(device=device)
-    fill_shards(model, files, initial, buffers)
+    fill_shards(model, readers, initial, buffers)
     return model
 
 
@@ -324,22 +319,17 @@ def checkpoint_key(name: str) -> str:
     return name.removeprefix("base_model.model.").replace(".base_layer.", ".")
 
 
-def fill_shards(model: nn.Module, files: dict[str, Path], initial: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor]) -> None:
+def fill_shards(model: nn.Module, readers: dict[str, "SafetensorsRows"], initial: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor]) -> None:
     """Copy into each parameter's local shard its rows of the full tensor (from `initial`, else read from the
     file that holds its checkpoint key: only those rows), and put the buffers back."""
     from torch.distributed.tensor import DTensor
 
-    readers: dict[Path, SafetensorsRows] = {}
     with torch.no_grad():
         for name, param in model.named_parameters():
             local = param.to_local() if isinstance(param, DTensor) else param
             start, stop = shard_rows(param)
-            if name in initial:
-                rows = initial[name][start:stop]
-            else:
-                path = files[checkpoint_key(name)]
-                readers.setdefault(path, SafetensorsRows(path))
-                rows = readers[path].rows(checkpoint_key(name), start, stop)
+            key = checkpoint_key(name)
+            rows = initial[name][start:stop] if name in initial else readers[key].rows(key, start, stop)
             local.copy_(rows)
         for name, buffer in model.named_buffers():
             if name in buffers:

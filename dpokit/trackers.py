@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -18,8 +19,6 @@ from dpokit.artifacts import write_text_within
 from dpokit.config import flatten
 from dpokit.errors import DpokitError
 
-TRACKERS = ("tensorboard", "wandb", "mlflow", "trackio")
-MODULES = {"tensorboard": "torch.utils.tensorboard", "wandb": "wandb", "mlflow": "mlflow", "trackio": "trackio"}
 TRACKERS_FILE = "trackers.json"
 
 
@@ -33,7 +32,7 @@ def missing_trackers(names: list[str]) -> list[str]:
     missing = []
     for name in names:
         try:
-            importlib.import_module(MODULES[name])
+            importlib.import_module(TRACKER_CLASSES[name].module)
         except ImportError:
             missing.append(name)
     return missing
@@ -58,7 +57,7 @@ def samples_markdown(samples: list[dict[str, str]]) -> str:
 
 
 class TensorBoardTracker:
-    name = "tensorboard"
+    name, module = "tensorboard", "torch.utils.tensorboard"  # the module it imports
 
     def __init__(self, run_dir: Path, **_: Any):
         from torch.utils.tensorboard import SummaryWriter
@@ -80,7 +79,7 @@ class TensorBoardTracker:
 class WandbTracker:
     """A W&B run (``WANDB_MODE=offline`` works as usual); its files go to ``RUN/wandb/``."""
 
-    name = "wandb"
+    name, module = "wandb", "wandb"
 
     def __init__(self, run_dir: Path, project: str, run_name: str, config: dict, run_id: Optional[str], **_: Any):
         import wandb
@@ -107,7 +106,7 @@ class MlflowTracker:
     """An MLflow run in experiment `project`, at ``logging.mlflow_tracking_uri`` (else ``MLFLOW_TRACKING_URI``,
     else MLflow's default)."""
 
-    name = "mlflow"
+    name, module = "mlflow", "mlflow"
 
     def __init__(self, project: str, run_name: str, config: dict, run_id: Optional[str], tracking_uri: Optional[str], **_: Any):
         from mlflow.tracking import MlflowClient
@@ -128,7 +127,7 @@ class MlflowTracker:
     def log(self, step: int, metrics: dict[str, float]) -> None:
         from mlflow.entities import Metric
 
-        timestamp = _milliseconds()
+        timestamp = int(time.time() * 1000)
         self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), timestamp, step) for k, v in metrics.items()])
 
     def log_samples(self, step: int, samples: list[dict[str, str]]) -> None:
@@ -144,16 +143,10 @@ def _mlflow_param(key: str, value: Any):
     return Param(key, json.dumps(value) if isinstance(value, (list, dict)) else str(value))
 
 
-def _milliseconds() -> int:
-    import time
-
-    return int(time.time() * 1000)
-
-
 class TrackioTracker:
     """A trackio run (local SQLite under ``TRACKIO_DIR`` unless trackio is pointed at a Space)."""
 
-    name = "trackio"
+    name, module = "trackio", "trackio"
 
     def __init__(self, project: str, run_name: str, config: dict, run_id: Optional[str], **_: Any):
         import trackio
@@ -172,7 +165,8 @@ class TrackioTracker:
         self.trackio.finish()
 
 
-TRACKER_CLASSES = {"tensorboard": TensorBoardTracker, "wandb": WandbTracker, "mlflow": MlflowTracker, "trackio": TrackioTracker}
+TRACKER_CLASSES = {cls.name: cls for cls in (TensorBoardTracker, WandbTracker, MlflowTracker, TrackioTracker)}
+TRACKERS = tuple(TRACKER_CLASSES)  # the names `logging.report_to` takes
 
 
 def open_trackers(

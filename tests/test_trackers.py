@@ -131,7 +131,7 @@ def test_a_tracker_that_fails_mid_run_is_dropped_with_one_note_and_metrics_jsonl
     from dpokit.metrics import MetricsLogger
 
     class Flaky:
-        name, logged = "wandb", []
+        name, logged, other = "wandb", [], []
 
         def log(self, step, values):
             if step == 2:
@@ -139,17 +139,20 @@ def test_a_tracker_that_fails_mid_run_is_dropped_with_one_note_and_metrics_jsonl
             self.logged.append(step)
 
         def log_samples(self, step, samples):
-            pass
+            self.other.append(("samples", step))
 
         def close(self):
-            pass
+            self.other.append("closed")
 
     notes = []
     logger = MetricsLogger(tmp_path, trackers=[Flaky()], announce=notes.append)
+    logger.log_samples(1, [{"prompt": "p", "completion": "c"}])
     for step in (1, 2, 3):
         logger.log(step, "train", {"loss": 0.5})
+    logger.log_samples(3, [{"prompt": "p", "completion": "c"}])
     logger.close()
     assert Flaky.logged == [1] and [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3]
+    assert Flaky.other == [("samples", 1)]  # dropped at step 2: no samples at step 3, and no close
     assert notes == ["wandb failed (ConnectionError: wandb.ai unreachable); the run goes on without it, "
                      "metrics.jsonl has every value"]
 

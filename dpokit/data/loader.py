@@ -15,10 +15,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from dpokit.data.collate import collate_pairs
+from dpokit.data.prepared import COLUMNS
 from dpokit.data.sampler import PairSampler
 from dpokit.types import PairBatch
-
-COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
 
 
 def collated(split, indices: list[int], pad_id: int, packing: bool, prefix_sharing: bool, pack_length: Optional[int]) -> PairBatch:

@@ -153,8 +153,13 @@ def truncate_pair(prompt: list[int], chosen: list[int], rejected: list[int], lim
     ``max_prompt_length`` (default: half of ``max_length``) tokens, and then the completions' ends.
     A completion's start is never cut: it must follow its prompt.
     """
-    original = (len(prompt), len(chosen), len(rejected))
-    prompt, chosen, rejected = capped(prompt, chosen, rejected, limits)
+    return fit(capped(prompt, chosen, rejected, limits), (len(prompt), len(chosen), len(rejected)), limits)
+
+
+def fit(parts: tuple[list[int], list[int], list[int]], original: tuple[int, int, int], limits: LengthLimits) -> Truncated:
+    """The `capped` `parts` fitted into ``limits.max_length`` (see `truncate_pair`); `original` are the uncapped
+    lengths, to tell what was cut."""
+    prompt, chosen, rejected = parts
     excess = len(prompt) + max(len(chosen), len(rejected)) - limits.max_length
     if excess > 0 and limits.truncation == "keep_end":
         floor = limits.max_prompt_length if limits.max_prompt_length is not None else limits.max_length // 2
@@ -304,10 +309,11 @@ class PairTokenizer:
     def fitted(self, pair: TokenizedPair) -> TokenizedPair:
         """The pair under the length limits: unchanged, truncated, or dropped with a reason."""
         limits = self.limits
-        detail = overlength_detail(*capped(pair.prompt_ids, pair.chosen_ids, pair.rejected_ids, limits), limits.max_length)
+        parts = capped(pair.prompt_ids, pair.chosen_ids, pair.rejected_ids, limits)
+        detail = overlength_detail(*parts, limits.max_length)
         if detail and limits.overlength != "truncate":  # "error" is raised by the caller, which knows the row
             return TokenizedPair(dropped="overlength", detail=detail)
-        cut = truncate_pair(pair.prompt_ids, pair.chosen_ids, pair.rejected_ids, limits)
+        cut = fit(parts, (len(pair.prompt_ids), len(pair.chosen_ids), len(pair.rejected_ids)), limits)
         if not cut.chosen or not cut.rejected:
             return TokenizedPair(
                 dropped="prompt_over_max_length",
