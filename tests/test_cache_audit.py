@@ -224,6 +224,21 @@ def test_an_earlier_filtered_output_is_refused_without_overwrite(planted):
                                out=str(planted["root"] / "second-audit")))
 
 
+def test_overwrite_never_replaces_a_folder_or_file_dpokit_did_not_create(planted, tmp_path):
+    from rich.console import Console
+
+    mine, my_file = tmp_path / "mine", tmp_path / "mine.h5"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep")
+    my_file.write_text("my file")
+    for write_filtered, filtered_cache in ((mine, tmp_path / "fresh.h5"), (tmp_path / "fresh", my_file)):
+        with pytest.raises(DpokitError, match="refusing to replace"):
+            run_audit(AuditOptions(cache=str(planted["cache"]), write_filtered=str(write_filtered), drop=["identical"],
+                                   filtered_cache=str(filtered_cache), out=str(tmp_path / "audit"), overwrite=True),
+                      Console(file=io.StringIO()))
+    assert (mine / "notes.txt").read_text() == "keep" and my_file.read_text() == "my file"
+
+
 def test_a_per_token_cache_keeps_each_kept_rows_token_values(tmp_path):
     from dpokit.reference.cache import RefCacheWriter, cache_attrs, create_or_resume_cache, open_cache, subset_cache
 
