@@ -277,11 +277,14 @@ def child_dpokit(train_args: list[str]) -> dict:
     The recipe logs each optimizer step right after it (``training.log_every=1``), so the clock sees
     the same moment TRL's ``on_step_end`` marks.
     """
+    from dpokit.host_memory import configure_host_memory
+
+    configure_host_memory()  # before torch is imported, as the `dpokit` command does (`dpokit.cli.entry`)
     import dpokit.cli
     from dpokit import metrics
     from dpokit.cli import main as dpokit_main
 
-    dpokit.cli.own_process = True  # as the `dpokit` command sets it (`dpokit.cli.entry`)
+    dpokit.cli.own_process = True  # as `dpokit.cli.entry` sets it
 
     clock = StepClock()
     log = metrics.MetricsLogger.log
@@ -465,6 +468,11 @@ def measure_trl(work: Path, variant: Variant, method: str, args, env: dict) -> d
     child = [sys.executable, __file__, "--child", "trl", "--workdir", str(work), "--method", method,
              "--batch-size", str(args.batch_size), "--steps", str(args.warmup + step_count(variant, args)),
              "--lr", str(args.lr), "--beta", str(args.beta)] + (["--precompute"] if "precompute" in variant.overrides else [])
+    if args.trl_host_memory:  # dpokit's host-memory settings for TRL's process too (TRL as shipped has neither)
+        from dpokit.host_memory import add_host_memory_settings
+
+        env = dict(env)
+        add_host_memory_settings(env)
     wall, process_rss, output = run_measured(child, env, work / "logs" / f"{method}-{slug(variant.name)}.log")
     clock = json.loads(output.strip().splitlines()[-1])
     in_step = [e - b for b, e in zip(clock["begins"], clock["ends"])]
@@ -736,6 +744,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads per run (1: on a shared machine a second OpenMP thread stalls whenever "
                              "another process holds its core)")
+    parser.add_argument("--trl-host-memory", action="store_true",
+                        help="give TRL's process dpokit's host-memory settings (huge pages, fixed mmap threshold; "
+                             "dpokit.host_memory) to see how much of the gap they are")
     parser.add_argument("--trl-precompute", action="store_true", help="also run TRL with precompute_ref_log_probs=True")
     parser.add_argument("--quick", action="store_true",
                         help="the headline in minutes: 200 pairs, TRL against dpokit's default layout (unless --only), "

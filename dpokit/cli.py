@@ -15,6 +15,7 @@ from rich.markup import escape
 
 from dpokit import __version__
 from dpokit.errors import DpokitError
+from dpokit.host_memory import configure_host_memory
 
 app = typer.Typer(
     help="Preference fine-tuning (DPO, RSO, IPO, SimPO) with a reference model that runs once.",
@@ -479,7 +480,9 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 def entry() -> None:
-    """The `dpokit` console script: one command in a process of its own."""
+    """The `dpokit` console script: one command in a process of its own, with dpokit's host-memory settings
+    (`dpokit.host_memory`, made before torch is imported)."""
     global own_process
     own_process = True
+    configure_host_memory()
     sys.exit(main())

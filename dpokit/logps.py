@@ -101,8 +101,8 @@ class FusedChunkLogps(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_logps: Tensor, grad_mean_logits: Optional[Tensor]):  # the mean logit is a detached diagnostic
         hidden, weight, bias, targets, saved = ctx.saved_tensors
-        if ctx.keep_softmax:
-            grad_logits = saved * -grad_logps.unsqueeze(-1)  # -softmax * g
+        if ctx.keep_softmax:  # -softmax * g, in the softmax's own memory: it is not read again
+            grad_logits = saved.mul_(-grad_logps.unsqueeze(-1))
         else:
             logits = F.linear(hidden, weight, bias).float()
             grad_logits = torch.exp(logits.sub_(saved.unsqueeze(-1))).mul_(-grad_logps.unsqueeze(-1))

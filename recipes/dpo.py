@@ -71,7 +71,7 @@ from dpokit.data.formats import load_prompts
 from dpokit.types import ChosenRejectedOutputs, PairBatch, TrainResult
 from dpokit.data.prepared import load_prepared, pair_lengths
 from dpokit.data.sampler import PairSampler
-from dpokit.data.tokenize import PLAIN_TURN_SEPARATOR, LengthLimits, PairTokenizer
+from dpokit.data.tokenize import PLAIN_TURN_SEPARATOR, TOKENIZER_FILES, LengthLimits, PairTokenizer
 from dpokit.distributed import (
     any_rank,
     apply_fsdp,
@@ -139,6 +139,8 @@ class DPORecipe:
 
         if self.dist.is_main:  # a tracker named but not installed fails now, not after the model loads
             check_trackers(cfg.logging.report_to, default=LoggingConfig().report_to)
+        self._tokenizer = None  # loaded at first use (`tokenizer`)
+        self._check_tokenizer_files()
         self.loss_fn = build_loss(cfg.loss)
         self.token_stats = tuple(getattr(self.loss_fn, "token_stats", ()))  # full-vocabulary values the loss asks for
         self.lock = WriterLock(self.run_dir / RUN_LOCK, f"run directory {self.run_dir}", self.announce)
@@ -147,9 +149,7 @@ class DPORecipe:
         checkpoint = self._resume_checkpoint()
         self.params_dtype, self.compute_dtype = training_dtypes(cfg.model, self.device)
         self.policy, self.sharded = self._load_policy(checkpoint)
-        self.tokenizer = self._load_tokenizer()
         self.prompts_to_answer = self.sample_prompts()
-        self.stop_ids = stop_token_ids(self.policy, self.tokenizer)
         self.pad_id = pad_token_id(self.policy)
         if checkpoint is not None and not is_sharded(checkpoint):  # an earlier version's: weights before sharding
             load_model_weights(self.policy, checkpoint, self.adapters)
@@ -246,10 +246,22 @@ class DPORecipe:
             reshard(self.policy)
         return layout
 
-    def _load_tokenizer(self):
-        from transformers import AutoTokenizer
+    @property
+    def tokenizer(self):
+        """The model's tokenizer, loaded at first use: eval replies, ``eval.prompts_file``, the final checkpoint.
+        A training step needs none, and a loaded tokenizer costs the process about 30 MiB."""
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
 
-        return AutoTokenizer.from_pretrained(self.cfg.model.tokenizer or self.cfg.model.path)
+            self._tokenizer = AutoTokenizer.from_pretrained(self.cfg.model.tokenizer or self.cfg.model.path)
+        return self._tokenizer
+
+    def _check_tokenizer_files(self) -> None:
+        """Stop now, not at the final checkpoint, when the tokenizer folder the run will need has no tokenizer."""
+        source = Path(self.cfg.model.tokenizer or self.cfg.model.path)
+        if source.is_dir() and not any((source / name).is_file() for name in TOKENIZER_FILES):
+            raise DpokitError(f"{source} has no tokenizer ({', '.join(TOKENIZER_FILES)}); "
+                              "name the tokenizer's folder with model.tokenizer=PATH")
 
     def _resume_checkpoint(self):
         """The checkpoint to resume from (``--resume``, after checking the run keeps its meaning), or None
@@ -503,12 +515,13 @@ class DPORecipe:
             return []
         self.policy.eval()
         replies = []
+        stop_ids = stop_token_ids(self.policy, self.tokenizer)
         devices = [torch.cuda.current_device()] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):  # sampling leaves the training RNG as it was (exact resume)
             torch.manual_seed(self.cfg.training.seed + self.step)
             for prompt_ids in self.prompts_to_answer:
                 with self.autocast():
-                    reply = generate_reply(self.policy, prompt_ids, cfg.max_new_tokens, cfg.temperature, self.stop_ids, self.device)
+                    reply = generate_reply(self.policy, prompt_ids, cfg.max_new_tokens, cfg.temperature, stop_ids, self.device)
                 replies.append({
                     "prompt": self.tokenizer.decode(prompt_ids, skip_special_tokens=False),
                     "completion": self.tokenizer.decode(reply, skip_special_tokens=True).strip(),
@@ -609,6 +622,7 @@ class DPORecipe:
             "config": config_to_dict(self.cfg),
             "loss": self.loss_fn.state_dict(),
         }
+        consolidate = self.step == self.total_steps  # the full model in HF format once, at the end
         pending = save_checkpoint(
             self.run_dir,
             self.step,
@@ -616,10 +630,10 @@ class DPORecipe:
             self.optimizer,
             state,
             adapters=self.adapters,
-            tokenizer=self.tokenizer,
+            tokenizer=self.tokenizer if consolidate else None,  # saved with the full model only
             keep_last=self.cfg.training.keep_last,
             is_main=self.dist.is_main,
-            consolidate=self.step == self.total_steps,  # the full model in HF format once, at the end
+            consolidate=consolidate,
             asynchronous=asynchronous,
             write_group=self.checkpoint_group,
         )

@@ -379,6 +379,31 @@ def test_cache_info_and_help_start_without_torch(ref_cache):
     assert done.returncode == 0 and "quickstart" in done.stdout, done.stderr
 
 
+def test_the_dpokit_command_gives_torch_huge_pages_and_keeps_a_users_own_settings():
+    import os
+    import subprocess
+    import sys
+
+    from dpokit.host_memory import HUGE_PAGES, MMAP_THRESHOLD, add_host_memory_settings
+
+    # The console script sets both before torch is imported; torch then asks the kernel for huge pages
+    # (madvise: "hg" among the flags of the mapping that holds a large CPU tensor).
+    code = ("import os, sys; from dpokit.cli import entry; sys.argv = ['dpokit', '--version']\n"
+            "try:\n    entry()\nexcept SystemExit:\n    pass\n"
+            "import torch; tensor = torch.empty(8 * 2**20, dtype=torch.uint8); address = tensor.data_ptr(); flags = []\n"
+            "for line in open('/proc/self/smaps'):\n"
+            "    field = line.split()\n"
+            "    if field[0] == 'VmFlags:' and inside:\n        flags = field[1:]\n"
+            "    elif '-' in field[0]:\n        low, high = (int(x, 16) for x in field[0].split('-')); inside = low <= address < high\n"
+            f"print(os.environ[{HUGE_PAGES!r}], os.environ[{MMAP_THRESHOLD!r}], 'hg' in flags)")
+    env = {k: v for k, v in os.environ.items() if k not in (HUGE_PAGES, MMAP_THRESHOLD)}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split()[-3:] == ["1", str(4 * 2**20), "True"]
+    # A setting the user made wins.
+    assert add_host_memory_settings({HUGE_PAGES: "0"}) == {HUGE_PAGES: "0", MMAP_THRESHOLD: str(4 * 2**20)}
+
+
 def test_a_missing_plot_extra_is_one_line_and_the_quickstart_still_finishes(tmp_path, monkeypatch, capsys):
     import sys
 

@@ -7,9 +7,12 @@ import hashlib
 import json
 import math
 import random
+import subprocess
+import sys
 
 import datasets
 import numpy as np
+import pyarrow as pa
 import pytest
 import tiny
 from conftest import tokenize_rows
@@ -17,7 +20,7 @@ from transformers import AutoTokenizer
 
 from dpokit.data.formats import Record, normalise
 from dpokit.data.pipeline import PrepareOptions, held_out_rows, run_prepare, tokenized_chunks, worker_pool
-from dpokit.data.prepared import COLUMNS, arrow_files, features, load_prepared
+from dpokit.data.prepared import COLUMNS, arrow_files, features, load_prepared, numpy_view, pair_token_counts
 from dpokit.data.tokenize import LengthLimits, PairTokenizer
 
 ROWS = 300
@@ -133,3 +136,23 @@ def test_a_split_written_in_several_files_is_named_as_save_to_disk_names_them_an
     assert {key: value for key, value in written.items() if key not in ("_data_files", "_fingerprint")} == {
         key: value for key, value in expected.items() if key not in ("_data_files", "_fingerprint")}
 
+
+
+def test_rows_of_a_split_in_several_files_are_read_from_the_arrow_buffers_without_pandas(tokenizer_dir, tmp_path, small_batches):
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in tiny.preference_rows(200)))
+    out = run_prepare(PrepareOptions(data=str(data), model=str(tokenizer_dir), out=tmp_path / "out"))
+    split = load_prepared(out).split("train")
+    assert len(split.table.column("chosen_ids").chunks) > 1
+    rows = [0, 199, 57, 120, 3, 57]  # across chunks, out of order, one twice
+    expected = split.table.take(rows).to_pydict()
+    assert split[rows] == expected
+    sliced = pa.array([[1, 2], [3], [4, 5, 6]], type=pa.list_(pa.int32())).slice(1)  # offsets start at 2
+    assert numpy_view(sliced.offsets).tolist() == [2, 3, 6] and numpy_view(sliced.values).tolist() == [1, 2, 3, 4, 5, 6]
+    counts = pair_token_counts(split)
+    assert [c.tolist() for c in counts] == [[len(ids) for ids in split[name]] for name in COLUMNS]
+    # pyarrow's own conversions import pandas (64 MiB of a training process): a batch and the lengths need none
+    check = (f"import sys; from dpokit.data.prepared import load_prepared, pair_lengths; "
+             f"s = load_prepared({str(out)!r}).split('train'); s[[0, 199]]; pair_lengths(s); "
+             "assert 'pandas' not in sys.modules, 'imported pandas'")
+    subprocess.run([sys.executable, "-c", check], check=True)

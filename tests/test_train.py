@@ -78,11 +78,25 @@ def test_saved_adapter_reloads_with_peft_and_gives_the_same_logits(tiny_model_di
     assert (got - base).abs().max() > 1e-3  # the adapter changed something
 
 
-def test_saved_full_model_reloads_with_transformers_and_gives_the_same_logits(tiny_model_dir, prepared_dir, tmp_path):
+def test_saved_full_model_reloads_with_transformers_and_gives_the_same_logits(tiny_model_dir, prepared_dir, tmp_path, monkeypatch):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    recipe = run_recipe(overrides(tiny_model_dir, prepared_dir, tmp_path / "run", "model.method=full",
-                                  "training.max_steps=2", "optimizer.lr=1e-3"))
+    loaded_at = []  # the recipe's step whenever it loads the tokenizer: only for the final, full checkpoint
+    original = AutoTokenizer.from_pretrained.__func__
+
+    def from_pretrained(cls, *args, **kwargs):
+        loaded_at.append(recipe.step)
+        return original(cls, *args, **kwargs)
+
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", classmethod(from_pretrained))
+    recipe = RECIPE.DPORecipe(load_config("tiny_lora", overrides(
+        tiny_model_dir, prepared_dir, tmp_path / "run", "model.method=full", "training.max_steps=2", "optimizer.lr=1e-3",
+        "training.save_every=1", "eval.samples=0")))
+    recipe.setup()
+    recipe.train()
+    recipe.cleanup()
+    monkeypatch.undo()
+    assert loaded_at == [2]
     checkpoint = tmp_path / "run" / "checkpoints" / "step_0000002"
     reloaded = AutoModelForCausalLM.from_pretrained(checkpoint).eval()
     AutoTokenizer.from_pretrained(checkpoint)  # the tokenizer travels with the model
@@ -223,6 +237,17 @@ def test_qlora_without_bitsandbytes_is_one_clear_line(tiny_model_dir, prepared_d
 def test_debug_flag_shows_the_traceback(tiny_model_dir, prepared_dir, tmp_path):
     with pytest.raises(DpokitError):
         main(["--debug", "train", "--loss", "dpx", *overrides(tiny_model_dir, prepared_dir, tmp_path / "run")])
+
+
+def test_a_model_folder_without_a_tokenizer_is_refused_before_loading_the_model(tiny_model_dir, prepared_dir, tmp_path, capsys):
+    bare = tmp_path / "bare_model"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(tiny_model_dir / name, bare / name)
+    assert main(["train", *overrides(bare, prepared_dir, tmp_path / "run")]) == 1
+    err = capsys.readouterr().err
+    assert "bare_model has no tokenizer" in err and "model.tokenizer=" in err
+    assert main(["train", *overrides(bare, prepared_dir, tmp_path / "run2", f"model.tokenizer={tiny_model_dir}", "training.max_steps=1")]) == 0
 
 
 def test_existing_run_directory_is_refused_without_resume_or_overwrite(tiny_model_dir, prepared_dir, tmp_path, capsys):

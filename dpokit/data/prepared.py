@@ -69,6 +69,22 @@ class PreparedData:
             raise DpokitError(f"{self.path / name}: not a readable dataset ({one_line(exc)}); {remake_hint(self)}") from None
 
 
+def numpy_view(array) -> np.ndarray:
+    """An Arrow integer array without nulls as a NumPy view of its data buffer (no copy). pyarrow's own
+    conversions (``to_numpy``, ``np.asarray``) import pandas, 64 MiB of a training process's memory.
+    A chunked array gives its chunks' values one after the other."""
+    import pyarrow as pa
+
+    if isinstance(array, pa.ChunkedArray):
+        views = [numpy_view(chunk) for chunk in array.chunks]
+        return views[0] if len(views) == 1 else np.concatenate(views) if views else np.zeros(0, dtype=np.int64)
+    kind = array.type
+    if array.null_count or not pa.types.is_integer(kind):
+        return array.to_numpy(zero_copy_only=False)  # not dpokit's own columns: pyarrow's conversion
+    dtype = np.dtype(f"{'i' if pa.types.is_signed_integer(kind) else 'u'}{kind.bit_width // 8}")
+    return np.frombuffer(array.buffers()[1], dtype=dtype)[array.offset : array.offset + len(array)]
+
+
 class ArrowSplit:
     """A prepared split as a memory-mapped Arrow table, read the way a `datasets.Dataset` is (``split[i]``: a
     row; ``split[indices]`` or ``split[a:b]``: a dict of columns; ``split["prompt_ids"]``: a column; iteration:
@@ -119,7 +135,7 @@ class ArrowSplit:
         if name not in self._buffers:
             chunks = self.table.column(name).chunks
             starts = np.cumsum([0] + [len(chunk) for chunk in chunks])
-            self._buffers[name] = (starts, [(np.asarray(c.offsets), c.values.to_numpy(zero_copy_only=False)) for c in chunks])
+            self._buffers[name] = (starts, [(numpy_view(c.offsets), numpy_view(c.values)) for c in chunks])
         starts, buffers = self._buffers[name]
         which = np.searchsorted(starts, rows, side="right") - 1
         out = []
@@ -401,7 +417,7 @@ def pair_token_counts(split) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
     arrow = split.table if isinstance(split, ArrowSplit) else split.with_format("arrow")
     return tuple(
-        pc.list_value_length(arrow[name]).to_numpy(zero_copy_only=False).astype(np.int64) for name in COLUMNS
+        numpy_view(pc.list_value_length(arrow[name])).astype(np.int64) for name in COLUMNS
     )
 
 

@@ -56,6 +56,10 @@ class TokenizedPair:
 # Tokenizer, template and fingerprint
 
 
+# The files a tokenizer folder holds one of (fast, sentencepiece, BPE and WordPiece vocabularies).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "spiece.model", "vocab.json", "vocab.txt")
+
+
 def load_tokenizer(name: str, chat_template: Optional[str] = None):
     """The tokenizer of `name` (a directory or hub name), with `chat_template` (text or file) applied."""
     from transformers import AutoTokenizer

@@ -31,7 +31,7 @@ from rich.table import Table
 
 from dpokit import __version__
 from dpokit.artifacts import check_replaceable, replace_atomically
-from dpokit.data.prepared import COLUMNS, PreparedData, load_prepared, write_prepared
+from dpokit.data.prepared import COLUMNS, PreparedData, load_prepared, numpy_view, write_prepared
 from dpokit.errors import DpokitError
 from dpokit.reference.cache import CachedLogps, RefCache, open_cache, subset_cache
 
@@ -220,8 +220,7 @@ def split_rows(cache: RefCache, prepared: PreparedData, split: str, tokenizer) -
 def row_keys(dataset, column: str) -> list[bytes]:
     """Each row's token ids in `column` as bytes (equal ids, equal bytes), read from the Arrow buffers."""
     array = dataset.data.column(column).combine_chunks()
-    offsets = array.offsets.to_numpy()
-    values = array.values.to_numpy(zero_copy_only=False)
+    offsets, values = numpy_view(array.offsets), numpy_view(array.values)
     return [values[offsets[i] : offsets[i + 1]].tobytes() for i in range(len(array))]
 
 
