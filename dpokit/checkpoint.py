@@ -21,7 +21,7 @@ from __future__ import annotations
 import random
 import re
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed.checkpoint as dcp
@@ -128,7 +128,7 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer,
     training_state: dict[str, Any],
     adapters: bool,
-    tokenizer=None,
+    load_tokenizer: Optional[Callable[[], Any]] = None,
     keep_last: int = 2,
     is_main: bool = True,
     consolidate: bool = True,
@@ -141,12 +141,15 @@ def save_checkpoint(
     are done.
 
     Args:
+        load_tokenizer: returns the tokenizer written beside the model; called (on the main rank) only when the
+            model is written in Hugging Face's format, so a run loads no tokenizer for its other checkpoints.
         consolidate: also write the model in Hugging Face's format (always done for adapters, which are small).
         asynchronous: copy the shards to host memory now and write them in a background thread (DCP's
             ``async_save``, over `write_group`, a process group of its own so that its collectives never mix
             with training's); training goes on until `wait`.
     """
     model_state = full_model_state(model, trainable_only=adapters) if consolidate or adapters else None  # collective
+    tokenizer = load_tokenizer() if load_tokenizer is not None and model_state is not None and is_main else None
     if asynchronous and model_state is not None:  # one process's "full" state shares the live weights' storage
         model_state = {name: tensor.clone() for name, tensor in model_state.items()}
     own = {"optimizer_in_backward": optimizer.state_dict()} if isinstance(optimizer, OptimizerInBackward) else {}

@@ -1,11 +1,11 @@
 """How a dpokit process asks for host (CPU) memory: two allocator settings made once, at the start of the
 `dpokit` command, before torch is imported.
 
-- **Transparent huge pages for large CPU tensors.** torch backs a CPU allocation of 2 MiB or more with
-  huge pages when ``THP_MEM_ALLOC_ENABLE=1`` is set before it is imported (c10's ``alloc_cpu``: aligned
-  to 2 MiB and ``madvise(MADV_HUGEPAGE)``). A training step frees its gradients and activations and
-  allocates them again, and each fresh 4 KiB page costs a page fault: about 20,000 a step on short pairs,
-  a fifth of a full fine-tuning step on CPU. With 2 MiB pages it is 512 times fewer faults.
+- **Transparent huge pages for large CPU tensors.** With ``THP_MEM_ALLOC_ENABLE=1`` set before torch is
+  imported, torch's CPU allocator (c10's ``alloc_cpu``) asks the kernel for huge pages
+  (``madvise(MADV_HUGEPAGE)``) for every allocation of 2 MiB or more. A training step frees its gradients
+  and activations and allocates them again, and each fresh 4 KiB page costs a page fault: about 20,000 a
+  step on short pairs, a fifth of a full fine-tuning step on CPU; with 2 MiB pages, about 1,000.
 - **glibc's heap kept from holding freed tensors.** glibc serves an allocation from its heap (which it
   rarely gives back) when it is below its mmap threshold, and it raises that threshold to the size of
   every mapped block it frees, up to 32 MiB. Freed activations then stay resident. A fixed 4 MiB

@@ -622,7 +622,6 @@ class DPORecipe:
             "config": config_to_dict(self.cfg),
             "loss": self.loss_fn.state_dict(),
         }
-        consolidate = self.step == self.total_steps  # the full model in HF format once, at the end
         pending = save_checkpoint(
             self.run_dir,
             self.step,
@@ -630,10 +629,10 @@ class DPORecipe:
             self.optimizer,
             state,
             adapters=self.adapters,
-            tokenizer=self.tokenizer if consolidate else None,  # saved with the full model only
+            load_tokenizer=lambda: self.tokenizer,
             keep_last=self.cfg.training.keep_last,
             is_main=self.dist.is_main,
-            consolidate=consolidate,
+            consolidate=self.step == self.total_steps,  # the full model in HF format once, at the end
             asynchronous=asynchronous,
             write_group=self.checkpoint_group,
         )

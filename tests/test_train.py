@@ -64,9 +64,12 @@ def test_saved_adapter_reloads_with_peft_and_gives_the_same_logits(tiny_model_di
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    recipe = run_recipe(overrides(tiny_model_dir, prepared_dir, tmp_path / "run", "training.max_steps=2", "optimizer.lr=1e-2"))
+    recipe = run_recipe(overrides(tiny_model_dir, prepared_dir, tmp_path / "run", "training.max_steps=2", "optimizer.lr=1e-2",
+                                  "training.save_every=1", "training.keep_last=2"))
     checkpoint = tmp_path / "run" / "checkpoints" / "step_0000002"
     assert (checkpoint / "adapter_model.safetensors").is_file()
+    for step in (1, 2):  # every adapter checkpoint carries the tokenizer, loaded when the first is written
+        assert (tmp_path / "run" / "checkpoints" / f"step_000000{step}" / "tokenizer_config.json").is_file()
     reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(checkpoint)).eval()
     inputs = torch.tensor([[3, 40, 41, 42, 5, 4, 50, 51]])
     recipe.policy.eval()
