@@ -261,6 +261,9 @@ class StepClock:
 
 def child_ref_logps(work: Path, batch_size: int) -> dict:
     """The real reference pass (`compute_reference_cache`, what `dpokit ref-logps` runs), over every pair."""
+    from dpokit.host_memory import configure_host_memory
+
+    configure_host_memory()  # before torch is imported, as the `dpokit` command does (`dpokit.cli.entry`)
     from dpokit.reference.compute import RefLogpsOptions, compute_reference_cache
 
     options = RefLogpsOptions(prepared=str(work / "prepared"), model=str(work / "model"), out=str(work / "ref.h5"),
