@@ -3,8 +3,8 @@
 bench/gemm_backend_results.md measures oneDNN's float32 products 2-2.5x faster than torch's (MKL) on this
 AMD CPU, and finds that ``torch.ops.mkldnn._linear_pointwise`` (the op Inductor uses) takes plain tensors, so
 no format conversion is needed. This script patches, in its own process only, ``nn.Linear.forward`` (float32 on
-CPU, outside autocast) and the fused head (`dpokit.logps.FusedChunkLogps`) to do their forward and both
-backward products with that op, then runs `dpokit train` on a workload made by ``bench/train_bench.py`` and
+CPU, outside autocast) and the fused head's three products (`dpokit.logps.project`, `input_gradient`,
+`weight_gradient`) to use that op, then runs `dpokit train` on a workload made by ``bench/train_bench.py`` and
 reports the median step and the peak resident set. ``--backend torch`` runs the same without the patch.
 
     python bench/train_bench.py --quick --shape short --workdir /tmp/ab      # once, for the workload
@@ -16,9 +16,9 @@ from __future__ import annotations
 import argparse
 import resource
 import statistics
-import sys
-import time
 from pathlib import Path
+
+from train_bench import child_dpokit  # bench/ is on sys.path when this script runs
 
 
 def linear_pointwise(x, weight, bias=None):
@@ -57,34 +57,10 @@ def install_onednn() -> None:
             return OneDNNLinear.apply(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
 
-    class FusedChunkLogps(dpokit.logps.FusedChunkLogps):  # the library's, with oneDNN's products
-        @staticmethod
-        def forward(ctx, hidden, weight, bias, targets, keep_softmax=False):
-            logits = linear_pointwise(hidden, weight, bias)
-            normaliser = torch.logsumexp(logits, dim=-1)
-            token_logps = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - normaliser
-            mean_logits = logits.mean(dim=-1)
-            ctx.keep_softmax = keep_softmax
-            kept = logits.sub_(normaliser.unsqueeze(-1)).exp_() if keep_softmax else normaliser
-            ctx.save_for_backward(hidden, weight, bias, targets, kept)
-            return token_logps, mean_logits
-
-        @staticmethod
-        def backward(ctx, grad_logps, grad_mean_logits):
-            hidden, weight, bias, targets, saved = ctx.saved_tensors
-            if ctx.keep_softmax:
-                grad_logits = saved.mul_(-grad_logps.unsqueeze(-1))
-            else:
-                logits = linear_pointwise(hidden, weight, bias)
-                grad_logits = torch.exp(logits.sub_(saved.unsqueeze(-1))).mul_(-grad_logps.unsqueeze(-1))
-            grad_logits.scatter_add_(-1, targets.unsqueeze(-1), grad_logps.unsqueeze(-1))
-            grad_hidden = linear_pointwise(grad_logits, weight.t()) if ctx.needs_input_grad[0] else None
-            grad_weight = linear_pointwise(grad_logits.t(), hidden.t()) if ctx.needs_input_grad[1] else None
-            grad_bias = grad_logits.sum(0) if bias is not None and ctx.needs_input_grad[2] else None
-            return grad_hidden, grad_weight, grad_bias, None, None
-
     nn.Linear.forward = forward
-    dpokit.logps.FusedChunkLogps = FusedChunkLogps
+    dpokit.logps.project = linear_pointwise  # the fused head's three products
+    dpokit.logps.input_gradient = lambda grad_logits, weight: linear_pointwise(grad_logits, weight.t())
+    dpokit.logps.weight_gradient = lambda grad_logits, hidden: linear_pointwise(grad_logits.t(), hidden.t())
 
 
 def main() -> None:
@@ -97,34 +73,17 @@ def main() -> None:
 
     from dpokit.host_memory import configure_host_memory
 
-    configure_host_memory()  # as the `dpokit` command does, before torch is imported
-    import torch
-
-    torch.set_num_threads(1)
-    import dpokit.cli
-    from dpokit import metrics
-
+    configure_host_memory()  # as the `dpokit` command does, before the patch imports torch
     if args.backend == "onednn":
         install_onednn()
-    ends, losses = [], []
-    log = metrics.MetricsLogger.log
-
-    def timed_log(self, step, split, values):
-        if split == "train":
-            ends.append(time.perf_counter())
-            losses.append(values["loss"])
-        log(self, step, split, values)
-
-    metrics.MetricsLogger.log = timed_log
-    dpokit.cli.own_process = True
     work = args.workdir
-    code = dpokit.cli.main([
-        "train", f"data.path={work / 'prepared'}", f"model.path={work / 'model'}", f"reference.cache={work / 'ref.h5'}",
+    clock = child_dpokit([  # `dpokit train` in this process, its step ends and losses recorded
+        f"data.path={work / 'prepared'}", f"model.path={work / 'model'}", f"reference.cache={work / 'ref.h5'}",
         f"model.method={args.method}", "model.dtype=float32", "data.batch_size=4", f"training.max_steps={args.steps}",
         "optimizer.lr=5e-6", "loss.beta=0.1", "lora.rank=8", "lora.alpha=16", "training.seed=42",
-        f"output.dir={work / 'runs' / f'onednn-{args.method}-{args.backend}'}", "output.overwrite=true"])
-    if code != 0:
-        sys.exit(code)
+        "distributed.cpu_threads=1", f"output.dir={work / 'runs' / f'onednn-{args.method}-{args.backend}'}",
+        "output.overwrite=true"])
+    ends, losses = clock["ends"], clock["losses"]
     steps = [b - a for a, b in zip(ends, ends[1:])][3:]  # the first steps warm up
     print(f"{args.method} {args.backend}: median step {1000 * statistics.median(steps):.1f} ms, "
           f"{4 / statistics.mean(steps):.2f} pairs/s, peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB, "

@@ -115,7 +115,7 @@ with open("/proc/self/clear_refs", "w") as stream:
 start = status_kib("VmRSS")
 started = time.perf_counter()
 options = PrepareOptions(data=sys.argv[2], model=sys.argv[3], out=sys.argv[4], num_proc=int(sys.argv[5]),
-                         eval_fraction=float(sys.argv[6]))
+                         eval_fraction=float(sys.argv[6]), overwrite=True)  # the previous run's output: dpokit's own
 out = run_prepare(options, console=Console(file=open(os.devnull, "w")))
 seconds = time.perf_counter() - started
 manifest = json.loads((out / "manifest.json").read_text())
@@ -167,7 +167,6 @@ def memory_bench(args, work: Path, model: str) -> None:
         first_peak = None
         for rows in args.memory_rows:
             result = measured_prepare(code, work / f"pairs-{rows}.jsonl", model, work / "out", args.num_proc, args.eval_fraction)
-            shutil.rmtree(work / "out")
             fingerprints.setdefault(rows, set()).add(result["fingerprint"])
             first_peak = first_peak or result["peak_kib"]
             print(f"| {name} | {rows:,} | {mib(result['start_kib'])} | {mib(result['peak_kib'])} | "

@@ -71,14 +71,13 @@ print(json.dumps({"written": written, "seconds": seconds, "create_seconds": crea
 """
 
 
-def timed_writes(code: Path, path: Path, rows: int, per_token: bool, commit_rows: int, seconds: float, tokens: int) -> dict:
-    """One run of `WRITER_CHILD` with the package under `code`; removes the cache afterwards."""
-    command = [sys.executable, "-c", WRITER_CHILD, str(code), str(path), str(rows), str(int(per_token)),
-               str(commit_rows), str(seconds), str(tokens)]
-    try:
+def timed_writes(code: Path, work: Path, rows: int, per_token: bool, commit_rows: int, seconds: float, tokens: int) -> dict:
+    """One run of `WRITER_CHILD` with the package under `code`, into a cache in a scratch folder of its own under
+    `work` (gone after the run: an earlier run's cache of the same inputs would be resumed, not rewritten)."""
+    with tempfile.TemporaryDirectory(dir=work) as scratch:
+        command = [sys.executable, "-c", WRITER_CHILD, str(code), str(Path(scratch) / "ref.h5"), str(rows),
+                   str(int(per_token)), str(commit_rows), str(seconds), str(tokens)]
         output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
-    finally:
-        path.unlink(missing_ok=True)
     result = json.loads(output.strip().splitlines()[-1])
     if not result["ok"]:
         raise SystemExit(f"the writer from {code} left rows that do not match what it was given")
@@ -96,7 +95,11 @@ def main() -> None:
     parser.add_argument("--baseline", default="HEAD", help="The git revision measured as 'before'.")
     args = parser.parse_args()
 
-    work = Path(tempfile.mkdtemp(prefix="dpokit-ref-writer-bench-"))
+    with tempfile.TemporaryDirectory(prefix="dpokit-ref-writer-bench-") as tmp:
+        run_all(args, Path(tmp))
+
+
+def run_all(args, work: Path) -> None:
     codes = {f"{args.baseline} (before)": unpacked_revision(args.baseline, work / "baseline"), "this tree (after)": ROOT}
     print(f"machine: {cpu_model()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
           f"load average {os.getloadavg()[0]:.1f}; {args.rows:,} rows, completions of {args.completion_tokens} tokens "
@@ -107,7 +110,7 @@ def main() -> None:
     for layout in args.layouts:
         for commit_rows in args.commit_rows:
             for name, code in codes.items():
-                result = timed_writes(code, work / "ref.h5", args.rows, layout == "per-token", commit_rows, args.seconds,
+                result = timed_writes(code, work, args.rows, layout == "per-token", commit_rows, args.seconds,
                                       args.completion_tokens)
                 rate = result["written"] / result["seconds"]
                 commits = -(-result["written"] // commit_rows)

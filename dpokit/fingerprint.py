@@ -5,6 +5,8 @@
 - `tokenizer_fingerprint`: vocabulary, merges, special tokens and chat template; recorded by ``prepare``.
 - `data_fingerprint`: the token ids of every prepared split; recorded by ``prepare``, compared by the cache.
 - `ends_sha256`: both ends of a file, so a truncated or damaged prepared file is found without reading it.
+- `numpy_view`: an Arrow integer array as a NumPy view of its buffer, how every reader of token ids gets them
+  (pyarrow's own conversions import pandas).
 """
 
 from __future__ import annotations
@@ -150,12 +152,28 @@ def data_fingerprint(splits: dict[str, Any], columns: Sequence[str]) -> str:
             digest.update(np.zeros(1, np.int64).tobytes())  # the first offset
             end = 0
             for lists in _list_arrays(batches(), column):
-                offsets = np.asarray(lists.offsets).astype(np.int64)
+                offsets = numpy_view(lists.offsets).astype(np.int64)
                 digest.update((offsets[1:] - offsets[0] + end).tobytes())
                 end += int(offsets[-1] - offsets[0])
             for lists in _list_arrays(batches(), column):
-                digest.update(np.asarray(lists.flatten()).astype(np.int32).tobytes())
+                digest.update(numpy_view(lists.flatten()).astype(np.int32).tobytes())
     return digest.hexdigest()
+
+
+def numpy_view(array) -> np.ndarray:
+    """An Arrow integer array without nulls as a NumPy view of its data buffer (no copy). pyarrow's own
+    conversions (``to_numpy``, ``np.asarray``) import pandas, 64 MiB of a training process's memory.
+    A chunked array gives its chunks' values one after the other."""
+    import pyarrow as pa
+
+    if isinstance(array, pa.ChunkedArray):
+        views = [numpy_view(chunk) for chunk in array.chunks]
+        return views[0] if len(views) == 1 else np.concatenate(views) if views else np.zeros(0, dtype=np.int64)
+    kind = array.type
+    if array.null_count or not pa.types.is_integer(kind):
+        return array.to_numpy(zero_copy_only=False)  # not dpokit's own columns: pyarrow's conversion
+    dtype = np.dtype(f"{'i' if pa.types.is_signed_integer(kind) else 'u'}{kind.bit_width // 8}")
+    return np.frombuffer(array.buffers()[1], dtype=dtype)[array.offset : array.offset + len(array)]
 
 
 def _list_arrays(batches, column: str):

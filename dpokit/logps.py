@@ -74,6 +74,22 @@ class Completions(NamedTuple):
     token_stats: Tensor  # [M, len(stats)] float32, the requested `TOKEN_STATS`
 
 
+# The projection's three products, looked up at each call (bench/onednn_step_bench.py swaps in other kernels).
+def project(hidden: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """``hidden @ weight.T + bias``: the logits."""
+    return F.linear(hidden, weight, bias)
+
+
+def input_gradient(grad_logits: Tensor, weight: Tensor) -> Tensor:
+    """``grad_logits @ weight``: the gradient of the head's input."""
+    return grad_logits @ weight
+
+
+def weight_gradient(grad_logits: Tensor, hidden: Tensor) -> Tensor:
+    """``grad_logits.T @ hidden``: the gradient of the head's weight."""
+    return grad_logits.transpose(0, 1) @ hidden
+
+
 class FusedChunkLogps(torch.autograd.Function):
     """log p(target) and the mean logit for rows of `hidden` ``[n, H]`` under a linear head, whose backward
     computes the projection's gradient directly: ``d logp / d logits = onehot - softmax``. Equal to
@@ -87,7 +103,7 @@ class FusedChunkLogps(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, keep_softmax: bool = False):
-        logits = F.linear(hidden, weight, bias).float()  # [n, V]
+        logits = project(hidden, weight, bias).float()  # [n, V]
         normaliser = torch.logsumexp(logits, dim=-1)
         token_logps = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - normaliser
         mean_logits = logits.mean(dim=-1)
@@ -104,12 +120,12 @@ class FusedChunkLogps(torch.autograd.Function):
         if ctx.keep_softmax:  # -softmax * g, in the softmax's own memory: it is not read again
             grad_logits = saved.mul_(-grad_logps.unsqueeze(-1))
         else:
-            logits = F.linear(hidden, weight, bias).float()
+            logits = project(hidden, weight, bias).float()
             grad_logits = torch.exp(logits.sub_(saved.unsqueeze(-1))).mul_(-grad_logps.unsqueeze(-1))
         grad_logits.scatter_add_(-1, targets.unsqueeze(-1), grad_logps.unsqueeze(-1))  # + onehot * g
         grad_logits = grad_logits.to(hidden.dtype)
-        grad_hidden = grad_logits @ weight if ctx.needs_input_grad[0] else None
-        grad_weight = grad_logits.transpose(0, 1) @ hidden if ctx.needs_input_grad[1] else None
+        grad_hidden = input_gradient(grad_logits, weight) if ctx.needs_input_grad[0] else None
+        grad_weight = weight_gradient(grad_logits, hidden) if ctx.needs_input_grad[1] else None
         grad_bias = grad_logits.sum(0) if bias is not None and ctx.needs_input_grad[2] else None
         return grad_hidden, grad_weight, grad_bias, None, None
 

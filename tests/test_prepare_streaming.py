@@ -20,8 +20,9 @@ from transformers import AutoTokenizer
 
 from dpokit.data.formats import Record, normalise
 from dpokit.data.pipeline import PrepareOptions, held_out_rows, run_prepare, tokenized_chunks, worker_pool
-from dpokit.data.prepared import COLUMNS, arrow_files, features, load_prepared, numpy_view, pair_token_counts
+from dpokit.data.prepared import COLUMNS, arrow_files, features, load_prepared, pair_token_counts
 from dpokit.data.tokenize import LengthLimits, PairTokenizer
+from dpokit.fingerprint import numpy_view
 
 ROWS = 300
 

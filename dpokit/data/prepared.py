@@ -24,7 +24,7 @@ import numpy as np
 
 from dpokit.artifacts import check_replaceable, replace_atomically
 from dpokit.errors import DpokitError
-from dpokit.fingerprint import data_fingerprint, ends_sha256
+from dpokit.fingerprint import data_fingerprint, ends_sha256, numpy_view
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -67,22 +67,6 @@ class PreparedData:
             return ArrowSplit(pa.concat_tables(tables) if len(tables) != 1 else tables[0])
         except (OSError, pa.ArrowException) as exc:
             raise DpokitError(f"{self.path / name}: not a readable dataset ({one_line(exc)}); {remake_hint(self)}") from None
-
-
-def numpy_view(array) -> np.ndarray:
-    """An Arrow integer array without nulls as a NumPy view of its data buffer (no copy). pyarrow's own
-    conversions (``to_numpy``, ``np.asarray``) import pandas, 64 MiB of a training process's memory.
-    A chunked array gives its chunks' values one after the other."""
-    import pyarrow as pa
-
-    if isinstance(array, pa.ChunkedArray):
-        views = [numpy_view(chunk) for chunk in array.chunks]
-        return views[0] if len(views) == 1 else np.concatenate(views) if views else np.zeros(0, dtype=np.int64)
-    kind = array.type
-    if array.null_count or not pa.types.is_integer(kind):
-        return array.to_numpy(zero_copy_only=False)  # not dpokit's own columns: pyarrow's conversion
-    dtype = np.dtype(f"{'i' if pa.types.is_signed_integer(kind) else 'u'}{kind.bit_width // 8}")
-    return np.frombuffer(array.buffers()[1], dtype=dtype)[array.offset : array.offset + len(array)]
 
 
 class ArrowSplit:

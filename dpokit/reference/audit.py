@@ -31,8 +31,9 @@ from rich.table import Table
 
 from dpokit import __version__
 from dpokit.artifacts import check_replaceable, replace_atomically
-from dpokit.data.prepared import COLUMNS, PreparedData, load_prepared, numpy_view, write_prepared
+from dpokit.data.prepared import COLUMNS, PreparedData, load_prepared, write_prepared
 from dpokit.errors import DpokitError
+from dpokit.fingerprint import numpy_view
 from dpokit.reference.cache import CachedLogps, RefCache, open_cache, subset_cache
 
 AUDIT_FILE = "audit.json"
