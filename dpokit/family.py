@@ -143,10 +143,14 @@ def resolve_attn_implementation(model_path: str, requested: str) -> str:
     return "sdpa" if getattr(model_class, "_supports_sdpa", False) else "eager"
 
 
+WRAPPER_PREFIX = "dpokit:"  # `dpokit.attention` routes an implementation through its layout attention
+
+
 def attn_implementation_of(model) -> str:
-    """The attention implementation a loaded model actually uses (``sdpa``, ``eager``, ...)."""
-    config = model.config
-    return str(getattr(config, "_attn_implementation", None) or "eager")
+    """The attention implementation a loaded model actually uses (``sdpa``, ``eager``, ...); dpokit's
+    wrapper (`dpokit.attention`) computes the same thing and is not a different implementation."""
+    name = str(getattr(model.config, "_attn_implementation", None) or "eager")
+    return name.removeprefix(WRAPPER_PREFIX)
 
 
 @contextlib.contextmanager

@@ -24,6 +24,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from dpokit import attention
+from dpokit.data.collate import dense_mask
 from dpokit.family import attn_implementation_of, decoder_masks, logits_transform
 from dpokit.types import ChosenRejectedOutputs, PairBatch, split_token_values
 
@@ -208,15 +210,26 @@ def completion_logps(
     return Completions(logps, counts, logit_sums / counts.clamp(min=1), flat_logps, slots, flat_stats)
 
 
-def model_attention_mask(batch: PairBatch, decoder: nn.Module):
-    """The batch's mask as the decoder takes it: the padded layout's 2-D padding mask as is (the model
-    builds its own causal and sliding-window masks from it); a packed or prefix-shared layout's
-    structural 4-D mask combined with the family's per-layer attention pattern (`dpokit.family`)."""
-    mask = batch.attention_mask
-    if mask.dim() != 4:
-        return mask
+def dense_attention_mask(batch: PairBatch, decoder: nn.Module):
+    """A packed batch's ``[R, 1, L, L]`` mask combined with the family's per-layer pattern (`dpokit.family`),
+    as the decoder takes it: the old dense path, kept to check and benchmark the layout attention against,
+    and used for attention implementations dpokit does not wrap."""
     dtype = decoder.get_input_embeddings().weight.dtype
-    return decoder_masks(mask, batch.position_ids, decoder.config, attn_implementation_of(decoder), dtype)
+    return decoder_masks(dense_mask(batch), batch.position_ids, decoder.config, attn_implementation_of(decoder), dtype)
+
+
+def run_decoder(decoder: nn.Module, batch: PairBatch, dense: bool = False, **kwargs):
+    """The decoder's outputs on the batch's rows. The padded layout passes its 2-D padding mask (the model
+    builds its own causal and sliding-window masks); packed layouts pass their segments to
+    `dpokit.attention`, which never builds an ``[L, L]`` mask (`dense`: the mask instead)."""
+    common = dict(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False, **kwargs)
+    if batch.segments is None:
+        return decoder(attention_mask=batch.attention_mask, **common)
+    if dense or not attention.install(decoder):
+        return decoder(attention_mask=dense_attention_mask(batch, decoder), **common)
+    layout = attention.layout_for(batch.segments, batch.input_ids, decoder.config)
+    with attention.layout_forward():
+        return decoder(attention_mask=None, dpokit_layout=layout, **common)
 
 
 def sequence_logps(
@@ -240,13 +253,7 @@ def decoder_completions(
     head, transform = output_head(model)
     with_router = router_aux_loss and bool(getattr(decoder.config, "output_router_logits", False))
     kwargs = {"output_router_logits": True} if with_router else {}
-    outputs = decoder(
-        input_ids=batch.input_ids,
-        attention_mask=model_attention_mask(batch, decoder),
-        position_ids=batch.position_ids,
-        use_cache=False,
-        **kwargs,
-    )
+    outputs = run_decoder(decoder, batch, **kwargs)
     completions = completion_logps(head, outputs.last_hidden_state, batch, chunk_size, transform, token_stats)
     aux = moe_load_balancing_loss(model, outputs.router_logits, batch.token_mask) if with_router else None
     return completions, aux
@@ -336,7 +343,7 @@ __all__ = [
     "generate_reply",
     "concatenated_forward",
     "decoder_and_head",
-    "model_attention_mask",
+    "run_decoder",
     "output_head",
     "naive_sequence_logps",
     "sequence_logps",

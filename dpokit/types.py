@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -16,10 +16,29 @@ from torch import Tensor
 from dpokit.errors import DpokitError
 
 
+class Segment(NamedTuple):
+    """One attention-isolated piece of a packed row: columns ``start .. start+length-1`` of row `row`.
+
+    ``shared`` tokens every later token sees, then ``first`` tokens, then ``second`` tokens that see the
+    shared ones but not the first (positions continue from the shared part's end). A plain sequence is
+    ``(shared=n, first=0, second=0)``; a prefix-shared pair is ``(prompt, chosen, rejected)``.
+    """
+
+    row: int
+    start: int
+    shared: int
+    first: int
+    second: int
+
+    @property
+    def length(self) -> int:
+        return self.shared + self.first + self.second
+
+
 @dataclass
 class PairBatch:
     input_ids: torch.Tensor  # [R, L] long
-    attention_mask: torch.Tensor  # [R, L] long padding mask, or [R, 1, L, L] bool (True: may attend)
+    attention_mask: torch.Tensor  # [R, L] long, 1 on real tokens (padded layout: the model's padding mask)
     target_rows: torch.Tensor  # [M] long, one entry per completion token in the batch
     target_cols: torch.Tensor  # [M] long, column whose hidden state predicts the token
     target_ids: torch.Tensor  # [M] long
@@ -29,6 +48,7 @@ class PairBatch:
     position_ids: Optional[torch.Tensor] = None  # [R, L]; None: 0..L-1 in every row
     completion_mask: Optional[torch.Tensor] = None  # [R, L] bool, padded layout only
     token_mask: Optional[torch.Tensor] = None  # [R, L] long, 1 on real tokens (0 on padding)
+    segments: Optional[tuple[Segment, ...]] = None  # packed / prefix-shared layouts: who attends to whom (O(L))
 
     @property
     def num_pairs(self) -> int:

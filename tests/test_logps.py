@@ -7,8 +7,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from dpokit.data.collate import collate_pairs, pad_pairs
+from dpokit.data.collate import collate_pairs, dense_mask, pad_pairs
 from dpokit.logps import concatenated_forward, naive_sequence_logps, sequence_logps
+from dpokit.types import Segment
 
 from conftest import naive_token_values
 
@@ -70,8 +71,9 @@ def test_packing_and_prefix_sharing_compute_fewer_tokens():
 
 def test_prefix_shared_mask_hides_chosen_from_rejected():
     batch = collate_pairs(ROWS[:1], [0], pad_id=0, prefix_sharing=True)
-    mask = batch.attention_mask[0, 0]  # [L, L]
     p, c = 6, 4
+    assert batch.segments == (Segment(row=0, start=0, shared=p, first=c, second=2),)
+    mask = dense_mask(batch)[0, 0]  # [L, L], what the segments mean
     first_rejected = p + c
     assert mask[first_rejected, :p].all()  # sees the whole prompt
     assert not mask[first_rejected, p:first_rejected].any()  # sees no chosen token

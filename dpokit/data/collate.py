@@ -3,11 +3,14 @@
 - **padded** (`pad_pairs`): 2B right-padded rows, ``0..B-1`` prompt+chosen and ``B..2B-1``
   prompt+rejected; a plain 2-D padding mask, so the model uses its ordinary causal attention.
 - **packed** (``packing=True``): the same sequences laid end to end in fewer rows with no padding
-  between them; a block-diagonal causal mask keeps attention within each sequence and position ids
-  restart at 0 for each.
+  between them; attention stays within each sequence and position ids restart at 0 for each.
 - **prefix-shared** (``prefix_sharing=True``): one segment per pair, ``[prompt, chosen, rejected]``;
   the prompt is computed once, rejected tokens attend to the prompt but not to chosen, and their
   positions continue from the prompt's end. Combines with packing.
+
+The packed layouts carry who-attends-to-whom as O(L) metadata (`PairBatch.segments`), which
+`dpokit.attention` turns into kernel calls; no ``[L, L]`` mask is built. `dense_mask` builds the mask
+those segments mean, to check and benchmark against.
 
 Every layout lists, for each completion token, the row and column of the hidden state that predicts
 it (`target_rows`, `target_cols`), the token (`target_ids`) and the output it counts toward
@@ -21,7 +24,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from dpokit.types import PairBatch
+from dpokit.types import PairBatch, Segment
 
 PROMPT, CHOSEN, REJECTED = 0, 1, 2  # branches of a prefix-shared segment
 
@@ -65,7 +68,7 @@ class _Segment:
 
     tokens: list[int]
     positions: list[int]
-    branches: list[int]
+    parts: tuple[int, int, int]  # shared, first, second (`dpokit.types.Segment`)
     targets: list[tuple[int, int, int]]  # (column within the segment, token id, slot)
 
 
@@ -75,7 +78,7 @@ def _sequence_segment(prompt: list[int], completion: list[int], slot: int) -> _S
     return _Segment(
         tokens=tokens,
         positions=list(range(len(tokens))),
-        branches=[PROMPT] * len(tokens),
+        parts=(len(tokens), 0, 0),
         targets=[(p + j - 1, token, slot) for j, token in enumerate(completion)],
     )
 
@@ -88,7 +91,7 @@ def _prefix_shared_segment(prompt: list[int], chosen: list[int], rejected: list[
     return _Segment(
         tokens=prompt + chosen + rejected,
         positions=list(range(p + c)) + list(range(p, p + len(rejected))),
-        branches=[PROMPT] * p + [CHOSEN] * c + [REJECTED] * len(rejected),
+        parts=(p, c, len(rejected)),
         targets=targets,
     )
 
@@ -140,33 +143,48 @@ def collate_pairs(
     r = len(layout)
     input_ids = torch.full((r, width), pad_id, dtype=torch.long)
     position_ids = torch.zeros((r, width), dtype=torch.long)
-    segment_ids = torch.full((r, width), -1, dtype=torch.long)
-    branches = torch.zeros((r, width), dtype=torch.long)
+    token_mask = torch.zeros((r, width), dtype=torch.long)
+    spans: list[Segment] = []
     targets: list[tuple[int, int, int, int]] = []
     for row_index, row in enumerate(layout):
         offset = 0
-        for seg_number, segment in enumerate(row):
+        for segment in row:
             n = len(segment.tokens)
             span = slice(offset, offset + n)
             input_ids[row_index, span] = torch.tensor(segment.tokens)
             position_ids[row_index, span] = torch.tensor(segment.positions)
-            segment_ids[row_index, span] = seg_number
-            branches[row_index, span] = torch.tensor(segment.branches)
+            token_mask[row_index, span] = 1
+            spans.append(Segment(row_index, offset, *segment.parts))
             targets += [(row_index, offset + col, token, slot) for col, token, slot in segment.targets]
             offset += n
     target = torch.tensor(targets, dtype=torch.long)  # [M, 4]
     return PairBatch(
         input_ids=input_ids,
-        attention_mask=block_causal_mask(segment_ids, branches),
+        attention_mask=token_mask,
         target_rows=target[:, 0],
         target_cols=target[:, 1],
         target_ids=target[:, 2],
         target_slots=target[:, 3],
         index=torch.tensor(list(indices), dtype=torch.long),
-        num_tokens=int((segment_ids >= 0).sum()),
+        num_tokens=int(token_mask.sum()),
         position_ids=position_ids,
-        token_mask=(segment_ids >= 0).long(),
+        token_mask=token_mask,
+        segments=tuple(spans),
     )
+
+
+def dense_mask(batch: PairBatch) -> torch.Tensor:
+    """``[R, 1, L, L]`` bool: the mask a packed batch's segments mean (`block_causal_mask`), built on demand
+    to check the layout attention against and to benchmark the dense path; training never builds it."""
+    rows, width = batch.input_ids.shape
+    segment_ids = torch.full((rows, width), -1, dtype=torch.long)
+    branches = torch.zeros((rows, width), dtype=torch.long)
+    for number, segment in enumerate(batch.segments or ()):
+        start, p, c = segment.start, segment.shared, segment.first
+        segment_ids[segment.row, start:start + segment.length] = number
+        branches[segment.row, start + p:start + p + c] = CHOSEN
+        branches[segment.row, start + p + c:start + segment.length] = REJECTED
+    return block_causal_mask(segment_ids, branches)
 
 
 def block_causal_mask(segment_ids: torch.Tensor, branches: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,278 @@
+"""The packed and prefix-shared layouts' attention, computed from O(L) metadata instead of an L×L mask.
+
+A packed row holds segments laid end to end (`dpokit.types.Segment`): a plain sequence, or a pair
+``[prompt, chosen, rejected]`` whose rejected tokens see the prompt but not chosen, at positions that
+continue from the prompt's end. Each segment's attention is two ordinary causal problems:
+
+- **chosen** (or the whole plain sequence): queries and keys ``[prompt; chosen]``, causal;
+- **rejected**: queries ``rejected``, keys ``[prompt; rejected]``, causal aligned at the bottom right
+  (the first rejected query sees the whole prompt and itself).
+
+Each problem goes to a kernel that never builds a mask of its size:
+
+- causal, no window: SDPA with ``is_causal=True`` (the blockwise flash kernel on CPU and CUDA);
+- bottom-right causal: on CPU, `MergedCausalAttention` runs the prompt keys (no mask) and the rejected
+  keys (``is_causal``) through the CPU flash kernel and merges them by their log-sum-exps; backward
+  calls the flash backward on each part with the merged output and log-sum-exp, as ring attention does,
+  so it is exact and keeps no ``[Lq, Lk]`` tensor. On CUDA, SDPA with ``causal_lower_right`` (the
+  flash and memory-efficient kernels align causal masks bottom-right natively);
+- sliding windows (by position): query blocks of `WINDOW_BLOCK` queries against the keys their window
+  can reach, each with a small banded mask: O(L·window) memory;
+- eager families (soft-capped attention scores, Gemma 2): the family's own eager function on each
+  problem with that problem's mask. Eager attention materialises its scores anyway; memory is the
+  longest pair's squared length, not the row's.
+
+Grouped-query attention stays grouped (``enable_gqa``; the CPU flash kernel takes fewer k/v heads).
+
+`install(decoder)` points a decoder's config at ``dpokit:<its implementation>``, registered with
+transformers' attention and mask interfaces. Without a layout the function is the model's own
+(`sdpa_attention_forward` or the family's ``eager_attention_forward``, with the model's own masks), so
+``model(ids)`` is unchanged; a layout forward passes ``dpokit_layout=`` through the decoder's kwargs
+(kept by activation checkpointing for recomputation), and the mask functions return None while it runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import sys
+from dataclasses import dataclass
+from typing import Iterator, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from dpokit.family import WRAPPER_PREFIX as PREFIX
+from dpokit.family import attention_pattern, attn_implementation_of
+from dpokit.types import Segment
+
+WINDOW_BLOCK = 512  # queries per block of a sliding-window problem (at least the window)
+INNER = ("sdpa", "eager")  # implementations dpokit wraps
+
+_LAYOUT_FORWARD: contextvars.ContextVar[bool] = contextvars.ContextVar("dpokit_layout_forward", default=False)
+
+
+@dataclass(frozen=True)
+class LayoutAttention:
+    """What the attention function needs of a packed batch: its segments and each layer's window."""
+
+    segments: tuple[Segment, ...]
+    width: int  # columns per row
+    rows: int
+    windows: tuple[Optional[int], ...]  # per layer: None (full causal) or a window in positions
+
+    def window(self, module) -> Optional[int]:
+        if len(set(self.windows)) == 1:
+            return self.windows[0]
+        return self.windows[int(getattr(module, "layer_idx"))]
+
+    def by_row(self) -> list[list[Segment]]:
+        rows: list[list[Segment]] = [[] for _ in range(self.rows)]
+        for segment in self.segments:
+            rows[segment.row].append(segment)
+        return [sorted(row, key=lambda s: s.start) for row in rows]
+
+
+def layout_for(segments: Sequence[Segment], input_ids: Tensor, config) -> LayoutAttention:
+    """The `LayoutAttention` of a batch for a model config (per-layer windows from `dpokit.family`)."""
+    rows, width = input_ids.shape
+    return LayoutAttention(tuple(segments), int(width), int(rows), attention_pattern(config).windows)
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernels for one causal problem: queries are the last Lq of a sequence of Lk keys
+
+
+class MergedCausalAttention(torch.autograd.Function):
+    """Queries ``[1, H, Lq, D]`` over keys ``[prefix; own]`` where every query sees the whole prefix and
+    the own keys causally (``own`` has Lq keys): two CPU flash calls merged by log-sum-exp."""
+
+    @staticmethod
+    def forward(ctx, query, prefix_key, prefix_value, own_key, own_value, scale):
+        flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+        out_prefix, lse_prefix = flash(query, prefix_key, prefix_value, 0.0, False, scale=scale)[:2]
+        out_own, lse_own = flash(query, own_key, own_value, 0.0, True, scale=scale)[:2]
+        lse = torch.logaddexp(lse_prefix, lse_own)  # [1, H, Lq] float32
+        out = (out_prefix.float() * (lse_prefix - lse).exp_().unsqueeze(-1)
+               + out_own.float() * (lse_own - lse).exp_().unsqueeze(-1)).to(query.dtype)
+        ctx.scale = scale
+        ctx.save_for_backward(query, prefix_key, prefix_value, own_key, own_value, out, lse)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        query, prefix_key, prefix_value, own_key, own_value, out, lse = ctx.saved_tensors
+        backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+        grad_out = grad_out.contiguous()
+        dq_prefix, dk_prefix, dv_prefix = backward(grad_out, query, prefix_key, prefix_value, out, lse, 0.0, False, scale=ctx.scale)
+        dq_own, dk_own, dv_own = backward(grad_out, query, own_key, own_value, out, lse, 0.0, True, scale=ctx.scale)
+        return dq_prefix + dq_own, dk_prefix, dv_prefix, dk_own, dv_own, None
+
+
+def _banded_mask(queries: int, q_start: int, k_start: int, keys: int, window: Optional[int], device) -> Tensor:
+    """``[queries, keys]`` bool: query at position ``q_start + i`` sees key ``k_start + j`` causally (and
+    within `window` positions)."""
+    q_pos = torch.arange(q_start, q_start + queries, device=device)[:, None]
+    k_pos = torch.arange(k_start, k_start + keys, device=device)[None, :]
+    mask = k_pos <= q_pos
+    if window is not None:
+        mask &= (q_pos - k_pos) < window
+    return mask
+
+
+def _sdpa(query, key, value, *, mask=None, causal=False, scale=None, dropout=0.0) -> Tensor:
+    gqa = key.shape[1] != query.shape[1]
+    return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, is_causal=causal, dropout_p=dropout,
+                                          scale=scale, enable_gqa=gqa)
+
+
+def causal_problem(query: Tensor, key: Tensor, value: Tensor, prefix: int, window: Optional[int],
+                   scale: Optional[float], dropout: float) -> Tensor:
+    """SDPA output ``[1, H, Lq, D]`` for queries that are the last ``Lq`` of ``Lk = prefix + Lq`` keys,
+    causal (bottom-right aligned) and within `window` positions if given; no ``[Lq, Lk]`` tensor."""
+    lq, lk = query.shape[2], key.shape[2]
+    if window is not None and window >= lk:
+        window = None  # the window covers the whole problem
+    if window is None and prefix == 0:
+        return _sdpa(query, key, value, causal=True, scale=scale, dropout=dropout)
+    if window is None and query.device.type == "cpu" and dropout == 0.0 and query.dtype in (torch.float32, torch.float64, torch.bfloat16):
+        return MergedCausalAttention.apply(query, key[:, :, :prefix], value[:, :, :prefix],
+                                           key[:, :, prefix:], value[:, :, prefix:], scale)
+    if window is None:
+        from torch.nn.attention.bias import causal_lower_right
+
+        if query.device.type == "cuda":  # flash / memory-efficient kernels take it without a mask
+            return _sdpa(query, key, value, mask=causal_lower_right(lq, lk), scale=scale, dropout=dropout)
+        window = lk  # elsewhere: the blocks below, as a window that covers everything
+    outputs = []
+    block = max(WINDOW_BLOCK, min(window, lk))
+    for start in range(0, lq, block):
+        stop = min(lq, start + block)
+        q_first = prefix + start  # position of the block's first query
+        k_lo = max(0, q_first - window + 1)
+        k_hi = prefix + stop
+        mask = _banded_mask(stop - start, q_first, k_lo, k_hi - k_lo, window, query.device)
+        outputs.append(_sdpa(query[:, :, start:stop], key[:, :, k_lo:k_hi], value[:, :, k_lo:k_hi], mask=mask,
+                             scale=scale, dropout=dropout))
+    return torch.cat(outputs, dim=2)
+
+
+def eager_problem(eager, module, query, key, value, prefix: int, window: Optional[int], dropout: float, **kwargs) -> Tensor:
+    """The family's eager attention on one problem with its own small mask; ``[1, H, Lq, D]``."""
+    mask = _banded_mask(query.shape[2], prefix, 0, key.shape[2], window, query.device)
+    additive = torch.zeros(mask.shape, dtype=query.dtype, device=query.device).masked_fill_(~mask, torch.finfo(query.dtype).min)
+    out, _ = eager(module, query, key, value, additive[None, None], dropout=dropout, **kwargs)
+    return out.transpose(1, 2)  # eager returns [1, Lq, H, D]
+
+
+# ---------------------------------------------------------------------------------------------
+# The attention function transformers calls
+
+
+def _problems(segment: Segment, query: Tensor, key: Tensor, value: Tensor):
+    """The segment's causal problems ``(q, k, v, prefix)`` in column order (each ``[1, H, n, D]``)."""
+    s, p, c, r = segment.start, segment.shared, segment.first, segment.second
+    own = slice(s, s + p + c)
+    yield query[:, :, own], key[:, :, own], value[:, :, own], 0
+    if r:
+        rejected = slice(s + p + c, s + p + c + r)
+        if p == 0:
+            yield query[:, :, rejected], key[:, :, rejected], value[:, :, rejected], 0
+            return
+        keys = torch.cat([key[:, :, s:s + p], key[:, :, rejected]], dim=2)
+        values = torch.cat([value[:, :, s:s + p], value[:, :, rejected]], dim=2)
+        yield query[:, :, rejected], keys, values, p
+
+
+def layout_attention(module, query: Tensor, key: Tensor, value: Tensor, layout: LayoutAttention, inner: str,
+                     dropout: float = 0.0, scaling: Optional[float] = None, **kwargs) -> Tensor:
+    """Attention of packed rows ``query [R, H, L, D]``, ``key/value [R, Hkv, L, D]``; returns ``[R, L, H, D]``."""
+    window = layout.window(module)
+    eager = _family_eager(module) if inner == "eager" else None
+    unsupported = [k for k in ("s_aux", "sinks") if kwargs.get(k) is not None]
+    if unsupported or (kwargs.get("softcap") is not None and eager is None):
+        raise NotImplementedError(f"attention with {', '.join(unsupported) or 'softcap'} in a packed layout")
+    rows = []
+    for row_index, segments in enumerate(layout.by_row()):
+        q, k, v = query[row_index:row_index + 1], key[row_index:row_index + 1], value[row_index:row_index + 1]
+        pieces, end = [], 0
+        for segment in segments:
+            for pq, pk, pv, prefix in _problems(segment, q, k, v):
+                if eager is not None:
+                    pieces.append(eager_problem(eager, module, pq, pk, pv, prefix, window, dropout, scaling=scaling,
+                                                softcap=kwargs.get("softcap")))
+                else:
+                    pieces.append(causal_problem(pq, pk, pv, prefix, window, scaling, dropout))
+            end = segment.start + segment.length
+        if end < layout.width:  # padding after the row's last segment attends to nothing it could change
+            pieces.append(query.new_zeros((1, query.shape[1], layout.width - end, value.shape[-1])))
+        rows.append(torch.cat(pieces, dim=2))
+    return torch.cat(rows, dim=0).transpose(1, 2).contiguous()
+
+
+def _family_eager(module):
+    """The family's own ``eager_attention_forward`` (soft-capping and scalings are in it)."""
+    family = sys.modules[type(module).__module__]
+    return getattr(family, "eager_attention_forward")
+
+
+def _attention_function(inner: str):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    def attention(module, query, key, value, attention_mask, dpokit_layout: Optional[LayoutAttention] = None, **kwargs):
+        if dpokit_layout is not None:
+            return layout_attention(module, query, key, value, dpokit_layout, inner, **kwargs), None
+        own = sdpa_attention_forward if inner == "sdpa" else _family_eager(module)
+        return own(module, query, key, value, attention_mask, **kwargs)
+
+    attention.__name__ = f"dpokit_{inner}_attention"
+    return attention
+
+
+def _mask_function(inner: str):
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
+    own = ALL_MASK_ATTENTION_FUNCTIONS[inner]
+
+    def mask(*args, **kwargs):
+        return None if _LAYOUT_FORWARD.get() else own(*args, **kwargs)
+
+    return mask
+
+
+_REGISTERED: set[str] = set()
+
+
+def _register(inner: str) -> str:
+    name = PREFIX + inner
+    if name not in _REGISTERED:
+        from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface
+
+        AttentionInterface.register(name, _attention_function(inner))
+        AttentionMaskInterface.register(name, _mask_function(inner))
+        _REGISTERED.add(name)
+    return name
+
+
+def install(decoder) -> bool:
+    """Route `decoder`'s attention through dpokit's function (same results without a layout); whether
+    the layout attention is available for its implementation (``sdpa`` or ``eager``)."""
+    config = decoder.config
+    inner = attn_implementation_of(decoder)
+    if inner not in INNER:
+        return False
+    if config._attn_implementation != PREFIX + inner:
+        config._attn_implementation = _register(inner)
+    return True
+
+
+@contextlib.contextmanager
+def layout_forward() -> Iterator[None]:
+    """While a layout forward runs, the wrapped mask functions build no mask (the metadata replaces it)."""
+    token = _LAYOUT_FORWARD.set(True)
+    try:
+        yield
+    finally:
+        _LAYOUT_FORWARD.reset(token)
