@@ -21,6 +21,10 @@ Each problem goes to a kernel that never builds a mask of its size:
 - eager families (soft-capped attention scores, Gemma 2): the family's own eager function on each
   problem with that problem's mask. Eager attention materialises its scores anyway; memory is the
   longest pair's squared length, not the row's.
+- ``flex_attention`` (`model.attn_implementation=flex_attention`): one FlexAttention call per row with a
+  block mask built from the same metadata (segment, causal, prompt-or-own-branch, window by position)
+  and the family's soft-capping as a score modifier; compiled on CUDA. Its backward does not run on
+  CPU in torch 2.13, so CPU training uses the kernels above.
 
 Grouped-query attention stays grouped (``enable_gqa``; the CPU flash kernel takes fewer k/v heads).
 
@@ -35,8 +39,9 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator, Optional, Sequence
 
 import torch
@@ -48,7 +53,10 @@ from dpokit.family import attention_pattern, attn_implementation_of
 from dpokit.types import Segment
 
 WINDOW_BLOCK = 512  # queries per block of a sliding-window problem (at least the window)
-INNER = ("sdpa", "eager")  # implementations dpokit wraps
+# Rows up to this many columns keep the dense mask: there one masked kernel call per layer costs less than a
+# few kernel calls per pair, and the mask is small (bench/long_context_results.md, short rows).
+DENSE_MAX_WIDTH = 384
+INNER = ("sdpa", "eager", "flex_attention")  # implementations dpokit wraps
 
 _LAYOUT_FORWARD: contextvars.ContextVar[bool] = contextvars.ContextVar("dpokit_layout_forward", default=False)
 
@@ -61,11 +69,26 @@ class LayoutAttention:
     width: int  # columns per row
     rows: int
     windows: tuple[Optional[int], ...]  # per layer: None (full causal) or a window in positions
+    block_masks: dict = field(default_factory=dict, compare=False, repr=False)  # FlexAttention's, per window
 
     def window(self, module) -> Optional[int]:
         if len(set(self.windows)) == 1:
             return self.windows[0]
         return self.windows[int(getattr(module, "layer_idx"))]
+
+    def token_metadata(self, device) -> tuple[Tensor, Tensor, Tensor]:
+        """Per column ``[R, L]``: segment number (-1 on padding), branch (0 shared, 1 first, 2 second), position."""
+        segment_ids = torch.full((self.rows, self.width), -1, dtype=torch.long)
+        branches = torch.zeros((self.rows, self.width), dtype=torch.long)
+        positions = torch.zeros((self.rows, self.width), dtype=torch.long)
+        for number, seg in enumerate(self.segments):
+            s, p, c, r = seg.start, seg.shared, seg.first, seg.second
+            segment_ids[seg.row, s:s + seg.length] = number
+            branches[seg.row, s + p:s + p + c] = 1
+            branches[seg.row, s + p + c:s + seg.length] = 2
+            positions[seg.row, s:s + p + c] = torch.arange(p + c)
+            positions[seg.row, s + p + c:s + seg.length] = torch.arange(p, p + r)
+        return segment_ids.to(device), branches.to(device), positions.to(device)
 
     def by_row(self) -> list[list[Segment]]:
         rows: list[list[Segment]] = [[] for _ in range(self.rows)]
@@ -93,9 +116,10 @@ class MergedCausalAttention(torch.autograd.Function):
         flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
         out_prefix, lse_prefix = flash(query, prefix_key, prefix_value, 0.0, False, scale=scale)[:2]
         out_own, lse_own = flash(query, own_key, own_value, 0.0, True, scale=scale)[:2]
-        lse = torch.logaddexp(lse_prefix, lse_own)  # [1, H, Lq] float32
-        out = (out_prefix.float() * (lse_prefix - lse).exp_().unsqueeze(-1)
-               + out_own.float() * (lse_own - lse).exp_().unsqueeze(-1)).to(query.dtype)
+        lse = torch.logaddexp(lse_prefix, lse_own)  # [1, H, Lq], at least float32
+        wide = torch.promote_types(query.dtype, torch.float32)  # bf16 outputs merge in float32
+        out = (out_prefix.to(wide) * (lse_prefix - lse).exp_().unsqueeze(-1)
+               + out_own.to(wide) * (lse_own - lse).exp_().unsqueeze(-1)).to(query.dtype)
         ctx.scale = scale
         ctx.save_for_backward(query, prefix_key, prefix_value, own_key, own_value, out, lse)
         return out
@@ -211,6 +235,50 @@ def layout_attention(module, query: Tensor, key: Tensor, value: Tensor, layout: 
     return torch.cat(rows, dim=0).transpose(1, 2).contiguous()
 
 
+def layout_block_mask(layout: LayoutAttention, window: Optional[int], device):
+    """FlexAttention's block mask for the layout (O(L) metadata in, O((L/128)²) blocks out)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    segment_ids, branches, positions = layout.token_metadata(device)
+
+    def visible(b, h, q, k):
+        same = (segment_ids[b, q] == segment_ids[b, k]) & (segment_ids[b, q] >= 0) & (k <= q)
+        branch = (branches[b, k] == 0) | (branches[b, k] == branches[b, q])
+        mask = same & branch
+        if window is not None:
+            mask = mask & ((positions[b, q] - positions[b, k]) < window)
+        return mask | ((q == k) & (segment_ids[b, q] < 0))  # padding sees itself: no empty rows
+
+    # Compiled on CUDA, the mask function is evaluated a block at a time; uncompiled (CPU, forward only) it runs
+    # over the whole [L, L] grid once per forward and window.
+    return create_block_mask(visible, layout.rows, None, layout.width, layout.width, device=device,
+                             _compile=torch.device(device).type == "cuda")
+
+
+def flex_layout_attention(module, query, key, value, layout: LayoutAttention, scaling=None, softcap=None) -> Tensor:
+    """FlexAttention over whole packed rows with the layout's block mask; ``[R, L, H, D]``."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    window = layout.window(module)
+    if window not in layout.block_masks:  # built once per forward and window, shared by the layers
+        layout.block_masks[window] = layout_block_mask(layout, window, query.device)
+    score_mod = None
+    if softcap is not None:
+        def score_mod(score, b, h, q, k):
+            return softcap * torch.tanh(score / softcap)
+    kernel = _compiled_flex() if query.device.type == "cuda" else flex_attention
+    out = kernel(query, key, value, score_mod=score_mod, block_mask=layout.block_masks[window], scale=scaling,
+                 enable_gqa=key.shape[1] != query.shape[1])
+    return out.transpose(1, 2).contiguous()
+
+
+@functools.lru_cache(maxsize=1)
+def _compiled_flex():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
+
+
 def _family_eager(module):
     """The family's own ``eager_attention_forward`` (soft-capping and scalings are in it)."""
     family = sys.modules[type(module).__module__]
@@ -221,8 +289,15 @@ def _attention_function(inner: str):
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     def attention(module, query, key, value, attention_mask, dpokit_layout: Optional[LayoutAttention] = None, **kwargs):
+        if dpokit_layout is not None and inner == "flex_attention":
+            return flex_layout_attention(module, query, key, value, dpokit_layout, kwargs.get("scaling"),
+                                         kwargs.get("softcap")), None
         if dpokit_layout is not None:
             return layout_attention(module, query, key, value, dpokit_layout, inner, **kwargs), None
+        if inner == "flex_attention":
+            from transformers.integrations.flex_attention import flex_attention_forward
+
+            return flex_attention_forward(module, query, key, value, attention_mask, **kwargs)
         own = sdpa_attention_forward if inner == "sdpa" else _family_eager(module)
         return own(module, query, key, value, attention_mask, **kwargs)
 

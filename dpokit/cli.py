@@ -120,7 +120,7 @@ def ref_logps(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a cache made from other data, model or dtype."),
     no_bucket: bool = typer.Option(False, "--no-bucket", help="Batch rows in index order instead of sorted by length."),
     attn_implementation: str = typer.Option(
-        "auto", "--attn-implementation", help="auto (SDPA where the family supports it, else eager), sdpa or eager; recorded in the cache."
+        "auto", "--attn-implementation", help="auto (SDPA where the family supports it, else eager), sdpa, eager or flex_attention (forward only on CPU); recorded in the cache."
     ),
     per_token: bool = typer.Option(
         False, "--per-token", help="Also store every completion token's log-prob (for token-level losses such as ld_dpo)."

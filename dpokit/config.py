@@ -39,7 +39,7 @@ class ModelConfig:
     method: Literal["full", "lora", "dora", "qlora", "qdora"] = "lora"
     activation_checkpointing: bool = False
     activation_offloading: bool = False  # CUDA: keep the activations saved for backward in (pinned) CPU memory
-    attn_implementation: Literal["auto", "sdpa", "eager"] = "auto"  # auto: SDPA where the family supports it
+    attn_implementation: Literal["auto", "sdpa", "eager", "flex_attention"] = "auto"  # auto: SDPA where the family supports it
     lean_loading: bool = True  # several processes: build on meta, shard, each rank reads only its shards' weights
     disable_dropout: bool = True  # the policy trains without the config's dropout (as TRL); LoRA dropout stays
 

@@ -30,7 +30,7 @@ FULL, SLIDING = "full_attention", "sliding_attention"
 
 # Attention implementations dpokit accepts; "auto" lets transformers choose for the family (SDPA
 # where the family supports it, eager where it does not, e.g. Gemma 2's soft-capped attention).
-ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "eager")
+ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "eager", "flex_attention")
 
 
 class UnsupportedPattern(Exception):

@@ -221,11 +221,13 @@ def dense_attention_mask(batch: PairBatch, decoder: nn.Module):
 def run_decoder(decoder: nn.Module, batch: PairBatch, dense: bool = False, **kwargs):
     """The decoder's outputs on the batch's rows. The padded layout passes its 2-D padding mask (the model
     builds its own causal and sliding-window masks); packed layouts pass their segments to
-    `dpokit.attention`, which never builds an ``[L, L]`` mask (`dense`: the mask instead)."""
+    `dpokit.attention`, which never builds an ``[L, L]`` mask. Rows of at most `attention.DENSE_MAX_WIDTH`
+    columns (where it is cheaper), attention implementations dpokit does not wrap, and `dense` take the mask."""
     common = dict(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False, **kwargs)
     if batch.segments is None:
         return decoder(attention_mask=batch.attention_mask, **common)
-    if dense or not attention.install(decoder):
+    short = batch.input_ids.shape[1] <= attention.DENSE_MAX_WIDTH and attn_implementation_of(decoder) != "flex_attention"
+    if dense or short or not attention.install(decoder):
         return decoder(attention_mask=dense_attention_mask(batch, decoder), **common)
     layout = attention.layout_for(batch.segments, batch.input_ids, decoder.config)
     with attention.layout_forward():

@@ -155,6 +155,7 @@ class ModelCensus:
     hidden: int
     intermediate: int
     heads: int
+    kv_heads: int
     head_dim: int
     vocab: int
     layers: int
@@ -231,6 +232,7 @@ def _census(config_path: str, mtime_ns: int, family: str, adapters: Optional[tup
     return ModelCensus(
         name=str(config_path), method_family=family, tensors=tuple(tensors), adapted=tuple(adapted),
         hidden=text.hidden_size, intermediate=getattr(text, "intermediate_size", 4 * text.hidden_size), heads=heads,
+        kv_heads=getattr(text, "num_key_value_heads", None) or heads,
         head_dim=getattr(text, "head_dim", None) or text.hidden_size // heads, vocab=text.vocab_size,
         layers=len(decoder.layers), tied=bool(getattr(hf_config, "tie_word_embeddings", False)),
         model_type=hf_config.model_type,
@@ -260,7 +262,8 @@ class Workload:
     pairs: int  # data.batch_size
     pair_tokens: int  # tokens one pair puts through the decoder (2 sequences, or prompt + chosen + rejected)
     completion_tokens: int  # of those, completion tokens (where the vocabulary projection runs)
-    row_width: int  # longest row: the attention mask is rows x width x width
+    row_width: int  # longest row (the padded layout's model-built mask is rows x width x width)
+    layout_attention: bool  # packed / prefix-shared rows: `dpokit.attention`, no mask at all
     source: str  # how the lengths were chosen
 
     @property
@@ -293,9 +296,10 @@ def workload(cfg: TrainConfig, data: Optional[str] = None, seq_len: Optional[int
         longest = seq_len or DEFAULT_SEQ_LEN
         shared = completions = 2 * longest
         source = f"--seq-len {longest} tokens per sequence (no --data: prompt length unknown, prefix sharing not counted)"
+    layout = cfg.data.packing or cfg.data.prefix_sharing
     if cfg.data.prefix_sharing:
-        return Workload(pairs, shared, completions, max(pack if cfg.data.packing else 0, shared), source)
-    return Workload(pairs, 2 * longest, completions, max(pack if cfg.data.packing else 0, longest), source)
+        return Workload(pairs, shared, completions, max(pack if cfg.data.packing else 0, shared), source, layout)
+    return Workload(pairs, 2 * longest, completions, max(pack if cfg.data.packing else 0, longest), source, layout)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -430,23 +434,32 @@ def adamw_state_bytes(numel: int, state_bytes: int, eight_bit: bool) -> int:
     return 2 * state_bytes * numel + 4
 
 
-def layer_activation_bytes(census: ModelCensus, dt: Dtypes, full: bool, row_width: int) -> int:
-    """Bytes one decoder layer saves for backward per token (a Llama-style layer: RMSNorm, SDPA attention with
-    the layout's mask, gated MLP), as measured with saved-tensor hooks (tests/test_plan.py):
+def layer_activation_bytes(census: ModelCensus, dt: Dtypes, full: bool, row_width: int, layout_attention: bool = False) -> int:
+    """Bytes one decoder layer saves for backward per token (a Llama-style layer: RMSNorm, SDPA attention,
+    gated MLP), as measured with saved-tensor hooks (tests/test_plan.py), by the attention kernel that runs:
 
     - each RMSNorm keeps an fp32 copy of its input and 1/rms (4h + 4); with a trainable norm weight also its
       normalised input (r bytes x h, r the residual dtype);
     - trainable projections keep their input once per input (full: s(2h + i); under autocast each projection
       casts its own copy of an fp32 input: s(5h + i)); LoRA adapters keep their input (a copy per adapter
       when the adapter's dtype differs) and their rank-r output; DoRA also its base and LoRA outputs;
-    - attention keeps q, k and v (k and v repeated to every head: a mask rules out SDPA's GQA path), its
-      output, a float32 logsumexp per head and its own float copy of the mask (s x row width);
+    - padded rows (the model's own masks): attention keeps q, k and v (k and v repeated to every head: a mask
+      rules out SDPA's GQA path), its output, a float32 logsumexp per head and its own float copy of the mask
+      (s x row width);
+    - packed / prefix-shared rows (`dpokit.attention`, causal kernels on each pair's problems, no mask): q, k and
+      v at their own head counts, each problem's output and the row's output the projection reads (2 x q), a
+      float32 logsumexp per head, and the rejected branch's copies of its prompt's and own k and v (bounded
+      by 2 x k per token);
     - the gated MLP keeps the gate output, its SiLU and the up projection (3 s i).
     """
     h, i, s, r = census.hidden, census.intermediate, dt.activation, dt.residual
     q = census.heads * census.head_dim
     norms = 2 * (4 * h + 4) + (2 * r * h if full else 0)
-    attention = s * (q + 2 * q + q) + 4 * census.heads + s * row_width
+    if layout_attention:
+        kv = census.kv_heads * census.head_dim
+        attention = s * (q + 2 * kv + 2 * q + 2 * kv) + 4 * census.heads
+    else:
+        attention = s * (q + 2 * q + q) + 4 * census.heads + s * row_width
     mlp = 3 * s * i
     inputs = 0
     if full:
@@ -594,12 +607,13 @@ def estimate(
     # Activations: what the forward saves, and the layer whose backward runs.
     tokens = load.tokens
     completion = min(tokens, load.pairs * load.completion_tokens)
-    per_layer = layer_activation_bytes(census, dt, full, load.row_width)
+    per_layer = layer_activation_bytes(census, dt, full, load.row_width, load.layout_attention)
     scratch = backward_scratch_bytes(census, dt)
     checkpointing = cfg.model.activation_checkpointing
     offloading = cfg.model.activation_offloading and device_type == "cuda"
     layer_inputs = census.layers * dt.residual * h
-    shared = load.row_width + 2 * census.head_dim * dt.residual + 4 * h + 4 + (8 + dt.residual * h if full else 0)
+    mask = 0 if load.layout_attention else load.row_width  # the padded layout's boolean [L, L] mask
+    shared = mask + 2 * census.head_dim * dt.residual + 4 * h + 4 + (8 + dt.residual * h if full else 0)
     saved = (layer_inputs if checkpointing else census.layers * per_layer) * tokens + shared * tokens
     if not full and not checkpointing:  # frozen embeddings: the first norm's input needs no gradient, nothing kept
         saved -= (4 * h + 4) * tokens
@@ -608,7 +622,8 @@ def estimate(
     how = (f"{load.pairs} pairs x {load.pair_tokens:,} tokens ({layout}) = {tokens:,} tokens x "
            + (f"{census.layers} layer inputs of {dt.residual * h:,} B (checkpointing)" if checkpointing
               else f"{census.layers} layers x {per_layer:,} B ({per_layer / h:.1f} x hidden)")
-           + ", + the mask, rotary tables and the final norm")
+           + (", attention from the layout's segments (no mask)" if load.layout_attention else ", + the mask")
+           + ", rotary tables and the final norm")
     if offloading:
         how += "; activation_offloading: they wait in host memory"
     rows.append(Row("activations (saved)", 0 if offloading else saved, "start", how, saved if offloading else 0))
