@@ -262,9 +262,10 @@ class Workload:
     pairs: int  # data.batch_size
     pair_tokens: int  # tokens one pair puts through the decoder (2 sequences, or prompt + chosen + rejected)
     completion_tokens: int  # of those, completion tokens (where the vocabulary projection runs)
-    row_width: int  # longest row (the padded layout's model-built mask is rows x width x width)
-    layout_attention: bool  # packed / prefix-shared rows: `dpokit.attention`, no mask at all
+    row_width: int  # longest row (a mask is rows x width x width)
     source: str  # how the lengths were chosen
+    layout_attention: bool  # packed / prefix-shared rows wider than `attention.DENSE_MAX_WIDTH`: no mask at all
+    rejected_branch: int = 0  # prefix sharing: the longest pair's prompt + rejected (its k and v are copied for attention)
 
     @property
     def tokens(self) -> int:
@@ -289,17 +290,23 @@ def workload(cfg: TrainConfig, data: Optional[str] = None, seq_len: Optional[int
         longest = int(pair_lengths(split).max())  # the one pair length of every batching rule
         shared = int((prompt + chosen + rejected).max())
         completions = int((chosen + rejected).max())
+        branch = int((prompt + rejected)[int((prompt + chosen + rejected).argmax())])  # of the longest pair
         source = f"the longest pair of {data} (sequence {longest} tokens, prompt + chosen + rejected {shared})"
     else:
         if seq_len is not None and seq_len < 2:
             raise DpokitError(f"--seq-len must be at least 2, got {seq_len}")
         longest = seq_len or DEFAULT_SEQ_LEN
         shared = completions = 2 * longest
+        branch = longest
         source = f"--seq-len {longest} tokens per sequence (no --data: prompt length unknown, prefix sharing not counted)"
-    layout = cfg.data.packing or cfg.data.prefix_sharing
+    from dpokit.attention import DENSE_MAX_WIDTH
+
+    width = max(pack if cfg.data.packing else 0, shared if cfg.data.prefix_sharing else longest)
+    # The kernel that will run: packed rows wider than DENSE_MAX_WIDTH take the layout attention (no mask).
+    layout = (cfg.data.packing or cfg.data.prefix_sharing) and (width > DENSE_MAX_WIDTH or cfg.model.attn_implementation == "flex_attention")
     if cfg.data.prefix_sharing:
-        return Workload(pairs, shared, completions, max(pack if cfg.data.packing else 0, shared), source, layout)
-    return Workload(pairs, 2 * longest, completions, max(pack if cfg.data.packing else 0, longest), source, layout)
+        return Workload(pairs, shared, completions, width, source, layout, branch)
+    return Workload(pairs, 2 * longest, completions, width, source, layout)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -443,21 +450,25 @@ def layer_activation_bytes(census: ModelCensus, dt: Dtypes, full: bool, row_widt
     - trainable projections keep their input once per input (full: s(2h + i); under autocast each projection
       casts its own copy of an fp32 input: s(5h + i)); LoRA adapters keep their input (a copy per adapter
       when the adapter's dtype differs) and their rank-r output; DoRA also its base and LoRA outputs;
-    - padded rows (the model's own masks): attention keeps q, k and v (k and v repeated to every head: a mask
+    - padded rows, and packed rows of at most `attention.DENSE_MAX_WIDTH` (a mask): attention keeps q, k and v (k and v repeated to every head: a mask
       rules out SDPA's GQA path), its output, a float32 logsumexp per head and its own float copy of the mask
       (s x row width);
     - packed / prefix-shared rows (`dpokit.attention`, causal kernels on each pair's problems, no mask): q, k and
-      v at their own head counts, each problem's output and the row's output the projection reads (2 x q), a
-      float32 logsumexp per head, and the rejected branch's copies of its prompt's and own k and v (bounded
-      by 2 x k per token);
+      v at their own head counts, each problem's output, a float32 logsumexp per head, and the row's output when
+      the o projection keeps its input (full fine-tuning, or an adapter on it that needs no cast copy); the rejected branch's copies of its prompt's and own k and v are counted per
+      pair by `estimate` (`Workload.rejected_branch`);
     - the gated MLP keeps the gate output, its SiLU and the up projection (3 s i).
     """
     h, i, s, r = census.hidden, census.intermediate, dt.activation, dt.residual
     q = census.heads * census.head_dim
     norms = 2 * (4 * h + 4) + (2 * r * h if full else 0)
+    cast = dt.adapter_compute != s
     if layout_attention:
         kv = census.kv_heads * census.head_dim
-        attention = s * (q + 2 * kv + 2 * q + 2 * kv) + 4 * census.heads
+        attention = s * (q + 2 * kv + q) + 4 * census.heads
+        # The row's output is a tensor of its own (not a problem's output): kept when the o projection needs it.
+        if full or (not cast and any(adapter.role == "attn_out" for adapter in census.adapted)):
+            attention += s * q
     else:
         attention = s * (q + 2 * q + q) + 4 * census.heads + s * row_width
     mlp = 3 * s * i
@@ -465,7 +476,6 @@ def layer_activation_bytes(census: ModelCensus, dt: Dtypes, full: bool, row_widt
     if full:
         inputs = s * (5 * h + i) if dt.autocast else s * (2 * h + i)
     widths = {"attn_in": h, "attn_out": q, "mlp_in": h, "mlp_out": i}
-    cast = dt.adapter_compute != s
     kept_inputs = set()
     for adapter in census.adapted:
         if cast:
@@ -612,9 +622,11 @@ def estimate(
     checkpointing = cfg.model.activation_checkpointing
     offloading = cfg.model.activation_offloading and device_type == "cuda"
     layer_inputs = census.layers * dt.residual * h
-    mask = 0 if load.layout_attention else load.row_width  # the padded layout's boolean [L, L] mask
+    mask = 0 if load.layout_attention else load.row_width  # a boolean [L, L] mask per row
     shared = mask + 2 * census.head_dim * dt.residual + 4 * h + 4 + (8 + dt.residual * h if full else 0)
     saved = (layer_inputs if checkpointing else census.layers * per_layer) * tokens + shared * tokens
+    if load.layout_attention and not checkpointing:  # each pair's [prompt; rejected] keys and values, copied
+        saved += census.layers * 2 * dt.activation * census.kv_heads * census.head_dim * load.pairs * load.rejected_branch
     if not full and not checkpointing:  # frozen embeddings: the first norm's input needs no gradient, nothing kept
         saved -= (4 * h + 4) * tokens
     saved += (dt.residual * h + 16) * completion  # the final hidden states the head reads, and their indices

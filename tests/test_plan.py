@@ -197,3 +197,15 @@ def test_the_shipped_qwen_config_has_its_published_size():
     census = model_census(model_config_file(cfg.model.path), "full", cfg.lora)
     assert census.params == 494_032_768 and census.tied  # Qwen2.5-0.5B: tied embeddings
     assert math.isclose(census.params * 16 / 1e9, 7.9, abs_tol=0.05)  # 16 B/param with fp32 AdamW
+
+
+@pytest.mark.parametrize("overrides", [["model.method=full"], ["model.method=lora", "model.dtype=bfloat16"]])
+def test_saved_activations_of_the_layout_attention_match_what_autograd_keeps(overrides, tiny_model_dir, prepared_dir,
+                                                                              monkeypatch):
+    """The same check when the rows take `dpokit.attention`'s kernels (no mask, grouped k/v) instead of a mask."""
+    from dpokit import attention
+
+    monkeypatch.setattr(attention, "DENSE_MAX_WIDTH", 0)
+    cfg = load_config("tiny_lora", [f"model.path={tiny_model_dir}", *overrides], world_size=1)
+    assert workload(cfg, str(prepared_dir)).layout_attention
+    test_saved_activations_match_what_autograd_keeps(overrides, tiny_model_dir, prepared_dir)
