@@ -1,7 +1,7 @@
 """Long rows: one training step with the old dense ``[R, 1, L, L]`` mask and with the O(L) layout attention.
 
     python bench/long_context_bench.py                      # writes bench/long_context_results.md
-    python bench/long_context_bench.py --only tiny --out /tmp/x.md
+    python bench/long_context_bench.py --models tiny --workloads w64,w128,w256,w384,w512,short --steps 5 --out bench/long_context_short_rows_results.md
 
 One step is the decoder (`dpokit.logps.run_decoder`, ``dense=True``: the old path, which builds the mask with
 `dpokit.data.collate.dense_mask` and hands it to SDPA; ``dense=False``: `dpokit.attention`), the completion
@@ -73,7 +73,13 @@ def one_pair(length: int) -> Workload:
     return Workload(f"1 pair/row, {length // 1024}k", 1, length // 4, 3 * length // 8, 3 * length // 8)
 
 
+def short_rows(width: int) -> Workload:
+    """2,048 tokens a batch in rows of `width` columns, one pair (half prompt) filling each row."""
+    return Workload(f"{width}-column rows, {2048 // width} pairs", 2048 // width, width // 2, width // 4, width // 4, width)
+
+
 WORKLOADS = {
+    **{f"w{width}": short_rows(width) for width in (64, 128, 256, 384, 512)},
     "short": Workload("short rows (16 x 96+80+80, pack 1024)", 16, 96, 80, 80, 1024),
     "2k": one_pair(2048),
     "8k": one_pair(8192),
@@ -91,9 +97,12 @@ def child(args) -> None:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from dpokit import attention
     from dpokit.data.collate import collate_pairs
     from dpokit.logps import completion_logps, decoder_and_head, run_decoder
 
+    if args.path == "layout":  # the layout kernels at every width (dpokit keeps the mask up to DENSE_MAX_WIDTH)
+        attention.DENSE_MAX_WIDTH = 0
     torch.set_num_threads(1)
     torch.manual_seed(0)
     spec = MODELS[args.model]

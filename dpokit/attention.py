@@ -344,6 +344,17 @@ def install(decoder) -> bool:
 
 
 @contextlib.contextmanager
+def kernels_at_every_width() -> Iterator[None]:
+    """Packed rows of any width take the layout kernels (the start-up check runs them on short pairs)."""
+    global DENSE_MAX_WIDTH
+    saved, DENSE_MAX_WIDTH = DENSE_MAX_WIDTH, 0
+    try:
+        yield
+    finally:
+        DENSE_MAX_WIDTH = saved
+
+
+@contextlib.contextmanager
 def layout_forward() -> Iterator[None]:
     """While a layout forward runs, the wrapped mask functions build no mask (the metadata replaces it)."""
     token = _LAYOUT_FORWARD.set(True)

@@ -1,7 +1,8 @@
 """Checks that dpokit's log-probs are the model's own, before any of them is cached or trained on.
 
 - `check_layout` (start of ``ref-logps``, ``cache verify`` and ``train``): on a few real pairs, the
-  log-probs of dpokit's batch layout must equal those from the model's own ``model(ids).logits``.
+  log-probs of dpokit's batch layout must equal those from the model's own ``model(ids).logits``, with the
+  dense mask short rows use and with the layout kernels long rows use (`dpokit.attention`).
   Sliding windows are shrunk for the check so that short examples exercise them. A packed layout the
   family's attention cannot take falls back to the padded layout (said once); a family whose logits
   dpokit cannot reproduce at all is refused.
@@ -18,6 +19,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor, nn
 
+from dpokit.attention import kernels_at_every_width
 from dpokit.data.collate import collate_pairs, pad_pairs
 from dpokit.errors import DpokitError
 from dpokit.family import UnsupportedPattern, attention_pattern, shrunk_windows
@@ -116,10 +118,13 @@ def check_layout(
             if layout.is_padded:
                 return layout
             batch = collate_pairs(rows, indices, pad_id, layout.packing, layout.prefix_sharing, layout.pack_length)
-            try:
+            try:  # both kernels training may use: the dense mask (short rows) and the layout kernels (long rows)
                 logps = sequence_logps(model, batch.to(_device(model)))[0]
                 reproduced = worst_excess(logps, expected, tokens, dtype)[0] <= 0
-            except Exception as exc:  # e.g. a model that cannot take per-layer masks
+                with kernels_at_every_width():
+                    logps = sequence_logps(model, batch.to(_device(model)))[0]
+                reproduced = reproduced and worst_excess(logps, expected, tokens, dtype)[0] <= 0
+            except Exception as exc:  # e.g. a model that cannot take per-layer masks, attention sinks
                 reproduced, logps = False, exc
             if not reproduced:
                 why = f" ({type(logps).__name__}: {logps})" if isinstance(logps, Exception) else ""

@@ -162,3 +162,22 @@ def test_layout_attention_gradients_equal_the_models_own(tiny_model_dir, monkeyp
     (own[:2] - 0.5 * own[2:]).sum().backward()
     for name, param in model.named_parameters():
         torch.testing.assert_close(layout_grads[name], param.grad, atol=1e-4, rtol=1e-3, msg=name)
+
+
+def test_start_up_check_runs_the_layout_kernels_that_long_rows_will_use(family_dirs, monkeypatch):
+    # The check's pairs are short (the dense mask's range), but training rows may be long: a kernel that does not
+    # reproduce the family (here one that forgets the prompt for the rejected tokens) must send it to padded.
+    from dpokit.fidelity import PADDED, check_layout
+
+    model = AutoModelForCausalLM.from_pretrained(family_dirs["llama"], dtype=torch.float32)
+    notes = []
+    assert check_layout(model, ROWS, 0, LAYOUTS["packed_prefix"], announce=notes.append) == LAYOUTS["packed_prefix"]
+    assert notes == []
+    real = attention.causal_problem
+
+    def without_prompt(query, key, value, prefix, *args):
+        return real(query, key[:, :, prefix:], value[:, :, prefix:], 0, *args)
+
+    monkeypatch.setattr(attention, "causal_problem", without_prompt)
+    assert check_layout(model, ROWS, 0, LAYOUTS["packed_prefix"], announce=notes.append) == PADDED
+    assert len(notes) == 1 and "padded" in notes[0]
