@@ -209,6 +209,7 @@ def _problems(segment: Segment, query: Tensor, key: Tensor, value: Tensor):
         yield query[:, :, rejected], keys, values, p
 
 
+@torch.compiler.disable  # plain Python over a batch's segments: compiled layers run it eagerly, not per layout
 def layout_attention(module, query: Tensor, key: Tensor, value: Tensor, layout: LayoutAttention, inner: str,
                      dropout: float = 0.0, scaling: Optional[float] = None, **kwargs) -> Tensor:
     """Attention of packed rows ``query [R, H, L, D]``, ``key/value [R, Hkv, L, D]``; returns ``[R, L, H, D]``."""
