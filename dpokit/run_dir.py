@@ -27,14 +27,14 @@ MEANING_KEYS = (
 )
 
 
-def start_or_resume(run_dir: Path, output, clear: bool = True) -> Optional[Path]:
+def start_or_resume(run_dir: Path, output) -> Optional[Path]:
     """The checkpoint a ``--resume`` continues from, or None for a fresh run in `run_dir`.
 
     A fresh run goes only into a new or empty directory or a dpokit run directory, and into one that
-    already has a run only with ``--overwrite``, which removes that run's own files (``metrics.jsonl``,
-    ``config.yaml``, ``checkpoints/step_*``) when `clear` (the main process) and nothing else.
+    already has a run only with ``--overwrite``. Nothing is removed here: the old run's files go only
+    when the new run's setup has passed every check (`clear_old_run`), so a refused run leaves it whole.
     """
-    from dpokit.checkpoint import latest_checkpoint, list_checkpoints
+    from dpokit.checkpoint import latest_checkpoint
 
     has_run = (run_dir / "metrics.jsonl").exists()
     if output.resume:
@@ -56,12 +56,20 @@ def start_or_resume(run_dir: Path, output, clear: bool = True) -> Optional[Path]
             + ("pass --resume to continue it, --overwrite to start again, or another --out" if resumable else
                "it has no checkpoint to resume from: pass --overwrite to start again, or another --out")
         )
-    # A fresh run must not inherit an old run's files (dpokit's only; an absent or empty --out has none).
-    if output.overwrite and clear and is_dpokit_artifact(run_dir, "run"):
-        old = [run_dir / "metrics.jsonl", run_dir / "samples.jsonl", run_dir / "config.yaml", run_dir / TRACKERS_FILE,
-               *(path for _, path in list_checkpoints(run_dir))]
-        remove_within(run_dir, "run", old)
     return None
+
+
+def clear_old_run(run_dir: Path) -> None:
+    """Before a fresh ``--overwrite`` run writes its first file: remove the old run's own files
+    (``metrics.jsonl``, ``samples.jsonl``, ``config.yaml``, the trackers file, ``checkpoints/step_*``) and
+    nothing else. Called once setup has passed every check (cache, model, start-up check)."""
+    from dpokit.checkpoint import list_checkpoints
+
+    if not is_dpokit_artifact(run_dir, "run"):
+        return  # an absent or empty --out has no old run
+    old = [run_dir / "metrics.jsonl", run_dir / "samples.jsonl", run_dir / "config.yaml", run_dir / TRACKERS_FILE,
+           *(path for _, path in list_checkpoints(run_dir))]
+    remove_within(run_dir, "run", old)
 
 
 def config_changes(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:

@@ -110,7 +110,7 @@ from dpokit.model import (
 from dpokit.optim import OptimizerInBackward, build_optimizer, build_scheduler
 from dpokit.preemption import StopSignals, TrainingInterrupted
 from dpokit.trackers import check_trackers, extra_of, missing_trackers, open_trackers
-from dpokit.run_dir import RUN_LOCK, check_resume_config, start_or_resume
+from dpokit.run_dir import RUN_LOCK, check_resume_config, clear_old_run, start_or_resume
 from dpokit.reference.source import CachedReference, LiveReference, check_token_counts
 
 
@@ -193,6 +193,8 @@ class DPORecipe:
         if checkpoint is not None:
             self._load_training_state(checkpoint)
         if self.dist.is_main:
+            if checkpoint is None and cfg.output.overwrite:  # every check has passed: now the old run may go
+                clear_old_run(self.run_dir)
             self.run_dir.mkdir(parents=True, exist_ok=True)
             if not is_dpokit_artifact(self.run_dir, "run"):
                 write_marker(self.run_dir, "run")  # `--overwrite` later replaces only what this run wrote
@@ -265,8 +267,9 @@ class DPORecipe:
 
     def _resume_checkpoint(self):
         """The checkpoint to resume from (``--resume``, after checking the run keeps its meaning), or None
-        for a fresh run (`dpokit.run_dir.start_or_resume`: clears an old run's own files on ``--overwrite``)."""
-        checkpoint = start_or_resume(self.run_dir, self.cfg.output, clear=self.dist.is_main)
+        for a fresh run (`dpokit.run_dir.start_or_resume`; on ``--overwrite`` the old run's own files are cleared
+        only when setup has passed every check, `clear_old_run`)."""
+        checkpoint = start_or_resume(self.run_dir, self.cfg.output)
         if checkpoint is not None:
             self.resume_state = load_training_state(checkpoint)
             check_resume_config(self.resume_state, self.cfg, self.dist.world_size, checkpoint, self.announce)

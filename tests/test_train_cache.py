@@ -58,3 +58,29 @@ def test_cache_from_another_model_is_refused(tmp_path, prepared_dir, ref_cache, 
     save_file(weights, str(other / "model.safetensors"), metadata={"format": "pt"})
     assert main(train_args(other, prepared_dir, tmp_path / "run", "lora", *on_cache(ref_cache))) == 1
     assert "reference_fingerprint differs" in capsys.readouterr().err
+
+
+def test_a_refused_overwrite_leaves_the_old_run_exactly_as_it_was(tiny_model_dir, prepared_dir, style_prepared_dir,
+                                                                   ref_cache, tmp_path, capsys):
+    import hashlib
+
+    def contents(folder):
+        return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+                for p in sorted(folder.rglob("*")) if p.is_file()}
+
+    run = tmp_path / "run"
+    first = train_cli_args(tiny_model_dir, prepared_dir, run, "--max-steps", "2", "training.save_every=1",
+                           "training.eval_every=0", *on_cache(ref_cache))
+    assert main(first) == 0
+    before = contents(run)
+    assert any(name.startswith("checkpoints/") for name in before) and "metrics.jsonl" in before
+    # Another data set than the cache's is refused in setup; so is a model that cannot load.
+    other_data = train_cli_args(tiny_model_dir, style_prepared_dir, run, "--max-steps", "2", "--overwrite", *on_cache(ref_cache))
+    no_model = train_cli_args(tmp_path / "missing_model", prepared_dir, run, "--max-steps", "2", "--overwrite",
+                              *on_cache(ref_cache))
+    for refused in (other_data, no_model):
+        capsys.readouterr()
+        assert main(refused) == 1
+        assert contents(run) == before, capsys.readouterr().err
+    assert main(first + ["--overwrite"]) == 0  # accepted: the old run's files are replaced by the new run's
+    assert len(read_metrics(run, "train")) == 2
