@@ -39,6 +39,7 @@ from dpokit.artifacts import abort_within, begin_within, commit_within, remove_w
 from dpokit.distributed import any_rank, gather_to_main, main_result
 from dpokit.errors import DpokitError
 from dpokit.optim import OptimizerInBackward
+from dpokit.shard_reader import load_shards
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "training_state.pt"
@@ -283,7 +284,7 @@ def load_checkpoint_state(model: nn.Module, optimizer, checkpoint: Path, state: 
         load_optimizer_state(model, optimizer, state["optimizer"])
         return
     template = sharded_state(model, optimizer, trainable_only=adapters)
-    dcp.load(template, checkpoint_id=str(Path(checkpoint) / SHARDS))
+    load_shards(template, Path(checkpoint) / SHARDS)
     options = StateDictOptions(ignore_frozen_params=adapters, strict=not adapters)
     set_model_state_dict(model, template["model"], options=options)
     if "optimizer" in template:
@@ -314,7 +315,7 @@ def consolidate_checkpoint(checkpoint: Path, out_dir: Path) -> None:
     model = load_policy(cfg.model, cfg.lora, torch.device("cpu"), adapter=cfg.reference.adapter)
     options = StateDictOptions(ignore_frozen_params=adapters, strict=not adapters)
     weights = {"model": get_model_state_dict(model, options=options)}
-    dcp.load(weights, checkpoint_id=str(checkpoint / SHARDS))
+    load_shards(weights, checkpoint / SHARDS)
     set_model_state_dict(model, weights["model"], options=options)
     Path(out_dir).mkdir(parents=True)
     save_pretrained(model, Path(out_dir), full_model_state(model, trainable_only=adapters))

@@ -108,5 +108,5 @@ def check_resume_config(state: dict[str, Any], cfg, world_size: int, checkpoint:
             "or pass --allow-config-change to continue with these"
         )
     if changes:
-        announce(f"note: resuming with changed settings (allowed): {'; '.join(changes)}")
+        announce(f"resuming with changed settings (allowed): {'; '.join(changes)}")
     return changes

@@ -417,3 +417,27 @@ def test_checkpoints_written_in_the_background_resume_exactly(tiny_model_dir, pr
     assert main(["train", "--config", "tiny_lora", *overrides(tiny_model_dir, prepared_dir, run), *common,
                  "training.async_save=true", "--resume"]) == 0  # from the step-4 checkpoint written in the background
     assert [r["loss"] for r in read_metrics(run, "train")] == pytest.approx([r["loss"] for r in read_metrics(straight, "train")], abs=1e-6)
+
+
+def test_a_checkpoint_whose_metadata_would_run_code_is_refused_on_resume_and_export(tiny_model_dir, prepared_dir,
+                                                                                     tmp_path, capsys):
+    import os
+    import pickle
+
+    run, marker = tmp_path / "run", tmp_path / "it_ran"
+
+    class Payload:  # what a shared checkpoint's `.metadata` could hold
+        def __reduce__(self):
+            return os.system, (f"touch {marker}",)
+
+    args = ["train", *overrides(tiny_model_dir, prepared_dir, run), "--method", "full", "training.save_every=1"]
+    assert main([*args, "training.max_steps=2"]) == 0
+    checkpoints = sorted((run / "checkpoints").glob("step_*"))
+    for checkpoint in checkpoints:
+        (checkpoint / "shards" / ".metadata").write_bytes(pickle.dumps(Payload()))
+    capsys.readouterr()
+    assert main([*args, "training.max_steps=3", "output.allow_config_change=true", "--resume"]) == 1
+    assert main(["export", str(checkpoints[0]), "--out", str(tmp_path / "exported")]) == 1
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert not marker.exists()
+    assert len(errors) == 2 and all("refers to posix.system" in line for line in errors)

@@ -1,0 +1,95 @@
+"""Reading a checkpoint's DCP shards without running any code a checkpoint file could carry.
+
+`torch.distributed.checkpoint` reads a checkpoint's ``.metadata`` with ``pickle.load`` and its non-tensor
+values (learning rates, step counts) with ``torch.load(weights_only=False)``: a checkpoint someone shared
+could run a command on ``--resume`` or ``dpokit export``. `load_shards` reads the metadata with an unpickler
+that builds only what DCP's own metadata holds (its dataclasses and enums, ``torch.Size``, dtypes, layouts,
+paths) and the non-tensor values with ``weights_only=True``; anything else stops the load with one line.
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
+from torch.distributed.checkpoint.api import CheckpointException
+
+from dpokit.errors import DpokitError
+
+_DCP_MODULES = ("torch.distributed.checkpoint.",)  # DCP's metadata classes live here
+_ALLOWED = {
+    ("torch", "Size"),
+    ("torch.serialization", "_get_layout"),  # a layout from its name
+    ("collections", "OrderedDict"),
+    ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"), ("pathlib", "PurePosixPath"), ("pathlib", "PureWindowsPath"),
+    ("builtins", "set"), ("builtins", "frozenset"), ("builtins", "slice"),
+}
+
+
+class UnsafeCheckpoint(DpokitError):
+    """A checkpoint file refers to something a checkpoint never holds (it could run code)."""
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def __init__(self, file, path: Path):
+        super().__init__(file)
+        self.path = path
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in _ALLOWED:
+            return super().find_class(module, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), (torch.dtype, torch.layout, torch.memory_format)):
+            return getattr(torch, name)
+        if module.startswith(_DCP_MODULES):
+            found = super().find_class(module, name)
+            if isinstance(found, type):  # a dataclass or an enum, never a function
+                return found
+        raise UnsafeCheckpoint(
+            f"checkpoint {self.path.parent.parent}: {self.path.name} refers to {module}.{name}, which a checkpoint's "
+            "metadata never holds (loading it could run code); not loading it. Use a checkpoint you or dpokit wrote"
+        )
+
+
+class _SafeReader(FileSystemReader):
+    def read_metadata(self, *args: Any, **kwargs: Any):
+        path = Path(self._get_metadata_path(kwargs.get("rank")))
+        with self.fs.create_stream(path, "rb") as stream:
+            metadata = _MetadataUnpickler(stream, path).load()
+        if getattr(metadata, "storage_meta", None) is None:
+            from torch.distributed.checkpoint.metadata import StorageMeta
+
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+class _SafePlanner(DefaultLoadPlanner):
+    def load_bytes(self, read_item, value: io.BytesIO) -> None:
+        loaded = torch.load(value, weights_only=True)
+        if self.flatten_state_dict:
+            from torch.distributed.checkpoint._traverse import set_element  # DCP's own helper, as its planner uses
+
+            set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], loaded)
+        else:
+            self.state_dict[read_item.dest_index.fqn] = loaded
+
+
+def load_shards(state_dict: dict[str, Any], shards: Path) -> None:
+    """`dcp.load` of `shards` into `state_dict` (in place, resharded to this process group), executing nothing
+    the files carry; a file that tries stops the load with `UnsafeCheckpoint`."""
+    for path in sorted(Path(shards).glob("*.metadata")) + sorted(Path(shards).glob(".metadata")):
+        with path.open("rb") as stream:  # DCP reads it again below (with the same unpickler), after this check
+            _MetadataUnpickler(stream, path).load()
+    try:
+        dcp.load(state_dict, storage_reader=_SafeReader(str(shards)), planner=_SafePlanner())
+    except CheckpointException as exc:
+        for failure in exc.failures.values():  # rank -> (exception, traceback)
+            inner = failure[0] if isinstance(failure, tuple) else failure
+            if isinstance(inner, DpokitError):
+                raise inner from None
+        raise
