@@ -109,10 +109,14 @@ def test_saved_full_model_reloads_with_transformers_and_gives_the_same_logits(ti
         torch.testing.assert_close(reloaded(input_ids=inputs).logits, recipe.policy(input_ids=inputs).logits, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("method, loss", [("lora", "dpo"), ("full", "dpo"), ("lora", "bco")])  # bco: a running mean
-def test_resume_after_step_4_continues_with_the_same_losses(method, loss, tiny_model_dir, prepared_dir, tmp_path):
+@pytest.mark.parametrize("method, loss, extra", [
+    ("lora", "dpo", ()), ("full", "dpo", ()),
+    ("lora", "bco", ()),  # a running mean in the loss
+    ("lora", "dpo", ("lora.dropout=0.1",)),  # dropout draws from the RNG every step
+])
+def test_resume_after_step_4_continues_with_the_same_losses(method, loss, extra, tiny_model_dir, prepared_dir, tmp_path):
     common = [f"model.method={method}", "training.max_steps=8", "data.batch_size=2", "optimizer.lr=1e-3",
-              "training.save_every=4", "training.keep_last=5", "--loss", loss]
+              "training.save_every=4", "training.keep_last=5", "--loss", loss, *extra]
     straight = tmp_path / "straight"
     assert main(["train", "--config", "tiny_lora", *overrides(tiny_model_dir, prepared_dir, straight, *common)]) == 0
     # A run "killed" after step 4: its directory as it stood then (checkpoint 4, metrics to step 4, plus junk).

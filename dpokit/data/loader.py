@@ -55,4 +55,7 @@ def step_loader(batches: StepBatches, first_step: int, last_step: int, num_worke
         prefetch_factor=2 if num_workers else None,
         persistent_workers=num_workers > 0,
         multiprocessing_context="spawn" if num_workers else None,  # fork is unsafe with the process group's threads
+        # Every iterator draws its workers' base seed; from the global RNG it would shift the dropout masks of a
+        # resumed run (its iterator starts at step k, the uninterrupted run's at step 0). Collation draws nothing.
+        generator=torch.Generator().manual_seed(0),
     )
