@@ -6,6 +6,7 @@ but `dpokit.errors`, so data, log-probs, losses, the reference and metrics can a
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import NamedTuple, Optional
@@ -142,7 +143,7 @@ def split_token_values(values: Tensor, slots: Tensor, num_pairs: int) -> tuple[T
 
 @dataclass(frozen=True)
 class Range:
-    """Allowed values ``low (<|<=) value (<|<=) high``; either end may be open-ended (None)."""
+    """Allowed finite values ``low (<|<=) value (<|<=) high``; either end may be open-ended (None)."""
 
     low: Optional[float] = None
     high: Optional[float] = None
@@ -150,6 +151,8 @@ class Range:
     high_inclusive: bool = False
 
     def __contains__(self, value: float) -> bool:
+        if not math.isfinite(value):  # NaN and infinities are in no range: a setting is a finite number
+            return False
         above = self.low is None or (value >= self.low if self.low_inclusive else value > self.low)
         below = self.high is None or (value <= self.high if self.high_inclusive else value < self.high)
         return above and below

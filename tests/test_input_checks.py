@@ -257,6 +257,16 @@ def test_config_ranges_accept_the_edge_and_refuse_past_it(key, edge, past, refus
     assert error_line(capsys).endswith(f"tiny_lora.yaml: {refused}")
 
 
+@pytest.mark.parametrize("setting, refused", [
+    ("optimizer.lr=.inf", "optimizer.lr=inf is out of range; it must be > 0"),
+    ("lora.alpha=.inf", "lora.alpha=inf is out of range; it must be > 0"),
+    ("training.max_grad_norm=-.inf", "training.max_grad_norm=-inf is out of range; it must be > 0"),
+])
+def test_infinite_settings_are_out_of_every_range(setting, refused, capsys):
+    assert main(["config", "show", "tiny_lora", setting]) == 1
+    assert refused in error_line(capsys)
+
+
 @pytest.mark.parametrize("betas, message", [
     ("[0.9,1.0]", "optimizer.betas[1]=1.0 is out of range; it must be in [0, 1)"),
     ("[-0.1,0.999]", "optimizer.betas[0]=-0.1 is out of range; it must be in [0, 1)"),
