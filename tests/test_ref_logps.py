@@ -319,3 +319,10 @@ def test_per_token_values_cost_four_bytes_a_token(tiny_model_dir, prepared_dir, 
     tokens = sum(len(r["chosen_ids"]) + len(r["rejected_ids"]) for s in prepared.splits for r in prepared.split(s))
     rows = sum(len(prepared.split(s)) for s in prepared.splits)
     assert out.stat().st_size - ref_cache.stat().st_size == pytest.approx(4 * tokens + 8 * (rows + 2), abs=4096)
+
+
+def test_a_batch_size_of_zero_is_refused_before_any_file_is_written(tiny_model_dir, prepared_dir, tmp_path, capsys):
+    out = tmp_path / "ref.h5"
+    assert main(["ref-logps", str(prepared_dir), "--model", str(tiny_model_dir), "--out", str(out), "--batch-size", "0"]) == 1
+    assert "--batch-size must be at least 1, got 0" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []  # no cache, no lock

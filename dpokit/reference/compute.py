@@ -160,6 +160,8 @@ def row_token_logps(outputs) -> list[np.ndarray]:
 
 def run_ref_logps(options: RefLogpsOptions) -> Path:
     """Build (or finish) the reference cache, launching ``options.gpus`` workers when asked."""
+    if options.batch_size < 1:  # before anything is written
+        raise DpokitError(f"--batch-size must be at least 1, got {options.batch_size}")
     check_cache_target(options.out, options.overwrite)  # before any model is loaded
     if options.gpus > 1 and not launched_by_torchrun():
         check_gpu_count(options.gpus)
