@@ -29,6 +29,14 @@ def process_alive(pid: int) -> bool:
     return True
 
 
+def lock_path(artifact: Path, name: Optional[str] = None) -> Path:
+    """The lock file of `artifact`, keyed by the file it resolves to (not the name it was given), so two
+    writers reaching one cache or run through different paths or a symlink meet at one lock: beside the
+    resolved file (``ref.h5.lock``), or inside the resolved folder as `name` (``RUN/.dpokit.lock``)."""
+    resolved = Path(os.path.realpath(artifact))
+    return resolved / name if name else resolved.with_name(resolved.name + ".lock")
+
+
 class WriterLock:
     """An exclusive lock file at `path` for the artifact described by `what` (used in messages)."""
 

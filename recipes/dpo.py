@@ -88,7 +88,7 @@ from dpokit.errors import DpokitError
 from dpokit.export import export_run
 from dpokit.family import attn_implementation_of
 from dpokit.fidelity import PADDED, Layout, check_layout, check_pairs, check_step_zero
-from dpokit.lock import WriterLock
+from dpokit.lock import WriterLock, lock_path
 from dpokit.logps import concatenated_forward, generate_reply
 from dpokit.losses import build_loss, check_loss_outputs, is_reference_free
 from dpokit.metrics import MetricsLogger, PairMetrics, summary_table, training_progress, truncate_metrics
@@ -143,7 +143,7 @@ class DPORecipe:
         self._check_tokenizer_files()
         self.loss_fn = build_loss(cfg.loss)
         self.token_stats = tuple(getattr(self.loss_fn, "token_stats", ()))  # full-vocabulary values the loss asks for
-        self.lock = WriterLock(self.run_dir / RUN_LOCK, f"run directory {self.run_dir}", self.announce)
+        self.lock = WriterLock(lock_path(self.run_dir, RUN_LOCK), f"run directory {self.run_dir}", self.announce)
         if self.dist.is_main:
             self.lock.acquire()
         checkpoint = self._resume_checkpoint()

@@ -326,3 +326,14 @@ def test_a_batch_size_of_zero_is_refused_before_any_file_is_written(tiny_model_d
     assert main(["ref-logps", str(prepared_dir), "--model", str(tiny_model_dir), "--out", str(out), "--batch-size", "0"]) == 1
     assert "--batch-size must be at least 1, got 0" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []  # no cache, no lock
+
+
+def test_a_second_writer_through_a_symlink_meets_the_same_lock(tiny_model_dir, prepared_dir, tmp_path, capsys):
+    from dpokit.lock import WriterLock, lock_path
+
+    real, link = tmp_path / "ref.h5", tmp_path / "link.h5"
+    link.symlink_to(real)
+    with WriterLock(lock_path(real), "reference cache"):  # a writer of ref.h5 in progress (this process)
+        assert main(["ref-logps", str(prepared_dir), "--model", str(tiny_model_dir), "--out", str(link)]) == 1
+    assert "is being written by another dpokit process" in capsys.readouterr().err
+    assert not real.exists()

@@ -38,7 +38,7 @@ from dpokit import __version__
 from dpokit.artifacts import check_replaceable, replace_atomically
 from dpokit.errors import DpokitError
 from dpokit.fingerprint import combine_fingerprints
-from dpokit.lock import WriterLock
+from dpokit.lock import WriterLock, lock_path
 
 if TYPE_CHECKING:
     import torch
@@ -489,7 +489,7 @@ def subset_cache(source: RefCache, rows: dict[str, np.ndarray], path: str | os.P
     path = Path(path)
     tables = {split: source.logps(split) for split in rows}
     token_counts = {split: (table.chosen_tokens + table.rejected_tokens).numpy()[rows[split]] for split, table in tables.items()}
-    with WriterLock(Path(f"{path}.lock"), f"reference cache {path}"):
+    with WriterLock(lock_path(Path(path)), f"reference cache {path}"):
         create_or_resume_cache(path, attrs, {split: len(index) for split, index in rows.items()}, True, token_counts)
         writer = RefCacheWriter(path)
         for split, index in rows.items():

@@ -42,7 +42,7 @@ from dpokit.errors import DpokitError
 from dpokit.family import resolve_attn_implementation
 from dpokit.fidelity import Layout, check_layout, check_pairs
 from dpokit.fingerprint import weights_fingerprint
-from dpokit.lock import WriterLock
+from dpokit.lock import WriterLock, lock_path
 from dpokit.logps import concatenated_forward
 from dpokit.metrics import training_progress
 from dpokit.model import block_bitsandbytes_import, check_adapter_dir, default_device, dtype_name, load_reference, pad_token_id, resolve_dtype
@@ -194,7 +194,7 @@ def _compute_reference_cache(options: RefLogpsOptions) -> list[SplitReport]:
     info = init_distributed()
     if info.world_size > 1:  # a worker process runs only this pass, which loads no 4-bit weights
         block_bitsandbytes_import()
-    lock = WriterLock(Path(f"{options.out}.lock"), f"reference cache {options.out}")  # one writer per cache
+    lock = WriterLock(lock_path(Path(options.out)), f"reference cache {options.out}")  # one writer per cache
     try:
         main_result(lambda: lock.acquire() and None)  # rank 0 holds it; a refusal stops every rank
         prepared = load_prepared(options.prepared)
