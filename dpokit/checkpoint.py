@@ -18,8 +18,10 @@ full optimizer state in ``training_state.pt``) still resume.
 
 from __future__ import annotations
 
+import json
 import random
 import re
+import zlib
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -39,7 +41,7 @@ from dpokit.artifacts import abort_within, begin_within, commit_within, remove_w
 from dpokit.distributed import any_rank, gather_to_main, main_result
 from dpokit.errors import DpokitError
 from dpokit.optim import OptimizerInBackward
-from dpokit.shard_reader import load_shards
+from dpokit.shard_reader import load_shards, shard_damage
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "training_state.pt"
@@ -67,6 +69,64 @@ def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
 def latest_checkpoint(run_dir: Path) -> Optional[Path]:
     checkpoints = list_checkpoints(run_dir)
     return checkpoints[-1][1] if checkpoints else None
+
+
+DIGESTS_FILE = "digests.json"  # CRC-32 of the small files a resume reads first (training state, shard metadata)
+_DIGESTED = (STATE_FILE, f"{SHARDS}/.metadata")
+
+
+def _crc32(path: Path) -> int:
+    crc = 0
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 20):
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
+def write_digests(checkpoint: Path) -> None:
+    """Record the CRC-32 of the checkpoint's training state and shard metadata (inside its temporary directory)."""
+    digests = {name: _crc32(checkpoint / name) for name in _DIGESTED if (checkpoint / name).is_file()}
+    (checkpoint / DIGESTS_FILE).write_text(json.dumps(digests))
+
+
+def checkpoint_damage(checkpoint: Path) -> Optional[str]:
+    """Why `checkpoint` cannot be resumed from (a training state or shard metadata whose CRC-32 differs from the
+    one recorded when it was written, or that does not load; shard files missing or cut short), or None when it
+    is intact as far as can be told without reading every tensor. (The shard files' own bytes carry no digest:
+    hashing every rank's shards on each save would read the whole state again.)"""
+    digests_path = Path(checkpoint) / DIGESTS_FILE
+    if digests_path.is_file():
+        for name, recorded in json.loads(digests_path.read_text()).items():
+            path = Path(checkpoint) / name
+            if not path.is_file():
+                return f"{path} is missing"
+            if _crc32(path) != recorded:
+                return f"{path} has changed since it was written (CRC-32 differs)"
+    try:
+        load_training_state(checkpoint)
+    except Exception as exc:  # a flipped byte fails the zip's CRC, a cut file its directory
+        return f"{Path(checkpoint) / STATE_FILE} does not load ({type(exc).__name__}: {str(exc).splitlines()[0][:160]})"
+    return shard_damage(Path(checkpoint) / SHARDS) if is_sharded(checkpoint) else None
+
+
+def newest_intact_checkpoint(run_dir: Path, announce=print) -> Optional[Path]:
+    """The newest checkpoint of `run_dir` that is intact (`checkpoint_damage`), saying which newer ones are
+    damaged and skipped; None when there is none. Raises when every checkpoint is damaged."""
+    checkpoints = list_checkpoints(run_dir)
+    damaged = []
+    for _, checkpoint in reversed(checkpoints):
+        why = checkpoint_damage(checkpoint)
+        if why is None:
+            for name, reason in damaged:
+                announce(f"checkpoint {name} is damaged ({reason}); resuming from {checkpoint.name}, the newest intact one")
+            return checkpoint
+        damaged.append((checkpoint.name, why))
+    if damaged:
+        raise DpokitError(
+            f"every checkpoint of {run_dir} is damaged (newest: {damaged[0][0]}: {damaged[0][1]}); "
+            "start again with --overwrite, or restore a checkpoint from a copy"
+        )
+    return None
 
 
 def full_model_state(model: nn.Module, trainable_only: bool) -> dict[str, torch.Tensor]:
@@ -176,6 +236,7 @@ def save_checkpoint(
                 if model_state is not None:
                     save_pretrained(model, tmp, model_state, tokenizer)
                 torch.save(training_state, tmp / STATE_FILE)
+                write_digests(tmp)
                 commit_within(tmp, final)
             except BaseException:
                 abort_within(tmp)

@@ -14,7 +14,7 @@ from typing import Optional
 import yaml
 
 from dpokit.artifacts import check_replaceable, replace_atomically
-from dpokit.checkpoint import SHARDS, STATE_FILE, consolidate_checkpoint, export_merged, latest_checkpoint
+from dpokit.checkpoint import DIGESTS_FILE, SHARDS, STATE_FILE, consolidate_checkpoint, export_merged, latest_checkpoint
 from dpokit.errors import DpokitError
 
 
@@ -52,6 +52,6 @@ def export_run(
         elif not is_adapter and not (checkpoint / "config.json").is_file():  # an intermediate full checkpoint: shards only
             consolidate_checkpoint(checkpoint, tmp)
         else:
-            shutil.copytree(checkpoint, tmp, ignore=shutil.ignore_patterns(STATE_FILE, SHARDS))
+            shutil.copytree(checkpoint, tmp, ignore=shutil.ignore_patterns(STATE_FILE, SHARDS, DIGESTS_FILE))
 
     return replace_atomically(out, "export", write)

@@ -27,18 +27,18 @@ MEANING_KEYS = (
 )
 
 
-def start_or_resume(run_dir: Path, output) -> Optional[Path]:
+def start_or_resume(run_dir: Path, output, announce=print) -> Optional[Path]:
     """The checkpoint a ``--resume`` continues from, or None for a fresh run in `run_dir`.
 
     A fresh run goes only into a new or empty directory or a dpokit run directory, and into one that
     already has a run only with ``--overwrite``. Nothing is removed here: the old run's files go only
     when the new run's setup has passed every check (`clear_old_run`), so a refused run leaves it whole.
     """
-    from dpokit.checkpoint import latest_checkpoint
+    from dpokit.checkpoint import latest_checkpoint, newest_intact_checkpoint
 
     has_run = (run_dir / "metrics.jsonl").exists()
-    if output.resume:
-        checkpoint = latest_checkpoint(run_dir)
+    if output.resume:  # a damaged newest checkpoint (a cut or flipped file) is skipped, with a note
+        checkpoint = newest_intact_checkpoint(run_dir, announce)
         if checkpoint is None:
             advice = "it stopped before its first checkpoint: pass --overwrite to start it again" if has_run else "start it without --resume"
             raise DpokitError(f"output.resume=true but {run_dir} has no complete checkpoint to resume from; {advice}")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import io
 import pickle
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 import torch.distributed.checkpoint as dcp
@@ -93,3 +93,30 @@ def load_shards(state_dict: dict[str, Any], shards: Path) -> None:
             if isinstance(inner, DpokitError):
                 raise inner from None
         raise
+
+
+def shard_damage(shards: Path) -> Optional[str]:
+    """Why a checkpoint's shards cannot be loaded (no ``.metadata``, one that does not read, a shard file missing
+    or shorter than the metadata says), or None when every piece the metadata names is there."""
+    metadata_path = Path(shards) / ".metadata"
+    if not metadata_path.is_file():
+        return f"{metadata_path} is missing"
+    try:
+        with metadata_path.open("rb") as stream:
+            metadata = _MetadataUnpickler(stream, metadata_path).load()
+    except UnsafeCheckpoint:
+        raise
+    except Exception as exc:  # truncated or corrupted pickle
+        return f"{metadata_path} does not read ({type(exc).__name__}: {exc})"
+    ends: dict[str, int] = {}
+    for info in (getattr(metadata, "storage_data", None) or {}).values():
+        name = getattr(info, "relative_path", None)
+        if name is not None:
+            ends[name] = max(ends.get(name, 0), int(info.offset) + int(info.length))
+    for name, end in sorted(ends.items()):
+        path = Path(shards) / name
+        if not path.is_file():
+            return f"shard {path} is missing"
+        if path.stat().st_size < end:
+            return f"shard {path} is {path.stat().st_size} bytes, shorter than the {end} its metadata names"
+    return None

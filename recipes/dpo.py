@@ -269,7 +269,7 @@ class DPORecipe:
         """The checkpoint to resume from (``--resume``, after checking the run keeps its meaning), or None
         for a fresh run (`dpokit.run_dir.start_or_resume`; on ``--overwrite`` the old run's own files are cleared
         only when setup has passed every check, `clear_old_run`)."""
-        checkpoint = start_or_resume(self.run_dir, self.cfg.output)
+        checkpoint = start_or_resume(self.run_dir, self.cfg.output, self.announce)
         if checkpoint is not None:
             self.resume_state = load_training_state(checkpoint)
             check_resume_config(self.resume_state, self.cfg, self.dist.world_size, checkpoint, self.announce)

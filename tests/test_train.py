@@ -445,3 +445,27 @@ def test_a_checkpoint_whose_metadata_would_run_code_is_refused_on_resume_and_exp
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert not marker.exists()
     assert len(errors) == 2 and all("refers to posix.system" in line for line in errors)
+
+
+@pytest.mark.parametrize("damage", ["flipped byte in training_state.pt", "missing shard file", "missing .metadata"])
+def test_resume_skips_a_damaged_newest_checkpoint_with_one_note(damage, tiny_model_dir, prepared_dir, tmp_path, capsys):
+    common = ["training.max_steps=8", "data.batch_size=2", "optimizer.lr=1e-3", "training.save_every=4",
+              "training.keep_last=5"]
+    straight = tmp_path / "straight"
+    assert main(["train", "--config", "tiny_lora", *overrides(tiny_model_dir, prepared_dir, straight, *common)]) == 0
+    resumed = tmp_path / "resumed"
+    shutil.copytree(straight, resumed)
+    newest = resumed / "checkpoints" / "step_0000008"
+    if damage.startswith("flipped"):
+        state = bytearray((newest / "training_state.pt").read_bytes())
+        state[len(state) // 2] ^= 0xFF
+        (newest / "training_state.pt").write_bytes(bytes(state))
+    elif damage == "missing shard file":
+        next((newest / "shards").glob("*.distcp")).unlink()
+    else:
+        (newest / "shards" / ".metadata").unlink()
+    capsys.readouterr()
+    assert main(["train", "--config", "tiny_lora", *overrides(tiny_model_dir, prepared_dir, resumed, *common), "--resume"]) == 0
+    notes = [line for line in capsys.readouterr().err.splitlines() if "is damaged" in line]
+    assert len(notes) == 1 and "step_0000008" in notes[0] and "resuming from step_0000004" in notes[0]
+    assert train_losses(resumed) == pytest.approx(train_losses(straight), abs=1e-6)
