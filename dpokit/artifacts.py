@@ -125,8 +125,6 @@ def _directory_reason(path: Path, kind: str) -> Optional[str]:
         return None if found == kind else f"its {MARKER_NAME} marker says it is a dpokit {found!r}, not {kind!r}"
     if kind == "prepared" and _is_legacy_prepared(path):
         return None
-    if kind == "run" and _is_legacy_run(path):
-        return None
     return f"no {MARKER_NAME} marker"
 
 
@@ -145,11 +143,6 @@ def _is_legacy_prepared(path: Path) -> bool:
         child.name == LEGACY_MANIFEST or (child.name in splits and child.is_dir() and not child.is_symlink())
         for child in path.iterdir()
     )
-
-
-def _is_legacy_run(path: Path) -> bool:
-    """A training run from before the marker: its ``config.yaml`` beside ``metrics.jsonl`` or ``checkpoints/``."""
-    return (path / "config.yaml").is_file() and ((path / "metrics.jsonl").is_file() or (path / "checkpoints").is_dir())
 
 
 def _cache_reason(path: Path) -> Optional[str]:

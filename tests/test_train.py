@@ -469,3 +469,14 @@ def test_resume_skips_a_damaged_newest_checkpoint_with_one_note(damage, tiny_mod
     notes = [line for line in capsys.readouterr().err.splitlines() if "is damaged" in line]
     assert len(notes) == 1 and "step_0000008" in notes[0] and "resuming from step_0000004" in notes[0]
     assert train_losses(resumed) == pytest.approx(train_losses(straight), abs=1e-6)
+
+
+def test_a_folder_that_only_looks_like_a_run_is_refused(tiny_model_dir, prepared_dir, tmp_path, capsys):
+    folder = tmp_path / "mine"
+    (folder / "checkpoints").mkdir(parents=True)
+    (folder / "config.yaml").write_text("my: own settings\n")
+    for flags in ([], ["--overwrite"]):
+        assert main(["train", *overrides(tiny_model_dir, prepared_dir, folder), "training.max_steps=1", *flags]) == 1
+        assert "is a non-empty directory that is not a dpokit run" in capsys.readouterr().err
+    assert (folder / "config.yaml").read_text() == "my: own settings\n"
+    assert sorted(p.name for p in folder.iterdir()) == ["checkpoints", "config.yaml"]
