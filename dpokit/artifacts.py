@@ -47,6 +47,7 @@ DIRECTORY_KINDS = {
     "quickstart": "`dpokit quickstart` folder",
     "run": "dpokit training run directory",
     "audit": "`dpokit cache audit` output",
+    "plots": "`dpokit plot` folder",
 }
 FILE_KINDS = {
     "cache": "dpokit reference cache",

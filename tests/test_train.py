@@ -216,6 +216,13 @@ def test_plot_writes_png_curves(tiny_model_dir, prepared_dir, tmp_path):
     for name in ("loss", "accuracy", "margins", "rewards"):
         png = run / "plots" / f"{name}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert main(["plot", str(run)]) == 0  # its own folder: replotted in place
+    # A folder of the user's with a loss.png dpokit did not write is refused, not overwritten.
+    mine = tmp_path / "figures"
+    mine.mkdir()
+    (mine / "loss.png").write_bytes(b"my figure")
+    assert main(["plot", str(run), "--out", str(mine)]) == 1
+    assert (mine / "loss.png").read_bytes() == b"my figure" and sorted(p.name for p in mine.iterdir()) == ["loss.png"]
 
 
 def error_line(capsys) -> str:
