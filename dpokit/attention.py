@@ -56,6 +56,7 @@ WINDOW_BLOCK = 512  # queries per block of a sliding-window problem (at least th
 # Rows up to this many columns keep the dense mask: there one masked kernel call per layer costs less than a
 # few kernel calls per pair, and the mask is small (bench/long_context_results.md, short rows).
 DENSE_MAX_WIDTH = 384
+MERGED_DTYPES = (torch.float32, torch.float64, torch.bfloat16)  # what the CPU flash kernel takes
 INNER = ("sdpa", "eager", "flex_attention")  # implementations dpokit wraps
 
 _LAYOUT_FORWARD: contextvars.ContextVar[bool] = contextvars.ContextVar("dpokit_layout_forward", default=False)
@@ -152,15 +153,18 @@ def _sdpa(query, key, value, *, mask=None, causal=False, scale=None, dropout=0.0
 
 
 def causal_problem(query: Tensor, key: Tensor, value: Tensor, prefix: int, window: Optional[int],
-                   scale: Optional[float], dropout: float) -> Tensor:
+                   scale: Optional[float], dropout: float, prefix_query: Optional[Tensor] = None) -> Tensor:
     """SDPA output ``[1, H, Lq, D]`` for queries that are the last ``Lq`` of ``Lk = prefix + Lq`` keys,
-    causal (bottom-right aligned) and within `window` positions if given; no ``[Lq, Lk]`` tensor."""
+    causal (bottom-right aligned) and within `window` positions if given; no ``[Lq, Lk]`` tensor.
+
+    `prefix_query` (the prefix's own queries) lets a problem the merged CPU kernel cannot take (attention
+    dropout, float16) run as one causal call over the whole sequence, keeping the last ``Lq`` outputs."""
     lq, lk = query.shape[2], key.shape[2]
     if window is not None and window >= lk:
         window = None  # the window covers the whole problem
     if window is None and prefix == 0:
         return _sdpa(query, key, value, causal=True, scale=scale, dropout=dropout)
-    if window is None and query.device.type == "cpu" and dropout == 0.0 and query.dtype in (torch.float32, torch.float64, torch.bfloat16):
+    if window is None and query.device.type == "cpu" and dropout == 0.0 and query.dtype in MERGED_DTYPES:
         return MergedCausalAttention.apply(query, key[:, :, :prefix], value[:, :, :prefix],
                                            key[:, :, prefix:], value[:, :, prefix:], scale)
     if window is None:
@@ -168,7 +172,10 @@ def causal_problem(query: Tensor, key: Tensor, value: Tensor, prefix: int, windo
 
         if query.device.type == "cuda":  # flash / memory-efficient kernels take it without a mask
             return _sdpa(query, key, value, mask=causal_lower_right(lq, lk), scale=scale, dropout=dropout)
-        window = lk  # elsewhere: the blocks below, as a window that covers everything
+        if prefix_query is not None:  # the prefix's queries computed again and dropped: O(L), causal kernel
+            whole = torch.cat([prefix_query, query], dim=2)
+            return _sdpa(whole, key, value, causal=True, scale=scale, dropout=dropout)[:, :, prefix:]
+        window = lk  # the blocks below, as a window that covers everything
     outputs = []
     block = max(WINDOW_BLOCK, min(window, lk))
     for start in range(0, lq, block):
@@ -195,18 +202,18 @@ def eager_problem(eager, module, query, key, value, prefix: int, window: Optiona
 
 
 def _problems(segment: Segment, query: Tensor, key: Tensor, value: Tensor):
-    """The segment's causal problems ``(q, k, v, prefix)`` in column order (each ``[1, H, n, D]``)."""
+    """The segment's causal problems ``(q, k, v, prefix, prefix queries)`` in column order (each ``[1, H, n, D]``)."""
     s, p, c, r = segment.start, segment.shared, segment.first, segment.second
     own = slice(s, s + p + c)
-    yield query[:, :, own], key[:, :, own], value[:, :, own], 0
+    yield query[:, :, own], key[:, :, own], value[:, :, own], 0, None
     if r:
         rejected = slice(s + p + c, s + p + c + r)
         if p == 0:
-            yield query[:, :, rejected], key[:, :, rejected], value[:, :, rejected], 0
+            yield query[:, :, rejected], key[:, :, rejected], value[:, :, rejected], 0, None
             return
         keys = torch.cat([key[:, :, s:s + p], key[:, :, rejected]], dim=2)
         values = torch.cat([value[:, :, s:s + p], value[:, :, rejected]], dim=2)
-        yield query[:, :, rejected], keys, values, p
+        yield query[:, :, rejected], keys, values, p, query[:, :, s:s + p]
 
 
 @torch.compiler.disable  # plain Python over a batch's segments: compiled layers run it eagerly, not per layout
@@ -223,12 +230,12 @@ def layout_attention(module, query: Tensor, key: Tensor, value: Tensor, layout: 
         q, k, v = query[row_index:row_index + 1], key[row_index:row_index + 1], value[row_index:row_index + 1]
         pieces, end = [], 0
         for segment in segments:
-            for pq, pk, pv, prefix in _problems(segment, q, k, v):
+            for pq, pk, pv, prefix, prefix_q in _problems(segment, q, k, v):
                 if eager is not None:
                     pieces.append(eager_problem(eager, module, pq, pk, pv, prefix, window, dropout, scaling=scaling,
                                                 softcap=kwargs.get("softcap")))
                 else:
-                    pieces.append(causal_problem(pq, pk, pv, prefix, window, scaling, dropout))
+                    pieces.append(causal_problem(pq, pk, pv, prefix, window, scaling, dropout, prefix_q))
             end = segment.start + segment.length
         if end < layout.width:  # padding after the row's last segment attends to nothing it could change
             pieces.append(query.new_zeros((1, query.shape[1], layout.width - end, value.shape[-1])))

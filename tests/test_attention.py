@@ -48,6 +48,16 @@ def dense_reference(query, key, value, batch, window):
 @pytest.mark.parametrize("window", [None, 7])
 @pytest.mark.parametrize("prefix_sharing", [True, False])
 def test_layout_attention_equals_the_dense_mask_in_float64(window, prefix_sharing):
+    check_against_the_dense_mask(window, prefix_sharing)
+
+
+def test_the_rejected_branch_without_the_merged_kernel_equals_the_dense_mask(monkeypatch):
+    # float16 on CPU (no CPU flash kernel) and attention dropout: one causal call over prompt + rejected instead.
+    monkeypatch.setattr(attention, "MERGED_DTYPES", ())
+    check_against_the_dense_mask(None, True)
+
+
+def check_against_the_dense_mask(window, prefix_sharing):
     rows = random_rows(5, prompt=(3, 30), completion=(1, 25), seed=1)
     batch = collate_pairs(rows, list(range(5)), 0, packing=True, prefix_sharing=prefix_sharing, pack_length=90)
     r, length = batch.input_ids.shape
@@ -176,7 +186,7 @@ def test_start_up_check_runs_the_layout_kernels_that_long_rows_will_use(family_d
     real = attention.causal_problem
 
     def without_prompt(query, key, value, prefix, *args):
-        return real(query, key[:, :, prefix:], value[:, :, prefix:], 0, *args)
+        return real(query, key[:, :, prefix:], value[:, :, prefix:], 0, *args[:3])  # and no prefix queries
 
     monkeypatch.setattr(attention, "causal_problem", without_prompt)
     assert check_layout(model, ROWS, 0, LAYOUTS["packed_prefix"], announce=notes.append) == PADDED
