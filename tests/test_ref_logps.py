@@ -140,7 +140,7 @@ def test_resumed_run_fills_only_rows_not_done(tiny_model_dir, prepared_dir, tmp_
     written = np.flatnonzero(open_cache(out).done_mask("train"))
     assert len(written) == 8
     with h5py.File(out, "r+") as handle:  # mark a written row: a resumed run must not recompute it
-        handle["train/chosen_logps"][written[0]] = 123.0
+        set_row_value(handle["train"], "chosen_logps", written[0], 123.0)
     assert main(args) == 0
     logps = open_cache(out).logps("train")
     assert float(logps.chosen_logps[written[0]]) == 123.0
@@ -258,8 +258,8 @@ def test_cache_verify_passes_on_a_good_cache(ref_cache, prepared_dir, tiny_model
 def test_cache_verify_fails_on_a_tampered_cache(ref_cache, prepared_dir, tiny_model_dir, tmp_path, capsys):
     tampered = tmp_path / "tampered.h5"
     tampered.write_bytes(ref_cache.read_bytes())
-    with h5py.File(tampered, "r+") as handle:
-        handle["eval/rejected_logps"][5] += 0.5
+    with h5py.File(tampered, "r+") as handle:  # a wrong value with a matching checksum: only recomputing finds it
+        set_row_value(handle["eval"], "rejected_logps", 5, handle["eval/rejected_logps"][5] + 0.5)
     args = ["cache", "verify", str(tampered), str(prepared_dir), "--model", str(tiny_model_dir), "--sample", "40"]
     assert main(args) == 1
     captured = capsys.readouterr()
@@ -337,3 +337,12 @@ def test_a_second_writer_through_a_symlink_meets_the_same_lock(tiny_model_dir, p
         assert main(["ref-logps", str(prepared_dir), "--model", str(tiny_model_dir), "--out", str(link)]) == 1
     assert "is being written by another dpokit process" in capsys.readouterr().err
     assert not real.exists()
+
+
+def set_row_value(group, name: str, row: int, value: float) -> None:
+    """Change one cached value and its row's checksum, as a cache built from other weights would hold it."""
+    from dpokit.reference.cache import ROW_CRC, ROW_DATASETS, row_checksums
+
+    group[name][row] = value
+    columns = {column: group[column][row:row + 1] for column in ROW_DATASETS}
+    group[ROW_CRC][row] = row_checksums(columns)[0]

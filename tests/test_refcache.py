@@ -243,3 +243,16 @@ def test_a_steps_batches_from_every_rank_commit_as_one_write_with_their_token_va
         start, end = values.token_offsets[row], values.token_offsets[row + 1]
         np.testing.assert_array_equal(values.token_logps.numpy()[start:end], tokens[row])
     assert np.isnan(values.token_logps.numpy()[values.token_offsets[2]:values.token_offsets[3]]).all()
+
+
+def test_a_flipped_bit_in_a_written_row_is_caught_when_the_cache_is_read(ref_cache, tmp_path):
+    cache = tmp_path / "ref.h5"
+    shutil.copy(ref_cache, cache)
+    clean = open_cache(cache).logps("train")  # every row matches its checksum
+    with h5py.File(cache, "r+") as handle:
+        values = handle["train/chosen_logps"]
+        row = values[3:4].view(np.uint32)
+        values[3] = (row ^ np.uint32(1 << 30)).view(np.float32)[0]  # one exponent bit: -2.2 becomes a tiny number
+    with pytest.raises(DpokitError, match=r"split 'train' rows 3 do not match the checksums written with them"):
+        open_cache(cache).logps("train")
+    assert clean.chosen_logps.shape[0] > 3

@@ -27,6 +27,7 @@ unreadable until ``h5clear`` is run on it.
 from __future__ import annotations
 
 import os
+import zlib
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -56,6 +57,7 @@ ROW_DATASETS = {
     "rejected_tokens": np.int32,
 }
 DONE = "done"
+ROW_CRC = "row_crc"  # CRC-32 of each written row's values (and its per-token values), checked when read
 TOKEN_LOGPS, TOKEN_OFFSETS = "token_logps", "token_offsets"  # the optional per-token layout (``per_token``)
 
 # Attributes that say what the rows were computed from; a rerun or a reader compares them.
@@ -219,6 +221,8 @@ class RefCache:
             per_token = TOKEN_LOGPS in group
             if per_token:
                 arrays[TOKEN_LOGPS], arrays[TOKEN_OFFSETS] = group[TOKEN_LOGPS][()], group[TOKEN_OFFSETS][()]
+            if ROW_CRC in group:  # a cache from before the checksums has none to check
+                self._check_rows(split, arrays, group[ROW_CRC][()], done, per_token)
         import torch
 
         return CachedLogps(
@@ -229,6 +233,23 @@ class RefCache:
             token_logps=torch.from_numpy(arrays[TOKEN_LOGPS]) if per_token else None,
             token_offsets=torch.from_numpy(arrays[TOKEN_OFFSETS].astype(np.int64)) if per_token else None,
         )
+
+    def _check_rows(self, split: str, arrays: dict[str, np.ndarray], recorded: np.ndarray, done: np.ndarray,
+                    per_token: bool) -> None:
+        """Raise naming the rows whose values differ from the CRC-32 written with them (a flipped bit on disk)."""
+        rows = np.flatnonzero(done)
+        columns = {name: arrays[name][rows] for name in ROW_DATASETS}
+        per_row = None
+        if per_token:
+            offsets, values = arrays[TOKEN_OFFSETS], arrays[TOKEN_LOGPS]
+            per_row = [values[offsets[i] : offsets[i + 1]] for i in rows]
+        bad = rows[row_checksums(columns, per_row) != recorded[rows]]
+        if bad.size:
+            shown = ", ".join(str(int(i)) for i in bad[:5]) + (f" (and {bad.size - 5} more)" if bad.size > 5 else "")
+            raise DpokitError(
+                f"reference cache {self.path}: split {split!r} rows {shown} do not match the checksums written with "
+                f"them (the file changed on disk); rebuild it with `{self.rebuild_command()} --overwrite`"
+            )
 
     def done_mask(self, split: str) -> np.ndarray:
         """``done`` of a split: True where the row is written."""
@@ -394,6 +415,7 @@ def _create_cache_file(
                     initial = np.full(n, np.nan, dtype) if dtype == np.float32 else np.zeros(n, dtype)
                     group.create_dataset(name, data=initial, track_times=False)
                 group.create_dataset(DONE, data=np.zeros(n, dtype=bool), track_times=False)
+                group.create_dataset(ROW_CRC, data=np.zeros(n, dtype=np.uint32), track_times=False)
                 if token_counts is not None:  # per row: chosen + rejected completion tokens, all allocated now
                     offsets = np.concatenate([[0], np.cumsum(token_counts[split])]).astype(np.int64)
                     group.create_dataset(TOKEN_OFFSETS, data=offsets, track_times=False)
@@ -441,10 +463,14 @@ class RefCacheWriter:
             "chosen_tokens": chosen_tokens,
             "rejected_tokens": rejected_tokens,
         }
+        columns = {name: np.asarray(array, dtype=ROW_DATASETS[name])[order] for name, array in values.items()}
+        per_row = [np.asarray(token_logps[k], dtype=np.float32) for k in order] if token_logps is not None else None
         with _open_h5(self.path, "r+") as handle:
             group = handle[split]
-            for name, array in values.items():
-                _write_points(group[name], rows, np.asarray(array, dtype=ROW_DATASETS[name])[order])
+            for name, column in columns.items():
+                _write_points(group[name], rows, column)
+            if ROW_CRC in group:
+                _write_points(group[ROW_CRC], rows, row_checksums(columns, per_row if TOKEN_LOGPS in group else None))
             if token_logps is not None and TOKEN_LOGPS in group:
                 if split not in self.token_offsets:
                     self.token_offsets[split] = group[TOKEN_OFFSETS][()]
@@ -467,6 +493,21 @@ class RefCacheWriter:
         """Set ``done`` for `rows` of a split's open group (their values are already flushed)."""
         _write_points(group[DONE], rows, np.ones(len(rows), dtype=bool))
         self.rows_written += len(rows)
+
+
+def row_checksums(columns: dict[str, np.ndarray], token_logps: Optional[Sequence[np.ndarray]] = None) -> np.ndarray:
+    """CRC-32 of each row's four values in `ROW_DATASETS` order (and its per-token values, when given)."""
+    packed = np.empty(len(columns["chosen_logps"]), dtype=[(name, dtype) for name, dtype in ROW_DATASETS.items()])
+    for name in ROW_DATASETS:
+        packed[name] = columns[name]
+    view, width, n = memoryview(packed.tobytes()), packed.dtype.itemsize, len(packed)
+    if token_logps is None:
+        return np.fromiter((zlib.crc32(view[i * width:(i + 1) * width]) for i in range(n)), dtype=np.uint32, count=n)
+    return np.fromiter(
+        (zlib.crc32(np.ascontiguousarray(token_logps[i], dtype=np.float32).tobytes(), zlib.crc32(view[i * width:(i + 1) * width]))
+         for i in range(n)),
+        dtype=np.uint32, count=n,
+    )
 
 
 def _write_points(dataset, points: np.ndarray, values: np.ndarray) -> None:
