@@ -64,8 +64,11 @@ LEGACY_MANIFEST_KEYS = ("format_version", "data_fingerprint")
 # recognising dpokit's artifacts
 
 
-def write_marker(directory: str | os.PathLike, kind: str) -> Path:
-    """Mark `directory` as dpokit's artifact of `kind` (e.g. a run directory); returns the marker's path."""
+def write_marker(directory: str | os.PathLike, kind: str, entries: Optional[Iterable[str]] = None) -> Path:
+    """Mark `directory` as dpokit's artifact of `kind` (e.g. a run directory); returns the marker's path.
+
+    `entries`: the names dpokit wrote at the directory's top level (a directory replaced whole records them,
+    so that a later ``--overwrite`` can tell a file someone added from its own)."""
     _check_kind(kind, DIRECTORY_KINDS)
     marker = Path(directory) / MARKER_NAME
     record = {
@@ -73,6 +76,8 @@ def write_marker(directory: str | os.PathLike, kind: str) -> Path:
         "dpokit_version": __version__,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
+    if entries is not None:
+        record["entries"] = sorted(entries)
     return _write_through_sibling(marker, lambda tmp: tmp.write_text(json.dumps(record, indent=2) + "\n"))
 
 
@@ -203,6 +208,8 @@ def check_replaceable(
         raise DpokitError(refusal(target, kind, reason, option))
     if not overwrite:
         raise DpokitError(f"{target} already exists; pass {flag} to replace it, or choose another {option}")
+    if target.is_dir():
+        _refuse_foreign_entries(target, option)
 
 
 def refusal(target: Path, kind: str, reason: str, option: str = "--out") -> str:
@@ -248,8 +255,30 @@ def replace_atomically(target: str | os.PathLike, kind: str, write: Callable[[Pa
         reason = not_own_reason(target, kind)
         if reason is not None:
             raise DpokitError(refusal(target, kind, reason))
-    mark = (lambda tmp: write_marker(tmp, kind)) if kind in DIRECTORY_KINDS else None
+    if target.is_dir() and not _is_empty_directory(target, kind):
+        _refuse_foreign_entries(target)
+    mark = (lambda tmp: write_marker(tmp, kind, [child.name for child in tmp.iterdir()])) if kind in DIRECTORY_KINDS else None
     return _write_through_sibling(target, write, mark)
+
+
+def foreign_entries(directory: Path) -> list[str]:
+    """Top-level names in a dpokit directory that its marker does not list as written by dpokit (none when the
+    marker lists nothing: a directory dpokit fills over time, such as a run, or one marked before the list)."""
+    record = read_marker(directory) or {}
+    written = record.get("entries")
+    if not isinstance(written, list):
+        return []
+    return sorted(child.name for child in directory.iterdir() if child.name not in {*written, MARKER_NAME})
+
+
+def _refuse_foreign_entries(target: Path, option: str = "--out") -> None:
+    foreign = foreign_entries(target)
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise DpokitError(
+            f"refusing to replace {target}: it holds {shown}, which dpokit did not write there, and replacing the "
+            f"folder would delete it; move it out, or choose another {option}"
+        )
 
 
 def replace_within(artifact: str | os.PathLike, kind: str, target: str | os.PathLike, write: Callable[[Path], object]) -> Path:

@@ -80,3 +80,12 @@ def test_an_earlier_export_is_replaced_only_with_overwrite(lora_run, tmp_path, c
     assert export(lora_run, out, "--overwrite") == 0  # now the merged model in its place
     assert (out / "model.safetensors").is_file() and not (out / "adapter_config.json").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["exported"]
+
+
+def test_overwrite_keeps_a_file_someone_added_to_an_export(lora_run, tmp_path, capsys):
+    out = tmp_path / "exported"
+    assert export(lora_run, out) == 0
+    (out / "MY_EVAL.md").write_text("results")
+    assert export(lora_run, out, "--overwrite") == 1
+    assert "it holds MY_EVAL.md, which dpokit did not write there" in capsys.readouterr().err
+    assert (out / "MY_EVAL.md").read_text() == "results"

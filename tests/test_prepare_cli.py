@@ -306,3 +306,18 @@ def test_dataset_names_load_the_train_split_and_the_eval_split(tokenizer_dir, tm
     assert main(["prepare", "org/pairs", "--model", str(tokenizer_dir), "--out", str(out), "--eval-data", "org/pairs", "--subset", "en"]) == 0
     assert calls == [("org/pairs", "en", "train"), ("org/pairs", "en", "test")]
     assert load_prepared(out).manifest["splits"]["eval"]["rows"] == 4
+
+
+def test_overwrite_refuses_a_prepare_output_holding_files_prepare_did_not_write(pairs_jsonl, tokenizer_dir, tmp_path, capsys):
+    out = tmp_path / "prepared"
+    assert prepare(pairs_jsonl, tokenizer_dir, out) == 0
+    (out / "NOTES.txt").write_text("keep me")
+    (out / "my_run").mkdir()
+    capsys.readouterr()
+    assert prepare(pairs_jsonl, tokenizer_dir, out, "--overwrite") == 1
+    err = capsys.readouterr().err
+    assert "it holds NOTES.txt, my_run, which dpokit did not write there" in err and len(err.strip().splitlines()) == 1
+    assert (out / "NOTES.txt").read_text() == "keep me" and (out / "my_run").is_dir()
+    (out / "NOTES.txt").unlink()
+    (out / "my_run").rmdir()
+    assert prepare(pairs_jsonl, tokenizer_dir, out, "--overwrite") == 0  # only its own files: replaced
