@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from dpokit import __version__
-from dpokit.errors import DpokitError
+from dpokit.errors import DpokitError, filesystem_error_line
 from dpokit.host_memory import configure_host_memory
 
 app = typer.Typer(
@@ -469,6 +469,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         label = "[bold red]error:[/]" if code == 1 else "[bold yellow]stopped:[/]"
         err_console.print(f"{label} {escape(str(exc))}", highlight=False, soft_wrap=True)  # "[plot]" is text, not markup
         return code
+    except OSError as exc:
+        line = filesystem_error_line(exc)
+        if debug or line is None:
+            raise
+        err_console.print(f"[bold red]error:[/] {escape(line)}", highlight=False, soft_wrap=True)
+        return 1
     except EXIT_ERRORS as exc:
         return exc.exit_code
     except ABORT_ERRORS:

@@ -45,6 +45,10 @@ def export_run(
             raise DpokitError(f"cannot tell the base model of {checkpoint}; pass --base-model")
         base_model = yaml.safe_load(config_file.read_text())["model"]["path"]
     check_replaceable(out, "export", overwrite, inputs=(run_or_checkpoint, checkpoint, base_model))
+    if is_adapter and merge:
+        from dpokit.model import check_model_path
+
+        check_model_path(str(base_model))  # before any work: a missing folder is one line, not a hub lookup
 
     def write(tmp: Path) -> None:
         if is_adapter and merge:

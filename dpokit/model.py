@@ -45,7 +45,8 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def _check_model_path(path: str) -> None:
+def check_model_path(path: str) -> None:
+    """Raise one line when `path` looks like a local folder (or exists) but holds no model's config.json."""
     local = Path(path)
     looks_local = path.startswith((".", "/", "~")) or local.exists()
     if looks_local and not (local / "config.json").is_file():
@@ -68,7 +69,7 @@ def load_causal_lm(
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # dpokit shows its own progress; a weight-loading bar is noise
-    _check_model_path(path)
+    check_model_path(path)
     kwargs = dict(dtype=dtype, attn_implementation=None if attn_implementation == "auto" else attn_implementation)
     if quantization_config is not None:
         kwargs["quantization_config"] = quantization_config
@@ -281,7 +282,7 @@ def load_policy_sharded(model_cfg, lora_cfg, device: torch.device, shard) -> nn.
     from transformers import AutoConfig, AutoModelForCausalLM
 
     params_dtype, _ = training_dtypes(model_cfg, device)
-    _check_model_path(model_cfg.path)
+    check_model_path(model_cfg.path)
     config = AutoConfig.from_pretrained(model_cfg.path)
     attn = None if model_cfg.attn_implementation == "auto" else model_cfg.attn_implementation
     with init_empty_weights(include_buffers=False):

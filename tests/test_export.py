@@ -89,3 +89,10 @@ def test_overwrite_keeps_a_file_someone_added_to_an_export(lora_run, tmp_path, c
     assert export(lora_run, out, "--overwrite") == 1
     assert "it holds MY_EVAL.md, which dpokit did not write there" in capsys.readouterr().err
     assert (out / "MY_EVAL.md").read_text() == "results"
+
+
+def test_a_missing_base_model_folder_is_one_line(lora_run, tmp_path, capsys):
+    assert export(lora_run, tmp_path / "exported", "--base-model", str(tmp_path / "nonexistent")) == 1
+    err = capsys.readouterr().err.strip()
+    assert "nonexistent: no config.json there" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "exported").exists()

@@ -454,3 +454,34 @@ def test_the_dpokit_command_keeps_bitsandbytes_out_of_runs_that_do_not_use_it(tm
     run_recipe(recipe, ["--config", "tiny_lora", "model.method=qlora"], own_process=True)  # 4-bit weights need it
     run_recipe(recipe, ["--config", "tiny_lora"], own_process=True)  # as the `dpokit` command runs it
     assert blocked == [True]
+
+
+# ----------------------------------------------------------------------------------------------
+# one line, not a traceback, for what a user gets wrong in a path or a value
+
+
+def test_an_out_under_a_regular_file_is_one_line_for_every_command(tiny_model_dir, prepared_dir, tmp_path, capsys):
+    blocker = tmp_path / "afile"
+    blocker.write_text("mine")
+    assert main(train_args(tiny_model_dir, prepared_dir, blocker / "run", "training.max_steps=1")) == 1
+    assert "afile/run: Not a directory; a part of that path is a file, not a folder" in error_line(capsys)
+    assert main(["ref-logps", str(prepared_dir), "--model", str(tiny_model_dir), "--out", str(blocker / "ref.h5")]) == 1
+    assert "afile: File exists; a file of that name is in the way" in error_line(capsys)
+    assert blocker.read_text() == "mine"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["cache", "verify", "CACHE", "--sample", "-3"], "--sample must be at least 1 (rows to recompute), got -3"),
+    (["cache", "info", "PAIRS"], "is not a reference cache (not an HDF5 file); give the file `dpokit ref-logps` wrote"),
+])
+def test_cache_commands_refuse_bad_values_in_one_line(args, message, ref_cache, tmp_path, capsys):
+    pairs = tmp_path / "train.jsonl"
+    pairs.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n')
+    assert main([{"CACHE": str(ref_cache), "PAIRS": str(pairs)}.get(a, a) for a in args]) == 1
+    line = error_line(capsys)
+    assert message in line and "--overwrite" not in line
+
+
+def test_a_custom_loss_without_a_module_is_one_line(tiny_model_dir, prepared_dir, tmp_path, capsys):
+    assert main(train_args(tiny_model_dir, prepared_dir, tmp_path / "run", "--loss", ":Foo")) == 1
+    assert "loss ':Foo': give both the module and the class, as package.module:Class" in error_line(capsys)

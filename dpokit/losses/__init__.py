@@ -79,6 +79,8 @@ def loss_class(name: str) -> type[nn.Module]:
             f"unknown loss {name!r}; choose one of {', '.join(sorted(LOSSES))} or give package.module:Class"
         )
     module_name, _, attr = name.partition(":")
+    if not module_name or not attr:
+        raise DpokitError(f"loss {name!r}: give both the module and the class, as package.module:Class")
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:

@@ -79,6 +79,8 @@ def verify_cache(
     from dpokit.model import default_device, load_reference, resolve_dtype
     from dpokit.reference.compute import announce, checked_layout
 
+    if sample < 1:
+        raise DpokitError(f"--sample must be at least 1 (rows to recompute), got {sample}")
     cache = open_cache(cache_path)
     prepared_path = prepared_path or cache.attrs.get("prepared")
     model = model or cache.attrs.get("model")
