@@ -70,9 +70,18 @@ class WriterLock:
 
     def _take_over_or_refuse(self) -> None:
         try:
-            holder = json.loads(self.path.read_text() or "{}")
-        except (OSError, json.JSONDecodeError):
-            holder = {}
+            text = self.path.read_text()
+        except OSError:
+            text = ""
+        try:
+            holder = json.loads(text or "{}")
+        except json.JSONDecodeError:
+            holder = None
+        if not isinstance(holder, dict):  # not a lock dpokit wrote: not ours to delete
+            raise DpokitError(
+                f"{self.path} is in the way of {self.what}'s lock but is not a dpokit lock (its content does not parse); "
+                "if no dpokit command is writing there, delete it and run again"
+            )
         host, pid = holder.get("host"), holder.get("pid")
         if host == socket.gethostname() and isinstance(pid, int) and not process_alive(pid):
             self.announce(f"note: taking over {self.path}: its owner (pid {pid}) no longer runs")

@@ -346,3 +346,13 @@ def set_row_value(group, name: str, row: int, value: float) -> None:
     group[name][row] = value
     columns = {column: group[column][row:row + 1] for column in ROW_DATASETS}
     group[ROW_CRC][row] = row_checksums(columns)[0]
+
+
+def test_a_garbage_lock_file_is_named_and_left_alone(tiny_model_dir, prepared_dir, tmp_path, capsys):
+    out = tmp_path / "ref.h5"
+    garbage = tmp_path / "ref.h5.lock"
+    garbage.write_text("not json at all")
+    assert main(["ref-logps", str(prepared_dir), "--model", str(tiny_model_dir), "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "ref.h5.lock is in the way of reference cache" in err and "is not a dpokit lock" in err
+    assert garbage.read_text() == "not json at all" and not out.exists()
