@@ -94,6 +94,9 @@ def checkpoint_damage(checkpoint: Path) -> Optional[str]:
     one recorded when it was written, or that does not load; shard files missing or cut short), or None when it
     is intact as far as can be told without reading every tensor. (The shard files' own bytes carry no digest:
     hashing every rank's shards on each save would read the whole state again.)"""
+    # First the shards' metadata through the safe unpickler: a file carrying code is refused as such
+    # (`UnsafeCheckpoint`), not taken for damage and skipped.
+    shards = shard_damage(Path(checkpoint) / SHARDS) if is_sharded(checkpoint) else None
     digests_path = Path(checkpoint) / DIGESTS_FILE
     if digests_path.is_file():
         for name, recorded in json.loads(digests_path.read_text()).items():
@@ -106,7 +109,7 @@ def checkpoint_damage(checkpoint: Path) -> Optional[str]:
         load_training_state(checkpoint)
     except Exception as exc:  # a flipped byte fails the zip's CRC, a cut file its directory
         return f"{Path(checkpoint) / STATE_FILE} does not load ({type(exc).__name__}: {str(exc).splitlines()[0][:160]})"
-    return shard_damage(Path(checkpoint) / SHARDS) if is_sharded(checkpoint) else None
+    return shards
 
 
 def newest_intact_checkpoint(run_dir: Path, announce=print) -> Optional[Path]:

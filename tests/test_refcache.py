@@ -203,8 +203,8 @@ def test_check_matches_names_the_fingerprint_that_differs_and_how_to_rebuild(tmp
 def test_opening_a_missing_or_corrupt_cache_says_how_to_build_it(tmp_path):
     with pytest.raises(DpokitError, match="does not exist; build it with `dpokit ref-logps"):
         open_cache(tmp_path / "missing.h5")
-    (tmp_path / "junk.h5").write_bytes(b"not hdf5")
-    with pytest.raises(DpokitError, match="not a readable reference cache"):
+    (tmp_path / "junk.h5").write_bytes(b"not hdf5")  # never offered to --overwrite: ref-logps would refuse it
+    with pytest.raises(DpokitError, match=r"not a reference cache \(not an HDF5 file\).*remove it yourself, then rebuild it"):
         open_cache(tmp_path / "junk.h5")
 
 

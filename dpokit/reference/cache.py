@@ -297,7 +297,10 @@ def _open_h5(path: Path, mode: str):
             import h5py
 
             if path.is_file() and not h5py.is_hdf5(path):  # another file given as the cache: never offer to overwrite it
-                raise DpokitError(f"{path} is not a reference cache (not an HDF5 file); give the file `dpokit ref-logps` wrote") from None
+                raise DpokitError(
+                    f"{path} is not a reference cache (not an HDF5 file); give the file `dpokit ref-logps` wrote "
+                    "(a cache damaged this far is not recognised as dpokit's: remove it yourself, then rebuild it)"
+                ) from None
             raise DpokitError(
                 f"{path} is not a readable reference cache ({exc}); rebuild it with `dpokit ref-logps ... --out {path} --overwrite`"
             ) from None
