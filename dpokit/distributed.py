@@ -206,8 +206,9 @@ def launch_workers(
         raise DpokitError(_worker_failure_message(failed_rank, failure)) from None
     except SignalException as exc:  # the launcher itself got SIGTERM/SIGINT; it forwarded it to the workers
         raise TrainingInterrupted(
-            f"{signal_name(exc.sigval)} reached the launcher, which passed it to the workers: they checkpoint and "
-            "stop, and their message above says how to resume"
+            f"{signal_name(exc.sigval)} reached the launcher, which passed it to the workers. A run past its setup "
+            "checkpoints and stops, and its message above says how to resume; one stopped while starting has "
+            "nothing to resume: start it again"
         ) from None
     if not callable(entrypoint):
         return []
