@@ -192,6 +192,9 @@ class DPORecipe:
         self.skipped_steps = 0
         if checkpoint is not None:
             self._load_training_state(checkpoint)
+        replacing = checkpoint is None and cfg.output.overwrite and (self.run_dir / "metrics.jsonl").exists()
+        if replacing and self.step_zero_pending:  # the step-0 check too, before an old run is given up
+            self.check_first_batch()
         if self.dist.is_main:
             if checkpoint is None and cfg.output.overwrite:  # every check has passed: now the old run may go
                 clear_old_run(self.run_dir)
@@ -382,6 +385,17 @@ class DPORecipe:
             self.loss_fn, self.loss_fn(policy_out, reference_out), batch.num_pairs
         )
         return policy_out, losses, chosen_rewards, rejected_rewards
+
+    def check_first_batch(self) -> None:
+        """The step-0 check on this rank's first micro-batch, run in setup (no gradients) when a fresh run is
+        about to replace an old one, so that a policy that does not start as the reference leaves the old run."""
+        batch = StepBatches(self.train_split, self.sampler, self.pad_id, self.layout.packing, self.layout.prefix_sharing,
+                            self.layout.pack_length)[self.sampler.steps_done][0].to(self.device)
+        with torch.no_grad(), self.autocast():
+            policy_out = self.policy_logps(self.policy, batch)
+        reference_out = self.reference.outputs(batch, "train")
+        check_token_counts(policy_out, reference_out, "train")
+        self.check_step_zero(policy_out, reference_out)
 
     def check_step_zero(self, policy_out, reference_out) -> None:
         """The first batch of a fresh run: the policy must start as the reference (`dpokit.fidelity`)."""

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import pytest
 
+import shutil
+
+import h5py
+
 from dpokit.cli import main
+from dpokit.reference.cache import ROW_CRC, ROW_DATASETS, row_checksums
 from dpokit.metrics import read_metrics
 
 from conftest import train_cli_args
@@ -78,9 +83,20 @@ def test_a_refused_overwrite_leaves_the_old_run_exactly_as_it_was(tiny_model_dir
     other_data = train_cli_args(tiny_model_dir, style_prepared_dir, run, "--max-steps", "2", "--overwrite", *on_cache(ref_cache))
     no_model = train_cli_args(tmp_path / "missing_model", prepared_dir, run, "--max-steps", "2", "--overwrite",
                               *on_cache(ref_cache))
-    for refused in (other_data, no_model):
+    # A cache of the same inputs whose values are not this policy's: only the step-0 check on the first batch sees it.
+    shifted = tmp_path / "shifted.h5"
+    shutil.copy(ref_cache, shifted)
+    with h5py.File(shifted, "r+") as handle:
+        group = handle["train"]
+        group["chosen_logps"][...] = group["chosen_logps"][()] + 1.0
+        group[ROW_CRC][...] = row_checksums({name: group[name][()] for name in ROW_DATASETS})
+    not_the_reference = train_cli_args(tiny_model_dir, prepared_dir, run, "--max-steps", "2", "--overwrite",
+                                       *on_cache(shifted))
+    for refused, why in ((other_data, "data_fingerprint differs"), (no_model, "no config.json"),
+                         (not_the_reference, "step-0 check")):
         capsys.readouterr()
         assert main(refused) == 1
-        assert contents(run) == before, capsys.readouterr().err
+        assert why in capsys.readouterr().err
+        assert contents(run) == before
     assert main(first + ["--overwrite"]) == 0  # accepted: the old run's files are replaced by the new run's
     assert len(read_metrics(run, "train")) == 2
