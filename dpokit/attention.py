@@ -54,7 +54,7 @@ from dpokit.types import Segment
 
 WINDOW_BLOCK = 512  # queries per block of a sliding-window problem (at least the window)
 # Rows up to this many columns keep the dense mask: there one masked kernel call per layer costs less than a
-# few kernel calls per pair, and the mask is small (bench/long_context_results.md, short rows).
+# few kernel calls per pair, and the mask is small (bench/long_context_short_rows_results.md).
 DENSE_MAX_WIDTH = 384
 MERGED_DTYPES = (torch.float32, torch.float64, torch.bfloat16)  # what the CPU flash kernel takes
 INNER = ("sdpa", "eager", "flex_attention")  # implementations dpokit wraps
@@ -78,24 +78,30 @@ class LayoutAttention:
         return self.windows[int(getattr(module, "layer_idx"))]
 
     def token_metadata(self, device) -> tuple[Tensor, Tensor, Tensor]:
-        """Per column ``[R, L]``: segment number (-1 on padding), branch (0 shared, 1 first, 2 second), position."""
-        segment_ids = torch.full((self.rows, self.width), -1, dtype=torch.long)
-        branches = torch.zeros((self.rows, self.width), dtype=torch.long)
-        positions = torch.zeros((self.rows, self.width), dtype=torch.long)
-        for number, seg in enumerate(self.segments):
-            s, p, c, r = seg.start, seg.shared, seg.first, seg.second
-            segment_ids[seg.row, s:s + seg.length] = number
-            branches[seg.row, s + p:s + p + c] = 1
-            branches[seg.row, s + p + c:s + seg.length] = 2
-            positions[seg.row, s:s + p + c] = torch.arange(p + c)
-            positions[seg.row, s + p + c:s + seg.length] = torch.arange(p, p + r)
-        return segment_ids.to(device), branches.to(device), positions.to(device)
+        """`segment_columns` of this layout, on `device`."""
+        return tuple(t.to(device) for t in segment_columns(self.segments, self.rows, self.width))
 
     def by_row(self) -> list[list[Segment]]:
         rows: list[list[Segment]] = [[] for _ in range(self.rows)]
         for segment in self.segments:
             rows[segment.row].append(segment)
         return [sorted(row, key=lambda s: s.start) for row in rows]
+
+
+def segment_columns(segments: Sequence[Segment], rows: int, width: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Per column ``[R, L]``: segment number (-1 on padding), branch (0 shared, 1 first, 2 second), position:
+    the per-token form of the segments, for FlexAttention's block mask and for the dense mask they mean."""
+    segment_ids = torch.full((rows, width), -1, dtype=torch.long)
+    branches = torch.zeros((rows, width), dtype=torch.long)
+    positions = torch.zeros((rows, width), dtype=torch.long)
+    for number, seg in enumerate(segments):
+        s, p, c, r = seg.start, seg.shared, seg.first, seg.second
+        segment_ids[seg.row, s:s + seg.length] = number
+        branches[seg.row, s + p:s + p + c] = 1
+        branches[seg.row, s + p + c:s + seg.length] = 2
+        positions[seg.row, s:s + p + c] = torch.arange(p + c)
+        positions[seg.row, s + p + c:s + seg.length] = torch.arange(p, p + r)
+    return segment_ids, branches, positions
 
 
 def layout_for(segments: Sequence[Segment], input_ids: Tensor, config) -> LayoutAttention:

@@ -26,7 +26,7 @@ import torch
 
 from dpokit.types import PairBatch, Segment
 
-PROMPT, CHOSEN, REJECTED = 0, 1, 2  # branches of a prefix-shared segment
+PROMPT = 0  # the shared branch of a segment; 1 and 2 are its first and second (`dpokit.attention.segment_columns`)
 
 
 def pad_pairs(rows: Sequence[dict], indices: Sequence[int], pad_id: int) -> PairBatch:
@@ -176,14 +176,10 @@ def collate_pairs(
 def dense_mask(batch: PairBatch) -> torch.Tensor:
     """``[R, 1, L, L]`` bool: the mask a packed batch's segments mean (`block_causal_mask`), built on demand
     to check the layout attention against and to benchmark the dense path; training never builds it."""
+    from dpokit.attention import segment_columns
+
     rows, width = batch.input_ids.shape
-    segment_ids = torch.full((rows, width), -1, dtype=torch.long)
-    branches = torch.zeros((rows, width), dtype=torch.long)
-    for number, segment in enumerate(batch.segments or ()):
-        start, p, c = segment.start, segment.shared, segment.first
-        segment_ids[segment.row, start:start + segment.length] = number
-        branches[segment.row, start + p:start + p + c] = CHOSEN
-        branches[segment.row, start + p + c:start + segment.length] = REJECTED
+    segment_ids, branches, _ = segment_columns(batch.segments or (), rows, width)
     return block_causal_mask(segment_ids, branches)
 
 
