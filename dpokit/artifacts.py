@@ -233,6 +233,29 @@ def _is_empty_directory(path: Path, kind: str) -> bool:
     return kind in DIRECTORY_KINDS and path.is_dir() and not path.is_symlink() and not any(path.iterdir())
 
 
+def check_room(target: str | os.PathLike, needed: int, option: str = "--out") -> None:
+    """Refuse, before writing, a file of about `needed` bytes at `target` that the disk or this process's file-size
+    limit (``ulimit -f``) cannot hold: a write that fails halfway can crash a native writer (HDF5) and leave
+    its temporary file and lock behind."""
+    import resource
+    import shutil
+
+    folder = Path(target).parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    free = shutil.disk_usage(folder).free
+    if needed > free:
+        raise DpokitError(
+            f"{target} needs about {needed:,} bytes and {folder} has {free:,} free: free space or choose another {option}"
+        )
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    if limit != resource.RLIM_INFINITY and needed > limit:
+        raise DpokitError(
+            f"{target} needs about {needed:,} bytes and this process may write files of at most {limit:,} (ulimit -f): "
+            f"raise the limit or choose another {option}"
+        )
+
+
 # ----------------------------------------------------------------------------------------------
 # replacing
 

@@ -315,3 +315,28 @@ def test_save_every_minutes_saves_on_time(train_cli, tmp_path):
                       "training.keep_last=5")
     assert main(argv) == 0
     assert sorted(p.name for p in (run / "checkpoints").glob("step_*")) == ["step_0000001", "step_0000002", "step_0000003"]
+
+
+def _with_file_size_limit(limit: int):
+    import resource
+
+    def apply() -> None:  # in the child only; Python ignores SIGXFSZ, so a write past it fails with EFBIG
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return apply
+
+
+@pytest.mark.parametrize("command", ["prepare", "ref-logps"])
+def test_running_out_of_room_is_one_line_and_leaves_no_temporary_or_lock(command, pairs_jsonl, tokenizer_dir,
+                                                                         tiny_model_dir, prepared_dir, tmp_path):
+    # `ulimit -f` stands in for a full disk: the same failed writes, without filling the machine's disk.
+    out = tmp_path / ("prepared" if command == "prepare" else "ref.h5")
+    args = (["prepare", str(pairs_jsonl), "--model", str(tokenizer_dir), "--out", str(out)] if command == "prepare"
+            else ["ref-logps", str(prepared_dir), "--model", str(tiny_model_dir), "--out", str(out)])
+    done = subprocess.run([sys.executable, "-m", "dpokit", *args], capture_output=True, text=True, cwd=tmp_path,
+                          preexec_fn=_with_file_size_limit(3000), timeout=300)
+    err = done.stderr.strip()
+    assert done.returncode == 1, err[-2000:]
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err[-2000:]
+    assert "ulimit -f" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no output, no temporary sibling, no lock

@@ -14,6 +14,7 @@ split is example ``i`` in the reference cache and in training.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from dataclasses import dataclass
@@ -315,6 +316,18 @@ def features():
     return datasets.Features({column: datasets.List(datasets.Value("int32")) for column in COLUMNS})
 
 
+@contextlib.contextmanager
+def naming(path: Path) -> Iterator[None]:
+    """Give an OSError without a file name (pyarrow's: a full disk, a size limit) the name of the file being written,
+    so that the command's one-line error says where (`dpokit.errors.filesystem_error_line`)."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.filename is not None or exc.errno is None:
+            raise
+        raise OSError(exc.errno, os.strerror(exc.errno), str(path)) from None
+
+
 class SplitWriter:
     """Appends rows of token ids to a split folder, in the layout `datasets.Dataset.save_to_disk` writes.
 
@@ -337,8 +350,12 @@ class SplitWriter:
     def __enter__(self) -> SplitWriter:
         return self
 
-    def __exit__(self, *exc_info) -> None:
-        self.close_file()
+    def __exit__(self, exc_type, exc, traceback) -> None:
+        try:
+            self.close_file()
+        except OSError:
+            if exc is None:  # leaving by an exception already: that one is the report, not the file's close
+                raise
 
     def add(self, prompt_ids: Sequence[int], chosen_ids: Sequence[int], rejected_ids: Sequence[int]) -> None:
         """Append one row."""
@@ -355,7 +372,8 @@ class SplitWriter:
         if self.stream is None or self.sink.tell() >= SHARD_BYTES:
             self.next_file()
         arrays = [pa.array(self.rows[column], type=self.schema.field(column).type) for column in COLUMNS]
-        self.stream.write_batch(pa.record_batch(arrays, schema=self.schema))
+        with naming(self.files[-1]):
+            self.stream.write_batch(pa.record_batch(arrays, schema=self.schema))
         self.rows = {column: [] for column in COLUMNS}
 
     def next_file(self) -> None:
@@ -368,9 +386,10 @@ class SplitWriter:
 
     def close_file(self) -> None:
         if self.stream is not None:
-            self.stream.close()
-            self.sink.close()
-            self.stream = self.sink = None
+            stream, sink, self.stream, self.sink = self.stream, self.sink, None, None
+            with naming(self.files[-1]):
+                stream.close()
+                sink.close()
 
     def finish(self) -> None:
         """Write the buffered rows, close the last file, name the files and write the folder's metadata."""

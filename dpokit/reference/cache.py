@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple, Optional, Sequence
 import numpy as np
 
 from dpokit import __version__
-from dpokit.artifacts import check_replaceable, replace_atomically
+from dpokit.artifacts import check_replaceable, check_room, replace_atomically
 from dpokit.errors import DpokitError
 from dpokit.fingerprint import combine_fingerprints
 from dpokit.lock import WriterLock, lock_path
@@ -407,8 +407,17 @@ def check_cache_target(path: str | os.PathLike, overwrite: bool) -> None:
 def _create_cache_file(
     path: Path, attrs: dict[str, Any], rows: dict[str, int], token_counts: Optional[dict[str, np.ndarray]] = None
 ) -> None:
-    """Write an empty cache (every dataset allocated, nothing done) to a temporary file, then rename it."""
+    """Write an empty cache (every dataset allocated, nothing done) to a temporary file, then rename it.
+
+    The file is its full size from the start, so its room is checked first (`check_room`): commits only
+    overwrite bytes in place, and HDF5 crashes rather than raises when a write runs out of room."""
     import h5py
+
+    per_row = sum(np.dtype(dtype).itemsize for dtype in ROW_DATASETS.values()) + 1 + 4  # values, done, row_crc
+    needed = sum(n * per_row for n in rows.values()) + (1 << 16)  # + HDF5's own structures
+    if token_counts is not None:
+        needed += sum(4 * int(np.sum(counts)) + 8 * (len(counts) + 1) for counts in token_counts.values())
+    check_room(path, needed)
 
     def write(tmp: Path) -> None:
         with h5py.File(tmp, "w", libver=LIBVER, track_order=True) as handle:
