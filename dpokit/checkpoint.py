@@ -19,6 +19,7 @@ full optimizer state in ``training_state.pt``) still resume.
 from __future__ import annotations
 
 import json
+import os
 import random
 import re
 import zlib
@@ -271,9 +272,23 @@ def _saving(final: Path, write):
 def _cannot_write(final: Path, run_dir: Path, exc: BaseException) -> DpokitError:
     previous = latest_checkpoint(run_dir)
     return DpokitError(
-        f"cannot write checkpoint {final} ({exc}); free space or fix the directory, then resume from "
+        f"cannot write checkpoint {final} ({_write_failure(exc)}); free space or fix the directory, then resume from "
         f"{previous or 'the start (no checkpoint yet)'} with --resume"
     )
+
+
+def _write_failure(exc: BaseException) -> str:
+    """The cause of a failed checkpoint write in a few words: the file-system error DCP wrapped (each rank's
+    failure is an ``(exception, traceback)`` pair), not the text of its tracebacks."""
+    failures = exc.failures.values() if isinstance(exc, CheckpointException) else [(exc, None)]
+    for failure in failures:
+        inner = failure[0] if isinstance(failure, tuple) else failure
+        while inner is not None and not isinstance(inner, OSError):
+            inner = inner.__cause__ or inner.__context__
+        if isinstance(inner, OSError) and inner.errno is not None:
+            where = f" on {inner.filename}" if inner.filename else ""
+            return f"{inner.strerror or os.strerror(inner.errno)}{where}"
+    return str(exc).strip().splitlines()[-1][:200] if str(exc).strip() else type(exc).__name__
 
 
 def check_finite_weights(model, step: int, device: torch.device) -> None:

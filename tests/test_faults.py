@@ -340,3 +340,17 @@ def test_running_out_of_room_is_one_line_and_leaves_no_temporary_or_lock(command
     assert len(err.splitlines()) == 1 and "Traceback" not in err, err[-2000:]
     assert "ulimit -f" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # no output, no temporary sibling, no lock
+
+
+def test_a_shard_write_that_runs_out_of_room_is_named_not_dcps_traceback(tmp_path):
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    from dpokit.checkpoint import _cannot_write
+
+    shard = tmp_path / "run" / "checkpoints" / ".step_0000002.tmp-1" / "shards" / "__0_0.distcp"
+    wrapped = RuntimeError("unexpected pos 1024 vs 512")
+    wrapped.__cause__ = OSError(28, "No space left on device", str(shard))
+    failure = CheckpointException("CheckpointException ranks:dict_keys([0])", {0: (wrapped, None)})
+    message = str(_cannot_write(tmp_path / "run" / "checkpoints" / "step_0000002", tmp_path / "run", failure))
+    assert f"(No space left on device on {shard})" in message and "unexpected pos" not in message
+    assert "Traceback" not in message and len(message.splitlines()) == 1
