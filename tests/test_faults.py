@@ -354,3 +354,17 @@ def test_a_shard_write_that_runs_out_of_room_is_named_not_dcps_traceback(tmp_pat
     message = str(_cannot_write(tmp_path / "run" / "checkpoints" / "step_0000002", tmp_path / "run", failure))
     assert f"(No space left on device on {shard})" in message and "unexpected pos" not in message
     assert "Traceback" not in message and len(message.splitlines()) == 1
+
+
+def test_a_signal_while_the_workers_start_does_not_claim_a_checkpoint(train_cli, tmp_path):
+    run = tmp_path / "run"
+    process = start_train(train_cli(run, "--max-steps", "400", "--gpus", "2"))
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not workers_of(run):
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)  # the workers are still importing and setting up
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == INTERRUPTED_EXIT_CODE, err[-2000:]
+    assert not list((run / "checkpoints").glob("step_*"))
+    assert "one stopped while starting has nothing to resume: start it again" in err
+    assert "after writing a checkpoint" not in err
