@@ -368,3 +368,15 @@ def test_a_signal_while_the_workers_start_does_not_claim_a_checkpoint(train_cli,
     assert not list((run / "checkpoints").glob("step_*"))
     assert "one stopped while starting has nothing to resume: start it again" in err
     assert "after writing a checkpoint" not in err
+
+
+def test_a_checkpoint_that_outgrows_the_file_size_limit_is_one_line_and_leaves_no_half_checkpoint(train_cli, tmp_path):
+    run = tmp_path / "run"
+    argv = train_cli(run, "--max-steps", "2", "--method", "full", "training.save_every=1")
+    done = subprocess.run([sys.executable, "-m", "dpokit", *argv], capture_output=True, text=True, timeout=300,
+                          preexec_fn=_with_file_size_limit(100_000))  # the full model's shards are larger
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert len(errors) == 1 and "cannot write checkpoint" in errors[0] and "File too large" in errors[0]
+    assert "Traceback" not in done.stderr
+    assert list((run / "checkpoints").iterdir()) == []  # no half-written checkpoint, no temporary
