@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from dpokit.family import WRAPPER_PREFIX as PREFIX
-from dpokit.family import attention_pattern, attn_implementation_of
+from dpokit.family import UnsupportedPattern, attention_pattern, attn_implementation_of
 from dpokit.types import Segment
 
 WINDOW_BLOCK = 512  # queries per block of a sliding-window problem (at least the window)
@@ -77,15 +77,13 @@ class LayoutAttention:
             return self.windows[0]
         return self.windows[int(getattr(module, "layer_idx"))]
 
-    def token_metadata(self, device) -> tuple[Tensor, Tensor, Tensor]:
-        """`segment_columns` of this layout, on `device`."""
-        return tuple(t.to(device) for t in segment_columns(self.segments, self.rows, self.width))
-
-    def by_row(self) -> list[list[Segment]]:
+    @functools.cached_property
+    def by_row(self) -> tuple[tuple[Segment, ...], ...]:
+        """Each row's segments in column order; grouped once per forward, read by every layer."""
         rows: list[list[Segment]] = [[] for _ in range(self.rows)]
         for segment in self.segments:
             rows[segment.row].append(segment)
-        return [sorted(row, key=lambda s: s.start) for row in rows]
+        return tuple(tuple(sorted(row, key=lambda s: s.start)) for row in rows)
 
 
 def segment_columns(segments: Sequence[Segment], rows: int, width: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -230,9 +228,9 @@ def layout_attention(module, query: Tensor, key: Tensor, value: Tensor, layout: 
     eager = _family_eager(module) if inner == "eager" else None
     unsupported = [k for k in ("s_aux", "sinks") if kwargs.get(k) is not None]
     if unsupported or (kwargs.get("softcap") is not None and eager is None):
-        raise NotImplementedError(f"attention with {', '.join(unsupported) or 'softcap'} in a packed layout")
+        raise UnsupportedPattern(f"attention with {', '.join(unsupported) or 'softcap'} in a packed layout")
     rows = []
-    for row_index, segments in enumerate(layout.by_row()):
+    for row_index, segments in enumerate(layout.by_row):
         q, k, v = query[row_index:row_index + 1], key[row_index:row_index + 1], value[row_index:row_index + 1]
         pieces, end = [], 0
         for segment in segments:
@@ -253,7 +251,7 @@ def layout_block_mask(layout: LayoutAttention, window: Optional[int], device):
     """FlexAttention's block mask for the layout (O(L) metadata in, O((L/128)²) blocks out)."""
     from torch.nn.attention.flex_attention import create_block_mask
 
-    segment_ids, branches, positions = layout.token_metadata(device)
+    segment_ids, branches, positions = (t.to(device) for t in segment_columns(layout.segments, layout.rows, layout.width))
 
     def visible(b, h, q, k):
         same = (segment_ids[b, q] == segment_ids[b, k]) & (segment_ids[b, q] >= 0) & (k <= q)

@@ -99,16 +99,17 @@ def checkpoint_damage(checkpoint: Path) -> Optional[str]:
     # (`UnsafeCheckpoint`), not taken for damage and skipped.
     shards = shard_damage(Path(checkpoint) / SHARDS) if is_sharded(checkpoint) else None
     digests_path = Path(checkpoint) / DIGESTS_FILE
-    if digests_path.is_file():
+    if digests_path.is_file():  # the bytes written: the training state is not loaded an extra time to tell
         for name, recorded in json.loads(digests_path.read_text()).items():
             path = Path(checkpoint) / name
             if not path.is_file():
                 return f"{path} is missing"
             if _crc32(path) != recorded:
                 return f"{path} has changed since it was written (CRC-32 differs)"
-    try:
+        return shards
+    try:  # a checkpoint from before the digests: does its training state load?
         load_training_state(checkpoint)
-    except Exception as exc:  # a flipped byte fails the zip's CRC, a cut file its directory
+    except Exception as exc:  # a cut file fails its zip directory
         return f"{Path(checkpoint) / STATE_FILE} does not load ({type(exc).__name__}: {str(exc).splitlines()[0][:160]})"
     return shards
 

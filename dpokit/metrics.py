@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from dpokit.artifacts import is_dpokit_artifact, not_own_reason, refusal, replace_within, write_marker, write_text_within
+from dpokit.artifacts import check_replaceable, is_dpokit_artifact, replace_within, write_marker, write_text_within
 from dpokit.errors import DpokitError
 from dpokit.types import ChosenRejectedOutputs
 
@@ -265,11 +265,10 @@ def plot_run(run_dir: str | Path, out_dir: Optional[str | Path] = None) -> list[
     plt = pyplot()
     run_dir = Path(run_dir)
     out_dir = Path(out_dir) if out_dir else run_dir / "plots"
-    if not out_dir.exists() or (out_dir.is_dir() and not any(out_dir.iterdir())):
+    check_replaceable(out_dir, "plots", overwrite=True)  # new, empty or its own: a user's loss.png is not replaced
+    if not is_dpokit_artifact(out_dir, "plots"):
         out_dir.mkdir(parents=True, exist_ok=True)
         write_marker(out_dir, "plots")
-    elif not is_dpokit_artifact(out_dir, "plots"):  # a folder of the user's: its loss.png is not ours to replace
-        raise DpokitError(refusal(out_dir, "plots", not_own_reason(out_dir, "plots")))
     records = read_metrics(run_dir)
     written = []
     terms = sorted({key for r in records for key in r if key.startswith("loss/")})  # a weighted combination's terms

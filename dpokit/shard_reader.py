@@ -55,11 +55,15 @@ class _MetadataUnpickler(pickle.Unpickler):
         )
 
 
+def read_metadata(path: Path):
+    """A DCP metadata file, through the unpickler that builds only what such a file holds."""
+    with Path(path).open("rb") as stream:
+        return _MetadataUnpickler(stream, Path(path)).load()
+
+
 class _SafeReader(FileSystemReader):
     def read_metadata(self, *args: Any, **kwargs: Any):
-        path = Path(self._get_metadata_path(kwargs.get("rank")))
-        with self.fs.create_stream(path, "rb") as stream:
-            metadata = _MetadataUnpickler(stream, path).load()
+        metadata = read_metadata(Path(self._get_metadata_path(kwargs.get("rank"))))
         if getattr(metadata, "storage_meta", None) is None:
             from torch.distributed.checkpoint.metadata import StorageMeta
 
@@ -82,9 +86,10 @@ class _SafePlanner(DefaultLoadPlanner):
 def load_shards(state_dict: dict[str, Any], shards: Path) -> None:
     """`dcp.load` of `shards` into `state_dict` (in place, resharded to this process group), executing nothing
     the files carry; a file that tries stops the load with `UnsafeCheckpoint`."""
-    for path in sorted(Path(shards).glob("*.metadata")) + sorted(Path(shards).glob(".metadata")):
-        with path.open("rb") as stream:  # DCP reads it again below (with the same unpickler), after this check
-            _MetadataUnpickler(stream, path).load()
+    # DCP turns a failed metadata read into the text of an AssertionError: check first, so that a file carrying
+    # code is refused as `UnsafeCheckpoint` (DCP then reads it again through the same unpickler).
+    for path in sorted(Path(shards).glob("*.metadata")):  # ".metadata" and any per-rank "__N.metadata"
+        read_metadata(path)
     try:
         dcp.load(state_dict, storage_reader=_SafeReader(str(shards)), planner=_SafePlanner())
     except CheckpointException as exc:
@@ -102,8 +107,7 @@ def shard_damage(shards: Path) -> Optional[str]:
     if not metadata_path.is_file():
         return f"{metadata_path} is missing"
     try:
-        with metadata_path.open("rb") as stream:
-            metadata = _MetadataUnpickler(stream, metadata_path).load()
+        metadata = read_metadata(metadata_path)
     except UnsafeCheckpoint:
         raise
     except Exception as exc:  # truncated or corrupted pickle
