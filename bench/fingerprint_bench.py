@@ -12,10 +12,12 @@ in a temporary directory, then times:
 - the reference pass itself (``compute_reference_cache``, what ``dpokit ref-logps`` runs) over
   ``--pass-pairs`` synthetic pairs on the same checkpoint, to put the hash next to the work it guards.
 
-The temporary directory is deleted at the end. Prints markdown tables.
+The basis of `dpokit.fingerprint.weights_fingerprint`'s cost (bench/fingerprint_results.md). The temporary
+directory is deleted at the end.
 
     python bench/fingerprint_bench.py                  # ~1 GB checkpoint, 3 repeats, a pass over 8 pairs
     python bench/fingerprint_bench.py --pass-pairs 0   # the hash timings only
+    python bench/fingerprint_bench.py --quick          # a 1 MB checkpoint, a pass over 2 pairs: checks that it runs
 """
 
 from __future__ import annotations
@@ -24,12 +26,11 @@ import argparse
 import hashlib
 import math
 import os
-import platform
 import tempfile
 import time
 from pathlib import Path
 
-from ref_logps_bench import build_model, build_prepared  # bench/ is sys.path[0] when run as a script
+import harness
 
 
 def evict_from_page_cache(directory: Path) -> None:
@@ -50,11 +51,10 @@ def read_only(directory: Path, block: int = 16 << 20) -> int:
 
 
 def old_sampled_fingerprint(directory: Path) -> str:
-    """The fingerprint before issue 10: config, then per tensor its name, dtype, shape and a strided sample."""
+    """The fingerprint before issue 10: config, then per tensor its name, dtype, shape and a strided sample
+    (the config's bytes as they are, where it hashed them canonicalised: the same cost)."""
     import torch
     from safetensors import safe_open
-
-    from dpokit.fingerprint import CONFIG_FILES, _canonical_config
 
     def sample_steps(shape: list[int], budget: int = 1 << 16) -> list[int]:
         steps = []
@@ -68,10 +68,10 @@ def old_sampled_fingerprint(directory: Path) -> str:
         return steps
 
     digest = hashlib.sha256()
-    for name in CONFIG_FILES:
+    for name in ("config.json", "adapter_config.json"):
         if (directory / name).is_file():
             digest.update(name.encode())
-            digest.update(_canonical_config(directory / name))
+            digest.update((directory / name).read_bytes())
     for path in sorted(directory.glob("*.safetensors")):
         digest.update(path.name.encode())
         with safe_open(str(path), framework="pt") as handle:
@@ -103,7 +103,7 @@ def run_pass(workdir: Path, batch_size: int) -> tuple[float, float, int]:
     return time.perf_counter() - start, report.seconds, report.tokens
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--layers", type=int, default=16, help="16 layers of hidden 1024, vocab 32000: ~1.0 GB in float32")
@@ -112,7 +112,8 @@ def main() -> None:
     parser.add_argument("--pass-pairs", type=int, default=8, help="pairs for the reference pass; 0 skips it")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2, help="torch threads for the pass")
-    args = parser.parse_args()
+    args = harness.arguments(parser, __file__, argv,
+                             quick=dict(hidden=64, layers=2, vocab=1000, repeats=1, pass_pairs=2, threads=1))
 
     import torch
 
@@ -122,43 +123,45 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         model = workdir / "model"
-        build_model(model, args.vocab, args.hidden, args.layers)
-        files = sorted(model.glob("*.safetensors"))
-        size = sum(p.stat().st_size for p in files)
+        harness.llama(model, args.vocab, args.hidden, args.layers)
+        size = sum(p.stat().st_size for p in model.glob("*.safetensors"))
 
         evict_from_page_cache(model)
         cold = timed(weights_fingerprint, model)
         warm = min(timed(weights_fingerprint, model) for _ in range(args.repeats))
         read = min(timed(read_only, model) for _ in range(args.repeats))
         old = min(timed(old_sampled_fingerprint, model) for _ in range(args.repeats))
-
-        print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; "
-              f"checkpoint: {len(files)} safetensors file(s), {size / 1e9:.3f} GB ({size:,} bytes), "
-              f"Llama {args.layers} layers, hidden {args.hidden}, vocab {args.vocab}, float32\n")
-        print("| what | seconds | GB/s |")
-        print("|---|---:|---:|")
         rows = [
-            ("weights_fingerprint, files evicted from the page cache (1 run)", cold),
-            (f"weights_fingerprint, page cache warm (best of {args.repeats})", warm),
+            ("`weights_fingerprint`, files evicted from the page cache (1 run)", cold),
+            (f"`weights_fingerprint`, page cache warm (best of {args.repeats})", warm),
             (f"read only, no hashing, warm (best of {args.repeats})", read),
             (f"old sampled fingerprint, warm (best of {args.repeats})", old),
         ]
-        for name, seconds in rows:
-            print(f"| {name} | {seconds:.3f} | {size / 1e9 / seconds:.2f} |")
-
+        body = [
+            f"Checkpoint: {size:,} bytes of float32 safetensors (Llama, {args.layers} layers, hidden {args.hidden}, "
+            f"vocab {args.vocab}).",
+            "",
+            *harness.table(["what", "seconds", "GB/s"], [(name, f"{s:.3f}", f"{size / 1e9 / s:.2f}") for name, s in rows], "lrr"),
+        ]
         if args.pass_pairs:
-            build_prepared(workdir / "prepared", args.pass_pairs, args.vocab, seed=0)
+            harness.write_rows(workdir / "prepared", harness.reference_pass_rows(args.pass_pairs, args.vocab))
             total, pass_seconds, tokens = run_pass(workdir, args.batch_size)
-            print(f"\nreference pass on the same checkpoint ({args.pass_pairs} pairs, {tokens:,} tokens, "
-                  f"batch size {args.batch_size}, {args.threads} torch threads, float32, CPU):\n")
-            print("| what | seconds |")
-            print("|---|---:|")
-            print(f"| ref-logps pass (as it reports it) | {pass_seconds:.1f} |")
-            print(f"| per pair | {pass_seconds / args.pass_pairs:.2f} |")
-            print(f"| whole compute_reference_cache call (load, fingerprint, pass, writes) | {total:.1f} |")
-            print(f"\nwarm fingerprint = {warm / pass_seconds:.1%} of the pass over {args.pass_pairs} pairs, "
-                  f"{warm / (pass_seconds / args.pass_pairs):.2f} pairs' worth of pass time "
-                  f"(cold: {cold / (pass_seconds / args.pass_pairs):.2f})")
+            per_pair = pass_seconds / args.pass_pairs
+            body += [
+                "",
+                f"The reference pass on the same checkpoint ({args.pass_pairs} pairs, {tokens:,} tokens, batch size "
+                f"{args.batch_size}, {args.threads} torch threads, float32):",
+                "",
+                *harness.table(["what", "seconds"], [
+                    ("ref-logps pass (as it reports it)", f"{pass_seconds:.1f}"),
+                    ("per pair", f"{per_pair:.2f}"),
+                    ("whole `compute_reference_cache` call (load, fingerprint, pass, writes)", f"{total:.1f}"),
+                ], "lr"),
+                "",
+                f"Warm fingerprint = {warm / pass_seconds:.1%} of the pass over {args.pass_pairs} pairs, the pass time of "
+                f"{warm / per_pair:.2f} pairs (from disk: {cold / per_pair:.2f}).",
+            ]
+    harness.publish("weights_fingerprint", body, args)
 
 
 if __name__ == "__main__":

@@ -1,14 +1,18 @@
 """Long rows: one training step with the old dense ``[R, 1, L, L]`` mask and with the O(L) layout attention.
 
-    python bench/long_context_bench.py                      # writes bench/long_context_results.md
-    python bench/long_context_bench.py --models tiny --workloads w64,w128,w256,w384,w512,short --steps 5 --out bench/long_context_short_rows_results.md
+    python bench/long_context_bench.py                      # appends a dated section to bench/long_context_results.md
+    python bench/long_context_bench.py --models tiny --workloads w64,w128,w256,w384,w512,short --steps 5
+    python bench/long_context_bench.py --quick              # tiny model, two small batches, in this process
 
 One step is the decoder (`dpokit.logps.run_decoder`, ``dense=True``: the old path, which builds the mask with
 `dpokit.data.collate.dense_mask` and hands it to SDPA; ``dense=False``: `dpokit.attention`), the completion
 log-probs (`dpokit.logps.completion_logps`) and the backward of the DPO-style quantity
 ``(logps[:B] - logps[B:]).sum()``: full fine-tuning gradients, float32, a Llama built from its config with
 seeded random weights, ``attn_implementation="sdpa"``. No optimizer step, so every step computes the same
-numbers. Batches are prefix-shared and packed (`collate_pairs(..., packing=True, prefix_sharing=True)`).
+numbers. Batches are prefix-shared and packed (`collate_pairs(..., packing=True, prefix_sharing=True)`). The layout
+path runs the layout kernels at every width (`dpokit.attention.kernels_at_every_width`), where training keeps the
+mask for rows of at most `dpokit.attention.DENSE_MAX_WIDTH` columns: the short-row sweep (second command) is the
+basis of that constant.
 
 Each (workload, model, path) runs in a fresh child process (this script with ``--child``), so its peak RSS
 (``getrusage(RUSAGE_SELF).ru_maxrss``, which includes building the model) is that configuration's alone; the
@@ -24,20 +28,17 @@ a mask runs the CPU flash kernel, which takes the mask itself: it converts the b
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
-import os
-import platform
-import resource
-import shlex
 import statistics
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Optional
 
-HERE = Path(__file__).parent
+import harness
+
 GIB = 1 << 30
 
 MODELS = {
@@ -92,7 +93,8 @@ WORKLOADS = {
 # Child: one configuration
 
 
-def child(args) -> None:
+def child(args) -> dict:
+    """One (workload, model, path): ``--steps`` timed steps after ``--warmup``, the log-probs and gradient norms."""
     import numpy as np
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -101,8 +103,6 @@ def child(args) -> None:
     from dpokit.data.collate import collate_pairs
     from dpokit.logps import completion_logps, decoder_and_head, run_decoder
 
-    if args.path == "layout":  # the layout kernels at every width (dpokit keeps the mask up to DENSE_MAX_WIDTH)
-        attention.DENSE_MAX_WIDTH = 0
     torch.set_num_threads(1)
     torch.manual_seed(0)
     spec = MODELS[args.model]
@@ -130,24 +130,24 @@ def child(args) -> None:
         (logps[:b] - logps[b:]).sum().backward()
         return logps.detach()
 
-    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    rss_before = harness.peak_rss_mib()
     seconds = []
-    for i in range(args.warmup + args.steps):
-        started = time.perf_counter()
-        logps = step()
-        elapsed = time.perf_counter() - started
-        if i >= args.warmup:
-            seconds.append(elapsed)
-        print(f"  step {i + 1}: {elapsed:.2f} s", file=sys.stderr, flush=True)
+    with contextlib.nullcontext() if dense else attention.kernels_at_every_width():
+        for i in range(args.warmup + args.steps):
+            started = time.perf_counter()
+            logps = step()
+            elapsed = time.perf_counter() - started
+            if i >= args.warmup:
+                seconds.append(elapsed)
+            print(f"  step {i + 1}: {elapsed:.2f} s", file=sys.stderr, flush=True)
     grad_norms = [float(p.grad.norm()) if p.grad is not None else 0.0 for p in model.parameters()]
-    result = {
+    return {
         "rows": int(batch.input_ids.shape[0]), "width": int(batch.input_ids.shape[1]), "tokens": batch.num_tokens,
         "params": sum(p.numel() for p in model.parameters()),
         "step_s": statistics.median(seconds), "steps_s": seconds,
-        "rss_before_mib": rss_before, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "rss_before_mib": rss_before, "peak_rss_mib": harness.peak_rss_mib(),
         "chosen": logps[:b].tolist(), "rejected": logps[b:].tolist(), "grad_norms": grad_norms,
     }
-    print("RESULT " + json.dumps(result), flush=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -161,6 +161,10 @@ def dense_estimate_gib(workload: Workload, model: str) -> float:
 
 
 def run_child(args, workload: str, model: str, path: str, steps: int) -> dict:
+    """One configuration in a fresh process (its own peak RSS; this one with --quick), with its status."""
+    options = argparse.Namespace(workload=workload, model=model, path=path, steps=steps, warmup=args.warmup)
+    if args.quick:
+        return child(options) | {"status": "ok", "wall_s": 0.0, "steps": steps}
     command = [sys.executable, __file__, "--child", "--workload", workload, "--model", model, "--path", path,
                "--steps", str(steps), "--warmup", str(args.warmup)]
     started = time.perf_counter()
@@ -170,11 +174,10 @@ def run_child(args, workload: str, model: str, path: str, steps: int) -> dict:
         return {"status": f"timeout after {args.timeout} s"}
     wall = time.perf_counter() - started
     sys.stderr.write(done.stderr[-2000:])
-    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-    if done.returncode != 0 or not lines:
+    if done.returncode != 0 or not done.stdout.strip():
         tail = (done.stderr.strip().splitlines() or ["?"])[-1]
         return {"status": f"failed (exit {done.returncode}): {tail[:200]}"}
-    result = json.loads(lines[-1][len("RESULT "):])
+    result = json.loads(done.stdout.strip().splitlines()[-1])
     result.update(status="ok", wall_s=wall, steps=steps)
     return result
 
@@ -194,11 +197,7 @@ def plan(args) -> list[tuple[str, str, Optional[str], int]]:
     return configs
 
 
-def fmt(value: Optional[float], spec: str) -> str:
-    return "-" if value is None else format(value, spec)
-
-
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--path", choices=("dense", "layout"), help=argparse.SUPPRESS)
@@ -211,17 +210,13 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--timeout", type=int, default=900, help="seconds per child")
     parser.add_argument("--dense-limit-gib", type=float, default=12.0)
-    parser.add_argument("--out", type=Path, default=HERE / "long_context_results.md")
-    args = parser.parse_args()
+    args = harness.arguments(parser, __file__, argv, quick=dict(models=["tiny"], workloads=["w128", "2k"], steps=1, warmup=0))
     if args.child:
-        child(args)
+        print(json.dumps(child(args)))
         return
 
-    import torch
-
-    results = {}
+    results, params = {}, {}
     started = time.perf_counter()
-    params = {}
     for workload, model, reason, steps in plan(args):
         for path in ("dense", "layout"):
             estimate = dense_estimate_gib(WORKLOADS[workload], model) if path == "dense" else None
@@ -234,89 +229,53 @@ def main() -> None:
                 results[workload, model, path] = run_child(args, workload, model, path, steps)
                 if "params" in results[workload, model, path]:
                     params[model] = results[workload, model, path]["params"]
-            print(f"  {workload} / {model} / {path}: " + json.dumps({k: v for k, v in results[workload, model, path].items()
-                                                                   if k not in ("chosen", "rejected", "grad_norms")}),
-                  file=sys.stderr, flush=True)
     total = time.perf_counter() - started
 
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               platform.processor())
-    command = "python bench/long_context_bench.py" + "".join(
-        f" {flag} {shlex.quote(str(value))}" for flag, value, default in [
-            ("--models", ",".join(args.models), ",".join(MODELS)),
-            ("--workloads", ",".join(args.workloads), "short,2k,8k,8k-multi,32k"),
-            ("--steps", args.steps, 3), ("--big-steps", args.big_steps, 1), ("--warmup", args.warmup, 1),
-            ("--timeout", args.timeout, 900), ("--dense-limit-gib", args.dense_limit_gib, 12.0),
-        ] if str(value) != str(default))
-    if args.out != HERE / "long_context_results.md":
-        command += f" --out {shlex.quote(str(args.out))}"
-    lines = [
-        "# Long rows: the dense mask against the O(L) layout attention",
-        "",
-        "Command:",
-        "",
-        "```bash",
-        command,
-        "```",
-        "",
-        f"Machine: {cpu}, {os.cpu_count()} cores (1 torch thread per child; the other core may have been busy), "
-        f"torch {torch.__version__}, Python {platform.python_version()}; whole run {total / 60:.1f} min.",
-        "",
-        "Models (Llama from config, seeded random weights, float32, sdpa, untied head): "
-        + "; ".join(f"`{name}` = hidden {m['hidden_size']}, {m['num_hidden_layers']} layers, "
-                    f"{m['num_attention_heads']} heads / {m['num_key_value_heads']} kv heads, intermediate "
-                    f"{m['intermediate_size']}, vocab {m['vocab_size']}"
-                    + (f": {params[name]:,} parameters" if name in params else "")
-                    for name, m in MODELS.items() if name in args.models) + ".",
-        "",
-        f"One step = decoder + completion log-probs + backward of `(logps[:B] - logps[B:]).sum()`. Step time: median of "
-        f"{args.steps} timed steps after {args.warmup} warm-up (100M on batches of 4k tokens or more: {args.big_steps} "
-        f"timed step(s) after the warm-up, see 'steps', to keep the run under ~40 min). Peak RSS: the child's `ru_maxrss`, model and runtime included ('RSS before' is the peak before "
-        f"the first step). Ratios are dense / layout. max abs dlogp: largest |dense - layout| over the batch's "
-        f"chosen and rejected log-probs; grad: largest relative difference of a parameter's gradient norm.",
-        "",
-        "| workload | model | path | rows x row length | steps | step (s) | peak RSS (MiB) | RSS before (MiB) "
-        "| time dense/layout | memory dense/layout | max abs dlogp (max abs logp) | grad norm rel. diff |",
-        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---|---|",
-    ]
-    problems = []
+    rows, problems = [], []
     for workload, model, reason, steps in plan(args):
         w = WORKLOADS[workload]
-        rows, width = w.rows_and_width()
         dense, layout = results[workload, model, "dense"], results[workload, model, "layout"]
-        both = dense.get("status") == "ok" and layout.get("status") == "ok"
-        time_ratio = mem_ratio = None
-        agree = grads = ""
-        if both:
-            time_ratio = dense["step_s"] / layout["step_s"]
-            mem_ratio = dense["peak_rss_mib"] / layout["peak_rss_mib"]
+        time_ratio = mem_ratio = agree = grads = ""
+        if dense.get("status") == "ok" and layout.get("status") == "ok":
+            time_ratio = f"{dense['step_s'] / layout['step_s']:.2f}x"
+            mem_ratio = f"{dense['peak_rss_mib'] / layout['peak_rss_mib']:.2f}x"
             a, b = dense["chosen"] + dense["rejected"], layout["chosen"] + layout["rejected"]
             delta = max(abs(x - y) for x, y in zip(a, b))
             scale = max(abs(x) for x in a)
             agree = f"{delta:.2e} ({scale:.4g})"
-            rel = max(abs(x - y) / max(abs(x), 1e-12) for x, y in zip(dense["grad_norms"], layout["grad_norms"]))
-            grads = f"{rel:.1e}"
+            grads = f"{max(abs(x - y) / max(abs(x), 1e-12) for x, y in zip(dense['grad_norms'], layout['grad_norms'])):.1e}"
             if delta > 1e-5 * scale + 1e-3:  # float32 sums of thousands of token log-probs
                 problems.append(f"{workload} / {model}: max |dlogp| {delta:.3e} (|logp| up to {scale:.4g})")
         for path, r in (("dense", dense), ("layout", layout)):
             estimate = f" (mask est. {dense_estimate_gib(w, model):.2f} GiB)" if path == "dense" else ""
-            if r.get("status") != "ok":
-                lines.append(f"| {w.name} | {model} | {path} | {rows} x {width:,}{estimate} | - | {r['status']} | - | - | - | - | - | - |")
-                continue
             first = path == "dense"
-            lines.append(
-                f"| {w.name} | {model} | {path} | {r['rows']} x {r['width']:,}{estimate} | {r['steps']} | {r['step_s']:.2f} "
-                f"| {r['peak_rss_mib']:,.0f} | {r['rss_before_mib']:,.0f} "
-                f"| {fmt(time_ratio, '.2f') + 'x' if first and time_ratio else ''} "
-                f"| {fmt(mem_ratio, '.2f') + 'x' if first and mem_ratio else ''} | {agree if first else ''} | {grads if first else ''} |"
-            )
-    lines += ["", "## Reading", "", "_(filled in below after the run)_", ""]
+            if r.get("status") != "ok":
+                width = w.rows_and_width()
+                rows.append((w.name, model, path, f"{width[0]} x {width[1]:,}{estimate}", "-", r["status"], "-", "-",
+                             "", "", "", ""))
+                continue
+            rows.append((w.name, model, path, f"{r['rows']} x {r['width']:,}{estimate}", r["steps"], f"{r['step_s']:.2f}",
+                         f"{r['peak_rss_mib']:,.0f}", f"{r['rss_before_mib']:,.0f}", time_ratio if first else "",
+                         mem_ratio if first else "", agree if first else "", grads if first else ""))
+    body = [
+        "Models (Llama from config, seeded random weights, float32, sdpa, untied head): "
+        + "; ".join(f"`{name}` = hidden {m['hidden_size']}, {m['num_hidden_layers']} layers, {m['num_attention_heads']} "
+                    f"heads / {m['num_key_value_heads']} kv heads, vocab {m['vocab_size']}"
+                    + (f": {params[name]:,} parameters" if name in params else "")
+                    for name, m in MODELS.items() if name in args.models)
+        + f". Median of {args.steps} timed steps after {args.warmup} warm-up ({args.big_steps} for 100M on 4k+ tokens); "
+        "peak RSS is the child's `ru_maxrss`; ratios are dense / layout; dlogp is the largest |dense - layout| log-prob, "
+        f"grad the largest relative difference of a parameter's gradient norm. Whole run {total / 60:.1f} min.",
+        "",
+        *harness.table(["workload", "model", "path", "rows x row length", "steps", "step (s)", "peak RSS (MiB)",
+                        "RSS before (MiB)", "time dense/layout", "memory dense/layout", "max abs dlogp (max abs logp)",
+                        "grad norm rel. diff"], rows, "llllrrrrrrll"),
+    ]
     if problems:
-        lines += ["Log-prob mismatches:", ""] + [f"- {p}" for p in problems] + [""]
-    raw = {f"{w}/{m}/{p}": {k: v for k, v in r.items() if k != "grad_norms"} for (w, m, p), r in results.items()}
-    lines += ["<details><summary>raw results (JSON)</summary>", "", "```json", json.dumps(raw, indent=1), "```", "", "</details>", ""]
-    args.out.write_text("\n".join(lines))
-    print("\n".join(lines[: lines.index("## Reading")]))
+        body += ["", "Log-prob mismatches:", "", *[f"- {p}" for p in problems]]
+    harness.publish("dense mask against layout attention", body, args)
+    if problems:
+        raise SystemExit("the dense and layout paths disagree")
 
 
 if __name__ == "__main__":

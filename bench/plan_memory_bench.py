@@ -1,9 +1,7 @@
 """Benchmark: `dpokit plan`'s estimate against memory measured on CPU.
 
-Two measurements on a small Llama-style model (GQA, gated MLP) and prepared pairs of fixed lengths:
-
-The model and data come from `bench/fsdp_memory_bench.py` (a Llama-style model with a word-level tokenizer,
-random prompt/chosen/rejected ids of half `--length` tokens each).
+Two measurements on a small Llama-style model (GQA, gated MLP, a word-level tokenizer) and prepared pairs of
+random ids, prompt, chosen and rejected each half `--length` tokens:
 
 1. Allocator peak of one training step (the second, when AdamW's state exists), in this process: every
    allocation and free of the step recorded by torch's profiler (``profile_memory=True``), replayed in
@@ -15,23 +13,19 @@ random prompt/chosen/rejected ids of half `--length` tokens each).
    the activations add, compared with the difference of the plan's peaks (RSS itself also holds the
    Python/torch runtime, the data and the loaded checkpoint).
 
-    python bench/plan_memory_bench.py            # writes bench/plan_memory_results.md (about 10 minutes on 2 cores)
+    python bench/plan_memory_bench.py            # appends to bench/plan_memory_results.md (about 10 minutes on 2 cores)
+    python bench/plan_memory_bench.py --quick    # a tiny model, two configs, in this process: checks that it runs
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-from fsdp_memory_bench import build_model, build_prepared
+import harness
 
-HERE = Path(__file__).parent
 CASES = [  # overrides of the tiny_lora config; each is one row of the allocator table
     ["model.method=lora"],
     ["model.method=lora", "model.activation_checkpointing=true"],
@@ -98,26 +92,18 @@ def planned(cfg, model_dir: Path, prepared: Path):
     return estimate(census, cfg, workload(cfg, str(prepared)), 1, "cpu")
 
 
-def rss_run(workdir: Path, overrides: list[str], batch: int) -> float:
+def rss_run(workdir: Path, overrides: list[str], batch: int, quick: bool) -> float:
     """Peak RSS (MiB, as `ru_maxrss` gives it) of a 2-step `dpokit train` run on the long pairs."""
     run_dir = workdir / f"run_{batch}_{abs(hash(tuple(overrides)))}"
-    command = [
-        sys.executable, "-m", "dpokit", "train", "--config", "tiny_lora", f"model.path={workdir / 'model'}",
-        f"data.path={workdir / 'prepared_long'}", f"output.dir={run_dir}", "training.max_steps=2", "training.eval_every=0",
-        f"data.batch_size={batch}", "output.overwrite=true", "logging.report_to=[]", *overrides,
-    ]
-    subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return max(r["peak_memory_mb"] for r in records if r["split"] == "train")
+    harness.dpokit_train([
+        f"model.path={workdir / 'model'}", f"data.path={workdir / 'prepared_long'}", f"output.dir={run_dir}",
+        "training.max_steps=2", "training.eval_every=0", f"data.batch_size={batch}", "output.overwrite=true",
+        "logging.report_to=[]", *overrides,
+    ], quick)
+    return max(r["peak_memory_mb"] for r in harness.train_records(run_dir))
 
 
-def add_row(lines: list[str], cells: list[str]) -> None:
-    """Append a markdown table row to `lines` and show it now (the runs take minutes)."""
-    lines.append(f"| {' | '.join(cells)} |")
-    print(lines[-1], flush=True)
-
-
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--layers", type=int, default=4)
@@ -125,65 +111,55 @@ def main() -> None:
     parser.add_argument("--length", type=int, default=160, help="tokens per sequence (prompt + completion)")
     parser.add_argument("--rss-length", type=int, default=512, help="tokens per sequence of the `dpokit train` runs")
     parser.add_argument("--rss-batches", type=int, nargs=2, default=(8, 16), help="the two batch sizes of those runs")
-    parser.add_argument("--out", type=Path, default=HERE / "plan_memory_results.md")
-    args = parser.parse_args()
+    args = harness.arguments(parser, __file__, argv,
+                             quick=dict(hidden=64, layers=2, vocab=1000, length=32, rss_length=64, rss_batches=(2, 4)))
+    cases = [CASES[0], CASES[5]] if args.quick else CASES
 
     from dpokit.config import load_config
 
-    lines = [
-        "# `dpokit plan` against measured memory (CPU)",
-        "",
-        f"Command: `python bench/plan_memory_bench.py --hidden {args.hidden} --layers {args.layers} --vocab {args.vocab} "
-        f"--length {args.length}`",
-        "",
-        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, CPU only. Model: Llama-style "
-        f"(bench/fsdp_memory_bench.py), hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}. Pairs: prompt, "
-        f"chosen and rejected {args.length // 2} tokens each (all alike: the plan's longest pair is every pair).",
-        "",
-        "## Allocator peak of one training step",
-        "",
-        "| overrides of tiny_lora | planned peak (MiB) | measured peak (MiB) | planned / measured | planned saved activations (MiB) | measured at the start of backward (MiB) |",
-        "|---|---:|---:|---:|---:|---:|",
-    ]
     small, large = args.rss_batches
+    step_rows, rss_rows = [], []
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
-        build_model(workdir / "model", args.vocab, args.hidden, args.layers)
-        build_prepared(workdir / "prepared", 16, args.vocab, args.length)
-        build_prepared(workdir / "prepared_long", 2 * max(args.rss_batches), args.vocab, args.rss_length)
-        for overrides in CASES:
+        harness.llama(workdir / "model", args.vocab, args.hidden, args.layers)
+        half, long_half = args.length // 2, args.rss_length // 2
+        harness.write_rows(workdir / "prepared", harness.random_pairs(16, args.vocab, half, half, half))
+        harness.write_rows(workdir / "prepared_long",
+                           harness.random_pairs(2 * max(args.rss_batches), args.vocab, long_half, long_half, long_half))
+        for overrides in cases:
             cfg = load_config("tiny_lora", [f"model.path={workdir / 'model'}", *overrides], world_size=1)
             alive, peak, at_backward = measured_step_peak(cfg, workdir / "prepared")
             plan = planned(cfg, workdir / "model", workdir / "prepared")
             measured = alive + peak
-            add_row(lines, [" ".join(overrides), f"{plan.total / 2**20:.1f}", f"{measured / 2**20:.1f}",
-                            f"{plan.total / measured:.2f}", f"{plan.bytes('activations (saved)') / 2**20:.1f}",
-                            f"{at_backward / 2**20:.1f}"])
-        lines += [
-            "",
-            f"## Peak RSS of `dpokit train` (2 steps) at batch {small} and {large}, sequences of {args.rss_length} tokens",
-            "",
-            f"| overrides of tiny_lora | RSS batch {small} (MiB) | RSS batch {large} (MiB) | measured difference (MiB) | "
-            f"planned peak batch {small} / {large} (MiB) | planned difference (MiB) |",
-            "|---|---:|---:|---:|---:|---:|",
-        ]
-        for overrides in (["model.method=lora", "reference.source=live"], ["model.method=full", "loss={name: simpo}"]):
-            rss = [rss_run(workdir, overrides, b) for b in (small, large)]
+            step_rows.append((" ".join(overrides), f"{plan.total / 2**20:.1f}", f"{measured / 2**20:.1f}",
+                              f"{plan.total / measured:.2f}", f"{plan.bytes('activations (saved)') / 2**20:.1f}",
+                              f"{at_backward / 2**20:.1f}"))
+            print(" | ".join(step_rows[-1]), file=sys.stderr, flush=True)
+        for overrides in (["model.method=lora", "reference.source=live"], ["model.method=full", "loss.name=simpo"]):
+            rss = [rss_run(workdir, overrides, b, args.quick) for b in (small, large)]
             plans = [planned(load_config("tiny_lora", [f"model.path={workdir / 'model'}", *overrides, f"data.batch_size={b}"],
                                          world_size=1), workdir / "model", workdir / "prepared_long").total / 2**20
                      for b in (small, large)]
-            add_row(lines, [" ".join(overrides), f"{rss[0]:.0f}", f"{rss[1]:.0f}", f"{rss[1] - rss[0]:.0f}",
-                            f"{plans[0]:.0f} / {plans[1]:.0f}", f"{plans[1] - plans[0]:.0f}"])
-    lines += [
+            rss_rows.append((" ".join(overrides), f"{rss[0]:.0f}", f"{rss[1]:.0f}", f"{rss[1] - rss[0]:.0f}",
+                             f"{plans[0]:.0f} / {plans[1]:.0f}", f"{plans[1] - plans[0]:.0f}"))
+            print(" | ".join(rss_rows[-1]), file=sys.stderr, flush=True)
+    body = [
+        f"Llama-style, hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}; prompt, chosen and rejected "
+        f"{args.length // 2} tokens each (all alike: the plan's longest pair is every pair).",
         "",
-        "Allocator peaks count tensors only (what `torch.cuda.max_memory_allocated` counts on a GPU): not the "
-        "runtime, not allocator slack. RSS (`peak_memory_mb` in metrics.jsonl, `ru_maxrss`) also holds the runtime, "
-        "the data and the checkpoint loaded; its difference between batch sizes is what the activations add, "
-        "including memory glibc's allocator keeps after it is freed. CUDA kernels (SDPA's "
-        "efficient attention, cuBLAS workspaces) and the caching allocator's rounding are not measured here: no GPU.",
+        "Allocator peak of one training step (tensors only: what `torch.cuda.max_memory_allocated` counts on a GPU):",
+        "",
+        *harness.table(["overrides of tiny_lora", "planned peak (MiB)", "measured peak (MiB)", "planned / measured",
+                        "planned saved activations (MiB)", "measured at the start of backward (MiB)"], step_rows, "lrrrrr"),
+        "",
+        f"Peak RSS of `dpokit train` (2 steps) at batch {small} and {large}, sequences of {args.rss_length} tokens (the "
+        "difference is what the activations add):",
+        "",
+        *harness.table(["overrides of tiny_lora", f"RSS batch {small} (MiB)", f"RSS batch {large} (MiB)",
+                        "measured difference (MiB)", f"planned peak batch {small} / {large} (MiB)",
+                        "planned difference (MiB)"], rss_rows, "lrrrrr"),
     ]
-    args.out.write_text("\n".join(lines) + "\n")
-    print(f"wrote {args.out}")
+    harness.publish("`dpokit plan` against measured memory", body, args)
 
 
 if __name__ == "__main__":

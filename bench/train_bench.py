@@ -21,15 +21,13 @@ layers, hidden 256, intermediate 1024, 4 heads), and ``--pairs`` plain-text pair
 same token ids. ``dpokit ref-logps`` runs once (its cost is reported separately) and serves both
 methods, since the reference is the base model in both.
 
-Measurement, the same for every variant: a step ends when dpokit's recipe logs it (``dpokit train``
-is run through `dpokit.cli.main` in a child, with a clock on its per-step log call) or when TRL
-calls ``on_step_end``; a step's time is the interval between consecutive step ends, so it holds
-everything the loop does (fetching and collating the batch, forward, backward, optimizer, logging).
-The first ``--warmup`` steps are left out. Pairs/s is the timed pairs over the summed time of the
-timed steps; pairs per CPU-second (the child's ``process_time``) is given beside it, because the
-machine is shared and wall time moves with other people's load. Peak RSS is the child's
-``getrusage`` maximum at its last step end (dpokit's final checkpoint write is not counted; the
-whole-process peak is in the details table); on CUDA, peak allocated CUDA memory is reported.
+Measurement: each dpokit variant is the ``dpokit train`` command, and a step's time is the one the recipe
+logs in ``metrics.jsonl`` (``pairs_per_s``: fetching and collating the batch, forward, backward,
+optimizer); TRL's is the interval between consecutive ``on_step_end`` calls of a callback. The first
+``--warmup`` steps are left out. Pairs/s is the timed pairs over the summed time of the timed steps.
+Peak RSS is the process's ``getrusage`` maximum at its last step (dpokit's ``peak_memory_mb``; the final
+checkpoint write is not counted, the whole-process peak is in the details table); on CUDA, peak allocated
+CUDA memory.
 TRL (``train_sampling_strategy="sequential"``) and the ungrouped dpokit variants
 (``data.shuffle=false``) read the pairs in dataset order, so they time exactly the same batches and
 their losses can be compared step by step; ``group_by_length`` draws its own seeded, shuffled
@@ -38,19 +36,18 @@ Each process uses one torch thread (``--threads``): on a shared machine a second
 stalls whenever another process holds its core. ``--rounds 2`` runs every dpokit variant twice,
 the second time in reverse order, and pools both (TRL runs once: its gap is far above the spread).
 
-    python bench/train_bench.py                     # the full run (~23 min on 2 cores), writes bench/RESULTS.md
-    python bench/train_bench.py --rounds 2          # as bench/RESULTS.md was made (~33 min)
-    python bench/train_bench.py --quick             # the headline ratio in about 4 minutes (200 pairs), prints only
+    python bench/train_bench.py --rounds 2          # the README's headline (~33 min on 2 cores), appends to bench/train_results.md
+    python bench/train_bench.py --pairs 200 --only trl,packprefix --steps 3 --warmup 1 --shape long   # TRL vs the default, minutes
     python bench/train_bench.py --methods lora --only trl,cache,best --steps 4 --out /tmp/r.md
+    python bench/train_bench.py --quick             # a toy workload in seconds (TRL if installed): checks that it runs
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
-import platform
-import resource
 import shlex
 import statistics
 import subprocess
@@ -63,11 +60,11 @@ from typing import Optional
 
 import numpy as np
 
-from prepare_bench import cpu_model  # bench/ is on sys.path when this script runs
+import harness
 
-ROOT = Path(__file__).resolve().parents[1]
-VOCAB_SIZE = 32_000
 EOS, PAD = "</s>", "<pad>"
+MODEL = dict(vocab=32_000, hidden=256, layers=4, words=60_000, corpus=20_000)  # the headline's workload
+QUICK_MODEL = dict(vocab=1_000, hidden=64, layers=2, words=2_000, corpus=500)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -114,8 +111,8 @@ class TextSource:
         return "".join(" " + w for w in picked)
 
 
-def build_tokenizer(out: Path, source: TextSource) -> None:
-    """Byte-level BPE with a 32,000-token vocabulary trained on synthetic text; no chat template."""
+def build_tokenizer(out: Path, source: TextSource, vocab: int, lines: int) -> None:
+    """Byte-level BPE with a `vocab`-token vocabulary trained on `lines` lines of synthetic text; no chat template."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -123,34 +120,26 @@ def build_tokenizer(out: Path, source: TextSource) -> None:
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=VOCAB_SIZE, special_tokens=[PAD, EOS], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        vocab_size=vocab, special_tokens=[PAD, EOS], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tokenizer.train_from_iterator(source.corpus(20_000), trainer=trainer)
+    tokenizer.train_from_iterator(source.corpus(lines), trainer=trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token=PAD, eos_token=EOS, model_max_length=4096)
     fast.save_pretrained(out)
     encodings = tokenizer.encode_batch([" " + w for w in source.words], add_special_tokens=False)
     source.token_counts = np.array([len(e.ids) for e in encodings])
 
 
-def build_model(out: Path, seed: int = 0) -> int:
-    """A Llama-style causal LM (4 layers, hidden 256, intermediate 1024, 4 heads, 32k vocab), seeded."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+def build_model(out: Path, hidden: int, layers: int) -> int:
+    """A seeded Llama-style causal LM (intermediate 4 x hidden, heads of 64) for the tokenizer in `out`."""
+    from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(out)
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=2048, tie_word_embeddings=False,
-        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=None,
-    )
-    model = LlamaForCausalLM(config)
-    model.save_pretrained(out)
-    return sum(p.numel() for p in model.parameters())
+    return harness.llama(out, len(tokenizer), hidden, layers, tokenizer, intermediate_size=4 * hidden,
+                         num_key_value_heads=max(1, hidden // 64), max_position_embeddings=2048)
 
 
-# (median, low, high) of prompt and response tokens, log-normal: the default mixed workload of RESULTS.md,
+# (median, low, high) of prompt and response tokens, log-normal: the default mixed workload (the headline's),
 # short pairs (about 35 tokens: 2 x prompt + both responses) and long-prompt pairs (about 350).
 SHAPES = {
     "mixed": ((100, 20, 400), (70, 10, 300)),
@@ -175,36 +164,45 @@ def write_pairs(path: Path, source: TextSource, pairs: int, shape: str = "mixed"
             f.write(json.dumps(row) + "\n")
 
 
-def build_workload(work: Path, pairs: int, ref_batch_size: int, env: dict, reuse: bool = False, shape: str = "mixed") -> dict:
+def build_workload(work: Path, args, env: dict) -> dict:
     """Tokenizer + model in work/model, pairs.jsonl, `dpokit prepare` -> work/prepared, `ref-logps` -> work/ref.h5.
 
-    With `reuse`, a workload this function built earlier in `work` for as many pairs is used as it is.
+    With ``--reuse-workload``, a workload this function built earlier in `work` for as many pairs is used as it is.
     """
     record = work / "workload.json"
-    if reuse and record.is_file():
+    if args.reuse_workload and record.is_file():
         workload = json.loads(record.read_text())
-        if workload["pairs"] == pairs and workload.get("shape", "mixed") == shape:
+        if workload["pairs"] == args.pairs and workload.get("shape", "mixed") == args.shape:
             print(f"reusing the workload in {work}", flush=True)
             return workload
-    source = TextSource(seed=0)
+    size = QUICK_MODEL if args.quick else MODEL
+    source = TextSource(seed=0, distinct_words=size["words"])
     model_dir = work / "model"
     started = time.perf_counter()
-    build_tokenizer(model_dir, source)
-    parameters = build_model(model_dir)
-    write_pairs(work / "pairs.jsonl", source, pairs, shape)
-    print(f"workload: tokenizer, model ({parameters / 1e6:.1f}M parameters) and {pairs} pairs in "
+    build_tokenizer(model_dir, source, size["vocab"], size["corpus"])
+    parameters = build_model(model_dir, size["hidden"], size["layers"])
+    write_pairs(work / "pairs.jsonl", source, args.pairs, args.shape)
+    print(f"workload: tokenizer, model ({parameters / 1e6:.1f}M parameters) and {args.pairs} pairs in "
           f"{time.perf_counter() - started:.0f} s", flush=True)
 
-    prepare = [sys.executable, "-m", "dpokit", "prepare", str(work / "pairs.jsonl"), "--model", str(model_dir),
-               "--out", str(work / "prepared"), "--max-length", "1024"]
     started = time.perf_counter()
-    subprocess.run(prepare, env=env, check=True, stdout=subprocess.DEVNULL)
+    prepare = ["prepare", str(work / "pairs.jsonl"), "--model", str(model_dir), "--out", str(work / "prepared"),
+               "--max-length", "1024"]
+    if args.quick:
+        from dpokit.cli import main as dpokit_main
+
+        assert dpokit_main(prepare) == 0
+    else:
+        subprocess.run([sys.executable, "-m", "dpokit", *prepare], env=env, check=True, stdout=subprocess.DEVNULL)
     prepare_seconds = time.perf_counter() - started
 
     print("dpokit ref-logps over all pairs ...", flush=True)
-    ref = run_child(["--child", "ref-logps", "--workdir", str(work), "--ref-batch-size", str(ref_batch_size)], env)
+    ref = harness.measured(lambda: child_ref_logps(work, args.ref_batch_size), __file__,
+                           ["--child", "ref-logps", "--workdir", str(work), "--ref-batch-size", str(args.ref_batch_size)],
+                           args.quick, env=env)
     print(f"  {ref['rows']} pairs in {ref['seconds']:.0f} s ({ref['rows'] / ref['seconds']:.2f} pairs/s)", flush=True)
-    workload = {"pairs": pairs, "shape": shape, "parameters": parameters, "prepare_seconds": prepare_seconds, "ref": ref,
+    workload = {"pairs": args.pairs, "shape": args.shape, "parameters": parameters, "vocab": size["vocab"],
+                "hidden": size["hidden"], "layers": size["layers"], "prepare_seconds": prepare_seconds, "ref": ref,
                 "lengths": pair_length_stats(work / "prepared")}
     record.write_text(json.dumps(workload))
     return workload
@@ -235,27 +233,23 @@ def padded_pair_lengths(prepared: Path) -> np.ndarray:
 # Children: each measurement is a fresh interpreter
 
 
-def child_rss_mb() -> float:
-    """This process's peak resident set size so far, MiB (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 class StepClock:
-    """What a child records at the end of every optimizer step: wall clock, process CPU time, peak RSS, loss."""
+    """What TRL's callback records at the end of every optimizer step: wall clock, peak RSS, loss."""
 
     def __init__(self):
-        self.ends, self.cpu, self.rss, self.losses, self.begins = [], [], [], [], []
+        self.ends, self.rss, self.losses, self.begins = [], [], [], []
 
     def step_end(self) -> None:
         self.ends.append(time.perf_counter())
-        self.cpu.append(time.process_time())
-        self.rss.append(child_rss_mb())
+        self.rss.append(harness.peak_rss_mib())
 
     def result(self) -> dict:
         import torch
 
         cuda = torch.cuda.is_available()
-        return {"ends": self.ends, "cpu": self.cpu, "rss_mb": self.rss, "losses": self.losses, "begins": self.begins,
+        # Step 1 from its begin; every later step from the end of the one before.
+        seconds = [b - a for a, b in zip(self.begins[:1] + self.ends, self.ends)]
+        return {"seconds": seconds, "rss_mb": self.rss, "losses": self.losses, "begins": self.begins, "ends": self.ends,
                 "cuda_peak_mb": torch.cuda.max_memory_allocated() / 2**20 if cuda else None}
 
 
@@ -268,40 +262,9 @@ def child_ref_logps(work: Path, batch_size: int) -> dict:
 
     options = RefLogpsOptions(prepared=str(work / "prepared"), model=str(work / "model"), out=str(work / "ref.h5"),
                               batch_size=batch_size, dtype="fp32", overwrite=True)
-    cpu = time.process_time()
     (report,) = compute_reference_cache(options)
     return {"rows": report.rows_computed, "tokens": report.tokens, "seconds": report.seconds,
-            "cpu_seconds": time.process_time() - cpu, "peak_rss_mb": child_rss_mb()}
-
-
-def child_dpokit(train_args: list[str]) -> dict:
-    """`dpokit train <train_args>` exactly as the command runs it, with a clock on the recipe's per-step log call.
-
-    The recipe logs each optimizer step right after it (``training.log_every=1``), so the clock sees
-    the same moment TRL's ``on_step_end`` marks.
-    """
-    from dpokit.host_memory import configure_host_memory
-
-    configure_host_memory()  # before torch is imported, as the `dpokit` command does (`dpokit.cli.entry`)
-    import dpokit.cli
-    from dpokit import metrics
-    from dpokit.cli import main as dpokit_main
-
-    dpokit.cli.own_process = True  # as `dpokit.cli.entry` sets it
-
-    clock = StepClock()
-    log = metrics.MetricsLogger.log
-
-    def timed_log(self, step, split, values):
-        if split == "train":
-            clock.step_end()
-            clock.losses.append(values["loss"])
-        log(self, step, split, values)
-
-    metrics.MetricsLogger.log = timed_log
-    if dpokit_main(["train", *train_args]) != 0:
-        raise SystemExit("dpokit train failed")
-    return clock.result()
+            "peak_rss_mb": harness.peak_rss_mib()}
 
 
 def child_trl(work: Path, method: str, batch_size: int, steps: int, lr: float, beta: float, precompute: bool) -> dict:
@@ -361,14 +324,6 @@ def same_token_ids(trl_dataset, prepared: Path) -> bool:
     if len(ours) != len(trl_dataset):
         return False
     return all(list(ours[c]) == list(trl_dataset[c]) for c in columns)
-
-
-def run_child(args: list[str], env: dict) -> dict:
-    """Run this file as a child with `args`; its last stdout line is a JSON result."""
-    process = subprocess.run([sys.executable, __file__, *args], env=env, capture_output=True, text=True)
-    if process.returncode != 0:
-        raise RuntimeError(f"child {' '.join(args)} failed:\n{process.stderr[-4000:]}")
-    return json.loads(process.stdout.strip().splitlines()[-1])
 
 
 def run_measured(command: list[str], env: dict, log: Path) -> tuple[float, float, str]:
@@ -441,7 +396,7 @@ def timed_pairs(variant: Variant, args, pair_lengths: np.ndarray) -> list[int]:
     if not variant.grouped:
         return list(range(args.warmup * args.batch_size, steps * args.batch_size))
     sampler = PairSampler(len(pair_lengths), args.batch_size, seed=42, shuffle=True, lengths=pair_lengths.tolist())
-    batches = [sampler.next_step()[0] for _ in range(steps)]
+    batches = [sampler.step_indices(step)[0] for step in range(steps)]
     return [i for batch in batches[args.warmup:] for i in batch]
 
 
@@ -458,26 +413,44 @@ def dpokit_command(work: Path, variant: Variant, method: str, args, run_dir: Pat
 
 
 def measure_dpokit(work: Path, variant: Variant, method: str, args, env: dict) -> dict:
-    """One run of `dpokit train` in a child (see `child_dpokit`)."""
+    """One `dpokit train` run (the command; in this process with --quick): its steps as the recipe logs them."""
     name = f"{method}-{slug(variant.name)}"
-    train_args = dpokit_command(work, variant, method, args, work / "runs" / name) + args.dpokit_args.split()
-    child = [sys.executable, __file__, "--child", "dpokit", "--train-args", *train_args]
-    wall, process_rss, output = run_measured(child, env, work / "logs" / f"{name}.log")
-    return timed_run(json.loads(output.strip().splitlines()[-1]), args, wall, process_rss)
+    run_dir = work / "runs" / name
+    overrides = dpokit_command(work, variant, method, args, run_dir) + args.dpokit_args.split()
+    if args.quick:
+        started = time.perf_counter()
+        harness.dpokit_train(overrides, quick=True)
+        wall, process_rss = time.perf_counter() - started, harness.peak_rss_mib()
+    else:
+        command = [sys.executable, "-m", "dpokit", "train", "--config", "tiny_lora", *overrides]
+        wall, process_rss, _ = run_measured(command, env, work / "logs" / f"{name}.log")
+    steps = harness.train_records(run_dir)
+    peak = steps[-1]["peak_memory_mb"]  # on CUDA the allocator's peak, else the process's ru_maxrss
+    cuda = args.cuda
+    clock = {"seconds": [args.batch_size / r["pairs_per_s"] for r in steps], "losses": [r["loss"] for r in steps],
+             "rss_mb": [None if cuda else peak], "cuda_peak_mb": peak if cuda else None}
+    return timed_run(clock, args, wall, process_rss)
 
 
 def measure_trl(work: Path, variant: Variant, method: str, args, env: dict) -> dict:
-    """One run of TRL's DPOTrainer in a child (see `child_trl`)."""
-    child = [sys.executable, __file__, "--child", "trl", "--workdir", str(work), "--method", method,
-             "--batch-size", str(args.batch_size), "--steps", str(args.warmup + step_count(variant, args)),
-             "--lr", str(args.lr), "--beta", str(args.beta)] + (["--precompute"] if "precompute" in variant.overrides else [])
-    if args.trl_host_memory:  # dpokit's host-memory settings for TRL's process too (TRL as shipped has neither)
-        from dpokit.host_memory import add_host_memory_settings
+    """One run of TRL's DPOTrainer in a child (see `child_trl`; in this process with --quick)."""
+    steps = args.warmup + step_count(variant, args)
+    precompute = "precompute" in variant.overrides
+    if args.quick:
+        started = time.perf_counter()
+        clock = child_trl(work, method, args.batch_size, steps, args.lr, args.beta, precompute)
+        wall, process_rss = time.perf_counter() - started, harness.peak_rss_mib()
+    else:
+        child = [sys.executable, __file__, "--child", "trl", "--workdir", str(work), "--method", method,
+                 "--batch-size", str(args.batch_size), "--steps", str(steps), "--lr", str(args.lr), "--beta",
+                 str(args.beta)] + (["--precompute"] if precompute else [])
+        if args.trl_host_memory:  # dpokit's host-memory settings for TRL's process too (TRL as shipped has neither)
+            from dpokit.host_memory import add_host_memory_settings
 
-        env = dict(env)
-        add_host_memory_settings(env)
-    wall, process_rss, output = run_measured(child, env, work / "logs" / f"{method}-{slug(variant.name)}.log")
-    clock = json.loads(output.strip().splitlines()[-1])
+            env = dict(env)
+            add_host_memory_settings(env)
+        wall, process_rss, output = run_measured(child, env, work / "logs" / f"{method}-{slug(variant.name)}.log")
+        clock = json.loads(output.strip().splitlines()[-1])
     in_step = [e - b for b, e in zip(clock["begins"], clock["ends"])]
     return timed_run(clock, args, wall, process_rss) | {
         "begin_to_end_s": sum(in_step[args.warmup:]), "same_token_ids": clock["same_token_ids"],
@@ -485,13 +458,11 @@ def measure_trl(work: Path, variant: Variant, method: str, args, env: dict) -> d
 
 
 def timed_run(clock: dict, args, wall: float, process_rss: float) -> dict:
-    """A child's timed steps (after the warm-up): step k (1-based) ends at ends[k - 1]; timed are w+1 .. N."""
-    w = args.warmup
+    """A run's timed steps: those after the first ``--warmup``."""
     return {
-        "seconds": [b - a for a, b in zip(clock["ends"][w - 1:], clock["ends"][w:])],
-        "cpu_seconds": sum(b - a for a, b in zip(clock["cpu"][w - 1:], clock["cpu"][w:])),
-        "peak_rss_mb": clock["rss_mb"][-1], "cuda_peak_mb": clock["cuda_peak_mb"], "losses": clock["losses"],
-        "process_peak_rss_mb": process_rss, "wall_s": wall,
+        "seconds": clock["seconds"][args.warmup:], "peak_rss_mb": clock["rss_mb"][-1],
+        "cuda_peak_mb": clock["cuda_peak_mb"], "losses": clock["losses"], "process_peak_rss_mb": process_rss,
+        "wall_s": wall,
     }
 
 
@@ -513,7 +484,6 @@ def summarise(variant: Variant, method: str, runs: list[dict], args) -> dict:
         "key": variant.key, "variant": variant.name, "kind": variant.kind, "method": method, "steps": len(seconds),
         "rounds": len(runs), "round_pairs_per_s": [len(pairs) / sum(run["seconds"]) for run in runs],
         "pairs_per_s": pairs_per_s, "median_step_s": statistics.median(seconds), "timed_seconds": total,
-        "pairs_per_cpu_s": len(pairs) * len(runs) / sum(run["cpu_seconds"] for run in runs),
         "timed_pair_length": timed_length,
         # The rate at the data set's mean pair length, assuming time grows with real tokens.
         "adjusted_pairs_per_s": pairs_per_s * timed_length / float(args.pair_lengths.mean()),
@@ -541,7 +511,7 @@ def run_all(work: Path, args, env: dict) -> list[dict]:
                 runs[variant.key].append(run)
                 print(f"{method:4} round {round_number + 1} | {variant.name:42} | "
                       f"{len(run['seconds']) * args.batch_size / sum(run['seconds']):6.2f} pairs/s | "
-                      f"peak RSS {run['peak_rss_mb']:6.0f} MiB | load {load:.1f}", flush=True)
+                      f"peak {run['cuda_peak_mb'] or run['peak_rss_mb']:6.0f} MiB | load {load:.1f}", flush=True)
         rows += [summarise(v, method, runs[v.key], args) for v in chosen]
     return rows
 
@@ -554,19 +524,6 @@ def slug(name: str) -> str:
 # Report
 
 
-def versions() -> dict:
-    from importlib.metadata import version
-
-    def installed(name: str) -> str:
-        try:
-            return version(name)
-        except Exception:  # trl only with the bench extra; a dpokit-only run (--only ...) does not need it
-            return "not installed"
-
-    return {name: installed(name) for name in ("torch", "transformers", "peft", "trl", "dpokit", "datasets")}
-
-
-
 def find(rows: list[dict], method: str, key: str) -> Optional[dict]:
     """The row of variant `key` (see `variants`) for `method`, if it ran."""
     return next((r for r in rows if r["method"] == method and r["key"] == key), None)
@@ -574,23 +531,17 @@ def find(rows: list[dict], method: str, key: str) -> Optional[dict]:
 
 def results_table(rows: list[dict], method: str, cuda: bool) -> list[str]:
     trl = find(rows, method, "trl")
-    memory = "peak CUDA (MiB)" if cuda else "peak RSS (MiB)"
-    lines = [
-        f"| variant | pairs/s | median step (s) | {memory} | speedup vs TRL | memory vs TRL | pairs per CPU-s | "
-        "timed pairs: mean tokens | pairs/s at mean length | load at start |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
+    table = []
     for r in (r for r in rows if r["method"] == method):
         peak = r["cuda_peak_mb"] if cuda else r["peak_rss_mb"]
         trl_peak = (trl["cuda_peak_mb"] if cuda else trl["peak_rss_mb"]) if trl else None
-        speed = f"{r['pairs_per_s'] / trl['pairs_per_s']:.2f}x" if trl else "-"
-        ratio = f"{peak / trl_peak:.2f}x" if trl_peak else "-"
-        lines.append(
-            f"| {r['variant']} | {r['pairs_per_s']:.2f} | {r['median_step_s']:.2f} | {peak:,.0f} | {speed} | {ratio} | "
-            f"{r['pairs_per_cpu_s']:.2f} | {r['timed_pair_length']:.0f} | {r['adjusted_pairs_per_s']:.2f} | "
-            f"{r['load_at_start']:.1f} |"
-        )
-    return lines
+        table.append((r["variant"], f"{r['pairs_per_s']:.2f}", f"{r['median_step_s']:.2f}", f"{peak:,.0f}",
+                      f"{r['pairs_per_s'] / trl['pairs_per_s']:.2f}x" if trl else "-",
+                      f"{peak / trl_peak:.2f}x" if trl_peak else "-", f"{r['timed_pair_length']:.0f}",
+                      f"{r['adjusted_pairs_per_s']:.2f}", f"{r['load_at_start']:.1f}"))
+    header = ["variant", "pairs/s", "median step (s)", "peak CUDA (MiB)" if cuda else "peak RSS (MiB)", "speedup vs TRL",
+              "memory vs TRL", "timed pairs: mean tokens", "pairs/s at mean length", "load at start"]
+    return harness.table(header, table, "lrrrrrrrr")
 
 
 def contributions(rows: list[dict], method: str) -> list[str]:
@@ -602,86 +553,55 @@ def contributions(rows: list[dict], method: str) -> list[str]:
     def rate(r: dict) -> float:
         return r["adjusted_pairs_per_s"]
 
+    def peak(r: dict) -> float:
+        return r["cuda_peak_mb"] or r["peak_rss_mb"]
+
     lines = [f"- the cache instead of a live reference (both padded): {rate(cache) / rate(live):.2f}x pairs/s, "
-             f"peak RSS {cache['peak_rss_mb'] - live['peak_rss_mb']:+,.0f} MiB"]
+             f"peak memory {peak(cache) - peak(live):+,.0f} MiB"]
     for key, words in (("group", "group_by_length"), ("packing", "packing"), ("prefix", "prefix_sharing"),
                        ("packprefix", "packing + prefix_sharing"), ("best", "all three")):
         r = find(rows, method, key)
         if r is not None:
             lines.append(f"- {words} on top of the cache: {rate(r) / rate(cache):.2f}x pairs/s, "
-                         f"peak RSS {r['peak_rss_mb'] - cache['peak_rss_mb']:+,.0f} MiB")
+                         f"peak memory {peak(r) - peak(cache):+,.0f} MiB")
     best = max((r for r in rows if r["method"] == method and r["kind"] == "dpokit"), key=rate)
     lines.append(f"- fastest dpokit layout here (length-adjusted): **{best['variant']}**")
     return lines
 
 
-def write_report(out: Optional[Path], rows: list[dict], workload: dict, args, command: str, load_start, load_end) -> str:
-    ver = versions()
+def report(rows: list[dict], workload: dict, args) -> list[str]:
+    """The run's section below its dated header: workload, one table per method, contributions, details."""
     ref = workload["ref"]
     lengths = workload["lengths"]
     lines = [
-        "# Training benchmark: dpokit vs TRL DPOTrainer",
-        "",
-        "Command (repository root, project venv with the `bench` extra installed):",
-        "",
-        "```bash",
-        command,
-        "```",
-        "",
-        f"Machine: {cpu_model()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
-        f"{'CUDA' if args.cuda else 'CPU only'}; torch threads per run: {args.threads}. Load average (1/5/15 min) at "
-        f"start {load_start[0]:.2f} / {load_start[1]:.2f} / {load_start[2]:.2f}, at end {load_end[0]:.2f} / "
-        f"{load_end[1]:.2f} / {load_end[2]:.2f}: the machine is shared, so compare within this run.",
-        "",
-        "Versions: " + ", ".join(f"{k} {v}" for k, v in ver.items()) + ".",
-        "",
-        f"Workload: Llama-style model ({workload['parameters'] / 1e6:.1f}M parameters: 4 layers, hidden 256, "
-        f"intermediate 1024, 4 heads, vocabulary {VOCAB_SIZE:,}, untied head), fp32, SDPA attention; {args.pairs:,} "
-        f"pairs; tokens per prompt p10/p50/p90/max {fmt_lengths(lengths['prompt_ids'])} (mean "
-        f"{lengths['prompt_ids']['mean']:.0f}), per response {fmt_lengths(lengths['chosen_ids'])} (mean "
+        f"Workload: Llama-style model ({workload['parameters'] / 1e6:.1f}M parameters: {workload['layers']} layers, "
+        f"hidden {workload['hidden']}, vocabulary {workload['vocab']:,}, untied head), fp32, SDPA attention; "
+        f"{args.pairs:,} {args.shape} pairs; tokens per prompt p10/p50/p90/max {fmt_lengths(lengths['prompt_ids'])} "
+        f"(mean {lengths['prompt_ids']['mean']:.0f}), per response {fmt_lengths(lengths['chosen_ids'])} (mean "
         f"{lengths['chosen_ids']['mean']:.0f}); a pair is {args.pair_lengths.mean():.0f} real tokens on average "
         f"(2 x prompt + both responses). Every variant: batch {args.batch_size} pairs, lr {args.lr:g}, beta "
-        f"{args.beta:g}, DPO sigmoid loss, AdamW (torch), cosine schedule, grad-norm clip 1.0, max length 1024, no "
-        f"gradient checkpointing, LoRA r 8 / alpha 16 / dropout 0 on all linear layers. {args.warmup} warm-up steps, "
-        f"then {args.steps} timed steps ({args.grouped_steps} for the length-grouped variants, whose batches are a "
-        f"random draw of very different lengths); each dpokit variant ran {args.rounds} time(s), later rounds in "
-        "reverse order, and its rates pool the timed steps of all its runs; TRL ran once.",
+        f"{args.beta:g}, DPO sigmoid loss, AdamW, cosine schedule, grad-norm clip 1.0, max length 1024, LoRA r 8 / "
+        f"alpha 16 on all linear layers, {args.threads} torch thread(s) per process. {args.warmup} warm-up steps, then "
+        f"{args.steps} timed steps ({args.grouped_steps} for the length-grouped variants); each dpokit variant ran "
+        f"{args.rounds} time(s), later rounds in reverse order; TRL ran once. Versions: trl {harness.installed('trl')}, "
+        f"peft {harness.installed('peft')}.",
         "",
-        f"Reference pass (`dpokit ref-logps`, once for both methods, batch {args.ref_batch_size}, length-sorted): "
-        f"{ref['rows']:,} pairs in {ref['seconds']:.0f} s = **{ref['rows'] / ref['seconds']:.2f} pairs/s** "
-        f"({ref['tokens'] / ref['seconds']:,.0f} tokens/s), peak RSS {ref['peak_rss_mb']:,.0f} MiB. "
-        f"`dpokit prepare` took {workload['prepare_seconds']:.0f} s (the command, imports included).",
-        "",
-        "Columns: *pairs/s* = timed pairs / summed wall time of the timed steps (interval between consecutive step "
-        "ends); *pairs per CPU-s* = the same over the child's CPU time; *timed pairs: mean tokens* = mean real tokens "
-        "per pair of the batches timed (the ungrouped variants and TRL time the very same batches); *pairs/s at mean "
-        "length* = pairs/s scaled to the data set's mean pair length, the fair rate for the length-grouped variants; "
-        "peak RSS = the child's getrusage peak at its last step end; *load at start* = 1-minute load average when "
-        "the run started (1.0 = this bench alone).",
+        f"Reference pass (`dpokit ref-logps`, batch {args.ref_batch_size}): {ref['rows']:,} pairs in "
+        f"{ref['seconds']:.0f} s = {ref['rows'] / ref['seconds']:.2f} pairs/s ({ref['tokens'] / ref['seconds']:,.0f} "
+        f"tokens/s), peak RSS {ref['peak_rss_mb']:,.0f} MiB. `dpokit prepare`: {workload['prepare_seconds']:.0f} s.",
         "",
     ]
     for method in args.methods:
-        lines += [f"## {'Full fine-tuning' if method == 'full' else 'LoRA'}", ""]
-        lines += results_table(rows, method, args.cuda) + [""] + total_lines(rows, method, ref) + [""]
-    lines += ["## What each feature contributes", "",
-              "Ratios of the length-adjusted pairs/s, and the change in peak RSS.", ""]
-    for method in args.methods:
-        lines += [f"{'Full fine-tuning' if method == 'full' else 'LoRA'}:", ""] + contributions(rows, method) + [""]
-    lines += ["## Details per run", "",
-              "| method | variant | timed steps (all rounds) | pairs/s per round | timed s | wall s (whole processes) | "
-              "peak RSS whole process (MiB) | loss step 1 / last |", "|---|---|---:|---|---:|---:|---:|---|"]
-    for r in rows:
-        per_round = " / ".join(f"{rate:.2f}" for rate in r["round_pairs_per_s"])
-        lines.append(f"| {r['method']} | {r['variant']} | {r['steps']} | {per_round} | {r['timed_seconds']:.1f} | "
-                     f"{r['wall_s']:.0f} | {r['process_peak_rss_mb']:,.0f} | {r['losses'][0]:.4f} / {r['losses'][-1]:.4f} |")
-    lines += [""] + trl_checks(rows)
-    text = "\n".join(lines) + "\n"
-    if out:
-        previous = out.read_text() if out.exists() else ""
-        marker = "\n## Reading"  # hand-written analysis below this heading survives a rerun
-        kept = previous[previous.index(marker):] if marker in previous else ""
-        out.write_text(text + kept)
-    return text
+        lines += [f"{'Full fine-tuning' if method == 'full' else 'LoRA'}:", "", *results_table(rows, method, args.cuda), ""]
+        for part in (total_lines(rows, method, ref), contributions(rows, method)):
+            lines += [*part, ""] if part else []
+    details = [(r["method"], r["variant"], r["steps"], " / ".join(f"{rate:.2f}" for rate in r["round_pairs_per_s"]),
+                f"{r['timed_seconds']:.1f}", f"{r['wall_s']:.0f}", f"{r['process_peak_rss_mb']:,.0f}",
+                f"{r['losses'][0]:.4f} / {r['losses'][-1]:.4f}") for r in rows]
+    lines += harness.table(["method", "variant", "timed steps (all rounds)", "pairs/s per round", "timed s",
+                            "wall s (whole processes)", "peak RSS whole process (MiB)", "loss step 1 / last"],
+                           details, "llrlrrrl")
+    return lines + [""] + trl_checks(rows)
 
 
 def trl_checks(rows: list[dict]) -> list[str]:
@@ -726,11 +646,11 @@ def total_lines(rows: list[dict], method: str, ref: dict) -> list[str]:
 # Main
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pairs", type=int, default=2000, help="pairs in the data set")
     parser.add_argument("--shape", choices=sorted(SHAPES), default="mixed",
-                        help="pair lengths: mixed (RESULTS.md's), short (~35 tokens a pair) or long (long prompts, ~350)")
+                        help="pair lengths: mixed (the headline's), short (~35 tokens a pair) or long (long prompts, ~350)")
     parser.add_argument("--batch-size", type=int, default=4, help="pairs per optimizer step (every variant)")
     parser.add_argument("--steps", type=int, default=6, help="timed steps per variant")
     parser.add_argument("--grouped-steps", type=int, default=15, help="timed steps of the length-grouped variants")
@@ -751,56 +671,46 @@ def main() -> None:
                         help="give TRL's process dpokit's host-memory settings (huge pages, fixed mmap threshold; "
                              "dpokit.host_memory) to see how much of the gap they are")
     parser.add_argument("--trl-precompute", action="store_true", help="also run TRL with precompute_ref_log_probs=True")
-    parser.add_argument("--quick", action="store_true",
-                        help="the headline in minutes: 200 pairs, TRL against dpokit's default layout (unless --only), "
-                             "1 + 3 steps (2 + 12 on short pairs, whose TRL step times vary 4x between batches), "
-                             "the report printed, not written")
     parser.add_argument("--workdir", type=Path, help="keep the workload and runs here (default: a temporary folder)")
     parser.add_argument("--reuse-workload", action="store_true", help="use the workload already built in --workdir")
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "RESULTS.md", help="the Markdown report")
     parser.add_argument("--dpokit-args", default="",
                         help="extra dotted overrides for every dpokit run, e.g. 'training.compile=true' (space-separated)")
-    parser.add_argument("--child", choices=["ref-logps", "trl", "dpokit"], help=argparse.SUPPRESS)
-    parser.add_argument("--train-args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=["ref-logps", "trl"], help=argparse.SUPPRESS)
     parser.add_argument("--method", help=argparse.SUPPRESS)
     parser.add_argument("--precompute", action="store_true", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = harness.arguments(parser, __file__, argv, quick=dict(pairs=16, shape="short", batch_size=2, steps=1, grouped_steps=1,
+                                                               warmup=1),
+                             quick_help="16 short pairs on a 2-layer model, 1 + 1 steps, TRL (if installed) against "
+                                        "dpokit's default layout, every run in this process: checks that it runs")
 
     if args.child:  # one measurement in this fresh interpreter, printed as JSON on the last line
         if args.child == "ref-logps":
             result = child_ref_logps(args.workdir, args.ref_batch_size)
-        elif args.child == "dpokit":
-            result = child_dpokit(args.train_args)
         else:
             result = child_trl(args.workdir, args.method, args.batch_size, args.steps, args.lr, args.beta, args.precompute)
         print(json.dumps(result))
         return
 
     if args.quick:
-        args.pairs, args.steps, args.grouped_steps, args.warmup, args.out = 200, 3, 3, 1, None
-        if args.shape == "short":  # cheap steps: a sample of 3 batches gave ratios 25% apart between rounds
-            args.steps, args.grouped_steps, args.warmup = 12, 12, 2
         args.only = args.only or "trl,packprefix"
+    only = [key for key in args.only.split(",") if key.strip()]
+    if any(key.startswith("trl") for key in only) and importlib.util.find_spec("trl") is None:
+        print("TRL is not installed (pip install -e '.[bench]'): its variants are skipped", flush=True)
+        args.only = ",".join(key for key in only if not key.startswith("trl")) or "packprefix"
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     import torch
 
     args.cuda = torch.cuda.is_available()
-    command = "python bench/train_bench.py " + shlex.join(sys.argv[1:])
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads),
            "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
            "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1", "PYTHONWARNINGS": "ignore", "TQDM_DISABLE": "1"}
-    load_start = os.getloadavg()
-    print(f"load average at start: {load_start[0]:.2f} {load_start[1]:.2f} {load_start[2]:.2f}", flush=True)
-
     with tempfile.TemporaryDirectory(prefix="train_bench_") as tmp:
         work = args.workdir or Path(tmp)
         (work / "logs").mkdir(parents=True, exist_ok=True)
-        workload = build_workload(work, args.pairs, args.ref_batch_size, env, args.reuse_workload, args.shape)
+        workload = build_workload(work, args, env)
         args.pair_lengths = padded_pair_lengths(work / "prepared")
         rows = run_all(work, args, env)
-    load_end = os.getloadavg()
-    print()
-    print(write_report(args.out, rows, workload, args, command, load_start, load_end))
+    harness.publish("dpokit against TRL's DPOTrainer", report(rows, workload, args), args)
 
 
 if __name__ == "__main__":
