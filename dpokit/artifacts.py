@@ -13,9 +13,7 @@ deleted:
 How an artifact is recognised (`is_dpokit_artifact`):
 
 - a directory (``prepared``, ``export``, ``quickstart``, ``run``, ``audit``) holds the marker file
-  ``.dpokit-artifact.json`` naming its kind, the dpokit version and the creation time. A
-  ``prepared/`` directory from before the marker is recognised by its ``manifest.json`` (with
-  ``format_version`` and ``data_fingerprint``) when it holds nothing but that and its split folders.
+  ``.dpokit-artifact.json`` naming its kind, the dpokit version and the creation time.
 - a reference cache (``cache``) is an HDF5 file whose root attributes include dpokit's
   ``format_version`` and ``data_fingerprint``.
 - an ejected recipe or config (``ejected``) starts with the line ``# Ejected by dpokit ...``, a config
@@ -56,8 +54,6 @@ FILE_KINDS = {
 }
 FIRST_LINES = {"ejected": EJECTED_PREFIX, "imported": IMPORTED_PREFIX}  # how a text file kind is told
 CACHE_ATTRS = ("format_version", "data_fingerprint")  # root attributes every dpokit cache has
-LEGACY_MANIFEST = "manifest.json"
-LEGACY_MANIFEST_KEYS = ("format_version", "data_fingerprint")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -129,26 +125,7 @@ def _directory_reason(path: Path, kind: str) -> Optional[str]:
     if record is not None:
         found = record.get("kind")
         return None if found == kind else f"its {MARKER_NAME} marker says it is a dpokit {found!r}, not {kind!r}"
-    if kind == "prepared" and _is_legacy_prepared(path):
-        return None
     return f"no {MARKER_NAME} marker"
-
-
-def _is_legacy_prepared(path: Path) -> bool:
-    """A ``prepared/`` from before the marker: its manifest parses with dpokit's keys and it holds nothing else."""
-    try:
-        manifest = json.loads((path / LEGACY_MANIFEST).read_text())
-    except (OSError, ValueError):
-        return False
-    if not isinstance(manifest, dict) or not all(key in manifest for key in LEGACY_MANIFEST_KEYS):
-        return False
-    splits = manifest.get("splits")
-    if not isinstance(splits, dict):
-        return False
-    return all(
-        child.name == LEGACY_MANIFEST or (child.name in splits and child.is_dir() and not child.is_symlink())
-        for child in path.iterdir()
-    )
 
 
 def _cache_reason(path: Path) -> Optional[str]:
@@ -286,7 +263,7 @@ def replace_atomically(target: str | os.PathLike, kind: str, write: Callable[[Pa
 
 def foreign_entries(directory: Path) -> list[str]:
     """Top-level names in a dpokit directory that its marker does not list as written by dpokit (none when the
-    marker lists nothing: a directory dpokit fills over time, such as a run, or one marked before the list)."""
+    marker lists nothing: a directory dpokit fills over time, such as a run)."""
     record = read_marker(directory) or {}
     written = record.get("entries")
     if not isinstance(written, list):
@@ -402,9 +379,8 @@ def temporary_sibling(target: Path, role: str) -> Path:
 def remove_stale_siblings(target: Path) -> list[Path]:
     """Delete the temporary siblings of `target` left by dpokit processes that died; returns what went.
 
-    Only dpokit's own names are touched (``.NAME.tmp-PID``, ``.NAME.old-PID``, and the
-    ``..NAME.tmp-PID.tmp`` an earlier `checkpoint.export_merged` derived from its temporary), and
-    only when PID is not a live process on this machine, so a concurrent writer keeps its own.
+    Only dpokit's own names are touched (``.NAME.tmp-PID``, ``.NAME.old-PID``), and only when PID is not a
+    live process on this machine, so a concurrent writer keeps its own.
     """
     removed = []
     for sibling, _ in _dead_siblings(target):
@@ -416,14 +392,11 @@ def remove_stale_siblings(target: Path) -> list[Path]:
 def _dead_siblings(target: Path) -> Iterator[tuple[Path, str]]:
     """(path, "tmp" or "old") of each temporary sibling of `target` whose writing process is gone."""
     name = re.escape(target.name)
-    pattern = re.compile(rf"\.{name}\.(?P<role>tmp|old)-(?P<pid>\d+)|\.\.{name}\.tmp-(?P<merged_pid>\d+)\.tmp")
+    pattern = re.compile(rf"\.{name}\.(?P<role>tmp|old)-(?P<pid>\d+)")
     for sibling in target.parent.iterdir():
         match = pattern.fullmatch(sibling.name)
-        if match is None:
-            continue
-        role, pid = ("tmp", match["merged_pid"]) if match["merged_pid"] else (match["role"], match["pid"])
-        if not _writer_alive(int(pid)):
-            yield sibling, role
+        if match is not None and not _writer_alive(int(match["pid"])):
+            yield sibling, match["role"]
 
 
 def _swap_directory(new: Path, target: Path) -> None:

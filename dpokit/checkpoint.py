@@ -12,8 +12,7 @@ A checkpoint is ``RUN/checkpoints/step_0000004/``:
   the whole model on rank 0; `consolidate_checkpoint` and `dpokit export` make it from the shards).
 
 It is written into a temporary sibling that every rank fills and rank 0 renames once complete, so a run
-killed while saving leaves nothing that `latest_checkpoint` trusts. Checkpoints of earlier versions (the
-full optimizer state in ``training_state.pt``) still resume.
+killed while saving leaves nothing that `latest_checkpoint` trusts.
 """
 
 from __future__ import annotations
@@ -91,26 +90,22 @@ def write_digests(checkpoint: Path) -> None:
 
 
 def checkpoint_damage(checkpoint: Path) -> Optional[str]:
-    """Why `checkpoint` cannot be resumed from (a training state or shard metadata whose CRC-32 differs from the
-    one recorded when it was written, or that does not load; shard files missing or cut short), or None when it
-    is intact as far as can be told without reading every tensor. (The shard files' own bytes carry no digest:
-    hashing every rank's shards on each save would read the whole state again.)"""
+    """Why `checkpoint` cannot be resumed from (no ``digests.json``; a training state or shard metadata whose CRC-32
+    differs from the one recorded when it was written, or that does not load; shard files missing or cut short),
+    or None when it is intact as far as can be told without reading every tensor. (The shard files' own bytes
+    carry no digest: hashing every rank's shards on each save would read the whole state again.)"""
     # First the shards' metadata through the safe unpickler: a file carrying code is refused as such
     # (`UnsafeCheckpoint`), not taken for damage and skipped.
-    shards = shard_damage(Path(checkpoint) / SHARDS) if is_sharded(checkpoint) else None
+    shards = shard_damage(Path(checkpoint) / SHARDS)
     digests_path = Path(checkpoint) / DIGESTS_FILE
-    if digests_path.is_file():  # the bytes written: the training state is not loaded an extra time to tell
-        for name, recorded in json.loads(digests_path.read_text()).items():
-            path = Path(checkpoint) / name
-            if not path.is_file():
-                return f"{path} is missing"
-            if _crc32(path) != recorded:
-                return f"{path} has changed since it was written (CRC-32 differs)"
-        return shards
-    try:  # a checkpoint from before the digests: does its training state load?
-        load_training_state(checkpoint)
-    except Exception as exc:  # a cut file fails its zip directory
-        return f"{Path(checkpoint) / STATE_FILE} does not load ({type(exc).__name__}: {str(exc).splitlines()[0][:160]})"
+    if not digests_path.is_file():
+        return f"{digests_path} is missing"
+    for name, recorded in json.loads(digests_path.read_text()).items():  # the training state is not loaded to tell
+        path = Path(checkpoint) / name
+        if not path.is_file():
+            return f"{path} is missing"
+        if _crc32(path) != recorded:
+            return f"{path} has changed since it was written (CRC-32 differs)"
     return shards
 
 
@@ -234,7 +229,7 @@ def save_checkpoint(
         if failed is not None:  # DCP raises on every rank when one fails
             if is_main:
                 abort_within(tmp)
-            raise _cannot_write(final, Path(run_dir), failed) from None
+            raise _cannot_write(final, Path(run_dir), failed) from failed
 
         def complete() -> None:
             try:
@@ -266,7 +261,7 @@ def _saving(final: Path, write):
         try:
             return write()
         except (OSError, RuntimeError) as exc:
-            raise _cannot_write(final, final.parent.parent, exc) from None
+            raise _cannot_write(final, final.parent.parent, exc) from exc
     return run
 
 
@@ -312,57 +307,9 @@ def load_training_state(checkpoint: Path) -> dict[str, Any]:
     return torch.load(Path(checkpoint) / STATE_FILE, map_location="cpu", weights_only=True)
 
 
-def load_model_weights(model: nn.Module, checkpoint: Path, adapters: bool) -> None:
-    """Load a checkpoint's weights into the (not yet sharded) policy."""
-    from safetensors.torch import load_file
-
-    checkpoint = Path(checkpoint)
-    if adapters:
-        from peft import set_peft_model_state_dict
-
-        weights = checkpoint / "adapter_model.safetensors"
-        if not weights.is_file():
-            raise DpokitError(f"{checkpoint}: no adapter_model.safetensors; was it saved by a full fine-tuning run?")
-        result = set_peft_model_state_dict(model, load_file(str(weights)))
-        missing = [k for k in getattr(result, "unexpected_keys", [])]
-        if missing:
-            raise DpokitError(f"{checkpoint}: adapter weights do not fit this model ({missing[:3]} ...)")
-        return
-    files = sorted(checkpoint.glob("*.safetensors"))
-    if not files:
-        raise DpokitError(f"{checkpoint}: no model safetensors; was it saved by a LoRA run?")
-    state: dict[str, torch.Tensor] = {}
-    for path in files:
-        state.update(load_file(str(path)))
-    incompatible = model.load_state_dict(state, strict=False)
-    tied = set(getattr(model, "_tied_weights_keys", None) or [])
-    missing = [k for k in incompatible.missing_keys if k not in tied]
-    if missing or incompatible.unexpected_keys:
-        raise DpokitError(
-            f"{checkpoint}: weights do not match the model (missing {missing[:3]}, unexpected {incompatible.unexpected_keys[:3]})"
-        )
-
-
-def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
-    """An earlier version's full optimizer state (in ``training_state.pt``) into the optimizer."""
-    if isinstance(optimizer, OptimizerInBackward):
-        optimizer.load_state_dict(state)
-        return
-    options = StateDictOptions(full_state_dict=True)
-    set_optimizer_state_dict(model, optimizer, optim_state_dict=state, options=options)
-
-
-def is_sharded(checkpoint: Path) -> bool:
-    """Whether `checkpoint` keeps its weights and optimizer state in DCP shards (this version's format)."""
-    return (Path(checkpoint) / SHARDS).is_dir()
-
-
 def load_checkpoint_state(model: nn.Module, optimizer, checkpoint: Path, state: dict[str, Any], adapters: bool) -> None:
     """The trainable weights and the optimizer state of `checkpoint` into the (sharded) model and its optimizer;
     each rank reads the pieces of its own shards, at whatever process count the checkpoint was written."""
-    if not is_sharded(checkpoint):  # an earlier version's: the weights were loaded before sharding
-        load_optimizer_state(model, optimizer, state["optimizer"])
-        return
     template = sharded_state(model, optimizer, trainable_only=adapters)
     load_shards(template, Path(checkpoint) / SHARDS)
     options = StateDictOptions(ignore_frozen_params=adapters, strict=not adapters)
@@ -374,11 +321,8 @@ def load_checkpoint_state(model: nn.Module, optimizer, checkpoint: Path, state: 
 
 
 def rank_rng_state(state: dict[str, Any], rank: int, world_size: int) -> dict[str, Any]:
-    """This rank's saved RNG state: its own when the process count is unchanged, else rank 0's (an earlier
-    version saved rank 0's only)."""
+    """This rank's saved RNG state: its own when the process count is unchanged, else rank 0's."""
     saved = state["rng"]
-    if isinstance(saved, dict):
-        return saved
     return saved[rank] if len(saved) == world_size else saved[0]
 
 

@@ -77,29 +77,12 @@ def test_a_directory_without_a_marker_is_not_dpokits(tmp_path):
     assert not is_dpokit_artifact(tmp_path, "export")
 
 
-def legacy_prepared(path: Path, manifest: dict) -> Path:
-    (path / "train").mkdir(parents=True)
-    (path / "manifest.json").write_text(json.dumps(manifest))
-    return path
-
-
-LEGACY_MANIFEST = {"format_version": 1, "data_fingerprint": "ab" * 32, "splits": {"train": {"rows": 3}}}
-
-
-def test_a_prepared_dir_from_before_the_marker_is_recognised_by_its_manifest(tmp_path):
-    assert is_dpokit_artifact(legacy_prepared(tmp_path / "old", LEGACY_MANIFEST), "prepared")
-
-
-def test_a_manifest_json_alone_does_not_make_a_folder_dpokits(tmp_path):
-    other_keys = legacy_prepared(tmp_path / "a", {"name": "my project", "splits": {"train": {}}})
-    assert not is_dpokit_artifact(other_keys, "prepared")
-    with_user_files = legacy_prepared(tmp_path / "b", LEGACY_MANIFEST)
-    (with_user_files / "pairs.jsonl").write_text("{}\n")
-    assert not is_dpokit_artifact(with_user_files, "prepared")
-    with_unlisted_folder = legacy_prepared(tmp_path / "c", LEGACY_MANIFEST)
-    (with_unlisted_folder / "src").mkdir()
-    assert not is_dpokit_artifact(with_unlisted_folder, "prepared")
-    assert not is_dpokit_artifact(legacy_prepared(tmp_path / "d", LEGACY_MANIFEST), "export")
+def test_a_folder_laid_out_as_prepared_data_is_not_dpokits_without_the_marker(tmp_path):
+    folder = tmp_path / "prepared"
+    (folder / "train").mkdir(parents=True)
+    manifest = {"format_version": 1, "data_fingerprint": "ab" * 32, "splits": {"train": {}}}  # as prepare writes one
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    assert not is_dpokit_artifact(folder, "prepared")
 
 
 def test_a_reference_cache_is_an_hdf5_file_with_dpokits_root_attributes(tmp_path):
@@ -263,13 +246,14 @@ def test_a_swap_cut_between_its_two_renames_is_undone_before_the_next_check(tmp_
 def test_only_dpokit_temporaries_of_dead_processes_are_swept(tmp_path):
     target = tmp_path / "prepared"
     dead, live = dead_pid(), os.getppid()
-    names = [f".prepared.tmp-{dead}", f".prepared.old-{dead}", f"..prepared.tmp-{dead}.tmp",  # dead: swept
-             f".prepared.tmp-{live}", ".prepared.tmp-mine", ".prepared.backup", "prepared.tmp-1"]  # kept
+    names = [f".prepared.tmp-{dead}", f".prepared.old-{dead}",  # dead: swept
+             f".prepared.tmp-{live}", ".prepared.tmp-mine", ".prepared.backup", "prepared.tmp-1",  # kept
+             f"..prepared.tmp-{dead}.tmp"]
     for name in names:
         (tmp_path / name).mkdir()
     removed = remove_stale_siblings(target)
-    assert sorted(p.name for p in removed) == sorted(names[:3])
-    assert siblings(target) == sorted(names[3:])
+    assert sorted(p.name for p in removed) == sorted(names[:2])
+    assert siblings(target) == sorted(names[2:])
 
 
 def test_remove_within_deletes_a_runs_own_files(tmp_path):

@@ -138,7 +138,7 @@ def test_ref_logps_caches_the_models_own_logps_and_records_its_attention(family,
     ref_logps(prepared_dir, family_dirs[family], cache_path, "--splits", "train")
     cache = open_cache(cache_path)
     assert cache.attrs["attn_implementation"] == attention
-    rows = load_prepared(prepared_dir).split("train").to_list()[:8]
+    rows = list(load_prepared(prepared_dir).split("train"))[:8]
     batch = pad_pairs(rows, list(range(8)), pad_id=0)
     model = AutoModelForCausalLM.from_pretrained(family_dirs[family], dtype=torch.float32).eval()
     with torch.no_grad():

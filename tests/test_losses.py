@@ -3,19 +3,24 @@
 from __future__ import annotations
 
 import math
+from typing import Any, Optional
 
 import pytest
 import torch
 
 from dpokit.errors import DpokitError
 from dpokit.losses import (
+    LOSSES,
     ChosenRejectedOutputs,
     DPOLoss,
     IPOLoss,
     RSOLoss,
     SimPOLoss,
     build_loss,
+    loss_parameter_types,
+    loss_parameters,
 )
+from dpokit.losses.base import BETA_WHY
 
 POLICY = ChosenRejectedOutputs(
     chosen_logps=torch.tensor([-10.0, -20.0]),
@@ -96,9 +101,38 @@ def test_build_loss_sets_parameters_from_config():
 
 
 def test_build_loss_rejects_a_parameter_the_loss_lacks():
-    with pytest.raises(DpokitError, match=r"loss 'dpo' has no parameter gamma; its parameters: loss.beta, loss.label_smoothing, "
-                                          r"loss.divergence, loss.alpha, loss.sft_weight, loss.wpo"):
+    with pytest.raises(DpokitError, match=r"loss 'dpo' has no parameter gamma; its parameters: loss.label_smoothing, "
+                                          r"loss.divergence, loss.alpha, loss.beta, loss.sft_weight, loss.wpo"):
         build_loss({"name": "dpo", "gamma": 0.5})
+
+
+def test_every_loss_with_a_beta_refuses_a_bad_one_with_the_same_line():
+    for name, cls in LOSSES.items():
+        if "beta" in loss_parameters(cls):
+            why = "the weight of the odds-ratio term" if name == "orpo" else BETA_WHY  # ORPO's beta weighs a term
+            with pytest.raises(DpokitError) as error:
+                build_loss({"name": name, "beta": 0})
+            assert str(error.value) == f"loss.beta=0 is out of range; it must be > 0 ({why})", name
+
+
+def test_loss_parameter_types_include_what_the_bases_declare():
+    assert loss_parameter_types(LOSSES["dpop"]) == {"lam": float, "beta": float, "sft_weight": float, "wpo": bool}
+    assert loss_parameter_types(LOSSES["ipo"]) == {"tau": float, "sft_weight": float, "wpo": bool}
+    assert loss_parameter_types(LOSSES["sft"]) == {"normalize": str}  # sft is the SFT term: no sft_weight, no wpo
+    assert SimPOLoss().beta == 2.0 and LOSSES["wpo"]().wpo and not DPOLoss().wpo  # a subclass's own defaults
+    for name, cls in LOSSES.items():
+        assert set(loss_parameter_types(cls).values()) <= {float, bool, str}, name
+
+
+def test_loss_parameter_types_of_a_users_subclass_follow_its_kwargs_to_the_base():
+    class MarginDPO(DPOLoss):
+        def __init__(self, margin: Optional[float] = None, note="", **kwargs):
+            super().__init__(**kwargs)
+            self.margin, self.note = margin, note
+
+    types = loss_parameter_types(MarginDPO)
+    assert list(types) == ["margin", "note", "label_smoothing", "divergence", "alpha", "beta", "sft_weight", "wpo"]
+    assert (types["margin"], types["note"], types["beta"]) == (Optional[float], Any, float)
 
 
 def test_build_loss_rejects_an_unknown_name():

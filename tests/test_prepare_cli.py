@@ -267,15 +267,6 @@ def test_overwrite_refuses_a_folder_whose_manifest_json_is_not_a_prepare_manifes
     assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "src"]
 
 
-def test_overwrite_replaces_a_prepare_output_from_before_the_marker(pairs_jsonl, tokenizer_dir, tmp_path):
-    out = tmp_path / "prepared"
-    assert prepare(pairs_jsonl, tokenizer_dir, out) == 0
-    (out / ".dpokit-artifact.json").unlink()  # as an older dpokit left it: splits and manifest.json only
-    assert prepare(pairs_jsonl, tokenizer_dir, out, "--eval-fraction", 0.25, "--overwrite") == 0
-    assert load_prepared(out).splits == ["train", "eval"]
-    assert (out / ".dpokit-artifact.json").is_file()
-
-
 def test_an_interrupted_write_leaves_no_valid_looking_output(pairs_jsonl, tokenizer_dir, tmp_path, monkeypatch):
     def interrupt(splits, columns):
         raise KeyboardInterrupt  # after the splits are on disk, before the manifest

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from dpokit.data.formats import Record, SkippedRow, load_records, normalise, open_records, parse_column_map
+from dpokit.data.formats import Record, SkippedRow, normalise, open_records, parse_column_map
 from dpokit.errors import DpokitError
 
 
@@ -195,7 +195,7 @@ def write_jsonl(path, rows):
 def test_jsonl_rows_carry_file_and_line_and_blank_lines_are_allowed(tmp_path):
     path = tmp_path / "d.jsonl"
     path.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n\n{"prompt": "d", "chosen": "e", "rejected": "f"}\n')
-    records = load_records(str(path))
+    records = list(open_records(str(path)))
     assert [r.location for r in records] == [f"{path} line 1", f"{path} line 3"]
     assert records[1].row == {"prompt": "d", "chosen": "e", "rejected": "f"}
 
@@ -204,7 +204,7 @@ def test_malformed_json_line_names_the_file_and_line(tmp_path):
     path = tmp_path / "d.jsonl"
     path.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": "d", "chosen": "e" "rejected": "f"}\n')
     with pytest.raises(DpokitError) as error:
-        load_records(str(path))
+        list(open_records(str(path)))
     assert str(error.value) == (
         f"{path} line 2: not valid JSON (Expecting ',' delimiter at column 31); fix or remove that line"
     )
@@ -214,7 +214,7 @@ def test_malformed_json_array_names_the_line_in_the_file(tmp_path):
     path = tmp_path / "d.json"
     path.write_text('[\n {"prompt": "a", "chosen": "b", "rejected": "c"},\n {"prompt": "d" "chosen": "e"}\n]\n')
     with pytest.raises(DpokitError) as error:
-        load_records(str(path))
+        list(open_records(str(path)))
     assert str(error.value) == f"{path} line 3: not valid JSON (Expecting ',' delimiter at column 17); fix the file"
 
 
@@ -222,7 +222,7 @@ def test_a_json_line_that_is_not_an_object_is_an_error(tmp_path):
     path = tmp_path / "d.jsonl"
     path.write_text('["a", "b"]\n')
     with pytest.raises(DpokitError) as error:
-        load_records(str(path))
+        list(open_records(str(path)))
     assert str(error.value) == f"{path} line 1: expected a JSON object with prompt/chosen/rejected, got list"
 
 
@@ -242,29 +242,29 @@ def test_json_array_csv_and_parquet_files_read_the_same_rows(tmp_path, monkeypat
         writer.writerows(rows)
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "c.parquet")
     for name in ("a.json", "b.csv", "c.parquet"):
-        assert [r.row for r in load_records(str(tmp_path / name))] == rows, name
+        assert [r.row for r in open_records(str(tmp_path / name))] == rows, name
         source = open_records(str(tmp_path / name))  # read lazily: counted, then read again the same
         assert source.count() == 2 and [r.row for r in source] == rows, name
-    assert [r.location for r in load_records(str(tmp_path / "b.csv"))] == [f"{tmp_path / 'b.csv'} line {n}" for n in (2, 3)]
+    assert [r.location for r in open_records(str(tmp_path / "b.csv"))] == [f"{tmp_path / 'b.csv'} line {n}" for n in (2, 3)]
 
 
 def test_a_folder_is_read_file_by_file_in_sorted_order(tmp_path):
     write_jsonl(tmp_path / "b.jsonl", [{"prompt": "2", "chosen": "c", "rejected": "r"}])
     write_jsonl(tmp_path / "a.jsonl", [{"prompt": "1", "chosen": "c", "rejected": "r"}])
     (tmp_path / "notes.txt").write_text("ignored")
-    assert [r.row["prompt"] for r in load_records(str(tmp_path))] == ["1", "2"]
+    assert [r.row["prompt"] for r in open_records(str(tmp_path))] == ["1", "2"]
 
 
 def test_a_json_file_holding_json_lines_is_read_as_jsonl(tmp_path):
     path = write_jsonl(tmp_path / "d.json", [{"prompt": "1", "chosen": "c", "rejected": "r"}] * 2)
-    assert len(load_records(str(path))) == 2
+    assert len(list(open_records(str(path)))) == 2
 
 
 def test_missing_file_and_empty_folder_are_errors(tmp_path):
     with pytest.raises(DpokitError, match=r"data file .*nope\.jsonl does not exist"):
-        load_records(str(tmp_path / "nope.jsonl"))
+        open_records(str(tmp_path / "nope.jsonl"))
     with pytest.raises(DpokitError, match=r"has no \.json/\.jsonl/\.csv/\.parquet files"):
-        load_records(str(tmp_path))
+        open_records(str(tmp_path))
 
 
 def test_a_dataset_name_goes_to_load_dataset_with_subset_and_split(monkeypatch):
@@ -277,7 +277,7 @@ def test_a_dataset_name_goes_to_load_dataset_with_subset_and_split(monkeypatch):
         return datasets.Dataset.from_list([{"prompt": "q", "chosen": "a", "rejected": "b"}])
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
-    records = load_records("org/pairs", split="test", subset="small")
+    records = list(open_records("org/pairs", split="test", subset="small"))
     assert calls == [("org/pairs", "small", "test")]
     assert [(r.location, r.row) for r in records] == [("org/pairs[test] row 0", {"prompt": "q", "chosen": "a", "rejected": "b"})]
 
@@ -290,7 +290,7 @@ def test_a_dataset_that_cannot_be_loaded_is_one_error_with_the_fix(monkeypatch):
 
     monkeypatch.setattr(datasets, "load_dataset", offline)
     with pytest.raises(DpokitError) as error:
-        load_records("org/pairs")
+        open_records("org/pairs")
     assert str(error.value) == (
         "could not load dataset 'org/pairs' (split 'train'): offline; "
         "pass a local .json/.jsonl/.csv/.parquet file or folder, or check --subset and --split"

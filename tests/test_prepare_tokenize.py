@@ -6,7 +6,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from dpokit.data.formats import Pair
-from dpokit.data.tokenize import LengthLimits, PairTokenizer, load_tokenizer, truncate_pair
+from dpokit.data.tokenize import LengthLimits, PairTokenizer, TokenizedPair, load_tokenizer
 from dpokit.fingerprint import tokenizer_fingerprint
 from dpokit.errors import DpokitError
 
@@ -234,46 +234,55 @@ def test_gemma_shaped_template_folds_a_system_turn_and_a_broken_alternation_is_a
 # Truncation
 
 
-def cut(prompt, chosen, rejected, **limits):
-    t = truncate_pair(prompt, chosen, rejected, LengthLimits(**limits))
-    return t.prompt, t.chosen, t.rejected
+def fitted(tokenizer, prompt, chosen, rejected, **limits) -> TokenizedPair:
+    """Token ids put through the length limits as `PairTokenizer.tokenize` puts every pair."""
+    return PairTokenizer(tokenizer, LengthLimits(**limits)).fitted(TokenizedPair(prompt, chosen, rejected))
+
+
+def cut(tokenizer, prompt, chosen, rejected, **limits):
+    t = fitted(tokenizer, prompt, chosen, rejected, **limits)
+    return t.prompt_ids, t.chosen_ids, t.rejected_ids
 
 
 P10, C20, R3 = list(range(100, 110)), list(range(200, 220)), list(range(300, 303))
 
 
-def test_keep_start_keeps_the_whole_prompt_and_cuts_the_completions_ends():
+def test_keep_start_keeps_the_whole_prompt_and_cuts_the_completions_ends(plain_tokenizer):
     # 10 + 20 > 12: the prompt stays, each completion keeps its first 12 - 10 = 2 tokens (TRL's default).
-    assert cut(P10, C20, R3, max_length=12) == (P10, C20[:2], R3[:2])
+    assert cut(plain_tokenizer, P10, C20, R3, max_length=12) == (P10, C20[:2], R3[:2])
 
 
-def test_keep_end_cuts_the_prompts_start_down_to_half_of_max_length_then_the_completions():
+def test_keep_end_cuts_the_prompts_start_down_to_half_of_max_length_then_the_completions(plain_tokenizer):
     # excess 18; the prompt may lose at most 10 - 12 // 2 = 4 tokens, then completions keep 12 - 6 = 6.
-    assert cut(P10, C20, R3, max_length=12, truncation="keep_end") == (P10[4:], C20[:6], R3)
+    assert cut(plain_tokenizer, P10, C20, R3, max_length=12, truncation="keep_end") == (P10[4:], C20[:6], R3)
 
 
-def test_keep_end_cuts_the_prompt_only_as_much_as_needed():
-    assert cut(P10, C20[:5], R3, max_length=12, truncation="keep_end") == (P10[3:], C20[:5], R3)
+def test_keep_end_cuts_the_prompt_only_as_much_as_needed(plain_tokenizer):
+    assert cut(plain_tokenizer, P10, C20[:5], R3, max_length=12, truncation="keep_end") == (P10[3:], C20[:5], R3)
 
 
-def test_keep_end_with_max_prompt_length_is_the_original_dpo_rule():
+def test_keep_end_with_max_prompt_length_is_the_original_dpo_rule(plain_tokenizer):
     # The prompt keeps its last 4 tokens, then each response its first 12 - 4 = 8 (as the DPO paper's code).
-    assert cut(P10, C20, R3, max_length=12, max_prompt_length=4, truncation="keep_end") == (P10[-4:], C20[:8], R3)
+    limits = dict(max_length=12, max_prompt_length=4, truncation="keep_end")
+    assert cut(plain_tokenizer, P10, C20, R3, **limits) == (P10[-4:], C20[:8], R3)
 
 
-def test_max_prompt_length_caps_every_prompt_from_the_end_truncation_names():
-    assert cut(P10, R3, R3, max_length=100, max_prompt_length=4) == (P10[:4], R3, R3)
-    assert cut(P10, R3, R3, max_length=100, max_prompt_length=4, truncation="keep_end") == (P10[-4:], R3, R3)
+def test_max_prompt_length_caps_every_prompt_from_the_end_truncation_names(plain_tokenizer):
+    assert cut(plain_tokenizer, P10, R3, C20[:3], max_length=100, max_prompt_length=4) == (P10[:4], R3, C20[:3])
+    limits = dict(max_length=100, max_prompt_length=4, truncation="keep_end")
+    assert cut(plain_tokenizer, P10, R3, C20[:3], **limits) == (P10[-4:], R3, C20[:3])
 
 
-def test_max_completion_length_caps_every_completion_at_its_start():
-    t = truncate_pair(P10, C20, R3, LengthLimits(max_length=100, max_completion_length=5))
-    assert (t.prompt, t.chosen, t.rejected, t.cut_prompt, t.cut_completion) == (P10, C20[:5], R3, False, True)
+def test_max_completion_length_caps_every_completion_at_its_start(plain_tokenizer):
+    t = fitted(plain_tokenizer, P10, C20, R3, max_length=100, max_completion_length=5)
+    assert (t.prompt_ids, t.chosen_ids, t.rejected_ids) == (P10, C20[:5], R3)
+    assert (t.truncated_prompt, t.truncated_completion, t.dropped) == (False, True, None)
 
 
-def test_pairs_within_the_limits_are_not_touched():
-    t = truncate_pair([1] * 10, [2] * 2, [3] * 2, LengthLimits(max_length=12))
-    assert (t.prompt, t.chosen, t.rejected, t.cut_prompt, t.cut_completion) == ([1] * 10, [2] * 2, [3] * 2, False, False)
+def test_pairs_within_the_limits_are_not_touched(plain_tokenizer):
+    t = fitted(plain_tokenizer, [1] * 10, [2] * 2, [3] * 2, max_length=12)
+    assert (t.prompt_ids, t.chosen_ids, t.rejected_ids) == ([1] * 10, [2] * 2, [3] * 2)
+    assert (t.truncated_prompt, t.truncated_completion, t.dropped) == (False, False, None)
 
 
 def test_truncate_policy_gives_exact_token_counts(chat_tokenizer):

@@ -69,7 +69,7 @@ def other_prepared(prepared_dir: Path, out: Path) -> Path:
     """The fixture's prepared data with one completion token changed."""
     prepared = load_prepared(prepared_dir)
     splits = {name: prepared.split(name) for name in prepared.splits}
-    rows = splits["train"].to_list()
+    rows = list(splits["train"])
     rows[0]["chosen_ids"] = rows[0]["chosen_ids"][:-1] + [rows[0]["chosen_ids"][-1] + 1]
     splits["train"] = datasets.Dataset.from_list(rows)
     manifest = json.loads((prepared_dir / "manifest.json").read_text())

@@ -208,6 +208,15 @@ def test_opening_a_missing_or_corrupt_cache_says_how_to_build_it(tmp_path):
         open_cache(tmp_path / "junk.h5")
 
 
+def test_a_cache_that_does_not_record_what_it_was_computed_from_is_refused(tmp_path):
+    path = tmp_path / "ref.h5"
+    create_or_resume_cache(path, write_attrs(), {"train": 2}, overwrite=False)
+    with h5py.File(path, "r+") as handle:
+        del handle.attrs["attn_implementation"]  # no default is guessed for it
+    with pytest.raises(DpokitError, match=r"does not record attn_implementation .*rebuild it with `dpokit ref-logps"):
+        open_cache(path)
+
+
 def test_a_writer_that_fails_mid_run_leaves_exactly_its_committed_rows_done(tmp_path, crash_cache_writer):
     path = tmp_path / "ref.h5"
     create_or_resume_cache(path, write_attrs(), {"train": 6}, overwrite=False)

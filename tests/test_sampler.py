@@ -8,15 +8,20 @@ from dpokit.data.sampler import PairSampler
 
 
 def steps(sampler: PairSampler, n: int) -> list[list[list[int]]]:
-    return [sampler.next_step() for _ in range(n)]
+    """The next `n` optimizer steps' micro-batches, consumed as training consumes them: read, then advanced."""
+    taken = []
+    for _ in range(n):
+        taken.append(sampler.step_indices(sampler.steps_done))
+        sampler.advance()
+    return taken
 
 
 def test_two_ranks_together_see_what_one_process_sees():
     one = PairSampler(40, batch_size=4, accumulation_steps=2, world_size=1, seed=3)
     ranks = [PairSampler(40, batch_size=2, accumulation_steps=2, world_size=2, rank=r, seed=3) for r in range(2)]
     for _ in range(12):  # crosses epoch boundaries (5 steps per epoch)
-        single = one.next_step()
-        split = [s.next_step() for s in ranks]
+        single = steps(one, 1)[0]
+        split = [steps(s, 1)[0] for s in ranks]
         for micro in range(2):
             assert sorted(single[micro]) == sorted(split[0][micro] + split[1][micro])
 
@@ -58,8 +63,8 @@ def test_group_by_length_makes_batches_of_similar_length():
 def test_a_step_is_the_same_pairs_whether_drawn_in_order_or_prepared_ahead():
     drawn = PairSampler(num_examples=23, batch_size=2, accumulation_steps=2, world_size=2, rank=1, seed=3)
     ahead = PairSampler(num_examples=23, batch_size=2, accumulation_steps=2, world_size=2, rank=1, seed=3)
-    steps = [drawn.next_step() for _ in range(12)]  # 2 steps an epoch: over several epoch boundaries
-    assert [ahead.step_indices(step) for step in range(12)] == steps
+    in_order = steps(drawn, 12)  # 2 steps an epoch: over several epoch boundaries
+    assert [ahead.step_indices(step) for step in range(12)] == in_order
     assert ahead.state_dict() == {"epoch": 0, "step_in_epoch": 0}  # preparing ahead consumes nothing
     for _ in range(12):
         ahead.advance()

@@ -110,11 +110,6 @@ def open_records(data: str, split: str = "train", subset: Optional[str] = None) 
     return RecordSource([], hub_dataset(data, split, subset), f"{data}[{split}]")
 
 
-def load_records(data: str, split: str = "train", subset: Optional[str] = None) -> list[Record]:
-    """Every row of `data` in a list (`open_records` reads them one at a time)."""
-    return list(open_records(data, split, subset))
-
-
 def load_prompts(path: str) -> list[list[dict[str, str]]]:
     """The prompts of a file, as message lists: a ``.txt`` file's non-empty lines (one user turn each), or the
     ``prompt`` of each row of a json/jsonl/csv/parquet file (text, or a list of messages as in the
@@ -134,7 +129,7 @@ def load_prompts(path: str) -> list[list[dict[str, str]]]:
             prompts.append(message_list(value, "prompt") if not isinstance(value, str) else
                            [{"role": "user", "content": text_value(value, "prompt")}])
         except SkippedRow as bad:
-            raise DpokitError(f"{record.location}: {bad.detail}; a prompts file has a 'prompt' per row (text or messages)") from None
+            raise DpokitError(f"{record.location}: {bad.detail}; a prompts file has a 'prompt' per row (text or messages)") from bad
     return prompts
 
 
@@ -172,16 +167,16 @@ def jsonl_records(path: Path) -> Iterator[Record]:
                 if line.strip():
                     row = parsed_json(line, path, number, "fix or remove that line")
                     yield Record(f"{path} line {number}", object_row(row, f"{path} line {number}"))
-        except UnicodeDecodeError:
-            raise not_utf8_error(path) from None
+        except UnicodeDecodeError as exc:
+            raise not_utf8_error(path) from exc
 
 
 def json_records(path: Path) -> Iterator[Record]:
     """A JSON array of objects; a ``.json`` file holding JSON lines is read as JSONL."""
     try:
         text = path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError:
-        raise not_utf8_error(path) from None
+    except UnicodeDecodeError as exc:
+        raise not_utf8_error(path) from exc
     if not text.lstrip().startswith("["):
         yield from jsonl_records(path)
         return
@@ -223,7 +218,7 @@ def parsed_json(text: str, path: Path, first_line: int, fix: str) -> Any:
         return json.loads(text)
     except json.JSONDecodeError as exc:
         line = first_line + exc.lineno - 1
-        raise DpokitError(f"{path} line {line}: not valid JSON ({exc.msg} at column {exc.colno}); {fix}") from None
+        raise DpokitError(f"{path} line {line}: not valid JSON ({exc.msg} at column {exc.colno}); {fix}") from exc
 
 
 def csv_records(path: Path) -> Iterator[Record]:
@@ -237,8 +232,8 @@ def csv_records(path: Path) -> Iterator[Record]:
                 if None in row:
                     raise DpokitError(f"{location}: more values than the header has columns; quote values that contain commas")
                 yield Record(location, row)
-        except UnicodeDecodeError:
-            raise not_utf8_error(path) from None
+        except UnicodeDecodeError as exc:
+            raise not_utf8_error(path) from exc
 
 
 def not_utf8_error(path: Path) -> DpokitError:
@@ -268,7 +263,7 @@ def parquet_records(path: Path) -> Iterator[Record]:
         for index, row in enumerate(rows):
             yield Record(f"{path} row {index}", row)
     except Exception as exc:  # pyarrow raises several types for a damaged file
-        raise DpokitError(f"{path}: not a readable Parquet file ({exc})") from None
+        raise DpokitError(f"{path}: not a readable Parquet file ({exc})") from exc
 
 
 def parquet_rows(path: Path) -> int:
@@ -278,7 +273,7 @@ def parquet_rows(path: Path) -> int:
     try:
         return pq.ParquetFile(path).metadata.num_rows
     except Exception as exc:  # pyarrow raises several types for a damaged file
-        raise DpokitError(f"{path}: not a readable Parquet file ({exc})") from None
+        raise DpokitError(f"{path}: not a readable Parquet file ({exc})") from exc
 
 
 def hub_dataset(name: str, split: str, subset: Optional[str]):
@@ -292,7 +287,7 @@ def hub_dataset(name: str, split: str, subset: Optional[str]):
         raise DpokitError(
             f"could not load dataset {name!r} ({which}): {exc}; "
             "pass a local .json/.jsonl/.csv/.parquet file or folder, or check --subset and --split"
-        ) from None
+        ) from exc
 
 
 def object_row(row: Any, location: str) -> dict[str, Any]:

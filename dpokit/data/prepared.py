@@ -3,7 +3,7 @@
 Layout::
 
     prepared/
-      manifest.json       source, counts, tokenizer fingerprint, lengths, data fingerprint
+      manifest.json       source, counts, tokenizer fingerprint, lengths, data fingerprint, file digests
       train/              datasets.Dataset.save_to_disk; columns prompt_ids, chosen_ids, rejected_ids
       eval/               (optional) the same
 
@@ -30,7 +30,6 @@ from dpokit.fingerprint import data_fingerprint, ends_sha256, numpy_view
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
-FINGERPRINT_RECHECK_BYTES = 64 * 2**20  # without recorded digests, recompute the fingerprint up to this size (~0.2 s)
 WRITE_BATCH_ROWS = 1000  # rows per Arrow record batch that `SplitWriter` writes (save_to_disk's batch too)
 SHARD_BYTES = 500 * 10**6  # a split file this large is closed and the next begun (save_to_disk's default shard size)
 
@@ -67,7 +66,7 @@ class PreparedData:
             tables = [pa.ipc.open_stream(pa.memory_map(str(file))).read_all() for file in arrow_files(self.path / name)]
             return ArrowSplit(pa.concat_tables(tables) if len(tables) != 1 else tables[0])
         except (OSError, pa.ArrowException) as exc:
-            raise DpokitError(f"{self.path / name}: not a readable dataset ({one_line(exc)}); {remake_hint(self)}") from None
+            raise DpokitError(f"{self.path / name}: not a readable dataset ({one_line(exc)}); {remake_hint(self)}") from exc
 
 
 class ArrowSplit:
@@ -133,9 +132,6 @@ class ArrowSplit:
         for batch in self.table.to_batches(max_chunksize=1024):
             yield from batch.to_pylist()
 
-    def to_list(self) -> list[dict]:
-        return self.table.to_pylist()
-
     def select(self, indices) -> "ArrowSplit":
         return ArrowSplit(self.table.take(np.asarray(indices, dtype=np.int64)))
 
@@ -159,7 +155,7 @@ def load_prepared(path: str | os.PathLike) -> PreparedData:
     try:
         manifest = json.loads(manifest_path.read_text())
     except json.JSONDecodeError as exc:
-        raise DpokitError(f"{manifest_path}: not valid JSON ({exc}); prepare the data again") from None
+        raise DpokitError(f"{manifest_path}: not valid JSON ({exc}); prepare the data again") from exc
     version = manifest.get("format_version")
     if version != FORMAT_VERSION:
         raise DpokitError(
@@ -210,14 +206,12 @@ def arrow_files(split_dir: Path) -> list[Path]:
 
 
 def check_split_files(prepared: PreparedData) -> None:
-    """Refuse split files that are not what `dpokit prepare` wrote, naming the file and the fix.
-
-    With digests in the manifest (``files``): sizes and end hashes only. Without (older outputs): each
-    Arrow file is opened and its rows counted, and the data fingerprint is recomputed when the data is
-    small enough for that to be quick.
-    """
+    """Refuse split files that are not what `dpokit prepare` wrote (by the sizes and end hashes the manifest
+    records in ``files``), naming the file and the fix."""
     path, manifest = prepared.path, prepared.manifest
-    for name, recorded in manifest.get("files", {}).items():
+    if not isinstance(manifest.get("files"), dict):
+        raise DpokitError(f"{path / MANIFEST_NAME} records no split files; {remake_hint(prepared)}")
+    for name, recorded in manifest["files"].items():
         file = path / name
         if not file.is_file():
             raise DpokitError(f"{file} is missing (listed in {path / MANIFEST_NAME}); {remake_hint(prepared)}")
@@ -229,32 +223,6 @@ def check_split_files(prepared: PreparedData) -> None:
             )
         if ends_sha256(file) != recorded["ends_sha256"]:
             raise DpokitError(f"{file} has changed since `dpokit prepare` wrote it; {remake_hint(prepared)}")
-    if "files" in manifest:
-        return
-    import pyarrow as pa
-
-    total = 0
-    for split, info in manifest.get("splits", {}).items():
-        files = arrow_files(path / split)
-        rows = 0
-        for file in files:
-            try:
-                with pa.memory_map(str(file)) as source:
-                    rows += pa.ipc.open_stream(source).read_all().num_rows
-            except (OSError, pa.ArrowException) as exc:
-                raise DpokitError(f"{file}: not a readable Arrow file ({one_line(exc)}); {remake_hint(prepared)}") from None
-            total += file.stat().st_size
-        if files and isinstance(info, dict) and "rows" in info and rows != info["rows"]:
-            raise DpokitError(
-                f"{path / split} has {rows} rows but the manifest lists {info['rows']}; {remake_hint(prepared)}"
-            )
-    if "data_fingerprint" in manifest and total <= FINGERPRINT_RECHECK_BYTES:
-        splits = {name: prepared.split(name) for name in prepared.splits}
-        if data_fingerprint(splits, COLUMNS) != manifest["data_fingerprint"]:
-            raise DpokitError(
-                f"{path}: the token ids no longer match the manifest's data_fingerprint (its Arrow files changed "
-                f"after `dpokit prepare`); {remake_hint(prepared)}"
-            )
 
 
 def write_prepared(out_dir: str | os.PathLike, splits: dict[str, Any], manifest: dict[str, Any], overwrite: bool) -> Path:
@@ -325,7 +293,7 @@ def naming(path: Path) -> Iterator[None]:
     except OSError as exc:
         if exc.filename is not None or exc.errno is None:
             raise
-        raise OSError(exc.errno, os.strerror(exc.errno), str(path)) from None
+        raise OSError(exc.errno, os.strerror(exc.errno), str(path)) from exc
 
 
 class SplitWriter:

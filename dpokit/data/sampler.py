@@ -78,10 +78,6 @@ class PairSampler:
             batches = batches[torch.randperm(len(batches), generator=generator)]
         return torch.cat([batches.reshape(-1), grouped[usable:]])
 
-    def global_batch(self, epoch: int, step_in_epoch: int) -> torch.Tensor:
-        g = self.global_batch_size
-        return self.epoch_order(epoch)[step_in_epoch * g : (step_in_epoch + 1) * g]
-
     def micro_batches(self, global_batch: torch.Tensor) -> list[list[int]]:
         """This rank's indices for each micro-step of one global batch."""
         per_micro = self.batch_size * self.world_size
@@ -90,12 +86,6 @@ class PairSampler:
             micro = global_batch[m * per_micro : (m + 1) * per_micro]
             out.append(micro[self.rank * self.batch_size : (self.rank + 1) * self.batch_size].tolist())
         return out
-
-    def next_step(self) -> list[list[int]]:
-        """Advance one optimizer step; returns this rank's micro-batches of indices."""
-        indices = self.step_indices(self.steps_done)
-        self.advance()
-        return indices
 
     @property
     def steps_done(self) -> int:

@@ -49,6 +49,7 @@ class TokenizedPair:
 
     @property
     def truncated(self) -> bool:
+        """Either part was cut (the manifest's ``truncated`` count: `pipeline.ROW_EVENTS`)."""
         return self.truncated_prompt or self.truncated_completion
 
 
@@ -67,7 +68,7 @@ def load_tokenizer(name: str, chat_template: Optional[str] = None):
     try:
         tokenizer = AutoTokenizer.from_pretrained(name)
     except Exception as exc:  # transformers raises OSError, ValueError, ... for a bad name or directory
-        raise DpokitError(f"could not load a tokenizer from {name!r}: {exc}; pass a model directory or --tokenizer") from None
+        raise DpokitError(f"could not load a tokenizer from {name!r}: {exc}; pass a model directory or --tokenizer") from exc
     if chat_template is not None:
         tokenizer.chat_template = chat_template_text(chat_template)
     if tokenizer.chat_template:
@@ -92,7 +93,7 @@ def check_chat_template(tokenizer) -> None:
             [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "hi"}], tokenize=False
         )
     except Exception as exc:  # jinja2 syntax and runtime errors
-        raise DpokitError(f"the chat template does not render a user/assistant conversation: {exc}") from None
+        raise DpokitError(f"the chat template does not render a user/assistant conversation: {exc}") from exc
 
 
 # ---------------------------------------------------------------------------------------------
@@ -128,7 +129,7 @@ class LengthLimits:
 
 @dataclass(frozen=True)
 class Truncated:
-    """A pair's ids after `truncate_pair`, and which parts were cut."""
+    """A pair's ids after `fit`, and which parts were cut."""
 
     prompt: list[int]
     chosen: list[int]
@@ -148,8 +149,9 @@ def capped(prompt: list[int], chosen: list[int], rejected: list[int], limits: Le
     return prompt, chosen, rejected
 
 
-def truncate_pair(prompt: list[int], chosen: list[int], rejected: list[int], limits: LengthLimits) -> Truncated:
-    """Apply the per-part caps, then fit both prompt+completion sequences into ``limits.max_length``.
+def fit(parts: tuple[list[int], list[int], list[int]], original: tuple[int, int, int], limits: LengthLimits) -> Truncated:
+    """The `capped` `parts`: both prompt+completion sequences fitted into ``limits.max_length``; `original` are
+    the uncapped lengths, to tell what was cut.
 
     Under ``keep_start`` the prompt is kept whole and the completions keep their first tokens (a
     prompt that leaves no room comes back whole, with empty completions: the caller drops it).
@@ -157,12 +159,6 @@ def truncate_pair(prompt: list[int], chosen: list[int], rejected: list[int], lim
     ``max_prompt_length`` (default: half of ``max_length``) tokens, and then the completions' ends.
     A completion's start is never cut: it must follow its prompt.
     """
-    return fit(capped(prompt, chosen, rejected, limits), (len(prompt), len(chosen), len(rejected)), limits)
-
-
-def fit(parts: tuple[list[int], list[int], list[int]], original: tuple[int, int, int], limits: LengthLimits) -> Truncated:
-    """The `capped` `parts` fitted into ``limits.max_length`` (see `truncate_pair`); `original` are the uncapped
-    lengths, to tell what was cut."""
     prompt, chosen, rejected = parts
     excess = len(prompt) + max(len(chosen), len(rejected)) - limits.max_length
     if excess > 0 and limits.truncation == "keep_end":

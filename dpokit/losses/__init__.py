@@ -2,7 +2,7 @@
 rejected_rewards)``, each ``[B]``, over `ChosenRejectedOutputs` (`dpokit.types`).
 
 - `dpokit.losses.objectives`: every built-in objective, one small class each, side by side.
-- `dpokit.losses.base`: the base class (WPO weighting, the SFT term) and parameter checks.
+- `dpokit.losses.base`: the base classes (WPO weighting, the SFT term, ``beta``) and parameter checks.
 - `dpokit.losses.combined`: weighted sums (``loss.name=[dpo,sft] loss.weights=[1.0,0.5]``).
 
 A user's loss is any ``torch.nn.Module`` with the same ``forward``; ``--loss pkg.module:Class`` loads it and
@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import typing
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from dpokit.errors import DpokitError
-from dpokit.losses.base import PreferenceLoss, check_parameter
+from dpokit.losses.base import BetaLoss, PreferenceLoss, check_parameter
 from dpokit.losses.combined import CombinedLoss
 from dpokit.losses.objectives import (
     AOTLoss,
@@ -43,7 +44,8 @@ from dpokit.losses.objectives import (
     SPPOHardLoss,
     WPOLoss,
 )
-from dpokit.types import AT_LEAST_0, ChosenRejectedOutputs
+from dpokit.ranges import AT_LEAST_0
+from dpokit.types import ChosenRejectedOutputs
 
 LOSSES: dict[str, type[nn.Module]] = {
     "dpo": DPOLoss,
@@ -84,7 +86,7 @@ def loss_class(name: str) -> type[nn.Module]:
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise DpokitError(f"loss {name!r}: cannot import module {module_name!r} ({exc}); is it on PYTHONPATH?") from None
+        raise DpokitError(f"loss {name!r}: cannot import module {module_name!r} ({exc}); is it on PYTHONPATH?") from exc
     cls = getattr(module, attr, None)
     if cls is None:
         raise DpokitError(f"loss {name!r}: module {module_name!r} has no attribute {attr!r}")
@@ -93,14 +95,34 @@ def loss_class(name: str) -> type[nn.Module]:
     return cls
 
 
+def loss_parameter_types(cls: type) -> dict[str, Any]:
+    """Every constructor parameter a loss accepts, by name, with its annotated type (``float``, ``bool``, ``str``,
+    ``Optional[...]``; `typing.Any` where a user's loss gives none): the class's own ``__init__`` first, then, while
+    an ``__init__`` passes ``**kwargs`` on, its base's (a built-in loss's ``**common``: ``beta``, ``sft_weight``,
+    ``wpo``). A parameter a subclass declares again keeps the subclass's type."""
+    types: dict[str, Any] = {}
+    for klass in cls.__mro__:
+        if klass in (nn.Module, object):
+            break
+        init = vars(klass).get("__init__")
+        if init is None:
+            continue
+        parameters = list(inspect.signature(init).parameters.values())[1:]
+        try:
+            hints = typing.get_type_hints(init)
+        except Exception:  # a user's annotation that does not resolve (a name imported only for type checking)
+            hints = {}
+        for p in parameters:
+            if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY):
+                types.setdefault(p.name, hints.get(p.name, Any))
+        if not any(p.kind is p.VAR_KEYWORD for p in parameters):
+            break
+    return types
+
+
 def loss_parameters(cls: type) -> list[str]:
-    """Names of the constructor parameters a loss accepts."""
-    signature = inspect.signature(cls.__init__)
-    return [
-        p.name
-        for p in list(signature.parameters.values())[1:]
-        if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
-    ]
+    """Names of the constructor parameters a loss accepts (`loss_parameter_types`' order)."""
+    return list(loss_parameter_types(cls))
 
 
 def build_loss(spec: dict[str, Any]) -> nn.Module:
@@ -114,8 +136,8 @@ def build_loss(spec: dict[str, Any]) -> nn.Module:
     if isinstance(weights, str):  # loss.weights=1.0,0.5
         try:
             weights = [float(part) for part in weights.split(",")]
-        except ValueError:
-            raise DpokitError(f"loss.weights={weights!r}: give numbers, e.g. loss.weights=1.0,0.5") from None
+        except ValueError as exc:
+            raise DpokitError(f"loss.weights={weights!r}: give numbers, e.g. loss.weights=1.0,0.5") from exc
     if not isinstance(name, (list, tuple)):
         if weights is not None:
             raise DpokitError(f"loss.weights is for a list of losses (loss.name=[dpo,sft]); loss.name is {name!r}")
@@ -146,7 +168,7 @@ def _build_one(name: str, params: dict[str, Any]) -> nn.Module:
     try:
         return cls(**params)
     except TypeError as exc:
-        raise DpokitError(f"loss {name!r}: {exc}") from None
+        raise DpokitError(f"loss {name!r}: {exc}") from exc
 
 
 def is_reference_free(loss: nn.Module) -> bool:
@@ -173,6 +195,7 @@ def check_loss_outputs(loss: nn.Module, outputs: Any, num_pairs: int) -> tuple[T
 
 __all__ = [
     "LOSSES",
+    "BetaLoss",
     "ChosenRejectedOutputs",
     "CombinedLoss",
     "PreferenceLoss",
@@ -180,5 +203,7 @@ __all__ = [
     "check_loss_outputs",
     "is_reference_free",
     "loss_class",
+    "loss_parameter_types",
+    "loss_parameters",
     *sorted(cls.__name__ for cls in set(LOSSES.values())),
 ]

@@ -1,4 +1,10 @@
-"""What every built-in loss shares: the base class (SFT term, WPO weighting), parameter checks, log-ratios."""
+"""What every built-in loss shares: the base classes (SFT term, WPO weighting, ``beta``), parameter checks,
+log-ratios.
+
+A loss declares only its own constructor parameters, keyword-only, and passes ``**common`` on to its base:
+`PreferenceLoss` takes ``sft_weight`` and ``wpo``, `BetaLoss` adds ``beta``. `dpokit.losses.loss_parameter_types`
+follows that chain to list every parameter a loss accepts.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +15,8 @@ import torch
 from torch import Tensor, nn
 
 from dpokit.errors import DpokitError
-from dpokit.types import AT_LEAST_0, ChosenRejectedOutputs, Range
+from dpokit.ranges import ABOVE_0, AT_LEAST_0, Range
+from dpokit.types import ChosenRejectedOutputs
 
 BETA_WHY = "0 learns nothing, and a negative beta prefers the rejected responses"
 
@@ -27,7 +34,7 @@ class PreferenceLoss(nn.Module, abc.ABC):
     needs_per_token_reference = False
     token_stats: tuple[str, ...] = ()
 
-    def __init__(self, sft_weight: float = 0.0, wpo: bool = False):
+    def __init__(self, *, sft_weight: float = 0.0, wpo: bool = False):
         super().__init__()
         self.sft_weight = check_parameter("sft_weight", sft_weight, AT_LEAST_0)
         self.wpo = check_flag("wpo", wpo)
@@ -50,6 +57,16 @@ class PreferenceLoss(nn.Module, abc.ABC):
             chosen_avg, _ = policy.average_logps()
             losses = losses + self.sft_weight * (-chosen_avg)
         return losses, chosen_rewards, rejected_rewards
+
+
+class BetaLoss(PreferenceLoss):
+    """Base of the losses scaled by ``beta`` (> 0); `beta_why` is what a bad value would do, for the error."""
+
+    beta_why = BETA_WHY
+
+    def __init__(self, *, beta: float = 0.1, **common: Any):
+        super().__init__(**common)
+        self.beta = check_parameter("beta", beta, ABOVE_0, why=self.beta_why)
 
 
 def wpo_weights(policy: ChosenRejectedOutputs) -> Tensor:

@@ -4,11 +4,15 @@ Notation, per pair: ``r_w = log pi(y_w) - log ref(y_w)`` and ``r_l = log pi(y_l)
 completion tokens), ``h = r_w - r_l``; ``avg`` means divided by the completion's token count. At step 1 the
 policy is the reference, so ``r_w = r_l = h = 0``; each docstring gives the loss there. docs/losses.md has the
 table (formula, parameters, what each needs from the reference, TRL's name).
+
+Each constructor declares only the loss's own parameters (keyword-only); ``**common`` goes to the base:
+``beta`` (`BetaLoss`, checked there), ``sft_weight`` and ``wpo`` (`PreferenceLoss`).
 """
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -17,14 +21,15 @@ from torch import Tensor
 
 from dpokit.errors import DpokitError
 from dpokit.losses.base import (
-    BETA_WHY,
+    BetaLoss,
     PreferenceLoss,
     check_choice,
     check_parameter,
     logratios,
     rewards,
 )
-from dpokit.types import ABOVE_0, AT_LEAST_0, ChosenRejectedOutputs, Range
+from dpokit.ranges import ABOVE_0, AT_LEAST_0, Range
+from dpokit.types import ChosenRejectedOutputs
 
 SMOOTHING = Range(0, 0.5)  # [0, 0.5): 0.5 would make chosen and rejected indistinguishable
 DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
@@ -40,7 +45,7 @@ def capped_exp(x: Tensor) -> Tensor:
     return torch.exp(torch.clamp(x, max=math.log(torch.finfo(torch.float32).max)))
 
 
-class DPOLoss(PreferenceLoss):
+class DPOLoss(BetaLoss):
     """Direct Preference Optimization (Rafailov et al., 2023): ``-log sigma(beta * h)``; ln 2 at step 1.
 
     ``label_smoothing`` eps > 0 is conservative DPO (cDPO, Mitchell 2023): ``-(1-eps) log sigma(beta h) -
@@ -50,10 +55,10 @@ class DPOLoss(PreferenceLoss):
     TRL: ``loss_type="sigmoid"`` with ``label_smoothing`` and ``f_divergence_type``.
     """
 
-    def __init__(self, beta: float = 0.1, label_smoothing: float = 0.0, divergence: str = "reverse_kl",
-                 alpha: float = 1.0, sft_weight: float = 0.0, wpo: bool = False):
-        super().__init__(sft_weight, wpo)
-        self.beta = check_parameter("beta", beta, ABOVE_0, why=BETA_WHY)
+    def __init__(
+        self, *, label_smoothing: float = 0.0, divergence: str = "reverse_kl", alpha: float = 1.0, **common: Any
+    ):
+        super().__init__(**common)
         self.label_smoothing = check_parameter("label_smoothing", label_smoothing, SMOOTHING)
         self.divergence = check_choice("divergence", divergence, DIVERGENCES)
         self.alpha = check_parameter("alpha", alpha, ABOVE_0, why="the alpha-divergence's order")
@@ -75,19 +80,20 @@ class DPOLoss(PreferenceLoss):
 
 class WPOLoss(DPOLoss):
     """DPO weighted by WPO (Zhou et al., 2024): each pair's loss times ``min(1, exp(w_w + w_l))``, ``w`` the
-    token mean of ``log p(y_t) - log sum_v p(v)^2`` under the policy (detached); every built-in loss takes
-    ``wpo=true`` for the same weighting. TRL: ``use_weighting=True``."""
+    token mean of ``log p(y_t) - log sum_v p(v)^2`` under the policy (detached); every built-in loss but ``sft``
+    takes ``wpo=true`` for the same weighting. TRL: ``use_weighting=True``."""
 
-    def __init__(self, beta: float = 0.1, label_smoothing: float = 0.0, sft_weight: float = 0.0, wpo: bool = True):
-        super().__init__(beta, label_smoothing, sft_weight=sft_weight, wpo=wpo)
+    def __init__(self, *, wpo: bool = True, **common: Any):
+        super().__init__(wpo=wpo, **common)
 
 
-class RobustDPOLoss(DPOLoss):
+class RobustDPOLoss(BetaLoss):
     """Robust DPO (Chowdhury et al., 2024), unbiased under label noise eps:
     ``((1-eps)(-log sigma(beta h)) + eps log sigma(-beta h)) / (1 - 2 eps)``; ln 2 at step 1. TRL: ``"robust"``."""
 
-    def __init__(self, beta: float = 0.1, label_smoothing: float = 0.1, sft_weight: float = 0.0, wpo: bool = False):
-        super().__init__(beta, label_smoothing, sft_weight=sft_weight, wpo=wpo)
+    def __init__(self, *, label_smoothing: float = 0.1, **common: Any):
+        super().__init__(**common)
+        self.label_smoothing = check_parameter("label_smoothing", label_smoothing, SMOOTHING)
 
     def pair_losses(self, policy, reference):
         chosen, rejected = logratios(policy, reference)
@@ -107,7 +113,7 @@ class NormalizedDPOLoss(DPOLoss):
         return (losses, *rewards(self.beta, chosen, rejected))
 
 
-class LDDPOLoss(DPOLoss):
+class LDDPOLoss(BetaLoss):
     """LD-DPO, length-desensitised DPO (Liu et al., 2024): each sequence's log-prob counts its first
     ``min(|y_w|, |y_l|)`` tokens fully and the rest times ``alpha``, for policy and reference alike, then
     DPO; ln 2 at step 1. Needs per-token reference log-probs (``ref-logps --per-token`` or ``--ref live``).
@@ -115,10 +121,10 @@ class LDDPOLoss(DPOLoss):
 
     needs_per_token_reference = True
 
-    def __init__(self, beta: float = 0.1, alpha: float = 0.5, label_smoothing: float = 0.0, sft_weight: float = 0.0,
-                 wpo: bool = False):
-        super().__init__(beta, label_smoothing, sft_weight=sft_weight, wpo=wpo)
+    def __init__(self, *, alpha: float = 0.5, label_smoothing: float = 0.0, **common: Any):
+        super().__init__(**common)
         self.alpha = check_parameter("alpha", alpha, Range(0, 1, high_inclusive=True), why="the weight of the longer tail")
+        self.label_smoothing = check_parameter("label_smoothing", label_smoothing, SMOOTHING)
 
     def desensitised(self, outputs: ChosenRejectedOutputs) -> tuple[Tensor, Tensor]:
         if not outputs.has_token_logps:
@@ -142,13 +148,12 @@ class LDDPOLoss(DPOLoss):
         return (losses, *rewards(self.beta, chosen, rejected))
 
 
-class DPOPLoss(PreferenceLoss):
+class DPOPLoss(BetaLoss):
     """DPO-Positive (Pal et al., 2024, "Smaug"): ``-log sigma(beta (h - lam * max(0, -r_w)))``, penalising a
     chosen log-prob that falls below the reference's; ln 2 at step 1."""
 
-    def __init__(self, beta: float = 0.1, lam: float = 50.0, sft_weight: float = 0.0, wpo: bool = False):
-        super().__init__(sft_weight, wpo)
-        self.beta = check_parameter("beta", beta, ABOVE_0, why=BETA_WHY)
+    def __init__(self, *, lam: float = 50.0, **common: Any):
+        super().__init__(**common)
         self.lam = check_parameter("lam", lam, AT_LEAST_0, why="the weight of the chosen log-prob penalty")
 
     def pair_losses(self, policy, reference):
@@ -161,8 +166,8 @@ class RSOLoss(PreferenceLoss):
     """Statistical rejection sampling optimisation's hinge loss (Liu et al., 2023): ``relu(1 - gamma h)``;
     1 at step 1. TRL: ``"hinge"`` (with beta as gamma)."""
 
-    def __init__(self, gamma: float = 0.1, sft_weight: float = 0.0, wpo: bool = False):
-        super().__init__(sft_weight, wpo)
+    def __init__(self, *, gamma: float = 0.1, **common: Any):
+        super().__init__(**common)
         self.gamma = check_parameter(
             "gamma", gamma, ABOVE_0, why="it scales the margin: 0 gives a constant loss, a negative gamma prefers the rejected responses"
         )
@@ -176,8 +181,8 @@ class IPOLoss(PreferenceLoss):
     """Identity preference optimisation (Azar et al., 2023): ``(h_avg - 1/(2 tau))^2`` on length-averaged
     log-probs (as TRL); ``1/(4 tau^2)`` at step 1. TRL: ``"ipo"`` (tau is TRL's beta)."""
 
-    def __init__(self, tau: float = 0.1, sft_weight: float = 0.0, wpo: bool = False):
-        super().__init__(sft_weight, wpo)
+    def __init__(self, *, tau: float = 0.1, **common: Any):
+        super().__init__(**common)
         self.tau = check_parameter("tau", tau, ABOVE_0, why="the target margin is 1/(2*tau)")
 
     def pair_losses(self, policy, reference):
@@ -186,14 +191,13 @@ class IPOLoss(PreferenceLoss):
         return ((chosen - rejected - 1 / (2 * self.tau)) ** 2, *rewards(self.tau, chosen, rejected))
 
 
-class EXOLoss(PreferenceLoss):
+class EXOLoss(BetaLoss):
     """Efficient exact optimisation (Ji et al., 2024), pairwise: ``sigma(beta h) (log sigma(beta h) - log(1-eps))
     + sigma(-beta h) (log sigma(-beta h) - log eps)``; ``-ln 2 - ln(eps (1-eps))/2`` at step 1.
     TRL: ``"exo_pair"`` (eps defaults to 1e-3 there too)."""
 
-    def __init__(self, beta: float = 0.1, label_smoothing: float = 1e-3, sft_weight: float = 0.0, wpo: bool = False):
-        super().__init__(sft_weight, wpo)
-        self.beta = check_parameter("beta", beta, ABOVE_0, why=BETA_WHY)
+    def __init__(self, *, label_smoothing: float = 1e-3, **common: Any):
+        super().__init__(**common)
         self.label_smoothing = check_parameter("label_smoothing", label_smoothing, Range(0, 0.5, low_inclusive=False),
                                                why="EXO takes the log of eps")
 
@@ -204,13 +208,9 @@ class EXOLoss(PreferenceLoss):
         return (losses, *rewards(self.beta, chosen, rejected))
 
 
-class NCALoss(PreferenceLoss):
+class NCALoss(BetaLoss):
     """Noise contrastive alignment (Chen et al., 2024), pairwise: ``-log sigma(beta r_w) - (log sigma(-beta r_w)
     + log sigma(-beta r_l)) / 2``; 2 ln 2 at step 1. TRL: ``"nca_pair"``."""
-
-    def __init__(self, beta: float = 0.1, sft_weight: float = 0.0, wpo: bool = False):
-        super().__init__(sft_weight, wpo)
-        self.beta = check_parameter("beta", beta, ABOVE_0, why=BETA_WHY)
 
     def pair_losses(self, policy, reference):
         chosen, rejected = logratios(policy, reference)
@@ -219,14 +219,13 @@ class NCALoss(PreferenceLoss):
         return (losses, *rewards(self.beta, chosen, rejected))
 
 
-class BCOLoss(PreferenceLoss):
+class BCOLoss(BetaLoss):
     """Binary classifier optimisation (Jung et al., 2024), pairwise: ``-log sigma(beta r_w - delta) -
     log sigma(-(beta r_l - delta))``, ``delta`` the running mean of all rewards seen so far (over every
     process; saved in checkpoints); 2 ln 2 at step 1. TRL: ``"bco_pair"``."""
 
-    def __init__(self, beta: float = 0.1, sft_weight: float = 0.0, wpo: bool = False):
-        super().__init__(sft_weight, wpo)
-        self.beta = check_parameter("beta", beta, ABOVE_0, why=BETA_WHY)
+    def __init__(self, **common: Any):
+        super().__init__(**common)
         self.register_buffer("reward_sum", torch.zeros((), dtype=torch.float64))
         self.register_buffer("reward_count", torch.zeros((), dtype=torch.float64))
 
@@ -252,13 +251,9 @@ class BCOLoss(PreferenceLoss):
         return losses, chosen_rewards, rejected_rewards
 
 
-class SPPOHardLoss(PreferenceLoss):
+class SPPOHardLoss(BetaLoss):
     """Self-play preference optimisation (Wu et al., 2024), hard labels: ``(r_w - 1/(2 beta))^2 +
     (r_l + 1/(2 beta))^2``; ``1/(2 beta^2)`` at step 1. TRL: ``"sppo_hard"``."""
-
-    def __init__(self, beta: float = 0.1, sft_weight: float = 0.0, wpo: bool = False):
-        super().__init__(sft_weight, wpo)
-        self.beta = check_parameter("beta", beta, ABOVE_0, why=BETA_WHY)
 
     def pair_losses(self, policy, reference):
         chosen, rejected = logratios(policy, reference)
@@ -266,15 +261,14 @@ class SPPOHardLoss(PreferenceLoss):
         return (losses, *rewards(self.beta, chosen, rejected))
 
 
-class AOTPairLoss(PreferenceLoss):
+class AOTPairLoss(BetaLoss):
     """Alignment via optimal transport (Melnyk et al., 2024), paired: sort the batch's ``r_w`` and ``r_l``
     separately and apply (c)DPO's loss to ``beta * (sorted r_w - sorted r_l)``: first-order stochastic
     dominance of chosen over rejected; ln 2 at step 1. Per-pair values follow the sorted order.
     TRL: ``"aot_pair"``."""
 
-    def __init__(self, beta: float = 0.1, label_smoothing: float = 0.0, sft_weight: float = 0.0, wpo: bool = False):
-        super().__init__(sft_weight, wpo)
-        self.beta = check_parameter("beta", beta, ABOVE_0, why=BETA_WHY)
+    def __init__(self, *, label_smoothing: float = 0.0, **common: Any):
+        super().__init__(**common)
         self.label_smoothing = check_parameter("label_smoothing", label_smoothing, SMOOTHING)
 
     def sorted_margin(self, chosen: Tensor, rejected: Tensor, policy, reference) -> Tensor:
@@ -297,13 +291,9 @@ class AOTLoss(AOTPairLoss):
         return torch.sort(pi, dim=0).values - torch.sort(ref, dim=0).values
 
 
-class APOZeroLoss(PreferenceLoss):
+class APOZeroLoss(BetaLoss):
     """Anchored preference optimisation (D'Oosterlinck et al., 2024), APO-zero: raise chosen, lower rejected:
     ``1 - sigma(beta r_w) + sigma(beta r_l)``; 1 at step 1. TRL: ``"apo_zero"``."""
-
-    def __init__(self, beta: float = 0.1, sft_weight: float = 0.0, wpo: bool = False):
-        super().__init__(sft_weight, wpo)
-        self.beta = check_parameter("beta", beta, ABOVE_0, why=BETA_WHY)
 
     def pair_losses(self, policy, reference):
         chosen, rejected = logratios(policy, reference)
@@ -321,14 +311,13 @@ class APODownLoss(APOZeroLoss):
         return (losses, *rewards(self.beta, chosen, rejected))
 
 
-class DiscoPOPLoss(PreferenceLoss):
+class DiscoPOPLoss(BetaLoss):
     """DiscoPOP (Chris Lu et al., 2024), the discovered log-ratio modulated loss: with ``z = beta h`` and
     ``m = sigma(z / tau)``, ``(1 - m)(-log sigma(z)) + m exp(-z)``; ``(ln 2 + 1)/2`` at step 1.
     TRL: ``"discopop"`` (``discopop_tau``)."""
 
-    def __init__(self, beta: float = 0.1, tau: float = 0.05, sft_weight: float = 0.0, wpo: bool = False):
-        super().__init__(sft_weight, wpo)
-        self.beta = check_parameter("beta", beta, ABOVE_0, why=BETA_WHY)
+    def __init__(self, *, tau: float = 0.05, **common: Any):
+        super().__init__(**common)
         self.tau = check_parameter("tau", tau, ABOVE_0, why="the modulation's temperature")
 
     def pair_losses(self, policy, reference):
@@ -339,17 +328,15 @@ class DiscoPOPLoss(PreferenceLoss):
         return (losses, *rewards(self.beta, chosen, rejected))
 
 
-class SimPOLoss(PreferenceLoss):
+class SimPOLoss(BetaLoss):
     """Simple preference optimisation (Meng et al., 2024), reference-free: ``-log sigma(beta (avg pi_w -
     avg pi_l) - gamma)``, with (c)DPO label smoothing. Rewards ``beta * avg pi``. TRL (CPOTrainer):
     ``loss_type="simpo"`` with ``simpo_gamma``."""
 
     is_reference_free = True
 
-    def __init__(self, beta: float = 2.0, gamma: float = 0.5, label_smoothing: float = 0.0, sft_weight: float = 0.0,
-                 wpo: bool = False):
-        super().__init__(sft_weight, wpo)
-        self.beta = check_parameter("beta", beta, ABOVE_0, why=BETA_WHY)
+    def __init__(self, *, beta: float = 2.0, gamma: float = 0.5, label_smoothing: float = 0.0, **common: Any):
+        super().__init__(beta=beta, **common)  # SimPO's own default beta
         self.gamma = check_parameter("gamma", gamma, AT_LEAST_0, why="it is the target reward margin")
         self.label_smoothing = check_parameter("label_smoothing", label_smoothing, SMOOTHING)
 
@@ -359,16 +346,13 @@ class SimPOLoss(PreferenceLoss):
         return (losses, *rewards(self.beta, pi_w, pi_l))
 
 
-class ORPOLoss(PreferenceLoss):
+class ORPOLoss(BetaLoss):
     """Odds-ratio preference optimisation (Hong et al., 2024), reference-free: the chosen NLL (token mean)
     plus ``-beta log sigma(log odds(y_w) - log odds(y_l))``, ``odds = p/(1-p)`` on length-averaged
     log-probs ``p``. Rewards ``beta * avg pi``. TRL: ORPOTrainer (its ``beta`` is the paper's lambda)."""
 
     is_reference_free = True
-
-    def __init__(self, beta: float = 0.1, sft_weight: float = 0.0, wpo: bool = False):
-        super().__init__(sft_weight, wpo)
-        self.beta = check_parameter("beta", beta, ABOVE_0, why="the weight of the odds-ratio term")
+    beta_why = "the weight of the odds-ratio term"
 
     def pair_losses(self, policy, reference):
         pi_w, pi_l = policy.average_logps()
@@ -388,7 +372,7 @@ class SFTLoss(PreferenceLoss):
 
     is_reference_free = True
 
-    def __init__(self, normalize: str = "token"):
+    def __init__(self, *, normalize: str = "token"):  # no sft_weight or wpo: it is the SFT term, unweighted
         super().__init__()
         self.normalize = check_choice("normalize", normalize, ("token", "pair"))
 

@@ -72,8 +72,6 @@ IDENTITY_ATTRS = {
     "attn_implementation": "the attention implementation",
     "per_token": "per-token log-probs (--per-token)",
 }
-# What a cache made before an attribute existed used (absent attributes read as these).
-ATTR_DEFAULTS = {"attn_implementation": "sdpa", "per_token": False}
 
 
 
@@ -161,17 +159,13 @@ class RefCache:
             command += f" --splits {','.join(splits)}"
         return command
 
-    def attr(self, key: str) -> Any:
-        """A root attribute; one a cache made before it existed lacks reads as `ATTR_DEFAULTS` says."""
-        return self.attrs.get(key, ATTR_DEFAULTS.get(key))
-
     def mismatches(self, expected: dict[str, Any]) -> list[str]:
         """One line per identity attribute whose value differs from `expected` (keys not given are skipped)."""
         lines = []
         for key, value in expected.items():
             if value is None:
                 continue
-            found = self.attr(key)
+            found = self.attrs[key]
             if found != value:
                 lines.append(
                     f"{key} differs ({IDENTITY_ATTRS.get(key, key)}): {short_value(found)} in the file, {short_value(value)} now"
@@ -276,6 +270,12 @@ def open_cache(path: str | os.PathLike) -> RefCache:
                 f"{path}: reference cache format version {version} is not supported (this dpokit reads "
                 f"{FORMAT_VERSION}); rebuild it with `dpokit ref-logps ... --out {path} --overwrite`"
             )
+        missing = [key for key in IDENTITY_ATTRS if key not in attrs]
+        if missing:
+            raise DpokitError(
+                f"{path}: the reference cache does not record {', '.join(missing)} (what its rows were computed "
+                f"from); rebuild it with `dpokit ref-logps ... --out {path} --overwrite`"
+            )
         rows, rows_done = {}, {}
         for split in handle:
             group = handle[split]
@@ -300,13 +300,13 @@ def _open_h5(path: Path, mode: str):
                 raise DpokitError(
                     f"{path} is not a reference cache (not an HDF5 file); give the file `dpokit ref-logps` wrote "
                     "(a cache damaged this far is not recognised as dpokit's: remove it yourself, then rebuild it)"
-                ) from None
+                ) from exc
             raise DpokitError(
                 f"{path} is not a readable reference cache ({exc}); rebuild it with `dpokit ref-logps ... --out {path} --overwrite`"
-            ) from None
+            ) from exc
         raise DpokitError(
             f"cannot open {path} for writing ({exc}); is another `dpokit ref-logps` writing it?"
-        ) from None
+        ) from exc
 
 
 def _attr_value(value: Any) -> Any:

@@ -45,7 +45,6 @@ def cache_info_table(cache: RefCache):
 class VerifyReport:
     """The outcome of `verify_cache`: the largest absolute difference and where it is."""
 
-    rows_checked: int = 0
     max_difference: float = 0.0
     worst: str = ""  # "split row i (chosen)"
     token_mismatches: list[str] = field(default_factory=list)
@@ -101,7 +100,7 @@ def verify_cache(
     if not chosen_rows:
         raise DpokitError(f"{cache_path} has no written rows to verify; run `{cache.rebuild_command()}` first")
     device = default_device()
-    attn = cache.attr("attn_implementation")
+    attn = cache.attrs["attn_implementation"]
     reference = load_reference(model, resolve_dtype(cache.attrs["dtype"], device), device, adapter, attn)
     layout = checked_layout(reference, prepared.split(next(iter(chosen_rows))), announce)
     report = VerifyReport()
@@ -157,7 +156,6 @@ def compare_split(
                 report.worst = f"{split} row {int(index[worst])} ({side})"
             mismatched = index[getattr(cached, f"{side}_tokens")[index].numpy() != getattr(live, f"{side}_tokens")]
             report.token_mismatches += [f"{split} row {int(i)} ({side})" for i in mismatched]
-    report.rows_checked += len(rows)
     report.per_split[split] = (len(rows), side_max["chosen"], side_max["rejected"])
 
 

@@ -31,10 +31,10 @@ class CachedReference:
         )
         self.path = cache_path
         self.dtype = str(cache.attrs.get("dtype", ""))
-        self.attn_implementation = str(cache.attr("attn_implementation"))
+        self.attn_implementation = str(cache.attrs["attn_implementation"])
         self.rebuild_command = f"{cache.rebuild_command()} --overwrite"
-        self.per_token = bool(cache.attr("per_token"))
-        self.checked_layout = cache.attrs.get("checked_layout")  # the layout its pass checked; None before 0.1
+        self.per_token = bool(cache.attrs["per_token"])
+        self.checked_layout = cache.attrs.get("checked_layout")  # the layout its pass checked (none in an audit's subset)
         self.description = f"the cache's: {self.dtype}, {self.attn_implementation} attention"
         missing = [split for split in splits if split not in cache.splits]
         if missing:
