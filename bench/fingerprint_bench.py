@@ -95,8 +95,12 @@ def run_pass(workdir: Path, batch_size: int) -> tuple[float, float, int]:
     from dpokit.reference.compute import RefLogpsOptions, compute_reference_cache
 
     options = RefLogpsOptions(
-        prepared=str(workdir / "prepared"), model=str(workdir / "model"), out=str(workdir / "ref.h5"),
-        batch_size=batch_size, dtype="fp32", overwrite=True,
+        prepared=str(workdir / "prepared"),
+        model=str(workdir / "model"),
+        out=str(workdir / "ref.h5"),
+        batch_size=batch_size,
+        dtype="fp32",
+        overwrite=True,
     )
     start = time.perf_counter()
     (report,) = compute_reference_cache(options)
@@ -106,14 +110,17 @@ def run_pass(workdir: Path, batch_size: int) -> tuple[float, float, int]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--hidden", type=int, default=1024)
-    parser.add_argument("--layers", type=int, default=16, help="16 layers of hidden 1024, vocab 32000: ~1.0 GB in float32")
+    parser.add_argument(
+        "--layers", type=int, default=16, help="16 layers of hidden 1024, vocab 32000: ~1.0 GB in float32"
+    )
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--pass-pairs", type=int, default=8, help="pairs for the reference pass; 0 skips it")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2, help="torch threads for the pass")
-    args = harness.arguments(parser, __file__, argv,
-                             quick=dict(hidden=64, layers=2, vocab=1000, repeats=1, pass_pairs=2, threads=1))
+    args = harness.arguments(
+        parser, __file__, argv, quick=dict(hidden=64, layers=2, vocab=1000, repeats=1, pass_pairs=2, threads=1)
+    )
 
     import torch
 
@@ -141,7 +148,9 @@ def main(argv: list[str] | None = None) -> None:
             f"Checkpoint: {size:,} bytes of float32 safetensors (Llama, {args.layers} layers, hidden {args.hidden}, "
             f"vocab {args.vocab}).",
             "",
-            *harness.table(["what", "seconds", "GB/s"], [(name, f"{s:.3f}", f"{size / 1e9 / s:.2f}") for name, s in rows], "lrr"),
+            *harness.table(
+                ["what", "seconds", "GB/s"], [(name, f"{s:.3f}", f"{size / 1e9 / s:.2f}") for name, s in rows], "lrr"
+            ),
         ]
         if args.pass_pairs:
             harness.write_rows(workdir / "prepared", harness.reference_pass_rows(args.pass_pairs, args.vocab))
@@ -152,11 +161,15 @@ def main(argv: list[str] | None = None) -> None:
                 f"The reference pass on the same checkpoint ({args.pass_pairs} pairs, {tokens:,} tokens, batch size "
                 f"{args.batch_size}, {args.threads} torch threads, float32):",
                 "",
-                *harness.table(["what", "seconds"], [
-                    ("ref-logps pass (as it reports it)", f"{pass_seconds:.1f}"),
-                    ("per pair", f"{per_pair:.2f}"),
-                    ("whole `compute_reference_cache` call (load, fingerprint, pass, writes)", f"{total:.1f}"),
-                ], "lr"),
+                *harness.table(
+                    ["what", "seconds"],
+                    [
+                        ("ref-logps pass (as it reports it)", f"{pass_seconds:.1f}"),
+                        ("per pair", f"{per_pair:.2f}"),
+                        ("whole `compute_reference_cache` call (load, fingerprint, pass, writes)", f"{total:.1f}"),
+                    ],
+                    "lr",
+                ),
                 "",
                 f"Warm fingerprint = {warm / pass_seconds:.1%} of the pass over {args.pass_pairs} pairs, the pass time of "
                 f"{warm / per_pair:.2f} pairs (from disk: {cold / per_pair:.2f}).",

@@ -77,14 +77,19 @@ def run_header(title: str, command: str) -> list[str]:
 
 def table(header: Sequence[str], rows: Sequence[Sequence[object]], align: str = "") -> list[str]:
     """A Markdown table; ``align[i] == "r"`` right-aligns column ``i`` (numbers)."""
-    rules = ["---:" if align[i:i + 1] == "r" else "---" for i in range(len(header))]
+    rules = ["---:" if align[i : i + 1] == "r" else "---" for i in range(len(header))]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(rules) + "|"]
     lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
     return lines
 
 
-def arguments(parser: argparse.ArgumentParser, script: str, argv: Optional[Sequence[str]], quick: dict,
-              quick_help: str = QUICK_HELP) -> argparse.Namespace:
+def arguments(
+    parser: argparse.ArgumentParser,
+    script: str,
+    argv: Optional[Sequence[str]],
+    quick: dict,
+    quick_help: str = QUICK_HELP,
+) -> argparse.Namespace:
     """Add ``--quick`` and ``--out`` to `parser` and parse `argv` (default: the command line); with ``--quick``,
     `quick`'s values replace those arguments. The namespace also holds ``command``, the run's command line, and
     ``results``, where its section goes: ``--out``, else bench/<name>_results.md, nowhere for a quick run."""
@@ -96,7 +101,9 @@ def arguments(parser: argparse.ArgumentParser, script: str, argv: Optional[Seque
     if args.quick:
         vars(args).update(quick)
     args.command = command_line(script, argv)
-    args.results = args.out if args.out is not None or args.quick else Path(script).resolve().parent / f"{name}_results.md"
+    args.results = (
+        args.out if args.out is not None or args.quick else Path(script).resolve().parent / f"{name}_results.md"
+    )
     return args
 
 
@@ -128,8 +135,9 @@ def measured(child: Callable[[], dict], script: str, argv: Sequence[str], quick:
     return child() if quick else run_child(script, argv, **kwargs)
 
 
-def dpokit_train(overrides: Sequence[str], quick: bool, gpus: int = 1, config: str = "tiny_lora",
-                 env: Optional[dict] = None) -> None:
+def dpokit_train(
+    overrides: Sequence[str], quick: bool, gpus: int = 1, config: str = "tiny_lora", env: Optional[dict] = None
+) -> None:
     """`dpokit train --config CONFIG --gpus N OVERRIDES`: the command in a fresh process, or with --quick the same
     recipe through `dpokit.launch.run_recipe` in this one (`gpus` > 1 still starts that many workers)."""
     argv = ["--config", config, *overrides]
@@ -169,7 +177,9 @@ def reset_peak() -> int:
 def unpacked_revision(revision: str, into: Path) -> Path:
     """The `dpokit` package as it is at git `revision`, unpacked under `into` (the working tree is not touched)."""
     into.mkdir(parents=True)
-    archive = subprocess.run(["git", "-C", str(ROOT), "archive", revision, "dpokit"], check=True, capture_output=True).stdout
+    archive = subprocess.run(
+        ["git", "-C", str(ROOT), "archive", revision, "dpokit"], check=True, capture_output=True
+    ).stdout
     subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
     return into
 
@@ -188,10 +198,17 @@ def llama(out: Path, vocab: int, hidden: int, layers: int, tokenizer=None, **con
     torch.manual_seed(0)
     tokenizer = tokenizer or word_tokenizer(vocab)
     settings = dict(
-        vocab_size=vocab, hidden_size=hidden, intermediate_size=hidden * 8 // 3, num_hidden_layers=layers,
-        num_attention_heads=max(1, hidden // 64), num_key_value_heads=max(1, hidden // 128),
-        max_position_embeddings=4096, tie_word_embeddings=False, pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id, bos_token_id=None,
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=hidden * 8 // 3,
+        num_hidden_layers=layers,
+        num_attention_heads=max(1, hidden // 64),
+        num_key_value_heads=max(1, hidden // 128),
+        max_position_embeddings=4096,
+        tie_word_embeddings=False,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
     )
     model = LlamaForCausalLM(LlamaConfig(**(settings | config)))
     model.save_pretrained(out)
@@ -220,8 +237,11 @@ def random_pairs(pairs: int, vocab: int, prompt, chosen, rejected, seed: int = 0
         return [int(n)] * pairs if np.isscalar(n) else [int(x) for x in n]
 
     return [
-        {"prompt_ids": rng.integers(2, vocab, p).tolist(), "chosen_ids": rng.integers(2, vocab, c).tolist(),
-         "rejected_ids": rng.integers(2, vocab, r).tolist()}
+        {
+            "prompt_ids": rng.integers(2, vocab, p).tolist(),
+            "chosen_ids": rng.integers(2, vocab, c).tolist(),
+            "rejected_ids": rng.integers(2, vocab, r).tolist(),
+        }
         for p, c, r in zip(lengths(prompt), lengths(chosen), lengths(rejected))
     ]
 
@@ -236,8 +256,13 @@ def lognormal_lengths(pairs: int, median: float, low: int, high: int, sigma: flo
 def reference_pass_rows(pairs: int, vocab: int) -> list[dict]:
     """Pairs with a realistic length spread for the reference pass: prompts of about 150 tokens (16-512),
     completions of about 200 (8-512)."""
-    return random_pairs(pairs, vocab, lognormal_lengths(pairs, 150, 16, 512, seed=1),
-                        lognormal_lengths(pairs, 200, 8, 512, seed=2), lognormal_lengths(pairs, 200, 8, 512, seed=3))
+    return random_pairs(
+        pairs,
+        vocab,
+        lognormal_lengths(pairs, 150, 16, 512, seed=1),
+        lognormal_lengths(pairs, 200, 8, 512, seed=2),
+        lognormal_lengths(pairs, 200, 8, 512, seed=3),
+    )
 
 
 def write_rows(out: Path, rows: list[dict]) -> None:
@@ -246,5 +271,9 @@ def write_rows(out: Path, rows: list[dict]) -> None:
 
     from dpokit.data.prepared import write_prepared
 
-    manifest = {"source": "bench", "splits": {"train": {"rows": len(rows)}}, "tokenizer": {"name": "bench", "fingerprint": "bench"}}
+    manifest = {
+        "source": "bench",
+        "splits": {"train": {"rows": len(rows)}},
+        "tokenizer": {"name": "bench", "fingerprint": "bench"},
+    }
     write_prepared(out, {"train": datasets.Dataset.from_list(rows)}, manifest, overwrite=True)

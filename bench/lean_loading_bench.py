@@ -29,12 +29,21 @@ def worker(workdir: str, loading: str) -> None:
     from dpokit.config import parse_recipe_args
     from dpokit.recipes.dpo import DPORecipe
 
-    cfg = parse_recipe_args([
-        "--config", "tiny_lora", f"model.path={workdir}/model", f"data.path={workdir}/prepared",
-        f"output.dir={workdir}/run_{loading}", "model.method=full", f"reference.cache={workdir}/ref.h5",
-        "reference.source=cache", "output.overwrite=true",
-        f"model.lean_loading={'true' if loading == 'lean' else 'false'}", "training.max_steps=1",
-    ])
+    cfg = parse_recipe_args(
+        [
+            "--config",
+            "tiny_lora",
+            f"model.path={workdir}/model",
+            f"data.path={workdir}/prepared",
+            f"output.dir={workdir}/run_{loading}",
+            "model.method=full",
+            f"reference.cache={workdir}/ref.h5",
+            "reference.source=cache",
+            "output.overwrite=true",
+            f"model.lean_loading={'true' if loading == 'lean' else 'false'}",
+            "training.max_steps=1",
+        ]
+    )
     recipe = DPORecipe(cfg)
     try:
         recipe.setup()
@@ -57,11 +66,27 @@ def reference_cache(workdir: Path, quick: bool) -> None:
     if quick:
         from dpokit.reference.compute import RefLogpsOptions, compute_reference_cache
 
-        compute_reference_cache(RefLogpsOptions(prepared=str(workdir / "prepared"), model=str(workdir / "model"),
-                                                out=str(workdir / "ref.h5")))
+        compute_reference_cache(
+            RefLogpsOptions(
+                prepared=str(workdir / "prepared"), model=str(workdir / "model"), out=str(workdir / "ref.h5")
+            )
+        )
         return
-    subprocess.run([sys.executable, "-m", "dpokit", "ref-logps", str(workdir / "prepared"), "--model",
-                    str(workdir / "model"), "--out", str(workdir / "ref.h5")], check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dpokit",
+            "ref-logps",
+            str(workdir / "prepared"),
+            "--model",
+            str(workdir / "model"),
+            "--out",
+            str(workdir / "ref.h5"),
+        ],
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -71,8 +96,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--loading", choices=["both", "eager", "lean"], default="both")
     parser.add_argument("--worker", type=str, default=None, help=argparse.SUPPRESS)
-    args = harness.arguments(parser, __file__, argv, quick=dict(layers=2, hidden=64, vocab=1000),
-                             quick_help=harness.QUICK_HELP + "; lean loading only, the 2 workers still start")
+    args = harness.arguments(
+        parser,
+        __file__,
+        argv,
+        quick=dict(layers=2, hidden=64, vocab=1000),
+        quick_help=harness.QUICK_HELP + "; lean loading only, the 2 workers still start",
+    )
     if args.worker:
         worker(args.worker, args.loading)
         return

@@ -18,9 +18,9 @@ import statistics
 import sys
 import time
 
+import harness
 import torch
 
-import harness
 from dpokit.data.collate import collate_pairs
 from dpokit.logps import completion_logps
 
@@ -84,8 +84,11 @@ def main(argv: list[str] | None = None) -> None:
         f"Head {args.hidden} x {args.vocab:,}, {args.threads} thread(s), median of {args.reps}; milliseconds per forward + "
         "backward (speed-up against the first row), minor page faults per pass.",
         "",
-        *harness.table(["variant", "short batch (700 tokens): ms", "page faults", "long batch (1,500 tokens): ms",
-                        "page faults"], rows, "lrrrr"),
+        *harness.table(
+            ["variant", "short batch (700 tokens): ms", "page faults", "long batch (1,500 tokens): ms", "page faults"],
+            rows,
+            "lrrrr",
+        ),
     ]
     harness.publish("the projection's chunks", body, args)
 

@@ -42,10 +42,22 @@ import harness
 GIB = 1 << 30
 
 MODELS = {
-    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, vocab_size=1000),
-    "100M": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
-                 num_key_value_heads=4, vocab_size=32000),
+    "tiny": dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=1000,
+    ),
+    "100M": dict(
+        hidden_size=768,
+        intermediate_size=2048,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        num_key_value_heads=4,
+        vocab_size=32000,
+    ),
 }
 
 
@@ -76,7 +88,9 @@ def one_pair(length: int) -> Workload:
 
 def short_rows(width: int) -> Workload:
     """2,048 tokens a batch in rows of `width` columns, one pair (half prompt) filling each row."""
-    return Workload(f"{width}-column rows, {2048 // width} pairs", 2048 // width, width // 2, width // 4, width // 4, width)
+    return Workload(
+        f"{width}-column rows, {2048 // width} pairs", 2048 // width, width // 2, width // 4, width // 4, width
+    )
 
 
 WORKLOADS = {
@@ -113,13 +127,16 @@ def child(args) -> dict:
     workload = WORKLOADS[args.workload]
     rng = np.random.default_rng(0)
     rows = [
-        {"prompt_ids": rng.integers(2, spec["vocab_size"], workload.prompt).tolist(),
-         "chosen_ids": rng.integers(2, spec["vocab_size"], workload.chosen).tolist(),
-         "rejected_ids": rng.integers(2, spec["vocab_size"], workload.rejected).tolist()}
+        {
+            "prompt_ids": rng.integers(2, spec["vocab_size"], workload.prompt).tolist(),
+            "chosen_ids": rng.integers(2, spec["vocab_size"], workload.chosen).tolist(),
+            "rejected_ids": rng.integers(2, spec["vocab_size"], workload.rejected).tolist(),
+        }
         for _ in range(workload.pairs)
     ]
-    batch = collate_pairs(rows, list(range(len(rows))), pad_id=0, packing=True, prefix_sharing=True,
-                          pack_length=workload.pack_length)
+    batch = collate_pairs(
+        rows, list(range(len(rows))), pad_id=0, packing=True, prefix_sharing=True, pack_length=workload.pack_length
+    )
     dense = args.path == "dense"
     b = batch.num_pairs
 
@@ -142,11 +159,17 @@ def child(args) -> dict:
             print(f"  step {i + 1}: {elapsed:.2f} s", file=sys.stderr, flush=True)
     grad_norms = [float(p.grad.norm()) if p.grad is not None else 0.0 for p in model.parameters()]
     return {
-        "rows": int(batch.input_ids.shape[0]), "width": int(batch.input_ids.shape[1]), "tokens": batch.num_tokens,
+        "rows": int(batch.input_ids.shape[0]),
+        "width": int(batch.input_ids.shape[1]),
+        "tokens": batch.num_tokens,
         "params": sum(p.numel() for p in model.parameters()),
-        "step_s": statistics.median(seconds), "steps_s": seconds,
-        "rss_before_mib": rss_before, "peak_rss_mib": harness.peak_rss_mib(),
-        "chosen": logps[:b].tolist(), "rejected": logps[b:].tolist(), "grad_norms": grad_norms,
+        "step_s": statistics.median(seconds),
+        "steps_s": seconds,
+        "rss_before_mib": rss_before,
+        "peak_rss_mib": harness.peak_rss_mib(),
+        "chosen": logps[:b].tolist(),
+        "rejected": logps[b:].tolist(),
+        "grad_norms": grad_norms,
     }
 
 
@@ -165,8 +188,21 @@ def run_child(args, workload: str, model: str, path: str, steps: int) -> dict:
     options = argparse.Namespace(workload=workload, model=model, path=path, steps=steps, warmup=args.warmup)
     if args.quick:
         return child(options) | {"status": "ok", "wall_s": 0.0, "steps": steps}
-    command = [sys.executable, __file__, "--child", "--workload", workload, "--model", model, "--path", path,
-               "--steps", str(steps), "--warmup", str(args.warmup)]
+    command = [
+        sys.executable,
+        __file__,
+        "--child",
+        "--workload",
+        workload,
+        "--model",
+        model,
+        "--path",
+        path,
+        "--steps",
+        str(steps),
+        "--warmup",
+        str(args.warmup),
+    ]
     started = time.perf_counter()
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout)
@@ -189,8 +225,10 @@ def plan(args) -> list[tuple[str, str, Optional[str], int]]:
         for workload in args.workloads:
             reason = None
             if model == "100M" and workload == "32k":
-                reason = ("skipped: too slow on this CPU (16x the tokens of 2k, whose step takes ~25 s, and 256x its "
-                          "attention work: well over 10 min per step)")
+                reason = (
+                    "skipped: too slow on this CPU (16x the tokens of 2k, whose step takes ~25 s, and 256x its "
+                    "attention work: well over 10 min per step)"
+                )
             tokens = WORKLOADS[workload].pair_tokens * WORKLOADS[workload].pairs
             steps = args.big_steps if model == "100M" and tokens >= 4096 else args.steps
             configs.append((workload, model, reason, steps))
@@ -210,7 +248,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--timeout", type=int, default=900, help="seconds per child")
     parser.add_argument("--dense-limit-gib", type=float, default=12.0)
-    args = harness.arguments(parser, __file__, argv, quick=dict(models=["tiny"], workloads=["w128", "2k"], steps=1, warmup=0))
+    args = harness.arguments(
+        parser, __file__, argv, quick=dict(models=["tiny"], workloads=["w128", "2k"], steps=1, warmup=0)
+    )
     if args.child:
         print(json.dumps(child(args)))
         return
@@ -232,7 +272,7 @@ def main(argv: list[str] | None = None) -> None:
     total = time.perf_counter() - started
 
     rows, problems = [], []
-    for workload, model, reason, steps in plan(args):
+    for workload, model, _reason, _steps in plan(args):
         w = WORKLOADS[workload]
         dense, layout = results[workload, model, "dense"], results[workload, model, "layout"]
         time_ratio = mem_ratio = agree = grads = ""
@@ -243,7 +283,9 @@ def main(argv: list[str] | None = None) -> None:
             delta = max(abs(x - y) for x, y in zip(a, b))
             scale = max(abs(x) for x in a)
             agree = f"{delta:.2e} ({scale:.4g})"
-            grads = f"{max(abs(x - y) / max(abs(x), 1e-12) for x, y in zip(dense['grad_norms'], layout['grad_norms'])):.1e}"
+            grads = (
+                f"{max(abs(x - y) / max(abs(x), 1e-12) for x, y in zip(dense['grad_norms'], layout['grad_norms'])):.1e}"
+            )
             if delta > 1e-5 * scale + 1e-3:  # float32 sums of thousands of token log-probs
                 problems.append(f"{workload} / {model}: max |dlogp| {delta:.3e} (|logp| up to {scale:.4g})")
         for path, r in (("dense", dense), ("layout", layout)):
@@ -251,25 +293,70 @@ def main(argv: list[str] | None = None) -> None:
             first = path == "dense"
             if r.get("status") != "ok":
                 width = w.rows_and_width()
-                rows.append((w.name, model, path, f"{width[0]} x {width[1]:,}{estimate}", "-", r["status"], "-", "-",
-                             "", "", "", ""))
+                rows.append(
+                    (
+                        w.name,
+                        model,
+                        path,
+                        f"{width[0]} x {width[1]:,}{estimate}",
+                        "-",
+                        r["status"],
+                        "-",
+                        "-",
+                        "",
+                        "",
+                        "",
+                        "",
+                    )
+                )
                 continue
-            rows.append((w.name, model, path, f"{r['rows']} x {r['width']:,}{estimate}", r["steps"], f"{r['step_s']:.2f}",
-                         f"{r['peak_rss_mib']:,.0f}", f"{r['rss_before_mib']:,.0f}", time_ratio if first else "",
-                         mem_ratio if first else "", agree if first else "", grads if first else ""))
+            rows.append(
+                (
+                    w.name,
+                    model,
+                    path,
+                    f"{r['rows']} x {r['width']:,}{estimate}",
+                    r["steps"],
+                    f"{r['step_s']:.2f}",
+                    f"{r['peak_rss_mib']:,.0f}",
+                    f"{r['rss_before_mib']:,.0f}",
+                    time_ratio if first else "",
+                    mem_ratio if first else "",
+                    agree if first else "",
+                    grads if first else "",
+                )
+            )
     body = [
         "Models (Llama from config, seeded random weights, float32, sdpa, untied head): "
-        + "; ".join(f"`{name}` = hidden {m['hidden_size']}, {m['num_hidden_layers']} layers, {m['num_attention_heads']} "
-                    f"heads / {m['num_key_value_heads']} kv heads, vocab {m['vocab_size']}"
-                    + (f": {params[name]:,} parameters" if name in params else "")
-                    for name, m in MODELS.items() if name in args.models)
+        + "; ".join(
+            f"`{name}` = hidden {m['hidden_size']}, {m['num_hidden_layers']} layers, {m['num_attention_heads']} "
+            f"heads / {m['num_key_value_heads']} kv heads, vocab {m['vocab_size']}"
+            + (f": {params[name]:,} parameters" if name in params else "")
+            for name, m in MODELS.items()
+            if name in args.models
+        )
         + f". Median of {args.steps} timed steps after {args.warmup} warm-up ({args.big_steps} for 100M on 4k+ tokens); "
         "peak RSS is the child's `ru_maxrss`; ratios are dense / layout; dlogp is the largest |dense - layout| log-prob, "
         f"grad the largest relative difference of a parameter's gradient norm. Whole run {total / 60:.1f} min.",
         "",
-        *harness.table(["workload", "model", "path", "rows x row length", "steps", "step (s)", "peak RSS (MiB)",
-                        "RSS before (MiB)", "time dense/layout", "memory dense/layout", "max abs dlogp (max abs logp)",
-                        "grad norm rel. diff"], rows, "llllrrrrrrll"),
+        *harness.table(
+            [
+                "workload",
+                "model",
+                "path",
+                "rows x row length",
+                "steps",
+                "step (s)",
+                "peak RSS (MiB)",
+                "RSS before (MiB)",
+                "time dense/layout",
+                "memory dense/layout",
+                "max abs dlogp (max abs logp)",
+                "grad norm rel. diff",
+            ],
+            rows,
+            "llllrrrrrrll",
+        ),
     ]
     if problems:
         body += ["", "Log-prob mismatches:", "", *[f"- {p}" for p in problems]]

@@ -71,7 +71,9 @@ def measured_step_peak(cfg, prepared: Path) -> tuple[int, int, int]:
 
     step()
     alive = sum(p.numel() * p.element_size() for p in model.parameters())
-    alive += sum(t.numel() * t.element_size() for state in optimizer.state.values() for t in state.values() if torch.is_tensor(t))
+    alive += sum(
+        t.numel() * t.element_size() for state in optimizer.state.values() for t in state.values() if torch.is_tensor(t)
+    )
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         step()
     events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
@@ -95,11 +97,20 @@ def planned(cfg, model_dir: Path, prepared: Path):
 def rss_run(workdir: Path, overrides: list[str], batch: int, quick: bool) -> float:
     """Peak RSS (MiB, as `ru_maxrss` gives it) of a 2-step `dpokit train` run on the long pairs."""
     run_dir = workdir / f"run_{batch}_{abs(hash(tuple(overrides)))}"
-    harness.dpokit_train([
-        f"model.path={workdir / 'model'}", f"data.path={workdir / 'prepared_long'}", f"output.dir={run_dir}",
-        "training.max_steps=2", "training.eval_every=0", f"data.batch_size={batch}", "output.overwrite=true",
-        "logging.report_to=[]", *overrides,
-    ], quick)
+    harness.dpokit_train(
+        [
+            f"model.path={workdir / 'model'}",
+            f"data.path={workdir / 'prepared_long'}",
+            f"output.dir={run_dir}",
+            "training.max_steps=2",
+            "training.eval_every=0",
+            f"data.batch_size={batch}",
+            "output.overwrite=true",
+            "logging.report_to=[]",
+            *overrides,
+        ],
+        quick,
+    )
     return max(r["peak_memory_mb"] for r in harness.train_records(run_dir))
 
 
@@ -111,8 +122,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--length", type=int, default=160, help="tokens per sequence (prompt + completion)")
     parser.add_argument("--rss-length", type=int, default=512, help="tokens per sequence of the `dpokit train` runs")
     parser.add_argument("--rss-batches", type=int, nargs=2, default=(8, 16), help="the two batch sizes of those runs")
-    args = harness.arguments(parser, __file__, argv,
-                             quick=dict(hidden=64, layers=2, vocab=1000, length=32, rss_length=64, rss_batches=(2, 4)))
+    args = harness.arguments(
+        parser,
+        __file__,
+        argv,
+        quick=dict(hidden=64, layers=2, vocab=1000, length=32, rss_length=64, rss_batches=(2, 4)),
+    )
     cases = [CASES[0], CASES[5]] if args.quick else CASES
 
     from dpokit.config import load_config
@@ -124,24 +139,51 @@ def main(argv: list[str] | None = None) -> None:
         harness.llama(workdir / "model", args.vocab, args.hidden, args.layers)
         half, long_half = args.length // 2, args.rss_length // 2
         harness.write_rows(workdir / "prepared", harness.random_pairs(16, args.vocab, half, half, half))
-        harness.write_rows(workdir / "prepared_long",
-                           harness.random_pairs(2 * max(args.rss_batches), args.vocab, long_half, long_half, long_half))
+        harness.write_rows(
+            workdir / "prepared_long",
+            harness.random_pairs(2 * max(args.rss_batches), args.vocab, long_half, long_half, long_half),
+        )
         for overrides in cases:
             cfg = load_config("tiny_lora", [f"model.path={workdir / 'model'}", *overrides], world_size=1)
             alive, peak, at_backward = measured_step_peak(cfg, workdir / "prepared")
             plan = planned(cfg, workdir / "model", workdir / "prepared")
             measured = alive + peak
-            step_rows.append((" ".join(overrides), f"{plan.total / 2**20:.1f}", f"{measured / 2**20:.1f}",
-                              f"{plan.total / measured:.2f}", f"{plan.bytes('activations (saved)') / 2**20:.1f}",
-                              f"{at_backward / 2**20:.1f}"))
+            step_rows.append(
+                (
+                    " ".join(overrides),
+                    f"{plan.total / 2**20:.1f}",
+                    f"{measured / 2**20:.1f}",
+                    f"{plan.total / measured:.2f}",
+                    f"{plan.bytes('activations (saved)') / 2**20:.1f}",
+                    f"{at_backward / 2**20:.1f}",
+                )
+            )
             print(" | ".join(step_rows[-1]), file=sys.stderr, flush=True)
         for overrides in (["model.method=lora", "reference.source=live"], ["model.method=full", "loss.name=simpo"]):
             rss = [rss_run(workdir, overrides, b, args.quick) for b in (small, large)]
-            plans = [planned(load_config("tiny_lora", [f"model.path={workdir / 'model'}", *overrides, f"data.batch_size={b}"],
-                                         world_size=1), workdir / "model", workdir / "prepared_long").total / 2**20
-                     for b in (small, large)]
-            rss_rows.append((" ".join(overrides), f"{rss[0]:.0f}", f"{rss[1]:.0f}", f"{rss[1] - rss[0]:.0f}",
-                             f"{plans[0]:.0f} / {plans[1]:.0f}", f"{plans[1] - plans[0]:.0f}"))
+            plans = [
+                planned(
+                    load_config(
+                        "tiny_lora",
+                        [f"model.path={workdir / 'model'}", *overrides, f"data.batch_size={b}"],
+                        world_size=1,
+                    ),
+                    workdir / "model",
+                    workdir / "prepared_long",
+                ).total
+                / 2**20
+                for b in (small, large)
+            ]
+            rss_rows.append(
+                (
+                    " ".join(overrides),
+                    f"{rss[0]:.0f}",
+                    f"{rss[1]:.0f}",
+                    f"{rss[1] - rss[0]:.0f}",
+                    f"{plans[0]:.0f} / {plans[1]:.0f}",
+                    f"{plans[1] - plans[0]:.0f}",
+                )
+            )
             print(" | ".join(rss_rows[-1]), file=sys.stderr, flush=True)
     body = [
         f"Llama-style, hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}; prompt, chosen and rejected "
@@ -149,15 +191,34 @@ def main(argv: list[str] | None = None) -> None:
         "",
         "Allocator peak of one training step (tensors only: what `torch.cuda.max_memory_allocated` counts on a GPU):",
         "",
-        *harness.table(["overrides of tiny_lora", "planned peak (MiB)", "measured peak (MiB)", "planned / measured",
-                        "planned saved activations (MiB)", "measured at the start of backward (MiB)"], step_rows, "lrrrrr"),
+        *harness.table(
+            [
+                "overrides of tiny_lora",
+                "planned peak (MiB)",
+                "measured peak (MiB)",
+                "planned / measured",
+                "planned saved activations (MiB)",
+                "measured at the start of backward (MiB)",
+            ],
+            step_rows,
+            "lrrrrr",
+        ),
         "",
         f"Peak RSS of `dpokit train` (2 steps) at batch {small} and {large}, sequences of {args.rss_length} tokens (the "
         "difference is what the activations add):",
         "",
-        *harness.table(["overrides of tiny_lora", f"RSS batch {small} (MiB)", f"RSS batch {large} (MiB)",
-                        "measured difference (MiB)", f"planned peak batch {small} / {large} (MiB)",
-                        "planned difference (MiB)"], rss_rows, "lrrrrr"),
+        *harness.table(
+            [
+                "overrides of tiny_lora",
+                f"RSS batch {small} (MiB)",
+                f"RSS batch {large} (MiB)",
+                "measured difference (MiB)",
+                f"planned peak batch {small} / {large} (MiB)",
+                "planned difference (MiB)",
+            ],
+            rss_rows,
+            "lrrrrr",
+        ),
     ]
     harness.publish("`dpokit plan` against measured memory", body, args)
 

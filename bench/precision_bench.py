@@ -88,9 +88,16 @@ def run_recipe(workdir: Path, run_dir: Path, mode: str, extra: list[str]):
     from dpokit.config import load_config
 
     args = [
-        f"model.path={workdir / 'model'}", f"data.path={workdir / 'prepared'}", f"output.dir={run_dir}",
-        "model.method=full", *MODES[mode], "loss.name=simpo", "training.eval_every=0", "training.log_every=1",
-        "output.overwrite=true", *extra,
+        f"model.path={workdir / 'model'}",
+        f"data.path={workdir / 'prepared'}",
+        f"output.dir={run_dir}",
+        "model.method=full",
+        *MODES[mode],
+        "loss.name=simpo",
+        "training.eval_every=0",
+        "training.log_every=1",
+        "output.overwrite=true",
+        *extra,
     ]
     recipe = recipe_module().DPORecipe(load_config("tiny_lora", args))
     try:
@@ -128,8 +135,13 @@ def child_changed(workdir: Path, mode: str) -> dict:
     from transformers import AutoModelForCausalLM
 
     run_dir = workdir / f"changed_{mode.replace(' ', '_')}"
-    extra = ["training.max_steps=1", "data.batch_size=2", "optimizer.lr=1e-6", "scheduler.name=constant",
-             "scheduler.warmup_steps=0"]
+    extra = [
+        "training.max_steps=1",
+        "data.batch_size=2",
+        "optimizer.lr=1e-6",
+        "scheduler.name=constant",
+        "scheduler.warmup_steps=0",
+    ]
     policy = run_recipe(workdir, run_dir, mode, extra).policy
     initial = AutoModelForCausalLM.from_pretrained(workdir / "model", dtype=torch.float32).state_dict()
     changed = total = 0
@@ -151,8 +163,13 @@ CHILDREN = {
 
 def run_child(args, child: list[str], threads: int = 1) -> dict:
     """``--child KIND ARGS`` in a fresh interpreter with `threads` torch threads (in this process with --quick)."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-           "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "OMP_NUM_THREADS": str(threads),
+        "MKL_NUM_THREADS": str(threads),
+    }
     return harness.measured(lambda: CHILDREN[child[0]](child[1:]), __file__, ["--child", *child], args.quick, env=env)
 
 
@@ -166,18 +183,40 @@ def report(args, params: int, baseline: float, results: dict, changed: dict) -> 
     for mode, r in results.items():
         above = r["peak_mb"] - baseline
         formula, theory = THEORY[mode]
-        rows.append((mode, f"{r['param_dtype']} / {r['adam_dtype']}", f"{r['peak_mb']:.0f}", f"{above:.0f}",
-                     f"{above * 2**20 / params:.1f}", f"{(r['peak_mb'] - fp32) * 2**20 / params:+.1f}",
-                     f"{theory} ({formula})", f"{r['pairs_per_s']:.2f}", f"{changed[mode]:.1%}"))
+        rows.append(
+            (
+                mode,
+                f"{r['param_dtype']} / {r['adam_dtype']}",
+                f"{r['peak_mb']:.0f}",
+                f"{above:.0f}",
+                f"{above * 2**20 / params:.1f}",
+                f"{(r['peak_mb'] - fp32) * 2**20 / params:+.1f}",
+                f"{theory} ({formula})",
+                f"{r['pairs_per_s']:.2f}",
+                f"{changed[mode]:.1%}",
+            )
+        )
     return [
         f"Llama-style, {args.layers} layers, hidden {args.hidden}, vocab {args.vocab}: {params / 1e6:.1f}M parameters; "
         f"{args.steps} full fine-tuning steps, batch {args.batch_size} pairs, {args.length} tokens a sequence, SimPO, "
         f"AdamW, {args.threads} torch thread(s). Baseline (imports only): {baseline:.0f} MB. Whole-process peaks, final "
         "checkpoint included: " + ", ".join(f"{m} {r['process_peak_mb']:.0f} MB" for m, r in results.items()) + ".",
         "",
-        *harness.table(["mode", "params / AdamW state", "peak RSS (MB)", "peak - baseline (MB)", "bytes/param measured",
-                        "vs fp32 (bytes/param)", "bytes/param theory", "pairs/s",
-                        "decoder weights changed by 1 step at lr 1e-6"], rows, "llrrrrrrr"),
+        *harness.table(
+            [
+                "mode",
+                "params / AdamW state",
+                "peak RSS (MB)",
+                "peak - baseline (MB)",
+                "bytes/param measured",
+                "vs fp32 (bytes/param)",
+                "bytes/param theory",
+                "pairs/s",
+                "decoder weights changed by 1 step at lr 1e-6",
+            ],
+            rows,
+            "llrrrrrrr",
+        ),
     ]
 
 
@@ -194,9 +233,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--length", type=int, default=128, help="tokens per sequence (prompt + completion)")
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--steps", type=int, default=4)
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads per run (1: on a shared machine a second OpenMP thread stalls whenever "
-                             "another process holds its core; memory does not depend on it)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads per run (1: on a shared machine a second OpenMP thread stalls whenever "
+        "another process holds its core; memory does not depend on it)",
+    )
     args = harness.arguments(parser, __file__, argv, quick=dict(layers=2, hidden=64, vocab=1000, length=32, steps=2))
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -206,7 +249,9 @@ def main(argv: list[str] | None = None) -> None:
         baseline = run_child(args, ["baseline"])["peak_rss_mb"]
         results, changed = {}, {}
         for mode in MODES:
-            results[mode] = run_child(args, ["train", workdir, mode, str(args.steps), str(args.batch_size)], args.threads)
+            results[mode] = run_child(
+                args, ["train", workdir, mode, str(args.steps), str(args.batch_size)], args.threads
+            )
             print(f"{mode}: {results[mode]}", file=sys.stderr)
         for mode in MODES:
             changed[mode] = run_child(args, ["changed", workdir, mode], args.threads)["changed_fraction"]

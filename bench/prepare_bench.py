@@ -53,7 +53,10 @@ def generated_rows(count: int, prompt_words: int, response_words: int, seed: int
     def text(words: int) -> str:
         return " ".join(rng.choice(tiny.WORDS) for _ in range(words)) + "."
 
-    return [{"prompt": text(prompt_words), "chosen": text(response_words), "rejected": text(response_words)} for _ in range(count)]
+    return [
+        {"prompt": text(prompt_words), "chosen": text(response_words), "rejected": text(response_words)}
+        for _ in range(count)
+    ]
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
@@ -73,8 +76,10 @@ def plain_loop(rows: list[dict], model: str, out: Path) -> None:
         prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)["input_ids"]
         entry = {"prompt_ids": prompt}
         for side in ("chosen", "rejected"):
-            full = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": row[side]}], tokenize=True)["input_ids"]
-            entry[f"{side}_ids"] = full[len(prompt):]
+            full = tokenizer.apply_chat_template(
+                messages + [{"role": "assistant", "content": row[side]}], tokenize=True
+            )["input_ids"]
+            entry[f"{side}_ids"] = full[len(prompt) :]
         prepared.append(entry)
     datasets.Dataset.from_list(prepared).save_to_disk(str(out / "train"))
 
@@ -85,8 +90,9 @@ def dpokit_in_process(data: Path, model: str, out: Path, num_proc: int, eval_fra
 
     from dpokit.data.pipeline import PrepareOptions, run_prepare
 
-    options = PrepareOptions(data=str(data), model=model, out=out, num_proc=num_proc, eval_fraction=eval_fraction,
-                             overwrite=True)  # the previous run's output: dpokit's own
+    options = PrepareOptions(
+        data=str(data), model=model, out=out, num_proc=num_proc, eval_fraction=eval_fraction, overwrite=True
+    )  # the previous run's output: dpokit's own
     with open(os.devnull, "w") as devnull:
         run_prepare(options, console=Console(file=devnull))
     return json.loads((out / "manifest.json").read_text())
@@ -109,8 +115,13 @@ def peak_of_prepare(data: Path, model: str, out: Path, num_proc: int, eval_fract
     start = harness.reset_peak()
     started = time.perf_counter()
     manifest = dpokit_in_process(data, model, out, num_proc, eval_fraction)
-    return {"start_kib": start, "peak_kib": harness.status_kib("VmHWM"), "seconds": time.perf_counter() - started,
-            "fingerprint": manifest["data_fingerprint"], "lengths": manifest["lengths"]}
+    return {
+        "start_kib": start,
+        "peak_kib": harness.status_kib("VmHWM"),
+        "seconds": time.perf_counter() - started,
+        "fingerprint": manifest["data_fingerprint"],
+        "lengths": manifest["lengths"],
+    }
 
 
 def child(argv: list[str]) -> None:
@@ -129,8 +140,17 @@ def measured_prepare(code: Path, data: Path, model: str, out: Path, args) -> dic
     if args.quick:
         result = peak_of_prepare(data, model, out, args.num_proc, args.eval_fraction)
         return {**result, "wait4_peak_kib": harness.peak_rss_mib() * 1024}
-    command = [sys.executable, __file__, "--child", str(code), str(data), model, str(out), str(args.num_proc),
-               str(args.eval_fraction)]
+    command = [
+        sys.executable,
+        __file__,
+        "--child",
+        str(code),
+        str(data),
+        model,
+        str(out),
+        str(args.num_proc),
+        str(args.eval_fraction),
+    ]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
     output = process.stdout.read()
     _, status, usage = os.wait4(process.pid, 0)  # this child's peak (and its workers'), not the largest child's so far
@@ -148,8 +168,10 @@ def memory_bench(args, work: Path, model: str) -> list[str]:
     codes = {"this tree (after)": harness.ROOT}
     if args.baseline:
         codes = {f"{args.baseline} (before)": harness.unpacked_revision(args.baseline, work / "baseline"), **codes}
-    data = {rows: write_jsonl(work / f"pairs-{rows}.jsonl", generated_rows(rows, args.prompt_words, args.response_words))
-            for rows in args.memory_rows}
+    data = {
+        rows: write_jsonl(work / f"pairs-{rows}.jsonl", generated_rows(rows, args.prompt_words, args.response_words))
+        for rows in args.memory_rows
+    }
     table, fingerprints = [], {}
     for name, code in codes.items():
         first_peak = None
@@ -157,9 +179,18 @@ def memory_bench(args, work: Path, model: str) -> list[str]:
             result = measured_prepare(code, data[rows], model, work / "out", args)
             fingerprints.setdefault(rows, set()).add(result["fingerprint"])
             first_peak = first_peak or result["peak_kib"]
-            table.append((name, f"{rows:,}", mib(result["start_kib"]), mib(result["peak_kib"]),
-                          f"{result['peak_kib'] / first_peak:.2f}x", mib(result["wait4_peak_kib"]),
-                          f"{result['seconds']:.1f}", f"{rows / result['seconds']:,.0f}"))
+            table.append(
+                (
+                    name,
+                    f"{rows:,}",
+                    mib(result["start_kib"]),
+                    mib(result["peak_kib"]),
+                    f"{result['peak_kib'] / first_peak:.2f}x",
+                    mib(result["wait4_peak_kib"]),
+                    f"{result['seconds']:.1f}",
+                    f"{rows / result['seconds']:,.0f}",
+                )
+            )
             print(" | ".join(table[-1]), file=sys.stderr, flush=True)
     if not all(len(values) == 1 for values in fingerprints.values()):
         raise SystemExit("the two revisions prepared different data")
@@ -169,8 +200,20 @@ def memory_bench(args, work: Path, model: str) -> list[str]:
         f"{lengths['prompt']['p50']}, each completion {lengths['completion']['p50']}. Data fingerprints equal between the "
         "codes.",
         "",
-        *harness.table(["code", "pairs", "RSS at the start", "peak RSS during the run", "peak / peak at the fewest pairs",
-                        "peak of process and workers (wait4)", "seconds", "rows/s"], table, "lrrrrrrr"),
+        *harness.table(
+            [
+                "code",
+                "pairs",
+                "RSS at the start",
+                "peak RSS during the run",
+                "peak / peak at the fewest pairs",
+                "peak of process and workers (wait4)",
+                "seconds",
+                "rows/s",
+            ],
+            table,
+            "lrrrrrrr",
+        ),
     ]
 
 
@@ -181,20 +224,41 @@ def speed_bench(args, work: Path, model: str) -> list[str]:
     results = [("plain loop (apply_chat_template per row)", timed(lambda: plain_loop(rows, model, work / "plain")))]
     manifest = {}
     for num_proc in (1,) if args.quick else (1, 2):
-        seconds = timed(lambda: manifest.update(dpokit_in_process(data, model, work / f"in-process-{num_proc}", num_proc)))
+        out = work / f"in-process-{num_proc}"
+        seconds = timed(
+            lambda out=out, num_proc=num_proc: manifest.update(dpokit_in_process(data, model, out, num_proc))
+        )
         results.append((f"dpokit prepare, in process, --num-proc {num_proc}", seconds))
     if not args.quick:  # a new interpreter: imports included
-        command = [sys.executable, "-m", "dpokit", "prepare", str(data), "--model", model, "--out", str(work / "command"),
-                   "--num-proc", "2"]
-        results.append(("`dpokit prepare` command, --num-proc 2 (with imports)",
-                        timed(lambda: subprocess.run(command, check=True, stdout=subprocess.DEVNULL))))
+        command = [
+            sys.executable,
+            "-m",
+            "dpokit",
+            "prepare",
+            str(data),
+            "--model",
+            model,
+            "--out",
+            str(work / "command"),
+            "--num-proc",
+            "2",
+        ]
+        results.append(
+            (
+                "`dpokit prepare` command, --num-proc 2 (with imports)",
+                timed(lambda: subprocess.run(command, check=True, stdout=subprocess.DEVNULL)),
+            )
+        )
     lengths = manifest["lengths"]
     return [
         f"{args.rows:,} pairs; tokens: prompt p50 {lengths['prompt']['p50']}, completion p50 "
         f"{lengths['completion']['p50']}.",
         "",
-        *harness.table(["run", "seconds", "rows/s"],
-                       [(name, f"{seconds:.1f}", f"{args.rows / seconds:,.0f}") for name, seconds in results], "lrr"),
+        *harness.table(
+            ["run", "seconds", "rows/s"],
+            [(name, f"{seconds:.1f}", f"{args.rows / seconds:,.0f}") for name, seconds in results],
+            "lrr",
+        ),
     ]
 
 
@@ -209,9 +273,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--response-words", type=int, default=None, help="Default 125, with --memory 4.")
     parser.add_argument("--memory", action="store_true", help="Measure peak RSS against --memory-rows pairs instead.")
     parser.add_argument("--memory-rows", type=int, nargs="+", default=[2_000, 200_000])
-    parser.add_argument("--baseline", default="HEAD", help="The git revision measured as 'before' (--memory; '' for none).")
+    parser.add_argument(
+        "--baseline", default="HEAD", help="The git revision measured as 'before' (--memory; '' for none)."
+    )
     parser.add_argument("--num-proc", type=int, default=1, help="--num-proc of the measured runs (--memory).")
-    parser.add_argument("--eval-fraction", type=float, default=0.0, help="--eval-fraction of the measured runs (--memory).")
+    parser.add_argument(
+        "--eval-fraction", type=float, default=0.0, help="--eval-fraction of the measured runs (--memory)."
+    )
     args = harness.arguments(parser, __file__, argv, quick=dict(rows=40, memory_rows=[50, 200], baseline=""))
     short = args.memory  # short pairs with --memory, so that 200,000 of them take a minute
     args.prompt_words = args.prompt_words or (8 if short else 60)

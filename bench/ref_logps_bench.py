@@ -24,9 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
 import harness
+import numpy as np
 
 
 def run_dpokit(workdir: Path, batch_size: int) -> dict:
@@ -35,15 +34,23 @@ def run_dpokit(workdir: Path, batch_size: int) -> dict:
     from dpokit.reference.compute import RefLogpsOptions, compute_reference_cache
 
     options = RefLogpsOptions(
-        prepared=str(workdir / "prepared"), model=str(workdir / "model"), out=str(workdir / "ref.h5"),
-        batch_size=batch_size, dtype="fp32", overwrite=True,
+        prepared=str(workdir / "prepared"),
+        model=str(workdir / "model"),
+        out=str(workdir / "ref.h5"),
+        batch_size=batch_size,
+        dtype="fp32",
+        overwrite=True,
     )
     start = harness.reset_peak()
     (report,) = compute_reference_cache(options)
     growth = (harness.status_kib("VmHWM") - start) * 1024
     logps = open_cache(workdir / "ref.h5").logps("train")
-    return {"seconds": report.seconds, "tokens": report.tokens, "peak_growth": growth,
-            "chosen_logps": logps.chosen_logps.tolist()}
+    return {
+        "seconds": report.seconds,
+        "tokens": report.tokens,
+        "peak_growth": growth,
+        "chosen_logps": logps.chosen_logps.tolist(),
+    }
 
 
 def run_plain(workdir: Path, batch_size: int) -> dict:
@@ -87,7 +94,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=3, help="runs per method; the fastest is reported")
     parser.add_argument("--run", choices=list(RUNNERS), help=argparse.SUPPRESS)
     parser.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
-    args = harness.arguments(parser, __file__, argv, quick=dict(pairs=4, vocab=1000, hidden=64, layers=1, repeats=1, threads=1))
+    args = harness.arguments(
+        parser, __file__, argv, quick=dict(pairs=4, vocab=1000, hidden=64, layers=1, repeats=1, threads=1)
+    )
 
     import torch
 
@@ -104,18 +113,35 @@ def main(argv: list[str] | None = None) -> None:
         runs = {"plain": [], "dpokit": []}
         for _ in range(args.repeats):  # interleaved, so a busy spell on the machine hits both methods
             for method, method_runs in runs.items():
-                child = ["--run", method, "--workdir", str(workdir), "--batch-size", str(args.batch_size),
-                         "--threads", str(args.threads)]
-                method_runs.append(harness.measured(lambda: RUNNERS[method](workdir, args.batch_size), __file__, child,
-                                                    args.quick, env=env))
+                child = [
+                    "--run",
+                    method,
+                    "--workdir",
+                    str(workdir),
+                    "--batch-size",
+                    str(args.batch_size),
+                    "--threads",
+                    str(args.threads),
+                ]
+                method_runs.append(
+                    harness.measured(
+                        lambda method=method: RUNNERS[method](workdir, args.batch_size),
+                        __file__,
+                        child,
+                        args.quick,
+                        env=env,
+                    )
+                )
     results = {}
     for method, method_runs in runs.items():
         results[method] = min(method_runs, key=lambda r: r["seconds"])
         results[method]["peak_growth"] = max(r["peak_growth"] for r in method_runs)
     plain, dpokit = results["plain"], results["dpokit"]
     difference = float(np.abs(np.array(plain["chosen_logps"]) - np.array(dpokit["chosen_logps"])).max())
-    rows = [(name, f"{r['seconds']:.1f}", f"{r['tokens'] / r['seconds']:,.0f}", f"{r['peak_growth'] / 2**20:,.0f} MiB")
-            for name, r in (("plain HF forward, full logits, unsorted", plain), ("dpokit ref-logps pass", dpokit))]
+    rows = [
+        (name, f"{r['seconds']:.1f}", f"{r['tokens'] / r['seconds']:,.0f}", f"{r['peak_growth'] / 2**20:,.0f} MiB")
+        for name, r in (("plain HF forward, full logits, unsorted", plain), ("dpokit ref-logps pass", dpokit))
+    ]
     body = [
         f"Llama, {args.layers} layers, hidden {args.hidden}, vocab {args.vocab}; {args.pairs} pairs, batch size "
         f"{args.batch_size}, {args.threads} torch threads; {plain['tokens']:,} real tokens; {args.repeats} run(s) per "

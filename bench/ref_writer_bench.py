@@ -39,8 +39,17 @@ def timed_writes(path: str, rows: int, per_token: bool, commit_rows: int, limit:
 
     rng = np.random.default_rng(0)
     tokens = rng.integers(1, 2 * mean_tokens, size=(rows, 2)).astype(np.int32)  # chosen, rejected
-    attrs = cache_attrs(model="m", weights="w" * 64, adapter=None, adapter_weights=None, prepared_path="p",
-                        data_fingerprint="d" * 64, tokenizer_fingerprint="t" * 64, dtype="float32", per_token=per_token)
+    attrs = cache_attrs(
+        model="m",
+        weights="w" * 64,
+        adapter=None,
+        adapter_weights=None,
+        prepared_path="p",
+        data_fingerprint="d" * 64,
+        tokenizer_fingerprint="t" * 64,
+        dtype="float32",
+        per_token=per_token,
+    )
     started = time.perf_counter()
     create_or_resume_cache(path, attrs, {"train": rows}, True, {"train": tokens.sum(1)} if per_token else None)
     create_seconds = time.perf_counter() - started
@@ -60,8 +69,11 @@ def timed_writes(path: str, rows: int, per_token: bool, commit_rows: int, limit:
     cache = open_cache(path)
     values = cache.logps("train", require_done=False)
     done = order[:written]
-    ok = (cache.rows_done["train"] == written and bool(np.all(values.chosen_logps.numpy()[done] == -done))
-          and (not per_token or bool(np.all(values.token_logps.numpy()[values.token_offsets.numpy()[done[0]]] == -0.5))))
+    ok = (
+        cache.rows_done["train"] == written
+        and bool(np.all(values.chosen_logps.numpy()[done] == -done))
+        and (not per_token or bool(np.all(values.token_logps.numpy()[values.token_offsets.numpy()[done[0]]] == -0.5)))
+    )
     return {"written": written, "seconds": seconds, "create_seconds": create_seconds, "ok": ok}
 
 
@@ -95,13 +107,20 @@ def main(argv: list[str] | None = None) -> None:
         return child(argv[1:])
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=1_000_000)
-    parser.add_argument("--commit-rows", type=int, nargs="+", default=[8, 64, 512],
-                        help="Rows per write: batch size x processes whose batches one write commits.")
+    parser.add_argument(
+        "--commit-rows",
+        type=int,
+        nargs="+",
+        default=[8, 64, 512],
+        help="Rows per write: batch size x processes whose batches one write commits.",
+    )
     parser.add_argument("--layouts", nargs="+", default=["plain", "per-token"], choices=["plain", "per-token"])
     parser.add_argument("--completion-tokens", type=int, default=48, help="Mean tokens of a completion (--per-token).")
     parser.add_argument("--seconds", type=float, default=30.0, help="Stop a run after this long in `write`.")
     parser.add_argument("--baseline", default="HEAD", help="The git revision measured as 'before' ('' for none).")
-    args = harness.arguments(parser, __file__, argv, quick=dict(rows=2_000, commit_rows=[8, 64], seconds=0.2, baseline=""))
+    args = harness.arguments(
+        parser, __file__, argv, quick=dict(rows=2_000, commit_rows=[8, 64], seconds=0.2, baseline="")
+    )
 
     rows = []
     with tempfile.TemporaryDirectory(prefix="dpokit-ref-writer-bench-") as tmp:
@@ -115,14 +134,36 @@ def main(argv: list[str] | None = None) -> None:
                     result = measure(code, work, args, layout == "per-token", commit_rows)
                     rate = result["written"] / result["seconds"]
                     commits = -(-result["written"] // commit_rows)
-                    rows.append((layout, commit_rows, name, f"{result['written']:,}", f"{result['seconds']:.1f}",
-                                 f"{rate:,.0f}", f"{1000 * result['seconds'] / commits:.2f}", f"{args.rows / rate:,.0f} s"))
+                    rows.append(
+                        (
+                            layout,
+                            commit_rows,
+                            name,
+                            f"{result['written']:,}",
+                            f"{result['seconds']:.1f}",
+                            f"{rate:,.0f}",
+                            f"{1000 * result['seconds'] / commits:.2f}",
+                            f"{args.rows / rate:,.0f} s",
+                        )
+                    )
                     print(" | ".join(map(str, rows[-1])), file=sys.stderr, flush=True)
     body = [
         f"{args.rows:,} rows; per-token completions of {args.completion_tokens} tokens on average.",
         "",
-        *harness.table(["layout", "rows per commit", "code", "rows written", "seconds in write", "rows/s",
-                        "ms per commit", "time for all rows"], rows, "lrlrrrrr"),
+        *harness.table(
+            [
+                "layout",
+                "rows per commit",
+                "code",
+                "rows written",
+                "seconds in write",
+                "rows/s",
+                "ms per commit",
+                "time for all rows",
+            ],
+            rows,
+            "lrlrrrrr",
+        ),
     ]
     harness.publish("the reference cache writer", body, args)
 

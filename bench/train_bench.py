@@ -58,9 +58,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
-
 import harness
+import numpy as np
 
 EOS, PAD = "</s>", "<pad>"
 MODEL = dict(vocab=32_000, hidden=256, layers=4, words=60_000, corpus=20_000)  # the headline's workload
@@ -120,7 +119,9 @@ def build_tokenizer(out: Path, source: TextSource, vocab: int, lines: int) -> No
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab, special_tokens=[PAD, EOS], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        vocab_size=vocab,
+        special_tokens=[PAD, EOS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tokenizer.train_from_iterator(source.corpus(lines), trainer=trainer)
@@ -135,8 +136,16 @@ def build_model(out: Path, hidden: int, layers: int) -> int:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(out)
-    return harness.llama(out, len(tokenizer), hidden, layers, tokenizer, intermediate_size=4 * hidden,
-                         num_key_value_heads=max(1, hidden // 64), max_position_embeddings=2048)
+    return harness.llama(
+        out,
+        len(tokenizer),
+        hidden,
+        layers,
+        tokenizer,
+        intermediate_size=4 * hidden,
+        num_key_value_heads=max(1, hidden // 64),
+        max_position_embeddings=2048,
+    )
 
 
 # (median, low, high) of prompt and response tokens, log-normal: the default mixed workload (the headline's),
@@ -182,12 +191,23 @@ def build_workload(work: Path, args, env: dict) -> dict:
     build_tokenizer(model_dir, source, size["vocab"], size["corpus"])
     parameters = build_model(model_dir, size["hidden"], size["layers"])
     write_pairs(work / "pairs.jsonl", source, args.pairs, args.shape)
-    print(f"workload: tokenizer, model ({parameters / 1e6:.1f}M parameters) and {args.pairs} pairs in "
-          f"{time.perf_counter() - started:.0f} s", flush=True)
+    print(
+        f"workload: tokenizer, model ({parameters / 1e6:.1f}M parameters) and {args.pairs} pairs in "
+        f"{time.perf_counter() - started:.0f} s",
+        flush=True,
+    )
 
     started = time.perf_counter()
-    prepare = ["prepare", str(work / "pairs.jsonl"), "--model", str(model_dir), "--out", str(work / "prepared"),
-               "--max-length", "1024"]
+    prepare = [
+        "prepare",
+        str(work / "pairs.jsonl"),
+        "--model",
+        str(model_dir),
+        "--out",
+        str(work / "prepared"),
+        "--max-length",
+        "1024",
+    ]
     if args.quick:
         from dpokit.cli import main as dpokit_main
 
@@ -197,13 +217,25 @@ def build_workload(work: Path, args, env: dict) -> dict:
     prepare_seconds = time.perf_counter() - started
 
     print("dpokit ref-logps over all pairs ...", flush=True)
-    ref = harness.measured(lambda: child_ref_logps(work, args.ref_batch_size), __file__,
-                           ["--child", "ref-logps", "--workdir", str(work), "--ref-batch-size", str(args.ref_batch_size)],
-                           args.quick, env=env)
+    ref = harness.measured(
+        lambda: child_ref_logps(work, args.ref_batch_size),
+        __file__,
+        ["--child", "ref-logps", "--workdir", str(work), "--ref-batch-size", str(args.ref_batch_size)],
+        args.quick,
+        env=env,
+    )
     print(f"  {ref['rows']} pairs in {ref['seconds']:.0f} s ({ref['rows'] / ref['seconds']:.2f} pairs/s)", flush=True)
-    workload = {"pairs": args.pairs, "shape": args.shape, "parameters": parameters, "vocab": size["vocab"],
-                "hidden": size["hidden"], "layers": size["layers"], "prepare_seconds": prepare_seconds, "ref": ref,
-                "lengths": pair_length_stats(work / "prepared")}
+    workload = {
+        "pairs": args.pairs,
+        "shape": args.shape,
+        "parameters": parameters,
+        "vocab": size["vocab"],
+        "hidden": size["hidden"],
+        "layers": size["layers"],
+        "prepare_seconds": prepare_seconds,
+        "ref": ref,
+        "lengths": pair_length_stats(work / "prepared"),
+    }
     record.write_text(json.dumps(workload))
     return workload
 
@@ -212,14 +244,18 @@ def prepared_lengths(prepared: Path) -> dict[str, np.ndarray]:
     """Token counts of ``prompt_ids``, ``chosen_ids`` and ``rejected_ids`` per pair of the prepared train split."""
     from dpokit.data.prepared import load_prepared, pair_token_counts
 
-    return dict(zip(("prompt_ids", "chosen_ids", "rejected_ids"), pair_token_counts(load_prepared(prepared).split("train"))))
+    return dict(
+        zip(("prompt_ids", "chosen_ids", "rejected_ids"), pair_token_counts(load_prepared(prepared).split("train")))
+    )
 
 
 def pair_length_stats(prepared: Path) -> dict:
     """Percentiles (0, 10, 50, 90, 100) and mean of prompt and response token counts."""
     stats = {}
     for name, lengths in prepared_lengths(prepared).items():
-        stats[name] = {str(q): int(np.percentile(lengths, q)) for q in (0, 10, 50, 90, 100)} | {"mean": float(lengths.mean())}
+        stats[name] = {str(q): int(np.percentile(lengths, q)) for q in (0, 10, 50, 90, 100)} | {
+            "mean": float(lengths.mean())
+        }
     return stats
 
 
@@ -249,8 +285,14 @@ class StepClock:
         cuda = torch.cuda.is_available()
         # Step 1 from its begin; every later step from the end of the one before.
         seconds = [b - a for a, b in zip(self.begins[:1] + self.ends, self.ends)]
-        return {"seconds": seconds, "rss_mb": self.rss, "losses": self.losses, "begins": self.begins, "ends": self.ends,
-                "cuda_peak_mb": torch.cuda.max_memory_allocated() / 2**20 if cuda else None}
+        return {
+            "seconds": seconds,
+            "rss_mb": self.rss,
+            "losses": self.losses,
+            "begins": self.begins,
+            "ends": self.ends,
+            "cuda_peak_mb": torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
+        }
 
 
 def child_ref_logps(work: Path, batch_size: int) -> dict:
@@ -260,11 +302,21 @@ def child_ref_logps(work: Path, batch_size: int) -> dict:
     configure_host_memory()  # before torch is imported, as the `dpokit` command does (`dpokit.cli.entry`)
     from dpokit.reference.compute import RefLogpsOptions, compute_reference_cache
 
-    options = RefLogpsOptions(prepared=str(work / "prepared"), model=str(work / "model"), out=str(work / "ref.h5"),
-                              batch_size=batch_size, dtype="fp32", overwrite=True)
+    options = RefLogpsOptions(
+        prepared=str(work / "prepared"),
+        model=str(work / "model"),
+        out=str(work / "ref.h5"),
+        batch_size=batch_size,
+        dtype="fp32",
+        overwrite=True,
+    )
     (report,) = compute_reference_cache(options)
-    return {"rows": report.rows_computed, "tokens": report.tokens, "seconds": report.seconds,
-            "peak_rss_mb": harness.peak_rss_mib()}
+    return {
+        "rows": report.rows_computed,
+        "tokens": report.tokens,
+        "seconds": report.seconds,
+        "peak_rss_mb": harness.peak_rss_mib(),
+    }
 
 
 def child_trl(work: Path, method: str, batch_size: int, steps: int, lr: float, beta: float, precompute: bool) -> dict:
@@ -291,28 +343,62 @@ def child_trl(work: Path, method: str, batch_size: int, steps: int, lr: float, b
     dataset = datasets.Dataset.from_list(rows)
     cuda = torch.cuda.is_available()
     config = DPOConfig(
-        output_dir=str(work / "trl_out" / method), per_device_train_batch_size=batch_size, gradient_accumulation_steps=1,
-        max_steps=steps, learning_rate=lr, lr_scheduler_type="cosine", warmup_steps=0, weight_decay=0.0,
-        adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8, max_grad_norm=1.0, optim="adamw_torch", beta=beta,
-        loss_type=["sigmoid"], max_length=1024, precompute_ref_log_probs=precompute,
-        precompute_ref_batch_size=batch_size, gradient_checkpointing=False, bf16=False, fp16=False, use_cpu=not cuda,
-        model_init_kwargs={"dtype": torch.float32}, train_sampling_strategy="sequential", seed=42,
-        eval_strategy="no", save_strategy="no", report_to=[], logging_steps=1, disable_tqdm=True,
-        dataloader_num_workers=0, dataloader_pin_memory=False,
+        output_dir=str(work / "trl_out" / method),
+        per_device_train_batch_size=batch_size,
+        gradient_accumulation_steps=1,
+        max_steps=steps,
+        learning_rate=lr,
+        lr_scheduler_type="cosine",
+        warmup_steps=0,
+        weight_decay=0.0,
+        adam_beta1=0.9,
+        adam_beta2=0.999,
+        adam_epsilon=1e-8,
+        max_grad_norm=1.0,
+        optim="adamw_torch",
+        beta=beta,
+        loss_type=["sigmoid"],
+        max_length=1024,
+        precompute_ref_log_probs=precompute,
+        precompute_ref_batch_size=batch_size,
+        gradient_checkpointing=False,
+        bf16=False,
+        fp16=False,
+        use_cpu=not cuda,
+        model_init_kwargs={"dtype": torch.float32},
+        train_sampling_strategy="sequential",
+        seed=42,
+        eval_strategy="no",
+        save_strategy="no",
+        report_to=[],
+        logging_steps=1,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        dataloader_pin_memory=False,
     )
     peft_config = None
     if method == "lora":
         from peft import LoraConfig
 
-        peft_config = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
+        peft_config = LoraConfig(
+            r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM"
+        )
     tokenizer = AutoTokenizer.from_pretrained(work / "model")
     setup_started = time.perf_counter()
-    trainer = DPOTrainer(model=str(work / "model"), args=config, train_dataset=dataset, processing_class=tokenizer,
-                         peft_config=peft_config, callbacks=[Clock()])
+    trainer = DPOTrainer(
+        model=str(work / "model"),
+        args=config,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+        callbacks=[Clock()],
+    )
     setup_seconds = time.perf_counter() - setup_started
     trainer.train()
-    return clock.result() | {"setup_seconds": setup_seconds,
-                             "same_token_ids": same_token_ids(trainer.train_dataset, work / "prepared")}
+    return clock.result() | {
+        "setup_seconds": setup_seconds,
+        "same_token_ids": same_token_ids(trainer.train_dataset, work / "prepared"),
+    }
 
 
 def same_token_ids(trl_dataset, prepared: Path) -> bool:
@@ -337,7 +423,9 @@ def run_measured(command: list[str], env: dict, log: Path) -> tuple[float, float
         output = stdout.read()
     seconds = time.perf_counter() - started
     if process.returncode != 0:
-        raise RuntimeError(f"{shlex.join(command)} failed (exit {process.returncode}); see {log}:\n{log.read_text()[-4000:]}")
+        raise RuntimeError(
+            f"{shlex.join(command)} failed (exit {process.returncode}); see {log}:\n{log.read_text()[-4000:]}"
+        )
     return seconds, usage.ru_maxrss / 1024, output
 
 
@@ -369,10 +457,18 @@ def variants(trl_precompute: bool) -> list[Variant]:
         Variant("group", "dpokit cache + group_by_length", "dpokit", [*cache, *grouped]),
         Variant("packing", "dpokit cache + packing", "dpokit", [*cache, *plain, "data.packing=true"]),
         Variant("prefix", "dpokit cache + prefix_sharing", "dpokit", [*cache, *plain, "data.prefix_sharing=true"]),
-        Variant("packprefix", "dpokit cache + packing + prefix_sharing", "dpokit",
-                [*cache, *plain, "data.packing=true", "data.prefix_sharing=true"]),
-        Variant("best", "dpokit cache + all three (best layout)", "dpokit",
-                [*cache, *grouped, "data.packing=true", "data.prefix_sharing=true"]),
+        Variant(
+            "packprefix",
+            "dpokit cache + packing + prefix_sharing",
+            "dpokit",
+            [*cache, *plain, "data.packing=true", "data.prefix_sharing=true"],
+        ),
+        Variant(
+            "best",
+            "dpokit cache + all three (best layout)",
+            "dpokit",
+            [*cache, *grouped, "data.packing=true", "data.prefix_sharing=true"],
+        ),
     ]
     if trl_precompute:
         chosen.insert(1, Variant("trl-precompute", "TRL DPOTrainer, precompute_ref_log_probs", "trl", ["precompute"]))
@@ -397,17 +493,27 @@ def timed_pairs(variant: Variant, args, pair_lengths: np.ndarray) -> list[int]:
         return list(range(args.warmup * args.batch_size, steps * args.batch_size))
     sampler = PairSampler(len(pair_lengths), args.batch_size, seed=42, shuffle=True, lengths=pair_lengths.tolist())
     batches = [sampler.step_indices(step)[0] for step in range(steps)]
-    return [i for batch in batches[args.warmup:] for i in batch]
+    return [i for batch in batches[args.warmup :] for i in batch]
 
 
 def dpokit_command(work: Path, variant: Variant, method: str, args, run_dir: Path) -> list[str]:
     """The `dpokit train` overrides of a variant."""
     overrides = [
-        f"data.path={work / 'prepared'}", f"model.path={work / 'model'}", f"reference.cache={work / 'ref.h5'}",
-        f"model.method={method}", "model.dtype=float32", f"data.batch_size={args.batch_size}",
-        f"training.max_steps={args.warmup + step_count(variant, args)}", f"optimizer.lr={args.lr}",
-        f"loss.beta={args.beta}", "lora.rank=8", "lora.alpha=16", "training.seed=42", f"output.dir={run_dir}",
-        "output.overwrite=true", *variant.overrides,
+        f"data.path={work / 'prepared'}",
+        f"model.path={work / 'model'}",
+        f"reference.cache={work / 'ref.h5'}",
+        f"model.method={method}",
+        "model.dtype=float32",
+        f"data.batch_size={args.batch_size}",
+        f"training.max_steps={args.warmup + step_count(variant, args)}",
+        f"optimizer.lr={args.lr}",
+        f"loss.beta={args.beta}",
+        "lora.rank=8",
+        "lora.alpha=16",
+        "training.seed=42",
+        f"output.dir={run_dir}",
+        "output.overwrite=true",
+        *variant.overrides,
     ]
     return overrides
 
@@ -427,8 +533,12 @@ def measure_dpokit(work: Path, variant: Variant, method: str, args, env: dict) -
     steps = harness.train_records(run_dir)
     peak = steps[-1]["peak_memory_mb"]  # on CUDA the allocator's peak, else the process's ru_maxrss
     cuda = args.cuda
-    clock = {"seconds": [args.batch_size / r["pairs_per_s"] for r in steps], "losses": [r["loss"] for r in steps],
-             "rss_mb": [None if cuda else peak], "cuda_peak_mb": peak if cuda else None}
+    clock = {
+        "seconds": [args.batch_size / r["pairs_per_s"] for r in steps],
+        "losses": [r["loss"] for r in steps],
+        "rss_mb": [None if cuda else peak],
+        "cuda_peak_mb": peak if cuda else None,
+    }
     return timed_run(clock, args, wall, process_rss)
 
 
@@ -441,9 +551,24 @@ def measure_trl(work: Path, variant: Variant, method: str, args, env: dict) -> d
         clock = child_trl(work, method, args.batch_size, steps, args.lr, args.beta, precompute)
         wall, process_rss = time.perf_counter() - started, harness.peak_rss_mib()
     else:
-        child = [sys.executable, __file__, "--child", "trl", "--workdir", str(work), "--method", method,
-                 "--batch-size", str(args.batch_size), "--steps", str(steps), "--lr", str(args.lr), "--beta",
-                 str(args.beta)] + (["--precompute"] if precompute else [])
+        child = [
+            sys.executable,
+            __file__,
+            "--child",
+            "trl",
+            "--workdir",
+            str(work),
+            "--method",
+            method,
+            "--batch-size",
+            str(args.batch_size),
+            "--steps",
+            str(steps),
+            "--lr",
+            str(args.lr),
+            "--beta",
+            str(args.beta),
+        ] + (["--precompute"] if precompute else [])
         if args.trl_host_memory:  # dpokit's host-memory settings for TRL's process too (TRL as shipped has neither)
             from dpokit.host_memory import add_host_memory_settings
 
@@ -453,15 +578,20 @@ def measure_trl(work: Path, variant: Variant, method: str, args, env: dict) -> d
         clock = json.loads(output.strip().splitlines()[-1])
     in_step = [e - b for b, e in zip(clock["begins"], clock["ends"])]
     return timed_run(clock, args, wall, process_rss) | {
-        "begin_to_end_s": sum(in_step[args.warmup:]), "same_token_ids": clock["same_token_ids"],
-        "setup_seconds": clock["setup_seconds"]}
+        "begin_to_end_s": sum(in_step[args.warmup :]),
+        "same_token_ids": clock["same_token_ids"],
+        "setup_seconds": clock["setup_seconds"],
+    }
 
 
 def timed_run(clock: dict, args, wall: float, process_rss: float) -> dict:
     """A run's timed steps: those after the first ``--warmup``."""
     return {
-        "seconds": clock["seconds"][args.warmup:], "peak_rss_mb": clock["rss_mb"][-1],
-        "cuda_peak_mb": clock["cuda_peak_mb"], "losses": clock["losses"], "process_peak_rss_mb": process_rss,
+        "seconds": clock["seconds"][args.warmup :],
+        "peak_rss_mb": clock["rss_mb"][-1],
+        "cuda_peak_mb": clock["cuda_peak_mb"],
+        "losses": clock["losses"],
+        "process_peak_rss_mb": process_rss,
         "wall_s": wall,
     }
 
@@ -481,14 +611,23 @@ def summarise(variant: Variant, method: str, runs: list[dict], args) -> dict:
         return None if runs[0][key] is None else max(run[key] for run in runs)
 
     return runs[0] | {
-        "key": variant.key, "variant": variant.name, "kind": variant.kind, "method": method, "steps": len(seconds),
-        "rounds": len(runs), "round_pairs_per_s": [len(pairs) / sum(run["seconds"]) for run in runs],
-        "pairs_per_s": pairs_per_s, "median_step_s": statistics.median(seconds), "timed_seconds": total,
+        "key": variant.key,
+        "variant": variant.name,
+        "kind": variant.kind,
+        "method": method,
+        "steps": len(seconds),
+        "rounds": len(runs),
+        "round_pairs_per_s": [len(pairs) / sum(run["seconds"]) for run in runs],
+        "pairs_per_s": pairs_per_s,
+        "median_step_s": statistics.median(seconds),
+        "timed_seconds": total,
         "timed_pair_length": timed_length,
         # The rate at the data set's mean pair length, assuming time grows with real tokens.
         "adjusted_pairs_per_s": pairs_per_s * timed_length / float(args.pair_lengths.mean()),
-        "peak_rss_mb": peak("peak_rss_mb"), "process_peak_rss_mb": peak("process_peak_rss_mb"),
-        "cuda_peak_mb": peak("cuda_peak_mb"), "wall_s": sum(run["wall_s"] for run in runs),
+        "peak_rss_mb": peak("peak_rss_mb"),
+        "process_peak_rss_mb": peak("process_peak_rss_mb"),
+        "cuda_peak_mb": peak("cuda_peak_mb"),
+        "wall_s": sum(run["wall_s"] for run in runs),
         "load_at_start": statistics.mean(run["load_at_start"] for run in runs),
     }
 
@@ -509,9 +648,12 @@ def run_all(work: Path, args, env: dict) -> list[dict]:
                 load = os.getloadavg()[0]
                 run = measure(work, variant, method, args, env) | {"load_at_start": load}
                 runs[variant.key].append(run)
-                print(f"{method:4} round {round_number + 1} | {variant.name:42} | "
-                      f"{len(run['seconds']) * args.batch_size / sum(run['seconds']):6.2f} pairs/s | "
-                      f"peak {run['cuda_peak_mb'] or run['peak_rss_mb']:6.0f} MiB | load {load:.1f}", flush=True)
+                print(
+                    f"{method:4} round {round_number + 1} | {variant.name:42} | "
+                    f"{len(run['seconds']) * args.batch_size / sum(run['seconds']):6.2f} pairs/s | "
+                    f"peak {run['cuda_peak_mb'] or run['peak_rss_mb']:6.0f} MiB | load {load:.1f}",
+                    flush=True,
+                )
         rows += [summarise(v, method, runs[v.key], args) for v in chosen]
     return rows
 
@@ -535,12 +677,30 @@ def results_table(rows: list[dict], method: str, cuda: bool) -> list[str]:
     for r in (r for r in rows if r["method"] == method):
         peak = r["cuda_peak_mb"] if cuda else r["peak_rss_mb"]
         trl_peak = (trl["cuda_peak_mb"] if cuda else trl["peak_rss_mb"]) if trl else None
-        table.append((r["variant"], f"{r['pairs_per_s']:.2f}", f"{r['median_step_s']:.2f}", f"{peak:,.0f}",
-                      f"{r['pairs_per_s'] / trl['pairs_per_s']:.2f}x" if trl else "-",
-                      f"{peak / trl_peak:.2f}x" if trl_peak else "-", f"{r['timed_pair_length']:.0f}",
-                      f"{r['adjusted_pairs_per_s']:.2f}", f"{r['load_at_start']:.1f}"))
-    header = ["variant", "pairs/s", "median step (s)", "peak CUDA (MiB)" if cuda else "peak RSS (MiB)", "speedup vs TRL",
-              "memory vs TRL", "timed pairs: mean tokens", "pairs/s at mean length", "load at start"]
+        table.append(
+            (
+                r["variant"],
+                f"{r['pairs_per_s']:.2f}",
+                f"{r['median_step_s']:.2f}",
+                f"{peak:,.0f}",
+                f"{r['pairs_per_s'] / trl['pairs_per_s']:.2f}x" if trl else "-",
+                f"{peak / trl_peak:.2f}x" if trl_peak else "-",
+                f"{r['timed_pair_length']:.0f}",
+                f"{r['adjusted_pairs_per_s']:.2f}",
+                f"{r['load_at_start']:.1f}",
+            )
+        )
+    header = [
+        "variant",
+        "pairs/s",
+        "median step (s)",
+        "peak CUDA (MiB)" if cuda else "peak RSS (MiB)",
+        "speedup vs TRL",
+        "memory vs TRL",
+        "timed pairs: mean tokens",
+        "pairs/s at mean length",
+        "load at start",
+    ]
     return harness.table(header, table, "lrrrrrrrr")
 
 
@@ -556,14 +716,23 @@ def contributions(rows: list[dict], method: str) -> list[str]:
     def peak(r: dict) -> float:
         return r["cuda_peak_mb"] or r["peak_rss_mb"]
 
-    lines = [f"- the cache instead of a live reference (both padded): {rate(cache) / rate(live):.2f}x pairs/s, "
-             f"peak memory {peak(cache) - peak(live):+,.0f} MiB"]
-    for key, words in (("group", "group_by_length"), ("packing", "packing"), ("prefix", "prefix_sharing"),
-                       ("packprefix", "packing + prefix_sharing"), ("best", "all three")):
+    lines = [
+        f"- the cache instead of a live reference (both padded): {rate(cache) / rate(live):.2f}x pairs/s, "
+        f"peak memory {peak(cache) - peak(live):+,.0f} MiB"
+    ]
+    for key, words in (
+        ("group", "group_by_length"),
+        ("packing", "packing"),
+        ("prefix", "prefix_sharing"),
+        ("packprefix", "packing + prefix_sharing"),
+        ("best", "all three"),
+    ):
         r = find(rows, method, key)
         if r is not None:
-            lines.append(f"- {words} on top of the cache: {rate(r) / rate(cache):.2f}x pairs/s, "
-                         f"peak memory {peak(r) - peak(cache):+,.0f} MiB")
+            lines.append(
+                f"- {words} on top of the cache: {rate(r) / rate(cache):.2f}x pairs/s, "
+                f"peak memory {peak(r) - peak(cache):+,.0f} MiB"
+            )
     best = max((r for r in rows if r["method"] == method and r["kind"] == "dpokit"), key=rate)
     lines.append(f"- fastest dpokit layout here (length-adjusted): **{best['variant']}**")
     return lines
@@ -592,15 +761,41 @@ def report(rows: list[dict], workload: dict, args) -> list[str]:
         "",
     ]
     for method in args.methods:
-        lines += [f"{'Full fine-tuning' if method == 'full' else 'LoRA'}:", "", *results_table(rows, method, args.cuda), ""]
+        lines += [
+            f"{'Full fine-tuning' if method == 'full' else 'LoRA'}:",
+            "",
+            *results_table(rows, method, args.cuda),
+            "",
+        ]
         for part in (total_lines(rows, method, ref), contributions(rows, method)):
             lines += [*part, ""] if part else []
-    details = [(r["method"], r["variant"], r["steps"], " / ".join(f"{rate:.2f}" for rate in r["round_pairs_per_s"]),
-                f"{r['timed_seconds']:.1f}", f"{r['wall_s']:.0f}", f"{r['process_peak_rss_mb']:,.0f}",
-                f"{r['losses'][0]:.4f} / {r['losses'][-1]:.4f}") for r in rows]
-    lines += harness.table(["method", "variant", "timed steps (all rounds)", "pairs/s per round", "timed s",
-                            "wall s (whole processes)", "peak RSS whole process (MiB)", "loss step 1 / last"],
-                           details, "llrlrrrl")
+    details = [
+        (
+            r["method"],
+            r["variant"],
+            r["steps"],
+            " / ".join(f"{rate:.2f}" for rate in r["round_pairs_per_s"]),
+            f"{r['timed_seconds']:.1f}",
+            f"{r['wall_s']:.0f}",
+            f"{r['process_peak_rss_mb']:,.0f}",
+            f"{r['losses'][0]:.4f} / {r['losses'][-1]:.4f}",
+        )
+        for r in rows
+    ]
+    lines += harness.table(
+        [
+            "method",
+            "variant",
+            "timed steps (all rounds)",
+            "pairs/s per round",
+            "timed s",
+            "wall s (whole processes)",
+            "peak RSS whole process (MiB)",
+            "loss step 1 / last",
+        ],
+        details,
+        "llrlrrrl",
+    )
     return lines + [""] + trl_checks(rows)
 
 
@@ -608,15 +803,19 @@ def trl_checks(rows: list[dict]) -> list[str]:
     """Same tokens, same losses on the same batches, and how TRL's step time splits."""
     lines = []
     for trl in (r for r in rows if r["kind"] == "trl"):
-        lines.append(f"- TRL {trl['method']} ({trl['variant']}): token ids "
-                     f"{'identical to' if trl['same_token_ids'] else 'DIFFERENT from'} `dpokit prepare`'s for every "
-                     f"pair; {trl['begin_to_end_s']:.1f} s of its {trl['timed_seconds']:.1f} timed seconds are inside "
-                     f"steps (on_step_begin to on_step_end); trainer setup (tokenizing, loading) {trl['setup_seconds']:.0f} s.")
+        lines.append(
+            f"- TRL {trl['method']} ({trl['variant']}): token ids "
+            f"{'identical to' if trl['same_token_ids'] else 'DIFFERENT from'} `dpokit prepare`'s for every "
+            f"pair; {trl['begin_to_end_s']:.1f} s of its {trl['timed_seconds']:.1f} timed seconds are inside "
+            f"steps (on_step_begin to on_step_end); trainer setup (tokenizing, loading) {trl['setup_seconds']:.0f} s."
+        )
         same = find(rows, trl["method"], "cache")
         if same is not None:
             n = min(len(same["losses"]), len(trl["losses"]))
             gap = max(abs(a - b) for a, b in zip(same["losses"][:n], trl["losses"][:n]))
-            lines.append(f"  Largest per-step loss difference from dpokit cache, padded over the same {n} batches: {gap:.1e}.")
+            lines.append(
+                f"  Largest per-step loss difference from dpokit cache, padded over the same {n} batches: {gap:.1e}."
+            )
     return lines
 
 
@@ -649,45 +848,72 @@ def total_lines(rows: list[dict], method: str, ref: dict) -> list[str]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pairs", type=int, default=2000, help="pairs in the data set")
-    parser.add_argument("--shape", choices=sorted(SHAPES), default="mixed",
-                        help="pair lengths: mixed (the headline's), short (~35 tokens a pair) or long (long prompts, ~350)")
+    parser.add_argument(
+        "--shape",
+        choices=sorted(SHAPES),
+        default="mixed",
+        help="pair lengths: mixed (the headline's), short (~35 tokens a pair) or long (long prompts, ~350)",
+    )
     parser.add_argument("--batch-size", type=int, default=4, help="pairs per optimizer step (every variant)")
     parser.add_argument("--steps", type=int, default=6, help="timed steps per variant")
     parser.add_argument("--grouped-steps", type=int, default=15, help="timed steps of the length-grouped variants")
     parser.add_argument("--warmup", type=int, default=2, help="steps run first and left out of the timing")
-    parser.add_argument("--rounds", type=int, default=1,
-                        help="runs of each dpokit variant, interleaved (round 2 in reverse order); rates pool all rounds")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="runs of each dpokit variant, interleaved (round 2 in reverse order); rates pool all rounds",
+    )
     parser.add_argument("--ref-batch-size", type=int, default=16, help="pairs per forward of the reference pass")
     parser.add_argument("--methods", default="full,lora", help="comma-separated: full, lora")
-    parser.add_argument("--only", default="",
-                        help="comma-separated variants to run: trl, trl-precompute, live, cache, group, packing, prefix, "
-                             "packprefix, best")
+    parser.add_argument(
+        "--only",
+        default="",
+        help="comma-separated variants to run: trl, trl-precompute, live, cache, group, packing, prefix, "
+        "packprefix, best",
+    )
     parser.add_argument("--lr", type=float, default=5e-6)
     parser.add_argument("--beta", type=float, default=0.1)
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads per run (1: on a shared machine a second OpenMP thread stalls whenever "
-                             "another process holds its core)")
-    parser.add_argument("--trl-host-memory", action="store_true",
-                        help="give TRL's process dpokit's host-memory settings (huge pages, fixed mmap threshold; "
-                             "dpokit.host_memory) to see how much of the gap they are")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads per run (1: on a shared machine a second OpenMP thread stalls whenever "
+        "another process holds its core)",
+    )
+    parser.add_argument(
+        "--trl-host-memory",
+        action="store_true",
+        help="give TRL's process dpokit's host-memory settings (huge pages, fixed mmap threshold; "
+        "dpokit.host_memory) to see how much of the gap they are",
+    )
     parser.add_argument("--trl-precompute", action="store_true", help="also run TRL with precompute_ref_log_probs=True")
     parser.add_argument("--workdir", type=Path, help="keep the workload and runs here (default: a temporary folder)")
     parser.add_argument("--reuse-workload", action="store_true", help="use the workload already built in --workdir")
-    parser.add_argument("--dpokit-args", default="",
-                        help="extra dotted overrides for every dpokit run, e.g. 'training.compile=true' (space-separated)")
+    parser.add_argument(
+        "--dpokit-args",
+        default="",
+        help="extra dotted overrides for every dpokit run, e.g. 'training.compile=true' (space-separated)",
+    )
     parser.add_argument("--child", choices=["ref-logps", "trl"], help=argparse.SUPPRESS)
     parser.add_argument("--method", help=argparse.SUPPRESS)
     parser.add_argument("--precompute", action="store_true", help=argparse.SUPPRESS)
-    args = harness.arguments(parser, __file__, argv, quick=dict(pairs=16, shape="short", batch_size=2, steps=1, grouped_steps=1,
-                                                               warmup=1),
-                             quick_help="16 short pairs on a 2-layer model, 1 + 1 steps, TRL (if installed) against "
-                                        "dpokit's default layout, every run in this process: checks that it runs")
+    args = harness.arguments(
+        parser,
+        __file__,
+        argv,
+        quick=dict(pairs=16, shape="short", batch_size=2, steps=1, grouped_steps=1, warmup=1),
+        quick_help="16 short pairs on a 2-layer model, 1 + 1 steps, TRL (if installed) against "
+        "dpokit's default layout, every run in this process: checks that it runs",
+    )
 
     if args.child:  # one measurement in this fresh interpreter, printed as JSON on the last line
         if args.child == "ref-logps":
             result = child_ref_logps(args.workdir, args.ref_batch_size)
         else:
-            result = child_trl(args.workdir, args.method, args.batch_size, args.steps, args.lr, args.beta, args.precompute)
+            result = child_trl(
+                args.workdir, args.method, args.batch_size, args.steps, args.lr, args.beta, args.precompute
+            )
         print(json.dumps(result))
         return
 
@@ -701,9 +927,17 @@ def main(argv: list[str] | None = None) -> None:
     import torch
 
     args.cuda = torch.cuda.is_available()
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads),
-           "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-           "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1", "PYTHONWARNINGS": "ignore", "TQDM_DISABLE": "1"}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": str(args.threads),
+        "MKL_NUM_THREADS": str(args.threads),
+        "TOKENIZERS_PARALLELISM": "false",
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
+        "PYTHONWARNINGS": "ignore",
+        "TQDM_DISABLE": "1",
+    }
     with tempfile.TemporaryDirectory(prefix="train_bench_") as tmp:
         work = args.workdir or Path(tmp)
         (work / "logs").mkdir(parents=True, exist_ok=True)

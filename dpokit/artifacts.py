@@ -257,7 +257,11 @@ def replace_atomically(target: str | os.PathLike, kind: str, write: Callable[[Pa
             raise DpokitError(refusal(target, kind, reason))
     if target.is_dir() and not _is_empty_directory(target, kind):
         _refuse_foreign_entries(target)
-    mark = (lambda tmp: write_marker(tmp, kind, [child.name for child in tmp.iterdir()])) if kind in DIRECTORY_KINDS else None
+    mark = (
+        (lambda tmp: write_marker(tmp, kind, [child.name for child in tmp.iterdir()]))
+        if kind in DIRECTORY_KINDS
+        else None
+    )
     return _write_through_sibling(target, write, mark)
 
 
@@ -281,7 +285,9 @@ def _refuse_foreign_entries(target: Path, option: str = "--out") -> None:
         )
 
 
-def replace_within(artifact: str | os.PathLike, kind: str, target: str | os.PathLike, write: Callable[[Path], object]) -> Path:
+def replace_within(
+    artifact: str | os.PathLike, kind: str, target: str | os.PathLike, write: Callable[[Path], object]
+) -> Path:
     """Write `target`, a file or directory inside dpokit's own `kind` artifact (a run's checkpoint,
     metrics or config), through a temporary sibling renamed into place: a reader sees the old version
     or the new one, never half of one. Refused when `artifact` is not dpokit's or `target` lies outside it."""
@@ -352,7 +358,9 @@ def _check_within(artifact: Path, kind: str, paths: list[Path], action: str) -> 
     """Refuse to `action` `paths` unless `artifact` is dpokit's own `kind` artifact and they lie inside it."""
     reason = not_own_reason(artifact, kind)
     if reason is not None:
-        raise DpokitError(f"refusing to {action} inside {artifact}: {refusal(artifact, kind, reason).split(': ', 1)[1]}")
+        raise DpokitError(
+            f"refusing to {action} inside {artifact}: {refusal(artifact, kind, reason).split(': ', 1)[1]}"
+        )
     outside = [p for p in paths if artifact.resolve() not in p.resolve().parents]
     if outside:
         raise DpokitError(f"refusing to {action} {outside[0]}: it is not inside the dpokit {kind} {artifact}")

@@ -54,7 +54,7 @@ from dpokit.types import Segment
 
 WINDOW_BLOCK = 512  # queries per block of a sliding-window problem (at least the window)
 # Rows up to this many columns keep the dense mask: there one masked kernel call per layer costs less than a
-# few kernel calls per pair, and the mask is small (bench/long_context_short_rows_results.md).
+# few kernel calls per pair, and the mask is small (bench/long_context_results.md, "short rows").
 DENSE_MAX_WIDTH = 384
 MERGED_DTYPES = (torch.float32, torch.float64, torch.bfloat16)  # what the CPU flash kernel takes
 INNER = ("sdpa", "eager", "flex_attention")  # implementations dpokit wraps
@@ -75,7 +75,7 @@ class LayoutAttention:
     def window(self, module) -> Optional[int]:
         if len(set(self.windows)) == 1:
             return self.windows[0]
-        return self.windows[int(getattr(module, "layer_idx"))]
+        return self.windows[int(module.layer_idx)]
 
     @functools.cached_property
     def by_row(self) -> tuple[tuple[Segment, ...], ...]:
@@ -94,11 +94,11 @@ def segment_columns(segments: Sequence[Segment], rows: int, width: int) -> tuple
     positions = torch.zeros((rows, width), dtype=torch.long)
     for number, seg in enumerate(segments):
         s, p, c, r = seg.start, seg.shared, seg.first, seg.second
-        segment_ids[seg.row, s:s + seg.length] = number
-        branches[seg.row, s + p:s + p + c] = 1
-        branches[seg.row, s + p + c:s + seg.length] = 2
-        positions[seg.row, s:s + p + c] = torch.arange(p + c)
-        positions[seg.row, s + p + c:s + seg.length] = torch.arange(p, p + r)
+        segment_ids[seg.row, s : s + seg.length] = number
+        branches[seg.row, s + p : s + p + c] = 1
+        branches[seg.row, s + p + c : s + seg.length] = 2
+        positions[seg.row, s : s + p + c] = torch.arange(p + c)
+        positions[seg.row, s + p + c : s + seg.length] = torch.arange(p, p + r)
     return segment_ids, branches, positions
 
 
@@ -123,8 +123,10 @@ class MergedCausalAttention(torch.autograd.Function):
         out_own, lse_own = flash(query, own_key, own_value, 0.0, True, scale=scale)[:2]
         lse = torch.logaddexp(lse_prefix, lse_own)  # [1, H, Lq], at least float32
         wide = torch.promote_types(query.dtype, torch.float32)  # bf16 outputs merge in float32
-        out = (out_prefix.to(wide) * (lse_prefix - lse).exp_().unsqueeze(-1)
-               + out_own.to(wide) * (lse_own - lse).exp_().unsqueeze(-1)).to(query.dtype)
+        out = (
+            out_prefix.to(wide) * (lse_prefix - lse).exp_().unsqueeze(-1)
+            + out_own.to(wide) * (lse_own - lse).exp_().unsqueeze(-1)
+        ).to(query.dtype)
         ctx.scale = scale
         ctx.save_for_backward(query, prefix_key, prefix_value, own_key, own_value, out, lse)
         return out
@@ -134,7 +136,9 @@ class MergedCausalAttention(torch.autograd.Function):
         query, prefix_key, prefix_value, own_key, own_value, out, lse = ctx.saved_tensors
         backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
         grad_out = grad_out.contiguous()
-        dq_prefix, dk_prefix, dv_prefix = backward(grad_out, query, prefix_key, prefix_value, out, lse, 0.0, False, scale=ctx.scale)
+        dq_prefix, dk_prefix, dv_prefix = backward(
+            grad_out, query, prefix_key, prefix_value, out, lse, 0.0, False, scale=ctx.scale
+        )
         dq_own, dk_own, dv_own = backward(grad_out, query, own_key, own_value, out, lse, 0.0, True, scale=ctx.scale)
         return dq_prefix + dq_own, dk_prefix, dv_prefix, dk_own, dv_own, None
 
@@ -152,12 +156,21 @@ def _banded_mask(queries: int, q_start: int, k_start: int, keys: int, window: Op
 
 def _sdpa(query, key, value, *, mask=None, causal=False, scale=None, dropout=0.0) -> Tensor:
     gqa = key.shape[1] != query.shape[1]
-    return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, is_causal=causal, dropout_p=dropout,
-                                          scale=scale, enable_gqa=gqa)
+    return F.scaled_dot_product_attention(
+        query, key, value, attn_mask=mask, is_causal=causal, dropout_p=dropout, scale=scale, enable_gqa=gqa
+    )
 
 
-def causal_problem(query: Tensor, key: Tensor, value: Tensor, prefix: int, window: Optional[int],
-                   scale: Optional[float], dropout: float, prefix_query: Optional[Tensor] = None) -> Tensor:
+def causal_problem(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    prefix: int,
+    window: Optional[int],
+    scale: Optional[float],
+    dropout: float,
+    prefix_query: Optional[Tensor] = None,
+) -> Tensor:
     """SDPA output ``[1, H, Lq, D]`` for queries that are the last ``Lq`` of ``Lk = prefix + Lq`` keys,
     causal (bottom-right aligned) and within `window` positions if given; no ``[Lq, Lk]`` tensor.
 
@@ -169,8 +182,9 @@ def causal_problem(query: Tensor, key: Tensor, value: Tensor, prefix: int, windo
     if window is None and prefix == 0:
         return _sdpa(query, key, value, causal=True, scale=scale, dropout=dropout)
     if window is None and query.device.type == "cpu" and dropout == 0.0 and query.dtype in MERGED_DTYPES:
-        return MergedCausalAttention.apply(query, key[:, :, :prefix], value[:, :, :prefix],
-                                           key[:, :, prefix:], value[:, :, prefix:], scale)
+        return MergedCausalAttention.apply(
+            query, key[:, :, :prefix], value[:, :, :prefix], key[:, :, prefix:], value[:, :, prefix:], scale
+        )
     if window is None:
         from torch.nn.attention.bias import causal_lower_right
 
@@ -188,15 +202,27 @@ def causal_problem(query: Tensor, key: Tensor, value: Tensor, prefix: int, windo
         k_lo = max(0, q_first - window + 1)
         k_hi = prefix + stop
         mask = _banded_mask(stop - start, q_first, k_lo, k_hi - k_lo, window, query.device)
-        outputs.append(_sdpa(query[:, :, start:stop], key[:, :, k_lo:k_hi], value[:, :, k_lo:k_hi], mask=mask,
-                             scale=scale, dropout=dropout))
+        outputs.append(
+            _sdpa(
+                query[:, :, start:stop],
+                key[:, :, k_lo:k_hi],
+                value[:, :, k_lo:k_hi],
+                mask=mask,
+                scale=scale,
+                dropout=dropout,
+            )
+        )
     return torch.cat(outputs, dim=2)
 
 
-def eager_problem(eager, module, query, key, value, prefix: int, window: Optional[int], dropout: float, **kwargs) -> Tensor:
+def eager_problem(
+    eager, module, query, key, value, prefix: int, window: Optional[int], dropout: float, **kwargs
+) -> Tensor:
     """The family's eager attention on one problem with its own small mask; ``[1, H, Lq, D]``."""
     mask = _banded_mask(query.shape[2], prefix, 0, key.shape[2], window, query.device)
-    additive = torch.zeros(mask.shape, dtype=query.dtype, device=query.device).masked_fill_(~mask, torch.finfo(query.dtype).min)
+    additive = torch.zeros(mask.shape, dtype=query.dtype, device=query.device).masked_fill_(
+        ~mask, torch.finfo(query.dtype).min
+    )
     out, _ = eager(module, query, key, value, additive[None, None], dropout=dropout, **kwargs)
     return out.transpose(1, 2)  # eager returns [1, Lq, H, D]
 
@@ -215,14 +241,23 @@ def _problems(segment: Segment, query: Tensor, key: Tensor, value: Tensor):
         if p == 0:
             yield query[:, :, rejected], key[:, :, rejected], value[:, :, rejected], 0, None
             return
-        keys = torch.cat([key[:, :, s:s + p], key[:, :, rejected]], dim=2)
-        values = torch.cat([value[:, :, s:s + p], value[:, :, rejected]], dim=2)
-        yield query[:, :, rejected], keys, values, p, query[:, :, s:s + p]
+        keys = torch.cat([key[:, :, s : s + p], key[:, :, rejected]], dim=2)
+        values = torch.cat([value[:, :, s : s + p], value[:, :, rejected]], dim=2)
+        yield query[:, :, rejected], keys, values, p, query[:, :, s : s + p]
 
 
 @torch.compiler.disable  # plain Python over a batch's segments: compiled layers run it eagerly, not per layout
-def layout_attention(module, query: Tensor, key: Tensor, value: Tensor, layout: LayoutAttention, inner: str,
-                     dropout: float = 0.0, scaling: Optional[float] = None, **kwargs) -> Tensor:
+def layout_attention(
+    module,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    layout: LayoutAttention,
+    inner: str,
+    dropout: float = 0.0,
+    scaling: Optional[float] = None,
+    **kwargs,
+) -> Tensor:
     """Attention of packed rows ``query [R, H, L, D]``, ``key/value [R, Hkv, L, D]``; returns ``[R, L, H, D]``."""
     window = layout.window(module)
     eager = _family_eager(module) if inner == "eager" else None
@@ -231,13 +266,25 @@ def layout_attention(module, query: Tensor, key: Tensor, value: Tensor, layout: 
         raise UnsupportedPattern(f"attention with {', '.join(unsupported) or 'softcap'} in a packed layout")
     rows = []
     for row_index, segments in enumerate(layout.by_row):
-        q, k, v = query[row_index:row_index + 1], key[row_index:row_index + 1], value[row_index:row_index + 1]
+        q, k, v = query[row_index : row_index + 1], key[row_index : row_index + 1], value[row_index : row_index + 1]
         pieces, end = [], 0
         for segment in segments:
             for pq, pk, pv, prefix, prefix_q in _problems(segment, q, k, v):
                 if eager is not None:
-                    pieces.append(eager_problem(eager, module, pq, pk, pv, prefix, window, dropout, scaling=scaling,
-                                                softcap=kwargs.get("softcap")))
+                    pieces.append(
+                        eager_problem(
+                            eager,
+                            module,
+                            pq,
+                            pk,
+                            pv,
+                            prefix,
+                            window,
+                            dropout,
+                            scaling=scaling,
+                            softcap=kwargs.get("softcap"),
+                        )
+                    )
                 else:
                     pieces.append(causal_problem(pq, pk, pv, prefix, window, scaling, dropout, prefix_q))
             end = segment.start + segment.length
@@ -251,7 +298,9 @@ def layout_block_mask(layout: LayoutAttention, window: Optional[int], device):
     """FlexAttention's block mask for the layout (O(L) metadata in, O((L/128)²) blocks out)."""
     from torch.nn.attention.flex_attention import create_block_mask
 
-    segment_ids, branches, positions = (t.to(device) for t in segment_columns(layout.segments, layout.rows, layout.width))
+    segment_ids, branches, positions = (
+        t.to(device) for t in segment_columns(layout.segments, layout.rows, layout.width)
+    )
 
     def visible(b, h, q, k):
         same = (segment_ids[b, q] == segment_ids[b, k]) & (segment_ids[b, q] >= 0) & (k <= q)
@@ -263,8 +312,15 @@ def layout_block_mask(layout: LayoutAttention, window: Optional[int], device):
 
     # Compiled on CUDA, the mask function is evaluated a block at a time; uncompiled (CPU, forward only) it runs
     # over the whole [L, L] grid once per forward and window.
-    return create_block_mask(visible, layout.rows, None, layout.width, layout.width, device=device,
-                             _compile=torch.device(device).type == "cuda")
+    return create_block_mask(
+        visible,
+        layout.rows,
+        None,
+        layout.width,
+        layout.width,
+        device=device,
+        _compile=torch.device(device).type == "cuda",
+    )
 
 
 def flex_layout_attention(module, query, key, value, layout: LayoutAttention, scaling=None, softcap=None) -> Tensor:
@@ -276,11 +332,20 @@ def flex_layout_attention(module, query, key, value, layout: LayoutAttention, sc
         layout.block_masks[window] = layout_block_mask(layout, window, query.device)
     score_mod = None
     if softcap is not None:
+
         def score_mod(score, b, h, q, k):
             return softcap * torch.tanh(score / softcap)
+
     kernel = _compiled_flex() if query.device.type == "cuda" else flex_attention
-    out = kernel(query, key, value, score_mod=score_mod, block_mask=layout.block_masks[window], scale=scaling,
-                 enable_gqa=key.shape[1] != query.shape[1])
+    out = kernel(
+        query,
+        key,
+        value,
+        score_mod=score_mod,
+        block_mask=layout.block_masks[window],
+        scale=scaling,
+        enable_gqa=key.shape[1] != query.shape[1],
+    )
     return out.transpose(1, 2).contiguous()
 
 
@@ -294,7 +359,7 @@ def _compiled_flex():
 def _family_eager(module):
     """The family's own ``eager_attention_forward`` (soft-capping and scalings are in it)."""
     family = sys.modules[type(module).__module__]
-    return getattr(family, "eager_attention_forward")
+    return family.eager_attention_forward
 
 
 def _attention_function(inner: str):
@@ -302,8 +367,9 @@ def _attention_function(inner: str):
 
     def attention(module, query, key, value, attention_mask, dpokit_layout: Optional[LayoutAttention] = None, **kwargs):
         if dpokit_layout is not None and inner == "flex_attention":
-            return flex_layout_attention(module, query, key, value, dpokit_layout, kwargs.get("scaling"),
-                                         kwargs.get("softcap")), None
+            return flex_layout_attention(
+                module, query, key, value, dpokit_layout, kwargs.get("scaling"), kwargs.get("softcap")
+            ), None
         if dpokit_layout is not None:
             return layout_attention(module, query, key, value, dpokit_layout, inner, **kwargs), None
         if inner == "flex_attention":

@@ -27,8 +27,8 @@ from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.api import CheckpointException
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -118,7 +118,9 @@ def newest_intact_checkpoint(run_dir: Path, announce=print) -> Optional[Path]:
         why = checkpoint_damage(checkpoint)
         if why is None:
             for name, reason in damaged:
-                announce(f"checkpoint {name} is damaged ({reason}); resuming from {checkpoint.name}, the newest intact one")
+                announce(
+                    f"checkpoint {name} is damaged ({reason}); resuming from {checkpoint.name}, the newest intact one"
+                )
             return checkpoint
         damaged.append((checkpoint.name, why))
     if damaged:
@@ -248,7 +250,9 @@ def save_checkpoint(
     shards = sharded_state(model, optimizer, trainable_only=adapters)
     try:
         if asynchronous:
-            return PendingCheckpoint(final, dcp.async_save(shards, checkpoint_id=str(tmp / SHARDS), process_group=write_group), finish)
+            return PendingCheckpoint(
+                final, dcp.async_save(shards, checkpoint_id=str(tmp / SHARDS), process_group=write_group), finish
+            )
         dcp.save(shards, checkpoint_id=str(tmp / SHARDS))
     except (OSError, RuntimeError, CheckpointException) as exc:
         finish(failed=exc)
@@ -257,11 +261,13 @@ def save_checkpoint(
 
 def _saving(final: Path, write):
     """`write`, with a failure to write turned into one error that names the last checkpoint to resume from."""
+
     def run():
         try:
             return write()
         except (OSError, RuntimeError) as exc:
             raise _cannot_write(final, final.parent.parent, exc) from exc
+
     return run
 
 
@@ -289,11 +295,16 @@ def _write_failure(exc: BaseException) -> str:
 
 def check_finite_weights(model, step: int, device: torch.device) -> None:
     """Refuse to save non-finite trainable weights (every rank checks its shard; all agree)."""
-    finite = [torch.isfinite(p.detach().to_local() if hasattr(p, "to_local") else p.detach()).all()
-              for p in model.parameters() if p.requires_grad]
+    finite = [
+        torch.isfinite(p.detach().to_local() if hasattr(p, "to_local") else p.detach()).all()
+        for p in model.parameters()
+        if p.requires_grad
+    ]
     bad = bool(finite) and not bool(torch.stack(finite).all())  # one device sync, not one per tensor
     if any_rank([bad], device)[0]:
-        raise DpokitError(f"step {step}: the weights are not finite; refusing to save them over the last good checkpoint")
+        raise DpokitError(
+            f"step {step}: the weights are not finite; refusing to save them over the last good checkpoint"
+        )
 
 
 def save_pretrained(model: nn.Module, out_dir: Path, state_dict: dict[str, torch.Tensor], tokenizer=None) -> None:
@@ -334,7 +345,9 @@ def consolidate_checkpoint(checkpoint: Path, out_dir: Path) -> None:
     from dpokit.model import load_policy, uses_adapters
 
     checkpoint = Path(checkpoint)
-    cfg = build_dataclass(TrainConfig, load_training_state(checkpoint)["config"], prefix="", source=str(checkpoint / STATE_FILE))
+    cfg = build_dataclass(
+        TrainConfig, load_training_state(checkpoint)["config"], prefix="", source=str(checkpoint / STATE_FILE)
+    )
     adapters = uses_adapters(cfg.model.method)
     model = load_policy(cfg.model, cfg.lora, torch.device("cpu"), adapter=cfg.reference.adapter)
     options = StateDictOptions(ignore_frozen_params=adapters, strict=not adapters)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import inspect
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, List, Optional
 
@@ -13,12 +12,13 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from dpokit import __version__
+from dpokit import __version__, log
+from dpokit.config import train_flags
 from dpokit.errors import DpokitError, filesystem_error_line
 from dpokit.host_memory import configure_host_memory
 
 app = typer.Typer(
-    help="Preference fine-tuning (DPO, RSO, IPO, SimPO) with a reference model that runs once.",
+    help="Preference fine-tuning with DPO-family losses and a reference model that runs once.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -29,7 +29,7 @@ app = typer.Typer(
 own_process = False
 
 cache_app = typer.Typer(help="Inspect, verify and audit reference caches (ref.h5).", no_args_is_help=True)
-config_app = typer.Typer(help="List and show training configs.", no_args_is_help=True)
+config_app = typer.Typer(help="List and show training configs and their keys.", no_args_is_help=True)
 eject_app = typer.Typer(help="Copy the training recipe or a config out for customisation.", no_args_is_help=True)
 app.add_typer(cache_app, name="cache")
 app.add_typer(config_app, name="config")
@@ -48,8 +48,15 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _root(
-    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
-    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors (read by `main`)."),
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
+    debug: bool = typer.Option(
+        False, "--debug", help="The debug log level: decisions, and the causes under every error."
+    ),
+    log_level: Optional[str] = typer.Option(
+        None, "--log-level", help="error, warning, info (default) or debug; also DPOKIT_LOG_LEVEL (read by `main`)."
+    ),
 ) -> None:
     """Options that apply to every command."""
 
@@ -60,24 +67,52 @@ def _root(
 
 @app.command()
 def prepare(
-    data: str = typer.Argument(..., help="A .json/.jsonl/.csv/.parquet file or folder, or a dataset name for datasets.load_dataset."),
-    model: str = typer.Option(..., "--model", "-m", help="Model directory or hub name whose tokenizer (and chat template) to use."),
+    data: str = typer.Argument(
+        ..., help="A .json/.jsonl/.csv/.parquet file or folder, or a dataset name for datasets.load_dataset."
+    ),
+    model: str = typer.Option(
+        ..., "--model", "-m", help="Model directory or hub name whose tokenizer (and chat template) to use."
+    ),
     out: Path = typer.Option(..., "--out", "-o", help="Output directory (the prepared/ format)."),
     tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help="Tokenizer, when it differs from --model."),
     format: str = typer.Option("auto", "--format", help="auto, plain, conversational or implicit."),
-    column_map: Optional[str] = typer.Option(None, "--column-map", help="Rename columns, e.g. chosen=better,rejected=worse."),
+    column_map: Optional[str] = typer.Option(
+        None, "--column-map", help="Rename columns, e.g. chosen=better,rejected=worse."
+    ),
     system_prompt: Optional[str] = typer.Option(None, "--system-prompt", help="Add (or replace) a system turn."),
-    chat_template: Optional[str] = typer.Option(None, "--chat-template", help="A Jinja chat template (text or file) overriding the tokenizer's."),
+    chat_template: Optional[str] = typer.Option(
+        None, "--chat-template", help="A Jinja chat template (text or file) overriding the tokenizer's."
+    ),
     split: str = typer.Option("train", "--split", help="Split to load from a dataset name."),
     eval_split: str = typer.Option("test", "--eval-split", help="Split to load when --eval-data is a dataset name."),
-    subset: Optional[str] = typer.Option(None, "--subset", help="Dataset configuration name for datasets.load_dataset."),
+    subset: Optional[str] = typer.Option(
+        None, "--subset", help="Dataset configuration name for datasets.load_dataset."
+    ),
     max_length: int = typer.Option(1024, "--max-length", help="Max tokens of prompt+response."),
-    max_prompt_length: Optional[int] = typer.Option(None, "--max-prompt-length", help="Cap every prompt at this many tokens (the end --truncation keeps); under keep_end also how far an over-long pair's prompt may be cut (default: half of --max-length)."),
-    max_completion_length: Optional[int] = typer.Option(None, "--max-completion-length", help="Cap every completion at its first N tokens."),
-    truncation: str = typer.Option("keep_start", "--truncation", help="keep_start (TRL's default: the whole prompt, completions cut at their end) or keep_end (the prompt's start is cut first)."),
-    overlength: str = typer.Option("truncate", "--overlength", help="truncate, drop or error for pairs over --max-length."),
-    separator: str = typer.Option("\n\n", "--separator", help="Without a chat template: text between prompt and completion (added unless whitespace already divides them)."),
-    eval_fraction: float = typer.Option(0.0, "--eval-fraction", help="Hold out this fraction of rows as the eval split."),
+    max_prompt_length: Optional[int] = typer.Option(
+        None,
+        "--max-prompt-length",
+        help="Cap every prompt at this many tokens (the end --truncation keeps); under keep_end also how far an over-long pair's prompt may be cut (default: half of --max-length).",
+    ),
+    max_completion_length: Optional[int] = typer.Option(
+        None, "--max-completion-length", help="Cap every completion at its first N tokens."
+    ),
+    truncation: str = typer.Option(
+        "keep_start",
+        "--truncation",
+        help="keep_start (TRL's default: the whole prompt, completions cut at their end) or keep_end (the prompt's start is cut first).",
+    ),
+    overlength: str = typer.Option(
+        "truncate", "--overlength", help="truncate, drop or error for pairs over --max-length."
+    ),
+    separator: str = typer.Option(
+        "\n\n",
+        "--separator",
+        help="Without a chat template: text between prompt and completion (added unless whitespace already divides them).",
+    ),
+    eval_fraction: float = typer.Option(
+        0.0, "--eval-fraction", help="Hold out this fraction of rows as the eval split."
+    ),
     eval_data: Optional[str] = typer.Option(None, "--eval-data", help="A separate source for the eval split."),
     seed: int = typer.Option(42, "--seed", help="Seed for the eval split."),
     num_proc: int = typer.Option(1, "--num-proc", help="Tokenization processes."),
@@ -88,11 +123,28 @@ def prepare(
 
     run_prepare(
         PrepareOptions(
-            data=data, model=model, out=out, tokenizer=tokenizer, format=format, column_map=column_map,
-            system_prompt=system_prompt, chat_template=chat_template, split=split, eval_split=eval_split, subset=subset,
-            max_length=max_length, max_prompt_length=max_prompt_length, max_completion_length=max_completion_length,
-            truncation=truncation, overlength=overlength, separator=separator,
-            eval_fraction=eval_fraction, eval_data=eval_data, seed=seed, num_proc=num_proc, overwrite=overwrite,
+            data=data,
+            model=model,
+            out=out,
+            tokenizer=tokenizer,
+            format=format,
+            column_map=column_map,
+            system_prompt=system_prompt,
+            chat_template=chat_template,
+            split=split,
+            eval_split=eval_split,
+            subset=subset,
+            max_length=max_length,
+            max_prompt_length=max_prompt_length,
+            max_completion_length=max_completion_length,
+            truncation=truncation,
+            overlength=overlength,
+            separator=separator,
+            eval_fraction=eval_fraction,
+            eval_data=eval_data,
+            seed=seed,
+            num_proc=num_proc,
+            overwrite=overwrite,
         )
     )
 
@@ -104,29 +156,45 @@ def prepare(
 def check_gpus(gpus: int) -> None:
     """Refuse a process count below 1 (which would otherwise silently run one process)."""
     if gpus < 1:
-        raise DpokitError(f"--gpus must be at least 1, got {gpus} (the processes to launch, one per GPU; 1 runs in this process)")
+        raise DpokitError(
+            f"--gpus must be at least 1, got {gpus} (the processes to launch, one per GPU; 1 runs in this process)"
+        )
 
 
 @app.command("ref-logps")
 def ref_logps(
     prepared: Path = typer.Argument(..., help="Prepared data directory (from `dpokit prepare`)."),
     model: str = typer.Option(..., "--model", "-m", help="Reference model directory or hub name."),
-    out: Path = typer.Option(..., "--out", "-o", help="The cache file to write (e.g. ref.h5); an unfinished one is resumed."),
-    gpus: int = typer.Option(1, "--gpus", help="Processes to launch (one per GPU; gloo processes on CPU). Ignored under torchrun."),
+    out: Path = typer.Option(
+        ..., "--out", "-o", help="The cache file to write (e.g. ref.h5); an unfinished one is resumed."
+    ),
+    gpus: int = typer.Option(
+        1, "--gpus", help="Processes to launch (one per GPU; gloo processes on CPU). Ignored under torchrun."
+    ),
     batch_size: int = typer.Option(8, "--batch-size", help="Pairs per forward pass (per process)."),
     dtype: str = typer.Option("auto", "--dtype", help="Compute dtype: auto (bf16 on CUDA, fp32 on CPU), bf16 or fp32."),
-    splits: Optional[str] = typer.Option(None, "--splits", help="Comma-separated splits to compute, e.g. train,eval (default: all)."),
-    adapter: Optional[str] = typer.Option(None, "--adapter", help="A PEFT adapter directory merged into the reference."),
+    splits: Optional[str] = typer.Option(
+        None, "--splits", help="Comma-separated splits to compute, e.g. train,eval (default: all)."
+    ),
+    adapter: Optional[str] = typer.Option(
+        None, "--adapter", help="A PEFT adapter directory merged into the reference."
+    ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a cache made from other data, model or dtype."),
     no_bucket: bool = typer.Option(False, "--no-bucket", help="Batch rows in index order instead of sorted by length."),
     attn_implementation: str = typer.Option(
-        "auto", "--attn-implementation", help="auto (SDPA where the family supports it, else eager), sdpa, eager or flex_attention (forward only on CPU); recorded in the cache."
+        "auto",
+        "--attn-implementation",
+        help="auto (SDPA where the family supports it, else eager), sdpa, eager or flex_attention (forward only on CPU); recorded in the cache.",
     ),
     per_token: bool = typer.Option(
-        False, "--per-token", help="Also store every completion token's log-prob (for token-level losses such as ld_dpo)."
+        False,
+        "--per-token",
+        help="Also store every completion token's log-prob (for token-level losses such as ld_dpo).",
     ),
     threads: Optional[int] = typer.Option(
-        None, "--threads", help="CPU only: torch threads per process (default: the cores, shared among --gpus N processes)."
+        None,
+        "--threads",
+        help="CPU only: torch threads per process (default: the cores, shared among --gpus N processes).",
     ),
 ) -> None:
     """Run the frozen reference once over prepared data and cache its log-probs in HDF5."""
@@ -136,9 +204,18 @@ def ref_logps(
 
     run_ref_logps(
         RefLogpsOptions(
-            prepared=str(prepared), model=model, out=str(out), gpus=gpus, batch_size=batch_size, dtype=dtype,
-            splits=[s.strip() for s in splits.split(",") if s.strip()] if splits else None, adapter=adapter,
-            overwrite=overwrite, bucket=not no_bucket, attn_implementation=attn_implementation, per_token=per_token,
+            prepared=str(prepared),
+            model=model,
+            out=str(out),
+            gpus=gpus,
+            batch_size=batch_size,
+            dtype=dtype,
+            splits=[s.strip() for s in splits.split(",") if s.strip()] if splits else None,
+            adapter=adapter,
+            overwrite=overwrite,
+            bucket=not no_bucket,
+            attn_implementation=attn_implementation,
+            per_token=per_token,
             threads=threads,
         )
     )
@@ -156,12 +233,20 @@ def cache_info(file: Path = typer.Argument(..., help="A reference cache (ref.h5)
 @cache_app.command("verify")
 def cache_verify(
     file: Path = typer.Argument(..., help="A reference cache (ref.h5)."),
-    prepared: Optional[Path] = typer.Argument(None, help="The prepared data it was built from (default: the one the cache records)."),
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="The reference model (default: the one the cache records)."),
-    adapter: Optional[str] = typer.Option(None, "--adapter", help="The PEFT adapter (default: the one the cache records, if any)."),
+    prepared: Optional[Path] = typer.Argument(
+        None, help="The prepared data it was built from (default: the one the cache records)."
+    ),
+    model: Optional[str] = typer.Option(
+        None, "--model", "-m", help="The reference model (default: the one the cache records)."
+    ),
+    adapter: Optional[str] = typer.Option(
+        None, "--adapter", help="The PEFT adapter (default: the one the cache records, if any)."
+    ),
     sample: int = typer.Option(32, "--sample", help="Rows to recompute, drawn at random over all splits."),
     tolerance: Optional[float] = typer.Option(
-        None, "--tolerance", help="Largest allowed absolute log-prob difference (default: 1e-4 for a float32 cache, 0.1 for bf16)."
+        None,
+        "--tolerance",
+        help="Largest allowed absolute log-prob difference (default: 1e-4 for a float32 cache, 0.1 for bf16).",
     ),
     batch_size: int = typer.Option(8, "--batch-size", help="Pairs per forward pass."),
     seed: int = typer.Option(0, "--seed", help="Seed for the random sample."),
@@ -175,15 +260,42 @@ def cache_verify(
 @cache_app.command("audit")
 def cache_audit(
     file: Path = typer.Argument(..., help="A finished reference cache (ref.h5)."),
-    data: Optional[Path] = typer.Option(None, "--data", help="The prepared data it was built from (default: the one the cache records)."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Folder for audit.json and the plots (default: REF-audit/ next to the cache); an earlier audit there is replaced."),
+    data: Optional[Path] = typer.Option(
+        None, "--data", help="The prepared data it was built from (default: the one the cache records)."
+    ),
+    out: Optional[Path] = typer.Option(
+        None,
+        "--out",
+        "-o",
+        help="Folder for audit.json and the plots (default: REF-audit/ next to the cache); an earlier audit there is replaced.",
+    ),
     top: int = typer.Option(10, "--top", help="Pairs listed per split that the reference disagrees with most."),
-    write_filtered: Optional[Path] = typer.Option(None, "--write-filtered", help="Write the rows --drop keeps as a new prepared dataset here, with its reference cache."),
-    drop: Optional[str] = typer.Option(None, "--drop", help="With --write-filtered: comma-separated reasons to drop a pair: identical, ref-disagrees, dup-prompts."),
-    min_margin: float = typer.Option(0.0, "--min-margin", help="ref-disagrees drops pairs whose reference margin (chosen - rejected log-prob) is below this."),
-    filtered_cache: Optional[Path] = typer.Option(None, "--filtered-cache", help="The filtered data's cache (default: OUT-ref.h5 next to --write-filtered OUT)."),
-    filter_eval: bool = typer.Option(False, "--filter-eval", help="Also filter the eval split (by default it is copied whole, so eval metrics stay comparable)."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier --write-filtered output and its cache."),
+    write_filtered: Optional[Path] = typer.Option(
+        None,
+        "--write-filtered",
+        help="Write the rows --drop keeps as a new prepared dataset here, with its reference cache.",
+    ),
+    drop: Optional[str] = typer.Option(
+        None,
+        "--drop",
+        help="With --write-filtered: comma-separated reasons to drop a pair: identical, ref-disagrees, dup-prompts.",
+    ),
+    min_margin: float = typer.Option(
+        0.0,
+        "--min-margin",
+        help="ref-disagrees drops pairs whose reference margin (chosen - rejected log-prob) is below this.",
+    ),
+    filtered_cache: Optional[Path] = typer.Option(
+        None, "--filtered-cache", help="The filtered data's cache (default: OUT-ref.h5 next to --write-filtered OUT)."
+    ),
+    filter_eval: bool = typer.Option(
+        False,
+        "--filter-eval",
+        help="Also filter the eval split (by default it is copied whole, so eval metrics stay comparable).",
+    ),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Replace an earlier --write-filtered output and its cache."
+    ),
 ) -> None:
     """Report what the reference thinks of the data (accuracy, margins, length bias, identical pairs, duplicate
     prompts, worst pairs); optionally write a filtered prepared dataset and its cache (docs/audit.md)."""
@@ -191,10 +303,16 @@ def cache_audit(
 
     run_audit(
         AuditOptions(
-            cache=str(file), prepared=str(data) if data else None, out=str(out) if out else None, top=top,
-            write_filtered=str(write_filtered) if write_filtered else None, drop=drop.split(",") if drop else (),
-            min_margin=min_margin, filtered_cache=str(filtered_cache) if filtered_cache else None,
-            filter_eval=filter_eval, overwrite=overwrite,
+            cache=str(file),
+            prepared=str(data) if data else None,
+            out=str(out) if out else None,
+            top=top,
+            write_filtered=str(write_filtered) if write_filtered else None,
+            drop=drop.split(",") if drop else (),
+            min_margin=min_margin,
+            filtered_cache=str(filtered_cache) if filtered_cache else None,
+            filter_eval=filter_eval,
+            overwrite=overwrite,
         )
     )
 
@@ -203,47 +321,7 @@ def cache_audit(
 # train
 
 
-@dataclass(frozen=True)
-class TrainFlag:
-    """One `dpokit train` option, declared once: its name, the config key it sets, type and help."""
-
-    option: str  # "--data"
-    key: str  # "data.path"; a switch sets it to true
-    type: Any  # str, int, float or bool (a switch)
-    help: str
-    short: Optional[str] = None
-
-    @property
-    def name(self) -> str:
-        return self.option.removeprefix("--").replace("-", "_")
-
-
-TRAIN_FLAGS = (
-    TrainFlag("--data", "data.path", str, "Prepared data directory (from `dpokit prepare`)."),
-    TrainFlag("--model", "model.path", str, "Policy model directory or hub name.", "-m"),
-    TrainFlag("--ref-cache", "reference.cache", str, "Reference cache (ref.h5 from `dpokit ref-logps`)."),
-    TrainFlag("--ref", "reference.source", str, "Reference source: cache or live (compute it on the fly)."),
-    TrainFlag("--method", "model.method", str, "full, lora, dora, qlora or qdora."),
-    TrainFlag("--out", "output.dir", str, "Run directory (checkpoints, metrics.jsonl, plots).", "-o"),
-    TrainFlag("--max-steps", "training.max_steps", int, "Optimizer steps to run."),
-    TrainFlag("--epochs", "training.epochs", int, "Epochs (when --max-steps is not set)."),
-    TrainFlag("--loss", "loss", str, "A loss (dpo, ipo, simpo, orpo, ... see docs/losses.md), a list such as [dpo,sft] "
-              "(with loss.weights=[1,0.5]), or package.module:Class; replaces the config's whole loss section."),
-    TrainFlag("--beta", "loss.beta", float, "The loss's beta (dpo, simpo)."),
-    TrainFlag("--gamma", "loss.gamma", float, "The loss's gamma (rso, simpo)."),
-    TrainFlag("--tau", "loss.tau", float, "The loss's tau (ipo)."),
-    TrainFlag("--lr", "optimizer.lr", float, "Peak learning rate."),
-    TrainFlag("--batch-size", "data.batch_size", int, "Pairs per device per micro-step."),
-    TrainFlag("--threads", "distributed.cpu_threads", int,
-              "CPU only: torch threads per process (default: the cores, shared among --gpus N processes)."),
-    TrainFlag("--resume", "output.resume", bool, "Continue from the run's latest checkpoint."),
-    TrainFlag("--overwrite", "output.overwrite", bool, "Start again in a run directory that has a run."),
-    TrainFlag("--merge", "output.merge", bool, "Also write a merged full model (LoRA family) at the end."),
-    TrainFlag(
-        "--allow-config-change", "output.allow_config_change", bool,
-        "With --resume: continue although data, loss, batch or optimizer settings changed.",
-    ),
-)
+TRAIN_FLAGS = train_flags()  # declared on the config schema
 
 
 def train_argv(params: dict[str, Any]) -> list[str]:
@@ -260,8 +338,6 @@ def train_argv(params: dict[str, Any]) -> list[str]:
             continue
         if flag.type is bool:
             value = "true"
-        elif flag.key == "loss":  # one name, or a list such as [dpo,sft] (with loss.weights=[...])
-            value = f"{{name: {value}}}" if value.startswith("[") else f"{{name: '{value}'}}"
         argv.append(f"{flag.key}={value}")
     if params.get("ref_cache") and params.get("ref") is None:
         argv.append("reference.source=cache")
@@ -280,19 +356,41 @@ def _train_parameters() -> list[inspect.Parameter]:
     """`dpokit train`'s signature for Typer: the fixed arguments, then one option per `TRAIN_FLAGS` entry."""
     keyword = inspect.Parameter.KEYWORD_ONLY
     fixed = [
-        ("overrides", Optional[List[str]], typer.Argument(None, help="Dotted overrides, e.g. optimizer.lr=1e-5 lora.rank=16.")),
-        ("config", Optional[str], typer.Option(None, "--config", "-c", help="A shipped config name (see `dpokit config list`) or a YAML path.")),
+        (
+            "overrides",
+            Optional[List[str]],
+            typer.Argument(None, help="Dotted overrides, e.g. optimizer.lr=1e-5 lora.rank=16."),
+        ),
+        (
+            "config",
+            Optional[str],
+            typer.Option(
+                None, "--config", "-c", help="A shipped config name (see `dpokit config list`) or a YAML path."
+            ),
+        ),
     ]
     flags = [
-        (flag.name, bool if flag.type is bool else Optional[flag.type],
-         typer.Option(False if flag.type is bool else None, flag.option, *([flag.short] if flag.short else []), help=flag.help))
+        (
+            flag.name,
+            bool if flag.type is bool else Optional[flag.type],
+            typer.Option(
+                False if flag.type is bool else None, flag.option, *([flag.short] if flag.short else []), help=flag.help
+            ),
+        )
         for flag in TRAIN_FLAGS
     ]
     last = [
-        ("recipe", Optional[Path], typer.Option(None, "--recipe", help="Run this recipe file (e.g. one made by `dpokit eject recipe`).")),
+        (
+            "recipe",
+            Optional[Path],
+            typer.Option(None, "--recipe", help="Run this recipe file (e.g. one made by `dpokit eject recipe`)."),
+        ),
         ("gpus", int, typer.Option(1, "--gpus", help="Processes to launch (one per GPU; gloo processes on CPU).")),
     ]
-    return [inspect.Parameter(name, keyword, default=default, annotation=hint) for name, hint, default in fixed + flags + last]
+    return [
+        inspect.Parameter(name, keyword, default=default, annotation=hint)
+        for name, hint, default in fixed + flags + last
+    ]
 
 
 _train.__signature__ = inspect.Signature(_train_parameters())
@@ -320,7 +418,9 @@ def export(
     out: Path = typer.Option(..., "--out", "-o", help="Directory for the exported model."),
     merge: bool = typer.Option(True, "--merge/--no-merge", help="Merge the adapter into the base model."),
     base_model: Optional[str] = typer.Option(None, "--base-model", help="Base model (default: the run's model.path)."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier `dpokit export` output (nothing else)."),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Replace an earlier `dpokit export` output (nothing else)."
+    ),
 ) -> None:
     """Export a run's latest checkpoint; LoRA-family adapters are merged into a full HF model."""
     from dpokit.export import export_run
@@ -330,17 +430,33 @@ def export(
 
 @app.command()
 def plan(
-    overrides: Optional[List[str]] = typer.Argument(None, help="Dotted overrides, e.g. data.batch_size=2 model.activation_checkpointing=true."),
-    config: Optional[str] = typer.Option(None, "--config", "-c", help="A shipped config name (see `dpokit config list`) or a YAML path."),
+    overrides: Optional[List[str]] = typer.Argument(
+        None, help="Dotted overrides, e.g. data.batch_size=2 model.activation_checkpointing=true."
+    ),
+    config: Optional[str] = typer.Option(
+        None, "--config", "-c", help="A shipped config name (see `dpokit config list`) or a YAML path."
+    ),
     model: Optional[str] = typer.Option(
-        None, "--model", "-m",
+        None,
+        "--model",
+        "-m",
         help="A model folder or its config.json (default: model.path; the shipped configs' models ship their config.json). Nothing is downloaded.",
     ),
-    gpus: int = typer.Option(1, "--gpus", help="Processes, one per GPU: FSDP2 shards weights, gradients and optimizer state over them."),
-    gpu_memory: Optional[str] = typer.Option(None, "--gpu-memory", help="Memory of one GPU, e.g. 80GB, 24GiB, 40960MiB (GB: 10^9 bytes; default 80GB)."),
-    data: Optional[Path] = typer.Option(None, "--data", help="Prepared data (`dpokit prepare`): plan for its longest pair."),
-    seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Without --data: tokens per sequence, prompt + completion (default 1024)."),
-    device: str = typer.Option("cuda", "--device", help="cuda (model.dtype auto: bf16) or cpu (fp32 and CPU's logits budget)."),
+    gpus: int = typer.Option(
+        1, "--gpus", help="Processes, one per GPU: FSDP2 shards weights, gradients and optimizer state over them."
+    ),
+    gpu_memory: Optional[str] = typer.Option(
+        None, "--gpu-memory", help="Memory of one GPU, e.g. 80GB, 24GiB, 40960MiB (GB: 10^9 bytes; default 80GB)."
+    ),
+    data: Optional[Path] = typer.Option(
+        None, "--data", help="Prepared data (`dpokit prepare`): plan for its longest pair."
+    ),
+    seq_len: Optional[int] = typer.Option(
+        None, "--seq-len", help="Without --data: tokens per sequence, prompt + completion (default 1024)."
+    ),
+    device: str = typer.Option(
+        "cuda", "--device", help="cuda (model.dtype auto: bf16) or cpu (fp32 and CPU's logits budget)."
+    ),
 ) -> None:
     """Estimate a training run's memory per GPU before starting it; exit 1 if it does not fit."""
     from dpokit.plan import plan_memory, plan_report
@@ -364,6 +480,26 @@ def config_list() -> None:
         typer.echo(name)
 
 
+@config_app.command("keys")
+def config_keys(
+    prefix: Optional[str] = typer.Argument(None, help="Only keys that start with this, e.g. training or loss."),
+) -> None:
+    """List every config key: its type, default and what it does (ranges, null, flag, resume)."""
+    from rich.table import Table
+
+    from dpokit.config import describe_settings
+
+    table = Table(box=None, show_edge=False, pad_edge=False)
+    table.add_column("key", no_wrap=True)
+    table.add_column("type", max_width=22, overflow="fold")
+    table.add_column("default", max_width=16, overflow="fold")
+    table.add_column("what it does", ratio=1)
+    for key, kind, default, doc in describe_settings():
+        if prefix is None or key.startswith(prefix):
+            table.add_row(key, escape(kind), escape(default), escape(doc))
+    Console(width=max(120, Console().width)).print(table)
+
+
 @config_app.command("show")
 def config_show(
     name: str = typer.Argument(..., help="A shipped config name or a YAML path."),
@@ -381,12 +517,19 @@ def config_show(
 
 @import_app.command("torchtune")
 def import_torchtune(
-    config: Path = typer.Argument(..., help="A torchtune DPO recipe config (YAML), e.g. 8B_lora_dpo_single_device.yaml."),
-    out: Path = typer.Option(..., "--out", "-o", help="The dpokit config to write; pass it to `dpokit train --config`."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a config an earlier `dpokit import` wrote (nothing else)."),
+    config: Path = typer.Argument(
+        ..., help="A torchtune DPO recipe config (YAML), e.g. 8B_lora_dpo_single_device.yaml."
+    ),
+    out: Path = typer.Option(
+        ..., "--out", "-o", help="The dpokit config to write; pass it to `dpokit train --config`."
+    ),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Replace a config an earlier `dpokit import` wrote (nothing else)."
+    ),
 ) -> None:
     """Convert a torchtune DPO config into a dpokit config; print what to run and what has no equivalent."""
-    from dpokit.torchtune_config import import_torchtune as convert_file, summary
+    from dpokit.torchtune_config import import_torchtune as convert_file
+    from dpokit.torchtune_config import summary
 
     typer.echo(summary(convert_file(config, out, overwrite), out))
 
@@ -397,7 +540,9 @@ def import_torchtune(
 
 @eject_app.command("recipe")
 def eject_recipe(
-    dest: Optional[Path] = typer.Argument(None, help="Where to write it (a file or a folder; default ./dpo_recipe.py)."),
+    dest: Optional[Path] = typer.Argument(
+        None, help="Where to write it (a file or a folder; default ./dpo_recipe.py)."
+    ),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing file."),
 ) -> None:
     """Copy the training recipe out; run the copy with `dpokit train --recipe FILE`, python or torchrun."""
@@ -423,9 +568,15 @@ def eject_config(
 @app.command()
 def quickstart(
     out: Path = typer.Option(Path("quickstart"), "--out", "-o", help="Folder for prepared/, ref.h5 and run/."),
-    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Optimizer steps (default: the demo_lora config's)."),
+    max_steps: Optional[int] = typer.Option(
+        None, "--max-steps", help="Optimizer steps (default: the demo_lora config's)."
+    ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Run again in a folder that has a quickstart run."),
-    threads: int = typer.Option(1, "--threads", help="CPU threads for torch (1: the demo model is tiny, and more threads slow it down badly on a busy machine)."),
+    threads: int = typer.Option(
+        1,
+        "--threads",
+        help="CPU threads for torch (1: the demo model is tiny, and more threads slow it down badly on a busy machine).",
+    ),
 ) -> None:
     """Prepare, cache the reference and train (LoRA DPO) on the bundled tiny demo; show before/after."""
     from dpokit.quickstart import run_quickstart
@@ -455,25 +606,32 @@ EXIT_ERRORS, ABORT_ERRORS, USAGE_ERRORS = _typer_click_errors()
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    """Entry point: run the app; `DpokitError` becomes one red line (a traceback with --debug)."""
+    """Entry point: run the app; `DpokitError` becomes one red line (and its causes at the debug level)."""
     args = list(sys.argv[1:] if argv is None else argv)
-    debug = "--debug" in args
+    with log.level_restored():
+        return _run(args)
+
+
+def _run(args: list[str]) -> int:
     try:
+        _set_log_level(args)
         result = app(args=args, prog_name="dpokit", standalone_mode=False)
         # Typer hands back an interrupt (Ctrl-C) as exit code 130 instead of raising it.
         return result if isinstance(result, int) else 0
     except DpokitError as exc:
-        if debug:
-            raise
         code = getattr(exc, "exit_code", 1)  # 75: interrupted, with a checkpoint to resume from
         label = "[bold red]error:[/]" if code == 1 else "[bold yellow]stopped:[/]"
-        err_console.print(f"{label} {escape(str(exc))}", highlight=False, soft_wrap=True)  # "[plot]" is text, not markup
+        err_console.print(
+            f"{label} {escape(str(exc))}", highlight=False, soft_wrap=True
+        )  # "[plot]" is text, not markup
+        log.print_causes(exc)
         return code
     except OSError as exc:
         line = filesystem_error_line(exc)
-        if debug or line is None:
+        if line is None:
             raise
         err_console.print(f"[bold red]error:[/] {escape(line)}", highlight=False, soft_wrap=True)
+        log.print_causes(exc)
         return 1
     except EXIT_ERRORS as exc:
         return exc.exit_code
@@ -483,6 +641,24 @@ def main(argv: Optional[List[str]] = None) -> int:
     except USAGE_ERRORS as exc:
         exc.show()
         return exc.exit_code
+
+
+def _set_log_level(args: list[str]) -> None:
+    """``--debug`` or ``--log-level LEVEL`` before the command (the root options), read before the command
+    runs so that its own errors and the processes it starts use the level."""
+    log.check_environment()
+    index = 0
+    while index < len(args) and args[index].startswith("-"):
+        arg = args[index]
+        if arg == "--log-level" and index + 1 < len(args):
+            log.set_level(args[index + 1])
+            index += 1
+        elif arg.startswith("--log-level="):
+            log.set_level(arg.split("=", 1)[1])
+        elif arg == "--debug":
+            log.set_level("debug")
+        index += 1
+    log.configure()
 
 
 def entry() -> None:

@@ -202,14 +202,16 @@ def launch_workers(
     except ChildFailedError as exc:
         failed_rank, failure = exc.get_first_failure()
         if failure.exitcode == INTERRUPTED_EXIT_CODE:  # the workers checkpointed on a signal and said how to resume
-            raise TrainingInterrupted("the workers stopped on a signal after writing a checkpoint; their message above says how to resume") from None
-        raise DpokitError(_worker_failure_message(failed_rank, failure)) from None
+            raise TrainingInterrupted(
+                "the workers stopped on a signal after writing a checkpoint; their message above says how to resume"
+            ) from exc
+        raise DpokitError(_worker_failure_message(failed_rank, failure)) from exc
     except SignalException as exc:  # the launcher itself got SIGTERM/SIGINT; it forwarded it to the workers
         raise TrainingInterrupted(
             f"{signal_name(exc.sigval)} reached the launcher, which passed it to the workers. A run past its setup "
             "checkpoints and stops, and its message above says how to resume; one stopped while starting has "
             "nothing to resume: start it again"
-        ) from None
+        ) from exc
     if not callable(entrypoint):
         return []
     return [results[r] for r in sorted(results)]

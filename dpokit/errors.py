@@ -16,7 +16,7 @@ class DpokitError(Exception):
 
 FILESYSTEM_HINTS = {
     errno.ENOSPC: "the disk is full: free space (or choose another --out) and run the command again; "
-                  "an interrupted cache or run resumes",
+    "an interrupted cache or run resumes",
     errno.EDQUOT: "the disk quota is used up: free space (or choose another --out) and run the command again",
     errno.EROFS: "the file system is read-only: choose an --out on a writable one",
     errno.EFBIG: "the file is larger than this process may write (ulimit -f): raise the limit or choose another --out",

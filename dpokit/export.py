@@ -53,7 +53,9 @@ def export_run(
     def write(tmp: Path) -> None:
         if is_adapter and merge:
             export_merged(checkpoint, base_model, tmp)
-        elif not is_adapter and not (checkpoint / "config.json").is_file():  # an intermediate full checkpoint: shards only
+        elif (
+            not is_adapter and not (checkpoint / "config.json").is_file()
+        ):  # an intermediate full checkpoint: shards only
             consolidate_checkpoint(checkpoint, tmp)
         else:
             shutil.copytree(checkpoint, tmp, ignore=shutil.ignore_patterns(STATE_FILE, SHARDS, DIGESTS_FILE))

@@ -69,8 +69,13 @@ def attention_pattern(config) -> AttentionPattern:
     return AttentionPattern((int(window) if window else None,) * layers, per_layer_masks=False)
 
 
-def decoder_masks(structure: Tensor, position_ids: Optional[Tensor], config, attn_implementation: str,
-                  mask_dtype: torch.dtype = torch.float32):
+def decoder_masks(
+    structure: Tensor,
+    position_ids: Optional[Tensor],
+    config,
+    attn_implementation: str,
+    mask_dtype: torch.dtype = torch.float32,
+):
     """The mask(s) to pass the decoder for a layout's ``[R, 1, L, L]`` structural mask.
 
     `structure` says which keys each query may see (same sequence, causal, shared prompt or own
@@ -85,7 +90,11 @@ def decoder_masks(structure: Tensor, position_ids: Optional[Tensor], config, att
     for window in pattern.kinds:
         mask = structure
         if window is not None:
-            positions = position_ids if position_ids is not None else torch.arange(structure.shape[-1], device=structure.device)[None]
+            positions = (
+                position_ids
+                if position_ids is not None
+                else torch.arange(structure.shape[-1], device=structure.device)[None]
+            )
             distance = positions[:, :, None] - positions[:, None, :]  # [R, L(query), L(key)]
             mask = structure & (distance < window).unsqueeze(1)  # a token always sees itself: no empty rows
         masks[window] = mask if attn_implementation != "eager" else additive_mask(mask, mask_dtype)

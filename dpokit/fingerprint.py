@@ -80,7 +80,7 @@ def resolve_model_dir(model_path: str | os.PathLike) -> Path:
         if not _weight_files(directory):  # an older repo with pickled weights only
             directory = Path(snapshot_download(str(model_path), allow_patterns=["*.json", "*.bin"]))
     except Exception as exc:
-        raise DpokitError(f"model {model_path}: cannot find it locally or on the hub ({exc})") from None
+        raise DpokitError(f"model {model_path}: cannot find it locally or on the hub ({exc})") from exc
     return directory
 
 
@@ -99,7 +99,7 @@ def _canonical_config(path: Path) -> bytes:
     try:
         config = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
-        raise DpokitError(f"{path}: not valid JSON ({exc})") from None
+        raise DpokitError(f"{path}: not valid JSON ({exc})") from exc
     for key in CONFIG_KEYS_IGNORED:
         config.pop(key, None)
     return json.dumps(config, sort_keys=True).encode()

@@ -12,7 +12,7 @@
   threshold (``M_MMAP_THRESHOLD``) keeps large tensors in their own mappings, returned when freed.
 
 Both change where memory comes from, never a value. A setting the user made in the environment wins.
-Measured in bench/RESULTS.md ("Host memory settings"). Runs started otherwise (``python recipe.py``,
+Measured in bench/train_results.md ("Host memory settings"). Runs started otherwise (``python recipe.py``,
 ``torchrun``) get them by exporting the same variables: ``THP_MEM_ALLOC_ENABLE=1
 MALLOC_MMAP_THRESHOLD_=4194304``.
 """

@@ -9,6 +9,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Optional
 
+from dpokit import log
 from dpokit.config import parse_recipe_args, uses_bitsandbytes
 from dpokit.errors import DpokitError
 
@@ -39,6 +40,7 @@ def run_recipe(recipe: Optional[Path], argv: list[str], gpus: int = 1, own_proce
             imports dpokit): a run whose config needs no bitsandbytes then keeps it out of the process.
     """
     path = Path(recipe) if recipe else builtin_recipe_path()
+    log.debug(f"recipe {path} in {gpus} process{'es' if gpus > 1 else ''}: {' '.join(argv)}")
     if gpus > 1 and recipe is None:
         parse_recipe_args(argv, world_size=gpus)  # a bad config fails once, here, not once per worker
     if gpus > 1:

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
+from dpokit import log
 from dpokit.errors import DpokitError
 
 
@@ -43,7 +44,7 @@ class WriterLock:
     def __init__(self, path: Path, what: str, announce: Optional[Callable[[str], None]] = None):
         self.path = Path(path)
         self.what = what
-        self.announce = announce or (lambda message: print(message, file=sys.stderr))
+        self.announce = announce or log.note
         self.held = False
 
     def owner(self) -> dict:
@@ -84,7 +85,7 @@ class WriterLock:
             )
         host, pid = holder.get("host"), holder.get("pid")
         if host == socket.gethostname() and isinstance(pid, int) and not process_alive(pid):
-            self.announce(f"note: taking over {self.path}: its owner (pid {pid}) no longer runs")
+            self.announce(f"taking over {self.path}: its owner (pid {pid}) no longer runs")
             self.path.unlink(missing_ok=True)
             return
         if not holder:  # being written this very moment, or emptied: give the writer a moment

@@ -76,22 +76,6 @@ class Completions(NamedTuple):
     token_stats: Tensor  # [M, len(stats)] float32, the requested `TOKEN_STATS`
 
 
-# The projection's three products, looked up at each call (bench/onednn_step_bench.py swaps in other kernels).
-def project(hidden: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
-    """``hidden @ weight.T + bias``: the logits."""
-    return F.linear(hidden, weight, bias)
-
-
-def input_gradient(grad_logits: Tensor, weight: Tensor) -> Tensor:
-    """``grad_logits @ weight``: the gradient of the head's input."""
-    return grad_logits @ weight
-
-
-def weight_gradient(grad_logits: Tensor, hidden: Tensor) -> Tensor:
-    """``grad_logits.T @ hidden``: the gradient of the head's weight."""
-    return grad_logits.transpose(0, 1) @ hidden
-
-
 class FusedChunkLogps(torch.autograd.Function):
     """log p(target) and the mean logit for rows of `hidden` ``[n, H]`` under a linear head, whose backward
     computes the projection's gradient directly: ``d logp / d logits = onehot - softmax``. Equal to
@@ -104,8 +88,10 @@ class FusedChunkLogps(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, keep_softmax: bool = False):
-        logits = project(hidden, weight, bias).float()  # [n, V]
+    def forward(
+        ctx, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, keep_softmax: bool = False
+    ):
+        logits = F.linear(hidden, weight, bias).float()  # [n, V]
         normaliser = torch.logsumexp(logits, dim=-1)
         token_logps = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - normaliser
         mean_logits = logits.mean(dim=-1)
@@ -117,17 +103,19 @@ class FusedChunkLogps(torch.autograd.Function):
         return token_logps, mean_logits
 
     @staticmethod
-    def backward(ctx, grad_logps: Tensor, grad_mean_logits: Optional[Tensor]):  # the mean logit is a detached diagnostic
+    def backward(
+        ctx, grad_logps: Tensor, grad_mean_logits: Optional[Tensor]
+    ):  # the mean logit is a detached diagnostic
         hidden, weight, bias, targets, saved = ctx.saved_tensors
         if ctx.keep_softmax:  # -softmax * g, in the softmax's own memory: it is not read again
             grad_logits = saved.mul_(-grad_logps.unsqueeze(-1))
         else:
-            logits = project(hidden, weight, bias).float()
+            logits = F.linear(hidden, weight, bias).float()
             grad_logits = torch.exp(logits.sub_(saved.unsqueeze(-1))).mul_(-grad_logps.unsqueeze(-1))
         grad_logits.scatter_add_(-1, targets.unsqueeze(-1), grad_logps.unsqueeze(-1))  # + onehot * g
         grad_logits = grad_logits.to(hidden.dtype)
-        grad_hidden = input_gradient(grad_logits, weight) if ctx.needs_input_grad[0] else None
-        grad_weight = weight_gradient(grad_logits, hidden) if ctx.needs_input_grad[1] else None
+        grad_hidden = grad_logits @ weight if ctx.needs_input_grad[0] else None
+        grad_weight = grad_logits.transpose(0, 1) @ hidden if ctx.needs_input_grad[1] else None
         grad_bias = grad_logits.sum(0) if bias is not None and ctx.needs_input_grad[2] else None
         return grad_hidden, grad_weight, grad_bias, None, None
 
@@ -137,14 +125,21 @@ def fused_head(head: nn.Module, transform, token_stats: tuple[str, ...], hidden:
     not sharded), no logit transform or token statistics, no autocast."""
     weight = getattr(head, "weight", None)
     return (
-        type(head) is nn.Linear and transform is None and not token_stats and type(weight) is nn.Parameter
+        type(head) is nn.Linear
+        and transform is None
+        and not token_stats
+        and type(weight) is nn.Parameter
         and not hasattr(weight, "to_local")  # a DTensor under FSDP: the head's own forward gathers it
-        and not torch.is_autocast_enabled(hidden.device.type) and weight.dtype == hidden.dtype
+        and not torch.is_autocast_enabled(hidden.device.type)
+        and weight.dtype == hidden.dtype
     )
 
 
 def _chunk_token_logps(
-    head: nn.Module, transform: Optional[Callable[[Tensor], Tensor]], hidden: Tensor, targets: Tensor,
+    head: nn.Module,
+    transform: Optional[Callable[[Tensor], Tensor]],
+    hidden: Tensor,
+    targets: Tensor,
     stats: tuple[str, ...] = (),
 ) -> tuple[Tensor, Tensor, Tensor]:
     """log p(target), the mean logit and the requested `stats` for each row of `hidden` [n, H]; float32."""
@@ -165,8 +160,12 @@ def _chunk_token_logps(
 
 
 def completion_logps(
-    head: nn.Module, hidden: Tensor, batch: PairBatch, chunk_size: Optional[int] = DEFAULT_CHUNK_SIZE,
-    transform: Optional[Callable[[Tensor], Tensor]] = None, token_stats: tuple[str, ...] = (),
+    head: nn.Module,
+    hidden: Tensor,
+    batch: PairBatch,
+    chunk_size: Optional[int] = DEFAULT_CHUNK_SIZE,
+    transform: Optional[Callable[[Tensor], Tensor]] = None,
+    token_stats: tuple[str, ...] = (),
 ) -> Completions:
     """Per-output completion log-probs from final hidden states ``[R, L, H]`` and the batch's targets.
 
@@ -182,7 +181,9 @@ def completion_logps(
     rows, cols = batch.target_rows[order], batch.target_cols[order]
     targets, slots = batch.target_ids[order], batch.target_slots[order]
     selected = hidden[rows, cols]  # [M, H], M = completion tokens in the batch
-    use_checkpoint = torch.is_grad_enabled() and (selected.requires_grad or any(p.requires_grad for p in head.parameters()))
+    use_checkpoint = torch.is_grad_enabled() and (
+        selected.requires_grad or any(p.requires_grad for p in head.parameters())
+    )
     fused = use_checkpoint and fused_head(head, transform, token_stats, selected)
     step = chunk_positions(getattr(head, "out_features", 0) or head.weight.shape[0], hidden.device, chunk_size)
     token_logps, token_mean_logits, token_extras = [], [], []
@@ -190,12 +191,16 @@ def completion_logps(
         stop = start + step
         if fused:
             keep_softmax = selected.shape[0] <= step  # one chunk: its softmax fits the byte budget until backward
-            lp, ml = FusedChunkLogps.apply(selected[start:stop], head.weight, head.bias, targets[start:stop], keep_softmax)
+            lp, ml = FusedChunkLogps.apply(
+                selected[start:stop], head.weight, head.bias, targets[start:stop], keep_softmax
+            )
             token_logps.append(lp)
             token_mean_logits.append(ml.detach())
             continue
         args = (head, transform, selected[start:stop], targets[start:stop], tuple(token_stats))
-        lp, ml, extra = checkpoint(_chunk_token_logps, *args, use_reentrant=False) if use_checkpoint else _chunk_token_logps(*args)
+        lp, ml, extra = (
+            checkpoint(_chunk_token_logps, *args, use_reentrant=False) if use_checkpoint else _chunk_token_logps(*args)
+        )
         token_logps.append(lp)
         token_mean_logits.append(ml.detach())
         token_extras.append(extra)
@@ -203,7 +208,9 @@ def completion_logps(
     empty = torch.zeros(0, dtype=torch.float32, device=device)
     flat_logps = torch.cat(token_logps) if token_logps else empty
     flat_logits = torch.cat(token_mean_logits) if token_mean_logits else empty
-    flat_stats = torch.cat(token_extras) if token_extras else torch.zeros((flat_logps.shape[0], len(token_stats)), device=device)
+    flat_stats = (
+        torch.cat(token_extras) if token_extras else torch.zeros((flat_logps.shape[0], len(token_stats)), device=device)
+    )
     logps = torch.zeros(num_outputs, dtype=torch.float32, device=device).index_add(0, slots, flat_logps)
     counts = torch.zeros(num_outputs, dtype=torch.long, device=device).index_add(0, slots, torch.ones_like(slots))
     logit_sums = torch.zeros(num_outputs, dtype=torch.float32, device=device).index_add(0, slots, flat_logits)
@@ -226,7 +233,9 @@ def run_decoder(decoder: nn.Module, batch: PairBatch, dense: bool = False, **kwa
     common = dict(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False, **kwargs)
     if batch.segments is None:
         return decoder(attention_mask=batch.attention_mask, **common)
-    short = batch.input_ids.shape[1] <= attention.DENSE_MAX_WIDTH and attn_implementation_of(decoder) != "flex_attention"
+    short = (
+        batch.input_ids.shape[1] <= attention.DENSE_MAX_WIDTH and attn_implementation_of(decoder) != "flex_attention"
+    )
     if dense or short or not attention.install(decoder):
         return decoder(attention_mask=dense_attention_mask(batch, decoder), **common)
     layout = attention.layout_for(batch.segments, batch.input_ids, decoder.config)
@@ -237,28 +246,39 @@ def run_decoder(decoder: nn.Module, batch: PairBatch, dense: bool = False, **kwa
 def sequence_logps(
     model: nn.Module, batch: PairBatch, chunk_size: Optional[int] = DEFAULT_CHUNK_SIZE, router_aux_loss: bool = False
 ) -> tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
-    """``(logps [2B], token_counts [2B], mean_logits [2B], aux)`` of `model` on the batch (`decoder_completions`)."""
-    completions, aux = decoder_completions(model, batch, chunk_size, router_aux_loss)
+    """``(logps [2B], token_counts [2B], mean_logits [2B], aux)`` of `model` on the batch."""
+    hidden, aux = decoder_hidden_states(model, batch, router_aux_loss)
+    completions = head_logps(model, hidden, batch, chunk_size)
     return completions.logps, completions.counts, completions.mean_logits, aux
 
 
-def decoder_completions(
-    model: nn.Module, batch: PairBatch, chunk_size: Optional[int] = DEFAULT_CHUNK_SIZE, router_aux_loss: bool = False,
-    token_stats: tuple[str, ...] = (),
-) -> tuple[Completions, Optional[Tensor]]:
-    """Run `model`'s decoder on the batch's rows (any layout); its `Completions` and the MoE term.
-
-    The second value is the mixture-of-experts load-balancing loss over the batch's real tokens when
-    `router_aux_loss` is set and the model config asks for it (``output_router_logits``), else None.
-    """
+def decoder_hidden_states(
+    model: nn.Module, batch: PairBatch, router_aux_loss: bool = False
+) -> tuple[Tensor, Optional[Tensor]]:
+    """`model`'s decoder over the batch's rows, whatever the layout (the attention from ``batch.segments`` or
+    its masks): the last hidden states ``[R, L, H]``, and the mixture-of-experts load-balancing loss over the
+    batch's real tokens when `router_aux_loss` is set and the model config asks for it (``output_router_logits``),
+    else None."""
     decoder, _ = decoder_and_head(model)
-    head, transform = output_head(model)
     with_router = router_aux_loss and bool(getattr(decoder.config, "output_router_logits", False))
     kwargs = {"output_router_logits": True} if with_router else {}
     outputs = run_decoder(decoder, batch, **kwargs)
-    completions = completion_logps(head, outputs.last_hidden_state, batch, chunk_size, transform, token_stats)
     aux = moe_load_balancing_loss(model, outputs.router_logits, batch.token_mask) if with_router else None
-    return completions, aux
+    return outputs.last_hidden_state, aux
+
+
+def head_logps(
+    model: nn.Module,
+    hidden: Tensor,
+    batch: PairBatch,
+    chunk_size: Optional[int] = DEFAULT_CHUNK_SIZE,
+    token_stats: tuple[str, ...] = (),
+) -> Completions:
+    """`model`'s output head on the completion positions of `hidden` only, fused with the log-softmax: the
+    vocabulary projection in chunks (fp32 log-softmax, no ``[R, L, V]`` logits), the family's logit transform,
+    and per completion its summed log-prob, mean logit, token count and per-token values (`Completions`)."""
+    head, transform = output_head(model)
+    return completion_logps(head, hidden, batch, chunk_size, transform, token_stats)
 
 
 def moe_load_balancing_loss(model: nn.Module, router_logits, token_mask: Tensor) -> Optional[Tensor]:
@@ -269,20 +289,37 @@ def moe_load_balancing_loss(model: nn.Module, router_logits, token_mask: Tensor)
     if loss_fn is None or not router_logits:
         return None
     config = base.config
-    num_experts = getattr(config, "num_local_experts", None) or getattr(config, "num_experts")
+    num_experts = getattr(config, "num_local_experts", None) or config.num_experts
     loss = loss_fn(tuple(router_logits), num_experts, config.num_experts_per_tok, token_mask)
     return config.router_aux_loss_coef * loss
 
 
 def concatenated_forward(
-    model: nn.Module, batch: PairBatch, chunk_size: Optional[int] = DEFAULT_CHUNK_SIZE, router_aux_loss: bool = False,
+    model: nn.Module,
+    batch: PairBatch,
+    chunk_size: Optional[int] = DEFAULT_CHUNK_SIZE,
+    router_aux_loss: bool = False,
     token_stats: tuple[str, ...] = (),
 ) -> ChosenRejectedOutputs:
     """One forward over chosen and rejected together (one pass, whatever the layout), split per pair,
-    with per-token log-probs and the requested full-vocabulary `token_stats` (`TOKEN_STATS`)."""
-    done, aux = decoder_completions(model, batch, chunk_size, router_aux_loss, token_stats)
-    b = batch.num_pairs
-    chosen_tokens, chosen_mask, rejected_tokens, rejected_mask = split_token_values(done.token_logps, done.token_slots, b)
+    with per-token log-probs and the requested full-vocabulary `token_stats` (`TOKEN_STATS`). The recipe's
+    ``policy_logps`` makes the same three calls."""
+    hidden, aux = decoder_hidden_states(model, batch, router_aux_loss)  # [R, L, H]
+    completions = head_logps(model, hidden, batch, chunk_size, token_stats)
+    return chosen_rejected_outputs(completions, batch.num_pairs, token_stats, aux)
+
+
+def chosen_rejected_outputs(
+    done: Completions,
+    num_pairs: int,
+    token_stats: tuple[str, ...] = (),
+    router_aux_loss: Optional[Tensor] = None,
+) -> ChosenRejectedOutputs:
+    """`Completions` (chosen ones first, then rejected) split per pair: ``[B]`` sums, ``[B, T]`` per token."""
+    b = num_pairs
+    chosen_tokens, chosen_mask, rejected_tokens, rejected_mask = split_token_values(
+        done.token_logps, done.token_slots, b
+    )
     stats = {}
     for k, name in enumerate(token_stats):
         chosen_stat, _, rejected_stat, _ = split_token_values(done.token_stats[:, k], done.token_slots, b)
@@ -294,7 +331,7 @@ def concatenated_forward(
         rejected_logits=done.mean_logits[b:],
         chosen_tokens=done.counts[:b],
         rejected_tokens=done.counts[b:],
-        router_aux_loss=aux,
+        router_aux_loss=router_aux_loss,
         chosen_token_logps=chosen_tokens,
         rejected_token_logps=rejected_tokens,
         chosen_token_mask=chosen_mask,
@@ -303,7 +340,9 @@ def concatenated_forward(
     )
 
 
-def naive_sequence_logps(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, completion_mask: Tensor) -> Tensor:
+def naive_sequence_logps(
+    model: nn.Module, input_ids: Tensor, attention_mask: Tensor, completion_mask: Tensor
+) -> Tensor:
     """The plain computation (full ``[N, T, V]`` float32 logits), kept to check and benchmark against."""
     logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits.float()
     token_logps = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
@@ -315,8 +354,14 @@ def naive_sequence_logps(model: nn.Module, input_ids: Tensor, attention_mask: Te
 
 
 @torch.no_grad()
-def generate_reply(model: nn.Module, prompt_ids: list[int], max_new_tokens: int, temperature: float,
-                   stop_ids: set[int], device: torch.device) -> list[int]:
+def generate_reply(
+    model: nn.Module,
+    prompt_ids: list[int],
+    max_new_tokens: int,
+    temperature: float,
+    stop_ids: set[int],
+    device: torch.device,
+) -> list[int]:
     """The reply's token ids: greedy, or sampled at `temperature` from the global RNG, up to a token of `stop_ids`
     (kept, as `generate` keeps it). Without a KV cache: a sample is a few dozen tokens, and every process of
     an FSDP run takes the same steps, so their collective forwards stay in step."""

@@ -39,7 +39,12 @@ class PairMetrics:
         self.term_sums: dict[str, torch.Tensor] = {}  # a weighted combination's terms, by name
 
     def add(
-        self, losses, chosen_rewards, rejected_rewards, policy: ChosenRejectedOutputs, num_tokens: int,
+        self,
+        losses,
+        chosen_rewards,
+        rejected_rewards,
+        policy: ChosenRejectedOutputs,
+        num_tokens: int,
         terms: Optional[dict[str, torch.Tensor]] = None,
     ) -> None:
         values = [
@@ -56,7 +61,9 @@ class PairMetrics:
         sums = torch.stack([v.detach().double().sum() for v in values])
         aux = policy.router_aux_loss
         extra = torch.tensor(
-            [0.0, float(aux is not None), float(losses.numel()), float(num_tokens)], dtype=torch.float64, device=sums.device
+            [0.0, float(aux is not None), float(losses.numel()), float(num_tokens)],
+            dtype=torch.float64,
+            device=sums.device,
         )
         if aux is not None:  # kept on the device: no host sync in the step
             extra[0] = aux.detach().double() * losses.numel()
@@ -113,8 +120,10 @@ class MetricsLogger:
                 call(tracker)
             except Exception as exc:  # any tracker error: network, auth, disk, a changed API
                 self.trackers.remove(tracker)
-                self.announce(f"{tracker.name} failed ({type(exc).__name__}: {exc}); the run goes on without it, "
-                              "metrics.jsonl has every value")
+                self.announce(
+                    f"{tracker.name} failed ({type(exc).__name__}: {exc}); the run goes on without it, "
+                    "metrics.jsonl has every value"
+                )
 
     def log(self, step: int, split: str, metrics: dict[str, float]) -> None:
         if not self.enabled:
@@ -184,7 +193,7 @@ def read_records(path: Path) -> list[dict[str, Any]]:
             raise DpokitError(
                 f"{path} line {number}: not valid JSON ({exc.msg} at column {exc.colno}); "
                 "delete that line (or restore the file) and run again"
-            ) from None
+            ) from exc
         if not isinstance(record, dict) or not isinstance(record.get("step"), int):
             raise DpokitError(
                 f"{path} line {number}: not a metrics record (a JSON object with a step); "
@@ -223,6 +232,15 @@ def training_progress(console: Optional[Console] = None, enabled: bool = True) -
     )
 
 
+def column_table(title: str, caption: str, columns: Iterable[str]) -> Table:
+    """A table of one labelled row per figure and one right-aligned column per split (prepare's, the audit's)."""
+    table = Table(title=title, caption=caption)
+    table.add_column("")
+    for column in columns:
+        table.add_column(column, justify="right")
+    return table
+
+
 def summary_table(title: str, rows: Iterable[tuple[str, str]]) -> Table:
     table = Table(title=title, show_header=False)
     table.add_column("metric", style="bold")
@@ -248,8 +266,8 @@ def pyplot(purpose: str = "drawing curves"):
     what it was for, `purpose`) when matplotlib is missing."""
     try:
         import matplotlib
-    except ImportError:
-        raise DpokitError(f"{purpose} needs matplotlib, a dpokit dependency missing here: {PLOT_INSTALL}") from None
+    except ImportError as exc:
+        raise DpokitError(f"{purpose} needs matplotlib, a dpokit dependency missing here: {PLOT_INSTALL}") from exc
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import warnings
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 from torch import nn
@@ -21,8 +21,14 @@ from torch import nn
 from dpokit.config import ADAPTER_METHODS, QUANTIZED_METHODS
 from dpokit.errors import DpokitError
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
 
 
 def default_device() -> torch.device:
@@ -77,13 +83,13 @@ def load_causal_lm(
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except OSError as exc:
-        raise DpokitError(f"cannot load model {path!r}: {exc}") from None
+        raise DpokitError(f"cannot load model {path!r}: {exc}") from exc
     except ValueError as exc:
         if "attn_implementation" in str(exc) or "attention" in str(exc).lower():
             raise DpokitError(
                 f"model {path}: attn_implementation={attn_implementation} is not supported for this family ({exc}); "
                 "use auto"
-            ) from None
+            ) from exc
         raise
     if quantization_config is None:
         model.to(device)
@@ -134,7 +140,7 @@ def disable_dropout(model: nn.Module) -> int:
                 changed += value > 0
                 setattr(module, name, 0.0)
     config = getattr(model, "config", None)
-    for name, value in (vars(config).items() if config is not None else ()):
+    for name, value in vars(config).items() if config is not None else ():
         if ("dropout" in name or "pdrop" in name) and isinstance(value, float):
             setattr(config, name, 0.0)
     return int(changed)
@@ -163,7 +169,9 @@ def quantization_config(compute_dtype: torch.dtype):
         import bitsandbytes  # noqa: F401
         from transformers import BitsAndBytesConfig
     except ImportError as exc:
-        raise DpokitError(f"model.method=qlora needs bitsandbytes ({exc}); `pip install bitsandbytes` or use method=lora") from None
+        raise DpokitError(
+            f"model.method=qlora needs bitsandbytes ({exc}); `pip install bitsandbytes` or use method=lora"
+        ) from exc
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
@@ -204,7 +212,9 @@ def load_policy(model_cfg, lora_cfg, device: torch.device, adapter: Optional[str
     return trainable_policy(model, model_cfg, lora_cfg, adapter, quantized=quant is not None)
 
 
-def trainable_policy(model: nn.Module, model_cfg, lora_cfg, adapter: Optional[str] = None, quantized: bool = False) -> nn.Module:
+def trainable_policy(
+    model: nn.Module, model_cfg, lora_cfg, adapter: Optional[str] = None, quantized: bool = False
+) -> nn.Module:
     """`model` made the policy ``model.method`` trains: dropout off, LoRA/DoRA adapters (or all weights
     trainable), activation checkpointing."""
     method = model_cfg.method
@@ -229,7 +239,7 @@ def trainable_policy(model: nn.Module, model_cfg, lora_cfg, adapter: Optional[st
                 else:
                     model = get_peft_model(model, lora_config(lora_cfg, use_dora=use_dora))
         except ValueError as exc:
-            raise DpokitError(f"lora.target_modules={lora_cfg.target_modules}: {exc}") from None
+            raise DpokitError(f"lora.target_modules={lora_cfg.target_modules}: {exc}") from exc
     if model_cfg.activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if method != "full":
@@ -248,7 +258,9 @@ LEAN_METHODS = ("full", "lora")
 def lean_loading_blocker(model_cfg, adapter: Optional[str], compile: bool) -> Optional[str]:
     """Why this policy cannot be built on the meta device and filled shard by shard (None: it can)."""
     if model_cfg.method not in LEAN_METHODS:
-        return f"model.method={model_cfg.method} (its weights need the whole base model: 4-bit packing, DoRA magnitudes)"
+        return (
+            f"model.method={model_cfg.method} (its weights need the whole base model: 4-bit packing, DoRA magnitudes)"
+        )
     if adapter:
         return "reference.adapter (the adapter is merged into, or continued from, the whole model)"
     if compile:
@@ -287,14 +299,24 @@ def load_policy_sharded(model_cfg, lora_cfg, device: torch.device, shard) -> nn.
     attn = None if model_cfg.attn_implementation == "auto" else model_cfg.attn_implementation
     with init_empty_weights(include_buffers=False):
         base = AutoModelForCausalLM.from_config(config, dtype=params_dtype, attn_implementation=attn)
-    readers = {key: reader for reader in map(SafetensorsRows, safetensors_files(model_cfg.path)) for key in reader.header
-               if key != "__metadata__"}  # checkpoint key -> the file holding it (each header read once)
+    readers = {
+        key: reader
+        for reader in map(SafetensorsRows, safetensors_files(model_cfg.path))
+        for key in reader.header
+        if key != "__metadata__"
+    }  # checkpoint key -> the file holding it (each header read once)
     base_names = {name for name, _ in base.named_parameters()}
     # Weights that take no memory (one value, strided 0) but look real to peft, so it creates its adapters on CPU.
     replace_parameters(base, lambda p: torch.zeros((), dtype=p.dtype).expand(p.shape))
-    model = trainable_policy(base, model_cfg, lora_cfg)  # adapters drawn from the RNG exactly as `load_policy` draws them
-    initial = {name: p.detach().clone() for name, p in model.named_parameters() if checkpoint_key(name) not in base_names}
-    missing = [checkpoint_key(n) for n, _ in model.named_parameters() if n not in initial and checkpoint_key(n) not in readers]
+    model = trainable_policy(
+        base, model_cfg, lora_cfg
+    )  # adapters drawn from the RNG exactly as `load_policy` draws them
+    initial = {
+        name: p.detach().clone() for name, p in model.named_parameters() if checkpoint_key(name) not in base_names
+    }
+    missing = [
+        checkpoint_key(n) for n, _ in model.named_parameters() if n not in initial and checkpoint_key(n) not in readers
+    ]
     if missing:
         raise DpokitError(f"{model_cfg.path}: the safetensors files lack {missing[:3]}; set model.lean_loading=false")
     replace_parameters(model, lambda p: torch.empty_like(p, device="meta"))
@@ -320,7 +342,12 @@ def checkpoint_key(name: str) -> str:
     return name.removeprefix("base_model.model.").replace(".base_layer.", ".")
 
 
-def fill_shards(model: nn.Module, readers: dict[str, "SafetensorsRows"], initial: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor]) -> None:
+def fill_shards(
+    model: nn.Module,
+    readers: dict[str, "SafetensorsRows"],
+    initial: dict[str, torch.Tensor],
+    buffers: dict[str, torch.Tensor],
+) -> None:
     """Copy into each parameter's local shard its rows of the full tensor (from `initial`, else read from the
     file that holds its checkpoint key: only those rows), and put the buffers back."""
     from torch.distributed.tensor import DTensor
@@ -347,7 +374,9 @@ def shard_rows(param: torch.Tensor) -> tuple[int, int]:
         return 0, rows
     (placement,) = param.placements
     if not isinstance(placement, Shard) or placement.dim != 0:
-        raise DpokitError(f"lean loading expects FSDP2's dim-0 shards, got {param.placements}; set model.lean_loading=false")
+        raise DpokitError(
+            f"lean loading expects FSDP2's dim-0 shards, got {param.placements}; set model.lean_loading=false"
+        )
     chunk = -(-rows // param.device_mesh.size())
     start = min(rows, chunk * param.device_mesh.get_local_rank())
     stop = min(rows, start + chunk)
@@ -360,8 +389,16 @@ class SafetensorsRows:
     """Rows of the tensors of one safetensors file, read with plain file reads: only the bytes asked for
     are read, and nothing is memory-mapped (mapped pages would count in every rank's resident set)."""
 
-    DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64,
-              "I64": torch.int64, "I32": torch.int32, "U8": torch.uint8, "BOOL": torch.bool}
+    DTYPES = {
+        "F32": torch.float32,
+        "BF16": torch.bfloat16,
+        "F16": torch.float16,
+        "F64": torch.float64,
+        "I64": torch.int64,
+        "I32": torch.int32,
+        "U8": torch.uint8,
+        "BOOL": torch.bool,
+    }
 
     def __init__(self, path: Path):
         import json

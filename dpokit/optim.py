@@ -26,7 +26,7 @@ def optimizer_over(params: list[nn.Parameter], cfg) -> torch.optim.Optimizer:
         try:
             import bitsandbytes as bnb
         except ImportError as exc:
-            raise DpokitError(f"optimizer.name=adamw8bit needs bitsandbytes ({exc}); use optimizer.name=adamw") from None
+            raise DpokitError(f"optimizer.name=adamw8bit needs bitsandbytes ({exc}); use optimizer.name=adamw") from exc
         return bnb.optim.AdamW8bit(params, **kwargs)
     return torch.optim.AdamW(params, fused=fused_adamw(params) or None, **kwargs)
 
@@ -74,7 +74,9 @@ class OptimizerInBackward:
         if not named:
             raise DpokitError("the model has no trainable parameters; check model.method and lora.target_modules")
         self.optimizers = {name: optimizer_over([p], cfg) for name, p in named}
-        self.schedules = Schedules({name: build_scheduler(self.optimizers[name], total_steps, scheduler_cfg) for name, _ in named})
+        self.schedules = Schedules(
+            {name: build_scheduler(self.optimizers[name], total_steps, scheduler_cfg) for name, _ in named}
+        )
         self.names = {p: name for name, p in named}
         self.hooks = [p.register_post_accumulate_grad_hook(self.update) for _, p in named]
 

@@ -34,8 +34,15 @@ NF4_ABSMAX_BLOCK = 256  # absmax values per fp32 second-level constant (double q
 ADAMW8BIT_MIN_SIZE = 4096  # bitsandbytes keeps 32-bit state for smaller tensors
 ADAMW8BIT_BLOCK = 256  # values per fp32 absmax of an 8-bit state
 ROLES = {  # which tensor a projection reads, for Llama-style names: projections of one role share their input
-    "q_proj": "attn_in", "k_proj": "attn_in", "v_proj": "attn_in", "qkv_proj": "attn_in",
-    "o_proj": "attn_out", "gate_proj": "mlp_in", "up_proj": "mlp_in", "gate_up_proj": "mlp_in", "down_proj": "mlp_out",
+    "q_proj": "attn_in",
+    "k_proj": "attn_in",
+    "v_proj": "attn_in",
+    "qkv_proj": "attn_in",
+    "o_proj": "attn_out",
+    "gate_proj": "mlp_in",
+    "up_proj": "mlp_in",
+    "gate_up_proj": "mlp_in",
+    "down_proj": "mlp_out",
 }
 
 # Hub names whose config.json ships with dpokit (recipes/configs/models/): the shipped configs' models.
@@ -48,8 +55,22 @@ SHIPPED_MODEL_CONFIGS = {
 }
 
 GB = 10**9
-SIZE_UNITS = {"": GB, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": GB, "gb": GB, "t": 10**12,
-              "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+SIZE_UNITS = {
+    "": GB,
+    "b": 1,
+    "k": 10**3,
+    "kb": 10**3,
+    "m": 10**6,
+    "mb": 10**6,
+    "g": GB,
+    "gb": GB,
+    "t": 10**12,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
 
 
 def parse_memory_size(text: str, option: str = "--gpu-memory") -> int:
@@ -57,7 +78,9 @@ def parse_memory_size(text: str, option: str = "--gpu-memory") -> int:
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(text))
     unit = match[2].lower() if match else ""
     if not match or unit not in SIZE_UNITS or float(match[1]) <= 0:
-        raise DpokitError(f"{option} {text!r} is not a memory size; give a positive number and a unit, e.g. 80GB, 24GiB or 40960MiB")
+        raise DpokitError(
+            f"{option} {text!r} is not a memory size; give a positive number and a unit, e.g. 80GB, 24GiB or 40960MiB"
+        )
     return int(float(match[1]) * SIZE_UNITS[unit])
 
 
@@ -69,13 +92,17 @@ def model_config_file(model_path: str) -> Path:
     """The config.json to plan for: a local directory or file, a shipped config for a known hub name, or the
     local Hugging Face cache's copy. Nothing is downloaded."""
     if not model_path:
-        raise DpokitError("no model to plan for: set model.path in the config or pass --model DIR (a model folder or its config.json)")
+        raise DpokitError(
+            "no model to plan for: set model.path in the config or pass --model DIR (a model folder or its config.json)"
+        )
     local = Path(model_path).expanduser()
     if local.is_file():
         return local
     if local.is_dir():
         if not (local / "config.json").is_file():
-            raise DpokitError(f"--model {model_path}: the folder has no config.json; give a transformers model folder or a config.json path")
+            raise DpokitError(
+                f"--model {model_path}: the folder has no config.json; give a transformers model folder or a config.json path"
+            )
         return local / "config.json"
     shipped = SHIPPED_MODEL_CONFIGS.get(model_path.lower())
     if shipped:
@@ -110,13 +137,15 @@ def load_model_config(path: Path):
     try:
         data = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
-        raise DpokitError(f"{path}: not a readable config.json ({exc})") from None
+        raise DpokitError(f"{path}: not a readable config.json ({exc})") from exc
     if not isinstance(data, dict) or "model_type" not in data:
         raise DpokitError(f"{path}: no model_type; give a transformers model's config.json")
     try:
         return AutoConfig.for_model(data.pop("model_type"), **data)
     except (ValueError, KeyError) as exc:
-        raise DpokitError(f"{path}: transformers cannot read this config ({exc}); upgrade transformers or pass another --model") from None
+        raise DpokitError(
+            f"{path}: transformers cannot read this config ({exc}); upgrade transformers or pass another --model"
+        ) from exc
 
 
 @dataclass(frozen=True)
@@ -183,7 +212,9 @@ def model_census(config_path: Path, method: str, lora_cfg) -> ModelCensus:
 
 
 @functools.lru_cache(maxsize=8)
-def _census(config_path: str, mtime_ns: int, family: str, adapters: Optional[tuple[int, tuple[str, ...]]]) -> ModelCensus:
+def _census(
+    config_path: str, mtime_ns: int, family: str, adapters: Optional[tuple[int, tuple[str, ...]]]
+) -> ModelCensus:
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -196,7 +227,7 @@ def _census(config_path: str, mtime_ns: int, family: str, adapters: Optional[tup
         try:
             model = AutoModelForCausalLM.from_config(hf_config)
         except (ValueError, KeyError) as exc:
-            raise DpokitError(f"{config_path}: not a causal language model transformers can build ({exc})") from None
+            raise DpokitError(f"{config_path}: not a causal language model transformers can build ({exc})") from exc
         if adapters is not None:
             rank, targets = adapters
             model = _with_adapters(model, LoraConfig(rank=rank, target_modules=list(targets)), family == "dora")
@@ -205,7 +236,9 @@ def _census(config_path: str, mtime_ns: int, family: str, adapters: Optional[tup
     decoder, head = decoder_and_head(model)
     layer_of = {id(p): i for i, layer in enumerate(decoder.layers) for p in layer.parameters()}
     head_ids = {id(p) for p in head.parameters()}
-    unit_of = {i: "head" for i in head_ids} | {id(p): "decoder" for p in decoder.parameters()}  # tied: the embeddings' unit
+    unit_of = {i: "head" for i in head_ids} | {
+        id(p): "decoder" for p in decoder.parameters()
+    }  # tied: the embeddings' unit
     tensors = []
     seen = set()
     for module_name, module in model.named_modules():
@@ -215,12 +248,19 @@ def _census(config_path: str, mtime_ns: int, family: str, adapters: Optional[tup
                 continue
             seen.add(id(param))
             layer = layer_of.get(id(param), -1)
-            tensors.append(Tensor(
-                name=f"{module_name}.{name}", numel=param.numel(), dim0=param.shape[0] if param.dim() else 1,
-                unit="layer" if layer >= 0 else unit_of.get(id(param), "root"), layer=layer, trainable=param.requires_grad,
-                adapter="lora_" in module_name, linear_weight=base_linear and name == "weight" and layer >= 0,
-                linear=base_linear or id(param) in head_ids,
-            ))
+            tensors.append(
+                Tensor(
+                    name=f"{module_name}.{name}",
+                    numel=param.numel(),
+                    dim0=param.shape[0] if param.dim() else 1,
+                    unit="layer" if layer >= 0 else unit_of.get(id(param), "root"),
+                    layer=layer,
+                    trainable=param.requires_grad,
+                    adapter="lora_" in module_name,
+                    linear_weight=base_linear and name == "weight" and layer >= 0,
+                    linear=base_linear or id(param) in head_ids,
+                )
+            )
     adapted = []
     for module_name, module in decoder.layers[0].named_modules():
         if hasattr(module, "lora_A") and "default" in getattr(module, "lora_A", {}):
@@ -230,11 +270,18 @@ def _census(config_path: str, mtime_ns: int, family: str, adapters: Optional[tup
     text = hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
     heads = text.num_attention_heads
     return ModelCensus(
-        name=str(config_path), method_family=family, tensors=tuple(tensors), adapted=tuple(adapted),
-        hidden=text.hidden_size, intermediate=getattr(text, "intermediate_size", 4 * text.hidden_size), heads=heads,
+        name=str(config_path),
+        method_family=family,
+        tensors=tuple(tensors),
+        adapted=tuple(adapted),
+        hidden=text.hidden_size,
+        intermediate=getattr(text, "intermediate_size", 4 * text.hidden_size),
+        heads=heads,
         kv_heads=getattr(text, "num_key_value_heads", None) or heads,
-        head_dim=getattr(text, "head_dim", None) or text.hidden_size // heads, vocab=text.vocab_size,
-        layers=len(decoder.layers), tied=bool(getattr(hf_config, "tie_word_embeddings", False)),
+        head_dim=getattr(text, "head_dim", None) or text.hidden_size // heads,
+        vocab=text.vocab_size,
+        layers=len(decoder.layers),
+        tied=bool(getattr(hf_config, "tie_word_embeddings", False)),
         model_type=hf_config.model_type,
     )
 
@@ -248,7 +295,7 @@ def _with_adapters(model, lora_cfg, use_dora: bool):
     try:
         return get_peft_model(model, lora_config(lora_cfg, use_dora=use_dora))
     except ValueError as exc:
-        raise DpokitError(f"lora.target_modules={lora_cfg.target_modules}: {exc}") from None
+        raise DpokitError(f"lora.target_modules={lora_cfg.target_modules}: {exc}") from exc
 
 
 # ---------------------------------------------------------------------------------------------
@@ -265,7 +312,9 @@ class Workload:
     row_width: int  # longest row (a mask is rows x width x width)
     source: str  # how the lengths were chosen
     layout_attention: bool  # packed / prefix-shared rows wider than `attention.DENSE_MAX_WIDTH`: no mask at all
-    rejected_branch: int = 0  # prefix sharing: the longest pair's prompt + rejected (its k and v are copied for attention)
+    rejected_branch: int = (
+        0  # prefix sharing: the longest pair's prompt + rejected (its k and v are copied for attention)
+    )
 
     @property
     def tokens(self) -> int:
@@ -298,12 +347,16 @@ def workload(cfg: TrainConfig, data: Optional[str] = None, seq_len: Optional[int
         longest = seq_len or DEFAULT_SEQ_LEN
         shared = completions = 2 * longest
         branch = longest
-        source = f"--seq-len {longest} tokens per sequence (no --data: prompt length unknown, prefix sharing not counted)"
+        source = (
+            f"--seq-len {longest} tokens per sequence (no --data: prompt length unknown, prefix sharing not counted)"
+        )
     from dpokit.attention import DENSE_MAX_WIDTH
 
     width = max(pack if cfg.data.packing else 0, shared if cfg.data.prefix_sharing else longest)
     # The kernel that will run: packed rows wider than DENSE_MAX_WIDTH take the layout attention (no mask).
-    layout = (cfg.data.packing or cfg.data.prefix_sharing) and (width > DENSE_MAX_WIDTH or cfg.model.attn_implementation == "flex_attention")
+    layout = (cfg.data.packing or cfg.data.prefix_sharing) and (
+        width > DENSE_MAX_WIDTH or cfg.model.attn_implementation == "flex_attention"
+    )
     if cfg.data.prefix_sharing:
         return Workload(pairs, shared, completions, width, source, layout, branch)
     return Workload(pairs, 2 * longest, completions, width, source, layout)
@@ -408,13 +461,21 @@ def _dtypes(cfg: TrainConfig, device_type: str, world_size: int) -> Dtypes:
     stored, compute = params_dtype.itemsize, compute_dtype.itemsize
     fsdp_cast = world_size > 1 and cfg.distributed.mixed_precision and compute < 4
     if world_size > 1 and stored != compute and not fsdp_cast:
-        raise DpokitError("model.precision=mixed under FSDP needs distributed.mixed_precision=true (or model.precision=pure)")
+        raise DpokitError(
+            "model.precision=mixed under FSDP needs distributed.mixed_precision=true (or model.precision=pure)"
+        )
     autocast = world_size == 1 and stored != compute
     quantized = cfg.model.method in QUANTIZED_METHODS
     residual = 4 if (autocast or quantized) else compute  # peft's prepare_model_for_kbit_training makes the rest fp32
     return Dtypes(
-        stored=stored, compute=compute, activation=4 if quantized else compute, residual=residual, adapter=4,
-        adapter_compute=compute if fsdp_cast else 4, gathered=compute if fsdp_cast else stored, autocast=autocast,
+        stored=stored,
+        compute=compute,
+        activation=4 if quantized else compute,
+        residual=residual,
+        adapter=4,
+        adapter_compute=compute if fsdp_cast else 4,
+        gathered=compute if fsdp_cast else stored,
+        autocast=autocast,
     )
 
 
@@ -441,7 +502,9 @@ def adamw_state_bytes(numel: int, state_bytes: int, eight_bit: bool) -> int:
     return 2 * state_bytes * numel + 4
 
 
-def layer_activation_bytes(census: ModelCensus, dt: Dtypes, full: bool, row_width: int, layout_attention: bool = False) -> int:
+def layer_activation_bytes(
+    census: ModelCensus, dt: Dtypes, full: bool, row_width: int, layout_attention: bool = False
+) -> int:
     """Bytes one decoder layer saves for backward per token (a Llama-style layer: RMSNorm, SDPA attention,
     gated MLP), as measured with saved-tensor hooks (tests/test_plan.py), by the attention kernel that runs:
 
@@ -496,8 +559,13 @@ def backward_scratch_bytes(census: ModelCensus, dt: Dtypes) -> int:
 
 
 def estimate(
-    census: ModelCensus, cfg: TrainConfig, load: Workload, world_size: int = 1, device_type: str = "cuda",
-    gpu_memory: int = 80 * GB, config_name: str = "",
+    census: ModelCensus,
+    cfg: TrainConfig,
+    load: Workload,
+    world_size: int = 1,
+    device_type: str = "cuda",
+    gpu_memory: int = 80 * GB,
+    config_name: str = "",
 ) -> MemoryPlan:
     """Bytes per device of training `cfg` on `census`'s model with `world_size` processes (FSDP2 when > 1)."""
     import torch
@@ -539,9 +607,11 @@ def estimate(
     if full:
         how = f"{census.params:,} params x {dt.stored} B ({'fp32 master weights' if dt.stored == 4 else '16-bit'}) {where}"
     elif quantized:
-        how = (f"4-bit NF4 base (~{nf4_bytes(2**20) / 2**20:.3f} B/param: {NF4_BLOCK}-weight blocks, 8-bit absmax, "
-               f"double quantisation); embeddings, head and norms fp32 (peft's k-bit preparation); "
-               f"{census.trainable:,} adapter params x 4 B")
+        how = (
+            f"4-bit NF4 base (~{nf4_bytes(2**20) / 2**20:.3f} B/param: {NF4_BLOCK}-weight blocks, 8-bit absmax, "
+            f"double quantisation); embeddings, head and norms fp32 (peft's k-bit preparation); "
+            f"{census.trainable:,} adapter params x 4 B"
+        )
     else:
         how = f"{census.params:,} frozen params x {dt.stored} B + {census.trainable:,} adapter params x 4 B {where}"
     rows.append(Row("weights (stored)", 0 if offload else weights, "held", how, weights if offload else 0))
@@ -552,8 +622,10 @@ def estimate(
     working, how = 0, "none: one process computes with the stored weights"
     if fsdp and cfg.distributed.reshard_after_forward:
         working = dt.gathered * (units.get("decoder", 0) + units.get("head", 0) + 2 * largest_layer)
-        how = (f"all-gathered {8 * dt.gathered}-bit units: embeddings+norm and head (held through forward and "
-               "backward) + 2 decoder layers (current + prefetched)")
+        how = (
+            f"all-gathered {8 * dt.gathered}-bit units: embeddings+norm and head (held through forward and "
+            "backward) + 2 decoder layers (current + prefetched)"
+        )
     elif fsdp:
         working = dt.gathered * sum(units.values())
         how = f"all-gathered {8 * dt.gathered}-bit copies of every unit (reshard_after_forward=false keeps them until backward)"
@@ -564,7 +636,9 @@ def estimate(
         working += 2 * max((t.numel for t in census.tensors if t.linear_weight), default=0)
         how = "the largest 4-bit weight dequantised to 16 bits for its matmul"
     if census.method_family == "dora" and census.adapted:
-        working += max(dt.adapter_compute * (m.in_features**2 + 3 * m.in_features * m.out_features) for m in census.adapted)
+        working += max(
+            dt.adapter_compute * (m.in_features**2 + 3 * m.in_features * m.out_features) for m in census.adapted
+        )
         how += "; DoRA's weight norm: the largest adapted weight 3 times and an identity of its input size, in the adapter dtype"
     rows.append(Row("weights (working copies)", working, "held", how))
 
@@ -572,9 +646,14 @@ def estimate(
     state_bytes = dt.stored if full else dt.adapter
     trainable = [t for t in census.tensors if t.trainable]
     optimizer = sum(adamw_state_bytes(_shard(t.numel, t.dim0, n), state_bytes, eight_bit) for t in trainable)
-    how = ("AdamW8bit (bitsandbytes): 2 x 1 B + an fp32 absmax per 256 values, per trainable param" if eight_bit
-           else f"AdamW: 2 moments x {state_bytes} B per trainable param")
-    rows.append(Row("optimizer state", 0 if offload else optimizer, "held", f"{how} {where}", optimizer if offload else 0))
+    how = (
+        "AdamW8bit (bitsandbytes): 2 x 1 B + an fp32 absmax per 256 values, per trainable param"
+        if eight_bit
+        else f"AdamW: 2 moments x {state_bytes} B per trainable param"
+    )
+    rows.append(
+        Row("optimizer state", 0 if offload else optimizer, "held", f"{how} {where}", optimizer if offload else 0)
+    )
 
     # Gradients: one per trainable parameter in its stored dtype, sharded like it. Without accumulation they
     # appear during backward as the activations go; with it, they are there through the next forward.
@@ -584,35 +663,53 @@ def estimate(
     how = f"{census.trainable:,} trainable x {grad_bytes} B {where}"
     if accumulated:
         how += f"; kept between the {accumulation} micro-batches of a step"
-    rows.append(Row("gradients", 0 if offload else grads, "held" if accumulated else "end", how, grads if offload else 0))
+    rows.append(
+        Row("gradients", 0 if offload else grads, "held" if accumulated else "end", how, grads if offload else 0)
+    )
     head_units = unit_sizes(trainable_only=True)
     head_grad = head_units.get("head", 0)  # the first gradient backward makes (a trainable head)
     if fsdp:
         reduce_extra = 4 if dt.gathered < 4 else 0  # reduce_dtype=fp32 under the mixed-precision policy
         largest_unit = max(head_units.values(), default=0)
-        rows.append(Row(
-            "gradient reduce-scatter (FSDP)", largest_unit * (dt.gathered + reduce_extra), "end",
-            f"the largest trainable unit's unsharded gradient ({8 * dt.gathered}-bit)"
-            + (" and its fp32 copy for the reduce-scatter" if reduce_extra else ""),
-        ))
+        rows.append(
+            Row(
+                "gradient reduce-scatter (FSDP)",
+                largest_unit * (dt.gathered + reduce_extra),
+                "end",
+                f"the largest trainable unit's unsharded gradient ({8 * dt.gathered}-bit)"
+                + (" and its fp32 copy for the reduce-scatter" if reduce_extra else ""),
+            )
+        )
         head_grad *= dt.gathered + reduce_extra
         if accumulation > 1:
             kept = 4 if reduce_extra else grad_bytes
-            rows.append(Row(
-                "gradients between micro-steps (FSDP)", census.trainable * kept, "held",
-                f"training.gradient_accumulation_steps={accumulation}: without a reduce-scatter per micro-step, FSDP2 keeps "
-                f"every unsharded gradient in {8 * kept}-bit ({census.trainable:,} x {kept} B)",
-            ))
+            rows.append(
+                Row(
+                    "gradients between micro-steps (FSDP)",
+                    census.trainable * kept,
+                    "held",
+                    f"training.gradient_accumulation_steps={accumulation}: without a reduce-scatter per micro-step, FSDP2 keeps "
+                    f"every unsharded gradient in {8 * kept}-bit ({census.trainable:,} x {kept} B)",
+                )
+            )
     else:
         head_grad *= grad_bytes
     if head_grad:
-        rows.append(Row("head gradient", head_grad, "start", "the output head's gradient, the first one backward makes"))
+        rows.append(
+            Row("head gradient", head_grad, "start", "the output head's gradient, the first one backward makes")
+        )
 
     # Reference: a frozen copy on every device when it runs live and is not the policy with adapters off.
     live_reference = not is_reference_free(build_loss(cfg.loss)) and cfg.reference.source == "live"
     if live_reference and (full or cfg.reference.adapter):
-        rows.append(Row("reference model (live)", dt.compute * census.params, "held",
-                        f"a frozen {8 * dt.compute}-bit copy, whole on every device"))
+        rows.append(
+            Row(
+                "reference model (live)",
+                dt.compute * census.params,
+                "held",
+                f"a frozen {8 * dt.compute}-bit copy, whole on every device",
+            )
+        )
 
     # Activations: what the forward saves, and the layer whose backward runs.
     tokens = load.tokens
@@ -626,43 +723,78 @@ def estimate(
     shared = mask + 2 * census.head_dim * dt.residual + 4 * h + 4 + (8 + dt.residual * h if full else 0)
     saved = (layer_inputs if checkpointing else census.layers * per_layer) * tokens + shared * tokens
     if load.layout_attention and not checkpointing:  # each pair's [prompt; rejected] keys and values, copied
-        saved += census.layers * 2 * dt.activation * census.kv_heads * census.head_dim * load.pairs * load.rejected_branch
+        saved += (
+            census.layers * 2 * dt.activation * census.kv_heads * census.head_dim * load.pairs * load.rejected_branch
+        )
     if not full and not checkpointing:  # frozen embeddings: the first norm's input needs no gradient, nothing kept
         saved -= (4 * h + 4) * tokens
     saved += (dt.residual * h + 16) * completion  # the final hidden states the head reads, and their indices
     layout = "prompt + chosen + rejected" if cfg.data.prefix_sharing else "chosen and rejected sequences"
-    how = (f"{load.pairs} pairs x {load.pair_tokens:,} tokens ({layout}) = {tokens:,} tokens x "
-           + (f"{census.layers} layer inputs of {dt.residual * h:,} B (checkpointing)" if checkpointing
-              else f"{census.layers} layers x {per_layer:,} B ({per_layer / h:.1f} x hidden)")
-           + (", attention from the layout's segments (no mask)" if load.layout_attention else ", + the mask")
-           + ", rotary tables and the final norm")
+    how = (
+        f"{load.pairs} pairs x {load.pair_tokens:,} tokens ({layout}) = {tokens:,} tokens x "
+        + (
+            f"{census.layers} layer inputs of {dt.residual * h:,} B (checkpointing)"
+            if checkpointing
+            else f"{census.layers} layers x {per_layer:,} B ({per_layer / h:.1f} x hidden)"
+        )
+        + (", attention from the layout's segments (no mask)" if load.layout_attention else ", + the mask")
+        + ", rotary tables and the final norm"
+    )
     if offloading:
         how += "; activation_offloading: they wait in host memory"
     rows.append(Row("activations (saved)", 0 if offloading else saved, "start", how, saved if offloading else 0))
     in_flight = ((per_layer if checkpointing or offloading else 0) + scratch) * tokens
-    how = ((f"recomputed: {per_layer:,} B per token ({per_layer / h:.1f} x hidden)" if checkpointing
-            else f"brought back from host memory: {per_layer:,} B per token" if offloading else "")
-           + ("; " if checkpointing or offloading else "") + f"gradients inside the layer: {scratch:,} B per token")
+    how = (
+        (
+            f"recomputed: {per_layer:,} B per token ({per_layer / h:.1f} x hidden)"
+            if checkpointing
+            else f"brought back from host memory: {per_layer:,} B per token"
+            if offloading
+            else ""
+        )
+        + ("; " if checkpointing or offloading else "")
+        + f"gradients inside the layer: {scratch:,} B per token"
+    )
     rows.append(Row("activations (layer in backward)", in_flight, "layer", how))
 
     if live_reference:
         forward = (3 * dt.activation * census.intermediate + 2 * dt.residual * h) * tokens
-        rows.append(Row("reference forward (live)", forward, "transient",
-                        "no-grad forward after the policy's: one layer's MLP and residual stream in flight per token"))
+        rows.append(
+            Row(
+                "reference forward (live)",
+                forward,
+                "transient",
+                "no-grad forward after the policy's: one layer's MLP and residual stream in flight per token",
+            )
+        )
 
     # The vocabulary projection: one chunk of float32 logits (and its 16-bit twin) at a time.
     chunk = min(chunk_positions(V, torch.device(device_type), cfg.data.logps_chunk_size), completion)
     # A plain head (one process, no autocast, not 4-bit) keeps its softmax for backward when one chunk holds
     # every completion token (`dpokit.logps.FusedChunkLogps`).
     if world_size == 1 and not dt.autocast and cfg.model.method not in QUANTIZED_METHODS and completion <= chunk:
-        rows.append(Row("softmax kept for backward", completion * V * 4, "start",
-                        f"{completion:,} completion tokens fit one logits chunk: its float32 softmax waits for backward"))
+        rows.append(
+            Row(
+                "softmax kept for backward",
+                completion * V * 4,
+                "start",
+                f"{completion:,} completion tokens fit one logits chunk: its float32 softmax waits for backward",
+            )
+        )
     twin = dt.activation if dt.activation < 4 else 0
-    budget = "data.logps_chunk_size" if cfg.data.logps_chunk_size else f"the {device_type} byte budget (dpokit.logps.CHUNK_BYTES)"
-    rows.append(Row(
-        "logits (one chunk)", chunk * V * (4 + twin), "transient",
-        f"{chunk:,} positions (from {budget}) x {V:,} vocabulary x (4 B fp32{f' + {twin} B' if twin else ''})",
-    ))
+    budget = (
+        "data.logps_chunk_size"
+        if cfg.data.logps_chunk_size
+        else f"the {device_type} byte budget (dpokit.logps.CHUNK_BYTES)"
+    )
+    rows.append(
+        Row(
+            "logits (one chunk)",
+            chunk * V * (4 + twin),
+            "transient",
+            f"{chunk:,} positions (from {budget}) x {V:,} vocabulary x (4 B fp32{f' + {twin} B' if twin else ''})",
+        )
+    )
 
     if device_type == "cuda":
         rows.append(Row("CUDA context", CUDA_CONTEXT_BYTES, "held", "outside torch's allocator; about 0.5-1 GB"))
@@ -670,12 +802,22 @@ def estimate(
     if world_size == 1 and cfg.distributed.cpu_offload:
         notes.append("distributed.cpu_offload applies to FSDP2 only: with one process it changes nothing")
     if cfg.model.activation_offloading and device_type != "cuda":
-        notes.append("model.activation_offloading works on CUDA only: on CPU the activations already live in host memory")
+        notes.append(
+            "model.activation_offloading works on CUDA only: on CPU the activations already live in host memory"
+        )
     if not _is_llama_like(census):
         notes.append(f"activations use a Llama-style layer's formula; {census.model_type} may differ")
     return MemoryPlan(
-        config=config_name, model=census.name, params=census.params, trainable=census.trainable, world_size=world_size,
-        device_type=device_type, gpu_memory=gpu_memory, workload=load, rows=rows, notes=notes,
+        config=config_name,
+        model=census.name,
+        params=census.params,
+        trainable=census.trainable,
+        world_size=world_size,
+        device_type=device_type,
+        gpu_memory=gpu_memory,
+        workload=load,
+        rows=rows,
+        notes=notes,
     )
 
 
@@ -689,8 +831,13 @@ def _is_llama_like(census: ModelCensus) -> bool:
 
 
 def plan_memory(
-    config: Optional[str], overrides: list[str], model: Optional[str] = None, gpus: int = 1,
-    gpu_memory: Optional[str] = None, data: Optional[str] = None, seq_len: Optional[int] = None,
+    config: Optional[str],
+    overrides: list[str],
+    model: Optional[str] = None,
+    gpus: int = 1,
+    gpu_memory: Optional[str] = None,
+    data: Optional[str] = None,
+    seq_len: Optional[int] = None,
     device_type: str = "cuda",
 ) -> MemoryPlan:
     """`dpokit plan`: the config (with overrides) on `gpus` processes; with what to change if it does not fit.
@@ -716,8 +863,13 @@ def plan_memory(
 
 
 def suggestions(
-    plan: MemoryPlan, path: Path, config: Optional[str], overrides: list[str], cfg: TrainConfig,
-    data: Optional[str], seq_len: Optional[int],
+    plan: MemoryPlan,
+    path: Path,
+    config: Optional[str],
+    overrides: list[str],
+    cfg: TrainConfig,
+    data: Optional[str],
+    seq_len: Optional[int],
 ) -> list[tuple[str, int]]:
     """Changes that lower `plan`'s peak, each planned on its own: (change, peak bytes per device), smallest first."""
     gpus, device_type = plan.world_size, plan.device_type
@@ -740,7 +892,9 @@ def suggestions(
     if device_type == "cuda" and not cfg.model.activation_offloading:
         candidates.append(("model.activation_offloading=true", ["model.activation_offloading=true"], gpus))
     if cfg.model.method == "full" and cfg.model.precision == "mixed":
-        candidates.append(("model.precision=pure (updates below bf16's spacing round away)", ["model.precision=pure"], gpus))
+        candidates.append(
+            ("model.precision=pure (updates below bf16's spacing round away)", ["model.precision=pure"], gpus)
+        )
     if cfg.model.method == "full":
         candidates.append(("model.method=lora", ["model.method=lora"], gpus))
     elif cfg.model.method in ("lora", "dora") and gpus == 1:
@@ -749,8 +903,12 @@ def suggestions(
     for label, change, world in candidates:
         try:
             changed = load_config(config, [*overrides, *change], world_size=world)
-            census = model_census(path, changed.model.method, changed.lora)  # cached: built again only for another method
-            total = estimate(census, changed, workload(changed, data, seq_len), world, device_type, plan.gpu_memory).total
+            census = model_census(
+                path, changed.model.method, changed.lora
+            )  # cached: built again only for another method
+            total = estimate(
+                census, changed, workload(changed, data, seq_len), world, device_type, plan.gpu_memory
+            ).total
         except DpokitError:
             continue
         if total < plan.total:
@@ -770,9 +928,13 @@ def plan_report(plan: MemoryPlan):
     from rich.text import Text
 
     unit = "GPU" if plan.device_type == "cuda" else "process"
-    title = (f"{escape(plan.config)} on {plan.world_size} {unit}{'s' if plan.world_size > 1 else ''}: "
-             f"{plan.params:,} parameters, {plan.trainable:,} trainable")
-    table = Table(title=title, caption=escape(f"model: {plan.model}; batch: {plan.workload.source}"), caption_justify="left")
+    title = (
+        f"{escape(plan.config)} on {plan.world_size} {unit}{'s' if plan.world_size > 1 else ''}: "
+        f"{plan.params:,} parameters, {plan.trainable:,} trainable"
+    )
+    table = Table(
+        title=title, caption=escape(f"model: {plan.model}; batch: {plan.workload.source}"), caption_justify="left"
+    )
     table.add_column(f"per {unit}")
     table.add_column("memory", justify="right")
     table.add_column("when")
@@ -785,15 +947,26 @@ def plan_report(plan: MemoryPlan):
     table.add_section()
     peaks = plan.peaks
     phase = max(peaks, key=peaks.get)
-    parts = ("saved activations, head gradient and the largest of the layer in backward and the transients"
-             if phase == "start" else "gradients and the layer in backward")
-    table.add_row("[bold]peak[/]", f"[bold]{_gb(plan.total)}[/]", phase, *([_gb(plan.host)] if plan.host else []),
-                  f"{PHASES[phase]}: the held rows + {parts} (the other end: {_gb(min(peaks.values()))})")
+    parts = (
+        "saved activations, head gradient and the largest of the layer in backward and the transients"
+        if phase == "start"
+        else "gradients and the layer in backward"
+    )
+    table.add_row(
+        "[bold]peak[/]",
+        f"[bold]{_gb(plan.total)}[/]",
+        phase,
+        *([_gb(plan.host)] if plan.host else []),
+        f"{PHASES[phase]}: the held rows + {parts} (the other end: {_gb(min(peaks.values()))})",
+    )
     colour = {"fits": "green", "fits, tightly": "yellow"}.get(plan.verdict, "red")
-    lines = [table, Text.from_markup(
-        f"[bold {colour}]{plan.verdict}[/]: {_gb(plan.total)} of {_gb(plan.gpu_memory)} per {unit} "
-        f"({100 * plan.total / plan.gpu_memory:.0f}%)"
-    )]
+    lines = [
+        table,
+        Text.from_markup(
+            f"[bold {colour}]{plan.verdict}[/]: {_gb(plan.total)} of {_gb(plan.gpu_memory)} per {unit} "
+            f"({100 * plan.total / plan.gpu_memory:.0f}%)"
+        ),
+    ]
     lines += [Text(f"note: {note}") for note in plan.notes]
     if plan.suggestions:
         lines.append(Text("what would change it (each planned on its own):"))

@@ -10,9 +10,9 @@ to its workers as well) count as one request.
 from __future__ import annotations
 
 import signal
-import sys
 from typing import Callable, Optional
 
+from dpokit import log
 from dpokit.errors import DpokitError
 
 INTERRUPTED_EXIT_CODE = 75  # EX_TEMPFAIL: "try again" -- the run stopped with a checkpoint to resume from
@@ -31,7 +31,7 @@ class StopSignals:
 
     def __init__(self, announce: Optional[Callable[[str], None]] = None):
         self.requested: Optional[str] = None
-        self.announce = announce or (lambda message: print(message, file=sys.stderr))
+        self.announce = announce or log.note
         self._previous: dict[int, object] = {}
 
     def install(self) -> "StopSignals":

@@ -23,9 +23,9 @@ from typing import Optional
 
 import torch
 from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
 
+from dpokit import log
 from dpokit.artifacts import check_replaceable, is_dpokit_artifact, write_marker
 from dpokit.distributed import cpu_threads
 from dpokit.errors import DpokitError
@@ -92,7 +92,7 @@ def run_quickstart(
             demo's LoRA does not use, is kept out of it (no import, no `kernels` warning).
     """
     with cpu_threads(threads):
-        return quickstart_pipeline(Path(out), max_steps, overwrite, console or Console(), own_process)
+        return quickstart_pipeline(Path(out), max_steps, overwrite, console or log.console(), own_process)
 
 
 def quickstart_pipeline(
@@ -113,15 +113,26 @@ def quickstart_pipeline(
 
     console.rule("[bold]1/3  dpokit prepare")
     run_prepare(
-        PrepareOptions(data=str(demo.train), eval_data=str(demo.eval), model=str(demo.model), out=prepared, overwrite=overwrite),
+        PrepareOptions(
+            data=str(demo.train), eval_data=str(demo.eval), model=str(demo.model), out=prepared, overwrite=overwrite
+        ),
         console,
     )
     console.rule("[bold]2/3  dpokit ref-logps")
-    run_ref_logps(RefLogpsOptions(prepared=str(prepared), model=str(demo.model), out=str(cache), batch_size=32, overwrite=overwrite))
+    run_ref_logps(
+        RefLogpsOptions(
+            prepared=str(prepared), model=str(demo.model), out=str(cache), batch_size=32, overwrite=overwrite
+        )
+    )
 
     console.rule("[bold]3/3  dpokit train --config demo_lora")
-    overrides = [f"data.path={prepared}", f"model.path={demo.model}", f"reference.cache={cache}", f"output.dir={run_dir}",
-                 "training.eval_at_start=true"]  # the step-0 column: the recipe's own eval before any update
+    overrides = [
+        f"data.path={prepared}",
+        f"model.path={demo.model}",
+        f"reference.cache={cache}",
+        f"output.dir={run_dir}",
+        "training.eval_at_start=true",
+    ]  # the step-0 column: the recipe's own eval before any update
     if max_steps is not None:
         overrides.append(f"training.max_steps={max_steps}")
     if overwrite:
@@ -150,7 +161,7 @@ def curves(run_dir: Path, console: Console) -> list[Path]:
     try:
         return plot_run(run_dir)
     except DpokitError as exc:
-        console.print(f"[yellow]note:[/] no curves: {escape(str(exc))}", soft_wrap=True)
+        log.note(f"no curves: {exc}")
         return []
 
 
@@ -197,7 +208,7 @@ def greedy_replies(model, tokenizer_dir: Path, prompts: tuple[str, ...] = PROMPT
         output = model.generate(
             **inputs, max_new_tokens=MAX_NEW_TOKENS, do_sample=False, pad_token_id=tokenizer.pad_token_id
         )
-        replies.append(tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip())
+        replies.append(tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip())
     return replies
 
 
@@ -220,7 +231,11 @@ def print_result(result: QuickstartResult, console: Console) -> None:
     metrics.add_column("metric", style="bold")
     metrics.add_column("step 0", justify="right")
     metrics.add_column(f"step {result.steps}", justify="right")
-    for key, label in (("rewards/accuracies", "reward accuracy"), ("rewards/margins", "reward margin"), ("loss", "loss")):
+    for key, label in (
+        ("rewards/accuracies", "reward accuracy"),
+        ("rewards/margins", "reward margin"),
+        ("loss", "loss"),
+    ):
         metrics.add_row(label, f"{result.before[key]:.3f}", f"{result.after[key]:.3f}")
     console.print(metrics)
     console.print(f"[dim]{step_zero_note(result.before)}[/]")

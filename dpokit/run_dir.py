@@ -4,7 +4,8 @@ A run directory holds ``config.yaml``, ``metrics.jsonl``, ``checkpoints/`` (and 
 plots); `RUN_LOCK` makes one process its only writer. ``--resume`` compares the new config with the
 one the checkpoint was saved with: a change to what the run computes (data, model, loss, batch,
 optimizer, schedule) is refused unless ``output.allow_config_change=true``; settings that only change
-how it runs (logging, saving, layout, memory options, the number of processes) may change freely.
+how it runs (logging, saving, layout, memory options, the number of processes; each declared with
+``meaning=False`` in `dpokit.config`) may change freely.
 """
 
 from __future__ import annotations
@@ -13,18 +14,11 @@ from pathlib import Path
 from typing import Any, Optional
 
 from dpokit.artifacts import is_dpokit_artifact, remove_within
-from dpokit.config import flatten
+from dpokit.config import changes_meaning, flatten
 from dpokit.errors import DpokitError
 from dpokit.trackers import TRACKERS_FILE
 
 RUN_LOCK = ".dpokit.lock"
-
-# Dotted prefixes of the keys that define what a run computes.
-MEANING_KEYS = (
-    "model.path", "model.tokenizer", "model.method", "model.dtype", "model.precision", "model.disable_dropout",
-    "lora.", "data.path", "data.shuffle", "data.group_by_length", "reference.", "loss.", "optimizer.",
-    "scheduler.", "training.max_steps", "training.epochs", "training.seed", "training.max_grad_norm",
-)
 
 
 def start_or_resume(run_dir: Path, output, announce=print) -> Optional[Path]:
@@ -40,7 +34,11 @@ def start_or_resume(run_dir: Path, output, announce=print) -> Optional[Path]:
     if output.resume:  # a damaged newest checkpoint (a cut or flipped file) is skipped, with a note
         checkpoint = newest_intact_checkpoint(run_dir, announce)
         if checkpoint is None:
-            advice = "it stopped before its first checkpoint: pass --overwrite to start it again" if has_run else "start it without --resume"
+            advice = (
+                "it stopped before its first checkpoint: pass --overwrite to start it again"
+                if has_run
+                else "start it without --resume"
+            )
             raise DpokitError(f"output.resume=true but {run_dir} has no complete checkpoint to resume from; {advice}")
         return checkpoint
     others = [p for p in run_dir.iterdir() if p.name != RUN_LOCK] if run_dir.is_dir() else []
@@ -53,8 +51,11 @@ def start_or_resume(run_dir: Path, output, announce=print) -> Optional[Path]:
         resumable = latest_checkpoint(run_dir) is not None
         raise DpokitError(
             f"run directory {run_dir} already has a run; "
-            + ("pass --resume to continue it, --overwrite to start again, or another --out" if resumable else
-               "it has no checkpoint to resume from: pass --overwrite to start again, or another --out")
+            + (
+                "pass --resume to continue it, --overwrite to start again, or another --out"
+                if resumable
+                else "it has no checkpoint to resume from: pass --overwrite to start again, or another --out"
+            )
         )
     return None
 
@@ -67,17 +68,23 @@ def clear_old_run(run_dir: Path) -> None:
 
     if not is_dpokit_artifact(run_dir, "run"):
         return  # an absent or empty --out has no old run
-    old = [run_dir / "metrics.jsonl", run_dir / "samples.jsonl", run_dir / "config.yaml", run_dir / TRACKERS_FILE,
-           *(path for _, path in list_checkpoints(run_dir))]
+    old = [
+        run_dir / "metrics.jsonl",
+        run_dir / "samples.jsonl",
+        run_dir / "config.yaml",
+        run_dir / TRACKERS_FILE,
+        *(path for _, path in list_checkpoints(run_dir)),
+    ]
     remove_within(run_dir, "run", old)
 
 
 def config_changes(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
-    """``key: old -> new`` for each meaning-defining key that differs (a key only one side has counts)."""
+    """``key: old -> new`` for each key that differs and defines the run (`dpokit.config.changes_meaning`:
+    every key but those declared free to change, so a key this dpokit does not know counts)."""
     old, new = dict(flatten(saved)), dict(flatten(now))
     changes = []
     for key in sorted(set(old) | set(new)):
-        if key.startswith(MEANING_KEYS) and old.get(key) != new.get(key):
+        if changes_meaning(key) and old.get(key) != new.get(key):
             changes.append(f"{key}: {old.get(key)!r} -> {new.get(key)!r}")
     return changes
 

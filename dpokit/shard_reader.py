@@ -26,8 +26,13 @@ _ALLOWED = {
     ("torch", "Size"),
     ("torch.serialization", "_get_layout"),  # a layout from its name
     ("collections", "OrderedDict"),
-    ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"), ("pathlib", "PurePosixPath"), ("pathlib", "PureWindowsPath"),
-    ("builtins", "set"), ("builtins", "frozenset"), ("builtins", "slice"),
+    ("pathlib", "PosixPath"),
+    ("pathlib", "WindowsPath"),
+    ("pathlib", "PurePosixPath"),
+    ("pathlib", "PureWindowsPath"),
+    ("builtins", "set"),
+    ("builtins", "frozenset"),
+    ("builtins", "slice"),
 }
 
 
@@ -43,7 +48,9 @@ class _MetadataUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str):
         if (module, name) in _ALLOWED:
             return super().find_class(module, name)
-        if module == "torch" and isinstance(getattr(torch, name, None), (torch.dtype, torch.layout, torch.memory_format)):
+        if module == "torch" and isinstance(
+            getattr(torch, name, None), (torch.dtype, torch.layout, torch.memory_format)
+        ):
             return getattr(torch, name)
         if module.startswith(_DCP_MODULES):
             found = super().find_class(module, name)
@@ -96,7 +103,7 @@ def load_shards(state_dict: dict[str, Any], shards: Path) -> None:
         for failure in exc.failures.values():  # rank -> (exception, traceback)
             inner = failure[0] if isinstance(failure, tuple) else failure
             if isinstance(inner, DpokitError):
-                raise inner from None
+                raise inner from exc
         raise
 
 

@@ -23,15 +23,29 @@ from typing import Any, NamedTuple
 import yaml
 
 from dpokit.artifacts import check_replaceable, imported_header, replace_atomically
-from dpokit.config import TrainConfig, build_dataclass, check_config, flatten
+from dpokit.config import TrainConfig, build_dataclass, check_config, flatten, read_config_tree, torchtune_keys
 from dpokit.errors import DpokitError
 from dpokit.trackers import TRACKERS
 
 PREPARED, REF_CACHE = "prepared", "ref.h5"  # where the suggested commands put the data and the cache
 
 # torchtune.models.<family>: the text decoders dpokit loads from their Hugging Face checkpoints.
-FAMILIES = ("llama2", "code_llama2", "llama3", "llama3_1", "llama3_2", "llama3_3", "mistral", "gemma", "gemma2",
-            "qwen2", "qwen2_5", "qwen3", "phi3", "phi4")
+FAMILIES = (
+    "llama2",
+    "code_llama2",
+    "llama3",
+    "llama3_1",
+    "llama3_2",
+    "llama3_3",
+    "mistral",
+    "gemma",
+    "gemma2",
+    "qwen2",
+    "qwen2_5",
+    "qwen3",
+    "phi3",
+    "phi4",
+)
 # torchtune's LoRA targets by their Hugging Face module names; Phi-3/4 fuse q, k, v (and gate, up) in one.
 ATTENTION = {"q_proj": "q_proj", "k_proj": "k_proj", "v_proj": "v_proj", "output_proj": "o_proj"}
 MLP = ["gate_proj", "up_proj", "down_proj"]
@@ -74,32 +88,22 @@ LOGGERS = {
     "StdoutLogger": ([], {}, {}),
     "TensorBoardLogger": (["tensorboard"], {}, {}),
     "WandBLogger": (["wandb"], {"project": "project", "name": "run_name"}, {"project": "torchtune"}),
-    "MLFlowLogger": (["mlflow"], {"experiment_name": "project", "run_name": "run_name",
-                                  "tracking_uri": "mlflow_tracking_uri"}, {}),
+    "MLFlowLogger": (
+        ["mlflow"],
+        {"experiment_name": "project", "run_name": "run_name", "tracking_uri": "mlflow_tracking_uri"},
+        {},
+    ),
 }
 
-SIMPLE = {  # torchtune key -> dpokit key, the value as it is
-    "batch_size": "data.batch_size",
-    "shuffle": "data.shuffle",
-    "gradient_accumulation_steps": "training.gradient_accumulation_steps",
-    "enable_activation_checkpointing": "model.activation_checkpointing",
-    "enable_activation_offloading": "model.activation_offloading",
-    "compile": "training.compile",
-    "optimizer_in_bwd": "training.optimizer_in_backward",
-    "log_every_n_steps": "training.log_every",
-    "output_dir": "output.dir",
-    "fsdp_cpu_offload": "distributed.cpu_offload",
-    "fsdp_reshard_after_forward": "distributed.reshard_after_forward",
-}
 
 WHY = {  # why a torchtune key has no dpokit equivalent, where there is more to say than that
-    "log_level": "dpokit has no log level; it prints progress and a summary table",
+    "log_level": "not a config key in dpokit: pass --log-level to the command (or set DPOKIT_LOG_LEVEL)",
     "seed": "torchtune draws a new seed each run; dpokit always seeds (training.seed, default 42)",
     "resume_from_checkpoint": "dpokit cannot resume a torchtune run; it resumes its own runs (dpokit train --resume)",
     "custom_sharded_layers": "dpokit shards every decoder layer with FSDP2 and has no per-layer list",
     "tensor_parallel_dim": "dpokit shards with FSDP2 only, without tensor parallelism",
     "tokenizer.prompt_template": "dpokit formats pairs with the tokenizer's chat template "
-                                 "(dpokit prepare --chat-template replaces it)",
+    "(dpokit prepare --chat-template replaces it)",
     "dataset.train_on_input": "dpokit's log-probs cover the replies only, as torchtune's default train_on_input=False",
     "dataset.filter_fn": "a Python filter; filter the rows before dpokit prepare",
     "dataset.packed": "dpokit packs each batch itself (data.packing, on by default)",
@@ -138,9 +142,9 @@ def read_torchtune_config(path: str | os.PathLike) -> dict[str, Any]:
     try:
         tree = yaml.safe_load(path.read_text())
     except OSError as exc:
-        raise DpokitError(f"cannot read torchtune config {path}: {exc.strerror or exc}") from None
+        raise DpokitError(f"cannot read torchtune config {path}: {exc.strerror or exc}") from exc
     except yaml.YAMLError as exc:
-        raise DpokitError(f"{path}: not valid YAML ({' '.join(str(exc).split())})") from None
+        raise DpokitError(f"{path}: not valid YAML ({' '.join(str(exc).split())})") from exc
     if not isinstance(tree, dict):
         raise DpokitError(f"{path}: a torchtune config is a mapping of keys, got {type(tree).__name__}")
     return tree
@@ -280,8 +284,10 @@ class _Converter:
                 f"recipe configs, whose loss is one of {', '.join(f'torchtune.rlhf.loss.{cls}' for cls in LOSSES)}"
             )
         loss, defaults = LOSSES[name]
-        self.config["loss"] = {"name": loss, **{arg: self.keys.take(f"loss.{arg}", default)
-                                                for arg, default in defaults.items()}}
+        self.config["loss"] = {
+            "name": loss,
+            **{arg: self.keys.take(f"loss.{arg}", default) for arg, default in defaults.items()},
+        }
         if loss == "ipo":
             self.notes.append(
                 "loss: torchtune's IPOLoss compares summed log-probs, dpokit's ipo log-probs averaged over the reply "
@@ -298,8 +304,10 @@ class _Converter:
             )
         parts = str(component).split(".")
         family = parts[2] if len(parts) == 4 and parts[:2] == ["torchtune", "models"] else None
-        method, base = next(((m, parts[-1][len(m) + 1:]) for m in ("qlora", "lora") if parts[-1].startswith(f"{m}_")),
-                            ("full", parts[-1]))
+        method, base = next(
+            ((m, parts[-1][len(m) + 1 :]) for m in ("qlora", "lora") if parts[-1].startswith(f"{m}_")),
+            ("full", parts[-1]),
+        )
         if family not in FAMILIES or not base.startswith(family):
             raise DpokitError(
                 f"{self.source}: model._component_={component} is not a torchtune model builder dpokit knows; it "
@@ -347,9 +355,12 @@ class _Converter:
             self.set("model.path", policy)
         reference = self.checkpoint_dir("ref_checkpointer")
         if reference is not None and policy is not None and Path(reference) != Path(policy):
-            self.report("ref_checkpointer.checkpoint_dir", reference,
-                        f"dpokit's policy starts as its reference (checked at step 0), so both are {policy}; a "
-                        "different reference is a PEFT adapter on it (reference.adapter)")
+            self.report(
+                "ref_checkpointer.checkpoint_dir",
+                reference,
+                f"dpokit's policy starts as its reference (checked at step 0), so both are {policy}; a "
+                "different reference is a PEFT adapter on it (reference.adapter)",
+            )
 
     def tokenizer(self) -> None:
         """The model's own Hugging Face tokenizer; the pairs' length goes to `dpokit prepare`."""
@@ -357,8 +368,12 @@ class _Converter:
         for key in ("tokenizer.path", "tokenizer.merges_file"):
             path = self.keys.take(key)
             if path is not None and (model is None or Path(model) not in Path(path).parents):
-                self.report(key, path, "dpokit uses the Hugging Face tokenizer saved with the model (model.path); "
-                                       "set model.tokenizer to a Hugging Face tokenizer directory or hub name")
+                self.report(
+                    key,
+                    path,
+                    "dpokit uses the Hugging Face tokenizer saved with the model (model.path); "
+                    "set model.tokenizer to a Hugging Face tokenizer directory or hub name",
+                )
         self.keys.take("tokenizer._component_")
         self.max_seq_len = self.keys.take("tokenizer.max_seq_len")
 
@@ -376,15 +391,19 @@ class _Converter:
         if output_dir is not None and output_dir != self.tree.get("output_dir"):
             self.report(f"{section}.output_dir", output_dir, "dpokit writes checkpoints into output.dir")
         if directory is not None and component is not None and not str(component).endswith("FullModelHFCheckpointer"):
-            self.report(f"{section}._component_", component, "dpokit loads Hugging Face checkpoints only; pass the "
-                        "model's Hugging Face directory or hub name with --model (model.path is left unset)")
+            self.report(
+                f"{section}._component_",
+                component,
+                "dpokit loads Hugging Face checkpoints only; pass the "
+                "model's Hugging Face directory or hub name with --model (model.path is left unset)",
+            )
             return None
         return None if directory is None else str(directory)
 
     # ---- training, optimizer, schedule, logging
 
     def training(self) -> None:
-        for key, dotted in SIMPLE.items():
+        for key, dotted in torchtune_keys().items():  # the keys that map value for value (the config schema)
             value = self.keys.take(key, ABSENT)
             if value is not ABSENT:
                 self.set(dotted, value)
@@ -426,12 +445,19 @@ class _Converter:
         component = self.keys.take("optimizer._component_")
         name = OPTIMIZERS.get(str(component))
         if name is None:
-            self.report("optimizer._component_", component, "dpokit trains with AdamW (optimizer.name adamw, or "
-                        "adamw8bit from bitsandbytes); its lr, betas, eps and weight_decay are kept")
+            self.report(
+                "optimizer._component_",
+                component,
+                "dpokit trains with AdamW (optimizer.name adamw, or "
+                "adamw8bit from bitsandbytes); its lr, betas, eps and weight_decay are kept",
+            )
         elif "Paged" in str(component):
             self.report("optimizer._component_", component, "dpokit's adamw8bit does not page its state to CPU memory")
-        optimizer = {"name": name or "adamw", "lr": self.keys.take("optimizer.lr", ADAMW_LR),
-                     "weight_decay": self.keys.take("optimizer.weight_decay", ADAMW_WEIGHT_DECAY)}
+        optimizer = {
+            "name": name or "adamw",
+            "lr": self.keys.take("optimizer.lr", ADAMW_LR),
+            "weight_decay": self.keys.take("optimizer.weight_decay", ADAMW_WEIGHT_DECAY),
+        }
         for key in ("betas", "eps"):
             value = self.keys.take(f"optimizer.{key}")
             if value is not None:
@@ -445,12 +471,18 @@ class _Converter:
             self.config["scheduler"] = {"name": "constant", "warmup_steps": 0}
             return
         if not re.fullmatch(r"torchtune\.[\w.]+\.get_cosine_schedule_with_warmup", str(component)):
-            self.report("lr_scheduler._component_", component,
-                        "dpokit's schedules are warmup + cosine, linear or constant; cosine is used")
+            self.report(
+                "lr_scheduler._component_",
+                component,
+                "dpokit's schedules are warmup + cosine, linear or constant; cosine is used",
+            )
         cycles = self.keys.take("lr_scheduler.num_cycles", 0.5)
         if cycles != 0.5:
-            self.report("lr_scheduler.num_cycles", cycles, "dpokit's cosine is one half-wave, from the peak to "
-                                                           "scheduler.min_lr_ratio")
+            self.report(
+                "lr_scheduler.num_cycles",
+                cycles,
+                "dpokit's cosine is one half-wave, from the peak to scheduler.min_lr_ratio",
+            )
         warmup = self.keys.take("lr_scheduler.num_warmup_steps", 0)
         self.config["scheduler"] = {"name": "cosine", "warmup_steps": warmup}
 
@@ -465,9 +497,12 @@ class _Converter:
         name = str(component).rsplit(".", 1)[-1]
         if name not in LOGGERS:
             settings = self.keys.take("metric_logger") or {}
-            self.report("metric_logger._component_", component,
-                        f"dpokit reports to {', '.join(TRACKERS)} (logging.report_to) besides metrics.jsonl, not to "
-                        f"{name}" + (f"; its {', '.join(settings)} go with it" if settings else ""))
+            self.report(
+                "metric_logger._component_",
+                component,
+                f"dpokit reports to {', '.join(TRACKERS)} (logging.report_to) besides metrics.jsonl, not to "
+                f"{name}" + (f"; its {', '.join(settings)} go with it" if settings else ""),
+            )
             return
         report_to, arguments, defaults = LOGGERS[name]
         self.set("logging.report_to", report_to)
@@ -490,14 +525,22 @@ class _Converter:
         if isinstance(spec, list):  # torchtune concatenates a list of datasets
             self.keys.tree["dataset"] = spec[0] if spec else {}
             if len(spec) > 1:
-                self.report("dataset", f"[{len(spec)} datasets]", "dpokit prepare reads one source (a file, a folder "
-                            "of files or a hub dataset); the command below prepares the first only")
+                self.report(
+                    "dataset",
+                    f"[{len(spec)} datasets]",
+                    "dpokit prepare reads one source (a file, a folder "
+                    "of files or a hub dataset); the command below prepares the first only",
+                )
         component = str(self.keys.take("dataset._component_"))
         defaults = DATASETS.get(component.rsplit(".", 1)[-1]) if component.startswith("torchtune.datasets.") else None
         if defaults is None:
             self.keys.take("dataset")
-            self.report("dataset._component_", component, "not a torchtune preference dataset; give your pairs to "
-                        "dpokit prepare as a file, a folder or a hub dataset (docs/data-formats.md)")
+            self.report(
+                "dataset._component_",
+                component,
+                "not a torchtune preference dataset; give your pairs to "
+                "dpokit prepare as a file, a folder or a hub dataset (docs/data-formats.md)",
+            )
             return [self.prepare_command("DATA", [], model)]
         source = self.keys.take("dataset.source", defaults.get("source"))
         data_dir = self.keys.take("dataset.data_dir", defaults.get("data_dir"))
@@ -511,14 +554,30 @@ class _Converter:
             files = [files] if isinstance(files, str) else list(files)
             data = files[0] if len(files) == 1 else os.path.commonpath([str(Path(f).parent) for f in files])
             if len(files) > 1:
-                self.report("dataset.data_files", files, f"dpokit prepare reads one file or every file in a folder "
-                                                         f"({data} here)")
+                self.report(
+                    "dataset.data_files",
+                    files,
+                    f"dpokit prepare reads one file or every file in a folder ({data} here)",
+                )
             if source not in FILE_SOURCES:
                 self.report("dataset.source", source, "dpokit prepare reads .json, .jsonl, .csv and .parquet files")
         elif data_dir is not None:  # load_dataset(source, data_dir=...): one folder of the hub dataset
             local = str(source).rsplit("/", 1)[-1]
-            commands.append(shlex.join(["hf", "download", str(source), "--repo-type", "dataset",
-                                        "--include", f"{data_dir}/*", "--local-dir", local]))
+            commands.append(
+                shlex.join(
+                    [
+                        "hf",
+                        "download",
+                        str(source),
+                        "--repo-type",
+                        "dataset",
+                        "--include",
+                        f"{data_dir}/*",
+                        "--local-dir",
+                        local,
+                    ]
+                )
+            )
             data = f"{local}/{data_dir}"
         else:
             data = str(source)
@@ -539,8 +598,10 @@ class _Converter:
         if self.max_seq_len is not None:
             options = [*options, "--max-length", str(self.max_seq_len)]
         else:
-            self.notes.append("tokenizer.max_seq_len is unset: torchtune keeps whole pairs, dpokit prepare cuts "
-                              "them at --max-length (default 1024)")
+            self.notes.append(
+                "tokenizer.max_seq_len is unset: torchtune keeps whole pairs, dpokit prepare cuts "
+                "them at --max-length (default 1024)"
+            )
         return shlex.join(["dpokit", "prepare", data, "--model", model, "--out", PREPARED, *options])
 
     def reference_commands(self, loss: str) -> list[str]:
@@ -550,8 +611,20 @@ class _Converter:
         self.config["reference"] = {"source": "cache", "cache": REF_CACHE}
         model = self.config["model"].get("path", "MODEL")
         dtype = REF_LOGPS_DTYPES.get(self.config["model"].get("dtype"))
-        return [shlex.join(["dpokit", "ref-logps", PREPARED, "--model", model, "--out", REF_CACHE,
-                            *(["--dtype", dtype] if dtype else [])])]
+        return [
+            shlex.join(
+                [
+                    "dpokit",
+                    "ref-logps",
+                    PREPARED,
+                    "--model",
+                    model,
+                    "--out",
+                    REF_CACHE,
+                    *(["--dtype", dtype] if dtype else []),
+                ]
+            )
+        ]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -570,11 +643,11 @@ def in_schema_order(section: str, values: dict[str, Any]) -> dict[str, Any]:
 def validate(config: dict[str, Any], source: str) -> TrainConfig:
     """`config` as `dpokit.config.load_config` would check it (one process), or a `DpokitError` naming `source`."""
     try:
-        tree = yaml.safe_load(config_yaml(config))  # as `dpokit train --config` will read the file
+        tree = read_config_tree(config_yaml(config), "the converted config")  # as `dpokit train --config` reads it
         cfg = build_dataclass(TrainConfig, tree, prefix="", source="the converted config")
         check_config(cfg, world_size=1)
     except DpokitError as exc:
-        raise DpokitError(f"{source}: {exc}") from None
+        raise DpokitError(f"{source}: {exc}") from exc
     return cfg
 
 
@@ -593,8 +666,11 @@ def config_yaml(config: dict[str, Any]) -> str:
 
 def config_text(conversion: Conversion, source: Path) -> str:
     """The file `import_torchtune` writes: the import header, the commands and unmapped keys as comments, the YAML."""
-    lines = [imported_header(source).rstrip("\n"),
-             "# dpokit's counterpart of that torchtune DPO config (docs/torchtune.md). Run:", "#"]
+    lines = [
+        imported_header(source).rstrip("\n"),
+        "# dpokit's counterpart of that torchtune DPO config (docs/torchtune.md). Run:",
+        "#",
+    ]
     lines += [f"#   {command}" for command in conversion.commands]
     if conversion.unmapped:
         lines += ["#", "# torchtune settings without a dpokit equivalent:"]

@@ -86,7 +86,11 @@ class WandbTracker:
 
         self.wandb = wandb
         self.run = wandb.init(
-            project=project, name=run_name, config=config, dir=str(run_dir), id=run_id,
+            project=project,
+            name=run_name,
+            config=config,
+            dir=str(run_dir),
+            id=run_id,
             resume="allow" if run_id else None,
         )
         self.run_id = self.run.id
@@ -95,7 +99,9 @@ class WandbTracker:
         self.run.log(metrics, step=step)
 
     def log_samples(self, step: int, samples: list[dict[str, str]]) -> None:
-        table = self.wandb.Table(columns=["prompt", "completion"], data=[[s["prompt"], s["completion"]] for s in samples])
+        table = self.wandb.Table(
+            columns=["prompt", "completion"], data=[[s["prompt"], s["completion"]] for s in samples]
+        )
         self.run.log({"eval/samples": table}, step=step)
 
     def close(self) -> None:
@@ -108,7 +114,9 @@ class MlflowTracker:
 
     name, module = "mlflow", "mlflow"
 
-    def __init__(self, project: str, run_name: str, config: dict, run_id: Optional[str], tracking_uri: Optional[str], **_: Any):
+    def __init__(
+        self, project: str, run_name: str, config: dict, run_id: Optional[str], tracking_uri: Optional[str], **_: Any
+    ):
         from mlflow.tracking import MlflowClient
 
         self.client = MlflowClient(tracking_uri=tracking_uri)
@@ -152,7 +160,9 @@ class TrackioTracker:
         import trackio
 
         self.trackio = trackio
-        self.run = trackio.init(project=project, name=run_id or run_name, config=config, resume="allow" if run_id else "never")
+        self.run = trackio.init(
+            project=project, name=run_id or run_name, config=config, resume="allow" if run_id else "never"
+        )
         self.run_id = self.run.name
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
@@ -170,8 +180,13 @@ TRACKERS = tuple(TRACKER_CLASSES)  # the names `logging.report_to` takes
 
 
 def open_trackers(
-    names: list[str], run_dir: Path, project: str, run_name: Optional[str], config: dict,
-    resume: bool, tracking_uri: Optional[str] = None,
+    names: list[str],
+    run_dir: Path,
+    project: str,
+    run_name: Optional[str],
+    config: dict,
+    resume: bool,
+    tracking_uri: Optional[str] = None,
 ) -> list:
     """The installed trackers of `names`, started (or, with `resume`, continued from ``RUN/trackers.json``).
 
@@ -185,17 +200,23 @@ def open_trackers(
         if name in missing:
             continue
         try:
-            trackers.append(TRACKER_CLASSES[name](
-                run_dir=run_dir, project=project, run_name=run_name or run_dir.resolve().name, config=config,
-                run_id=known.get(name), tracking_uri=tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"),
-            ))
+            trackers.append(
+                TRACKER_CLASSES[name](
+                    run_dir=run_dir,
+                    project=project,
+                    run_name=run_name or run_dir.resolve().name,
+                    config=config,
+                    run_id=known.get(name),
+                    tracking_uri=tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"),
+                )
+            )
         except Exception as exc:  # not logged in, no server, a bad URI: before any training, one line
             for started in trackers:
                 started.close()
             raise DpokitError(
                 f"logging.report_to: {name} did not start ({type(exc).__name__}: {exc}); fix its setup "
                 f"(for W&B offline: WANDB_MODE=offline) or leave it out of logging.report_to"
-            ) from None
+            ) from exc
     ids = {t.name: t.run_id for t in trackers if t.run_id is not None}
     if ids:
         write_text_within(run_dir, "run", ids_path, json.dumps(ids, indent=2) + "\n")

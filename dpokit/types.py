@@ -1,4 +1,4 @@
-"""The values every layer passes around: a batch of pairs, one model's outputs on it, a value range.
+"""The values every layer passes around: a batch of pairs and one model's outputs on it.
 
 This module sits at the bottom of the house (docs/architecture.md): it imports nothing from dpokit
 but `dpokit.errors`, so data, log-probs, losses, the reference and metrics can all depend on it.
@@ -6,7 +6,6 @@ but `dpokit.errors`, so data, log-probs, losses, the reference and metrics can a
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import NamedTuple, Optional
@@ -63,7 +62,9 @@ class PairBatch:
         return self._map(torch.Tensor.pin_memory)
 
     def _map(self, fn) -> "PairBatch":
-        return PairBatch(**{f.name: fn(v) if isinstance(v := getattr(self, f.name), torch.Tensor) else v for f in fields(self)})
+        return PairBatch(
+            **{f.name: fn(v) if isinstance(v := getattr(self, f.name), torch.Tensor) else v for f in fields(self)}
+        )
 
 
 @dataclass
@@ -130,7 +131,7 @@ def split_token_values(values: Tensor, slots: Tensor, num_pairs: int) -> tuple[T
     starts = torch.cumsum(counts, 0) - counts
     positions = torch.arange(slots.numel(), device=slots.device) - starts[slots]
     halves = []
-    for side, (low, high) in enumerate(((0, num_pairs), (num_pairs, outputs))):
+    for low, high in ((0, num_pairs), (num_pairs, outputs)):
         width = int(counts[low:high].max()) if high > low else 0
         padded = values.new_zeros((high - low, width, *values.shape[1:]))
         mask = torch.zeros((high - low, width), dtype=torch.bool, device=values.device)
@@ -139,35 +140,6 @@ def split_token_values(values: Tensor, slots: Tensor, num_pairs: int) -> tuple[T
         mask[slots[keep] - low, positions[keep]] = True
         halves += [padded, mask]
     return halves[0], halves[1], halves[2], halves[3]
-
-
-@dataclass(frozen=True)
-class Range:
-    """Allowed finite values ``low (<|<=) value (<|<=) high``; either end may be open-ended (None)."""
-
-    low: Optional[float] = None
-    high: Optional[float] = None
-    low_inclusive: bool = True
-    high_inclusive: bool = False
-
-    def __contains__(self, value: float) -> bool:
-        if not math.isfinite(value):  # NaN and infinities are in no range: a setting is a finite number
-            return False
-        above = self.low is None or (value >= self.low if self.low_inclusive else value > self.low)
-        below = self.high is None or (value <= self.high if self.high_inclusive else value < self.high)
-        return above and below
-
-    def __str__(self) -> str:
-        if self.high is None:
-            return f"{'>=' if self.low_inclusive else '>'} {self.low:g}"
-        left, right = "[" if self.low_inclusive else "(", "]" if self.high_inclusive else ")"
-        return f"in {left}{self.low:g}, {self.high:g}{right}"
-
-
-AT_LEAST_0 = Range(0)
-AT_LEAST_1 = Range(1)
-ABOVE_0 = Range(0, low_inclusive=False)
-UNIT = Range(0, 1)  # [0, 1)
 
 
 @dataclass

@@ -36,8 +36,10 @@ class LengthDesensitizedDPO(nn.Module):
         """Each side's log-prob with the tail past ``min(|y_w|, |y_l|)`` tokens weighted by alpha."""
         shared = torch.minimum(outputs.chosen_token_mask.sum(-1), outputs.rejected_token_mask.sum(-1))
         result = []
-        for logps, mask in ((outputs.chosen_token_logps, outputs.chosen_token_mask),
-                            (outputs.rejected_token_logps, outputs.rejected_token_mask)):
+        for logps, mask in (
+            (outputs.chosen_token_logps, outputs.chosen_token_mask),
+            (outputs.rejected_token_logps, outputs.rejected_token_mask),
+        ):
             position = torch.arange(logps.shape[1], device=logps.device).expand_as(logps)
             head = position < shared.unsqueeze(1)
             result.append(masked_sum(logps, mask & head) + self.alpha * masked_sum(logps, mask & ~head))
@@ -63,8 +65,12 @@ class WeightedDPO(nn.Module):
 
     def forward(self, policy, reference):
         chosen_norm, rejected_norm = policy.token_stats["log_sq_norm"]
-        weight_chosen = masked_sum(policy.chosen_token_logps - chosen_norm, policy.chosen_token_mask) / policy.chosen_tokens
-        weight_rejected = masked_sum(policy.rejected_token_logps - rejected_norm, policy.rejected_token_mask) / policy.rejected_tokens
+        weight_chosen = (
+            masked_sum(policy.chosen_token_logps - chosen_norm, policy.chosen_token_mask) / policy.chosen_tokens
+        )
+        weight_rejected = (
+            masked_sum(policy.rejected_token_logps - rejected_norm, policy.rejected_token_mask) / policy.rejected_tokens
+        )
         weights = torch.clamp(torch.exp(weight_chosen + weight_rejected), max=1).detach()
         chosen = policy.chosen_logps - reference.chosen_logps
         rejected = policy.rejected_logps - reference.rejected_logps

@@ -26,20 +26,46 @@ SEED = 0
 
 NUMBER_WORDS = "zero one two three four five six seven eight nine ten eleven twelve".split()
 COLOURS = {
-    "sky": "blue", "grass": "green", "sun": "yellow", "snow": "white", "night": "black",
-    "sea": "blue", "leaf": "green", "banana": "yellow", "cloud": "white", "coal": "black",
-    "tomato": "red", "strawberry": "red", "orange": "orange", "carrot": "orange",
+    "sky": "blue",
+    "grass": "green",
+    "sun": "yellow",
+    "snow": "white",
+    "night": "black",
+    "sea": "blue",
+    "leaf": "green",
+    "banana": "yellow",
+    "cloud": "white",
+    "coal": "black",
+    "tomato": "red",
+    "strawberry": "red",
+    "orange": "orange",
+    "carrot": "orange",
 }
 ANIMALS = {
-    "cat": "says meow and likes to sleep", "dog": "says woof and likes to run",
-    "cow": "says moo and eats grass", "duck": "says quack and swims in the pond",
-    "bird": "sings and flies in the sky", "fish": "swims in the sea", "horse": "runs fast in the field",
-    "sheep": "says baa and has soft wool", "frog": "jumps and lives near water", "owl": "is awake at night",
+    "cat": "says meow and likes to sleep",
+    "dog": "says woof and likes to run",
+    "cow": "says moo and eats grass",
+    "duck": "says quack and swims in the pond",
+    "bird": "sings and flies in the sky",
+    "fish": "swims in the sea",
+    "horse": "runs fast in the field",
+    "sheep": "says baa and has soft wool",
+    "frog": "jumps and lives near water",
+    "owl": "is awake at night",
 }
 CAPITALS = {
-    "france": "paris", "spain": "madrid", "italy": "rome", "germany": "berlin", "japan": "tokyo",
-    "egypt": "cairo", "canada": "ottawa", "peru": "lima", "kenya": "nairobi", "norway": "oslo",
-    "greece": "athens", "india": "new delhi",
+    "france": "paris",
+    "spain": "madrid",
+    "italy": "rome",
+    "germany": "berlin",
+    "japan": "tokyo",
+    "egypt": "cairo",
+    "canada": "ottawa",
+    "peru": "lima",
+    "kenya": "nairobi",
+    "norway": "oslo",
+    "greece": "athens",
+    "india": "new delhi",
 }
 GREETINGS = ["hello!", "hi there!", "good morning!", "good evening!", "hey, how are you?"]
 

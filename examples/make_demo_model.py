@@ -125,7 +125,8 @@ def supervised_fine_tune(model, examples: list[tuple[list[int], int]], pad_id: i
     warmup = SFT_STEPS // 10
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
-        lambda step: (step + 1) / warmup if step < warmup
+        lambda step: (step + 1) / warmup
+        if step < warmup
         else 0.5 * (1 + math.cos(math.pi * (step - warmup) / (SFT_STEPS - warmup))),
     )
     model.train()
@@ -151,7 +152,7 @@ def greedy_reply(model, tokenizer, prompt: str, max_new_tokens: int = 24) -> str
     messages = [{"role": "user", "content": prompt}]
     ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
     out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-    return tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+    return tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
 
 
 def main() -> None:

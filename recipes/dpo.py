@@ -1,7 +1,8 @@
 """DPO-family preference fine-tuning: dpokit's one training recipe.
 
 Features
-    losses      dpo, rso (hinge), ipo, simpo, or your own ``loss.name=package.module:Class``
+    losses      every loss of docs/losses.md (``loss.name``: dpo, ipo, simpo, orpo, sft, ...), weighted sums of
+                them (``loss.name=[dpo,sft] loss.weights=[1,0.5]``), or your own ``loss.name=package.module:Class``
     methods     full, lora, dora, qlora, qdora (``model.method``)
     reference   the ``ref.h5`` cache from ``dpokit ref-logps`` (default) or live (``reference.source=live``)
     scale       one process, or FSDP2 over N processes (``dpokit train --gpus N`` or torchrun)
@@ -50,68 +51,107 @@ import time
 from pathlib import Path
 
 import torch
-from rich.console import Console
 from rich.markup import escape
 
-from dpokit.artifacts import is_dpokit_artifact, write_marker, write_text_within
-from dpokit.checkpoint import (
-    check_finite_weights,
-    is_sharded,
-    latest_checkpoint,
-    load_checkpoint_state,
-    load_model_weights,
-    load_training_state,
-    rank_rng_state,
-    save_checkpoint,
-    set_rng_state,
-)
-from dpokit.config import QUANTIZED_METHODS, LoggingConfig, TrainConfig, config_to_dict, config_to_yaml, parse_recipe_args, uses_bitsandbytes
-from dpokit.data.loader import StepBatches, collated, default_workers, step_loader
-from dpokit.data.formats import load_prompts
-from dpokit.types import ChosenRejectedOutputs, PairBatch, TrainResult
-from dpokit.data.prepared import load_prepared, pair_lengths
-from dpokit.data.sampler import PairSampler
-from dpokit.data.tokenize import PLAIN_TURN_SEPARATOR, TOKENIZER_FILES, LengthLimits, PairTokenizer
-from dpokit.distributed import (
+from dpokit.recipe_api import (  # the names an ejected recipe may rely on (see that module's stability note)
+    PADDED,
+    PLAIN_TURN_SEPARATOR,
+    QUANTIZED_METHODS,
+    RUN_LOCK,
+    TOKENIZER_FILES,
+    CachedReference,
+    ChosenRejectedOutputs,
+    DpokitError,
+    Layout,
+    LengthLimits,
+    LiveReference,
+    LoggingConfig,
+    MetricsLogger,
+    OptimizerInBackward,
+    PairBatch,
+    PairMetrics,
+    PairSampler,
+    PairTokenizer,
+    SetupOrder,
+    StepBatches,
+    StopSignals,
+    TrainConfig,
+    TrainingInterrupted,
+    TrainResult,
+    WriterLock,
+    activation_offloading,
     any_rank,
     apply_fsdp,
+    attn_implementation_of,
     background_group,
     barrier,
-    broadcast_from_main,
-    cpu_threads,
-    destroy_distributed,
-    gather_to_main,
-    init_distributed,
-    reshard,
-)
-from dpokit.errors import DpokitError
-from dpokit.export import export_run
-from dpokit.family import attn_implementation_of
-from dpokit.fidelity import PADDED, Layout, check_layout, check_pairs, check_step_zero
-from dpokit.lock import WriterLock, lock_path
-from dpokit.logps import concatenated_forward, generate_reply
-from dpokit.losses import build_loss, check_loss_outputs, is_reference_free
-from dpokit.metrics import MetricsLogger, PairMetrics, summary_table, training_progress, truncate_metrics
-from dpokit.model import (
-    compile_layers,
-    activation_offloading,
     block_bitsandbytes_import,
+    broadcast_from_main,
+    build_loss,
+    build_optimizer,
+    build_scheduler,
+    check_finite_weights,
+    check_layout,
+    check_loss_outputs,
+    check_pairs,
+    check_resume_config,
+    check_step_zero,
+    check_token_counts,
+    check_trackers,
+    chosen_rejected_outputs,
+    clear_old_run,
+    collated,
+    compile_layers,
+    config_to_dict,
+    config_to_yaml,
+    console,
+    cpu_threads,
+    decoder_hidden_states,
     default_device,
+    default_workers,
+    destroy_distributed,
     dtype_name,
+    export_run,
+    extra_of,
+    gather_to_main,
+    generate_reply,
+    head_logps,
+    init_distributed,
+    is_dpokit_artifact,
+    is_reference_free,
+    latest_checkpoint,
     lean_loading_blocker,
+    load_checkpoint_state,
     load_policy,
     load_policy_sharded,
+    load_prepared,
+    load_prompts,
     load_reference,
+    load_training_state,
+    lock_path,
+    missing_trackers,
+    note,
+    open_trackers,
     pad_token_id,
+    pair_lengths,
+    parse_recipe_args,
+    print_causes,
+    rank_rng_state,
+    reshard,
+    save_checkpoint,
+    set_rng_state,
+    start_or_resume,
+    step_loader,
     stop_token_ids,
+    summary_table,
     training_dtypes,
+    training_progress,
+    truncate_metrics,
     uses_adapters,
+    uses_bitsandbytes,
+    write_marker,
+    write_text_within,
 )
-from dpokit.optim import OptimizerInBackward, build_optimizer, build_scheduler
-from dpokit.preemption import StopSignals, TrainingInterrupted
-from dpokit.trackers import check_trackers, extra_of, missing_trackers, open_trackers
-from dpokit.run_dir import RUN_LOCK, check_resume_config, clear_old_run, start_or_resume
-from dpokit.reference.source import CachedReference, LiveReference, check_token_counts
 
 
 class DPORecipe:
@@ -119,16 +159,19 @@ class DPORecipe:
 
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
-        self.console = Console(stderr=True)
+        self.console = console(stderr=True)  # progress and tables: silent below the info log level
 
     # ------------------------------------------------------------------------------------- setup
 
     def setup(self) -> None:
         cfg = self.cfg
+        order = SetupOrder()  # each `order.require(step, *needed)` below refuses a step moved before what it needs
         self.dist = init_distributed()
         self.device = default_device()
         self.process_settings = contextlib.ExitStack()  # undone in cleanup()
-        self.process_settings.enter_context(cpu_threads(cfg.distributed.cpu_threads if self.device.type == "cpu" else None))
+        self.process_settings.enter_context(
+            cpu_threads(cfg.distributed.cpu_threads if self.device.type == "cpu" else None)
+        )
         self.adapters = uses_adapters(cfg.model.method)
         self.run_dir = Path(cfg.output.dir)
         torch.manual_seed(cfg.training.seed)
@@ -137,8 +180,9 @@ class DPORecipe:
         self.train_split = self.data.split("train")
         self.eval_split = self.data.split("eval") if "eval" in self.data.splits else None
 
-        if self.dist.is_main:  # a tracker named but not installed fails now, not after the model loads
+        if self.dist.is_main:
             check_trackers(cfg.logging.report_to, default=LoggingConfig().report_to)
+        order.done("trackers_checked")
         self._tokenizer = None  # loaded at first use (`tokenizer`)
         self._check_tokenizer_files()
         self.loss_fn = build_loss(cfg.loss)
@@ -148,20 +192,25 @@ class DPORecipe:
             self.lock.acquire()
         checkpoint = self._resume_checkpoint()
         self.params_dtype, self.compute_dtype = training_dtypes(cfg.model, self.device)
-        self.policy, self.sharded = self._load_policy(checkpoint)
+        order.require("load_policy", "trackers_checked")
+        self.policy, self.sharded = self._load_policy()
         self.prompts_to_answer = self.sample_prompts()
         self.pad_id = pad_token_id(self.policy)
-        if checkpoint is not None and not is_sharded(checkpoint):  # an earlier version's: weights before sharding
-            load_model_weights(self.policy, checkpoint, self.adapters)
         self.reference = self._build_reference()
+        order.done("reference")
         self.step_zero_pending = checkpoint is None and self.reference is not None
         self.layout = self._startup_layout(Layout(cfg.data.packing, cfg.data.prefix_sharing, cfg.data.pack_length))
+        order.done("layout")
         if cfg.model.activation_offloading and self.device.type != "cuda":
-            self.announce("model.activation_offloading moves saved activations from the GPU to CPU memory; "
-                          "on CPU they are already there, so it changes nothing")
-        if cfg.training.compile:  # after the fidelity check, which compares the uncompiled model with itself
+            self.announce(
+                "model.activation_offloading moves saved activations from the GPU to CPU memory; "
+                "on CPU they are already there, so it changes nothing"
+            )
+        order.require("compile", "layout")
+        if cfg.training.compile:
             compile_layers(self.policy, cfg.training.compile_backend)
             self.loss_fn.compile(backend=cfg.training.compile_backend)
+        order.require("shard", "compile")
         if self.dist.world_size > 1 and not self.sharded:
             apply_fsdp(self.policy, cfg.distributed, self.device, self.compute_dtype)
 
@@ -182,6 +231,7 @@ class DPORecipe:
                 "lower data.batch_size or training.gradient_accumulation_steps"
             )
         self.total_steps = cfg.training.max_steps or cfg.training.epochs * self.sampler.steps_per_epoch
+        order.require("optimizer", "shard")
         if cfg.training.optimizer_in_backward:  # each parameter steps in backward; its gradient is freed at once
             self.optimizer = OptimizerInBackward(self.policy, cfg.optimizer, self.total_steps, cfg.scheduler)
             self.scheduler = self.optimizer.schedules
@@ -190,11 +240,14 @@ class DPORecipe:
             self.scheduler = build_scheduler(self.optimizer, self.total_steps, cfg.scheduler)
         self.step = 0
         self.skipped_steps = 0
+        order.require("training_state", "optimizer")
         if checkpoint is not None:
             self._load_training_state(checkpoint)
         replacing = checkpoint is None and cfg.output.overwrite and (self.run_dir / "metrics.jsonl").exists()
         if replacing and self.step_zero_pending:  # the step-0 check too, before an old run is given up
             self.check_first_batch()
+        order.done("step_zero")
+        order.require("clear_old_run", "reference", "step_zero")
         if self.dist.is_main:
             if checkpoint is None and cfg.output.overwrite:  # every check has passed: now the old run may go
                 clear_old_run(self.run_dir)
@@ -202,8 +255,9 @@ class DPORecipe:
             if not is_dpokit_artifact(self.run_dir, "run"):
                 write_marker(self.run_dir, "run")  # `--overwrite` later replaces only what this run wrote
             self._write_config(checkpoint)
-        self.logger = MetricsLogger(self.run_dir, enabled=self.dist.is_main, trackers=self._open_trackers(checkpoint),
-                                    announce=self.announce)
+        self.logger = MetricsLogger(
+            self.run_dir, enabled=self.dist.is_main, trackers=self._open_trackers(checkpoint), announce=self.announce
+        )
         self.signals = StopSignals(self.announce)
         self.pending_checkpoint = None  # an asynchronous checkpoint not yet complete
         self.checkpoint_group = background_group() if cfg.training.async_save else None
@@ -219,13 +273,13 @@ class DPORecipe:
 
     def announce(self, message: str) -> None:
         if self.dist.is_main:
-            self.console.print(f"[yellow]note:[/] {escape(message)}", soft_wrap=True)
+            note(message)
 
-    def _load_policy(self, checkpoint) -> tuple[torch.nn.Module, bool]:
+    def _load_policy(self) -> tuple[torch.nn.Module, bool]:
         """The policy, and whether it is already sharded: with several processes it is built on the meta device,
         sharded, and each rank reads only its own shards (``model.lean_loading``), where the method allows."""
         cfg = self.cfg
-        if self.dist.world_size > 1 and cfg.model.lean_loading and (checkpoint is None or is_sharded(checkpoint)):
+        if self.dist.world_size > 1 and cfg.model.lean_loading:
             blocker = lean_loading_blocker(cfg.model, cfg.reference.adapter, cfg.training.compile)
             if blocker is None:
                 shard = lambda model: apply_fsdp(model, cfg.distributed, self.device, self.compute_dtype)  # noqa: E731
@@ -242,11 +296,17 @@ class DPORecipe:
         """
         reference = self.reference
         checked = getattr(reference, "checked_layout", None) if isinstance(reference, CachedReference) else None
-        if (self.sharded and self.step_zero_pending and checked is not None
-                and reference.attn_implementation == attn_implementation_of(self.policy)):
+        if (
+            self.sharded
+            and self.step_zero_pending
+            and checked is not None
+            and reference.attn_implementation == attn_implementation_of(self.policy)
+        ):
             return PADDED if checked == PADDED.name else asked
         with self.autocast():
-            layout = check_layout(self.policy, check_pairs(self.train_split), self.pad_id, asked, self.announce, self.compute_dtype)
+            layout = check_layout(
+                self.policy, check_pairs(self.train_split), self.pad_id, asked, self.announce, self.compute_dtype
+            )
         if self.sharded:
             reshard(self.policy)
         return layout
@@ -265,8 +325,10 @@ class DPORecipe:
         """Stop now, not at the final checkpoint, when the tokenizer folder the run will need has no tokenizer."""
         source = Path(self.cfg.model.tokenizer or self.cfg.model.path)
         if source.is_dir() and not any((source / name).is_file() for name in TOKENIZER_FILES):
-            raise DpokitError(f"{source} has no tokenizer ({', '.join(TOKENIZER_FILES)}); "
-                              "name the tokenizer's folder with model.tokenizer=PATH")
+            raise DpokitError(
+                f"{source} has no tokenizer ({', '.join(TOKENIZER_FILES)}); "
+                "name the tokenizer's folder with model.tokenizer=PATH"
+            )
 
     def _resume_checkpoint(self):
         """The checkpoint to resume from (``--resume``, after checking the run keeps its meaning), or None
@@ -284,8 +346,13 @@ class DPORecipe:
         if not self.dist.is_main:
             return []
         return open_trackers(
-            log.report_to, self.run_dir, log.project, log.run_name, config_to_dict(self.cfg),
-            resume=checkpoint is not None, tracking_uri=log.mlflow_tracking_uri,
+            log.report_to,
+            self.run_dir,
+            log.project,
+            log.run_name,
+            config_to_dict(self.cfg),
+            resume=checkpoint is not None,
+            tracking_uri=log.mlflow_tracking_uri,
         )
 
     def _write_config(self, checkpoint) -> None:
@@ -304,7 +371,11 @@ class DPORecipe:
             if self.adapters and not cfg.reference.adapter:
                 return LiveReference(self.policy, adapters_off=True, forward=self.policy_logps)
             frozen = load_reference(
-                cfg.model.path, self.compute_dtype, self.device, cfg.reference.adapter, attn_implementation_of(self.policy)
+                cfg.model.path,
+                self.compute_dtype,
+                self.device,
+                cfg.reference.adapter,
+                attn_implementation_of(self.policy),
             )
             return LiveReference(frozen, adapters_off=False, forward=self.policy_logps)
         if not cfg.reference.cache:
@@ -332,7 +403,7 @@ class DPORecipe:
     def _load_training_state(self, checkpoint: Path) -> None:
         state = self.resume_state
         self.step = int(state["step"])
-        self.skipped_steps = int(state.get("skipped_steps", 0))
+        self.skipped_steps = int(state["skipped_steps"])
         self.sampler.load_state_dict(state["sampler"])
         self.scheduler.load_state_dict(state["scheduler"])
         load_checkpoint_state(self.policy, self.optimizer, checkpoint, state, self.adapters)
@@ -348,13 +419,17 @@ class DPORecipe:
     def batch(self, split, indices: list[int]) -> PairBatch:
         """The pairs `indices` of a prepared split, collated in the checked layout, on the device."""
         layout = self.layout
-        return collated(split, indices, self.pad_id, layout.packing, layout.prefix_sharing, layout.pack_length).to(self.device)
+        return collated(split, indices, self.pad_id, layout.packing, layout.prefix_sharing, layout.pack_length).to(
+            self.device
+        )
 
     def step_batches(self):
         """The steps still to run, each a list of this rank's collated micro-batches, prepared ahead by
         ``data.num_workers`` processes (default: 2 on CUDA, none on CPU) and pinned on CUDA."""
         layout, workers = self.layout, self.cfg.data.num_workers
-        batches = StepBatches(self.train_split, self.sampler, self.pad_id, layout.packing, layout.prefix_sharing, layout.pack_length)
+        batches = StepBatches(
+            self.train_split, self.sampler, self.pad_id, layout.packing, layout.prefix_sharing, layout.pack_length
+        )
         first = self.sampler.steps_done
         workers = default_workers(self.device) if workers is None else workers
         return iter(step_loader(batches, first, first + self.total_steps - self.step, workers, self.device))
@@ -362,13 +437,15 @@ class DPORecipe:
     def policy_logps(self, model: torch.nn.Module, batch: PairBatch, training: bool = False) -> ChosenRejectedOutputs:
         """The forward pass: per-pair log-probs of the chosen and rejected completions under `model`.
 
-        One pass over the batch's rows (`dpokit.logps.concatenated_forward`: chunked vocabulary
-        projection, fp32 log-softmax, sums over completion tokens). With `training`, a
-        mixture-of-experts model also returns its load-balancing term. Edit here to change how
+        One pass over the batch's rows, as `dpokit ref-logps` made the cache: the decoder over every row
+        (prompt once, chosen and rejected behind it), then the output head fused with the log-softmax on the
+        completion positions only (chunked, fp32, no full logits), then the sums split per pair. With
+        `training`, a mixture-of-experts model also returns its load-balancing term. Edit here to change how
         log-probs are computed; the step-0 check tells whether the reference cache still matches.
         """
-        return concatenated_forward(model, batch, self.cfg.data.logps_chunk_size, router_aux_loss=training,
-                                    token_stats=self.token_stats)
+        hidden, router_aux = decoder_hidden_states(model, batch, router_aux_loss=training)  # [R, L, H], any layout
+        completions = head_logps(model, hidden, batch, self.cfg.data.logps_chunk_size, self.token_stats)  # fused head
+        return chosen_rejected_outputs(completions, batch.num_pairs, self.token_stats, router_aux)  # [B] per pair
 
     def pair_outputs(self, batch: PairBatch, split: str):
         """Policy and reference outputs and the per-pair loss terms for one batch."""
@@ -389,8 +466,14 @@ class DPORecipe:
     def check_first_batch(self) -> None:
         """The step-0 check on this rank's first micro-batch, run in setup (no gradients) when a fresh run is
         about to replace an old one, so that a policy that does not start as the reference leaves the old run."""
-        batch = StepBatches(self.train_split, self.sampler, self.pad_id, self.layout.packing, self.layout.prefix_sharing,
-                            self.layout.pack_length)[self.sampler.steps_done][0].to(self.device)
+        batch = StepBatches(
+            self.train_split,
+            self.sampler,
+            self.pad_id,
+            self.layout.packing,
+            self.layout.prefix_sharing,
+            self.layout.pack_length,
+        )[self.sampler.steps_done][0].to(self.device)
         with torch.no_grad(), self.autocast():
             policy_out = self.policy_logps(self.policy, batch)
         reference_out = self.reference.outputs(batch, "train")
@@ -404,7 +487,9 @@ class DPORecipe:
         described = getattr(self.reference, "description", "a live reference")
         difference = check_step_zero(policy_out, reference_out, self.compute_dtype, described, refuse=not quantized)
         if quantized:
-            self.announce(f"step 0: the 4-bit policy differs from the reference by up to {difference:.3g} nats per sequence")
+            self.announce(
+                f"step 0: the 4-bit policy differs from the reference by up to {difference:.3g} nats per sequence"
+            )
 
     def train_step(self, micro_batches: list[PairBatch]) -> PairMetrics:
         """Forward and backward over this rank's micro-batches of one optimizer step."""
@@ -462,8 +547,11 @@ class DPORecipe:
             self.announce(f"{where}: batch skipped, no update ({self.skipped_steps} skipped so far)")
             return
         last = latest_checkpoint(self.run_dir)
-        when = ("the update was already applied in backward (training.optimizer_in_backward), so nothing more is saved"
-                if isinstance(self.optimizer, OptimizerInBackward) else "stopped before updating the weights")
+        when = (
+            "the update was already applied in backward (training.optimizer_in_backward), so nothing more is saved"
+            if isinstance(self.optimizer, OptimizerInBackward)
+            else "stopped before updating the weights"
+        )
         raise DpokitError(
             f"{where}; {when}. Last good checkpoint: "
             f"{last or 'none (nothing was saved yet)'}. Lower optimizer.lr, check the loss and those pairs, or set "
@@ -516,11 +604,15 @@ class DPORecipe:
         """Prompt ids the policy answers at every eval: the first ``eval.samples`` of the eval split, then those
         of ``eval.prompts_file``, made as `dpokit prepare` made the data's (its chat template or separator)."""
         cfg = self.cfg.eval
-        prompts = list(self.eval_split[: cfg.samples]["prompt_ids"]) if cfg.samples and self.eval_split is not None else []
+        prompts = (
+            list(self.eval_split[: cfg.samples]["prompt_ids"]) if cfg.samples and self.eval_split is not None else []
+        )
         if cfg.prompts_file:
             manifest = self.data.manifest  # data written by other tools may not record a template: the tokenizer's
             self.tokenizer.chat_template = manifest.get("chat_template", self.tokenizer.chat_template)
-            as_prepared = PairTokenizer(self.tokenizer, LengthLimits(), manifest.get("separator") or PLAIN_TURN_SEPARATOR)
+            as_prepared = PairTokenizer(
+                self.tokenizer, LengthLimits(), manifest.get("separator") or PLAIN_TURN_SEPARATOR
+            )
             prompts += as_prepared.prompt_ids(load_prompts(cfg.prompts_file))
         return prompts
 
@@ -538,11 +630,15 @@ class DPORecipe:
             torch.manual_seed(self.cfg.training.seed + self.step)
             for prompt_ids in self.prompts_to_answer:
                 with self.autocast():
-                    reply = generate_reply(self.policy, prompt_ids, cfg.max_new_tokens, cfg.temperature, stop_ids, self.device)
-                replies.append({
-                    "prompt": self.tokenizer.decode(prompt_ids, skip_special_tokens=False),
-                    "completion": self.tokenizer.decode(reply, skip_special_tokens=True).strip(),
-                })
+                    reply = generate_reply(
+                        self.policy, prompt_ids, cfg.max_new_tokens, cfg.temperature, stop_ids, self.device
+                    )
+                replies.append(
+                    {
+                        "prompt": self.tokenizer.decode(prompt_ids, skip_special_tokens=False),
+                        "completion": self.tokenizer.decode(reply, skip_special_tokens=True).strip(),
+                    }
+                )
         self.policy.train()
         return replies
 
@@ -579,7 +675,9 @@ class DPORecipe:
                 self.step += 1
                 self.result.train = self.step_metrics(metrics, time.perf_counter() - started, grad_norm, lr)
                 status = f"loss {self.result.train['loss']:.4f} acc {self.result.train['rewards/accuracies']:.2f}"
-                progress.update(task, completed=self.step, rate=f"{self.result.train['pairs_per_s']:.1f} pairs/s", status=status)
+                progress.update(
+                    task, completed=self.step, rate=f"{self.result.train['pairs_per_s']:.1f} pairs/s", status=status
+                )
                 self.after_step(is_last=self.step == self.total_steps)
         self.result.steps = self.step
         if self.cfg.output.merge and self.adapters and self.dist.is_main and self.result.checkpoint is not None:
@@ -589,8 +687,10 @@ class DPORecipe:
             if self.last_replies and self.last_replies[1]:
                 self.console.print(samples_table(self.first_replies, self.last_replies))
             if "tensorboard" in missing_trackers(self.cfg.logging.report_to):  # said once, at the end of the run
-                self.announce(f"no TensorBoard logs: the tensorboard package is an optional extra ({extra_of('tensorboard')}); "
-                              "metrics.jsonl has every value")
+                self.announce(
+                    f"no TensorBoard logs: the tensorboard package is an optional extra ({extra_of('tensorboard')}); "
+                    "metrics.jsonl has every value"
+                )
         return self.result
 
     def after_step(self, is_last: bool) -> None:
@@ -621,7 +721,8 @@ class DPORecipe:
         raise TrainingInterrupted(
             f"stopped by {self.signals.requested or 'a signal on another rank'} after step {self.step}/{self.total_steps}; "
             f"checkpoint: {path}. Resume with: dpokit train --config {self.run_dir / 'config.yaml'} --resume{gpus}"
-            if self.dist.is_main else ""
+            if self.dist.is_main
+            else ""
         )
 
     def save_checkpoint(self, asynchronous: bool = False) -> Path:
@@ -704,8 +805,17 @@ def samples_table(first: tuple[int, list[dict]], last: tuple[int, list[dict]]):
 
 def _summary_rows(result: TrainResult):
     metrics = {**result.train, **{f"eval/{key}": value for key, value in result.eval.items()}}
-    for key in ("loss", "rewards/accuracies", "rewards/margins", "eval/loss", "eval/rewards/accuracies",
-                "eval/rewards/margins", "pairs_per_s", "tokens_per_s", "peak_memory_mb"):
+    for key in (
+        "loss",
+        "rewards/accuracies",
+        "rewards/margins",
+        "eval/loss",
+        "eval/rewards/accuracies",
+        "eval/rewards/margins",
+        "pairs_per_s",
+        "tokens_per_s",
+        "peak_memory_mb",
+    ):
         if key in metrics:
             yield key, f"{metrics[key]:.4g}"
 
@@ -740,6 +850,7 @@ if __name__ == "__main__":
         code = exc.exit_code
     except DpokitError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        print_causes(exc)  # at the debug log level: the exceptions behind the line
         code = 1
     if "WORLD_SIZE" in os.environ:  # a worker of several: everything is saved and the group destroyed
         # Skip the interpreter's teardown of torch.distributed's C++ objects, which now and then aborts

@@ -16,6 +16,17 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import tiny  # noqa: E402
 
+from dpokit import log  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def default_log_level():
+    """Each test starts at the default level, and a level one sets does not reach the next."""
+    with log.level_restored():
+        os.environ.pop(log.ENV, None)
+        log.configure()
+        yield
+
 
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory) -> Path:
@@ -93,7 +104,7 @@ def tokenize_rows(tokenizer, rows: list[dict]) -> list[dict]:
                 messages + [{"role": "assistant", "content": row[side]}], tokenize=True
             )["input_ids"]
             assert list(full[: len(prompt)]) == prompt
-            entry[f"{side}_ids"] = list(full[len(prompt):])
+            entry[f"{side}_ids"] = list(full[len(prompt) :])
         out.append(entry)
     return out
 
@@ -156,7 +167,10 @@ def ref_cache(tiny_model_dir, prepared_dir, tmp_path_factory) -> Path:
     from dpokit.cli import main
 
     path = tmp_path_factory.mktemp("cache") / "ref.h5"
-    assert main(["ref-logps", str(prepared_dir), "--model", str(tiny_model_dir), "--out", str(path), "--batch-size", "3"]) == 0
+    assert (
+        main(["ref-logps", str(prepared_dir), "--model", str(tiny_model_dir), "--out", str(path), "--batch-size", "3"])
+        == 0
+    )
     return path
 
 
@@ -166,8 +180,14 @@ def ref_cache(tiny_model_dir, prepared_dir, tmp_path_factory) -> Path:
 
 def recipe_overrides(model_dir: Path, data_dir: Path, run_dir: Path, *extra) -> list[str]:
     """The recipe's dotted overrides for a run on a tiny model and data: a live reference, no periodic eval."""
-    return [f"model.path={model_dir}", f"data.path={data_dir}", f"output.dir={run_dir}", "reference.source=live",
-            "training.eval_every=0", *map(str, extra)]
+    return [
+        f"model.path={model_dir}",
+        f"data.path={data_dir}",
+        f"output.dir={run_dir}",
+        "reference.source=live",
+        "training.eval_every=0",
+        *map(str, extra),
+    ]
 
 
 def train_cli_args(model_dir: Path, data_dir: Path, run_dir: Path, *extra) -> list[str]:
@@ -194,10 +214,23 @@ def run_dpokit_elsewhere(argv: list[str]) -> None:
 # Full fine-tuning on 2 processes, long enough for faults to land mid-run, checkpointing every other step
 # (in the background: the faults land while checkpoints are being written too);
 # global batch 4 = 1 pair x 2 processes x 2 accumulation steps = 2 pairs x 2 steps on one process.
-TWO_PROCESS_RUN = ("--max-steps", "12", "--method", "full", "--lr", "1e-3", "training.gradient_accumulation_steps=2",
-                   "training.save_every=2", "training.keep_last=2", "training.async_save=true",
-                   "eval.samples=2", "eval.max_new_tokens=4",
-                   "--gpus", "2", "data.batch_size=1")
+TWO_PROCESS_RUN = (
+    "--max-steps",
+    "12",
+    "--method",
+    "full",
+    "--lr",
+    "1e-3",
+    "training.gradient_accumulation_steps=2",
+    "training.save_every=2",
+    "training.keep_last=2",
+    "training.async_save=true",
+    "eval.samples=2",
+    "eval.max_new_tokens=4",
+    "--gpus",
+    "2",
+    "data.batch_size=1",
+)
 ONE_PROCESS_RUN = (*TWO_PROCESS_RUN[:-3], "data.batch_size=2")  # the same run on one process
 
 
@@ -275,7 +308,9 @@ def naive_token_values(model, rows):
 
     batch = pad_pairs(rows, list(range(len(rows))), pad_id=0)
     with torch.no_grad():
-        log_probs = torch.log_softmax(model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits.float(), -1)
+        log_probs = torch.log_softmax(
+            model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits.float(), -1
+        )
     mask = batch.completion_mask[:, 1:]
     chosen_ids = batch.input_ids[:, 1:]
     token_logps = log_probs[:, :-1].gather(-1, chosen_ids.unsqueeze(-1)).squeeze(-1)

@@ -15,92 +15,158 @@ from typing import Callable
 WINDOW = 5  # shorter than every test sequence, so sliding-window layers really slide
 INIT_STD = 0.3
 
-COMMON = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False,
-              initializer_range=INIT_STD)
+COMMON = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    tie_word_embeddings=False,
+    initializer_range=INIT_STD,
+)
 
 
 def _llama(**ids):
     from transformers import LlamaConfig
+
     return LlamaConfig(**COMMON, **ids)
 
 
 def _qwen2(**ids):
     from transformers import Qwen2Config
+
     # max_window_layers=1: layer 0 full, layer 1 sliding (Qwen2's own mixed pattern).
     return Qwen2Config(**COMMON, **ids, use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1)
 
 
 def _qwen3(**ids):
     from transformers import Qwen3Config
+
     return Qwen3Config(**COMMON, **ids, head_dim=8)
 
 
 def _mistral(**ids):
     from transformers import MistralConfig
+
     return MistralConfig(**COMMON, **ids, sliding_window=WINDOW)
 
 
 def _mixtral(**ids):
     from transformers import MixtralConfig
-    return MixtralConfig(**COMMON, **ids, num_local_experts=4, num_experts_per_tok=2, sliding_window=WINDOW,
-                         output_router_logits=True, router_aux_loss_coef=0.02)
+
+    return MixtralConfig(
+        **COMMON,
+        **ids,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        sliding_window=WINDOW,
+        output_router_logits=True,
+        router_aux_loss_coef=0.02,
+    )
 
 
 def _qwen2_moe(**ids):
     from transformers import Qwen2MoeConfig
-    return Qwen2MoeConfig(**COMMON, **ids, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
-                          shared_expert_intermediate_size=32, decoder_sparse_step=1, output_router_logits=True)
+
+    return Qwen2MoeConfig(
+        **COMMON,
+        **ids,
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=32,
+        shared_expert_intermediate_size=32,
+        decoder_sparse_step=1,
+        output_router_logits=True,
+    )
 
 
 def _gemma(**ids):
     from transformers import GemmaConfig
+
     return GemmaConfig(**COMMON, **ids, head_dim=8)
 
 
 def _gemma2(**ids):
     from transformers import Gemma2Config
-    return Gemma2Config(**COMMON, **ids, head_dim=8, sliding_window=WINDOW, final_logit_softcapping=3.0,
-                        attn_logit_softcapping=5.0, query_pre_attn_scalar=8)
+
+    return Gemma2Config(
+        **COMMON,
+        **ids,
+        head_dim=8,
+        sliding_window=WINDOW,
+        final_logit_softcapping=3.0,
+        attn_logit_softcapping=5.0,
+        query_pre_attn_scalar=8,
+    )
 
 
 def _gemma3_text(**ids):
     from transformers import Gemma3TextConfig
-    return Gemma3TextConfig(**COMMON, **ids, head_dim=8, sliding_window=WINDOW, final_logit_softcapping=3.0,
-                            layer_types=["sliding_attention", "full_attention"], query_pre_attn_scalar=8)
+
+    return Gemma3TextConfig(
+        **COMMON,
+        **ids,
+        head_dim=8,
+        sliding_window=WINDOW,
+        final_logit_softcapping=3.0,
+        layer_types=["sliding_attention", "full_attention"],
+        query_pre_attn_scalar=8,
+    )
 
 
 def _phi3(**ids):
     from transformers import Phi3Config
+
     return Phi3Config(**COMMON, **ids, sliding_window=WINDOW)
 
 
 def _olmo2(**ids):
     from transformers import Olmo2Config
+
     return Olmo2Config(**COMMON, **ids)
 
 
 def _granite(**ids):
     from transformers import GraniteConfig
-    return GraniteConfig(**COMMON, **ids, logits_scaling=0.25, embedding_multiplier=2.0, residual_multiplier=0.5,
-                         attention_multiplier=0.2)
+
+    return GraniteConfig(
+        **COMMON,
+        **ids,
+        logits_scaling=0.25,
+        embedding_multiplier=2.0,
+        residual_multiplier=0.5,
+        attention_multiplier=0.2,
+    )
 
 
 def _cohere(**ids):
     from transformers import CohereConfig
+
     return CohereConfig(**COMMON, **ids, logit_scale=4.0)
 
 
 def _gpt_neox(**ids):
     from transformers import GPTNeoXConfig
+
     common = {k: v for k, v in COMMON.items() if k != "num_key_value_heads"}
     return GPTNeoXConfig(**common, **ids, rotary_pct=0.5)
 
 
 def _gpt2(**ids):
     from transformers import GPT2Config
-    return GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=256, initializer_range=INIT_STD,
-                      resid_pdrop=0.1, embd_pdrop=0.1, attn_pdrop=0.1, **ids)
+
+    return GPT2Config(
+        n_embd=32,
+        n_layer=2,
+        n_head=4,
+        n_positions=256,
+        initializer_range=INIT_STD,
+        resid_pdrop=0.1,
+        embd_pdrop=0.1,
+        attn_pdrop=0.1,
+        **ids,
+    )
 
 
 FAMILIES: dict[str, Callable] = {
@@ -127,8 +193,12 @@ def build_family_model(name: str, out_dir: Path, tokenizer, seed: int = 0):
     import torch
     from transformers import AutoModelForCausalLM
 
-    config = FAMILIES[name](vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
-                            eos_token_id=tokenizer.eos_token_id, bos_token_id=None)
+    config = FAMILIES[name](
+        vocab_size=len(tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+    )
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.save_pretrained(out_dir)

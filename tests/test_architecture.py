@@ -40,8 +40,12 @@ def dpokit_imports(path: Path) -> set[str]:
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "dpokit":
             names.add(node.module)
-            names.update(f"{node.module}.{a.name}" for a in node.names if (REPO / node.module.replace(".", "/") / a.name).exists()
-                         or (REPO / node.module.replace(".", "/") / f"{a.name}.py").exists())
+            names.update(
+                f"{node.module}.{a.name}"
+                for a in node.names
+                if (REPO / node.module.replace(".", "/") / a.name).exists()
+                or (REPO / node.module.replace(".", "/") / f"{a.name}.py").exists()
+            )
         elif isinstance(node, ast.Import):
             names.update(a.name for a in node.names if a.name.split(".")[0] == "dpokit")
     return names
@@ -86,7 +90,9 @@ def test_the_import_graph_has_no_cycles():
         state[node] = 1
         for nxt in graph.get(node, ()):
             if state.get(nxt) == 1:
-                raise AssertionError(f"import cycle: {' -> '.join(trail[trail.index(nxt):] + [nxt]) if nxt in trail else nxt}")
+                raise AssertionError(
+                    f"import cycle: {' -> '.join(trail[trail.index(nxt) :] + [nxt]) if nxt in trail else nxt}"
+                )
             if nxt not in state:
                 visit(nxt, trail + [nxt])
         state[node] = 2

@@ -246,9 +246,15 @@ def test_a_swap_cut_between_its_two_renames_is_undone_before_the_next_check(tmp_
 def test_only_dpokit_temporaries_of_dead_processes_are_swept(tmp_path):
     target = tmp_path / "prepared"
     dead, live = dead_pid(), os.getppid()
-    names = [f".prepared.tmp-{dead}", f".prepared.old-{dead}",  # dead: swept
-             f".prepared.tmp-{live}", ".prepared.tmp-mine", ".prepared.backup", "prepared.tmp-1",  # kept
-             f"..prepared.tmp-{dead}.tmp"]
+    names = [
+        f".prepared.tmp-{dead}",
+        f".prepared.old-{dead}",  # dead: swept
+        f".prepared.tmp-{live}",
+        ".prepared.tmp-mine",
+        ".prepared.backup",
+        "prepared.tmp-1",  # kept
+        f"..prepared.tmp-{dead}.tmp",
+    ]
     for name in names:
         (tmp_path / name).mkdir()
     removed = remove_stale_siblings(target)
@@ -271,7 +277,9 @@ def test_remove_within_refuses_a_directory_dpokit_did_not_create_and_deletes_not
     mine = tmp_path / "mine"
     (mine / "checkpoints" / "step_0000001").mkdir(parents=True)
     (mine / "metrics.jsonl").write_text("my own log\n")
-    with pytest.raises(DpokitError, match=r"refusing to delete inside .*mine: it is not a dpokit training run directory"):
+    with pytest.raises(
+        DpokitError, match=r"refusing to delete inside .*mine: it is not a dpokit training run directory"
+    ):
         remove_within(mine, "run", [mine / "metrics.jsonl", mine / "checkpoints" / "step_0000001"])
     assert (mine / "metrics.jsonl").read_text() == "my own log\n"
     assert (mine / "checkpoints" / "step_0000001").is_dir()

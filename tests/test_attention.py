@@ -11,9 +11,11 @@ from __future__ import annotations
 import random
 from types import SimpleNamespace
 
+import families
 import pytest
 import torch
 import torch.nn.functional as F
+from test_families import LAYOUTS, ROWS, own_logps
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoModelForCausalLM
 
@@ -22,9 +24,6 @@ from dpokit.attention import LayoutAttention, layout_attention
 from dpokit.data.collate import collate_pairs, dense_mask, pad_pairs
 from dpokit.logps import concatenated_forward, naive_sequence_logps, sequence_logps
 
-import families
-from test_families import LAYOUTS, ROWS, own_logps
-
 
 def random_rows(n: int, prompt: tuple[int, int], completion: tuple[int, int], seed: int = 0) -> list[dict]:
     rng = random.Random(seed)
@@ -32,7 +31,9 @@ def random_rows(n: int, prompt: tuple[int, int], completion: tuple[int, int], se
     def ids(low, high):
         return [rng.randrange(10, 300) for _ in range(rng.randint(low, high))]
 
-    return [{"prompt_ids": ids(*prompt), "chosen_ids": ids(*completion), "rejected_ids": ids(*completion)} for _ in range(n)]
+    return [
+        {"prompt_ids": ids(*prompt), "chosen_ids": ids(*completion), "rejected_ids": ids(*completion)} for _ in range(n)
+    ]
 
 
 def dense_reference(query, key, value, batch, window):
@@ -108,7 +109,7 @@ class LargestTensor(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        for tensor in (out if isinstance(out, (tuple, list)) else (out,)):
+        for tensor in out if isinstance(out, (tuple, list)) else (out,):
             if isinstance(tensor, torch.Tensor) and tensor.numel() > self.largest:
                 self.largest, self.op = tensor.numel(), func
         return out
@@ -128,11 +129,13 @@ def test_no_tensor_of_row_length_squared_in_a_packed_forward_and_backward(tiny_m
     assert largest.largest < length * length // 8, (largest.largest, largest.op)
 
 
+@pytest.mark.slow
 def test_flex_attention_block_mask_gives_the_padded_logps_on_cpu(family_dirs):
     # FlexAttention's backward does not run on CPU (torch 2.13): its forward is what is checked here, on Mistral
     # (grouped heads, every layer sliding by a window shorter than the pairs).
-    model = AutoModelForCausalLM.from_pretrained(family_dirs["mistral"], dtype=torch.float32,
-                                                 attn_implementation="flex_attention").eval()
+    model = AutoModelForCausalLM.from_pretrained(
+        family_dirs["mistral"], dtype=torch.float32, attn_implementation="flex_attention"
+    ).eval()
     rows = random_rows(4, prompt=(4, 40), completion=(3, 30), seed=4)
     indices = list(range(len(rows)))
     padded = pad_pairs(rows, indices, pad_id=0)
@@ -163,7 +166,9 @@ def test_layout_attention_gradients_equal_the_models_own(tiny_model_dir, monkeyp
     monkeypatch.setattr(attention, "DENSE_MAX_WIDTH", 0)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     rows, indices = LONG_ROWS[:2], [0, 1]
-    out = concatenated_forward(model, collate_pairs(rows, indices, 0, packing=True, prefix_sharing=True, pack_length=700))
+    out = concatenated_forward(
+        model, collate_pairs(rows, indices, 0, packing=True, prefix_sharing=True, pack_length=700)
+    )
     (out.chosen_logps - 0.5 * out.rejected_logps).sum().backward()
     layout_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()

@@ -21,8 +21,20 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "bench"
 SCRIPTS = sorted(path.name for path in BENCH.glob("*_bench.py"))
-PRELOAD = ["torch", "transformers.models.llama.modeling_llama", "peft", "datasets", "h5py", "dpokit.recipes.dpo",
-           "dpokit.reference.compute", "dpokit.data.pipeline", "dpokit.plan", "dpokit.cli"]
+TWO_PROCESSES = {"fsdp_memory_bench.py", "lean_loading_bench.py"}  # real worker processes: -m slow
+QUICK_RUNS = [pytest.param(s, marks=pytest.mark.slow) if s in TWO_PROCESSES else s for s in SCRIPTS]
+PRELOAD = [
+    "torch",
+    "transformers.models.llama.modeling_llama",
+    "peft",
+    "datasets",
+    "h5py",
+    "dpokit.recipes.dpo",
+    "dpokit.reference.compute",
+    "dpokit.data.pipeline",
+    "dpokit.plan",
+    "dpokit.cli",
+]
 VALUE = r"[+-]?[\d,]*\.?\d+(e[+-]?\d+)?( ?(x|%|s|MiB)| \(\d+\.\d+x\))?"
 NUMBER = re.compile(rf"^{VALUE}( / {VALUE})?$")  # 12.5, 1,024, 3.1x, 7%, 0.5 s, 768 (1.30x), 4 / 7
 
@@ -93,7 +105,7 @@ def assert_dated_header(section: str, script: str) -> None:
     assert command.startswith(f"`python bench/{script} --quick")
 
 
-@pytest.mark.parametrize("script", SCRIPTS)
+@pytest.mark.parametrize("script", QUICK_RUNS)
 def test_quick_run_writes_a_dated_section_with_its_numbers(forkserver, tmp_path, script):
     output, section = quick_run(forkserver, tmp_path, script)
     assert section.strip() in output  # printed as well as written
@@ -102,7 +114,9 @@ def test_quick_run_writes_a_dated_section_with_its_numbers(forkserver, tmp_path,
         numbers = [cell for cell in cells(section, first) if cell not in ("", "-")]
         assert numbers and all(NUMBER.match(cell) for cell in numbers), (first, numbers)
     if script == "precision_bench.py":
-        assert cells(section, "fp32")[0] == "float32 / float32" and cells(section, "bf16 pure")[0] == "bfloat16 / bfloat16"
+        assert (
+            cells(section, "fp32")[0] == "float32 / float32" and cells(section, "bf16 pure")[0] == "bfloat16 / bfloat16"
+        )
         assert cells(section, "bf16 mixed")[-1] == "100.0%"  # fp32 master weights take a 1e-6 update
     if script == "lean_loading_bench.py":  # lean loading alone: nothing to compare with
         assert float(cells(section, "lean")[0]) > 0 and cells(section, "lean")[1] == "-"
@@ -133,13 +147,19 @@ def test_benchmark_imports_no_other_benchmark_patches_no_dpokit_name_and_has_its
     modules = {alias.name for node in imports if isinstance(node, ast.Import) for alias in node.names}
     modules |= {node.module for node in imports if isinstance(node, ast.ImportFrom) and node.module}
     assert modules & {path.stem for path in BENCH.glob("*.py")} <= {"harness"}
-    dpokit_names = {(alias.asname or alias.name).split(".")[0] for node in imports for alias in node.names
-                    if (node.module if isinstance(node, ast.ImportFrom) else alias.name).startswith("dpokit")}
+    dpokit_names = {
+        (alias.asname or alias.name).split(".")[0]
+        for node in imports
+        for alias in node.names
+        if (node.module if isinstance(node, ast.ImportFrom) else alias.name).startswith("dpokit")
+    }
     for node in ast.walk(tree):
         for target in getattr(node, "targets", [getattr(node, "target", None)]):
             while isinstance(target, ast.Attribute):
                 target = target.value
-                assert not (isinstance(target, ast.Name) and target.id in dpokit_names), f"line {node.lineno} patches dpokit"
+                assert not (isinstance(target, ast.Name) and target.id in dpokit_names), (
+                    f"line {node.lineno} patches dpokit"
+                )
     assert (BENCH / script.replace("_bench.py", "_results.md")).is_file()
 
 

@@ -12,9 +12,9 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-
 import tiny
 from conftest import ref_logps_args, train_cli_args, write_test_prepared
+
 from dpokit.cli import main
 from dpokit.data.prepared import COLUMNS, load_prepared
 from dpokit.errors import DpokitError
@@ -52,22 +52,46 @@ def planted(tiny_model_dir, tmp_path_factory) -> dict:
     assert main(ref_logps_args(prepared, tiny_model_dir, cache, "--batch-size", "8")) == 0
     stdout = io.StringIO()
     with contextlib.redirect_stdout(stdout):
-        code = main(["cache", "audit", str(cache), "--top", "3", "--write-filtered", str(root / "clean"),
-                     "--drop", DROP, "--min-margin", str(MIN_MARGIN)])
+        code = main(
+            [
+                "cache",
+                "audit",
+                str(cache),
+                "--top",
+                "3",
+                "--write-filtered",
+                str(root / "clean"),
+                "--drop",
+                DROP,
+                "--min-margin",
+                str(MIN_MARGIN),
+            ]
+        )
     assert code == 0
-    return {"root": root, "prepared": prepared, "cache": cache, "stdout": stdout.getvalue(),
-            "audit": json.loads((root / "ref-audit" / "audit.json").read_text())}
+    return {
+        "root": root,
+        "prepared": prepared,
+        "cache": cache,
+        "stdout": stdout.getvalue(),
+        "audit": json.loads((root / "ref-audit" / "audit.json").read_text()),
+    }
 
 
 def cache_arrays(path: Path, split: str) -> dict[str, np.ndarray]:
     with h5py.File(path, "r") as handle:
-        return {name: handle[split][name][()] for name in ("chosen_logps", "rejected_logps", "chosen_tokens", "rejected_tokens")}
+        return {
+            name: handle[split][name][()]
+            for name in ("chosen_logps", "rejected_logps", "chosen_tokens", "rejected_tokens")
+        }
 
 
 def expected_margins(cache: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
     a = cache_arrays(cache, split)
     margin = a["chosen_logps"].astype(np.float64) - a["rejected_logps"]
-    per_token = a["chosen_logps"].astype(np.float64) / a["chosen_tokens"] - a["rejected_logps"].astype(np.float64) / a["rejected_tokens"]
+    per_token = (
+        a["chosen_logps"].astype(np.float64) / a["chosen_tokens"]
+        - a["rejected_logps"].astype(np.float64) / a["rejected_tokens"]
+    )
     return margin, per_token
 
 
@@ -102,7 +126,11 @@ def test_audit_finds_identical_pairs_and_exact_and_near_duplicate_prompts(plante
     assert duplicates["near"]["rows"] == duplicates["exact"]["rows"] + 1  # row 9 differs in case and spaces only
     assert [2, 7, 9] in duplicates["near"]["examples"] and [2, 7] in duplicates["exact"]["examples"]
     train_prompts = {normalised(r["prompt"]) for r in train}
-    assert got["eval"]["duplicate_prompts"]["in_train"] == sum(normalised(r["prompt"]) in train_prompts for r in eval_) >= 1
+    assert (
+        got["eval"]["duplicate_prompts"]["in_train"]
+        == sum(normalised(r["prompt"]) in train_prompts for r in eval_)
+        >= 1
+    )
 
 
 def test_audit_lists_the_pairs_the_reference_disagrees_with_most_with_decoded_previews(planted):
@@ -135,13 +163,16 @@ def expected_filter(cache: Path, source, split: str) -> tuple[list[int], dict[st
     identical = np.array([r["chosen_ids"] == r["rejected_ids"] for r in rows])
     low = ~identical & (margin < MIN_MARGIN)
     seen, kept = set(), []
-    for i, r in enumerate(rows):  # the first surviving row of each prompt (ids decode to the planted text)
+    for i, _ in enumerate(rows):  # the first surviving row of each prompt (ids decode to the planted text)
         key = normalised(planted_rows()[i + (NUM_TRAIN if split == "eval" else 0)]["prompt"])
         if not identical[i] and not low[i] and key not in seen:
             seen.add(key)
             kept.append(i)
-    dropped = {"identical": int(identical.sum()), "ref-disagrees": int(low.sum()),
-               "dup-prompts": len(rows) - int(identical.sum()) - int(low.sum()) - len(kept)}
+    dropped = {
+        "identical": int(identical.sum()),
+        "ref-disagrees": int(low.sum()),
+        "dup-prompts": len(rows) - int(identical.sum()) - int(low.sum()) - len(kept),
+    }
     return kept, dropped
 
 
@@ -151,7 +182,9 @@ def test_filtered_data_keeps_the_right_rows_and_records_the_filter(planted):
     source = load_prepared(planted["prepared"])
     record = clean.manifest["filter"]
     assert record["drop"] == DROP.split(",") and record["min_margin"] == MIN_MARGIN
-    assert record["source_cache"] == str(cache.resolve()) and record["source_prepared"] == str(planted["prepared"].resolve())
+    assert record["source_cache"] == str(cache.resolve()) and record["source_prepared"] == str(
+        planted["prepared"].resolve()
+    )
     for split in ("train", "eval"):
         rows = list(source.split(split))
         kept, dropped = expected_filter(cache, source, split)
@@ -174,8 +207,17 @@ def test_filter_eval_filters_the_eval_split_by_the_same_rules(planted, tmp_path)
     from rich.console import Console
 
     out = tmp_path / "clean"
-    run_audit(AuditOptions(cache=str(planted["cache"]), out=str(tmp_path / "audit"), write_filtered=str(out),
-                           drop=DROP.split(","), min_margin=MIN_MARGIN, filter_eval=True), Console(file=io.StringIO()))
+    run_audit(
+        AuditOptions(
+            cache=str(planted["cache"]),
+            out=str(tmp_path / "audit"),
+            write_filtered=str(out),
+            drop=DROP.split(","),
+            min_margin=MIN_MARGIN,
+            filter_eval=True,
+        ),
+        Console(file=io.StringIO()),
+    )
     source, clean = load_prepared(planted["prepared"]), load_prepared(out)
     kept, dropped = expected_filter(planted["cache"], source, "eval")
     assert clean.manifest["filter"]["splits"]["eval"]["dropped"] == dropped and sum(dropped.values()) > 0
@@ -187,15 +229,25 @@ def test_filtered_data_trains_on_its_copied_cache(planted, tiny_model_dir, tmp_p
 
     record = planted["audit"]["filter"]
     run = tmp_path / "run"
-    args = train_cli_args(tiny_model_dir, Path(record["prepared"]), run, "--max-steps", "2", "data.batch_size=2",
-                          "reference.source=cache", f"reference.cache={record['cache']}")
+    args = train_cli_args(
+        tiny_model_dir,
+        Path(record["prepared"]),
+        run,
+        "--max-steps",
+        "2",
+        "data.batch_size=2",
+        "reference.source=cache",
+        f"reference.cache={record['cache']}",
+    )
     assert main(args) == 0
     steps = read_metrics(run, "train")
     assert [r["step"] for r in steps] == [1, 2]
     assert steps[0]["rewards/chosen"] == pytest.approx(0.0, abs=1e-5)  # the copied values are the reference's own
 
 
-def test_without_matplotlib_the_audit_says_so_in_one_line_and_still_writes_its_json(planted, tmp_path, monkeypatch):
+def test_without_matplotlib_the_audit_says_so_in_one_line_and_still_writes_its_json(
+    planted, tmp_path, monkeypatch, capsys
+):
     import sys
 
     from rich.console import Console
@@ -203,16 +255,24 @@ def test_without_matplotlib_the_audit_says_so_in_one_line_and_still_writes_its_j
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # an environment without it
     console = Console(file=io.StringIO(), width=200)
     audit = run_audit(AuditOptions(cache=str(planted["cache"]), out=str(tmp_path / "audit")), console)
-    notes = [line for line in console.file.getvalue().splitlines() if line.startswith("note:")]
-    assert notes == ["note: no plots: drawing the audit plots needs matplotlib, a dpokit dependency missing here: pip install matplotlib"]
-    assert audit.plots == [] and sorted(p.name for p in (tmp_path / "audit").iterdir()) == [".dpokit-artifact.json", "audit.json"]
+    notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note:")]
+    assert notes == [
+        "note: no plots: drawing the audit plots needs matplotlib, a dpokit dependency missing here: pip install matplotlib"
+    ]
+    assert audit.plots == [] and sorted(p.name for p in (tmp_path / "audit").iterdir()) == [
+        ".dpokit-artifact.json",
+        "audit.json",
+    ]
 
 
-@pytest.mark.parametrize(("options", "message"), [
-    ({"drop": ["identicl"], "write_filtered": "x"}, "did you mean identical?"),
-    ({"drop": ["identical"]}, "--drop needs --write-filtered"),
-    ({"min_margin": -2.0, "drop": ["identical"], "write_filtered": "x"}, "add ref-disagrees to --drop"),
-])
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"drop": ["identicl"], "write_filtered": "x"}, "did you mean identical?"),
+        ({"drop": ["identical"]}, "--drop needs --write-filtered"),
+        ({"min_margin": -2.0, "drop": ["identical"], "write_filtered": "x"}, "add ref-disagrees to --drop"),
+    ],
+)
 def test_options_that_do_not_fit_together_are_refused_before_any_work(options, message):
     with pytest.raises(DpokitError, match=re.escape(message)):
         run_audit(AuditOptions(cache="no-such.h5", **options))
@@ -220,8 +280,14 @@ def test_options_that_do_not_fit_together_are_refused_before_any_work(options, m
 
 def test_an_earlier_filtered_output_is_refused_without_overwrite(planted):
     with pytest.raises(DpokitError, match="already exists; pass --overwrite"):
-        run_audit(AuditOptions(cache=str(planted["cache"]), write_filtered=str(planted["root"] / "clean"), drop=["identical"],
-                               out=str(planted["root"] / "second-audit")))
+        run_audit(
+            AuditOptions(
+                cache=str(planted["cache"]),
+                write_filtered=str(planted["root"] / "clean"),
+                drop=["identical"],
+                out=str(planted["root"] / "second-audit"),
+            )
+        )
 
 
 def test_overwrite_never_replaces_a_folder_or_file_dpokit_did_not_create(planted, tmp_path):
@@ -233,24 +299,47 @@ def test_overwrite_never_replaces_a_folder_or_file_dpokit_did_not_create(planted
     my_file.write_text("my file")
     for write_filtered, filtered_cache in ((mine, tmp_path / "fresh.h5"), (tmp_path / "fresh", my_file)):
         with pytest.raises(DpokitError, match="refusing to replace"):
-            run_audit(AuditOptions(cache=str(planted["cache"]), write_filtered=str(write_filtered), drop=["identical"],
-                                   filtered_cache=str(filtered_cache), out=str(tmp_path / "audit"), overwrite=True),
-                      Console(file=io.StringIO()))
+            run_audit(
+                AuditOptions(
+                    cache=str(planted["cache"]),
+                    write_filtered=str(write_filtered),
+                    drop=["identical"],
+                    filtered_cache=str(filtered_cache),
+                    out=str(tmp_path / "audit"),
+                    overwrite=True,
+                ),
+                Console(file=io.StringIO()),
+            )
     assert (mine / "notes.txt").read_text() == "keep" and my_file.read_text() == "my file"
 
 
 def test_a_per_token_cache_keeps_each_kept_rows_token_values(tmp_path):
     from dpokit.reference.cache import RefCacheWriter, cache_attrs, create_or_resume_cache, open_cache, subset_cache
 
-    attrs = cache_attrs(model="/m", weights="w", adapter=None, adapter_weights=None, prepared_path="/p",
-                        data_fingerprint="d", tokenizer_fingerprint="t", dtype="float32", per_token=True)
+    attrs = cache_attrs(
+        model="/m",
+        weights="w",
+        adapter=None,
+        adapter_weights=None,
+        prepared_path="/p",
+        data_fingerprint="d",
+        tokenizer_fingerprint="t",
+        dtype="float32",
+        per_token=True,
+    )
     chosen, rejected = np.array([2, 1, 3]), np.array([1, 2, 1])
     create_or_resume_cache(tmp_path / "ref.h5", attrs, {"train": 3}, False, {"train": chosen + rejected})
     tokens = [np.arange(n, dtype=np.float32) + 10 * row for row, n in enumerate(chosen + rejected)]
     logps = -np.arange(3, dtype=np.float32)
-    RefCacheWriter(tmp_path / "ref.h5").write("train", np.arange(3), logps, logps - 1, chosen, rejected, token_logps=tokens)
-    subset = subset_cache(open_cache(tmp_path / "ref.h5"), {"train": np.array([0, 2])}, tmp_path / "kept.h5",
-                          dict(attrs, data_fingerprint="e"))
+    RefCacheWriter(tmp_path / "ref.h5").write(
+        "train", np.arange(3), logps, logps - 1, chosen, rejected, token_logps=tokens
+    )
+    subset = subset_cache(
+        open_cache(tmp_path / "ref.h5"),
+        {"train": np.array([0, 2])},
+        tmp_path / "kept.h5",
+        dict(attrs, data_fingerprint="e"),
+    )
     got = subset.logps("train")
     assert got.chosen_logps.tolist() == [0.0, -2.0] and got.rejected_tokens.tolist() == [1, 1]
     assert got.token_offsets.tolist() == [0, 3, 7]

@@ -101,40 +101,67 @@ def run_as_script(path: Path, argv: list[str]) -> int:
     return 0
 
 
+@pytest.mark.slow
 def test_an_edited_ejected_recipe_runs_three_ways(tiny_model_dir, prepared_dir, tmp_path):
     recipe = eject_with_added_metric(tmp_path / "dpo_recipe.py")
-    common = ["--config", "tiny_lora", f"model.path={tiny_model_dir}", f"data.path={prepared_dir}",
-              "reference.source=live", "training.max_steps=3", "training.eval_every=0", "optimizer.lr=1e-2"]
+    common = [
+        "--config",
+        "tiny_lora",
+        f"model.path={tiny_model_dir}",
+        f"data.path={prepared_dir}",
+        "reference.source=live",
+        "training.max_steps=3",
+        "training.eval_every=0",
+        "optimizer.lr=1e-2",
+    ]
     runs = {name: tmp_path / name for name in ("dpokit_train", "python", "torchrun")}
 
-    assert main(["train", "--recipe", str(recipe), *common, "data.batch_size=4", f"output.dir={runs['dpokit_train']}"]) == 0
+    assert (
+        main(["train", "--recipe", str(recipe), *common, "data.batch_size=4", f"output.dir={runs['dpokit_train']}"])
+        == 0
+    )
     assert run_as_script(recipe, [*common, "data.batch_size=4", f"output.dir={runs['python']}"]) == 0
     # Two processes with 2 pairs each: the same global batch of 4 as the single-process runs.
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone", str(recipe),
-                    *common, "data.batch_size=2", f"output.dir={runs['torchrun']}"],
-                   cwd=tmp_path, env=subprocess_env(), check=True, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            "2",
+            "--standalone",
+            str(recipe),
+            *common,
+            "data.batch_size=2",
+            f"output.dir={runs['torchrun']}",
+        ],
+        cwd=tmp_path,
+        env=subprocess_env(),
+        check=True,
+        capture_output=True,
+    )
 
     losses = {}
     for name, run in runs.items():
         records = read_metrics(run, "train")
         assert len(records) == 3, name
         for record in records:
-            assert record["logps/gap"] == pytest.approx(record["logps/chosen"] - record["logps/rejected"], abs=1e-9), name
+            assert record["logps/gap"] == pytest.approx(record["logps/chosen"] - record["logps/rejected"], abs=1e-9), (
+                name
+            )
         losses[name] = [r["loss"] for r in records]
     assert losses["python"] == pytest.approx(losses["dpokit_train"], abs=1e-6)
     assert losses["torchrun"] == pytest.approx(losses["dpokit_train"], abs=1e-4)
     assert losses["dpokit_train"][0] == pytest.approx(0.693147, abs=1e-5)  # ln 2: step 1 starts at the reference
 
 
-FORWARD_CALL = (
-    "        return concatenated_forward(model, batch, self.cfg.data.logps_chunk_size, router_aux_loss=training,\n"
-    "                                    token_stats=self.token_stats)\n"
+FORWARD_CALL = "        completions = head_logps(model, hidden, batch, self.cfg.data.logps_chunk_size, self.token_stats)  # fused head\n"
+EXACT_EDIT = (
+    "        completions = head_logps(model, hidden, batch, 5, self.token_stats)  # smaller chunks, same values\n"
 )
-EXACT_EDIT = "        return concatenated_forward(model, batch, 5, router_aux_loss=training)  # smaller chunks, same values\n"
 DIVERGING_EDIT = (
-    "        out = concatenated_forward(model, batch, self.cfg.data.logps_chunk_size, router_aux_loss=training)\n"
-    "        out.chosen_logps = out.chosen_logps / 1.1  # a temperature the cache was not made with\n"
-    "        return out\n"
+    FORWARD_CALL
+    + "        completions = completions._replace(logps=completions.logps / 1.1)  # a temperature the cache was not made with\n"
 )
 
 
@@ -148,11 +175,29 @@ def eject_with_forward(dest: Path, forward: str) -> Path:
 
 
 def cached_run_args(recipe: Path, model_dir: Path, data_dir: Path, cache: Path, run: Path) -> list[str]:
-    return ["train", "--recipe", str(recipe), "--config", "tiny_lora", "--model", str(model_dir), "--data", str(data_dir),
-            "--ref-cache", str(cache), "--out", str(run), "--max-steps", "1", "training.eval_every=0"]
+    return [
+        "train",
+        "--recipe",
+        str(recipe),
+        "--config",
+        "tiny_lora",
+        "--model",
+        str(model_dir),
+        "--data",
+        str(data_dir),
+        "--ref-cache",
+        str(cache),
+        "--out",
+        str(run),
+        "--max-steps",
+        "1",
+        "training.eval_every=0",
+    ]
 
 
-def test_a_recipe_whose_forward_keeps_the_log_probs_trains_on_the_cache(tiny_model_dir, prepared_dir, ref_cache, tmp_path):
+def test_a_recipe_whose_forward_keeps_the_log_probs_trains_on_the_cache(
+    tiny_model_dir, prepared_dir, ref_cache, tmp_path
+):
     recipe = eject_with_forward(tmp_path / "dpo_recipe.py", EXACT_EDIT)
     assert main(cached_run_args(recipe, tiny_model_dir, prepared_dir, ref_cache, tmp_path / "run")) == 0
     (first,) = read_metrics(tmp_path / "run", "train")
@@ -182,9 +227,23 @@ def build_wheel(tmp_path: Path) -> Path:
         shutil.copytree(REPO / name, source / name, ignore=ignore)
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(REPO / name, source / name)
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index",
-                    "--wheel-dir", str(tmp_path / "dist"), str(source)],
-                   env=subprocess_env(), check=True, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "--no-index",
+            "--wheel-dir",
+            str(tmp_path / "dist"),
+            str(source),
+        ],
+        env=subprocess_env(),
+        check=True,
+        capture_output=True,
+    )
     (wheel,) = (tmp_path / "dist").glob("dpokit-*.whl")
     return wheel
 
@@ -194,20 +253,33 @@ def wheel(tmp_path_factory) -> Path:
     return build_wheel(tmp_path_factory.mktemp("wheel"))
 
 
+@pytest.mark.slow
 def test_the_wheel_ships_recipe_configs_and_demo_and_ejects_from_the_installed_package(tmp_path, wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
     assert "dpokit/recipes/dpo.py" in names
     sources = {path.relative_to(REPO).as_posix() for path in (REPO / "dpokit").rglob("*.py")}
     assert sources <= names, f"modules missing from the wheel: {sorted(sources - names)}"  # every package listed
     assert {f"dpokit/recipes/configs/{name}.yaml" for name in shipped_config_names()} <= names
-    assert {"dpokit/recipes/configs/models/llama3_1_8b.json", "dpokit/recipes/configs/models/qwen2_5_0_5b.json"} <= names
-    assert {"dpokit/demo/data/train.jsonl", "dpokit/demo/data/eval.jsonl", "dpokit/demo/model/config.json",
-            "dpokit/demo/model/model.safetensors", "dpokit/demo/model/tokenizer.json"} <= names
+    assert {
+        "dpokit/recipes/configs/models/llama3_1_8b.json",
+        "dpokit/recipes/configs/models/qwen2_5_0_5b.json",
+    } <= names
+    assert {
+        "dpokit/demo/data/train.jsonl",
+        "dpokit/demo/data/eval.jsonl",
+        "dpokit/demo/model/config.json",
+        "dpokit/demo/model/model.safetensors",
+        "dpokit/demo/model/tokenizer.json",
+    } <= names
     assert not any(name.startswith(("tests/", "examples/")) for name in names)
 
     site = tmp_path / "site"
-    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "--target", str(site), str(wheel)],
-                   env=subprocess_env(), check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "--target", str(site), str(wheel)],
+        env=subprocess_env(),
+        check=True,
+        capture_output=True,
+    )
     work = tmp_path / "work"
     work.mkdir()
     env = {**subprocess_env(), "PYTHONPATH": str(site)}  # ahead of the editable install of this checkout
@@ -216,15 +288,23 @@ def test_the_wheel_ships_recipe_configs_and_demo_and_ejects_from_the_installed_p
         "assert main(['eject', 'recipe']) == 0 and main(['eject', 'config', 'qwen2_5_0_5b_full']) == 0\n"
         "print(builtin_recipe_path()); print(demo_files().model)\n"
     )
-    where = subprocess.run([sys.executable, "-c", script], cwd=work, env=env, check=True, capture_output=True, text=True)
-    assert where.stdout.splitlines()[-2:] == [str(site / "dpokit" / "recipes" / "dpo.py"), str(site / "dpokit" / "demo" / "model")]
+    where = subprocess.run(
+        [sys.executable, "-c", script], cwd=work, env=env, check=True, capture_output=True, text=True
+    )
+    assert where.stdout.splitlines()[-2:] == [
+        str(site / "dpokit" / "recipes" / "dpo.py"),
+        str(site / "dpokit" / "demo" / "model"),
+    ]
     assert (work / "dpo_recipe.py").read_bytes() == shipped_with_header(builtin_recipe_path())
-    assert (work / "qwen2_5_0_5b_full.yaml").read_bytes() == shipped_with_header(shipped_configs_dir() / "qwen2_5_0_5b_full.yaml")
+    assert (work / "qwen2_5_0_5b_full.yaml").read_bytes() == shipped_with_header(
+        shipped_configs_dir() / "qwen2_5_0_5b_full.yaml"
+    )
 
 
 EXTRAS_MODULES = ("tensorboard", "wandb", "mlflow", "trackio", "trl")  # what only an extra installs
 
 
+@pytest.mark.slow
 def test_the_wheel_without_extras_runs_the_quickstart_to_the_end(tmp_path, wheel):
     """`pip install dpokit` and `dpokit quickstart`: a venv of its own with the wheel installed by pip, its
     dependencies lent from this environment (a .pth file, so this checkout's editable install is not seen) and
@@ -240,17 +320,44 @@ def test_the_wheel_without_extras_runs_the_quickstart_to_the_end(tmp_path, wheel
     venv.create(fresh, with_pip=False)
     (fresh_site,) = fresh.glob("lib/python*/site-packages")
     (fresh_site / "dependencies.pth").write_text("\n".join(site.getsitepackages()) + "\n")
-    (fresh_site / "sitecustomize.py").write_text(f"import sys\nfor name in {EXTRAS_MODULES!r}:\n    sys.modules[name] = None\n")
-    subprocess.run([sys.executable, "-m", "pip", "--python", str(fresh / "bin" / "python"), "install", "--no-deps",
-                    "--no-index", str(wheel)], env=subprocess_env(), check=True, capture_output=True)
-    done = subprocess.run([str(fresh / "bin" / "dpokit"), "quickstart", "--max-steps", "10", "--out", "qs"],
-                          cwd=tmp_path, env={**subprocess_env(), "COLUMNS": "200"}, capture_output=True, text=True)
+    (fresh_site / "sitecustomize.py").write_text(
+        f"import sys\nfor name in {EXTRAS_MODULES!r}:\n    sys.modules[name] = None\n"
+    )
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "--python",
+            str(fresh / "bin" / "python"),
+            "install",
+            "--no-deps",
+            "--no-index",
+            str(wheel),
+        ],
+        env=subprocess_env(),
+        check=True,
+        capture_output=True,
+    )
+    done = subprocess.run(
+        [str(fresh / "bin" / "dpokit"), "quickstart", "--max-steps", "10", "--out", "qs"],
+        cwd=tmp_path,
+        env={**subprocess_env(), "COLUMNS": "200"},
+        capture_output=True,
+        text=True,
+    )
     output = done.stdout + done.stderr
     assert done.returncode == 0 and "Traceback" not in output, output[-3000:]
     assert output.count("no TensorBoard logs: the tensorboard package is an optional extra") == 1
     assert "kernels" not in output  # bitsandbytes (and its warning) stays out of a run that does not use it
-    where = subprocess.run([str(fresh / "bin" / "python"), "-c", "import dpokit; print(dpokit.__file__)"],
-                           cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, check=True)
+    where = subprocess.run(
+        [str(fresh / "bin" / "python"), "-c", "import dpokit; print(dpokit.__file__)"],
+        cwd=tmp_path,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert Path(where.stdout.strip()).is_relative_to(fresh_site)  # the wheel's dpokit, not this checkout's
 
     run = tmp_path / "qs" / "run"
@@ -265,4 +372,7 @@ def test_the_wheel_without_extras_runs_the_quickstart_to_the_end(tmp_path, wheel
     for name in ("loss", "accuracy", "margins", "rewards"):
         assert (run / "plots" / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (tmp_path / "qs" / "ref.h5").is_file()
-    assert read_marker(tmp_path / "qs")["kind"] == "quickstart" and read_marker(tmp_path / "qs" / "prepared")["kind"] == "prepared"
+    assert (
+        read_marker(tmp_path / "qs")["kind"] == "quickstart"
+        and read_marker(tmp_path / "qs" / "prepared")["kind"] == "prepared"
+    )

@@ -16,8 +16,14 @@ from dpokit.cli import main
 def lora_run(tiny_model_dir, prepared_dir, tmp_path_factory) -> Path:
     """A one-step LoRA run of the tiny model (one checkpoint)."""
     run = tmp_path_factory.mktemp("export") / "run"
-    args = [f"model.path={tiny_model_dir}", f"data.path={prepared_dir}", f"output.dir={run}",
-            "reference.source=live", "training.eval_every=0", "training.max_steps=1"]
+    args = [
+        f"model.path={tiny_model_dir}",
+        f"data.path={prepared_dir}",
+        f"output.dir={run}",
+        "reference.source=live",
+        "training.eval_every=0",
+        "training.max_steps=1",
+    ]
     assert main(["train", "--config", "tiny_lora", *args]) == 0
     return run
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import random
 
+import families
 import pytest
 import torch
 import torch.nn.functional as F
@@ -22,8 +23,6 @@ from dpokit.errors import DpokitError
 from dpokit.fidelity import PADDED, Layout, check_layout
 from dpokit.logps import concatenated_forward, naive_sequence_logps, sequence_logps
 from dpokit.model import load_policy
-
-import families
 
 LAYOUTS = {
     "padded": Layout(),
@@ -72,7 +71,9 @@ def test_every_layout_gives_the_models_own_logps_for_cache_and_training(family, 
         torch.testing.assert_close(cached, expected, atol=1e-4, rtol=0, msg=f"{family} cache, {name} layout")
         training = sequence_logps(trained, batch)[0]  # train mode, autograd on
         assert training.requires_grad
-        torch.testing.assert_close(training.detach(), expected, atol=1e-4, rtol=0, msg=f"{family} training, {name} layout")
+        torch.testing.assert_close(
+            training.detach(), expected, atol=1e-4, rtol=0, msg=f"{family} training, {name} layout"
+        )
 
 
 @pytest.mark.parametrize("family", list(families.FAMILIES))

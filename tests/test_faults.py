@@ -18,13 +18,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TWO_PROCESS_RUN
 from safetensors.torch import load_file
 
 from dpokit.cli import main
 from dpokit.metrics import read_metrics
 from dpokit.preemption import INTERRUPTED_EXIT_CODE
-
-from conftest import TWO_PROCESS_RUN, run_dpokit_elsewhere
 
 
 def losses(run_dir: Path) -> list[float]:
@@ -33,8 +32,13 @@ def losses(run_dir: Path) -> list[float]:
 
 def start_train(argv: list[str]) -> subprocess.Popen:
     """`dpokit train` in its own process (and process group), as a user or a scheduler starts it."""
-    return subprocess.Popen([sys.executable, "-m", "dpokit", *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "dpokit", *argv],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
 
 
 def wait_for_steps(run_dir: Path, steps: int, process: subprocess.Popen, timeout: float = 120) -> None:
@@ -92,11 +96,10 @@ def test_sigterm_checkpoints_and_resume_equals_the_uninterrupted_run(train_cli, 
     assert losses(cut) == pytest.approx(losses(whole), abs=1e-6)
 
 
-def test_a_two_process_run_survives_sigterm_and_kill_9_and_ends_as_the_uninterrupted_run(
-    train_cli, two_process_run, tmp_path, capsys
-):
+@pytest.mark.slow
+def test_a_two_process_run_stopped_by_sigterm_resumes_to_the_uninterrupted_run(train_cli, two_process_run, tmp_path):
     cut = tmp_path / "cut"
-    # 1. SIGTERM to the launcher, as a scheduler's preemption: the workers checkpoint and the run exits 75.
+    # SIGTERM to the launcher, as a scheduler's preemption: the workers checkpoint and the run exits 75.
     process = start_train(train_cli(cut, *TWO_PROCESS_RUN))
     wait_for_steps(cut, 2, process)
     os.kill(process.pid, signal.SIGTERM)
@@ -106,15 +109,32 @@ def test_a_two_process_run_survives_sigterm_and_kill_9_and_ends_as_the_uninterru
     assert f"Resume with: dpokit train --config {cut / 'config.yaml'} --resume --gpus 2" in stderr
     stopped_at = len(losses(cut))
     assert stopped_at < 12 and (cut / "checkpoints" / f"step_{stopped_at:07d}").is_dir()
+    done = subprocess.run(
+        [sys.executable, "-m", "dpokit", *train_cli(cut, *TWO_PROCESS_RUN, "--resume")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert losses(cut) == pytest.approx(losses(two_process_run), abs=1e-6)  # every loss as if nothing had happened
 
-    # 2. Resumed, then kill -9 of launcher and workers at once, mid-step, mid-checkpoint or between.
-    process = start_train(train_cli(cut, *TWO_PROCESS_RUN, "--resume"))
-    wait_for_steps(cut, stopped_at + 1, process)
+
+@pytest.mark.slow
+def test_a_two_process_run_killed_with_kill_9_resumes_to_the_uninterrupted_run(
+    train_cli, two_process_run, tmp_path, capsys
+):
+    cut = tmp_path / "cut"
+    # kill -9 of launcher and workers at once, mid-step, mid-checkpoint or between, after the first checkpoint.
+    process = start_train(train_cli(cut, *TWO_PROCESS_RUN))
+    deadline = time.monotonic() + 120
+    while not list((cut / "checkpoints").glob("step_*")) and time.monotonic() < deadline:  # renamed into place: whole
+        assert process.poll() is None, "train ended early"
+        time.sleep(0.02)
     time.sleep(random.Random(0).uniform(0.0, 0.6))
     kill_launcher_and_workers(process, cut)
     assert process.returncode != 0, "the run finished before the kill landed; give it more steps"
 
-    # 3. Resumed again: the dead run's lock is taken over; while it runs, a second writer is refused.
+    # Resumed: the dead run's lock is taken over; while it runs, a second writer is refused.
     process = start_train(train_cli(cut, *TWO_PROCESS_RUN, "--resume"))
     wait_for_steps(cut, len(losses(cut)) + 1, process)
     assert main(train_cli(cut, "--max-steps", "2", "--overwrite")) == 1
@@ -125,8 +145,7 @@ def test_a_two_process_run_survives_sigterm_and_kill_9_and_ends_as_the_uninterru
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 0, stderr[-2000:]
     assert "taking over" in stderr and "no longer runs" in stderr
-    # Every loss as if nothing had happened.
-    assert losses(cut) == pytest.approx(losses(two_process_run), abs=1e-6)
+    assert losses(cut) == pytest.approx(losses(two_process_run), abs=1e-6)  # every loss as if nothing had happened
 
 
 def kill_launcher_and_workers(process: subprocess.Popen, run_dir: Path) -> None:
@@ -142,6 +161,7 @@ def kill_launcher_and_workers(process: subprocess.Popen, run_dir: Path) -> None:
     process.communicate()
 
 
+@pytest.mark.slow
 def test_killing_the_launcher_stops_its_workers_with_a_checkpoint(train_cli, tmp_path):
     run = tmp_path / "run"
     process = start_train(train_cli(run, "--max-steps", "400", "--gpus", "2"))
@@ -181,8 +201,9 @@ def nan_loss(misbehaving_losses) -> str:
 
 def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(train_cli, tmp_path, nan_loss, capsys):
     run = tmp_path / "run"
-    argv = train_cli(run, "--max-steps", "6", "--loss", nan_loss, "loss.after=3",
-                      "training.save_every=1", "training.keep_last=1")
+    argv = train_cli(
+        run, "--max-steps", "6", "--loss", nan_loss, "loss.after=3", "training.save_every=1", "training.keep_last=1"
+    )
     assert main(argv) == 1
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "step 3: non-finite loss" in err and "on train pairs" in err
@@ -195,8 +216,7 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(train_cli, 
 
 def test_skip_nonfinite_skips_the_batch_and_counts_it(train_cli, tmp_path, nan_loss):
     run = tmp_path / "run"
-    argv = train_cli(run, "--max-steps", "4", "--loss", nan_loss, "loss.after=3",
-                      "training.skip_nonfinite=true")
+    argv = train_cli(run, "--max-steps", "4", "--loss", nan_loss, "loss.after=3", "training.skip_nonfinite=true")
     assert main(argv) == 0
     records = read_metrics(run, "train")
     assert [r.get("skipped_steps", 0) for r in records] == [0, 0, 1, 2]  # every call from the 3rd on is NaN
@@ -277,20 +297,27 @@ def test_a_second_ref_logps_into_the_same_cache_is_refused(tiny_model_dir, prepa
     cache = tmp_path / "ref.h5"
     holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        (tmp_path / "ref.h5.lock").write_text(json.dumps({"host": socket.gethostname(), "pid": holder.pid,
-                                                          "since": "now", "command": "dpokit ref-logps ..."}))
+        (tmp_path / "ref.h5.lock").write_text(
+            json.dumps(
+                {"host": socket.gethostname(), "pid": holder.pid, "since": "now", "command": "dpokit ref-logps ..."}
+            )
+        )
         assert main(["ref-logps", str(prepared_dir), "--model", str(tiny_model_dir), "--out", str(cache)]) == 1
-        assert f"reference cache {cache} is being written by another dpokit process (pid {holder.pid}" in capsys.readouterr().err
+        assert (
+            f"reference cache {cache} is being written by another dpokit process (pid {holder.pid}"
+            in capsys.readouterr().err
+        )
         assert not cache.exists()
     finally:
         holder.kill()
         holder.wait()
-    assert main(["ref-logps", str(prepared_dir), "--model", str(tiny_model_dir), "--out", str(cache)]) == 0  # stale: taken over
+    assert (
+        main(["ref-logps", str(prepared_dir), "--model", str(tiny_model_dir), "--out", str(cache)]) == 0
+    )  # stale: taken over
     assert cache.exists() and not (tmp_path / "ref.h5.lock").exists()
 
 
-def test_a_checkpoint_that_cannot_be_written_is_named_and_the_previous_kept(train_cli, tmp_path,
-                                                                             monkeypatch, capsys):
+def test_a_checkpoint_that_cannot_be_written_is_named_and_the_previous_kept(train_cli, tmp_path, monkeypatch, capsys):
     import dpokit.checkpoint as checkpoint
 
     run = tmp_path / "run"
@@ -311,10 +338,13 @@ def test_a_checkpoint_that_cannot_be_written_is_named_and_the_previous_kept(trai
 
 def test_save_every_minutes_saves_on_time(train_cli, tmp_path):
     run = tmp_path / "run"
-    argv = train_cli(run, "--max-steps", "3", "training.save_every_minutes=1e-6",
-                      "training.keep_last=5")
+    argv = train_cli(run, "--max-steps", "3", "training.save_every_minutes=1e-6", "training.keep_last=5")
     assert main(argv) == 0
-    assert sorted(p.name for p in (run / "checkpoints").glob("step_*")) == ["step_0000001", "step_0000002", "step_0000003"]
+    assert sorted(p.name for p in (run / "checkpoints").glob("step_*")) == [
+        "step_0000001",
+        "step_0000002",
+        "step_0000003",
+    ]
 
 
 def _with_file_size_limit(limit: int):
@@ -327,14 +357,25 @@ def _with_file_size_limit(limit: int):
 
 
 @pytest.mark.parametrize("command", ["prepare", "ref-logps"])
-def test_running_out_of_room_is_one_line_and_leaves_no_temporary_or_lock(command, pairs_jsonl, tokenizer_dir,
-                                                                         tiny_model_dir, prepared_dir, tmp_path):
+@pytest.mark.slow
+def test_running_out_of_room_is_one_line_and_leaves_no_temporary_or_lock(
+    command, pairs_jsonl, tokenizer_dir, tiny_model_dir, prepared_dir, tmp_path
+):
     # `ulimit -f` stands in for a full disk: the same failed writes, without filling the machine's disk.
     out = tmp_path / ("prepared" if command == "prepare" else "ref.h5")
-    args = (["prepare", str(pairs_jsonl), "--model", str(tokenizer_dir), "--out", str(out)] if command == "prepare"
-            else ["ref-logps", str(prepared_dir), "--model", str(tiny_model_dir), "--out", str(out)])
-    done = subprocess.run([sys.executable, "-m", "dpokit", *args], capture_output=True, text=True, cwd=tmp_path,
-                          preexec_fn=_with_file_size_limit(3000), timeout=300)
+    args = (
+        ["prepare", str(pairs_jsonl), "--model", str(tokenizer_dir), "--out", str(out)]
+        if command == "prepare"
+        else ["ref-logps", str(prepared_dir), "--model", str(tiny_model_dir), "--out", str(out)]
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "dpokit", *args],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        preexec_fn=_with_file_size_limit(3000),
+        timeout=300,
+    )
     err = done.stderr.strip()
     assert done.returncode == 1, err[-2000:]
     assert len(err.splitlines()) == 1 and "Traceback" not in err, err[-2000:]
@@ -356,6 +397,7 @@ def test_a_shard_write_that_runs_out_of_room_is_named_not_dcps_traceback(tmp_pat
     assert "Traceback" not in message and len(message.splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_a_signal_while_the_workers_start_does_not_claim_a_checkpoint(train_cli, tmp_path):
     run = tmp_path / "run"
     process = start_train(train_cli(run, "--max-steps", "400", "--gpus", "2"))
@@ -370,11 +412,17 @@ def test_a_signal_while_the_workers_start_does_not_claim_a_checkpoint(train_cli,
     assert "after writing a checkpoint" not in err
 
 
+@pytest.mark.slow
 def test_a_checkpoint_that_outgrows_the_file_size_limit_is_one_line_and_leaves_no_half_checkpoint(train_cli, tmp_path):
     run = tmp_path / "run"
     argv = train_cli(run, "--max-steps", "2", "--method", "full", "training.save_every=1")
-    done = subprocess.run([sys.executable, "-m", "dpokit", *argv], capture_output=True, text=True, timeout=300,
-                          preexec_fn=_with_file_size_limit(100_000))  # the full model's shards are larger
+    done = subprocess.run(
+        [sys.executable, "-m", "dpokit", *argv],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        preexec_fn=_with_file_size_limit(100_000),
+    )  # the full model's shards are larger
     errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
     assert done.returncode == 1, done.stderr[-2000:]
     assert len(errors) == 1 and "cannot write checkpoint" in errors[0] and "File too large" in errors[0]

@@ -18,28 +18,57 @@ from dpokit.errors import DpokitError
 from dpokit.fidelity import check_step_zero, tolerance
 from dpokit.launch import builtin_recipe_path, load_recipe_module
 from dpokit.logps import naive_sequence_logps
-from dpokit.types import ChosenRejectedOutputs
 from dpokit.metrics import read_metrics
 from dpokit.reference.cache import open_cache
+from dpokit.types import ChosenRejectedOutputs
 
 RECIPE = load_recipe_module(builtin_recipe_path())
 
 
 def ref_logps(prepared, model, out, *extra) -> None:
-    assert main(["ref-logps", str(prepared), "--model", str(model), "--out", str(out), "--batch-size", "8", *extra]) == 0
+    assert (
+        main(["ref-logps", str(prepared), "--model", str(model), "--out", str(out), "--batch-size", "8", *extra]) == 0
+    )
 
 
 def train(model, prepared, run, cache, *extra) -> int:
-    return main(["train", "--config", "tiny_lora", "--data", str(prepared), "--model", str(model), "--out", str(run),
-                 "--ref-cache", str(cache), "--max-steps", "1", "training.eval_every=0", *extra])
+    return main(
+        [
+            "train",
+            "--config",
+            "tiny_lora",
+            "--data",
+            str(prepared),
+            "--model",
+            str(model),
+            "--out",
+            str(run),
+            "--ref-cache",
+            str(cache),
+            "--max-steps",
+            "1",
+            "training.eval_every=0",
+            *extra,
+        ]
+    )
 
 
 @pytest.mark.parametrize("method", ["lora", "full"])
 def test_dpo_on_an_adapter_dir_starts_at_zero_rewards(method, tiny_model_dir, prepared_dir, adapter_dir, tmp_path):
     cache = tmp_path / "ref.h5"
     ref_logps(prepared_dir, tiny_model_dir, cache, "--adapter", str(adapter_dir))
-    assert train(tiny_model_dir, prepared_dir, tmp_path / "run", cache, "--method", method,
-                 f"reference.adapter={adapter_dir}") == 0
+    assert (
+        train(
+            tiny_model_dir,
+            prepared_dir,
+            tmp_path / "run",
+            cache,
+            "--method",
+            method,
+            f"reference.adapter={adapter_dir}",
+        )
+        == 0
+    )
     first = read_metrics(tmp_path / "run", "train")[0]
     assert first["loss"] == pytest.approx(math.log(2), abs=1e-5)
     assert first["rewards/chosen"] == pytest.approx(0.0, abs=1e-5)
@@ -51,7 +80,10 @@ def test_lora_continues_the_adapter_dir(tiny_model_dir, prepared_dir, adapter_di
 
     cache = tmp_path / "ref.h5"
     ref_logps(prepared_dir, tiny_model_dir, cache, "--adapter", str(adapter_dir))
-    assert train(tiny_model_dir, prepared_dir, tmp_path / "run", cache, f"reference.adapter={adapter_dir}", "lora.rank=16") == 0
+    assert (
+        train(tiny_model_dir, prepared_dir, tmp_path / "run", cache, f"reference.adapter={adapter_dir}", "lora.rank=16")
+        == 0
+    )
     saved = json.loads(next((tmp_path / "run" / "checkpoints").glob("step_*/adapter_config.json")).read_text())
     assert saved["r"] == 4  # the SFT adapter's own rank, not lora.rank
     assert sorted(saved["target_modules"]) == ["down_proj", "q_proj", "v_proj"]
@@ -60,11 +92,24 @@ def test_lora_continues_the_adapter_dir(tiny_model_dir, prepared_dir, adapter_di
 def test_a_lora_adapter_is_not_continued_as_dora(tiny_model_dir, prepared_dir, adapter_dir, tmp_path, capsys):
     cache = tmp_path / "ref.h5"
     ref_logps(prepared_dir, tiny_model_dir, cache, "--adapter", str(adapter_dir))
-    assert train(tiny_model_dir, prepared_dir, tmp_path / "run", cache, "--method", "dora", f"reference.adapter={adapter_dir}") == 1
+    assert (
+        train(
+            tiny_model_dir,
+            prepared_dir,
+            tmp_path / "run",
+            cache,
+            "--method",
+            "dora",
+            f"reference.adapter={adapter_dir}",
+        )
+        == 1
+    )
     assert "use model.method=lora" in capsys.readouterr().err
 
 
-def test_step_zero_check_stops_a_run_whose_cache_was_computed_in_another_dtype(tiny_model_dir, prepared_dir, tmp_path, capsys):
+def test_step_zero_check_stops_a_run_whose_cache_was_computed_in_another_dtype(
+    tiny_model_dir, prepared_dir, tmp_path, capsys
+):
     cache = tmp_path / "ref.h5"
     ref_logps(prepared_dir, tiny_model_dir, cache, "--dtype", "bfloat16")
     assert train(tiny_model_dir, prepared_dir, tmp_path / "run", cache) == 1
@@ -79,8 +124,12 @@ def test_step_zero_check_stops_a_run_whose_cache_was_computed_in_another_dtype(t
 def outputs(logps: list[float], tokens: list[int]) -> ChosenRejectedOutputs:
     half = len(logps) // 2
     values, counts = torch.tensor(logps), torch.tensor(tokens)
-    return ChosenRejectedOutputs(chosen_logps=values[:half], rejected_logps=values[half:],
-                                 chosen_tokens=counts[:half], rejected_tokens=counts[half:])
+    return ChosenRejectedOutputs(
+        chosen_logps=values[:half],
+        rejected_logps=values[half:],
+        chosen_tokens=counts[:half],
+        rejected_tokens=counts[half:],
+    )
 
 
 def test_step_zero_tolerance_fits_the_dtype():
@@ -95,9 +144,19 @@ def test_step_zero_tolerance_fits_the_dtype():
 
 
 def full_bf16_step(model_dir, data_dir, run_dir, precision: str):
-    args = [f"model.path={model_dir}", f"data.path={data_dir}", f"output.dir={run_dir}", "model.method=full",
-            "model.dtype=bfloat16", f"model.precision={precision}", "loss.name=simpo", "optimizer.lr=1e-6",
-            "scheduler.name=constant", "training.max_steps=1", "training.eval_every=0"]
+    args = [
+        f"model.path={model_dir}",
+        f"data.path={data_dir}",
+        f"output.dir={run_dir}",
+        "model.method=full",
+        "model.dtype=bfloat16",
+        f"model.precision={precision}",
+        "loss.name=simpo",
+        "optimizer.lr=1e-6",
+        "scheduler.name=constant",
+        "training.max_steps=1",
+        "training.eval_every=0",
+    ]
     recipe = RECIPE.DPORecipe(load_config("tiny_lora", args))
     recipe.setup()
     recipe.train()
@@ -127,13 +186,32 @@ def test_full_fine_tuning_in_bf16_keeps_fp32_master_weights(tiny_model_dir, prep
 
 
 def test_float16_training_is_refused(tiny_model_dir, prepared_dir, tmp_path, capsys):
-    assert main(["train", "--config", "tiny_lora", "--data", str(prepared_dir), "--model", str(tiny_model_dir),
-                 "--out", str(tmp_path / "run"), "--ref", "live", "model.dtype=float16"]) == 1
+    assert (
+        main(
+            [
+                "train",
+                "--config",
+                "tiny_lora",
+                "--data",
+                str(prepared_dir),
+                "--model",
+                str(tiny_model_dir),
+                "--out",
+                str(tmp_path / "run"),
+                "--ref",
+                "live",
+                "model.dtype=float16",
+            ]
+        )
+        == 1
+    )
     assert "model.dtype=float16 is not supported for training" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(("family", "attention"), [("gemma2", "eager"), ("mistral", "sdpa"), ("granite", "sdpa")])
-def test_ref_logps_caches_the_models_own_logps_and_records_its_attention(family, attention, family_dirs, prepared_dir, tmp_path):
+def test_ref_logps_caches_the_models_own_logps_and_records_its_attention(
+    family, attention, family_dirs, prepared_dir, tmp_path
+):
     cache_path = tmp_path / "ref.h5"
     ref_logps(prepared_dir, family_dirs[family], cache_path, "--splits", "train")
     cache = open_cache(cache_path)
@@ -148,7 +226,9 @@ def test_ref_logps_caches_the_models_own_logps_and_records_its_attention(family,
     np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)
 
 
-def test_train_says_when_the_cache_used_another_attention_implementation(tiny_model_dir, prepared_dir, tmp_path, capsys):
+def test_train_says_when_the_cache_used_another_attention_implementation(
+    tiny_model_dir, prepared_dir, tmp_path, capsys
+):
     cache = tmp_path / "ref.h5"
     ref_logps(prepared_dir, tiny_model_dir, cache, "--attn-implementation", "eager")
     assert train(tiny_model_dir, prepared_dir, tmp_path / "run", cache) == 0  # fp32: eager and SDPA agree to 1e-6

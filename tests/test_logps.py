@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import naive_token_values
 from transformers import AutoModelForCausalLM
 
 from dpokit.data.collate import collate_pairs, dense_mask, pad_pairs
 from dpokit.logps import concatenated_forward, naive_sequence_logps, sequence_logps
 from dpokit.types import Segment
-
-from conftest import naive_token_values
 
 ROWS = [
     {"prompt_ids": [3, 40, 41, 42, 5, 4], "chosen_ids": [50, 51, 52, 5], "rejected_ids": [60, 5]},
@@ -112,8 +111,11 @@ def test_activation_checkpointing_changes_no_gradient(tiny_model_dir, method):
     gradients = []
     for checkpointing in (False, True):
         torch.manual_seed(0)  # the same LoRA initialisation both times
-        policy = load_policy(ModelConfig(path=str(tiny_model_dir), method=method, activation_checkpointing=checkpointing),
-                             LoraConfig(), torch.device("cpu"))
+        policy = load_policy(
+            ModelConfig(path=str(tiny_model_dir), method=method, activation_checkpointing=checkpointing),
+            LoraConfig(),
+            torch.device("cpu"),
+        )
         policy.train()
         assert any(getattr(m, "gradient_checkpointing", False) for m in policy.modules()) == checkpointing
         out = concatenated_forward(policy, collate_pairs(ROWS, [0, 1, 2], pad_id=0, packing=True, prefix_sharing=True))
@@ -134,7 +136,11 @@ def test_per_token_logps_and_token_stats_equal_the_models_own_in_every_layout(mo
     for side, offset in (("chosen", 0), ("rejected", b)):
         mask = getattr(out, f"{side}_token_mask")
         for i in range(b):
-            expected = {"logps": token_logps[offset + i], "log_sq_norm": log_sq_norm[offset + i], "entropy": entropy[offset + i]}
+            expected = {
+                "logps": token_logps[offset + i],
+                "log_sq_norm": log_sq_norm[offset + i],
+                "entropy": entropy[offset + i],
+            }
             got = {
                 "logps": getattr(out, f"{side}_token_logps")[i][mask[i]],
                 "log_sq_norm": out.token_stats["log_sq_norm"][0 if side == "chosen" else 1][i][mask[i]],
@@ -142,7 +148,9 @@ def test_per_token_logps_and_token_stats_equal_the_models_own_in_every_layout(mo
             }
             for name in expected:
                 torch.testing.assert_close(got[name], expected[name], atol=1e-4, rtol=0, msg=f"{side} {i} {name}")
-    torch.testing.assert_close((out.chosen_token_logps * out.chosen_token_mask).sum(-1), out.chosen_logps, atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        (out.chosen_token_logps * out.chosen_token_mask).sum(-1), out.chosen_logps, atol=1e-5, rtol=0
+    )
 
 
 def test_the_common_path_computes_no_token_stats(tiny_model_dir):
@@ -173,7 +181,9 @@ def test_the_fused_chunk_gradient_equals_checkpointing_the_plain_computation(bia
         else:
             logps, _, _ = checkpoint(_chunk_token_logps, head, None, hidden, targets, (), use_reentrant=False)
         (logps * weights).sum().backward()
-        results.append([logps.detach(), hidden.grad.clone(), head.weight.grad.clone()] + ([head.bias.grad.clone()] if bias else []))
+        results.append(
+            [logps.detach(), hidden.grad.clone(), head.weight.grad.clone()] + ([head.bias.grad.clone()] if bias else [])
+        )
     for fused_value, plain_value in zip(*results):
         torch.testing.assert_close(fused_value, plain_value, atol=1e-6, rtol=0)
 

@@ -20,7 +20,7 @@ COMMON = ("sft_weight", "wpo")  # what the prose says every loss but the named e
 
 def table_rows(text: str) -> list[list[str]]:
     """The cells of the first table in `text` whose first column names a loss (`` `--loss` ``)."""
-    lines = text[text.index("| `--loss` |"):].splitlines()
+    lines = text[text.index("| `--loss` |") :].splitlines()
     rows = []
     for line in lines[2:]:
         if not line.startswith("|"):
@@ -45,7 +45,7 @@ def documented_parameters(rows: list[list[str]], column: int) -> dict[str, dict[
         copied = re.match(r"as `(\w+)`", cell)
         if copied:
             params.update(claims[copied.group(1)])
-            cell = cell[copied.end():]
+            cell = cell[copied.end() :]
         for name, default in re.findall(r"`(\w+)`(?: [^\s(`,]+)?(?: \(([^)]*)\))?", cell):
             params[name] = default
         for name in names:

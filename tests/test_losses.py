@@ -77,7 +77,10 @@ def test_simpo_is_reference_free_and_matches_formula():
     loss = SimPOLoss(beta=2.0, gamma=0.5)
     assert loss.is_reference_free
     losses, chosen, rejected = loss(POLICY, None)
-    expected = [-math.log(sigmoid(2.0 * (-10 / 5 - -12 / 4) - 0.5)), -math.log(sigmoid(2.0 * (-20 / 10 - -18 / 6) - 0.5))]
+    expected = [
+        -math.log(sigmoid(2.0 * (-10 / 5 - -12 / 4) - 0.5)),
+        -math.log(sigmoid(2.0 * (-20 / 10 - -18 / 6) - 0.5)),
+    ]
     torch.testing.assert_close(losses, torch.tensor(expected))
     torch.testing.assert_close(chosen, torch.tensor([2.0 * -2.0, 2.0 * -2.0]))
     torch.testing.assert_close(rejected, torch.tensor([2.0 * -3.0, 2.0 * -3.0]))
@@ -101,8 +104,11 @@ def test_build_loss_sets_parameters_from_config():
 
 
 def test_build_loss_rejects_a_parameter_the_loss_lacks():
-    with pytest.raises(DpokitError, match=r"loss 'dpo' has no parameter gamma; its parameters: loss.label_smoothing, "
-                                          r"loss.divergence, loss.alpha, loss.beta, loss.sft_weight, loss.wpo"):
+    with pytest.raises(
+        DpokitError,
+        match=r"loss 'dpo' has no parameter gamma; its parameters: loss.label_smoothing, "
+        r"loss.divergence, loss.alpha, loss.beta, loss.sft_weight, loss.wpo",
+    ):
         build_loss({"name": "dpo", "gamma": 0.5})
 
 
@@ -168,25 +174,52 @@ def per_pair(fn):
 
 
 HAND = {
-    "robust": (dict(beta=0.5, label_smoothing=0.2), lambda i: ((0.8 * -logsig(0.5 * LOGITS[i]) + 0.2 * logsig(-0.5 * LOGITS[i])) / 0.6)),
-    "dpo_norm": (dict(beta=0.5), lambda i: -logsig(0.5 * ((AVG_PI_W[i] - AVG_REF_W[i]) - (AVG_PI_L[i] - AVG_REF_L[i])))),
+    "robust": (
+        dict(beta=0.5, label_smoothing=0.2),
+        lambda i: ((0.8 * -logsig(0.5 * LOGITS[i]) + 0.2 * logsig(-0.5 * LOGITS[i])) / 0.6),
+    ),
+    "dpo_norm": (
+        dict(beta=0.5),
+        lambda i: -logsig(0.5 * ((AVG_PI_W[i] - AVG_REF_W[i]) - (AVG_PI_L[i] - AVG_REF_L[i]))),
+    ),
     "dpop": (dict(beta=0.5, lam=2.0), lambda i: -logsig(0.5 * (LOGITS[i] - 2.0 * max(0.0, -RW[i])))),
-    "exo": (dict(beta=0.5, label_smoothing=0.01), lambda i: (
-        sigmoid(0.5 * LOGITS[i]) * (logsig(0.5 * LOGITS[i]) - math.log(0.99))
-        + sigmoid(-0.5 * LOGITS[i]) * (logsig(-0.5 * LOGITS[i]) - math.log(0.01)))),
+    "exo": (
+        dict(beta=0.5, label_smoothing=0.01),
+        lambda i: (
+            sigmoid(0.5 * LOGITS[i]) * (logsig(0.5 * LOGITS[i]) - math.log(0.99))
+            + sigmoid(-0.5 * LOGITS[i]) * (logsig(-0.5 * LOGITS[i]) - math.log(0.01))
+        ),
+    ),
     "nca": (dict(beta=0.5), lambda i: -logsig(0.5 * RW[i]) - 0.5 * logsig(-0.5 * RW[i]) - 0.5 * logsig(-0.5 * RL[i])),
     # delta: the mean of the batch's four rewards (the first batch a fresh loss sees)
-    "bco": (dict(beta=0.5), lambda i: (lambda d: -logsig(0.5 * RW[i] - d) - logsig(-(0.5 * RL[i] - d)))(0.5 * sum(RW + RL) / 4)),
+    "bco": (
+        dict(beta=0.5),
+        lambda i: (lambda d: -logsig(0.5 * RW[i] - d) - logsig(-(0.5 * RL[i] - d)))(0.5 * sum(RW + RL) / 4),
+    ),
     "sppo_hard": (dict(beta=0.5), lambda i: (RW[i] - 1.0) ** 2 + (RL[i] + 1.0) ** 2),
     "aot_pair": (dict(beta=0.5), lambda i: -logsig(0.5 * (sorted(RW)[i] - sorted(RL)[i]))),
-    "aot": (dict(beta=0.5), lambda i: -logsig(0.5 * (sorted([-10.0 - -12.0, -20.0 - -18.0])[i] - sorted([-11.0 - -11.5, 0.0])[i]))),
+    "aot": (
+        dict(beta=0.5),
+        lambda i: -logsig(0.5 * (sorted([-10.0 - -12.0, -20.0 - -18.0])[i] - sorted([-11.0 - -11.5, 0.0])[i])),
+    ),
     "apo_zero": (dict(beta=0.5), lambda i: 1 - sigmoid(0.5 * RW[i]) + sigmoid(0.5 * RL[i])),
     "apo_down": (dict(beta=0.5), lambda i: sigmoid(0.5 * RW[i]) + 1 - sigmoid(0.5 * LOGITS[i])),
-    "discopop": (dict(beta=0.5, tau=0.1), lambda i: (lambda z: (1 - sigmoid(z / 0.1)) * -logsig(z) + sigmoid(z / 0.1) * math.exp(-z))(0.5 * LOGITS[i])),
-    "simpo": (dict(beta=2.0, gamma=0.5, label_smoothing=0.1), lambda i: (lambda z: -0.9 * logsig(z) - 0.1 * logsig(-z))(
-        2.0 * (AVG_PI_W[i] - AVG_PI_L[i]) - 0.5)),
-    "orpo": (dict(beta=0.2), lambda i: -AVG_PI_W[i] - 0.2 * logsig(
-        (AVG_PI_W[i] - math.log(1 - math.exp(AVG_PI_W[i]))) - (AVG_PI_L[i] - math.log(1 - math.exp(AVG_PI_L[i]))))),
+    "discopop": (
+        dict(beta=0.5, tau=0.1),
+        lambda i: (lambda z: (1 - sigmoid(z / 0.1)) * -logsig(z) + sigmoid(z / 0.1) * math.exp(-z))(0.5 * LOGITS[i]),
+    ),
+    "simpo": (
+        dict(beta=2.0, gamma=0.5, label_smoothing=0.1),
+        lambda i: (lambda z: -0.9 * logsig(z) - 0.1 * logsig(-z))(2.0 * (AVG_PI_W[i] - AVG_PI_L[i]) - 0.5),
+    ),
+    "orpo": (
+        dict(beta=0.2),
+        lambda i: -AVG_PI_W[i]
+        - 0.2
+        * logsig(
+            (AVG_PI_W[i] - math.log(1 - math.exp(AVG_PI_W[i]))) - (AVG_PI_L[i] - math.log(1 - math.exp(AVG_PI_L[i])))
+        ),
+    ),
     "sft": (dict(normalize="token"), lambda i: -[-10.0, -20.0][i] * 2 / 15),  # mean = (10 + 20) / (5 + 10) tokens
 }
 HAND["sft_pair"] = (dict(normalize="pair"), lambda i: -AVG_PI_W[i])
@@ -217,16 +250,28 @@ def test_f_divergence_dpo_matches_its_formula(kind, alpha):
     torch.testing.assert_close(losses, per_pair(lambda i: -logsig(0.5 * divergence_margin(kind, alpha, i))).float())
 
 
-def with_tokens(outputs: ChosenRejectedOutputs, chosen: list[list[float]], rejected: list[list[float]]) -> ChosenRejectedOutputs:
+def with_tokens(
+    outputs: ChosenRejectedOutputs, chosen: list[list[float]], rejected: list[list[float]]
+) -> ChosenRejectedOutputs:
     """`outputs` with per-token log-probs (padded, masked) whose sums are its sequence log-probs."""
+
     def pad(rows):
         width = max(map(len, rows))
-        return (torch.tensor([r + [0.0] * (width - len(r)) for r in rows]),
-                torch.tensor([[True] * len(r) + [False] * (width - len(r)) for r in rows]))
+        return (
+            torch.tensor([r + [0.0] * (width - len(r)) for r in rows]),
+            torch.tensor([[True] * len(r) + [False] * (width - len(r)) for r in rows]),
+        )
+
     (cw, cm), (rw, rm) = pad(chosen), pad(rejected)
     return ChosenRejectedOutputs(
-        chosen_logps=cw.sum(-1), rejected_logps=rw.sum(-1), chosen_tokens=cm.sum(-1), rejected_tokens=rm.sum(-1),
-        chosen_token_logps=cw, rejected_token_logps=rw, chosen_token_mask=cm, rejected_token_mask=rm,
+        chosen_logps=cw.sum(-1),
+        rejected_logps=rw.sum(-1),
+        chosen_tokens=cm.sum(-1),
+        rejected_tokens=rm.sum(-1),
+        chosen_token_logps=cw,
+        rejected_token_logps=rw,
+        chosen_token_mask=cm,
+        rejected_token_mask=rm,
     )
 
 
@@ -243,8 +288,10 @@ def test_ld_dpo_weights_the_tokens_past_the_shorter_completion_by_alpha():
         return weigh(chosen), weigh(rejected)
 
     expected = []
-    for pi, ref in ((([-1.0, -2.0, -3.0, -4.0], [-2.0, -1.0]), ([-1.5, -1.0, -3.5, -2.0], [-1.0, -1.5])),
-                    (([-0.5, -1.5], [-3.0, -0.25, -0.75]), ([-1.0, -1.0], [-2.0, -1.0, -1.0]))):
+    for pi, ref in (
+        (([-1.0, -2.0, -3.0, -4.0], [-2.0, -1.0]), ([-1.5, -1.0, -3.5, -2.0], [-1.0, -1.5])),
+        (([-0.5, -1.5], [-3.0, -0.25, -0.75]), ([-1.0, -1.0], [-2.0, -1.0, -1.0])),
+    ):
         (pw, pl), (rw, rl) = desensitised(*pi), desensitised(*ref)
         expected.append(-logsig(beta * ((pw - rw) - (pl - rl))))
     loss = build_loss({"name": "ld_dpo", "beta": beta, "alpha": alpha})
@@ -258,8 +305,12 @@ def test_ld_dpo_weights_the_tokens_past_the_shorter_completion_by_alpha():
 def test_wpo_weights_each_pair_by_the_policys_own_token_probabilities():
     norms = ([[-0.5, -0.2, -1.0, -0.3], [-0.1, -0.4]], [[-0.6, -0.9], [-0.2, -0.3, -0.05]])
     policy = POLICY_TOKENS
-    policy.token_stats = {"log_sq_norm": (with_tokens(POLICY, *norms).chosen_token_logps,
-                                          with_tokens(POLICY, *norms).rejected_token_logps)}
+    policy.token_stats = {
+        "log_sq_norm": (
+            with_tokens(POLICY, *norms).chosen_token_logps,
+            with_tokens(POLICY, *norms).rejected_token_logps,
+        )
+    }
     loss = build_loss({"name": "wpo", "beta": 0.5})
     assert loss.token_stats == ("log_sq_norm",)
     losses, _, _ = loss(policy, REFERENCE_TOKENS)
@@ -270,7 +321,8 @@ def test_wpo_weights_each_pair_by_the_policys_own_token_probabilities():
         w_w = sum(lp - n for lp, n in zip(chosen[i], norms[0][i])) / len(chosen[i])
         w_l = sum(lp - n for lp, n in zip(rejected[i], norms[1][i])) / len(rejected[i])
         h = (sum(chosen[i]) - sum(REFERENCE_TOKENS.chosen_token_logps[i].tolist())) - (
-            sum(rejected[i]) - sum(REFERENCE_TOKENS.rejected_token_logps[i].tolist()))
+            sum(rejected[i]) - sum(REFERENCE_TOKENS.rejected_token_logps[i].tolist())
+        )
         expected.append(-logsig(0.5 * h) * min(1.0, math.exp(w_w + w_l)))
     torch.testing.assert_close(losses, torch.tensor(expected))
 
@@ -291,12 +343,15 @@ def test_a_weighted_combination_sums_its_terms_and_keeps_each_for_the_metrics():
     assert not loss.is_reference_free
 
 
-@pytest.mark.parametrize("spec, message", [
-    ({"name": ["dpo", "sft"], "weights": [1.0]}, "loss.weights must list one number per loss"),
-    ({"name": ["dpo", "sft"], "gamma": 1.0}, r"no loss in \['dpo', 'sft'\] has the parameter gamma"),
-    ({"name": "dpo", "weights": [1.0]}, "loss.weights is for a list of losses"),
-    ({"name": "dpo", "divergence": "kl"}, "loss.divergence='kl' is not valid; choose one of: reverse_kl"),
-])
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ({"name": ["dpo", "sft"], "weights": [1.0]}, "loss.weights must list one number per loss"),
+        ({"name": ["dpo", "sft"], "gamma": 1.0}, r"no loss in \['dpo', 'sft'\] has the parameter gamma"),
+        ({"name": "dpo", "weights": [1.0]}, "loss.weights is for a list of losses"),
+        ({"name": "dpo", "divergence": "kl"}, "loss.divergence='kl' is not valid; choose one of: reverse_kl"),
+    ],
+)
 def test_bad_loss_settings_are_one_clear_line(spec, message):
     with pytest.raises(DpokitError, match=message):
         build_loss(spec)

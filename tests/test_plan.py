@@ -17,7 +17,13 @@ from dpokit.cli import main
 from dpokit.config import load_config
 from dpokit.errors import DpokitError
 from dpokit.plan import (
-    _census, estimate, model_census, model_config_file, parse_memory_size, plan_memory, workload,
+    _census,
+    estimate,
+    model_census,
+    model_config_file,
+    parse_memory_size,
+    plan_memory,
+    workload,
 )
 
 # Llama 3.1 8B: hidden 4096, intermediate 14336, 32 layers, 32 heads of 128, 8 KV heads, vocab 128256, untied.
@@ -31,24 +37,43 @@ LORA_TENSORS_8B = 32 * 6 * 2  # A and B per adapted projection
 def hand_8b(config: str) -> dict[str, int]:
     """Weights, gradients and optimizer state per GPU of a shipped 8B config, from the parameter count."""
     if config == "llama3_1_8b_full_4gpu":  # fp32 master weights, AdamW in fp32, all sharded 4 ways
-        return {"weights (stored)": PARAMS_8B * 4 // 4, "gradients": PARAMS_8B * 4 // 4,
-                "optimizer state": 2 * 4 * PARAMS_8B // 4 + 4 * TENSORS_8B,
-                "gradients between micro-steps (FSDP)": 0}  # no accumulation: reduce-scattered in backward
+        return {
+            "weights (stored)": PARAMS_8B * 4 // 4,
+            "gradients": PARAMS_8B * 4 // 4,
+            "optimizer state": 2 * 4 * PARAMS_8B // 4 + 4 * TENSORS_8B,
+            "gradients between micro-steps (FSDP)": 0,
+        }  # no accumulation: reduce-scattered in backward
     if config == "llama3_1_8b_lora_2gpu":  # bf16 base, fp32 adapters, sharded 2 ways
-        return {"weights (stored)": (PARAMS_8B * 2 + LORA_8B * 4) // 2, "gradients": LORA_8B * 4 // 2,
-                "optimizer state": 2 * 4 * LORA_8B // 2 + 4 * LORA_TENSORS_8B}
+        return {
+            "weights (stored)": (PARAMS_8B * 2 + LORA_8B * 4) // 2,
+            "gradients": LORA_8B * 4 // 2,
+            "optimizer state": 2 * 4 * LORA_8B // 2 + 4 * LORA_TENSORS_8B,
+        }
     if config == "llama3_1_8b_lora_single_device":
-        return {"weights (stored)": PARAMS_8B * 2 + LORA_8B * 4, "gradients": LORA_8B * 4,
-                "optimizer state": 2 * 4 * LORA_8B + 4 * LORA_TENSORS_8B}
+        return {
+            "weights (stored)": PARAMS_8B * 2 + LORA_8B * 4,
+            "gradients": LORA_8B * 4,
+            "optimizer state": 2 * 4 * LORA_8B + 4 * LORA_TENSORS_8B,
+        }
     # QLoRA: NF4 projections (0.5 B + an 8-bit absmax per 64 + an fp32 per 64 x 256 + a 1 KiB code per tensor),
     # the rest fp32 (peft's k-bit preparation), fp32 adapters; AdamW8bit: 2 B + two fp32 absmax per 256.
     nf4 = LINEAR_8B // 2 + LINEAR_8B // 64 + 4 * LINEAR_8B // (64 * 256) + 1024 * 32 * 7
-    return {"weights (stored)": nf4 + (PARAMS_8B - LINEAR_8B) * 4 + LORA_8B * 4, "gradients": LORA_8B * 4,
-            "optimizer state": 2 * LORA_8B + 2 * 4 * LORA_8B // 256}
+    return {
+        "weights (stored)": nf4 + (PARAMS_8B - LINEAR_8B) * 4 + LORA_8B * 4,
+        "gradients": LORA_8B * 4,
+        "optimizer state": 2 * LORA_8B + 2 * 4 * LORA_8B // 256,
+    }
 
 
-@pytest.mark.parametrize("config,gpus", [("llama3_1_8b_full_4gpu", 4), ("llama3_1_8b_lora_2gpu", 2),
-                                         ("llama3_1_8b_lora_single_device", 1), ("llama3_1_8b_qlora_single_device", 1)])
+@pytest.mark.parametrize(
+    "config,gpus",
+    [
+        ("llama3_1_8b_full_4gpu", 4),
+        ("llama3_1_8b_lora_2gpu", 2),
+        ("llama3_1_8b_lora_single_device", 1),
+        ("llama3_1_8b_qlora_single_device", 1),
+    ],
+)
 def test_shipped_8b_configs_give_the_hand_calculated_bytes_per_gpu(config, gpus):
     plan = plan_memory(config, [], gpus=gpus)
     assert plan.params == PARAMS_8B
@@ -67,7 +92,9 @@ def test_the_8b_plan_takes_seconds_and_allocates_no_parameter_memory(monkeypatch
 
     built = []
     original = AutoModelForCausalLM.from_config
-    monkeypatch.setattr(AutoModelForCausalLM, "from_config", lambda *a, **k: built.append(original(*a, **k)) or built[-1])
+    monkeypatch.setattr(
+        AutoModelForCausalLM, "from_config", lambda *a, **k: built.append(original(*a, **k)) or built[-1]
+    )
     _census.cache_clear()
     started = time.perf_counter()
     plan = plan_memory("llama3_1_8b_full_4gpu", [], gpus=4)
@@ -76,12 +103,15 @@ def test_the_8b_plan_takes_seconds_and_allocates_no_parameter_memory(monkeypatch
     assert all(p.device.type == "meta" for p in built[0].parameters())
 
 
-@pytest.mark.parametrize("overrides", [
-    ["model.method=full"],
-    ["model.method=full", "model.dtype=bfloat16", "model.precision=pure"],
-    ["model.method=lora", "model.dtype=bfloat16"],  # bf16 base, fp32 adapters
-    ["model.method=dora"],
-])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["model.method=full"],
+        ["model.method=full", "model.dtype=bfloat16", "model.precision=pure"],
+        ["model.method=lora", "model.dtype=bfloat16"],  # bf16 base, fp32 adapters
+        ["model.method=dora"],
+    ],
+)
 def test_weights_gradients_and_adamw_state_equal_the_real_tensors_after_a_step(overrides, tiny_model_dir, prepared_dir):
     from dpokit.data.collate import collate_pairs
     from dpokit.data.prepared import load_prepared
@@ -109,12 +139,15 @@ def test_weights_gradients_and_adamw_state_equal_the_real_tensors_after_a_step(o
     assert plan.bytes("optimizer state") == nbytes(state)
 
 
-@pytest.mark.parametrize("overrides", [
-    ["model.method=full"],
-    ["model.method=lora", "model.dtype=bfloat16"],
-    ["model.method=full", "model.dtype=bfloat16", "model.precision=mixed"],  # autocast: fp32 residual, cast copies
-    ["model.method=dora"],
-])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["model.method=full"],
+        ["model.method=lora", "model.dtype=bfloat16"],
+        ["model.method=full", "model.dtype=bfloat16", "model.precision=mixed"],  # autocast: fp32 residual, cast copies
+        ["model.method=dora"],
+    ],
+)
 def test_saved_activations_match_what_autograd_keeps(overrides, tiny_model_dir, prepared_dir):
     """The tensors the forward leaves saved for backward (each storage once; parameters, autocast's weight copies
     and graphs already freed left out), with every pair as long as the longest, equal the plan's saved
@@ -200,8 +233,9 @@ def test_the_shipped_qwen_config_has_its_published_size():
 
 
 @pytest.mark.parametrize("overrides", [["model.method=full"], ["model.method=lora", "model.dtype=bfloat16"]])
-def test_saved_activations_of_the_layout_attention_match_what_autograd_keeps(overrides, tiny_model_dir, prepared_dir,
-                                                                              monkeypatch):
+def test_saved_activations_of_the_layout_attention_match_what_autograd_keeps(
+    overrides, tiny_model_dir, prepared_dir, monkeypatch
+):
     """The same check when the rows take `dpokit.attention`'s kernels (no mask, grouped k/v) instead of a mask."""
     from dpokit import attention
 

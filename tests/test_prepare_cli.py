@@ -36,8 +36,16 @@ def test_prepare_writes_int32_splits_and_a_complete_manifest(pairs_jsonl, tokeni
     assert manifest["source"] == str(pairs_jsonl)
     assert manifest["splits"]["train"]["rows"] == 30 and manifest["splits"]["eval"]["rows"] == 10
     assert manifest["counts"] == {
-        "read": 40, "kept": 40, "truncated": 0, "truncated_prompt": 0, "truncated_completion": 0, "retokenized": 0,
-        "template_common_prefix": 0, "dropped": {}, "first_dropped": {}, "formats": {"plain": 40},
+        "read": 40,
+        "kept": 40,
+        "truncated": 0,
+        "truncated_prompt": 0,
+        "truncated_completion": 0,
+        "retokenized": 0,
+        "template_common_prefix": 0,
+        "dropped": {},
+        "first_dropped": {},
+        "formats": {"plain": 40},
     }
     assert manifest["tokenizer"]["name"] == str(tokenizer_dir)
     assert len(manifest["tokenizer"]["fingerprint"]) == 64
@@ -64,7 +72,9 @@ def test_eval_fraction_split_is_seeded(pairs_jsonl, tokenizer_dir, tmp_path):
 
 
 def test_eval_data_is_a_second_source_through_the_same_pipeline(pairs_jsonl, tokenizer_dir, tmp_path):
-    eval_path = write_jsonl(tmp_path / "eval.jsonl", tiny.preference_rows(5, seed=1) + [{"prompt": "q", "chosen": "", "rejected": "b"}])
+    eval_path = write_jsonl(
+        tmp_path / "eval.jsonl", tiny.preference_rows(5, seed=1) + [{"prompt": "q", "chosen": "", "rejected": "b"}]
+    )
     out = tmp_path / "prepared"
     assert prepare(pairs_jsonl, tokenizer_dir, out, "--eval-data", eval_path) == 0
     splits = load_prepared(out).manifest["splits"]
@@ -85,7 +95,12 @@ def test_skipped_rows_are_counted_by_reason_in_manifest_and_summary(tokenizer_di
     assert prepare(data, tokenizer_dir, out, "--max-length", 30, "--max-prompt-length", 10, "--overlength", "drop") == 0
     counts = load_prepared(out).manifest["counts"]
     assert (counts["read"], counts["kept"]) == (10, 6)
-    assert counts["dropped"] == {"empty_content": 1, "identical_chosen_rejected": 1, "non_string_content": 1, "overlength": 1}
+    assert counts["dropped"] == {
+        "empty_content": 1,
+        "identical_chosen_rejected": 1,
+        "non_string_content": 1,
+        "overlength": 1,
+    }
     assert counts["first_dropped"]["non_string_content"] == f"{data} line 8: chosen is int, not a string"
     assert len(load_prepared(out).split("train")) == 6
     summary = capsys.readouterr().out
@@ -94,9 +109,21 @@ def test_skipped_rows_are_counted_by_reason_in_manifest_and_summary(tokenizer_di
 
 
 def test_truncate_policy_counts_truncated_rows_with_exact_lengths(tokenizer_dir, tmp_path):
-    data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "what is " + "one plus " * 20 + "two?", "chosen": "it is " + "three " * 30 + ".", "rejected": "no."}])
+    data = write_jsonl(
+        tmp_path / "d.jsonl",
+        [
+            {
+                "prompt": "what is " + "one plus " * 20 + "two?",
+                "chosen": "it is " + "three " * 30 + ".",
+                "rejected": "no.",
+            }
+        ],
+    )
     out = tmp_path / "prepared"
-    assert prepare(data, tokenizer_dir, out, "--max-length", 40, "--max-prompt-length", 24, "--truncation", "keep_end") == 0
+    assert (
+        prepare(data, tokenizer_dir, out, "--max-length", 40, "--max-prompt-length", 24, "--truncation", "keep_end")
+        == 0
+    )
     prepared = load_prepared(out)
     row = prepared.split("train")[0]
     assert (len(row["prompt_ids"]), len(row["chosen_ids"]), len(row["rejected_ids"])) == (24, 16, 4)
@@ -113,7 +140,10 @@ def test_a_lone_max_length_works_and_keep_start_counts_only_completion_cuts(pair
     assert (counts["truncated"], counts["truncated_prompt"], counts["truncated_completion"]) == (15, 0, 15)
     train = prepared.split("train")
     assert prepared.manifest["lengths"]["prompt"]["max"] == 15  # no prompt was cut
-    assert all(len(p) + max(len(c), len(r)) <= 25 for p, c, r in zip(train["prompt_ids"], train["chosen_ids"], train["rejected_ids"]))
+    assert all(
+        len(p) + max(len(c), len(r)) <= 25
+        for p, c, r in zip(train["prompt_ids"], train["chosen_ids"], train["rejected_ids"])
+    )
 
 
 def test_contradicting_limits_are_one_line(pairs_jsonl, tokenizer_dir, tmp_path, capsys):
@@ -137,9 +167,21 @@ def test_conversational_and_implicit_files_with_column_map_and_system_prompt(tok
     data = tmp_path / "data"
     data.mkdir()
     write_jsonl(data / "a.jsonl", [{"better": hh + "4.", "worse": hh + "5."}])
-    write_jsonl(data / "b.jsonl", [{"prompt": [{"role": "user", "content": "hi"}], "better": [{"role": "assistant", "content": "hello"}], "worse": [{"role": "assistant", "content": "go"}]}])
+    write_jsonl(
+        data / "b.jsonl",
+        [
+            {
+                "prompt": [{"role": "user", "content": "hi"}],
+                "better": [{"role": "assistant", "content": "hello"}],
+                "worse": [{"role": "assistant", "content": "go"}],
+            }
+        ],
+    )
     out = tmp_path / "prepared"
-    assert prepare(data, tokenizer_dir, out, "--column-map", "chosen=better,rejected=worse", "--system-prompt", "be kind") == 0
+    assert (
+        prepare(data, tokenizer_dir, out, "--column-map", "chosen=better,rejected=worse", "--system-prompt", "be kind")
+        == 0
+    )
     prepared = load_prepared(out)
     assert prepared.manifest["counts"]["formats"] == {"conversational": 1, "implicit": 1}
     assert prepared.manifest["column_map"] == {"chosen": "better", "rejected": "worse"}
@@ -147,19 +189,37 @@ def test_conversational_and_implicit_files_with_column_map_and_system_prompt(tok
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     first = prepared.split("train")[0]
-    assert tokenizer.decode(first["prompt_ids"]) == "<|system|>be kind<|end|><|user|>what is 2 plus 2?<|end|><|assistant|>"
+    assert (
+        tokenizer.decode(first["prompt_ids"]) == "<|system|>be kind<|end|><|user|>what is 2 plus 2?<|end|><|assistant|>"
+    )
     assert tokenizer.decode(first["chosen_ids"]) == "4.<|end|>"
 
 
 @pytest.mark.parametrize(
     "content, flags, message",
     [
-        ('{"prompt": "a", "chosen": "b" "rejected": "c"}\n', [], "d.jsonl line 1: not valid JSON (Expecting ',' delimiter at column 31)"),
-        ('{"prompt": "a", "better": "b", "worse": "c"}\n', [], "d.jsonl line 1: no 'chosen' column; columns found: prompt, better, worse; name yours with --column-map chosen=<column>"),
+        (
+            '{"prompt": "a", "chosen": "b" "rejected": "c"}\n',
+            [],
+            "d.jsonl line 1: not valid JSON (Expecting ',' delimiter at column 31)",
+        ),
+        (
+            '{"prompt": "a", "better": "b", "worse": "c"}\n',
+            [],
+            "d.jsonl line 1: no 'chosen' column; columns found: prompt, better, worse; name yours with --column-map chosen=<column>",
+        ),
         ('{"prompt": "a", "chosen": "", "rejected": "c"}\n', [], "no train rows kept from"),
         ("\n", [], "no train rows in "),
-        ('{"prompt": "a", "chosen": "b", "rejected": "c"}\n', ["--format", "chat"], "--format 'chat' is not one of auto, plain, conversational, implicit"),
-        ('{"prompt": "a", "chosen": "b", "rejected": "c"}\n', ["--eval-fraction", 0.5, "--eval-data", "x.jsonl"], "pass --eval-fraction or --eval-data, not both"),
+        (
+            '{"prompt": "a", "chosen": "b", "rejected": "c"}\n',
+            ["--format", "chat"],
+            "--format 'chat' is not one of auto, plain, conversational, implicit",
+        ),
+        (
+            '{"prompt": "a", "chosen": "b", "rejected": "c"}\n',
+            ["--eval-fraction", 0.5, "--eval-data", "x.jsonl"],
+            "pass --eval-fraction or --eval-data, not both",
+        ),
     ],
     ids=["malformed-json", "missing-column", "nothing-kept", "empty-file", "bad-format", "two-eval-sources"],
 )
@@ -294,12 +354,30 @@ def test_dataset_names_load_the_train_split_and_the_eval_split(tokenizer_dir, tm
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
     out = tmp_path / "prepared"
-    assert main(["prepare", "org/pairs", "--model", str(tokenizer_dir), "--out", str(out), "--eval-data", "org/pairs", "--subset", "en"]) == 0
+    assert (
+        main(
+            [
+                "prepare",
+                "org/pairs",
+                "--model",
+                str(tokenizer_dir),
+                "--out",
+                str(out),
+                "--eval-data",
+                "org/pairs",
+                "--subset",
+                "en",
+            ]
+        )
+        == 0
+    )
     assert calls == [("org/pairs", "en", "train"), ("org/pairs", "en", "test")]
     assert load_prepared(out).manifest["splits"]["eval"]["rows"] == 4
 
 
-def test_overwrite_refuses_a_prepare_output_holding_files_prepare_did_not_write(pairs_jsonl, tokenizer_dir, tmp_path, capsys):
+def test_overwrite_refuses_a_prepare_output_holding_files_prepare_did_not_write(
+    pairs_jsonl, tokenizer_dir, tmp_path, capsys
+):
     out = tmp_path / "prepared"
     assert prepare(pairs_jsonl, tokenizer_dir, out) == 0
     (out / "NOTES.txt").write_text("keep me")

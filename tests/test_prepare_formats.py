@@ -55,7 +55,12 @@ def test_implicit_message_lists_split_at_the_last_shared_turn():
 def test_implicit_prompt_ends_before_an_assistant_turn_when_one_side_is_a_prefix():
     # chosen is the first exchange only; rejected goes on. The shared turns end at "hello", which
     # would leave chosen without a completion, so the prompt backs off to the user turn.
-    pair = pair_of({"chosen": [user("hi"), assistant("hello")], "rejected": [user("hi"), assistant("hello"), user("x"), assistant("y")]})
+    pair = pair_of(
+        {
+            "chosen": [user("hi"), assistant("hello")],
+            "rejected": [user("hi"), assistant("hello"), user("x"), assistant("y")],
+        }
+    )
     assert pair.prompt == [user("hi")]
     assert pair.chosen == [assistant("hello")]
     assert pair.rejected == [assistant("hello"), user("x"), assistant("y")]
@@ -72,7 +77,11 @@ def test_anthropic_hh_text_becomes_turns_with_the_shared_turns_as_prompt():
 
 def test_text_prompt_beside_whole_conversations_is_read_as_implicit():
     # UltraFeedback-binarized style: the conversations repeat the prompt as their first turn.
-    row = {"prompt": "sum 2 and 2", "chosen": [user("sum 2 and 2"), assistant("4")], "rejected": [user("sum 2 and 2"), assistant("5")]}
+    row = {
+        "prompt": "sum 2 and 2",
+        "chosen": [user("sum 2 and 2"), assistant("4")],
+        "rejected": [user("sum 2 and 2"), assistant("5")],
+    }
     pair = pair_of(row)
     assert (pair.format, pair.prompt, pair.chosen) == ("implicit", [user("sum 2 and 2")], [assistant("4")])
 
@@ -88,12 +97,17 @@ def test_explicit_format_overrides_detection():
     "prompt, expected",
     [
         ([user("hi")], [{"role": "system", "content": "be kind"}, user("hi")]),
-        ([{"role": "system", "content": "be rude"}, user("hi")], [{"role": "system", "content": "be kind"}, user("hi")]),
+        (
+            [{"role": "system", "content": "be rude"}, user("hi")],
+            [{"role": "system", "content": "be kind"}, user("hi")],
+        ),
     ],
     ids=["added", "replaced"],
 )
 def test_system_prompt_is_added_or_replaces_the_system_turn(prompt, expected):
-    pair = pair_of({"prompt": prompt, "chosen": [assistant("a")], "rejected": [assistant("b")]}, system_prompt="be kind")
+    pair = pair_of(
+        {"prompt": prompt, "chosen": [assistant("a")], "rejected": [assistant("b")]}, system_prompt="be kind"
+    )
     assert pair.prompt == expected
 
 
@@ -148,7 +162,11 @@ def test_missing_mapped_column_names_the_mapping():
     [
         ({"prompt": "q", "chosen": "  ", "rejected": "b"}, "empty_content", "chosen is empty"),
         ({"prompt": "q", "chosen": "a", "rejected": None}, "non_string_content", "rejected is NoneType, not a string"),
-        ({"prompt": "q", "chosen": "a", "rejected": "a"}, "identical_chosen_rejected", "chosen and rejected are the same"),
+        (
+            {"prompt": "q", "chosen": "a", "rejected": "a"},
+            "identical_chosen_rejected",
+            "chosen and rejected are the same",
+        ),
         (
             {"prompt": [{"from": "human", "value": "q"}], "chosen": [assistant("a")], "rejected": [assistant("b")]},
             "malformed_message",
@@ -175,7 +193,16 @@ def test_missing_mapped_column_names_the_mapping():
             "chosen turn 1 is empty",
         ),
     ],
-    ids=["empty", "non-string", "identical", "sharegpt-keys", "non-string-message", "no-shared", "not-hh", "empty-hh-turn"],
+    ids=[
+        "empty",
+        "non-string",
+        "identical",
+        "sharegpt-keys",
+        "non-string-message",
+        "no-shared",
+        "not-hh",
+        "empty-hh-turn",
+    ],
 )
 def test_unusable_rows_are_skipped_with_their_reason(row, reason, detail):
     with pytest.raises(SkippedRow) as skipped:
@@ -194,7 +221,9 @@ def write_jsonl(path, rows):
 
 def test_jsonl_rows_carry_file_and_line_and_blank_lines_are_allowed(tmp_path):
     path = tmp_path / "d.jsonl"
-    path.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n\n{"prompt": "d", "chosen": "e", "rejected": "f"}\n')
+    path.write_text(
+        '{"prompt": "a", "chosen": "b", "rejected": "c"}\n\n{"prompt": "d", "chosen": "e", "rejected": "f"}\n'
+    )
     records = list(open_records(str(path)))
     assert [r.location for r in records] == [f"{path} line 1", f"{path} line 3"]
     assert records[1].row == {"prompt": "d", "chosen": "e", "rejected": "f"}
@@ -232,7 +261,10 @@ def test_json_array_csv_and_parquet_files_read_the_same_rows(tmp_path, monkeypat
 
     monkeypatch.setattr("dpokit.data.formats.PARQUET_BATCH_ROWS", 1)  # Parquet rows are decoded a batch at a time
 
-    rows = [{"prompt": "p1", "chosen": "c1, with a comma", "rejected": "r1"}, {"prompt": "p2", "chosen": "c2", "rejected": "r2"}]
+    rows = [
+        {"prompt": "p1", "chosen": "c1, with a comma", "rejected": "r1"},
+        {"prompt": "p2", "chosen": "c2", "rejected": "r2"},
+    ]
     (tmp_path / "a.json").write_text(json.dumps(rows, indent=1))
     with open(tmp_path / "b.csv", "w", newline="") as stream:
         import csv
@@ -245,7 +277,9 @@ def test_json_array_csv_and_parquet_files_read_the_same_rows(tmp_path, monkeypat
         assert [r.row for r in open_records(str(tmp_path / name))] == rows, name
         source = open_records(str(tmp_path / name))  # read lazily: counted, then read again the same
         assert source.count() == 2 and [r.row for r in source] == rows, name
-    assert [r.location for r in open_records(str(tmp_path / "b.csv"))] == [f"{tmp_path / 'b.csv'} line {n}" for n in (2, 3)]
+    assert [r.location for r in open_records(str(tmp_path / "b.csv"))] == [
+        f"{tmp_path / 'b.csv'} line {n}" for n in (2, 3)
+    ]
 
 
 def test_a_folder_is_read_file_by_file_in_sorted_order(tmp_path):
@@ -279,7 +313,9 @@ def test_a_dataset_name_goes_to_load_dataset_with_subset_and_split(monkeypatch):
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
     records = list(open_records("org/pairs", split="test", subset="small"))
     assert calls == [("org/pairs", "small", "test")]
-    assert [(r.location, r.row) for r in records] == [("org/pairs[test] row 0", {"prompt": "q", "chosen": "a", "rejected": "b"})]
+    assert [(r.location, r.row) for r in records] == [
+        ("org/pairs[test] row 0", {"prompt": "q", "chosen": "a", "rejected": "b"})
+    ]
 
 
 def test_a_dataset_that_cannot_be_loaded_is_one_error_with_the_fix(monkeypatch):

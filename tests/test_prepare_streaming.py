@@ -70,8 +70,9 @@ def test_streamed_output_equals_a_per_row_computation(tokenizer_dir, tmp_path, s
         source[index]["chosen"] = ""
     data = tmp_path / "pairs.jsonl"
     data.write_text("".join(json.dumps(row) + "\n" for row in source))
-    options = PrepareOptions(data=str(data), model=str(tokenizer_dir), out=tmp_path / "out", eval_fraction=0.2, seed=7,
-                             num_proc=num_proc)
+    options = PrepareOptions(
+        data=str(data), model=str(tokenizer_dir), out=tmp_path / "out", eval_fraction=0.2, seed=7, num_proc=num_proc
+    )
     prepared = load_prepared(run_prepare(options))
 
     # Independently: the eval rows chosen among all rows read, skipped ones included, then every kept row
@@ -96,7 +97,10 @@ def test_streamed_output_equals_a_per_row_computation(tokenizer_dir, tmp_path, s
     prompt = [len(row["prompt_ids"]) for row in kept]
     completion = [len(row[side]) for row in kept for side in ("chosen_ids", "rejected_ids")]
     for name, values in (("prompt", prompt), ("completion", completion)):
-        assert manifest["lengths"][name] == {**{f"p{q}": percentile(values, q) for q in (50, 90, 99)}, "max": max(values)}
+        assert manifest["lengths"][name] == {
+            **{f"p{q}": percentile(values, q) for q in (50, 90, 99)},
+            "max": max(values),
+        }
 
 
 def test_held_out_rows_are_those_a_shuffled_list_gives():
@@ -122,7 +126,9 @@ def test_a_pool_is_given_only_a_few_chunks_ahead_of_the_rows_written(tokenizer_d
     assert taken == 40
 
 
-def test_a_split_written_in_several_files_is_named_as_save_to_disk_names_them_and_loads_whole(tokenizer_dir, tmp_path, small_batches):
+def test_a_split_written_in_several_files_is_named_as_save_to_disk_names_them_and_loads_whole(
+    tokenizer_dir, tmp_path, small_batches
+):
     data = tmp_path / "pairs.jsonl"
     data.write_text("".join(json.dumps(row) + "\n" for row in tiny.preference_rows(200)))
     out = run_prepare(PrepareOptions(data=str(data), model=str(tokenizer_dir), out=tmp_path / "out"))
@@ -135,11 +141,13 @@ def test_a_split_written_in_several_files_is_named_as_save_to_disk_names_them_an
     assert (out / "train" / "dataset_info.json").read_text() == (saved / "dataset_info.json").read_text()
     written, expected = (json.loads((folder / "state.json").read_text()) for folder in (out / "train", saved))
     assert {key: value for key, value in written.items() if key not in ("_data_files", "_fingerprint")} == {
-        key: value for key, value in expected.items() if key not in ("_data_files", "_fingerprint")}
+        key: value for key, value in expected.items() if key not in ("_data_files", "_fingerprint")
+    }
 
 
-
-def test_rows_of_a_split_in_several_files_are_read_from_the_arrow_buffers_without_pandas(tokenizer_dir, tmp_path, small_batches):
+def test_rows_of_a_split_in_several_files_are_read_from_the_arrow_buffers_without_pandas(
+    tokenizer_dir, tmp_path, small_batches
+):
     data = tmp_path / "pairs.jsonl"
     data.write_text("".join(json.dumps(row) + "\n" for row in tiny.preference_rows(200)))
     out = run_prepare(PrepareOptions(data=str(data), model=str(tokenizer_dir), out=tmp_path / "out"))
@@ -153,7 +161,9 @@ def test_rows_of_a_split_in_several_files_are_read_from_the_arrow_buffers_withou
     counts = pair_token_counts(split)
     assert [c.tolist() for c in counts] == [[len(ids) for ids in split[name]] for name in COLUMNS]
     # pyarrow's own conversions import pandas (64 MiB of a training process): a batch and the lengths need none
-    check = (f"import sys; from dpokit.data.prepared import load_prepared, pair_lengths; "
-             f"s = load_prepared({str(out)!r}).split('train'); s[[0, 199]]; pair_lengths(s); "
-             "assert 'pandas' not in sys.modules, 'imported pandas'")
+    check = (
+        f"import sys; from dpokit.data.prepared import load_prepared, pair_lengths; "
+        f"s = load_prepared({str(out)!r}).split('train'); s[[0, 199]]; pair_lengths(s); "
+        "assert 'pandas' not in sys.modules, 'imported pandas'"
+    )
     subprocess.run([sys.executable, "-c", check], check=True)

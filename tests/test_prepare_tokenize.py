@@ -7,8 +7,8 @@ from transformers import AutoTokenizer
 
 from dpokit.data.formats import Pair
 from dpokit.data.tokenize import LengthLimits, PairTokenizer, TokenizedPair, load_tokenizer
-from dpokit.fingerprint import tokenizer_fingerprint
 from dpokit.errors import DpokitError
+from dpokit.fingerprint import tokenizer_fingerprint
 
 # A template whose generation prompt ends in a space: BPE then merges that space with the answer's
 # first word ("assistant: " + "the" -> ":", " the"), so the prompt's ids are not a prefix.
@@ -49,7 +49,9 @@ def ids_of(tokenizer, example: Pair, separator="\n\n", **limits):
 def test_chat_template_prompt_and_completions_match_apply_chat_template(chat_tokenizer):
     example = pair()
     ids = ids_of(chat_tokenizer, example)
-    expected_prompt = chat_tokenizer.apply_chat_template(example.prompt, add_generation_prompt=True, tokenize=True)["input_ids"]
+    expected_prompt = chat_tokenizer.apply_chat_template(example.prompt, add_generation_prompt=True, tokenize=True)[
+        "input_ids"
+    ]
     expected_chosen = chat_tokenizer.apply_chat_template(example.prompt + example.chosen, tokenize=True)["input_ids"]
     assert ids.prompt_ids == list(expected_prompt)
     assert ids.prompt_ids + ids.chosen_ids == list(expected_chosen)
@@ -61,7 +63,9 @@ def test_chat_template_prompt_and_completions_match_apply_chat_template(chat_tok
 def test_without_a_chat_template_prompt_separator_and_responses_are_concatenated_with_eos(plain_tokenizer):
     ids = ids_of(plain_tokenizer, pair())
     assert ids.prompt_ids == plain_tokenizer("what is 2 plus 3?\n\n")["input_ids"]
-    assert ids.chosen_ids == plain_tokenizer("2 plus 3 equals 5.", add_special_tokens=False)["input_ids"] + [plain_tokenizer.eos_token_id]
+    assert ids.chosen_ids == plain_tokenizer("2 plus 3 equals 5.", add_special_tokens=False)["input_ids"] + [
+        plain_tokenizer.eos_token_id
+    ]
     assert ids.rejected_ids[-1] == plain_tokenizer.eos_token_id
 
 
@@ -70,9 +74,14 @@ def test_plain_path_prompt_gets_the_tokenizers_own_special_tokens(plain_tokenize
 
     tokenizer = AutoTokenizer.from_pretrained(plain_tokenizer_dir)
     # A BOS-adding post-processor, as Llama-style tokenizers have (<|pad|> stands in for <s>).
-    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(single="<|pad|> $A", special_tokens=[("<|pad|>", 0)])
+    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<|pad|> $A", special_tokens=[("<|pad|>", 0)]
+    )
     ids = ids_of(tokenizer, pair())
-    assert ids.prompt_ids[0] == 0 and ids.prompt_ids[1:] == tokenizer("what is 2 plus 3?\n\n", add_special_tokens=False)["input_ids"]
+    assert (
+        ids.prompt_ids[0] == 0
+        and ids.prompt_ids[1:] == tokenizer("what is 2 plus 3?\n\n", add_special_tokens=False)["input_ids"]
+    )
     assert 0 not in ids.chosen_ids
 
 
@@ -126,7 +135,9 @@ def test_completion_is_retokenized_when_bpe_merges_across_the_prompt_boundary(pl
     tokenizer = load_tokenizer(str(plain_tokenizer_dir), SPACE_TEMPLATE)
     example = pair(chosen="the cat", rejected="a dog")
     ids = ids_of(tokenizer, example)
-    joint = tokenizer(tokenizer.apply_chat_template(example.prompt + example.chosen, tokenize=False), add_special_tokens=False)["input_ids"]
+    joint = tokenizer(
+        tokenizer.apply_chat_template(example.prompt + example.chosen, tokenize=False), add_special_tokens=False
+    )["input_ids"]
     assert joint[: len(ids.prompt_ids)] != ids.prompt_ids  # the case really occurs with this template
     assert ids.retokenized
     assert ids.prompt_ids == tokenizer("user: what is 2 plus 3?\nassistant: ", add_special_tokens=False)["input_ids"]
@@ -227,7 +238,10 @@ def test_gemma_shaped_template_folds_a_system_turn_and_a_broken_alternation_is_a
     two_users = pair()
     two_users.prompt = two_users.prompt * 2
     ids = ids_of(tokenizer, two_users)
-    assert (ids.dropped, ids.detail) == ("template_error", "Conversation roles must alternate user/assistant/user/assistant/...")
+    assert (ids.dropped, ids.detail) == (
+        "template_error",
+        "Conversation roles must alternate user/assistant/user/assistant/...",
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -290,7 +304,11 @@ def test_truncate_policy_gives_exact_token_counts(chat_tokenizer):
     full = ids_of(chat_tokenizer, example)
     assert (len(full.prompt_ids), len(full.chosen_ids), len(full.rejected_ids)) == (51, 36, 4)
     ids = ids_of(chat_tokenizer, example, max_length=60)  # keep_start: the prompt whole, chosen's first 9
-    assert (ids.prompt_ids, ids.chosen_ids, ids.rejected_ids) == (full.prompt_ids, full.chosen_ids[:9], full.rejected_ids)
+    assert (ids.prompt_ids, ids.chosen_ids, ids.rejected_ids) == (
+        full.prompt_ids,
+        full.chosen_ids[:9],
+        full.rejected_ids,
+    )
     assert (ids.truncated_prompt, ids.truncated_completion) == (False, True)
     ids = ids_of(chat_tokenizer, example, max_length=40, max_prompt_length=24, truncation="keep_end")
     assert (ids.truncated_prompt, ids.truncated_completion) == (True, True)
@@ -316,7 +334,10 @@ def test_drop_policy_drops_overlength_pairs_and_explains(chat_tokenizer):
     ids = ids_of(chat_tokenizer, example, max_length=40, overlength="drop")
     assert ids.dropped == "overlength"
     total = len(full.prompt_ids) + len(full.chosen_ids)
-    assert ids.detail == f"prompt {len(full.prompt_ids)} + chosen {len(full.chosen_ids)} = {total} tokens, over --max-length 40"
+    assert (
+        ids.detail
+        == f"prompt {len(full.prompt_ids)} + chosen {len(full.chosen_ids)} = {total} tokens, over --max-length 40"
+    )
     assert ids_of(chat_tokenizer, pair(), max_length=40, overlength="drop").dropped is None
     # the caps are asked for explicitly, so they apply first: capped, the pair fits and is kept
     capped = ids_of(chat_tokenizer, example, max_length=40, max_completion_length=8, overlength="drop")

@@ -58,7 +58,11 @@ def test_quickstart_adopts_an_empty_folder_and_reruns_in_its_own(tmp_path):
 
 def test_the_demo_is_complete_and_under_10_mb():
     demo = demo_files()
-    total = sum(f.stat().st_size for f in (REPO / "examples" / "demo").rglob("*") if f.is_file() and "__pycache__" not in f.parts)
+    total = sum(
+        f.stat().st_size
+        for f in (REPO / "examples" / "demo").rglob("*")
+        if f.is_file() and "__pycache__" not in f.parts
+    )
     assert total < 10 * 2**20
     config = json.loads((demo.model / "config.json").read_text())
     assert config["model_type"] == "llama" and config["hidden_size"] == 128
@@ -70,7 +74,10 @@ def test_the_demo_is_complete_and_under_10_mb():
 
 
 def test_the_demo_data_script_rewrites_the_committed_files_exactly(tmp_path):
-    subprocess.run([sys.executable, str(REPO / "examples" / "make_demo_data.py"), "--out", str(tmp_path)], check=True,
-                   capture_output=True)
+    subprocess.run(
+        [sys.executable, str(REPO / "examples" / "make_demo_data.py"), "--out", str(tmp_path)],
+        check=True,
+        capture_output=True,
+    )
     for name in ("train.jsonl", "eval.jsonl"):
         assert (tmp_path / name).read_bytes() == (REPO / "examples" / "demo" / "data" / name).read_bytes()

@@ -10,22 +10,19 @@ import subprocess
 import sys
 from pathlib import Path
 
+import datasets
 import h5py
 import numpy as np
-import datasets
 import pytest
+import tiny
 import torch
+from conftest import assert_cache_equals, live_logps, naive_token_values, ref_logps_args
 from transformers import AutoModelForCausalLM
 
-import tiny
 from dpokit.cli import main
-from dpokit.data.collate import pad_pairs
 from dpokit.data.prepared import load_prepared, write_prepared
-from dpokit.logps import naive_sequence_logps
 from dpokit.fingerprint import reference_fingerprint
 from dpokit.reference.cache import open_cache
-
-from conftest import assert_cache_equals, live_logps, naive_token_values, ref_logps_args
 
 ROW_NAMES = ("chosen_logps", "rejected_logps", "chosen_tokens", "rejected_tokens", "done")
 
@@ -46,6 +43,8 @@ def mark_done_then_die(self, group, index):
 RefCacheWriter.mark_done = mark_done_then_die
 sys.exit(main(sys.argv[2:]))
 """
+
+
 def read_datasets(path: Path) -> dict[str, np.ndarray]:
     with h5py.File(path, "r") as handle:
         return {f"{split}/{name}": handle[split][name][()] for split in handle for name in ROW_NAMES}
@@ -91,7 +90,9 @@ def test_cached_logps_equal_live_computation(tiny_model_dir, prepared_dir, tmp_p
 
 def test_cached_logps_with_adapter_equal_live_adapter_model(tiny_model_dir, prepared_dir, adapter_dir, tmp_path, live):
     out = tmp_path / "ref.h5"
-    assert main(ref_logps_args(prepared_dir, tiny_model_dir, out, "--adapter", str(adapter_dir), "--batch-size", "3")) == 0
+    assert (
+        main(ref_logps_args(prepared_dir, tiny_model_dir, out, "--adapter", str(adapter_dir), "--batch-size", "3")) == 0
+    )
     expected = live_logps(tiny_model_dir, prepared_dir, adapter_dir)
     assert_cache_equals(out, expected)
     assert np.abs(expected["train"]["chosen_logps"] - live["train"]["chosen_logps"]).max() > 1e-2  # the adapter matters
@@ -113,7 +114,9 @@ def test_cache_records_what_it_was_made_from(ref_cache, tiny_model_dir, prepared
     )
 
 
-def test_splits_option_computes_only_those_splits_and_a_rerun_adds_the_rest(tiny_model_dir, prepared_dir, tmp_path, live):
+def test_splits_option_computes_only_those_splits_and_a_rerun_adds_the_rest(
+    tiny_model_dir, prepared_dir, tmp_path, live
+):
     out = tmp_path / "ref.h5"
     assert main(ref_logps_args(prepared_dir, tiny_model_dir, out, "--splits", "eval")) == 0
     assert open_cache(out).rows_done == {"train": 0, "eval": 8}
@@ -149,11 +152,14 @@ def test_resumed_run_fills_only_rows_not_done(tiny_model_dir, prepared_dir, tmp_
     assert_cache_equals(out, expected)
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_and_ends_identical_to_an_uninterrupted_run(tiny_model_dir, prepared_dir, tmp_path):
     killed = tmp_path / "killed.h5"
     args = ref_logps_args(prepared_dir, tiny_model_dir, killed, "--batch-size", "4")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    run = subprocess.run([sys.executable, "-c", KILLED_MID_COMMIT, "12", *args], env=env, capture_output=True, text=True, timeout=120)
+    run = subprocess.run(
+        [sys.executable, "-c", KILLED_MID_COMMIT, "12", *args], env=env, capture_output=True, text=True, timeout=120
+    )
     assert run.returncode == -signal.SIGKILL, run.stderr
     assert open_cache(killed).rows_done == {"train": 12, "eval": 0}
     assert main(args) == 0
@@ -178,13 +184,17 @@ def test_rerun_on_other_data_is_refused_until_overwrite(tiny_model_dir, prepared
 
 
 @pytest.mark.parametrize("flags", [[], ["--overwrite"]], ids=["resume", "overwrite"])
-def test_out_naming_a_directory_is_one_line_and_leaves_no_temporary(tiny_model_dir, prepared_dir, tmp_path, capsys, flags):
+def test_out_naming_a_directory_is_one_line_and_leaves_no_temporary(
+    tiny_model_dir, prepared_dir, tmp_path, capsys, flags
+):
     out = tmp_path / "caches"
     out.mkdir()
     (out / "notes.txt").write_text("mine")
     assert main(ref_logps_args(prepared_dir, tiny_model_dir, out, *flags)) == 1
     err = capsys.readouterr().err
-    assert f"--out {out} is a directory; the reference cache is one file: give a file path such as {out / 'ref.h5'}" in err
+    assert (
+        f"--out {out} is a directory; the reference cache is one file: give a file path such as {out / 'ref.h5'}" in err
+    )
     assert len(err.strip().splitlines()) == 1
     assert [p.name for p in tmp_path.iterdir()] == ["caches"] and [p.name for p in out.iterdir()] == ["notes.txt"]
 
@@ -210,7 +220,9 @@ def test_overwrite_refuses_an_hdf5_file_that_dpokit_did_not_write(tiny_model_dir
         assert handle["activations"][()].tolist() == [0, 1, 2]
 
 
-def test_rerun_with_another_model_is_refused_naming_the_weights(tiny_model_dir, prepared_dir, ref_cache, tmp_path, capsys):
+def test_rerun_with_another_model_is_refused_naming_the_weights(
+    tiny_model_dir, prepared_dir, ref_cache, tmp_path, capsys
+):
     out = tmp_path / "ref.h5"
     out.write_bytes(ref_cache.read_bytes())
     changed = tiny.copy_model_with_changed_weight(tiny_model_dir, tmp_path / "changed")
@@ -282,8 +294,9 @@ def test_cache_verify_takes_the_data_model_and_tolerance_the_cache_records(ref_c
 # per-token reference values (--per-token)
 
 
-def test_per_token_cache_holds_every_completion_tokens_logp_and_resumes(tiny_model_dir, prepared_dir, tmp_path,
-                                                                        crash_cache_writer, live):
+def test_per_token_cache_holds_every_completion_tokens_logp_and_resumes(
+    tiny_model_dir, prepared_dir, tmp_path, crash_cache_writer, live
+):
     out = tmp_path / "ref.h5"
     args = ref_logps_args(prepared_dir, tiny_model_dir, out, "--per-token", "--batch-size", "4")
     undo = crash_cache_writer(after_rows=8)  # killed mid-pass: the rest is filled by the rerun
@@ -305,11 +318,15 @@ def test_per_token_cache_holds_every_completion_tokens_logp_and_resumes(tiny_mod
                 torch.testing.assert_close(got, token_logps[offset + i], atol=1e-4, rtol=0, msg=f"{split} {i} {side}")
 
 
-def test_a_sequence_cache_is_not_silently_extended_with_per_token_values(tiny_model_dir, prepared_dir, ref_cache, tmp_path, capsys):
+def test_a_sequence_cache_is_not_silently_extended_with_per_token_values(
+    tiny_model_dir, prepared_dir, ref_cache, tmp_path, capsys
+):
     out = tmp_path / "ref.h5"
     out.write_bytes(ref_cache.read_bytes())
     assert main(ref_logps_args(prepared_dir, tiny_model_dir, out, "--per-token")) == 1
-    assert "per_token differs (per-token log-probs (--per-token)): False in the file, True now" in capsys.readouterr().err
+    assert (
+        "per_token differs (per-token log-probs (--per-token)): False in the file, True now" in capsys.readouterr().err
+    )
 
 
 def test_per_token_values_cost_four_bytes_a_token(tiny_model_dir, prepared_dir, ref_cache, tmp_path):
@@ -323,7 +340,10 @@ def test_per_token_values_cost_four_bytes_a_token(tiny_model_dir, prepared_dir, 
 
 def test_a_batch_size_of_zero_is_refused_before_any_file_is_written(tiny_model_dir, prepared_dir, tmp_path, capsys):
     out = tmp_path / "ref.h5"
-    assert main(["ref-logps", str(prepared_dir), "--model", str(tiny_model_dir), "--out", str(out), "--batch-size", "0"]) == 1
+    assert (
+        main(["ref-logps", str(prepared_dir), "--model", str(tiny_model_dir), "--out", str(out), "--batch-size", "0"])
+        == 1
+    )
     assert "--batch-size must be at least 1, got 0" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []  # no cache, no lock
 
@@ -344,7 +364,7 @@ def set_row_value(group, name: str, row: int, value: float) -> None:
     from dpokit.reference.cache import ROW_CRC, ROW_DATASETS, row_checksums
 
     group[name][row] = value
-    columns = {column: group[column][row:row + 1] for column in ROW_DATASETS}
+    columns = {column: group[column][row : row + 1] for column in ROW_DATASETS}
     group[ROW_CRC][row] = row_checksums(columns)[0]
 
 

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # two processes each: CI runs them with -m slow
+
 TESTS_DIR = Path(__file__).parent
 TIMEOUT_S = 180
 
@@ -35,7 +37,9 @@ def launch_in_subprocess(worker: str) -> subprocess.CompletedProcess:
         "    print(f'error: {exc}', file=sys.stderr)\n"
         "    sys.exit(1)\n"
     )
-    return subprocess.run([sys.executable, "-c", code], env=worker_env(), capture_output=True, text=True, timeout=TIMEOUT_S)
+    return subprocess.run(
+        [sys.executable, "-c", code], env=worker_env(), capture_output=True, text=True, timeout=TIMEOUT_S
+    )
 
 
 def fail_on_rank_one() -> None:
@@ -65,7 +69,9 @@ def test_two_processes_write_the_same_values_as_the_live_computation(tiny_model_
 
     out = tmp_path / "ref.h5"
     args = ref_logps_args(prepared_dir, tiny_model_dir, out, "--gpus", "2", "--batch-size", "3")
-    run = subprocess.run([sys.executable, "-m", "dpokit", *args], env=worker_env(), capture_output=True, text=True, timeout=TIMEOUT_S)
+    run = subprocess.run(
+        [sys.executable, "-m", "dpokit", *args], env=worker_env(), capture_output=True, text=True, timeout=TIMEOUT_S
+    )
     assert run.returncode == 0, run.stderr
     assert "32 new / 32" in run.stdout and run.stdout.count("reference log-probs") == 1  # rank 0 alone reports
     assert_cache_equals(out, live_logps(tiny_model_dir, prepared_dir))
@@ -90,7 +96,14 @@ def test_a_user_error_on_rank_zero_stops_every_worker_with_one_clear_message():
 def test_single_process_helpers_need_no_process_group():
     import torch
 
-    from dpokit.distributed import DistInfo, any_rank, broadcast_from_main, gather_to_main, init_distributed, main_result
+    from dpokit.distributed import (
+        DistInfo,
+        any_rank,
+        broadcast_from_main,
+        gather_to_main,
+        init_distributed,
+        main_result,
+    )
 
     assert init_distributed() == DistInfo(rank=0, world_size=1, local_rank=0) and init_distributed().is_main
     assert gather_to_main({"rows": 3}) == [{"rows": 3}]

@@ -8,10 +8,10 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+import tiny
 import torch
 from safetensors.torch import load_file, save_file
 
-import tiny
 from dpokit.errors import DpokitError
 from dpokit.fingerprint import reference_fingerprint, weights_fingerprint
 from dpokit.reference.cache import RefCacheWriter, cache_attrs, create_or_resume_cache, open_cache
@@ -19,11 +19,16 @@ from dpokit.reference.cache import RefCacheWriter, cache_attrs, create_or_resume
 WEIGHTS = "model.safetensors"
 
 
-
 def write_attrs(**changes) -> dict:
     attrs = cache_attrs(
-        model="/models/tiny", weights="w" * 64, adapter=None, adapter_weights=None, prepared_path="/data/prepared",
-        data_fingerprint="d" * 64, tokenizer_fingerprint="t" * 64, dtype="float32",
+        model="/models/tiny",
+        weights="w" * 64,
+        adapter=None,
+        adapter_weights=None,
+        prepared_path="/data/prepared",
+        data_fingerprint="d" * 64,
+        tokenizer_fingerprint="t" * 64,
+        dtype="float32",
     )
     return {**attrs, **changes}
 
@@ -144,7 +149,9 @@ def test_reading_an_unfinished_split_names_it_and_the_command_to_finish(tmp_path
     cache = open_cache(path)
     assert cache.rows_done == {"train": 2, "eval": 0}
     assert cache.pending_rows("train").tolist() == [2, 3, 4]
-    with pytest.raises(DpokitError, match=r"'train' has 2/5 rows done.*dpokit ref-logps /data/prepared --model /models/tiny"):
+    with pytest.raises(
+        DpokitError, match=r"'train' has 2/5 rows done.*dpokit ref-logps /data/prepared --model /models/tiny"
+    ):
         cache.logps("train")
     with pytest.raises(DpokitError, match="no split 'test'"):
         cache.logps("test")
@@ -204,7 +211,9 @@ def test_opening_a_missing_or_corrupt_cache_says_how_to_build_it(tmp_path):
     with pytest.raises(DpokitError, match="does not exist; build it with `dpokit ref-logps"):
         open_cache(tmp_path / "missing.h5")
     (tmp_path / "junk.h5").write_bytes(b"not hdf5")  # never offered to --overwrite: ref-logps would refuse it
-    with pytest.raises(DpokitError, match=r"not a reference cache \(not an HDF5 file\).*remove it yourself, then rebuild it"):
+    with pytest.raises(
+        DpokitError, match=r"not a reference cache \(not an HDF5 file\).*remove it yourself, then rebuild it"
+    ):
         open_cache(tmp_path / "junk.h5")
 
 
@@ -238,20 +247,34 @@ def test_a_steps_batches_from_every_rank_commit_as_one_write_with_their_token_va
 
     def batch(rows):  # one rank's outputs for example indices `rows`, as the pass gathers them
         rows = np.array(rows)
-        return BatchLogps(rows, -rows.astype(np.float32), -2 * rows.astype(np.float32), chosen[rows], rejected[rows],
-                          num_tokens=1, token_logps=[tokens[i] for i in rows])
+        return BatchLogps(
+            rows,
+            -rows.astype(np.float32),
+            -2 * rows.astype(np.float32),
+            chosen[rows],
+            rejected[rows],
+            num_tokens=1,
+            token_logps=[tokens[i] for i in rows],
+        )
 
     writer = RefCacheWriter(path)
     step = concatenated([batch([4, 1]), batch([3, 0])])
-    writer.write("train", step.index, step.chosen_logps, step.rejected_logps, step.chosen_tokens, step.rejected_tokens,
-                 step.token_logps)
+    writer.write(
+        "train",
+        step.index,
+        step.chosen_logps,
+        step.rejected_logps,
+        step.chosen_tokens,
+        step.rejected_tokens,
+        step.token_logps,
+    )
     assert writer.rows_written == 4 and open_cache(path).pending_rows("train").tolist() == [2]
     values = open_cache(path).logps("train", require_done=False)
     assert values.chosen_logps.tolist()[:2] == [0.0, -1.0] and values.chosen_logps.tolist()[3:] == [-3.0, -4.0]
     for row in (0, 1, 3, 4):
         start, end = values.token_offsets[row], values.token_offsets[row + 1]
         np.testing.assert_array_equal(values.token_logps.numpy()[start:end], tokens[row])
-    assert np.isnan(values.token_logps.numpy()[values.token_offsets[2]:values.token_offsets[3]]).all()
+    assert np.isnan(values.token_logps.numpy()[values.token_offsets[2] : values.token_offsets[3]]).all()
 
 
 def test_a_flipped_bit_in_a_written_row_is_caught_when_the_cache_is_read(ref_cache, tmp_path):

@@ -67,6 +67,7 @@ def offline_trackers(tmp_path, monkeypatch):
     return f"file:{tmp_path / 'mlruns'}"
 
 
+@pytest.mark.slow
 def test_wandb_mlflow_and_trackio_get_every_logged_value_and_a_resume_continues_their_runs(
     train_cli, tmp_path, offline_trackers
 ):
@@ -74,9 +75,16 @@ def test_wandb_mlflow_and_trackio_get_every_logged_value_and_a_resume_continues_
     from trackio import SQLiteStorage
 
     run = tmp_path / "run"
-    common = ("--max-steps", "2", "training.eval_every=2", "eval.samples=1", "eval.max_new_tokens=3",
-              "logging.report_to=[wandb,mlflow,trackio]", "logging.project=dpokit-test",
-              f"logging.mlflow_tracking_uri={offline_trackers}")
+    common = (
+        "--max-steps",
+        "2",
+        "training.eval_every=2",
+        "eval.samples=1",
+        "eval.max_new_tokens=3",
+        "logging.report_to=[wandb,mlflow,trackio]",
+        "logging.project=dpokit-test",
+        f"logging.mlflow_tracking_uri={offline_trackers}",
+    )
     assert main(train_cli(run, *common)) == 0
     first_ids = json.loads((run / TRACKERS_FILE).read_text())
     assert main(train_cli(run, *common[2:], "--max-steps", "4", "--resume", "--allow-config-change")) == 0
@@ -100,7 +108,8 @@ def test_wandb_mlflow_and_trackio_get_every_logged_value_and_a_resume_continues_
         logged = {m.step: m.value for m in client.get_metric_history(ids["mlflow"], name)}
         assert logged == pytest.approx({s: v[name] for s, v in expected.items() if name in v}, rel=1e-6)
     assert [a.path for a in client.list_artifacts(ids["mlflow"], "samples")] == [
-        "samples/step_00000002.md", "samples/step_00000004.md"
+        "samples/step_00000002.md",
+        "samples/step_00000004.md",
     ]
 
     logs = SQLiteStorage.get_logs("dpokit-test", ids["trackio"])
@@ -109,7 +118,9 @@ def test_wandb_mlflow_and_trackio_get_every_logged_value_and_a_resume_continues_
     assert SQLiteStorage.get_run_config("dpokit-test", ids["trackio"])["optimizer"]["lr"] == config["optimizer"]["lr"]
 
 
-def test_a_named_tracker_that_is_not_installed_stops_the_run_before_the_model_loads(train_cli, tmp_path, capsys, monkeypatch):
+def test_a_named_tracker_that_is_not_installed_stops_the_run_before_the_model_loads(
+    train_cli, tmp_path, capsys, monkeypatch
+):
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as without the extras
     monkeypatch.setitem(sys.modules, "wandb", None)
     with pytest.raises(DpokitError) as error:
@@ -124,7 +135,10 @@ def test_a_named_tracker_that_is_not_installed_stops_the_run_before_the_model_lo
 
 def test_an_unknown_tracker_name_is_refused_with_the_choices(train_cli, tmp_path, capsys):
     assert main(train_cli(tmp_path / "run", "logging.report_to=[wandb,neptune]")) == 1
-    assert "logging.report_to[1]='neptune' is not valid; choose one of: tensorboard, wandb, mlflow, trackio" in capsys.readouterr().err
+    assert (
+        "logging.report_to[1]='neptune' is not valid; choose one of: tensorboard, wandb, mlflow, trackio"
+        in capsys.readouterr().err
+    )
 
 
 def test_a_tracker_that_fails_mid_run_is_dropped_with_one_note_and_metrics_jsonl_keeps_every_value(tmp_path):
@@ -153,13 +167,27 @@ def test_a_tracker_that_fails_mid_run_is_dropped_with_one_note_and_metrics_jsonl
     logger.close()
     assert Flaky.logged == [1] and [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3]
     assert Flaky.other == [("samples", 1)]  # dropped at step 2: no samples at step 3, and no close
-    assert notes == ["wandb failed (ConnectionError: wandb.ai unreachable); the run goes on without it, "
-                     "metrics.jsonl has every value"]
+    assert notes == [
+        "wandb failed (ConnectionError: wandb.ai unreachable); the run goes on without it, "
+        "metrics.jsonl has every value"
+    ]
 
 
-def test_a_tracker_that_cannot_start_stops_the_run_before_training_in_one_line(train_cli, tmp_path, capsys, offline_trackers):
-    assert main(train_cli(tmp_path / "run", "--max-steps", "1", "logging.report_to=mlflow",
-                          "logging.mlflow_tracking_uri=nosuchscheme://nowhere")) == 1
+def test_a_tracker_that_cannot_start_stops_the_run_before_training_in_one_line(
+    train_cli, tmp_path, capsys, offline_trackers
+):
+    assert (
+        main(
+            train_cli(
+                tmp_path / "run",
+                "--max-steps",
+                "1",
+                "logging.report_to=mlflow",
+                "logging.mlflow_tracking_uri=nosuchscheme://nowhere",
+            )
+        )
+        == 1
+    )
     err = capsys.readouterr().err
     assert "logging.report_to: mlflow did not start (" in err and "Traceback" not in err
     assert not (tmp_path / "run" / "metrics.jsonl").exists()

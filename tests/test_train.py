@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import shutil
 import sys
@@ -10,14 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import recipe_overrides as overrides
 
 from dpokit.cli import main
 from dpokit.config import load_config
-from dpokit.errors import DpokitError
 from dpokit.launch import builtin_recipe_path, load_recipe_module
-from dpokit.metrics import read_metrics
-
-from conftest import recipe_overrides as overrides
+from dpokit.metrics import PAIR_METRICS, read_metrics
 
 RECIPE = load_recipe_module(builtin_recipe_path())
 
@@ -36,13 +33,23 @@ def run_recipe(args: list[str]):
 
 
 def test_first_step_has_zero_rewards_and_dpo_loss_ln2(tiny_model_dir, prepared_dir, tmp_path):
-    assert main(["train", "--config", "tiny_lora", *overrides(tiny_model_dir, prepared_dir, tmp_path / "run"), "training.max_steps=1"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--config",
+                "tiny_lora",
+                *overrides(tiny_model_dir, prepared_dir, tmp_path / "run"),
+                "training.max_steps=1",
+            ]
+        )
+        == 0
+    )
     first = read_metrics(tmp_path / "run", "train")[0]
     assert first["loss"] == pytest.approx(math.log(2), abs=1e-6)
     assert first["rewards/chosen"] == pytest.approx(0.0, abs=1e-6)
     assert first["rewards/rejected"] == pytest.approx(0.0, abs=1e-6)
-    for key in ("rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected", "logits/chosen",
-                "logits/rejected", "lr", "grad_norm", "tokens_per_s", "pairs_per_s", "peak_memory_mb"):
+    for key in (*PAIR_METRICS, "lr", "grad_norm", "tokens_per_s", "pairs_per_s", "peak_memory_mb"):
         assert key in first
 
 
@@ -50,9 +57,18 @@ def test_first_step_has_zero_rewards_and_dpo_loss_ln2(tiny_model_dir, prepared_d
 def test_each_method_reduces_the_loss_on_a_fixed_batch(method, tiny_model_dir, prepared_dir, tmp_path):
     # One global batch = the whole 32-pair train split, so every step sees the same fixed batch.
     lr = "1e-3" if method == "full" else "1e-2"
-    args = overrides(tiny_model_dir, prepared_dir, tmp_path / "run", f"model.method={method}", "training.max_steps=3",
-                     "data.shuffle=false", "data.batch_size=32", f"optimizer.lr={lr}", "scheduler.name=constant",
-                     "scheduler.warmup_steps=0")
+    args = overrides(
+        tiny_model_dir,
+        prepared_dir,
+        tmp_path / "run",
+        f"model.method={method}",
+        "training.max_steps=3",
+        "data.shuffle=false",
+        "data.batch_size=32",
+        f"optimizer.lr={lr}",
+        "scheduler.name=constant",
+        "scheduler.warmup_steps=0",
+    )
     assert main(["train", "--config", "tiny_lora", *args]) == 0
     losses = train_losses(tmp_path / "run")
     assert len(losses) == 3
@@ -64,8 +80,17 @@ def test_saved_adapter_reloads_with_peft_and_gives_the_same_logits(tiny_model_di
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    recipe = run_recipe(overrides(tiny_model_dir, prepared_dir, tmp_path / "run", "training.max_steps=2", "optimizer.lr=1e-2",
-                                  "training.save_every=1", "training.keep_last=2"))
+    recipe = run_recipe(
+        overrides(
+            tiny_model_dir,
+            prepared_dir,
+            tmp_path / "run",
+            "training.max_steps=2",
+            "optimizer.lr=1e-2",
+            "training.save_every=1",
+            "training.keep_last=2",
+        )
+    )
     checkpoint = tmp_path / "run" / "checkpoints" / "step_0000002"
     assert (checkpoint / "adapter_model.safetensors").is_file()
     for step in (1, 2):  # every adapter checkpoint carries the tokenizer, loaded when the first is written
@@ -81,7 +106,9 @@ def test_saved_adapter_reloads_with_peft_and_gives_the_same_logits(tiny_model_di
     assert (got - base).abs().max() > 1e-3  # the adapter changed something
 
 
-def test_saved_full_model_reloads_with_transformers_and_gives_the_same_logits(tiny_model_dir, prepared_dir, tmp_path, monkeypatch):
+def test_saved_full_model_reloads_with_transformers_and_gives_the_same_logits(
+    tiny_model_dir, prepared_dir, tmp_path, monkeypatch
+):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     loaded_at = []  # the recipe's step whenever it loads the tokenizer: only for the final, full checkpoint
@@ -92,9 +119,21 @@ def test_saved_full_model_reloads_with_transformers_and_gives_the_same_logits(ti
         return original(cls, *args, **kwargs)
 
     monkeypatch.setattr(AutoTokenizer, "from_pretrained", classmethod(from_pretrained))
-    recipe = RECIPE.DPORecipe(load_config("tiny_lora", overrides(
-        tiny_model_dir, prepared_dir, tmp_path / "run", "model.method=full", "training.max_steps=2", "optimizer.lr=1e-3",
-        "training.save_every=1", "eval.samples=0")))
+    recipe = RECIPE.DPORecipe(
+        load_config(
+            "tiny_lora",
+            overrides(
+                tiny_model_dir,
+                prepared_dir,
+                tmp_path / "run",
+                "model.method=full",
+                "training.max_steps=2",
+                "optimizer.lr=1e-3",
+                "training.save_every=1",
+                "eval.samples=0",
+            ),
+        )
+    )
     recipe.setup()
     recipe.train()
     recipe.cleanup()
@@ -106,17 +145,34 @@ def test_saved_full_model_reloads_with_transformers_and_gives_the_same_logits(ti
     inputs = torch.tensor([[3, 40, 41, 42, 5, 4, 50, 51]])
     recipe.policy.eval()
     with torch.no_grad():
-        torch.testing.assert_close(reloaded(input_ids=inputs).logits, recipe.policy(input_ids=inputs).logits, atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            reloaded(input_ids=inputs).logits, recipe.policy(input_ids=inputs).logits, atol=1e-5, rtol=0
+        )
 
 
-@pytest.mark.parametrize("method, loss, extra", [
-    ("lora", "dpo", ()), ("full", "dpo", ()),
-    ("lora", "bco", ()),  # a running mean in the loss
-    ("lora", "dpo", ("lora.dropout=0.1",)),  # dropout draws from the RNG every step
-])
-def test_resume_after_step_4_continues_with_the_same_losses(method, loss, extra, tiny_model_dir, prepared_dir, tmp_path):
-    common = [f"model.method={method}", "training.max_steps=8", "data.batch_size=2", "optimizer.lr=1e-3",
-              "training.save_every=4", "training.keep_last=5", "--loss", loss, *extra]
+@pytest.mark.parametrize(
+    "method, loss, extra",
+    [
+        ("lora", "dpo", ()),
+        ("full", "dpo", ()),
+        ("lora", "bco", ()),  # a running mean in the loss
+        ("lora", "dpo", ("lora.dropout=0.1",)),  # dropout draws from the RNG every step
+    ],
+)
+def test_resume_after_step_4_continues_with_the_same_losses(
+    method, loss, extra, tiny_model_dir, prepared_dir, tmp_path
+):
+    common = [
+        f"model.method={method}",
+        "training.max_steps=8",
+        "data.batch_size=2",
+        "optimizer.lr=1e-3",
+        "training.save_every=4",
+        "training.keep_last=5",
+        "--loss",
+        loss,
+        *extra,
+    ]
     straight = tmp_path / "straight"
     assert main(["train", "--config", "tiny_lora", *overrides(tiny_model_dir, prepared_dir, straight, *common)]) == 0
     # A run "killed" after step 4: its directory as it stood then (checkpoint 4, metrics to step 4, plus junk).
@@ -126,14 +182,19 @@ def test_resume_after_step_4_continues_with_the_same_losses(method, loss, extra,
     (resumed / "checkpoints" / ".step_0000006.tmp-4194304").mkdir()  # a dead writer's half-written checkpoint
     lines = (resumed / "metrics.jsonl").read_text().splitlines()
     (resumed / "metrics.jsonl").write_text("\n".join(lines[:5]) + "\n")
-    assert main(["train", "--config", "tiny_lora", *overrides(tiny_model_dir, prepared_dir, resumed, *common), "--resume"]) == 0
+    assert (
+        main(["train", "--config", "tiny_lora", *overrides(tiny_model_dir, prepared_dir, resumed, *common), "--resume"])
+        == 0
+    )
     want, got = train_losses(straight), train_losses(resumed)
     assert len(got) == 8
     assert got == pytest.approx(want, abs=1e-6)
 
 
 def test_sixty_steps_of_dpo_raise_eval_reward_accuracy(tiny_model_dir, style_prepared_dir, tmp_path):
-    args = overrides(tiny_model_dir, style_prepared_dir, tmp_path / "run", "training.max_steps=60", "training.eval_every=30")
+    args = overrides(
+        tiny_model_dir, style_prepared_dir, tmp_path / "run", "training.max_steps=60", "training.eval_every=30"
+    )
     assert main(["train", "--config", "tiny_lora", *args]) == 0
     evals = read_metrics(tmp_path / "run", "eval")
     assert [r["step"] for r in evals] == [30, 60]
@@ -149,26 +210,46 @@ def simpo_step_one_loss(model_dir, data_dir, beta: float, gamma: float) -> float
     from dpokit.data.prepared import load_prepared
     from dpokit.logps import naive_sequence_logps
 
-    rows = load_prepared(data_dir).split("train").to_list()
+    rows = list(load_prepared(data_dir).split("train"))
     batch = pad_pairs(rows, list(range(len(rows))), pad_id=0)
     with torch.no_grad():
-        logps = naive_sequence_logps(AutoModelForCausalLM.from_pretrained(model_dir), batch.input_ids,
-                                     batch.attention_mask, batch.completion_mask)
+        logps = naive_sequence_logps(
+            AutoModelForCausalLM.from_pretrained(model_dir),
+            batch.input_ids,
+            batch.attention_mask,
+            batch.completion_mask,
+        )
     counts = batch.completion_mask[:, 1:].sum(-1).double()
     average = logps.double() / counts
-    chosen, rejected = average[: len(rows)], average[len(rows):]
+    chosen, rejected = average[: len(rows)], average[len(rows) :]
     return float(torch.nn.functional.softplus(-(beta * (chosen - rejected) - gamma)).mean())
 
 
 # At step 1 the policy is the reference (h = 0): hinge 1 - gamma*0 = 1, IPO (0 - 1/(2 tau))^2 = 25.
-@pytest.mark.parametrize("flags, expected", [
-    (["--loss", "rso", "--gamma", "0.5"], lambda model, data: 1.0),
-    (["--loss", "ipo", "--tau", "0.1"], lambda model, data: 25.0),
-    (["--loss", "simpo", "--beta", "2.5", "--gamma", "0.3"], lambda model, data: simpo_step_one_loss(model, data, 2.5, 0.3)),
-], ids=["rso", "ipo", "simpo"])
+@pytest.mark.parametrize(
+    "flags, expected",
+    [
+        (["--loss", "rso", "--gamma", "0.5"], lambda model, data: 1.0),
+        (["--loss", "ipo", "--tau", "0.1"], lambda model, data: 25.0),
+        (
+            ["--loss", "simpo", "--beta", "2.5", "--gamma", "0.3"],
+            lambda model, data: simpo_step_one_loss(model, data, 2.5, 0.3),
+        ),
+    ],
+    ids=["rso", "ipo", "simpo"],
+)
 def test_each_loss_flag_computes_its_formula_at_step_one(flags, expected, tiny_model_dir, prepared_dir, tmp_path):
-    args = ["train", "--config", "tiny_lora", "--max-steps", "1", "--batch-size", "32", *flags,
-            *overrides(tiny_model_dir, prepared_dir, tmp_path / "run", "data.shuffle=false")]
+    args = [
+        "train",
+        "--config",
+        "tiny_lora",
+        "--max-steps",
+        "1",
+        "--batch-size",
+        "32",
+        *flags,
+        *overrides(tiny_model_dir, prepared_dir, tmp_path / "run", "data.shuffle=false"),
+    ]
     assert main(args) == 0
     (first,) = read_metrics(tmp_path / "run", "train")
     assert first["loss"] == pytest.approx(expected(tiny_model_dir, prepared_dir), abs=1e-5)
@@ -187,8 +268,9 @@ def test_custom_loss_class_by_import_path_trains(tiny_model_dir, prepared_dir, t
         "        return torch.nn.functional.softplus(-self.scale * margin), margin.detach(), -margin.detach()\n"
     )
     monkeypatch.syspath_prepend(str(tmp_path))
-    args = overrides(tiny_model_dir, prepared_dir, tmp_path / "run", "loss.scale=0.5", "training.max_steps=3",
-                     "optimizer.lr=1e-2")
+    args = overrides(
+        tiny_model_dir, prepared_dir, tmp_path / "run", "loss.scale=0.5", "training.max_steps=3", "optimizer.lr=1e-2"
+    )
     assert main(["train", "--config", "tiny_lora", "--loss", "margin_loss_under_test:MarginLoss", *args]) == 0
     losses = train_losses(tmp_path / "run")
     assert losses[0] == pytest.approx(math.log(2), abs=1e-5)  # softplus(0)
@@ -198,20 +280,33 @@ def test_custom_loss_class_by_import_path_trains(tiny_model_dir, prepared_dir, t
 def test_merge_writes_a_full_model_equal_to_base_plus_adapter(tiny_model_dir, prepared_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    recipe = run_recipe(overrides(tiny_model_dir, prepared_dir, tmp_path / "run", "training.max_steps=2",
-                                  "optimizer.lr=1e-2", "output.merge=true"))
+    recipe = run_recipe(
+        overrides(
+            tiny_model_dir,
+            prepared_dir,
+            tmp_path / "run",
+            "training.max_steps=2",
+            "optimizer.lr=1e-2",
+            "output.merge=true",
+        )
+    )
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "merged").eval()
     inputs = torch.tensor([[3, 40, 41, 42, 5, 4, 50, 51]])
     recipe.policy.eval()
     with torch.no_grad():
-        torch.testing.assert_close(merged(input_ids=inputs).logits, recipe.policy(input_ids=inputs).logits, atol=1e-4, rtol=0)
+        torch.testing.assert_close(
+            merged(input_ids=inputs).logits, recipe.policy(input_ids=inputs).logits, atol=1e-4, rtol=0
+        )
     assert main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "exported")]) == 0
     assert (tmp_path / "exported" / "config.json").is_file()
 
 
 def test_plot_writes_png_curves(tiny_model_dir, prepared_dir, tmp_path):
     run = tmp_path / "run"
-    assert main(["train", "--config", "tiny_lora", *overrides(tiny_model_dir, prepared_dir, run, "training.max_steps=2")]) == 0
+    assert (
+        main(["train", "--config", "tiny_lora", *overrides(tiny_model_dir, prepared_dir, run, "training.max_steps=2")])
+        == 0
+    )
     assert main(["plot", str(run)]) == 0
     for name in ("loss", "accuracy", "margins", "rewards"):
         png = run / "plots" / f"{name}.png"
@@ -234,12 +329,17 @@ def error_line(capsys) -> str:
 
 def test_unknown_loss_is_one_clear_line(tiny_model_dir, prepared_dir, tmp_path, capsys):
     assert main(["train", "--loss", "dpx", *overrides(tiny_model_dir, prepared_dir, tmp_path / "run")]) == 1
-    assert "unknown loss 'dpx'; choose one of aot, aot_pair, apo_down, apo_zero, bco, discopop, dpo, " in error_line(capsys)
+    assert "unknown loss 'dpx'; choose one of aot, aot_pair, apo_down, apo_zero, bco, discopop, dpo, " in error_line(
+        capsys
+    )
 
 
 def test_gamma_on_dpo_is_one_clear_line(tiny_model_dir, prepared_dir, tmp_path, capsys):
-    assert main(["train", "--loss", "dpo", "--gamma", "0.5", *overrides(tiny_model_dir, prepared_dir, tmp_path / "run")]) == 1
-    assert "loss 'dpo' has no parameter gamma; its parameters: loss.beta" in error_line(capsys)
+    assert (
+        main(["train", "--loss", "dpo", "--gamma", "0.5", *overrides(tiny_model_dir, prepared_dir, tmp_path / "run")])
+        == 1
+    )
+    assert "loss 'dpo' has no parameter gamma; its parameters: loss.label_smoothing, " in error_line(capsys)
 
 
 def test_qlora_without_bitsandbytes_is_one_clear_line(tiny_model_dir, prepared_dir, tmp_path, capsys, monkeypatch):
@@ -248,12 +348,15 @@ def test_qlora_without_bitsandbytes_is_one_clear_line(tiny_model_dir, prepared_d
     assert "model.method=qlora needs bitsandbytes" in error_line(capsys)
 
 
-def test_debug_flag_shows_the_traceback(tiny_model_dir, prepared_dir, tmp_path):
-    with pytest.raises(DpokitError):
-        main(["--debug", "train", "--loss", "dpx", *overrides(tiny_model_dir, prepared_dir, tmp_path / "run")])
+def test_debug_flag_shows_the_traceback(tiny_model_dir, prepared_dir, tmp_path, capsys):
+    assert main(["--debug", "train", "--loss", "dpx", *overrides(tiny_model_dir, prepared_dir, tmp_path / "run")]) == 1
+    err = capsys.readouterr().err
+    assert "error:" in err and "unknown loss 'dpx'" in err and "Traceback" in err
 
 
-def test_a_model_folder_without_a_tokenizer_is_refused_before_loading_the_model(tiny_model_dir, prepared_dir, tmp_path, capsys):
+def test_a_model_folder_without_a_tokenizer_is_refused_before_loading_the_model(
+    tiny_model_dir, prepared_dir, tmp_path, capsys
+):
     bare = tmp_path / "bare_model"
     bare.mkdir()
     for name in ("config.json", "model.safetensors"):
@@ -261,7 +364,17 @@ def test_a_model_folder_without_a_tokenizer_is_refused_before_loading_the_model(
     assert main(["train", *overrides(bare, prepared_dir, tmp_path / "run")]) == 1
     err = capsys.readouterr().err
     assert "bare_model has no tokenizer" in err and "model.tokenizer=" in err
-    assert main(["train", *overrides(bare, prepared_dir, tmp_path / "run2", f"model.tokenizer={tiny_model_dir}", "training.max_steps=1")]) == 0
+    assert (
+        main(
+            [
+                "train",
+                *overrides(
+                    bare, prepared_dir, tmp_path / "run2", f"model.tokenizer={tiny_model_dir}", "training.max_steps=1"
+                ),
+            ]
+        )
+        == 0
+    )
 
 
 def test_existing_run_directory_is_refused_without_resume_or_overwrite(tiny_model_dir, prepared_dir, tmp_path, capsys):
@@ -274,50 +387,94 @@ def test_existing_run_directory_is_refused_without_resume_or_overwrite(tiny_mode
     assert len(read_metrics(tmp_path / "run", "train")) == 1
 
 
-
-
 def test_default_layout_is_packed_and_prefix_shared():
     data = load_config("tiny_lora").data
     assert data.packing and data.prefix_sharing
 
 
 def test_8bit_adamw_trains(tiny_model_dir, prepared_dir, tmp_path):
-    args = overrides(tiny_model_dir, prepared_dir, tmp_path / "run", "optimizer.name=adamw8bit", "training.max_steps=3",
-                     "data.shuffle=false", "data.batch_size=32", "optimizer.lr=1e-2", "scheduler.name=constant")
+    args = overrides(
+        tiny_model_dir,
+        prepared_dir,
+        tmp_path / "run",
+        "optimizer.name=adamw8bit",
+        "training.max_steps=3",
+        "data.shuffle=false",
+        "data.batch_size=32",
+        "optimizer.lr=1e-2",
+        "scheduler.name=constant",
+    )
     assert main(["train", *args]) == 0
     losses = train_losses(tmp_path / "run")
     assert losses[-1] < losses[0]
 
 
-def test_activation_offloading_on_cpu_says_it_changes_nothing_and_changes_nothing(tiny_model_dir, prepared_dir, tmp_path, capsys):
+def test_activation_offloading_on_cpu_says_it_changes_nothing_and_changes_nothing(
+    tiny_model_dir, prepared_dir, tmp_path, capsys
+):
     common = ["--config", "tiny_lora", "--max-steps", "2"]
     plain, offloaded = tmp_path / "plain", tmp_path / "offloaded"
     assert main(["train", *common, *overrides(tiny_model_dir, prepared_dir, plain)]) == 0
     capsys.readouterr()
-    assert main(["train", *common, *overrides(tiny_model_dir, prepared_dir, offloaded, "model.activation_offloading=true")]) == 0
+    assert (
+        main(
+            ["train", *common, *overrides(tiny_model_dir, prepared_dir, offloaded, "model.activation_offloading=true")]
+        )
+        == 0
+    )
     assert "on CPU they are already there, so it changes nothing" in capsys.readouterr().err
     assert train_losses(offloaded) == train_losses(plain)
 
 
+@pytest.mark.slow
 def test_compile_compiles_each_decoder_layer_and_changes_no_loss(tiny_model_dir, prepared_dir, tmp_path, monkeypatch):
-    import dpokit.model
+    import dpokit.recipe_api
 
     compiled = []
-    real = dpokit.model.compile_layers
-    monkeypatch.setattr(dpokit.model, "compile_layers", lambda model, backend: compiled.append(real(model, backend)) or compiled[-1])
+    real = dpokit.recipe_api.compile_layers  # the recipe takes its names from the recipe API when it is loaded
+    monkeypatch.setattr(
+        dpokit.recipe_api,
+        "compile_layers",
+        lambda model, backend: compiled.append(real(model, backend)) or compiled[-1],
+    )
     common = ["--config", "tiny_lora", "--max-steps", "3", "--lr", "1e-2"]
     plain, with_compile = tmp_path / "plain", tmp_path / "compiled"
     assert main(["train", *common, *overrides(tiny_model_dir, prepared_dir, plain)]) == 0
     # The eager backend traces with dynamo like inductor but generates no kernels: the wiring, in seconds.
-    assert main(["train", *common, *overrides(tiny_model_dir, prepared_dir, with_compile, "training.compile=true",
-                                              "training.compile_backend=eager")]) == 0
+    assert (
+        main(
+            [
+                "train",
+                *common,
+                *overrides(
+                    tiny_model_dir,
+                    prepared_dir,
+                    with_compile,
+                    "training.compile=true",
+                    "training.compile_backend=eager",
+                ),
+            ]
+        )
+        == 0
+    )
     assert compiled == [2]  # both layers of the tiny model
     assert train_losses(with_compile) == pytest.approx(train_losses(plain), abs=1e-6)
 
 
 def test_optimizer_in_backward_trains_and_resumes_as_the_plain_optimizer(tiny_model_dir, prepared_dir, tmp_path):
-    common = ["--config", "tiny_lora", "--method", "full", "--lr", "1e-3", "--batch-size", "2",
-              "training.max_grad_norm=null", "training.save_every=2", "training.keep_last=3"]
+    common = [
+        "--config",
+        "tiny_lora",
+        "--method",
+        "full",
+        "--lr",
+        "1e-3",
+        "--batch-size",
+        "2",
+        "training.max_grad_norm=null",
+        "training.save_every=2",
+        "training.keep_last=3",
+    ]
     plain, in_backward, resumed = tmp_path / "plain", tmp_path / "in_backward", tmp_path / "resumed"
     assert main(["train", *common, "--max-steps", "4", *overrides(tiny_model_dir, prepared_dir, plain)]) == 0
     in_bwd = [*common, "--max-steps", "4", "training.optimizer_in_backward=true"]
@@ -332,10 +489,23 @@ def test_optimizer_in_backward_trains_and_resumes_as_the_plain_optimizer(tiny_mo
 
 
 def test_optimizer_in_backward_refuses_clipping_and_accumulation_in_one_line(capsys):
-    assert main(["config", "show", "tiny_lora", "training.optimizer_in_backward=true",
-                 "training.gradient_accumulation_steps=2"]) == 1
+    assert (
+        main(
+            [
+                "config",
+                "show",
+                "tiny_lora",
+                "training.optimizer_in_backward=true",
+                "training.gradient_accumulation_steps=2",
+            ]
+        )
+        == 1
+    )
     err = error_line(capsys)
-    assert "training.optimizer_in_backward=true needs training.gradient_accumulation_steps=1, training.max_grad_norm=null" in err
+    assert (
+        "training.optimizer_in_backward=true needs training.gradient_accumulation_steps=1, training.max_grad_norm=null"
+        in err
+    )
 
 
 def test_adamw_uses_the_fused_kernel_for_plain_cpu_parameters():
@@ -346,16 +516,28 @@ def test_adamw_uses_the_fused_kernel_for_plain_cpu_parameters():
     assert optimizer.defaults["fused"] is True
 
 
-def test_eval_samples_are_written_at_every_eval_and_shown_before_and_after(tiny_model_dir, prepared_dir, tmp_path, capsys):
+def test_eval_samples_are_written_at_every_eval_and_shown_before_and_after(
+    tiny_model_dir, prepared_dir, tmp_path, capsys
+):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from dpokit.metrics import read_samples
 
     run, prompts = tmp_path / "run", tmp_path / "prompts.txt"
     prompts.write_text("what is 7 plus 1?\n\n")  # one prompt; blank lines are not prompts
-    args = ["train", "--config", "tiny_lora", "--max-steps", "4", *overrides(tiny_model_dir, prepared_dir, run),
-            "training.eval_every=2", "training.eval_at_start=true", "eval.samples=2", "eval.max_new_tokens=5",
-            f"eval.prompts_file={prompts}"]
+    args = [
+        "train",
+        "--config",
+        "tiny_lora",
+        "--max-steps",
+        "4",
+        *overrides(tiny_model_dir, prepared_dir, run),
+        "training.eval_every=2",
+        "training.eval_at_start=true",
+        "eval.samples=2",
+        "eval.max_new_tokens=5",
+        f"eval.prompts_file={prompts}",
+    ]
     assert main(args) == 0
     samples = read_samples(run)
     assert [s["step"] for s in samples] == [0, 0, 0, 2, 2, 2, 4, 4, 4]
@@ -367,8 +549,10 @@ def test_eval_samples_are_written_at_every_eval_and_shown_before_and_after(tiny_
     assert samples[2]["prompt"] == "<|user|>what is 7 plus 1?<|end|><|assistant|>"
     ids = tokenizer(samples[2]["prompt"], add_special_tokens=False, return_tensors="pt")["input_ids"]
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    greedy = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-    assert samples[2]["completion"] == tokenizer.decode(greedy[0, ids.shape[1]:], skip_special_tokens=True).strip()
+    greedy = model.generate(
+        ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, do_sample=False, pad_token_id=tokenizer.pad_token_id
+    )
+    assert samples[2]["completion"] == tokenizer.decode(greedy[0, ids.shape[1] :], skip_special_tokens=True).strip()
     summary = capsys.readouterr().err
     assert "eval samples" in summary and "step 0" in summary and "step 4" in summary  # before and after, side by side
 
@@ -387,7 +571,9 @@ def test_lean_loading_builds_the_same_policy_as_loading_the_whole_model(method, 
     lean = load_policy_sharded(cfg.model, cfg.lora, torch.device("cpu"), shard=lambda model: None)
     expected, got = whole.state_dict(), lean.state_dict()
     assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
-    assert [n for n, p in lean.named_parameters() if p.requires_grad] == [n for n, p in whole.named_parameters() if p.requires_grad]
+    assert [n for n, p in lean.named_parameters() if p.requires_grad] == [
+        n for n, p in whole.named_parameters() if p.requires_grad
+    ]
     base = {name: dict(m.named_buffers()) for name, m in (("whole", whole), ("lean", lean))}
     assert base["whole"].keys() == base["lean"].keys()  # the rotary tables, computed, not left empty
     assert all(torch.equal(base["whole"][k], base["lean"][k]) for k in base["whole"])
@@ -410,8 +596,16 @@ def test_batches_prepared_by_loader_processes_train_exactly_as_in_process(tiny_m
     runs = {}
     for workers in (0, 1):
         run = tmp_path / f"workers_{workers}"
-        args = ["train", "--config", "tiny_lora", "--max-steps", "3", *overrides(tiny_model_dir, prepared_dir, run),
-                f"data.num_workers={workers}", "training.gradient_accumulation_steps=2"]
+        args = [
+            "train",
+            "--config",
+            "tiny_lora",
+            "--max-steps",
+            "3",
+            *overrides(tiny_model_dir, prepared_dir, run),
+            f"data.num_workers={workers}",
+            "training.gradient_accumulation_steps=2",
+        ]
         assert main(args) == 0
         runs[workers] = [(r["step"], r["loss"], r["rewards/margins"]) for r in read_metrics(run, "train")]
     assert runs[1] == runs[0]
@@ -421,17 +615,43 @@ def test_checkpoints_written_in_the_background_resume_exactly(tiny_model_dir, pr
     straight, run = tmp_path / "straight", tmp_path / "run"
     common = ("--max-steps", "6", "training.save_every=2", "training.keep_last=3", "--lr", "1e-3")
     assert main(["train", "--config", "tiny_lora", *overrides(tiny_model_dir, prepared_dir, straight), *common]) == 0
-    assert main(["train", "--config", "tiny_lora", *overrides(tiny_model_dir, prepared_dir, run), *common,
-                 "training.async_save=true"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--config",
+                "tiny_lora",
+                *overrides(tiny_model_dir, prepared_dir, run),
+                *common,
+                "training.async_save=true",
+            ]
+        )
+        == 0
+    )
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_0000002", "step_0000004", "step_0000006"]
     shutil.rmtree(run / "checkpoints" / "step_0000006")
-    assert main(["train", "--config", "tiny_lora", *overrides(tiny_model_dir, prepared_dir, run), *common,
-                 "training.async_save=true", "--resume"]) == 0  # from the step-4 checkpoint written in the background
-    assert [r["loss"] for r in read_metrics(run, "train")] == pytest.approx([r["loss"] for r in read_metrics(straight, "train")], abs=1e-6)
+    assert (
+        main(
+            [
+                "train",
+                "--config",
+                "tiny_lora",
+                *overrides(tiny_model_dir, prepared_dir, run),
+                *common,
+                "training.async_save=true",
+                "--resume",
+            ]
+        )
+        == 0
+    )  # from the step-4 checkpoint written in the background
+    assert [r["loss"] for r in read_metrics(run, "train")] == pytest.approx(
+        [r["loss"] for r in read_metrics(straight, "train")], abs=1e-6
+    )
 
 
-def test_a_checkpoint_whose_metadata_would_run_code_is_refused_on_resume_and_export(tiny_model_dir, prepared_dir,
-                                                                                     tmp_path, capsys):
+def test_a_checkpoint_whose_metadata_would_run_code_is_refused_on_resume_and_export(
+    tiny_model_dir, prepared_dir, tmp_path, capsys
+):
     import os
     import pickle
 
@@ -454,10 +674,17 @@ def test_a_checkpoint_whose_metadata_would_run_code_is_refused_on_resume_and_exp
     assert len(errors) == 2 and all("refers to posix.system" in line for line in errors)
 
 
-@pytest.mark.parametrize("damage", ["flipped byte in training_state.pt", "missing shard file", "missing .metadata"])
+@pytest.mark.parametrize(
+    "damage", ["flipped byte in training_state.pt", "missing shard file", "missing .metadata", "missing digests.json"]
+)
 def test_resume_skips_a_damaged_newest_checkpoint_with_one_note(damage, tiny_model_dir, prepared_dir, tmp_path, capsys):
-    common = ["training.max_steps=8", "data.batch_size=2", "optimizer.lr=1e-3", "training.save_every=4",
-              "training.keep_last=5"]
+    common = [
+        "training.max_steps=8",
+        "data.batch_size=2",
+        "optimizer.lr=1e-3",
+        "training.save_every=4",
+        "training.keep_last=5",
+    ]
     straight = tmp_path / "straight"
     assert main(["train", "--config", "tiny_lora", *overrides(tiny_model_dir, prepared_dir, straight, *common)]) == 0
     resumed = tmp_path / "resumed"
@@ -469,10 +696,15 @@ def test_resume_skips_a_damaged_newest_checkpoint_with_one_note(damage, tiny_mod
         (newest / "training_state.pt").write_bytes(bytes(state))
     elif damage == "missing shard file":
         next((newest / "shards").glob("*.distcp")).unlink()
+    elif damage == "missing digests.json":
+        (newest / "digests.json").unlink()
     else:
         (newest / "shards" / ".metadata").unlink()
     capsys.readouterr()
-    assert main(["train", "--config", "tiny_lora", *overrides(tiny_model_dir, prepared_dir, resumed, *common), "--resume"]) == 0
+    assert (
+        main(["train", "--config", "tiny_lora", *overrides(tiny_model_dir, prepared_dir, resumed, *common), "--resume"])
+        == 0
+    )
     notes = [line for line in capsys.readouterr().err.splitlines() if "is damaged" in line]
     assert len(notes) == 1 and "step_0000008" in notes[0] and "resuming from step_0000004" in notes[0]
     assert train_losses(resumed) == pytest.approx(train_losses(straight), abs=1e-6)

@@ -2,23 +2,31 @@
 
 from __future__ import annotations
 
-import pytest
-
 import shutil
 
 import h5py
+import pytest
+from conftest import train_cli_args
 
 from dpokit.cli import main
-from dpokit.reference.cache import ROW_CRC, ROW_DATASETS, row_checksums
 from dpokit.metrics import read_metrics
-
-from conftest import train_cli_args
+from dpokit.reference.cache import ROW_CRC, ROW_DATASETS, row_checksums
 
 
 def train_args(model_dir, data_dir, run_dir, method, *extra):
     """Five steps of `method` with an eval at the end, on the live reference unless `extra` names the cache."""
-    return train_cli_args(model_dir, data_dir, run_dir, "--method", method, "--max-steps", "5", "optimizer.lr=1e-3",
-                          "training.eval_every=5", *extra)
+    return train_cli_args(
+        model_dir,
+        data_dir,
+        run_dir,
+        "--method",
+        method,
+        "--max-steps",
+        "5",
+        "optimizer.lr=1e-3",
+        "training.eval_every=5",
+        *extra,
+    )
 
 
 def on_cache(cache) -> tuple[str, str]:
@@ -65,24 +73,39 @@ def test_cache_from_another_model_is_refused(tmp_path, prepared_dir, ref_cache, 
     assert "reference_fingerprint differs" in capsys.readouterr().err
 
 
-def test_a_refused_overwrite_leaves_the_old_run_exactly_as_it_was(tiny_model_dir, prepared_dir, style_prepared_dir,
-                                                                   ref_cache, tmp_path, capsys):
+def test_a_refused_overwrite_leaves_the_old_run_exactly_as_it_was(
+    tiny_model_dir, prepared_dir, style_prepared_dir, ref_cache, tmp_path, capsys
+):
     import hashlib
 
     def contents(folder):
-        return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-                for p in sorted(folder.rglob("*")) if p.is_file()}
+        return {
+            p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*"))
+            if p.is_file()
+        }
 
     run = tmp_path / "run"
-    first = train_cli_args(tiny_model_dir, prepared_dir, run, "--max-steps", "2", "training.save_every=1",
-                           "training.eval_every=0", *on_cache(ref_cache))
+    first = train_cli_args(
+        tiny_model_dir,
+        prepared_dir,
+        run,
+        "--max-steps",
+        "2",
+        "training.save_every=1",
+        "training.eval_every=0",
+        *on_cache(ref_cache),
+    )
     assert main(first) == 0
     before = contents(run)
     assert any(name.startswith("checkpoints/") for name in before) and "metrics.jsonl" in before
     # Another data set than the cache's is refused in setup; so is a model that cannot load.
-    other_data = train_cli_args(tiny_model_dir, style_prepared_dir, run, "--max-steps", "2", "--overwrite", *on_cache(ref_cache))
-    no_model = train_cli_args(tmp_path / "missing_model", prepared_dir, run, "--max-steps", "2", "--overwrite",
-                              *on_cache(ref_cache))
+    other_data = train_cli_args(
+        tiny_model_dir, style_prepared_dir, run, "--max-steps", "2", "--overwrite", *on_cache(ref_cache)
+    )
+    no_model = train_cli_args(
+        tmp_path / "missing_model", prepared_dir, run, "--max-steps", "2", "--overwrite", *on_cache(ref_cache)
+    )
     # A cache of the same inputs whose values are not this policy's: only the step-0 check on the first batch sees it.
     shifted = tmp_path / "shifted.h5"
     shutil.copy(ref_cache, shifted)
@@ -90,10 +113,14 @@ def test_a_refused_overwrite_leaves_the_old_run_exactly_as_it_was(tiny_model_dir
         group = handle["train"]
         group["chosen_logps"][...] = group["chosen_logps"][()] + 1.0
         group[ROW_CRC][...] = row_checksums({name: group[name][()] for name in ROW_DATASETS})
-    not_the_reference = train_cli_args(tiny_model_dir, prepared_dir, run, "--max-steps", "2", "--overwrite",
-                                       *on_cache(shifted))
-    for refused, why in ((other_data, "data_fingerprint differs"), (no_model, "no config.json"),
-                         (not_the_reference, "step-0 check")):
+    not_the_reference = train_cli_args(
+        tiny_model_dir, prepared_dir, run, "--max-steps", "2", "--overwrite", *on_cache(shifted)
+    )
+    for refused, why in (
+        (other_data, "data_fingerprint differs"),
+        (no_model, "no config.json"),
+        (not_the_reference, "step-0 check"),
+    ):
         capsys.readouterr()
         assert main(refused) == 1
         assert why in capsys.readouterr().err

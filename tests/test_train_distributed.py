@@ -9,11 +9,13 @@ import sys
 import textwrap
 
 import pytest
+from conftest import ONE_PROCESS_RUN
 
 from dpokit.cli import main
 from dpokit.metrics import read_metrics, read_samples
 
-from conftest import ONE_PROCESS_RUN
+pytestmark = pytest.mark.slow  # two processes each: CI runs them with -m slow
+
 
 def args_for(train_cli, run_dir, method, *extra):
     """Five steps of `method` at lr 1e-3 (`train_cli`)."""
@@ -61,7 +63,10 @@ def test_each_rank_writes_its_shards_and_no_file_holds_the_whole_optimizer_state
     assert not (middle / "model.safetensors").exists()  # the full model is gathered once, at the end
     # Consolidated from the shards (in one process), the last checkpoint's weights equal the gathered ones.
     consolidate_checkpoint(last, tmp_path / "consolidated")
-    gathered, rebuilt = load_file(str(last / "model.safetensors")), load_file(str(tmp_path / "consolidated" / "model.safetensors"))
+    gathered, rebuilt = (
+        load_file(str(last / "model.safetensors")),
+        load_file(str(tmp_path / "consolidated" / "model.safetensors")),
+    )
     assert gathered.keys() == rebuilt.keys() and all(torch.equal(gathered[k], rebuilt[k]) for k in gathered)
     # An intermediate checkpoint exports to a model that loads, with the weights of that step (not the last).
     out = export_run(middle, tmp_path / "export")
@@ -70,7 +75,9 @@ def test_each_rank_writes_its_shards_and_no_file_holds_the_whole_optimizer_state
     assert weight.isfinite().all() and not torch.equal(weight, gathered["model.layers.0.mlp.down_proj.weight"])
 
 
-def test_lora_two_processes_match_one_and_their_checkpoint_loads_in_peft(train_cli, tiny_model_dir, ref_cache, tmp_path):
+def test_lora_two_processes_match_one_and_their_checkpoint_loads_in_peft(
+    train_cli, tiny_model_dir, ref_cache, tmp_path
+):
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -80,7 +87,9 @@ def test_lora_two_processes_match_one_and_their_checkpoint_loads_in_peft(train_c
     assert main(args_for(train_cli, straight, "lora", "data.batch_size=4", *cached)) == 0
     assert main(args_for(train_cli, two, "lora", "data.batch_size=2", "--gpus", "2", *cached)) == 0
     assert losses(two) == pytest.approx(losses(straight), abs=1e-4)
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(two / "checkpoints" / "step_0000005"))
+    model = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(two / "checkpoints" / "step_0000005")
+    )
     with torch.no_grad():
         assert model(input_ids=torch.tensor([[3, 40, 41, 5]])).logits.isfinite().all()
 
@@ -93,15 +102,18 @@ def test_qlora_two_processes_match_one_with_the_4_bit_base_whole_on_each_rank(tr
     assert main(args_for(train_cli, straight, "qlora", "data.batch_size=4", *cached)) == 0
     assert main(args_for(train_cli, two, "qlora", "data.batch_size=2", "--gpus", "2", *cached)) == 0
     assert losses(two) == pytest.approx(losses(straight), abs=1e-4)
-    adapters = [load_file(str(run / "checkpoints" / "step_0000005" / "adapter_model.safetensors")) for run in (straight, two)]
+    adapters = [
+        load_file(str(run / "checkpoints" / "step_0000005" / "adapter_model.safetensors")) for run in (straight, two)
+    ]
     assert adapters[0].keys() == adapters[1].keys()
     assert all(adapters[1][k].float().sub(adapters[0][k].float()).abs().max() < 1e-4 for k in adapters[0])
 
 
 def test_a_crashing_worker_brings_the_run_down_with_its_error(tmp_path):
     recipe = tmp_path / "crashing_recipe.py"
-    recipe.write_text(textwrap.dedent(
-        """
+    recipe.write_text(
+        textwrap.dedent(
+            """
         import os
         import torch.distributed as dist
 
@@ -114,10 +126,13 @@ def test_a_crashing_worker_brings_the_run_down_with_its_error(tmp_path):
         if __name__ == "__main__":
             main(None)
         """
-    ))
+        )
+    )
     result = subprocess.run(
         [sys.executable, "-m", "dpokit", "train", "--recipe", str(recipe), "--gpus", "2"],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 1
     assert "boom on rank 1" in result.stderr

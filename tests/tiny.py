@@ -115,7 +115,9 @@ def style_rows(n: int = 128, seed: int = 1) -> list[dict]:
     return rows
 
 
-def copy_model_with_changed_weight(model_dir: Path, out: Path, name: str = "model.norm.weight", delta: float = 1e-3) -> Path:
+def copy_model_with_changed_weight(
+    model_dir: Path, out: Path, name: str = "model.norm.weight", delta: float = 1e-3
+) -> Path:
     """A copy of a model directory with one element of one tensor changed by `delta`."""
     import shutil
 

@@ -83,7 +83,9 @@ def _sequence_segment(prompt: list[int], completion: list[int], slot: int) -> _S
     )
 
 
-def _prefix_shared_segment(prompt: list[int], chosen: list[int], rejected: list[int], pair: int, num_pairs: int) -> _Segment:
+def _prefix_shared_segment(
+    prompt: list[int], chosen: list[int], rejected: list[int], pair: int, num_pairs: int
+) -> _Segment:
     p, c = len(prompt), len(chosen)
     targets = [(p + j - 1, token, pair) for j, token in enumerate(chosen)]
     # Rejected token j is predicted by the last prompt token (j = 0) or by rejected token j-1.

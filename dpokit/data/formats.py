@@ -91,8 +91,10 @@ class RecordSource:
         every row (so malformed JSON or CSV stops the run before any tokenizing)."""
         if self.dataset is not None:
             return len(self.dataset)
-        return sum(parquet_rows(file) if file.suffix.lower() == ".parquet" else sum(1 for _ in file_records(file))
-                   for file in self.files)
+        return sum(
+            parquet_rows(file) if file.suffix.lower() == ".parquet" else sum(1 for _ in file_records(file))
+            for file in self.files
+        )
 
 
 def open_records(data: str, split: str = "train", subset: Optional[str] = None) -> RecordSource:
@@ -126,18 +128,25 @@ def load_prompts(path: str) -> list[list[dict[str, str]]]:
         try:
             if value is None:
                 raise SkippedRow("missing", f"no 'prompt' column (columns: {', '.join(record.row)})")
-            prompts.append(message_list(value, "prompt") if not isinstance(value, str) else
-                           [{"role": "user", "content": text_value(value, "prompt")}])
+            prompts.append(
+                message_list(value, "prompt")
+                if not isinstance(value, str)
+                else [{"role": "user", "content": text_value(value, "prompt")}]
+            )
         except SkippedRow as bad:
-            raise DpokitError(f"{record.location}: {bad.detail}; a prompts file has a 'prompt' per row (text or messages)") from bad
+            raise DpokitError(
+                f"{record.location}: {bad.detail}; a prompts file has a 'prompt' per row (text or messages)"
+            ) from bad
     return prompts
 
 
 def data_files(folder: Path) -> list[Path]:
     """The supported files below `folder`, in sorted order (hidden files left out)."""
     files = sorted(
-        p for p in folder.rglob("*")
-        if p.is_file() and p.suffix.lower() in FILE_SUFFIXES
+        p
+        for p in folder.rglob("*")
+        if p.is_file()
+        and p.suffix.lower() in FILE_SUFFIXES
         and not any(part.startswith(".") for part in p.relative_to(folder).parts)
     )
     if not files:
@@ -230,7 +239,9 @@ def csv_records(path: Path) -> Iterator[Record]:
             for row in reader:
                 location = f"{path} line {reader.line_num}"
                 if None in row:
-                    raise DpokitError(f"{location}: more values than the header has columns; quote values that contain commas")
+                    raise DpokitError(
+                        f"{location}: more values than the header has columns; quote values that contain commas"
+                    )
                 yield Record(location, row)
         except UnicodeDecodeError as exc:
             raise not_utf8_error(path) from exc
@@ -239,7 +250,7 @@ def csv_records(path: Path) -> Iterator[Record]:
 def not_utf8_error(path: Path) -> DpokitError:
     """The error for a text file that is not UTF-8, naming its first bad line (found by a second, binary read)."""
     with open(path, "rb") as lines:
-        for number, line in enumerate(lines, start=1):  # a newline byte never occurs inside a UTF-8 character
+        for number, line in enumerate(lines, start=1):  # noqa: B007 (read after the loop); a newline byte never occurs inside a UTF-8 character
             try:
                 line.decode("utf-8")
             except UnicodeDecodeError as exc:

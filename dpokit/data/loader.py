@@ -20,7 +20,9 @@ from dpokit.data.sampler import PairSampler
 from dpokit.types import PairBatch
 
 
-def collated(split, indices: list[int], pad_id: int, packing: bool, prefix_sharing: bool, pack_length: Optional[int]) -> PairBatch:
+def collated(
+    split, indices: list[int], pad_id: int, packing: bool, prefix_sharing: bool, pack_length: Optional[int]
+) -> PairBatch:
     """The pairs `indices` of a prepared split as one batch in the given layout (on CPU)."""
     columns = split[indices]
     rows = [{k: columns[k][i] for k in COLUMNS} for i in range(len(indices))]
@@ -30,7 +32,9 @@ def collated(split, indices: list[int], pad_id: int, packing: bool, prefix_shari
 class StepBatches(Dataset):
     """Optimizer step -> this rank's collated micro-batches for it."""
 
-    def __init__(self, split, sampler: PairSampler, pad_id: int, packing: bool, prefix_sharing: bool, pack_length: Optional[int]):
+    def __init__(
+        self, split, sampler: PairSampler, pad_id: int, packing: bool, prefix_sharing: bool, pack_length: Optional[int]
+    ):
         self.split, self.sampler, self.pad_id = split, sampler, pad_id
         self.layout = (packing, prefix_sharing, pack_length)
 
@@ -44,7 +48,9 @@ def default_workers(device: torch.device) -> int:
     return 2 if device.type == "cuda" else 0
 
 
-def step_loader(batches: StepBatches, first_step: int, last_step: int, num_workers: int, device: torch.device) -> DataLoader:
+def step_loader(
+    batches: StepBatches, first_step: int, last_step: int, num_workers: int, device: torch.device
+) -> DataLoader:
     """The batches of steps ``first_step .. last_step - 1``, in order, `num_workers` steps' worth prepared ahead."""
     return DataLoader(
         batches,

@@ -44,13 +44,14 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
-from dpokit import __version__
+from dpokit import __version__, log
 from dpokit.artifacts import check_replaceable
 from dpokit.data.formats import FORMATS, Pair, Record, SkippedRow, normalise, open_records, parse_column_map
 from dpokit.data.prepared import SplitWriter, write_prepared_with
 from dpokit.data.tokenize import PLAIN_TURN_SEPARATOR, LengthLimits, PairTokenizer, TokenizedPair, load_tokenizer
-from dpokit.fingerprint import tokenizer_fingerprint
 from dpokit.errors import DpokitError
+from dpokit.fingerprint import tokenizer_fingerprint
+from dpokit.metrics import column_table
 
 CHUNK_SIZE = 256  # pairs per tokenizer call and per worker task
 CHUNKS_AHEAD_PER_PROCESS = 2  # chunks queued per tokenizer process: each has the next while it works
@@ -131,7 +132,7 @@ class SplitSource:
 
 def run_prepare(options: PrepareOptions, console: Optional[Console] = None) -> Path:
     """Prepare `options.data` into `options.out`; returns the output directory."""
-    console = console or Console()
+    console = console or log.console()
     started = time.perf_counter()
     check_options(options)
     column_map = parse_column_map(options.column_map)
@@ -197,7 +198,7 @@ def check_output_writable(out: Path) -> None:
         raise DpokitError(
             f"cannot write --out {out}: {parent} is not writable ({exc.strerror}); "
             "choose a writable --out or fix the directory's permissions"
-        ) from None
+        ) from exc
 
 
 def split_sources(options: PrepareOptions) -> dict[str, SplitSource]:
@@ -284,7 +285,10 @@ def prepare_split(
 
 
 def normalised_pairs(
-    records: Iterable[Record], options: PrepareOptions, column_map: dict[str, str], result: SplitResult,
+    records: Iterable[Record],
+    options: PrepareOptions,
+    column_map: dict[str, str],
+    result: SplitResult,
     on_skip: Callable[[], None],
 ) -> Iterator[Pair]:
     """Each usable record as a `Pair`; the others are counted in `result` (and `on_skip` called) instead."""
@@ -472,10 +476,8 @@ def quiet_datasets_progress() -> Iterator[None]:
 def summary_table(results: dict[str, SplitResult], out: Path, seconds: float) -> Table:
     """Rows read/kept, truncated, dropped by reason and token-length percentiles, one column a split."""
     read = sum(r.read for r in results.values())
-    table = Table(title=f"dpokit prepare → {out}", caption=f"{read:,} rows in {seconds:.1f} s ({read / seconds:,.0f} rows/s)")
-    table.add_column("")
-    for name in results:
-        table.add_column(name, justify="right")
+    caption = f"{read:,} rows in {seconds:.1f} s ({read / seconds:,.0f} rows/s)"
+    table = column_table(f"dpokit prepare → {out}", caption, results)
 
     def row(label: str, value) -> None:
         table.add_row(label, *(str(value(r)) for r in results.values()))
@@ -484,13 +486,18 @@ def summary_table(results: dict[str, SplitResult], out: Path, seconds: float) ->
     row("rows kept", lambda r: r.kept)
     row("truncated", lambda r: r.events["truncated"])
     for event, label in (
-        ("truncated_prompt", "  prompt cut"), ("truncated_completion", "  completion cut"),
-        ("retokenized", "retokenized at prompt boundary"), ("template_common_prefix", "template: prompt cut to shared text"),
+        ("truncated_prompt", "  prompt cut"),
+        ("truncated_completion", "  completion cut"),
+        ("retokenized", "retokenized at prompt boundary"),
+        ("template_common_prefix", "template: prompt cut to shared text"),
     ):
         if any(r.events[event] for r in results.values()):
             row(label, lambda r, event=event: r.events[event])
     for reason in sorted(set().union(*(r.dropped for r in results.values()))):
-        row(f"dropped: {reason}", lambda r: r.dropped[reason])
+        row(f"dropped: {reason}", lambda r, reason=reason: r.dropped[reason])
     for label in ("prompt", "completion"):
-        row(f"{label} tokens p50/p90/p99/max", lambda r: "/".join(map(str, length_stats(getattr(r, f"{label}_lengths")).values())))
+        row(
+            f"{label} tokens p50/p90/p99/max",
+            lambda r, label=label: "/".join(map(str, length_stats(getattr(r, f"{label}_lengths")).values())),
+        )
     return table

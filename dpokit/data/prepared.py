@@ -66,7 +66,9 @@ class PreparedData:
             tables = [pa.ipc.open_stream(pa.memory_map(str(file))).read_all() for file in arrow_files(self.path / name)]
             return ArrowSplit(pa.concat_tables(tables) if len(tables) != 1 else tables[0])
         except (OSError, pa.ArrowException) as exc:
-            raise DpokitError(f"{self.path / name}: not a readable dataset ({one_line(exc)}); {remake_hint(self)}") from exc
+            raise DpokitError(
+                f"{self.path / name}: not a readable dataset ({one_line(exc)}); {remake_hint(self)}"
+            ) from exc
 
 
 class ArrowSplit:
@@ -225,7 +227,9 @@ def check_split_files(prepared: PreparedData) -> None:
             raise DpokitError(f"{file} has changed since `dpokit prepare` wrote it; {remake_hint(prepared)}")
 
 
-def write_prepared(out_dir: str | os.PathLike, splits: dict[str, Any], manifest: dict[str, Any], overwrite: bool) -> Path:
+def write_prepared(
+    out_dir: str | os.PathLike, splits: dict[str, Any], manifest: dict[str, Any], overwrite: bool
+) -> Path:
     """Write `datasets.Dataset` (or `ArrowSplit`) splits and the manifest as a prepared directory (`write_prepared_with`)."""
 
     def save(tmp: Path) -> dict[str, Any]:
@@ -236,7 +240,9 @@ def write_prepared(out_dir: str | os.PathLike, splits: dict[str, Any], manifest:
     return write_prepared_with(out_dir, save, overwrite)
 
 
-def write_prepared_with(out_dir: str | os.PathLike, write_splits: Callable[[Path], dict[str, Any]], overwrite: bool) -> Path:
+def write_prepared_with(
+    out_dir: str | os.PathLike, write_splits: Callable[[Path], dict[str, Any]], overwrite: bool
+) -> Path:
     """Write a prepared directory to a temporary sibling, then rename it into place.
 
     `write_splits(tmp)` writes one folder per split into `tmp` (`dpokit prepare` streams rows there
@@ -254,7 +260,10 @@ def write_prepared_with(out_dir: str | os.PathLike, write_splits: Callable[[Path
         folders = [folder for folder in tmp.iterdir() if folder.is_dir() and not folder.name.startswith(".")]
         splits = {folder.name: split_batches(folder) for folder in folders}
         full_manifest = dict(
-            manifest, format_version=FORMAT_VERSION, data_fingerprint=data_fingerprint(splits, COLUMNS), files=split_file_digests(tmp)
+            manifest,
+            format_version=FORMAT_VERSION,
+            data_fingerprint=data_fingerprint(splits, COLUMNS),
+            files=split_file_digests(tmp),
         )
         (tmp / MANIFEST_NAME).write_text(json.dumps(full_manifest, indent=2, sort_keys=False) + "\n")
 
@@ -387,9 +396,7 @@ def pair_token_counts(split) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     import pyarrow.compute as pc
 
     arrow = split.table if isinstance(split, ArrowSplit) else split.with_format("arrow")
-    return tuple(
-        numpy_view(pc.list_value_length(arrow[name])).astype(np.int64) for name in COLUMNS
-    )
+    return tuple(numpy_view(pc.list_value_length(arrow[name])).astype(np.int64) for name in COLUMNS)
 
 
 def pair_lengths(split) -> np.ndarray:

@@ -58,7 +58,9 @@ class PairSampler:
     def epoch_order(self, epoch: int) -> torch.Tensor:
         """All example indices of `epoch`, in order, global batch after global batch."""
         generator = torch.Generator().manual_seed(self.seed + epoch)
-        order = torch.randperm(self.num_examples, generator=generator) if self.shuffle else torch.arange(self.num_examples)
+        order = (
+            torch.randperm(self.num_examples, generator=generator) if self.shuffle else torch.arange(self.num_examples)
+        )
         if self.lengths is None:
             return order
         return self._grouped_by_length(order, generator)
@@ -102,9 +104,7 @@ class PairSampler:
         """This rank's micro-batches of indices for optimizer step `step` (counted from the run's start), without
         changing the state: a loader can prepare steps ahead of the ones consumed."""
         if self.steps_per_epoch == 0:
-            raise ValueError(
-                f"{self.num_examples} examples make no global batch of {self.global_batch_size} pairs"
-            )
+            raise ValueError(f"{self.num_examples} examples make no global batch of {self.global_batch_size} pairs")
         epoch, step_in_epoch = divmod(step, self.steps_per_epoch)
         if self._cached_epoch != epoch:  # one permutation per epoch, not one per step
             self._cached_epoch, self._cached_order = epoch, self.epoch_order(epoch)

@@ -58,7 +58,14 @@ class TokenizedPair:
 
 
 # The files a tokenizer folder holds one of (fast, sentencepiece, BPE and WordPiece vocabularies).
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "spiece.model", "vocab.json", "vocab.txt")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "spiece.model",
+    "vocab.json",
+    "vocab.txt",
+)
 
 
 def load_tokenizer(name: str, chat_template: Optional[str] = None):
@@ -68,7 +75,9 @@ def load_tokenizer(name: str, chat_template: Optional[str] = None):
     try:
         tokenizer = AutoTokenizer.from_pretrained(name)
     except Exception as exc:  # transformers raises OSError, ValueError, ... for a bad name or directory
-        raise DpokitError(f"could not load a tokenizer from {name!r}: {exc}; pass a model directory or --tokenizer") from exc
+        raise DpokitError(
+            f"could not load a tokenizer from {name!r}: {exc}; pass a model directory or --tokenizer"
+        ) from exc
     if chat_template is not None:
         tokenizer.chat_template = chat_template_text(chat_template)
     if tokenizer.chat_template:
@@ -116,8 +125,13 @@ class LengthLimits:
         if self.truncation not in TRUNCATION_MODES:
             raise DpokitError(f"--truncation {self.truncation!r} is not one of {', '.join(TRUNCATION_MODES)}")
         if self.max_length < 2:
-            raise DpokitError(f"--max-length {self.max_length} leaves no room for a prompt and a completion; use 2 or more")
-        for flag, value in (("--max-prompt-length", self.max_prompt_length), ("--max-completion-length", self.max_completion_length)):
+            raise DpokitError(
+                f"--max-length {self.max_length} leaves no room for a prompt and a completion; use 2 or more"
+            )
+        for flag, value in (
+            ("--max-prompt-length", self.max_prompt_length),
+            ("--max-completion-length", self.max_completion_length),
+        ):
             if value is not None and value < 1:
                 raise DpokitError(f"{flag} {value} must be at least 1 (leave it out for no limit)")
         if self.max_prompt_length is not None and self.max_prompt_length >= self.max_length:
@@ -145,11 +159,13 @@ def capped(prompt: list[int], chosen: list[int], rejected: list[int], limits: Le
         chosen, rejected = chosen[: limits.max_completion_length], rejected[: limits.max_completion_length]
     if limits.max_prompt_length is not None and len(prompt) > limits.max_prompt_length:
         keep = limits.max_prompt_length
-        prompt = prompt[:keep] if limits.truncation == "keep_start" else prompt[len(prompt) - keep:]
+        prompt = prompt[:keep] if limits.truncation == "keep_start" else prompt[len(prompt) - keep :]
     return prompt, chosen, rejected
 
 
-def fit(parts: tuple[list[int], list[int], list[int]], original: tuple[int, int, int], limits: LengthLimits) -> Truncated:
+def fit(
+    parts: tuple[list[int], list[int], list[int]], original: tuple[int, int, int], limits: LengthLimits
+) -> Truncated:
     """The `capped` `parts`: both prompt+completion sequences fitted into ``limits.max_length``; `original` are
     the uncapped lengths, to tell what was cut.
 
@@ -163,12 +179,10 @@ def fit(parts: tuple[list[int], list[int], list[int]], original: tuple[int, int,
     excess = len(prompt) + max(len(chosen), len(rejected)) - limits.max_length
     if excess > 0 and limits.truncation == "keep_end":
         floor = limits.max_prompt_length if limits.max_prompt_length is not None else limits.max_length // 2
-        prompt = prompt[min(excess, max(0, len(prompt) - floor)):]
+        prompt = prompt[min(excess, max(0, len(prompt) - floor)) :]
     room = max(0, limits.max_length - len(prompt))
     chosen, rejected = chosen[:room], rejected[:room]
-    return Truncated(
-        prompt, chosen, rejected, len(prompt) < original[0], (len(chosen), len(rejected)) != original[1:]
-    )
+    return Truncated(prompt, chosen, rejected, len(prompt) < original[0], (len(chosen), len(rejected)) != original[1:])
 
 
 def overlength_detail(prompt: list[int], chosen: list[int], rejected: list[int], max_length: int) -> str:
@@ -233,7 +247,10 @@ class PairTokenizer:
             rejected_ids, rejected_split = self.completion_ids(prompt_text, prompt_ids, rejected_text, rejected_full)
             results.append(
                 TokenizedPair(
-                    prompt_ids, chosen_ids, rejected_ids, retokenized=chosen_split or rejected_split,
+                    prompt_ids,
+                    chosen_ids,
+                    rejected_ids,
+                    retokenized=chosen_split or rejected_split,
                     template_common_prefix=common_prefix,
                 )
             )
@@ -262,8 +279,8 @@ class PairTokenizer:
         """The completion's ids, and whether they had to be tokenized apart from the prompt (whose text
         `full_text` starts with)."""
         if full_ids[: len(prompt_ids)] == prompt_ids:
-            return full_ids[len(prompt_ids):], False
-        return self.encode([full_text[len(prompt_text):]])[0], True
+            return full_ids[len(prompt_ids) :], False
+        return self.encode([full_text[len(prompt_text) :]])[0], True
 
     # -- plain concatenation ------------------------------------------------------------------
 
@@ -323,7 +340,13 @@ class PairTokenizer:
         if cut.chosen == cut.rejected:
             return TokenizedPair(dropped="identical_after_truncation", detail=detail)
         return TokenizedPair(
-            cut.prompt, cut.chosen, cut.rejected, cut.cut_prompt, cut.cut_completion, pair.retokenized, pair.template_common_prefix
+            cut.prompt,
+            cut.chosen,
+            cut.rejected,
+            cut.cut_prompt,
+            cut.cut_completion,
+            pair.retokenized,
+            pair.template_common_prefix,
         )
 
 

@@ -76,8 +76,10 @@ def wpo_weights(policy: ChosenRejectedOutputs) -> Tensor:
         raise DpokitError("WPO weighting needs the policy's per-token log-probs and token_stats['log_sq_norm']")
     chosen_norm, rejected_norm = policy.token_stats["log_sq_norm"]
     weights = []
-    for logps, norm, mask in ((policy.chosen_token_logps, chosen_norm, policy.chosen_token_mask),
-                              (policy.rejected_token_logps, rejected_norm, policy.rejected_token_mask)):
+    for logps, norm, mask in (
+        (policy.chosen_token_logps, chosen_norm, policy.chosen_token_mask),
+        (policy.rejected_token_logps, rejected_norm, policy.rejected_token_mask),
+    ):
         mask = mask.to(logps.dtype)
         weights.append(((logps - norm) * mask).sum(-1) / mask.sum(-1).clamp(min=1))
     return torch.clamp(torch.exp(weights[0] + weights[1]), max=1).detach()

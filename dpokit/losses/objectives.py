@@ -123,7 +123,9 @@ class LDDPOLoss(BetaLoss):
 
     def __init__(self, *, alpha: float = 0.5, label_smoothing: float = 0.0, **common: Any):
         super().__init__(**common)
-        self.alpha = check_parameter("alpha", alpha, Range(0, 1, high_inclusive=True), why="the weight of the longer tail")
+        self.alpha = check_parameter(
+            "alpha", alpha, Range(0, 1, high_inclusive=True), why="the weight of the longer tail"
+        )
         self.label_smoothing = check_parameter("label_smoothing", label_smoothing, SMOOTHING)
 
     def desensitised(self, outputs: ChosenRejectedOutputs) -> tuple[Tensor, Tensor]:
@@ -134,8 +136,10 @@ class LDDPOLoss(BetaLoss):
             )
         public = torch.minimum(outputs.chosen_token_mask.sum(-1), outputs.rejected_token_mask.sum(-1))  # [B]
         sides = []
-        for logps, mask in ((outputs.chosen_token_logps, outputs.chosen_token_mask),
-                            (outputs.rejected_token_logps, outputs.rejected_token_mask)):
+        for logps, mask in (
+            (outputs.chosen_token_logps, outputs.chosen_token_mask),
+            (outputs.rejected_token_logps, outputs.rejected_token_mask),
+        ):
             front = torch.arange(logps.shape[1], device=logps.device) < public.unsqueeze(1)
             weight = torch.where(front, 1.0, self.alpha) * mask.to(logps.dtype)
             sides.append((logps * weight).sum(-1))
@@ -169,7 +173,10 @@ class RSOLoss(PreferenceLoss):
     def __init__(self, *, gamma: float = 0.1, **common: Any):
         super().__init__(**common)
         self.gamma = check_parameter(
-            "gamma", gamma, ABOVE_0, why="it scales the margin: 0 gives a constant loss, a negative gamma prefers the rejected responses"
+            "gamma",
+            gamma,
+            ABOVE_0,
+            why="it scales the margin: 0 gives a constant loss, a negative gamma prefers the rejected responses",
         )
 
     def pair_losses(self, policy, reference):
@@ -198,13 +205,16 @@ class EXOLoss(BetaLoss):
 
     def __init__(self, *, label_smoothing: float = 1e-3, **common: Any):
         super().__init__(**common)
-        self.label_smoothing = check_parameter("label_smoothing", label_smoothing, Range(0, 0.5, low_inclusive=False),
-                                               why="EXO takes the log of eps")
+        self.label_smoothing = check_parameter(
+            "label_smoothing", label_smoothing, Range(0, 0.5, low_inclusive=False), why="EXO takes the log of eps"
+        )
 
     def pair_losses(self, policy, reference):
         chosen, rejected = logratios(policy, reference)
         z, eps = self.beta * (chosen - rejected), self.label_smoothing
-        losses = torch.sigmoid(z) * (F.logsigmoid(z) - math.log(1 - eps)) + torch.sigmoid(-z) * (F.logsigmoid(-z) - math.log(eps))
+        losses = torch.sigmoid(z) * (F.logsigmoid(z) - math.log(1 - eps)) + torch.sigmoid(-z) * (
+            F.logsigmoid(-z) - math.log(eps)
+        )
         return (losses, *rewards(self.beta, chosen, rejected))
 
 
@@ -214,8 +224,8 @@ class NCALoss(BetaLoss):
 
     def pair_losses(self, policy, reference):
         chosen, rejected = logratios(policy, reference)
-        w, l = self.beta * chosen, self.beta * rejected
-        losses = -F.logsigmoid(w) - 0.5 * F.logsigmoid(-w) - 0.5 * F.logsigmoid(-l)
+        win, lose = self.beta * chosen, self.beta * rejected
+        losses = -F.logsigmoid(win) - 0.5 * F.logsigmoid(-win) - 0.5 * F.logsigmoid(-lose)
         return (losses, *rewards(self.beta, chosen, rejected))
 
 
@@ -231,8 +241,12 @@ class BCOLoss(BetaLoss):
 
     def update_delta(self, chosen_rewards: Tensor, rejected_rewards: Tensor) -> Tensor:
         """Fold this batch's rewards (every rank's, in training) into the running mean; return the mean."""
-        batch = torch.stack([torch.cat([chosen_rewards, rejected_rewards]).double().sum(),
-                             torch.tensor(2.0 * chosen_rewards.numel(), dtype=torch.float64, device=chosen_rewards.device)])
+        batch = torch.stack(
+            [
+                torch.cat([chosen_rewards, rejected_rewards]).double().sum(),
+                torch.tensor(2.0 * chosen_rewards.numel(), dtype=torch.float64, device=chosen_rewards.device),
+            ]
+        )
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(batch)
         if self.training:
@@ -277,7 +291,10 @@ class AOTPairLoss(BetaLoss):
     def pair_losses(self, policy, reference):
         chosen, rejected = logratios(policy, reference)
         delta = self.sorted_margin(chosen, rejected, policy, reference)
-        return (smoothed_logsigmoid_loss(self.beta * delta, self.label_smoothing), *rewards(self.beta, chosen, rejected))
+        return (
+            smoothed_logsigmoid_loss(self.beta * delta, self.label_smoothing),
+            *rewards(self.beta, chosen, rejected),
+        )
 
 
 class AOTLoss(AOTPairLoss):

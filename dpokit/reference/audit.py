@@ -29,11 +29,12 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from dpokit import __version__
+from dpokit import __version__, log
 from dpokit.artifacts import check_replaceable, replace_atomically
 from dpokit.data.prepared import COLUMNS, PreparedData, load_prepared, write_prepared
 from dpokit.errors import DpokitError
 from dpokit.fingerprint import numpy_view
+from dpokit.metrics import column_table
 from dpokit.reference.cache import CachedLogps, RefCache, open_cache, subset_cache
 
 AUDIT_FILE = "audit.json"
@@ -103,7 +104,7 @@ class Audit:
 def run_audit(options: AuditOptions, console: Optional[Console] = None) -> Audit:
     """Audit a finished cache over its prepared data; print tables, write audit.json and the plots, and with
     ``write_filtered`` the filtered prepared data and its cache. Every target is checked before any work."""
-    console = console or Console()
+    console = console or log.console()
     drop = check_options(options)
     cache = open_cache(options.cache)
     prepared_path = options.prepared or cache.attrs.get("prepared")
@@ -117,7 +118,9 @@ def run_audit(options: AuditOptions, console: Optional[Console] = None) -> Audit
     inputs = (cache.path, prepared.path)
     check_replaceable(out_dir, "audit", overwrite=True, inputs=inputs)  # an earlier audit there is replaced
     if options.write_filtered:
-        check_replaceable(options.write_filtered, "prepared", options.overwrite, inputs=inputs, option="--write-filtered")
+        check_replaceable(
+            options.write_filtered, "prepared", options.overwrite, inputs=inputs, option="--write-filtered"
+        )
         filtered_cache = Path(options.filtered_cache or default_filtered_cache(options.write_filtered))
         check_replaceable(filtered_cache, "cache", options.overwrite, inputs=inputs, option="--filtered-cache")
 
@@ -141,7 +144,7 @@ def run_audit(options: AuditOptions, console: Optional[Console] = None) -> Audit
     audit = write_audit_dir(out_dir, record, rows, console)
 
     if tokenizer_note:
-        console.print(f"[yellow]note:[/] {escape(tokenizer_note)}", soft_wrap=True)
+        log.note(tokenizer_note)
     console.print(summary_table(record))
     for split, summary in record["splits"].items():
         if summary["disagreements"]:
@@ -197,8 +200,10 @@ def decoding_tokenizer(prepared: PreparedData):
         return AutoTokenizer.from_pretrained(name), None
     except Exception as exc:  # a missing directory, no network for a hub name, ...: decoding is a nicety
         reason = " ".join(str(exc).split())[:200]
-        return None, (f"the tokenizer {name!r} the manifest names did not load ({reason}): previews show token ids "
-                      "and near-duplicate prompts are exact duplicates only")
+        return None, (
+            f"the tokenizer {name!r} the manifest names did not load ({reason}): previews show token ids "
+            "and near-duplicate prompts are exact duplicates only"
+        )
 
 
 def split_rows(cache: RefCache, prepared: PreparedData, split: str, tokenizer) -> SplitRows:
@@ -258,8 +263,13 @@ def split_summary(rows: SplitRows, top: int, tokenizer, train_keys: Optional[set
 def distribution(values: np.ndarray) -> dict[str, float]:
     """Mean, standard deviation, min, the `QUANTILES` (``p5`` ...) and max."""
     quantiles = {f"p{round(q * 100)}": float(np.quantile(values, q)) for q in QUANTILES}
-    return {"mean": float(values.mean()), "std": float(values.std()), "min": float(values.min()), **quantiles,
-            "max": float(values.max())}
+    return {
+        "mean": float(values.mean()),
+        "std": float(values.std()),
+        "min": float(values.min()),
+        **quantiles,
+        "max": float(values.max()),
+    }
 
 
 def correlation(x: np.ndarray, y: np.ndarray) -> Optional[float]:
@@ -288,10 +298,14 @@ def disagreements(margin: np.ndarray, normalised: np.ndarray, dataset, top: int,
     entries = []
     for row in worst[margin[worst] < 0]:
         ids = dataset[int(row)]
-        entries.append({
-            "row": int(row), "margin": float(margin[row]), "normalised_margin": float(normalised[row]),
-            **{column.removesuffix("_ids"): preview(ids[column], tokenizer) for column in COLUMNS},
-        })
+        entries.append(
+            {
+                "row": int(row),
+                "margin": float(margin[row]),
+                "normalised_margin": float(normalised[row]),
+                **{column.removesuffix("_ids"): preview(ids[column], tokenizer) for column in COLUMNS},
+            }
+        )
     return entries
 
 
@@ -334,8 +348,13 @@ def repeats_earlier(keys: Sequence, keep: np.ndarray) -> np.ndarray:
 
 
 def write_filtered(
-    options: AuditOptions, drop: list[str], cache: RefCache, prepared: PreparedData, rows: dict[str, SplitRows],
-    cache_out: Path, near_rule: str,
+    options: AuditOptions,
+    drop: list[str],
+    cache: RefCache,
+    prepared: PreparedData,
+    rows: dict[str, SplitRows],
+    cache_out: Path,
+    near_rule: str,
 ) -> dict[str, Any]:
     """Write the kept rows as a prepared dataset (the filter in its manifest) and their cache; the filter record."""
     from dpokit.data.pipeline import quiet_datasets_progress
@@ -347,8 +366,10 @@ def write_filtered(
         else:  # eval stays as it was: dropping the pairs the reference gets wrong would flatter every eval metric
             keep, dropped = np.ones(len(values.identical), dtype=bool), {}
         if not keep.any():
-            raise DpokitError(f"--drop {','.join(drop)} drops every {split} row; nothing written. Drop fewer reasons"
-                              + (" or lower --min-margin" if "ref-disagrees" in drop else ""))
+            raise DpokitError(
+                f"--drop {','.join(drop)} drops every {split} row; nothing written. Drop fewer reasons"
+                + (" or lower --min-margin" if "ref-disagrees" in drop else "")
+            )
         kept[split] = np.flatnonzero(keep)
         splits[split] = {"rows_before": len(keep), "rows_after": len(kept[split]), "dropped": dropped}
     record = {
@@ -363,12 +384,21 @@ def write_filtered(
     }
     with quiet_datasets_progress():
         datasets = {split: rows[split].dataset.select(index).to_dataset() for split, index in kept.items()}
-        out = write_prepared(options.write_filtered, datasets, filtered_manifest(prepared.manifest, datasets, record),
-                             overwrite=options.overwrite)
+        out = write_prepared(
+            options.write_filtered,
+            datasets,
+            filtered_manifest(prepared.manifest, datasets, record),
+            overwrite=options.overwrite,
+        )
     filtered = load_prepared(out)
-    attrs = dict(cache.attrs, data_fingerprint=filtered.fingerprint, prepared=str(out.resolve()),
-                 derived_from=str(cache.path.resolve()), dpokit_version=__version__,
-                 created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    attrs = dict(
+        cache.attrs,
+        data_fingerprint=filtered.fingerprint,
+        prepared=str(out.resolve()),
+        derived_from=str(cache.path.resolve()),
+        dpokit_version=__version__,
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    )
     subset_cache(cache, kept, cache_out, attrs)
     return {**record, "prepared": str(out.resolve())}
 
@@ -376,9 +406,16 @@ def write_filtered(
 def filtered_manifest(source: dict[str, Any], datasets: dict, record: dict[str, Any]) -> dict[str, Any]:
     """The source's manifest with the kept rows' counts and lengths, and the filter (`write_prepared` adds the
     format version, data fingerprint and file digests)."""
-    manifest = {key: value for key, value in source.items() if key not in ("format_version", "data_fingerprint", "files")}
+    manifest = {
+        key: value for key, value in source.items() if key not in ("format_version", "data_fingerprint", "files")
+    }
     manifest["splits"] = {
-        split: {**source["splits"].get(split, {}), "rows": len(dataset), "kept": len(dataset), "lengths": token_lengths([dataset])}
+        split: {
+            **source["splits"].get(split, {}),
+            "rows": len(dataset),
+            "kept": len(dataset),
+            "lengths": token_lengths([dataset]),
+        }
         for split, dataset in datasets.items()
     }
     manifest["lengths"] = token_lengths(datasets.values())
@@ -410,7 +447,7 @@ def write_audit_dir(out_dir: Path, record: dict[str, Any], rows: dict[str, Split
     try:
         plt = pyplot("drawing the audit plots")
     except DpokitError as exc:
-        console.print(f"[yellow]note:[/] no plots: {escape(str(exc))}", soft_wrap=True)
+        log.note(f"no plots: {exc}")
         plt = None
 
     def write(tmp: Path) -> None:
@@ -459,10 +496,8 @@ def draw_length_bias(ax, rows: dict[str, SplitRows], record: dict[str, Any]) -> 
 def summary_table(record: dict[str, Any]) -> Table:
     """The numbers, one column a split."""
     splits = record["splits"]
-    table = Table(title=f"cache audit {record['cache']}", caption=f"near-duplicate prompts: {record['near_duplicate_rule']}")
-    table.add_column("")
-    for split in splits:
-        table.add_column(split, justify="right")
+    caption = f"near-duplicate prompts: {record['near_duplicate_rule']}"
+    table = column_table(f"cache audit {record['cache']}", caption, splits)
 
     def row(label: str, value) -> None:
         table.add_row(label, *(value(s) for s in splits.values()))
@@ -486,10 +521,17 @@ def summary_table(record: dict[str, Any]) -> Table:
     row("per-token accuracy", lambda s: f"{s['normalised_accuracy']:.1%}")
     row("per-token margin mean ± std", lambda s: spread(s["normalised_margin"]))
     row("per-token margin p5 / p25 / p50 / p75 / p95", lambda s: quantiles(s["normalised_margin"]))
-    row("tokens chosen / rejected (mean)", lambda s: f"{s['length']['chosen_mean']:.1f} / {s['length']['rejected_mean']:.1f}")
+    row(
+        "tokens chosen / rejected (mean)",
+        lambda s: f"{s['length']['chosen_mean']:.1f} / {s['length']['rejected_mean']:.1f}",
+    )
     row("chosen longer", lambda s: f"{s['length']['chosen_longer']:.1%}")
-    row("corr(length diff, margin)", lambda s: "n/a" if s["length"]["correlation_with_margin"] is None
-        else f"{s['length']['correlation_with_margin']:.2f}")
+    row(
+        "corr(length diff, margin)",
+        lambda s: "n/a"
+        if s["length"]["correlation_with_margin"] is None
+        else f"{s['length']['correlation_with_margin']:.2f}",
+    )
     row("identical chosen/rejected", lambda s: found(s["identical"], "count"))
     row("exact-duplicate prompts: rows (groups)", lambda s: duplicates(s["duplicate_prompts"]["exact"]))
     row("near-duplicate prompts: rows (groups)", lambda s: duplicates(s["duplicate_prompts"]["near"]))
@@ -502,10 +544,16 @@ def disagreements_table(split: str, entries: list[dict[str, Any]]) -> Table:
     """The pairs the reference disagrees with most in `split`."""
     table = Table(title=f"{split}: the reference prefers the rejected completion most", show_lines=False)
     for column in ("row", "margin", "per token", "prompt", "chosen", "rejected"):
-        table.add_column(column, justify="right" if column in ("row", "margin", "per token") else "left", overflow="fold")
+        table.add_column(
+            column, justify="right" if column in ("row", "margin", "per token") else "left", overflow="fold"
+        )
     for e in entries:
-        table.add_row(str(e["row"]), f"{e['margin']:.3g}", f"{e['normalised_margin']:.3g}",
-                      *(escape(e[side]) for side in ("prompt", "chosen", "rejected")))
+        table.add_row(
+            str(e["row"]),
+            f"{e['margin']:.3g}",
+            f"{e['normalised_margin']:.3g}",
+            *(escape(e[side]) for side in ("prompt", "chosen", "rejected")),
+        )
     return table
 
 
@@ -513,9 +561,15 @@ def print_filter(record: dict[str, Any], console: Console) -> None:
     """What --write-filtered wrote, and the command that trains on it."""
     for split, counts in record["splits"].items():
         reasons = ", ".join(f"{reason} {n}" for reason, n in counts["dropped"].items())
-        console.print(f"{split}: kept {counts['rows_after']} of {counts['rows_before']} pairs (dropped: {reasons})",
-                      soft_wrap=True)
-    console.print(f"wrote {record['prepared']} and its reference cache {record['cache']} (values copied from "
-                  f"{record['source_cache']}); train on them with:", soft_wrap=True)
-    console.print(f"  dpokit train --data {record['prepared']} --ref-cache {record['cache']} ...",
-                  soft_wrap=True, highlight=False)
+        console.print(
+            f"{split}: kept {counts['rows_after']} of {counts['rows_before']} pairs (dropped: {reasons})",
+            soft_wrap=True,
+        )
+    console.print(
+        f"wrote {record['prepared']} and its reference cache {record['cache']} (values copied from "
+        f"{record['source_cache']}); train on them with:",
+        soft_wrap=True,
+    )
+    console.print(
+        f"  dpokit train --data {record['prepared']} --ref-cache {record['cache']} ...", soft_wrap=True, highlight=False
+    )

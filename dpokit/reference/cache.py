@@ -74,7 +74,6 @@ IDENTITY_ATTRS = {
 }
 
 
-
 # ----------------------------------------------------------------------------------------------
 # reading
 
@@ -118,7 +117,9 @@ class CachedLogps(NamedTuple):
         lengths = torch.cat([chosen, rejected])  # outputs 0..B-1 chosen, B..2B-1 rejected
         firsts = torch.cat([starts, starts + chosen])
         slots = torch.repeat_interleave(torch.arange(2 * b), lengths)
-        positions = torch.arange(int(lengths.sum())) - torch.repeat_interleave(torch.cumsum(lengths, 0) - lengths, lengths)
+        positions = torch.arange(int(lengths.sum())) - torch.repeat_interleave(
+            torch.cumsum(lengths, 0) - lengths, lengths
+        )
         values = self.token_logps[firsts[slots] + positions]
         return split_token_values(values, slots, b)
 
@@ -145,7 +146,9 @@ class RefCache:
 
     def rebuild_command(self, splits: Optional[Sequence[str]] = None) -> str:
         """The `dpokit ref-logps` command that rebuilds this file from the inputs it records."""
-        command = f"dpokit ref-logps {self.attrs.get('prepared', 'PREPARED')} --model {self.attrs.get('model', 'MODEL')}"
+        command = (
+            f"dpokit ref-logps {self.attrs.get('prepared', 'PREPARED')} --model {self.attrs.get('model', 'MODEL')}"
+        )
         if self.attrs.get("adapter"):
             command += f" --adapter {self.attrs['adapter']}"
         command += f" --out {self.path}"
@@ -228,8 +231,9 @@ class RefCache:
             token_offsets=torch.from_numpy(arrays[TOKEN_OFFSETS].astype(np.int64)) if per_token else None,
         )
 
-    def _check_rows(self, split: str, arrays: dict[str, np.ndarray], recorded: np.ndarray, done: np.ndarray,
-                    per_token: bool) -> None:
+    def _check_rows(
+        self, split: str, arrays: dict[str, np.ndarray], recorded: np.ndarray, done: np.ndarray, per_token: bool
+    ) -> None:
         """Raise naming the rows whose values differ from the CRC-32 written with them (a flipped bit on disk)."""
         rows = np.flatnonzero(done)
         columns = {name: arrays[name][rows] for name in ROW_DATASETS}
@@ -296,7 +300,9 @@ def _open_h5(path: Path, mode: str):
         if mode == "r":
             import h5py
 
-            if path.is_file() and not h5py.is_hdf5(path):  # another file given as the cache: never offer to overwrite it
+            if path.is_file() and not h5py.is_hdf5(
+                path
+            ):  # another file given as the cache: never offer to overwrite it
                 raise DpokitError(
                     f"{path} is not a reference cache (not an HDF5 file); give the file `dpokit ref-logps` wrote "
                     "(a cache damaged this far is not recognised as dpokit's: remove it yourself, then rebuild it)"
@@ -304,9 +310,7 @@ def _open_h5(path: Path, mode: str):
             raise DpokitError(
                 f"{path} is not a readable reference cache ({exc}); rebuild it with `dpokit ref-logps ... --out {path} --overwrite`"
             ) from exc
-        raise DpokitError(
-            f"cannot open {path} for writing ({exc}); is another `dpokit ref-logps` writing it?"
-        ) from exc
+        raise DpokitError(f"cannot open {path} for writing ({exc}); is another `dpokit ref-logps` writing it?") from exc
 
 
 def _attr_value(value: Any) -> Any:
@@ -361,7 +365,10 @@ def cache_attrs(
 
 
 def create_or_resume_cache(
-    path: str | os.PathLike, attrs: dict[str, Any], rows: dict[str, int], overwrite: bool,
+    path: str | os.PathLike,
+    attrs: dict[str, Any],
+    rows: dict[str, int],
+    overwrite: bool,
     token_counts: Optional[dict[str, np.ndarray]] = None,
 ) -> RefCache:
     """The cache at `path` to fill: a new one, or the existing one if it was made from the same inputs.
@@ -435,7 +442,9 @@ def _create_cache_file(
                 if token_counts is not None:  # per row: chosen + rejected completion tokens, all allocated now
                     offsets = np.concatenate([[0], np.cumsum(token_counts[split])]).astype(np.int64)
                     group.create_dataset(TOKEN_OFFSETS, data=offsets, track_times=False)
-                    group.create_dataset(TOKEN_LOGPS, data=np.full(int(offsets[-1]), np.nan, np.float32), track_times=False)
+                    group.create_dataset(
+                        TOKEN_LOGPS, data=np.full(int(offsets[-1]), np.nan, np.float32), track_times=False
+                    )
 
     replace_atomically(path, "cache", write)
 
@@ -518,11 +527,17 @@ def row_checksums(columns: dict[str, np.ndarray], token_logps: Optional[Sequence
         packed[name] = columns[name]
     view, width, n = memoryview(packed.tobytes()), packed.dtype.itemsize, len(packed)
     if token_logps is None:
-        return np.fromiter((zlib.crc32(view[i * width:(i + 1) * width]) for i in range(n)), dtype=np.uint32, count=n)
+        return np.fromiter((zlib.crc32(view[i * width : (i + 1) * width]) for i in range(n)), dtype=np.uint32, count=n)
     return np.fromiter(
-        (zlib.crc32(np.ascontiguousarray(token_logps[i], dtype=np.float32).tobytes(), zlib.crc32(view[i * width:(i + 1) * width]))
-         for i in range(n)),
-        dtype=np.uint32, count=n,
+        (
+            zlib.crc32(
+                np.ascontiguousarray(token_logps[i], dtype=np.float32).tobytes(),
+                zlib.crc32(view[i * width : (i + 1) * width]),
+            )
+            for i in range(n)
+        ),
+        dtype=np.uint32,
+        count=n,
     )
 
 
@@ -536,7 +551,9 @@ def _write_points(dataset, points: np.ndarray, values: np.ndarray) -> None:
     dataset.id.write(h5py.h5s.create_simple((len(points),)), selection, np.ascontiguousarray(values))
 
 
-def subset_cache(source: RefCache, rows: dict[str, np.ndarray], path: str | os.PathLike, attrs: dict[str, Any]) -> RefCache:
+def subset_cache(
+    source: RefCache, rows: dict[str, np.ndarray], path: str | os.PathLike, attrs: dict[str, Any]
+) -> RefCache:
     """A new cache at `path` holding rows ``rows[split]`` of `source`, renumbered ``0..K-1`` in that order, with
     root attributes `attrs`: the cache of a prepared dataset made of those rows (``dpokit cache audit
     --write-filtered``). Values are copied, not recomputed; every listed row of `source` must be done.
@@ -545,7 +562,9 @@ def subset_cache(source: RefCache, rows: dict[str, np.ndarray], path: str | os.P
     """
     path = Path(path)
     tables = {split: source.logps(split) for split in rows}
-    token_counts = {split: (table.chosen_tokens + table.rejected_tokens).numpy()[rows[split]] for split, table in tables.items()}
+    token_counts = {
+        split: (table.chosen_tokens + table.rejected_tokens).numpy()[rows[split]] for split, table in tables.items()
+    }
     with WriterLock(lock_path(Path(path)), f"reference cache {path}"):
         create_or_resume_cache(path, attrs, {split: len(index) for split, index in rows.items()}, True, token_counts)
         writer = RefCacheWriter(path)

@@ -15,17 +15,16 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
-from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
 from torch import nn
 
+from dpokit import log
 from dpokit.data.collate import collate_pairs
 from dpokit.data.prepared import PreparedData, load_prepared, pair_lengths, pair_token_counts
 from dpokit.distributed import (
@@ -45,7 +44,15 @@ from dpokit.fingerprint import weights_fingerprint
 from dpokit.lock import WriterLock, lock_path
 from dpokit.logps import concatenated_forward
 from dpokit.metrics import training_progress
-from dpokit.model import block_bitsandbytes_import, check_adapter_dir, default_device, dtype_name, load_reference, pad_token_id, resolve_dtype
+from dpokit.model import (
+    block_bitsandbytes_import,
+    check_adapter_dir,
+    default_device,
+    dtype_name,
+    load_reference,
+    pad_token_id,
+    resolve_dtype,
+)
 from dpokit.reference.cache import RefCacheWriter, cache_attrs, check_cache_target, create_or_resume_cache
 
 
@@ -112,7 +119,12 @@ def plan_batches(rows: np.ndarray, lengths: np.ndarray, batch_size: int, bucket:
 
 
 def batch_logps(
-    model: nn.Module, dataset, index: np.ndarray, device: torch.device, layout: Layout = DEFAULT_LAYOUT, per_token: bool = False
+    model: nn.Module,
+    dataset,
+    index: np.ndarray,
+    device: torch.device,
+    layout: Layout = DEFAULT_LAYOUT,
+    per_token: bool = False,
 ) -> BatchLogps:
     """The reference outputs for the examples `index` of a prepared split, in `layout`."""
     columns = dataset[index.tolist()]
@@ -139,8 +151,10 @@ def concatenated(batches: Sequence[BatchLogps]) -> BatchLogps:
     """Several batches' outputs as one (rank 0 writes a step's batches from every rank together)."""
     if len(batches) == 1:
         return batches[0]
-    arrays = {name: np.concatenate([getattr(batch, name) for batch in batches])
-              for name in ("index", "chosen_logps", "rejected_logps", "chosen_tokens", "rejected_tokens")}
+    arrays = {
+        name: np.concatenate([getattr(batch, name) for batch in batches])
+        for name in ("index", "chosen_logps", "rejected_logps", "chosen_tokens", "rejected_tokens")
+    }
     token_logps = None if batches[0].token_logps is None else [row for batch in batches for row in batch.token_logps]
     return BatchLogps(**arrays, num_tokens=sum(batch.num_tokens for batch in batches), token_logps=token_logps)
 
@@ -211,7 +225,16 @@ def _compute_reference_cache(options: RefLogpsOptions) -> list[SplitReport]:
                 writer.record_checked_layout(layout.name)
             reports = [
                 compute_split(
-                    model, prepared, split, pending[split], options.batch_size, options.bucket, device, writer, layout, info,
+                    model,
+                    prepared,
+                    split,
+                    pending[split],
+                    options.batch_size,
+                    options.bucket,
+                    device,
+                    writer,
+                    layout,
+                    info,
                     options.per_token,
                 )
                 for split in splits
@@ -219,7 +242,7 @@ def _compute_reference_cache(options: RefLogpsOptions) -> list[SplitReport]:
         else:  # a finished cache: nothing to load or compute
             reports = [SplitReport(split=split, rows_total=len(prepared.split(split))) for split in splits]
         if info.is_main:
-            Console().print(report_table(reports, options.out))
+            log.console().print(report_table(reports, options.out))
         return reports
     finally:
         lock.release()
@@ -244,8 +267,7 @@ def checked_layout(model: nn.Module, dataset, announce: Optional[Callable[[str],
     return check_layout(model, check_pairs(dataset), pad_token_id(model), DEFAULT_LAYOUT, announce=announce)
 
 
-def announce(message: str) -> None:
-    Console(stderr=True).print(f"[yellow]note:[/] {escape(message)}", soft_wrap=True)
+announce = log.note
 
 
 def pending_rows_of_cache(
@@ -304,11 +326,15 @@ def compute_split(
     my_batches = batches[info.rank :: info.world_size]
     steps = math.ceil(len(batches) / info.world_size)
     start = time.perf_counter()
-    with training_progress(console=Console(stderr=True), enabled=info.is_main) as progress:
+    with training_progress(console=log.console(stderr=True), enabled=info.is_main) as progress:
         task = progress.add_task(f"ref-logps {split}", total=len(pending), rate="", status="")
         for step in range(steps):
             # Every rank joins every gather, with None once its own batches have run out.
-            result = batch_logps(model, dataset, my_batches[step], device, layout, per_token) if step < len(my_batches) else None
+            result = (
+                batch_logps(model, dataset, my_batches[step], device, layout, per_token)
+                if step < len(my_batches)
+                else None
+            )
             gathered = gather_to_main(result)
             if writer is None:
                 continue
@@ -316,8 +342,13 @@ def compute_split(
             if batches:  # every rank's rows of this step in one commit: a commit costs per call, not per row
                 step_rows = concatenated(batches)
                 writer.write(
-                    split, step_rows.index, step_rows.chosen_logps, step_rows.rejected_logps, step_rows.chosen_tokens,
-                    step_rows.rejected_tokens, step_rows.token_logps,
+                    split,
+                    step_rows.index,
+                    step_rows.chosen_logps,
+                    step_rows.rejected_logps,
+                    step_rows.chosen_tokens,
+                    step_rows.rejected_tokens,
+                    step_rows.token_logps,
                 )
                 report.rows_computed += len(step_rows.index)
                 report.tokens += step_rows.num_tokens

@@ -4,9 +4,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
-
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 from rich.console import Console
@@ -33,12 +31,21 @@ def cache_info_table(cache: RefCache):
         state = "complete" if cache.is_complete(split) else "incomplete"
         table.add_row(split, f"{cache.rows_done[split]}/{cache.rows[split]} ({state})")
     table.add_section()
-    for key in ("model", "adapter", "dtype", "attn_implementation", "per_token", "created", "dpokit_version", "format_version", "prepared"):
+    for key in (
+        "model",
+        "adapter",
+        "dtype",
+        "attn_implementation",
+        "per_token",
+        "created",
+        "dpokit_version",
+        "format_version",
+        "prepared",
+    ):
         table.add_row(key, str(cache.attrs.get(key) or "none"))
     for key in ("weights_fingerprint", "adapter_fingerprint", "data_fingerprint", "tokenizer_fingerprint"):
         table.add_row(key, short_value(cache.attrs.get(key)))
     return table
-
 
 
 @dataclass
@@ -88,8 +95,10 @@ def verify_cache(
     if tolerance is None:
         tolerance = DEFAULT_TOLERANCE.get(str(cache.attrs.get("dtype")), 1e-4)
     if not prepared_path or not model:
-        raise DpokitError(f"{cache_path} does not record its prepared data and model; pass them: "
-                          f"dpokit cache verify {cache_path} PREPARED --model MODEL")
+        raise DpokitError(
+            f"{cache_path} does not record its prepared data and model; pass them: "
+            f"dpokit cache verify {cache_path} PREPARED --model MODEL"
+        )
     prepared = load_prepared(prepared_path)
     cache.check_matches(
         data_fingerprint=prepared.fingerprint,
@@ -136,8 +145,15 @@ def sample_written_rows(cache: RefCache, sample: int, seed: int) -> dict[str, np
 
 
 def compare_split(
-    model: nn.Module, dataset, cache: RefCache, split: str, rows: np.ndarray, batch_size: int, device: torch.device,
-    report: VerifyReport, layout: Layout,
+    model: nn.Module,
+    dataset,
+    cache: RefCache,
+    split: str,
+    rows: np.ndarray,
+    batch_size: int,
+    device: torch.device,
+    report: VerifyReport,
+    layout: Layout,
 ) -> None:
     """Recompute `rows` of `split` and fold the differences from the cache into `report`."""
     from dpokit.data.prepared import pair_lengths

@@ -22,7 +22,9 @@ from dpokit.types import ChosenRejectedOutputs, PairBatch
 class CachedReference:
     """Reference log-probs read from ``ref.h5``, after checking it was built from this data and model."""
 
-    def __init__(self, cache_path: str, prepared: PreparedData, model_path: str, adapter: Optional[str], splits: list[str]):
+    def __init__(
+        self, cache_path: str, prepared: PreparedData, model_path: str, adapter: Optional[str], splits: list[str]
+    ):
         cache = open_cache(cache_path)
         cache.check_matches(
             data_fingerprint=prepared.fingerprint,
@@ -34,7 +36,9 @@ class CachedReference:
         self.attn_implementation = str(cache.attrs["attn_implementation"])
         self.rebuild_command = f"{cache.rebuild_command()} --overwrite"
         self.per_token = bool(cache.attrs["per_token"])
-        self.checked_layout = cache.attrs.get("checked_layout")  # the layout its pass checked (none in an audit's subset)
+        self.checked_layout = cache.attrs.get(
+            "checked_layout"
+        )  # the layout its pass checked (none in an audit's subset)
         self.description = f"the cache's: {self.dtype}, {self.attn_implementation} attention"
         missing = [split for split in splits if split not in cache.splits]
         if missing:
@@ -61,7 +65,9 @@ class LiveReference:
     edited forward applies to the policy and the live reference alike.
     """
 
-    def __init__(self, model: nn.Module, adapters_off: bool, forward: Callable[[nn.Module, PairBatch], ChosenRejectedOutputs]):
+    def __init__(
+        self, model: nn.Module, adapters_off: bool, forward: Callable[[nn.Module, PairBatch], ChosenRejectedOutputs]
+    ):
         self.model = model
         self.adapters_off = adapters_off
         self.forward = forward
