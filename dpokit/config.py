@@ -114,7 +114,9 @@ class ModelConfig:
         meaning=False,
     )
     disable_dropout: bool = setting(
-        True, "Train the policy without the model config's dropout (as TRL); LoRA dropout stays."
+        True,
+        "Train the policy without train-mode randomness: dropout (as TRL), LayerDrop, stochastic depth, router "
+        "noise and sampled routing; LoRA dropout stays.",
     )
 
 

@@ -109,16 +109,32 @@ def additive_mask(mask: Tensor, dtype: torch.dtype) -> Tensor:
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
 
 
+# Scalings transformers' causal LMs apply to the output projection's logits in `forward`, by config attribute,
+# in the order they are applied: (attribute, multiply or divide). A family where the same attribute means the
+# other operation is listed in `SCALING_BY_FAMILY`. Read from transformers' modeling files; a scaling not
+# listed here is caught by the start-up check (the family is refused, never silently wrong).
+LOGIT_SCALINGS = (
+    ("logits_scaling", "divide"),  # Granite, Granite MoE (shared, hybrid, SWA): logits / logits_scaling
+    ("logit_scale", "multiply"),  # Cohere, Cohere 2 (MoE): logits * logit_scale
+    ("lm_head_multiplier", "multiply"),  # Falcon-H1: lm_head(h) * lm_head_multiplier
+    ("output_multiplier", "multiply"),  # Muse Spark / Glimmer text models
+)
+SCALING_BY_FAMILY = {"hyperclovax": {"logits_scaling": "multiply"}}  # HyperCLOVA X: lm_head(h) * logits_scaling
+
+
 def logits_transform(config) -> Optional[Callable[[Tensor], Tensor]]:
     """What the family's forward does to the output projection's logits, as a function (None: nothing)."""
     steps: list[Callable[[Tensor], Tensor]] = []
-    scaling = getattr(config, "logits_scaling", None)  # Granite: logits / logits_scaling
-    if scaling not in (None, 1, 1.0):
-        steps.append(lambda logits, s=float(scaling): logits / s)
-    scale = getattr(config, "logit_scale", None)  # Cohere: logits * logit_scale
-    if scale not in (None, 1, 1.0):
-        steps.append(lambda logits, s=float(scale): logits * s)
-    cap = getattr(config, "final_logit_softcapping", None)  # Gemma 2/3: cap * tanh(logits / cap)
+    family = SCALING_BY_FAMILY.get(getattr(config, "model_type", ""), {})
+    for attribute, default in LOGIT_SCALINGS:
+        value = getattr(config, attribute, None)
+        if value in (None, 1, 1.0):
+            continue
+        if family.get(attribute, default) == "divide":
+            steps.append(lambda logits, v=float(value): logits / v)
+        else:
+            steps.append(lambda logits, v=float(value): logits * v)
+    cap = getattr(config, "final_logit_softcapping", None)  # Gemma 2/3/3n: cap * tanh(logits / cap)
     if cap:
         steps.append(lambda logits, c=float(cap): torch.tanh(logits / c) * c)
     if not steps:

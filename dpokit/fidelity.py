@@ -14,7 +14,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -178,19 +178,31 @@ STEP_ZERO_CAUSES = (
     "another adapter (reference.adapter; the policy starts from it)",
     "another chat template or tokenizer than the prepared data's",
     "another compute dtype or attention implementation than the cache's ({cache})",
-    "dropout left on in the policy (model.disable_dropout=false)",
+    "dropout or other train-mode randomness left on in the policy (model.disable_dropout=false)",
     "a recipe whose forward (`policy_logps`) was edited to compute other log-probs than the cache's "
     "`dpokit.logps.concatenated_forward` (then use reference.source=live, or make the cache with the same forward)",
 )
 
 
-def check_step_zero(policy, reference, dtype: torch.dtype, cache_description: str, refuse: bool = True) -> float:
+def check_step_zero(
+    policy,
+    reference,
+    dtype: torch.dtype,
+    cache_description: str,
+    refuse: bool = True,
+    eval_logps: Optional[Callable[[], Tensor]] = None,
+) -> float:
     """Stop before the first update when the policy does not start as the reference.
 
     `policy` and `reference` are the first micro-batch's `ChosenRejectedOutputs`. Under several
     processes every rank checks its own batch and the worst is shared, so all ranks stop together.
     Returns the largest log-prob difference; with ``refuse=False`` it only measures (a 4-bit policy
     cannot start as the cache's 16-bit reference).
+
+    Args:
+        eval_logps: the same batch's ``[2B]`` log-probs from the policy in eval mode, called only when the
+            check fails: where they differ from the train-mode ones, the error says the policy's train mode
+            is random (dropout, router noise, sampled routing, stochastic depth) before the other causes.
     """
     logps = torch.cat([policy.chosen_logps, policy.rejected_logps]).detach()
     reference_logps = torch.cat([reference.chosen_logps, reference.rejected_logps]).to(logps.device)
@@ -200,6 +212,14 @@ def check_step_zero(policy, reference, dtype: torch.dtype, cache_description: st
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.all_reduce(shared, op=torch.distributed.ReduceOp.MAX)
     if refuse and float(shared[0]) > 0:
+        if eval_logps is not None and worst_excess(logps, eval_logps().detach().to(logps.device), tokens, dtype)[0] > 0:
+            raise DpokitError(
+                f"step-0 check: the policy does not start as the reference (log-prob difference up to "
+                f"{float(shared[1]):.3g} nats on the first batch) because its train-mode forward is random: the same "
+                "batch gives other log-probs in eval mode. Either model.disable_dropout=false (set it true), or the "
+                "family draws random numbers in train mode that it does not turn off (it turns off dropout, LayerDrop, "
+                "stochastic depth, and the router noise and sampled routing of dpokit.model.STOCHASTIC_IN_TRAIN_MODE)"
+            )
         causes = "; ".join(c.format(cache=cache_description) for c in STEP_ZERO_CAUSES)
         raise DpokitError(
             f"step-0 check: the policy does not start as the reference (log-prob difference up to {float(shared[1]):.3g} "

@@ -26,6 +26,7 @@ from torch.utils.checkpoint import checkpoint
 
 from dpokit import attention
 from dpokit.data.collate import dense_mask
+from dpokit.errors import DpokitError
 from dpokit.family import attn_implementation_of, decoder_masks, logits_transform
 from dpokit.types import ChosenRejectedOutputs, PairBatch, split_token_values
 
@@ -45,14 +46,38 @@ def chunk_positions(vocab_size: int, device: torch.device, chunk_size: Optional[
 def decoder_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
     """The decoder stack (returns final hidden states) and the output projection of a causal LM.
 
-    Works for plain transformers models and for peft-wrapped ones (adapters stay active).
+    Found by structure, not by ``get_decoder()`` (whose guess from ``base_model_prefix`` returns the whole
+    causal LM for Llama 4): the decoder is the module that directly holds the input embeddings (walked up
+    to the nearest transformers model below the causal LM, for families that keep embeddings in a
+    sub-module). Works for plain transformers models and for peft-wrapped ones (adapters stay active).
     """
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    decoder = base.get_decoder() if hasattr(base, "get_decoder") else base.model
-    head = base.get_output_embeddings()
+    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    decoder = _decoder_of(base)
     if decoder is None or head is None:
-        raise TypeError(f"{type(base).__name__} is not a causal LM with a decoder and an output projection")
+        raise DpokitError(
+            f"{type(base).__name__} is not a causal LM dpokit can split into a decoder and an output projection "
+            "(no module holds its input embeddings, or it has no output embeddings); load a *ForCausalLM model"
+        )
     return decoder, head
+
+
+def _decoder_of(base: nn.Module) -> Optional[nn.Module]:
+    from transformers import PreTrainedModel
+
+    embeddings = base.get_input_embeddings() if hasattr(base, "get_input_embeddings") else None
+    if embeddings is None:
+        return None
+    names = {id(module): name for name, module in base.named_modules()}
+    path = names.get(id(embeddings))
+    if not path or "." not in path:
+        return None  # the embeddings sit on the causal LM itself: no separate decoder
+    parts = path.split(".")[:-1]
+    candidates = [base.get_submodule(".".join(parts[:n])) for n in range(len(parts), 0, -1)]
+    owner = candidates[0]
+    if isinstance(owner, PreTrainedModel) or hasattr(owner, "layers") or hasattr(owner, "h"):
+        return owner
+    return next((module for module in candidates if isinstance(module, PreTrainedModel)), None)
 
 
 def output_head(model: nn.Module) -> tuple[nn.Module, Optional[Callable[[Tensor], Tensor]]]:

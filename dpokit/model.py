@@ -125,8 +125,32 @@ def merged_adapter(model: nn.Module, adapter: str) -> nn.Module:
     return PeftModel.from_pretrained(model, adapter).merge_and_unload()
 
 
+# Modules whose train mode draws random numbers beyond dropout: router noise on the hidden states (Mixtral,
+# MiniMax, DBRX, Switch), Gumbel-sampled routing (PhiMoE's sparsemixer), random attention blocks (BigBird). `disable_dropout` keeps them in eval
+# mode, where they route as the reference does. `tests/test_families.py` scans transformers for others.
+STOCHASTIC_IN_TRAIN_MODE = frozenset(
+    {
+        "BigBirdBlockSparseAttention",  # random attention blocks drawn anew in train mode
+        "BigBirdPegasusBlockSparseAttention",
+        "DbrxRouter",
+        "MiniMaxM2SparseMoeBlock",
+        "MiniMaxSparseMoeBlock",
+        "MixtralSparseMoeBlock",
+        "PhimoeSparseMoeBlock",
+        "PhimoeTopKRouter",
+        "Phi4MultimodalAudioModel",  # skips its audio projection at random in train mode
+        "SwitchTransformersTop1Router",
+    }
+)
+# Float settings that are train-mode randomness, in modules and in the model config: dropout, GPT-2's
+# resid/embd/attn pdrop, LayerDrop's skipped layers (OPT, XGLM, BioGPT ...), stochastic depth.
+RANDOM_SETTINGS = ("dropout", "pdrop", "layerdrop", "drop_path")
+
+
 def disable_dropout(model: nn.Module) -> int:
-    """Set every dropout of `model` to 0 (modules, attention-dropout floats, config); returns how many were on.
+    """Turn off `model`'s train-mode randomness: every dropout, LayerDrop and stochastic-depth rate set to 0
+    (modules, attention floats, config), and the modules of `STOCHASTIC_IN_TRAIN_MODE` kept in eval mode.
+    Returns how many were on. The policy then computes in train mode what the reference computes in eval.
 
     Call it before adding LoRA adapters: their dropout is a LoRA setting and stays.
     """
@@ -136,14 +160,31 @@ def disable_dropout(model: nn.Module) -> int:
             changed += module.p > 0
             module.p = 0.0
         for name, value in list(vars(module).items()):
-            if "dropout" in name.lower() and isinstance(value, float) and not isinstance(value, bool):
+            if _is_random_setting(name, value):
                 changed += value > 0
                 setattr(module, name, 0.0)
+        if type(module).__name__ in STOCHASTIC_IN_TRAIN_MODE:
+            changed += 1
+            _keep_in_eval_mode(module)
     config = getattr(model, "config", None)
     for name, value in vars(config).items() if config is not None else ():
-        if ("dropout" in name or "pdrop" in name) and isinstance(value, float):
+        if _is_random_setting(name, value):
             setattr(config, name, 0.0)
     return int(changed)
+
+
+def _is_random_setting(name: str, value) -> bool:
+    return (
+        any(word in name.lower() for word in RANDOM_SETTINGS)
+        and isinstance(value, float)
+        and not isinstance(value, bool)
+    )
+
+
+def _keep_in_eval_mode(module: nn.Module) -> None:
+    """`module` in eval mode from now on: ``model.train()`` leaves it (and its children) as they are."""
+    module.train(False)
+    module.train = lambda mode=True: module  # nn.Module.train calls each child's train(mode)
 
 
 def training_dtypes(model_cfg, device: torch.device) -> tuple[torch.dtype, torch.dtype]:

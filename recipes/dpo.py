@@ -457,7 +457,7 @@ class DPORecipe:
             reference_out = self.reference.outputs(batch, split)
             check_token_counts(policy_out, reference_out, split)
             if self.step_zero_pending and training:
-                self.check_step_zero(policy_out, reference_out)
+                self.check_step_zero(policy_out, reference_out, batch)
         losses, chosen_rewards, rejected_rewards = check_loss_outputs(
             self.loss_fn, self.loss_fn(policy_out, reference_out), batch.num_pairs
         )
@@ -478,14 +478,27 @@ class DPORecipe:
             policy_out = self.policy_logps(self.policy, batch)
         reference_out = self.reference.outputs(batch, "train")
         check_token_counts(policy_out, reference_out, "train")
-        self.check_step_zero(policy_out, reference_out)
+        self.check_step_zero(policy_out, reference_out, batch)
 
-    def check_step_zero(self, policy_out, reference_out) -> None:
-        """The first batch of a fresh run: the policy must start as the reference (`dpokit.fidelity`)."""
+    def check_step_zero(self, policy_out, reference_out, batch: PairBatch) -> None:
+        """The first batch of a fresh run: the policy must start as the reference (`dpokit.fidelity`); when it
+        does not, the same batch in eval mode tells whether the policy's train mode is random."""
         self.step_zero_pending = False
         quantized = self.cfg.model.method in QUANTIZED_METHODS  # a 4-bit base is not the cache's 16-bit reference
         described = getattr(self.reference, "description", "a live reference")
-        difference = check_step_zero(policy_out, reference_out, self.compute_dtype, described, refuse=not quantized)
+
+        def eval_logps() -> torch.Tensor:
+            self.policy.eval()
+            try:
+                with torch.no_grad(), self.autocast():
+                    out = self.policy_logps(self.policy, batch)
+            finally:
+                self.policy.train()
+            return torch.cat([out.chosen_logps, out.rejected_logps])
+
+        difference = check_step_zero(
+            policy_out, reference_out, self.compute_dtype, described, refuse=not quantized, eval_logps=eval_logps
+        )
         if quantized:
             self.announce(
                 f"step 0: the 4-bit policy differs from the reference by up to {difference:.3g} nats per sequence"

@@ -169,6 +169,71 @@ def _gpt2(**ids):
     )
 
 
+def _llama4_text(**ids):
+    from transformers import Llama4TextConfig
+
+    # Its quirks: chunked attention (chunks of WINDOW tokens), NoPE layers (every second), MoE in every layer,
+    # and a causal LM whose `get_decoder()` is itself (base_model_prefix "language_model", decoder at .model).
+    return Llama4TextConfig(
+        **COMMON,
+        **ids,
+        intermediate_size_mlp=64,
+        head_dim=8,
+        num_local_experts=2,
+        num_experts_per_tok=1,
+        interleave_moe_layer_step=1,
+        attention_chunk_size=WINDOW,
+        no_rope_layer_interval=2,
+    )
+
+
+def _gemma3n_text(**ids):
+    from transformers import Gemma3nTextConfig
+
+    # Its quirks: norms without an epsilon (NaN gradients at an all-zero hidden state, such as a zero pad
+    # embedding through a bias-free model), AltUp, per-layer inputs, LAuReL, mixed sliding and full layers.
+    return Gemma3nTextConfig(
+        **COMMON,
+        **ids,
+        head_dim=8,
+        sliding_window=WINDOW,
+        layer_types=["sliding_attention", "full_attention"],
+        vocab_size_per_layer_input=ids["vocab_size"],
+        hidden_size_per_layer_input=8,
+        laurel_rank=4,
+        num_kv_shared_layers=0,
+        activation_sparsity_pattern=[0.0, 0.0],
+        altup_num_inputs=2,
+    )
+
+
+def _phimoe(**ids):
+    from transformers import PhimoeConfig
+
+    # Its quirk: in train mode the router samples experts (Gumbel noise) and jitters its input.
+    return PhimoeConfig(
+        **COMMON, **ids, num_local_experts=4, num_experts_per_tok=2, input_jitter_noise=0.1, sliding_window=None
+    )
+
+
+def _falcon_h1(**ids):
+    from transformers import FalconH1Config
+
+    # Its quirks: Mamba-2 mixers beside attention (the packed layouts cannot express them: padded) and logits
+    # multiplied by lm_head_multiplier in the causal LM's forward.
+    return FalconH1Config(
+        **COMMON,
+        **ids,
+        mamba_d_ssm=32,
+        mamba_n_heads=4,
+        mamba_d_head=8,
+        mamba_n_groups=1,
+        mamba_d_state=8,
+        mamba_chunk_size=8,
+        lm_head_multiplier=0.5,
+    )
+
+
 FAMILIES: dict[str, Callable] = {
     "llama": _llama,
     "qwen2": _qwen2,
@@ -185,7 +250,13 @@ FAMILIES: dict[str, Callable] = {
     "cohere": _cohere,
     "gpt_neox": _gpt_neox,
     "gpt2": _gpt2,
+    "llama4_text": _llama4_text,
+    "gemma3n_text": _gemma3n_text,
+    "phimoe": _phimoe,
+    "falcon_h1": _falcon_h1,
 }
+# Families whose attention (or mixer) no packed layout expresses: the start-up check picks the padded layout.
+PADDED_ONLY = {"llama4_text": "chunked_attention", "falcon_h1": "hybrid"}
 
 
 def build_family_model(name: str, out_dir: Path, tokenizer, seed: int = 0):

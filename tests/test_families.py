@@ -9,6 +9,7 @@ know are refused, and attention a layout cannot express falls back to the padded
 
 from __future__ import annotations
 
+import contextlib
 import random
 
 import families
@@ -53,6 +54,11 @@ def own_logps(model) -> torch.Tensor:
         return naive_sequence_logps(model, batch.input_ids, batch.attention_mask, batch.completion_mask)
 
 
+def layouts_of(family: str) -> dict[str, Layout]:
+    """The layouts `family` trains in: every layout, or the padded one where no packed layout expresses it."""
+    return {"padded": PADDED} if family in families.PADDED_ONLY else LAYOUTS
+
+
 def policy(model_dir, **model_options):
     cfg = ModelConfig(path=str(model_dir), method="full", dtype="float32", **model_options)
     return load_policy(cfg, LoraConfig(), torch.device("cpu"))
@@ -64,7 +70,7 @@ def test_every_layout_gives_the_models_own_logps_for_cache_and_training(family, 
     expected = own_logps(model)
     trained = policy(family_dirs[family])
     assert trained.training
-    for name, layout in LAYOUTS.items():
+    for name, layout in layouts_of(family).items():
         batch = collate_pairs(ROWS, list(range(len(ROWS))), 0, layout.packing, layout.prefix_sharing)
         with torch.inference_mode():  # as `dpokit ref-logps` computes the cache
             cached = sequence_logps(model.eval(), batch)[0]
@@ -77,16 +83,22 @@ def test_every_layout_gives_the_models_own_logps_for_cache_and_training(family, 
 
 
 @pytest.mark.parametrize("family", list(families.FAMILIES))
-def test_start_up_check_keeps_the_packed_layout_for_every_family(family, family_dirs):
+def test_start_up_check_keeps_the_packed_layout_or_says_why_it_cannot(family, family_dirs):
     model = AutoModelForCausalLM.from_pretrained(family_dirs[family], dtype=torch.float32)
     asked = LAYOUTS["packed_prefix"]
-    assert check_layout(model, ROWS, 0, asked, announce=pytest.fail) == asked
+    if family not in families.PADDED_ONLY:
+        assert check_layout(model, ROWS, 0, asked, announce=pytest.fail) == asked
+        return
+    notes = []
+    assert check_layout(model, ROWS, 0, asked, announce=notes.append) == PADDED
+    assert len(notes) == 1 and families.PADDED_ONLY[family] in notes[0] and "using the padded layout" in notes[0]
 
 
 @pytest.mark.parametrize("family", list(families.FAMILIES))
-def test_one_step_lowers_the_dpo_loss(family, family_dirs):
+def test_one_step_lowers_the_dpo_loss_with_finite_gradients(family, family_dirs):
     model = policy(family_dirs[family])
-    batch = collate_pairs(ROWS, list(range(len(ROWS))), 0, packing=True, prefix_sharing=True)
+    layout = list(layouts_of(family).values())[-1]  # packed + prefix-shared where the family allows it
+    batch = collate_pairs(ROWS, list(range(len(ROWS))), 0, layout.packing, layout.prefix_sharing)
     with torch.no_grad():
         reference = concatenated_forward(model, batch)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
@@ -100,6 +112,8 @@ def test_one_step_lowers_the_dpo_loss(family, family_dirs):
             loss = loss + out.router_aux_loss
         optimizer.zero_grad()
         loss.backward()
+        nonfinite = [name for name, p in model.named_parameters() if p.grad is not None and not p.grad.isfinite().all()]
+        assert not nonfinite, f"{family}: non-finite gradients in {nonfinite[:3]}"
         optimizer.step()
     assert losses[0] == pytest.approx(0.6931, abs=1e-3)  # the policy starts as the reference
     assert losses[1] < losses[0]
@@ -134,8 +148,8 @@ class ScaledLlama(torch.nn.Module):
         self.inner = inner
         self.config = inner.config
 
-    def get_decoder(self):
-        return self.inner.model
+    def get_input_embeddings(self):
+        return self.inner.model.embed_tokens
 
     def get_output_embeddings(self):
         return self.inner.lm_head
@@ -176,3 +190,108 @@ def test_gemma2_uses_eager_attention_by_default(family_dirs):
     assert resolve_attn_implementation(str(family_dirs["gemma2"]), "auto") == "eager"
     assert resolve_attn_implementation(str(family_dirs["llama"]), "auto") == "sdpa"
     assert policy(family_dirs["gemma2"]).config._attn_implementation == "eager"
+
+
+def test_a_packed_row_ending_in_zero_embedding_padding_trains_gemma3n_with_finite_gradients(family_dirs):
+    from dpokit.attention import kernels_at_every_width
+
+    model = policy(family_dirs["gemma3n_text"])  # bias-free, norms without an epsilon
+    pad = model.config.pad_token_id
+    assert not model.get_input_embeddings().weight[pad].any()  # the pad id's embedding is zero
+    batch = collate_pairs(ROWS, list(range(len(ROWS))), pad, packing=True, prefix_sharing=True)
+    assert (batch.token_mask == 0).any()  # some row ends in padding
+    for widths in (contextlib.nullcontext(), kernels_at_every_width()):  # the dense mask, then the layout kernels
+        with widths:
+            out = concatenated_forward(model, batch)
+            model.zero_grad()
+            (out.chosen_logps.sum() - out.rejected_logps.sum()).backward()
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        assert grads and all(g.isfinite().all() for g in grads)
+        torch.testing.assert_close(
+            torch.cat([out.chosen_logps, out.rejected_logps]).detach(), own_logps(model), atol=1e-4, rtol=0
+        )
+
+
+def test_llama4_text_decoder_is_found_by_structure_not_by_get_decoder(family_dirs):
+    from dpokit.logps import decoder_and_head
+
+    model = AutoModelForCausalLM.from_pretrained(family_dirs["llama4_text"], dtype=torch.float32)
+    assert model.get_decoder() is model  # transformers' guess from base_model_prefix
+    decoder, head = decoder_and_head(model)
+    assert decoder is model.model and head is model.lm_head
+
+
+def test_a_model_without_a_decoder_is_one_clear_error():
+    from dpokit.logps import decoder_and_head
+
+    with pytest.raises(DpokitError, match=r"Linear is not a causal LM dpokit can split into a decoder"):
+        decoder_and_head(torch.nn.Linear(2, 2))
+
+
+def test_train_mode_randomness_is_off_in_the_policy_and_every_known_source_is_covered(family_dirs):
+    import glob
+    import os
+    import re
+
+    import transformers
+
+    from dpokit.model import RANDOM_SETTINGS, STOCHASTIC_IN_TRAIN_MODE
+
+    expected = own_logps(AutoModelForCausalLM.from_pretrained(family_dirs["phimoe"], dtype=torch.float32))
+    trained = policy(family_dirs["phimoe"])
+    assert trained.training
+    batch = pad_pairs(ROWS, list(range(len(ROWS))), pad_id=0)
+    for _ in range(2):  # Gumbel-sampled routing and input jitter would differ between calls and from eval
+        torch.testing.assert_close(sequence_logps(trained, batch)[0].detach(), expected, atol=1e-4, rtol=0)
+    kept = policy(family_dirs["phimoe"], disable_dropout=False)
+    assert (sequence_logps(kept, batch)[0].detach() - expected).abs().max() > 1e-3  # as the family trains
+
+    # Every module class of a causal LM family's modeling file whose train mode draws random numbers is either
+    # kept in eval mode or driven by a setting disable_dropout zeroes (dropout, LayerDrop, drop path).
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    root = os.path.dirname(transformers.__file__)
+    uncovered = []
+    for family in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        for path in glob.glob(f"{root}/models/{family}/modeling_*.py"):
+            lines, cls = open(path).read().splitlines(), None
+            for index, line in enumerate(lines):
+                found = re.match(r"class (\w+)\(", line)
+                cls = found.group(1) if found else cls
+                around = " ".join(lines[max(0, index - 3) : index + 4]).lower()
+                if "self.training" not in line or "checkpointing" in line:
+                    continue
+                if not re.search(
+                    r"rand|uniform|gumbel|jitter|noise|bernoulli|multinomial|training=self.training", around
+                ):
+                    continue
+                if cls not in STOCHASTIC_IN_TRAIN_MODE and not any(word in around for word in RANDOM_SETTINGS):
+                    uncovered.append(f"{family}: {cls}: {line.strip()}")
+    assert not uncovered, uncovered
+
+
+def test_step_zero_names_train_mode_randomness_when_train_and_eval_differ(family_dirs, prepared_dir, tmp_path, capsys):
+    from dpokit.cli import main
+
+    args = [
+        "train",
+        "--config",
+        "tiny_lora",
+        "--model",
+        str(family_dirs["gpt2"]),
+        "--data",
+        str(prepared_dir),
+        "--ref",
+        "live",
+        "--method",
+        "full",
+        "--max-steps",
+        "1",
+        "--out",
+        str(tmp_path / "run"),
+    ]
+    assert main([*args, "model.disable_dropout=false"]) == 1  # GPT-2 trains with its config's dropout of 0.1
+    err = capsys.readouterr().err
+    assert "because its train-mode forward is random: the same batch gives other log-probs in eval mode" in err
+    assert "model.disable_dropout=false (set it true)" in err
+    assert main([*args, "--overwrite"]) == 0  # dropout off: the policy starts as the reference

@@ -64,7 +64,9 @@ def test_packing_and_prefix_sharing_compute_fewer_tokens():
     prompts = sum(len(r["prompt_ids"]) for r in ROWS)
     assert packed.num_tokens == padded.num_tokens  # the same tokens, less padding
     assert packed.input_ids.shape[0] == 3 and packed.input_ids.shape[1] <= 24 and padded.input_ids.shape == (6, 12)
-    assert (packed.input_ids != 0).sum() == packed.num_tokens  # no padding inside the packed rows
+    assert (
+        packed.token_mask.sum() == packed.num_tokens and (packed.token_mask[:, :-1] >= packed.token_mask[:, 1:]).all()
+    )  # no gap inside rows
     assert shared.num_tokens == padded.num_tokens - prompts  # each prompt computed once
 
 

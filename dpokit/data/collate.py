@@ -12,6 +12,13 @@ The packed layouts carry who-attends-to-whom as O(L) metadata (`PairBatch.segmen
 `dpokit.attention` turns into kernel calls; no ``[L, L]`` mask is built. `dense_mask` builds the mask
 those segments mean, to check and benchmark against.
 
+Padding at the end of a packed or prefix-shared row holds the row's first token, not the pad id. Its columns
+belong to no segment: they attend to no real token and no real token attends to them, and no output is read
+from them. A pad id whose embedding row is zero (``padding_idx``) would stay exactly zero through a bias-free
+model there, and a norm without an epsilon (Gemma 3n's ``mean(h**2) ** 0.5``) has an infinite derivative at
+zero: the gradient of every parameter would be NaN although the forward is right. A real token keeps those
+columns' hidden states away from zero. (In the padded layout padding attends to the real tokens before it.)
+
 Every layout lists, for each completion token, the row and column of the hidden state that predicts
 it (`target_rows`, `target_cols`), the token (`target_ids`) and the output it counts toward
 (`target_slots`: ``i`` for pair i's chosen, ``B+i`` for its rejected). `dpokit.logps` needs nothing else.
@@ -159,6 +166,7 @@ def collate_pairs(
             spans.append(Segment(row_index, offset, *segment.parts))
             targets += [(row_index, offset + col, token, slot) for col, token, slot in segment.targets]
             offset += n
+        input_ids[row_index, offset:] = input_ids[row_index, 0]  # padding: a real token (see the module docstring)
     target = torch.tensor(targets, dtype=torch.long)  # [M, 4]
     return PairBatch(
         input_ids=input_ids,
