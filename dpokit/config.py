@@ -297,6 +297,20 @@ class DistributedConfig:
     mixed_precision: bool = setting(
         True, "FSDP2: gather parameters in the compute dtype and reduce gradients in fp32.", meaning=False
     )
+    timeout_s: float = setting(
+        300.0,
+        "Several processes: seconds a training step's collective waits for every process; past it the run stops "
+        "with one line naming the rank that stopped answering (a hung process, a lost node).",
+        range=ABOVE_0,
+        meaning=False,
+    )
+    startup_timeout_s: float = setting(
+        1800.0,
+        "Several processes: the same wait while loading, through the first step, at evaluations and at checkpoint "
+        "saves and exports (rank 0 writes while the others wait).",
+        range=ABOVE_0,
+        meaning=False,
+    )
     cpu_threads: Optional[int] = setting(
         None,
         "CPU only: torch threads per process.",

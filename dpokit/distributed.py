@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any, Callable, Iterator, Optional, Sequence, TypeVar, Union
 
 import torch
@@ -34,20 +36,78 @@ class DistInfo:
         return self.rank == 0
 
 
-def init_distributed() -> DistInfo:
-    """Join the process group torchrun describes (RANK/WORLD_SIZE env); a no-op in a single process."""
+LAUNCHER_ENV = "DPOKIT_LAUNCHER"  # "gpus" in the workers `launch_workers` starts (`dpokit ... --gpus N`)
+STARTUP_TIMEOUT_S = 1800.0  # `distributed.startup_timeout_s`'s default: loading, the first steps, saves
+
+
+def init_distributed(startup_timeout_s: float = STARTUP_TIMEOUT_S) -> DistInfo:
+    """Join the process group torchrun describes (RANK/WORLD_SIZE env); a no-op in a single process.
+
+    On CUDA the group is ``cuda:nccl,cpu:gloo`` (as torchtune's), so collectives over CPU tensors (FSDP's
+    CPU-offloaded gradients, the clip norm over them) have a backend too. Collectives wait up to
+    `startup_timeout_s` until `set_collective_timeout` shortens it for the steady-state steps. A gloo
+    group of its own (`_WATCH_GROUP`) stays healthy when a collective times out, to ask who stopped answering.
+    """
+    global _WATCH_GROUP
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return DistInfo()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if not dist.is_initialized():
         tie_to_launcher()
+        timeout = timedelta(seconds=startup_timeout_s)
         if torch.cuda.is_available():
             torch.cuda.set_device(local_rank)
-            dist.init_process_group("nccl", device_id=torch.device("cuda", local_rank))
+            device = torch.device("cuda", local_rank)
+            dist.init_process_group("cuda:nccl,cpu:gloo", device_id=device, timeout=timeout)
         else:
-            dist.init_process_group("gloo")
+            dist.init_process_group("gloo", timeout=timeout)
+        _WATCH_GROUP = dist.new_group(backend="gloo", timeout=timeout)
     return DistInfo(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank)
+
+
+_WATCH_GROUP = None
+
+
+def set_collective_timeout(seconds: float) -> None:
+    """How long a collective of the default group waits for every process from now on (no-op in one process)."""
+    if _in_group():
+        from torch.distributed.distributed_c10d import _set_pg_timeout
+
+        _set_pg_timeout(timedelta(seconds=seconds), None)
+
+
+@contextmanager
+def collective_timeout(seconds: float, then: float) -> Iterator[None]:
+    """Collectives wait up to `seconds` inside (a checkpoint rank 0 writes while the others wait), `then` after."""
+    set_collective_timeout(seconds)
+    try:
+        yield
+    finally:
+        set_collective_timeout(then)
+
+
+def is_collective_timeout(exc: BaseException) -> bool:
+    """Whether `exc` is a collective that waited past its timeout (gloo's and NCCL's wordings)."""
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and ("timed out" in text or "timeout" in text) and _in_group()
+
+
+def unresponsive_error(exc: BaseException, timeout_s: float) -> DpokitError:
+    """The one line for a collective that timed out on this rank: which ranks stopped answering (a monitored
+    barrier on the watch group, which the timeout left healthy) and what to do."""
+    rank = dist.get_rank()
+    who = "another process"
+    try:
+        dist.monitored_barrier(group=_WATCH_GROUP, timeout=timedelta(seconds=min(30.0, timeout_s)), wait_all_ranks=True)
+    except RuntimeError as barrier:
+        found = re.search(r"[Rr]anks? ([\d, ]+?) failed to pass", str(barrier))
+        who = f"rank {found.group(1)}" if found else "rank 0" if rank != 0 else who
+    return DpokitError(
+        f"rank {rank}: {who} stopped answering: a collective waited {timeout_s:g} s (distributed.timeout_s) for it. "
+        "A process hung, was stopped or lost its node; every process stops now. Resume with --resume from the "
+        "last checkpoint; raise distributed.timeout_s if steps are legitimately that slow"
+    )
 
 
 def tie_to_launcher(poll_seconds: float = 1.0) -> None:
@@ -197,7 +257,7 @@ def launch_workers(
     else:
         target, target_args = entrypoint[0], (*map(str, entrypoint[1:]), *map(str, args))
     try:
-        with _quiet_launcher_logs(), _cpu_threads_per_worker(nprocs):
+        with _quiet_launcher_logs(), _cpu_threads_per_worker(nprocs), _launcher_env():
             results = elastic_launch(config, target)(*target_args)
     except ChildFailedError as exc:
         failed_rank, failure = exc.get_first_failure()
@@ -215,6 +275,20 @@ def launch_workers(
     if not callable(entrypoint):
         return []
     return [results[r] for r in sorted(results)]
+
+
+@contextmanager
+def _launcher_env() -> Iterator[None]:
+    """Tell the workers `launch_workers` started them (`dpokit.run_dir.resume_command` prints ``--gpus N``)."""
+    before = os.environ.get(LAUNCHER_ENV)
+    os.environ[LAUNCHER_ENV] = "gpus"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(LAUNCHER_ENV, None)
+        else:
+            os.environ[LAUNCHER_ENV] = before
 
 
 def signal_name(signum) -> str:
@@ -260,10 +334,11 @@ def cpu_threads(threads: Optional[int]) -> Iterator[None]:
 
 @contextmanager
 def _cpu_threads_per_worker(nprocs: int) -> Iterator[None]:
-    """Without CUDA, N workers share this machine's cores: each gets ``cores // N`` torch threads
-    (``OMP_NUM_THREADS``, unless the user set it), instead of every worker taking them all. On this
-    2-core machine a 2-process run of the tests' tiny model took 5.4 s instead of 6.7 s."""
-    if torch.cuda.is_available() or "OMP_NUM_THREADS" in os.environ:
+    """N workers share this machine's cores: each gets ``cores // N`` torch threads (``OMP_NUM_THREADS``,
+    unless the user set it), instead of every worker taking them all; on CUDA too, where the CPU threads
+    collate batches and run the data loaders (torchrun sets 1). On this 2-core machine a 2-process run of
+    the tests' tiny model took 5.4 s instead of 6.7 s."""
+    if "OMP_NUM_THREADS" in os.environ:
         yield
         return
     os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nprocs))

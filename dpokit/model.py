@@ -38,10 +38,19 @@ def default_device() -> torch.device:
     return torch.device("cpu")
 
 
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """``auto`` is bfloat16 on CUDA and float32 on CPU; otherwise the named dtype."""
+def resolve_dtype(name: str, device: torch.device, planned: bool = False) -> torch.dtype:
+    """``auto`` is bfloat16 on a CUDA device that supports it (``torch.cuda.is_bf16_supported()``: not before
+    Ampere) and float32 otherwise (on CPU, and on older GPUs, where float16 would need loss scaling);
+    otherwise the named dtype, refused where the device cannot compute in it. A `planned` device (`dpokit
+    plan`'s) is not this machine's: a CUDA one is taken to support bfloat16."""
+    bf16 = device.type == "cuda" and (planned or torch.cuda.is_bf16_supported())
     if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        return torch.bfloat16 if bf16 else torch.float32
+    if name == "bfloat16" and device.type == "cuda" and not bf16:
+        raise DpokitError(
+            f"model.dtype=bfloat16: {torch.cuda.get_device_name(device)} does not compute in bfloat16 (it needs an "
+            "Ampere or newer GPU); use model.dtype=float32 (or auto)"
+        )
     if name not in DTYPES:
         raise DpokitError(f"unknown dtype {name!r}; choose one of auto, {', '.join(DTYPES)}")
     return DTYPES[name]
@@ -187,13 +196,13 @@ def _keep_in_eval_mode(module: nn.Module) -> None:
     module.train = lambda mode=True: module  # nn.Module.train calls each child's train(mode)
 
 
-def training_dtypes(model_cfg, device: torch.device) -> tuple[torch.dtype, torch.dtype]:
-    """``(parameter dtype, compute dtype)`` of the policy (see the module docstring).
+def training_dtypes(model_cfg, device: torch.device, planned: bool = False) -> tuple[torch.dtype, torch.dtype]:
+    """``(parameter dtype, compute dtype)`` of the policy (see the module docstring); `planned` as `resolve_dtype`.
 
     float16 is refused for training: it needs loss scaling, which dpokit does not do; bfloat16 has
     float32's range and needs none.
     """
-    compute = resolve_dtype(model_cfg.dtype, device)
+    compute = resolve_dtype(model_cfg.dtype, device, planned)
     if compute == torch.float16:
         raise DpokitError(
             "model.dtype=float16 is not supported for training (it needs loss scaling); use bfloat16 "

@@ -457,7 +457,7 @@ def _dtypes(cfg: TrainConfig, device_type: str, world_size: int) -> Dtypes:
 
     from dpokit.model import training_dtypes
 
-    params_dtype, compute_dtype = training_dtypes(cfg.model, torch.device(device_type))
+    params_dtype, compute_dtype = training_dtypes(cfg.model, torch.device(device_type), planned=True)
     stored, compute = params_dtype.itemsize, compute_dtype.itemsize
     fsdp_cast = world_size > 1 and cfg.distributed.mixed_precision and compute < 4
     if world_size > 1 and stored != compute and not fsdp_cast:

@@ -43,11 +43,15 @@ from dpokit.distributed import (
     background_group,
     barrier,
     broadcast_from_main,
+    collective_timeout,
     cpu_threads,
     destroy_distributed,
     gather_to_main,
     init_distributed,
+    is_collective_timeout,
     reshard,
+    set_collective_timeout,
+    unresponsive_error,
 )
 from dpokit.errors import DpokitError
 from dpokit.export import export_run
@@ -76,7 +80,15 @@ from dpokit.model import (
 from dpokit.optim import OptimizerInBackward, build_optimizer, build_scheduler
 from dpokit.preemption import StopSignals, TrainingInterrupted
 from dpokit.reference.source import CachedReference, LiveReference, check_token_counts
-from dpokit.run_dir import RUN_LOCK, check_resume_config, clear_old_run, start_or_resume
+from dpokit.run_dir import (
+    RUN_LOCK,
+    STOPPED_FILE,
+    check_resume_config,
+    clear_old_run,
+    clear_stop_marker,
+    resume_command,
+    start_or_resume,
+)
 from dpokit.trackers import check_trackers, extra_of, missing_trackers, open_trackers
 from dpokit.types import ChosenRejectedOutputs, PairBatch, TrainResult
 
@@ -115,6 +127,15 @@ class SetupOrder:
 
 
 __all__ = [
+    # a run stopped with a checkpoint
+    "STOPPED_FILE",
+    "clear_stop_marker",
+    "resume_command",
+    # timeouts of collectives (a hung or lost process)
+    "collective_timeout",
+    "is_collective_timeout",
+    "set_collective_timeout",
+    "unresponsive_error",
     # config
     "QUANTIZED_METHODS",
     "LoggingConfig",

@@ -19,6 +19,24 @@ from dpokit.errors import DpokitError
 from dpokit.trackers import TRACKERS_FILE
 
 RUN_LOCK = ".dpokit.lock"
+STOPPED_FILE = "stopped.json"  # a run stopped by a signal with a checkpoint: step, checkpoint, resume command
+
+
+def resume_command(config: Path, world_size: int) -> str:
+    """The command that resumes this run, launched as it was: one process, ``dpokit train --gpus N`` (its
+    workers carry ``DPOKIT_LAUNCHER``), or torchrun on one or several nodes."""
+    import os
+
+    from dpokit.distributed import LAUNCHER_ENV
+
+    if world_size == 1:
+        return f"dpokit train --config {config} --resume"
+    if os.environ.get(LAUNCHER_ENV) == "gpus":
+        return f"dpokit train --config {config} --resume --gpus {world_size}"
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+    nodes = max(1, world_size // per_node)
+    where = " (on every node, with the same rendezvous options)" if nodes > 1 else ""
+    return f"torchrun --nnodes {nodes} --nproc-per-node {per_node} -m dpokit train --config {config} --resume{where}"
 
 
 def start_or_resume(run_dir: Path, output, announce=print) -> Optional[Path]:
@@ -60,6 +78,12 @@ def start_or_resume(run_dir: Path, output, announce=print) -> Optional[Path]:
     return None
 
 
+def clear_stop_marker(run_dir: Path) -> None:
+    """A run that starts or resumes is no longer stopped: remove `STOPPED_FILE` (a requeue rule tests for it)."""
+    if (run_dir / STOPPED_FILE).exists():
+        remove_within(run_dir, "run", [run_dir / STOPPED_FILE])
+
+
 def clear_old_run(run_dir: Path) -> None:
     """Before a fresh ``--overwrite`` run writes its first file: remove the old run's own files
     (``metrics.jsonl``, ``samples.jsonl``, ``config.yaml``, the trackers file, ``checkpoints/step_*``) and
@@ -73,6 +97,7 @@ def clear_old_run(run_dir: Path) -> None:
         run_dir / "samples.jsonl",
         run_dir / "config.yaml",
         run_dir / TRACKERS_FILE,
+        run_dir / STOPPED_FILE,
         *(path for _, path in list_checkpoints(run_dir)),
     ]
     remove_within(run_dir, "run", old)

@@ -43,6 +43,7 @@ data and ``model.path`` (checked, with the command to rebuild it when they diffe
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import resource
@@ -58,6 +59,7 @@ from dpokit.recipe_api import (  # the names an ejected recipe may rely on (see 
     PLAIN_TURN_SEPARATOR,
     QUANTIZED_METHODS,
     RUN_LOCK,
+    STOPPED_FILE,
     TOKENIZER_FILES,
     CachedReference,
     ChosenRejectedOutputs,
@@ -100,7 +102,9 @@ from dpokit.recipe_api import (  # the names an ejected recipe may rely on (see 
     check_trackers,
     chosen_rejected_outputs,
     clear_old_run,
+    clear_stop_marker,
     collated,
+    collective_timeout,
     compile_layers,
     config_to_dict,
     config_to_yaml,
@@ -117,6 +121,7 @@ from dpokit.recipe_api import (  # the names an ejected recipe may rely on (see 
     generate_reply,
     head_logps,
     init_distributed,
+    is_collective_timeout,
     is_dpokit_artifact,
     is_reference_free,
     latest_checkpoint,
@@ -138,7 +143,9 @@ from dpokit.recipe_api import (  # the names an ejected recipe may rely on (see 
     print_causes,
     rank_rng_state,
     reshard,
+    resume_command,
     save_checkpoint,
+    set_collective_timeout,
     set_rng_state,
     start_or_resume,
     step_loader,
@@ -147,6 +154,7 @@ from dpokit.recipe_api import (  # the names an ejected recipe may rely on (see 
     training_dtypes,
     training_progress,
     truncate_metrics,
+    unresponsive_error,
     uses_adapters,
     uses_bitsandbytes,
     write_marker,
@@ -166,7 +174,7 @@ class DPORecipe:
     def setup(self) -> None:
         cfg = self.cfg
         order = SetupOrder()  # each `order.require(step, *needed)` below refuses a step moved before what it needs
-        self.dist = init_distributed()
+        self.dist = init_distributed(cfg.distributed.startup_timeout_s)
         self.device = default_device()
         self.process_settings = contextlib.ExitStack()  # undone in cleanup()
         self.process_settings.enter_context(
@@ -255,6 +263,7 @@ class DPORecipe:
             if not is_dpokit_artifact(self.run_dir, "run"):
                 write_marker(self.run_dir, "run")  # `--overwrite` later replaces only what this run wrote
             self._write_config(checkpoint)
+            clear_stop_marker(self.run_dir)
         self.logger = MetricsLogger(
             self.run_dir, enabled=self.dist.is_main, trackers=self._open_trackers(checkpoint), announce=self.announce
         )
@@ -678,6 +687,7 @@ class DPORecipe:
             self.policy.train()
             self.signals.install()
             steps = self.step_batches()
+            started_at = self.step
             while self.step < self.total_steps:
                 started = time.perf_counter()
                 metrics = self.train_step(next(steps))
@@ -686,6 +696,8 @@ class DPORecipe:
                 lr = self.scheduler.get_last_lr()[0]
                 grad_norm = self.optimizer_step(metrics)
                 self.step += 1
+                if self.step == started_at + 1:  # compiled, warmed up: steady-state steps wait less for a peer
+                    set_collective_timeout(self.cfg.distributed.timeout_s)
                 self.result.train = self.step_metrics(metrics, time.perf_counter() - started, grad_norm, lr)
                 status = f"loss {self.result.train['loss']:.4f} acc {self.result.train['rewards/accuracies']:.2f}"
                 progress.update(
@@ -713,13 +725,16 @@ class DPORecipe:
         self.finish_checkpoint(wait=False)
         if is_last or self.step % cfg.log_every == 0:
             self.logger.log(self.step, "train", self.result.train)
+        long_wait = collective_timeout(self.cfg.distributed.startup_timeout_s, then=self.cfg.distributed.timeout_s)
         if self.eval_split is not None and (is_last or (cfg.eval_every and self.step % cfg.eval_every == 0)):
-            self.result.eval = self.evaluate_and_log()
+            with long_wait:  # replies are generated on each rank, then gathered
+                self.result.eval = self.evaluate_and_log()
         stop, time_due = any_rank([self.signals.requested is not None, self.save_time_due()], self.device)
         if stop and not is_last:
             self.stop_with_checkpoint()
         if is_last or time_due or (cfg.save_every and self.step % cfg.save_every == 0):
-            self.result.checkpoint = self.save_checkpoint(asynchronous=cfg.async_save and not is_last)
+            with collective_timeout(self.cfg.distributed.startup_timeout_s, then=self.cfg.distributed.timeout_s):
+                self.result.checkpoint = self.save_checkpoint(asynchronous=cfg.async_save and not is_last)
 
     def save_time_due(self) -> bool:
         minutes = self.cfg.training.save_every_minutes
@@ -729,11 +744,14 @@ class DPORecipe:
         """A stop was requested (SIGTERM/SIGINT on any rank): checkpoint this step, say how to resume, exit 75."""
         self.finish_checkpoint(wait=True)
         path = self.save_checkpoint() if self.last_saved_step != self.step else latest_checkpoint(self.run_dir)
+        resume = resume_command(self.run_dir / "config.yaml", self.dist.world_size)
+        if self.dist.is_main:  # a scheduler's requeue rule can test for it where the exit code does not survive
+            text = json.dumps({"step": self.step, "checkpoint": str(path), "resume": resume}, indent=1) + "\n"
+            write_text_within(self.run_dir, "run", self.run_dir / STOPPED_FILE, text)
         barrier()  # every rank exits only once the checkpoint is on disk
-        gpus = f" --gpus {self.dist.world_size}" if self.dist.world_size > 1 else ""
         raise TrainingInterrupted(
             f"stopped by {self.signals.requested or 'a signal on another rank'} after step {self.step}/{self.total_steps}; "
-            f"checkpoint: {path}. Resume with: dpokit train --config {self.run_dir / 'config.yaml'} --resume{gpus}"
+            f"checkpoint: {path}. Resume with: {resume}"
             if self.dist.is_main
             else ""
         )
@@ -841,6 +859,10 @@ def run(cfg: TrainConfig) -> TrainResult:
         result = recipe.train()
         barrier()  # no rank tears the process group down while another still uses it
         return result
+    except RuntimeError as exc:  # a hung or lost process: one line naming it, not a traceback per rank
+        if is_collective_timeout(exc):
+            raise unresponsive_error(exc, cfg.distributed.timeout_s) from exc
+        raise
     finally:
         recipe.cleanup()
 

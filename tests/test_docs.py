@@ -188,13 +188,19 @@ def check_repo_script(args: list[str]) -> None:
         assert all(flag in usage for flag in flags), f"{args[0]} --help lacks one of {flags}"
 
 
-def check_torchrun(args: list[str], cwd: Path) -> None:
-    """`torchrun FLAGS SCRIPT ARGS`: torch's launcher accepts FLAGS, and SCRIPT is a recipe taking ARGS."""
+def check_torchrun(args: list[str], cwd: Path) -> list[str]:
+    """`torchrun FLAGS SCRIPT ARGS`: torch's launcher accepts FLAGS, and SCRIPT is a recipe taking ARGS; or
+    `torchrun FLAGS -m dpokit COMMAND ...`: returns that dpokit command line for the caller to check."""
     from torch.distributed.run import get_args_parser
 
+    if "-m" in args and args[args.index("-m") + 1] == "dpokit":
+        module_at = args.index("-m")
+        get_args_parser().parse_args(args[: module_at + 2])
+        return args[module_at + 2 :]
     script_at = next(i for i, arg in enumerate(args) if arg.endswith(".py"))
     get_args_parser().parse_args(args[: script_at + 1])  # exits (SystemExit) on an unknown launcher flag
     check_recipe_script(args[script_at:], cwd)
+    return []
 
 
 def check_install(args: list[str]) -> None:
@@ -232,7 +238,11 @@ def exercise(args: list[str], cwd: Path, capsys, whole: bool = True) -> None:
     elif program == "torchrun" and not whole:
         assert len(args) == 1, "a torchrun fragment in prose"  # the program named, not a command
     elif program == "torchrun":
-        check_torchrun(args[1:], cwd)
+        dpokit_args = check_torchrun(args[1:], cwd)
+        if dpokit_args:  # `torchrun ... -m dpokit train ...`: the dpokit command must parse
+            path, ctx = parse_dpokit(dpokit_args, whole)
+            if ctx is not None and path == ["train"]:
+                check_train_config(ctx)
     elif program == "dpokit":
         if "--help" in args or "-h" in args:
             assert cli.main(args[1:]) == 0

@@ -109,6 +109,8 @@ def test_a_two_process_run_stopped_by_sigterm_resumes_to_the_uninterrupted_run(t
     assert f"Resume with: dpokit train --config {cut / 'config.yaml'} --resume --gpus 2" in stderr
     stopped_at = len(losses(cut))
     assert stopped_at < 12 and (cut / "checkpoints" / f"step_{stopped_at:07d}").is_dir()
+    marker = json.loads((cut / "stopped.json").read_text())  # for a requeue rule where the exit code is lost
+    assert marker["step"] == stopped_at and marker["resume"].endswith("--resume --gpus 2")
     done = subprocess.run(
         [sys.executable, "-m", "dpokit", *train_cli(cut, *TWO_PROCESS_RUN, "--resume")],
         capture_output=True,
@@ -117,6 +119,7 @@ def test_a_two_process_run_stopped_by_sigterm_resumes_to_the_uninterrupted_run(t
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert losses(cut) == pytest.approx(losses(two_process_run), abs=1e-6)  # every loss as if nothing had happened
+    assert not (cut / "stopped.json").exists()  # resumed: no longer stopped
 
 
 @pytest.mark.slow
@@ -428,3 +431,38 @@ def test_a_checkpoint_that_outgrows_the_file_size_limit_is_one_line_and_leaves_n
     assert len(errors) == 1 and "cannot write checkpoint" in errors[0] and "File too large" in errors[0]
     assert "Traceback" not in done.stderr
     assert list((run / "checkpoints").iterdir()) == []  # no half-written checkpoint, no temporary
+
+
+@pytest.mark.slow
+def test_a_hung_process_ends_every_other_within_the_timeout_naming_it(train_cli, tmp_path):
+    import threading
+
+    run = tmp_path / "run"
+    process = start_train(train_cli(run, "--max-steps", "400", "--gpus", "2", "distributed.timeout_s=3"))
+    lines: list[tuple[float, str]] = []
+    reader = threading.Thread(target=lambda: lines.extend((time.monotonic(), line) for line in process.stderr))
+    stopped = None
+    try:
+        wait_for_steps(run, 3, process)  # past the first step: the steady-state timeout is in force
+        holder = json.loads((run / ".dpokit.lock").read_text())["pid"]  # rank 0
+        stopped = next(pid for pid in workers_of(run) if pid != holder)  # rank 1
+        reader.start()
+        os.kill(stopped, signal.SIGSTOP)  # hung: alive, holding its sockets, answering nothing
+        hung_at = time.monotonic()
+        deadline = hung_at + 60
+        while time.monotonic() < deadline and not any("stopped answering" in line for _, line in lines):
+            time.sleep(0.1)
+        os.kill(stopped, signal.SIGKILL)  # as a scheduler would reap it (torch's agent does, 30 s after its SIGTERM)
+        process.wait(timeout=120)
+        reader.join(timeout=30)
+    finally:
+        if stopped is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(stopped, signal.SIGKILL)
+    err = "".join(line for _, line in lines)
+    errors = [(at, line) for at, line in lines if line.startswith("error:")]
+    assert process.returncode == 1, err[-2000:]
+    assert "rank 0: rank 1 stopped answering: a collective waited 3 s (distributed.timeout_s)" in errors[0][1], err
+    assert errors[0][0] - hung_at < 3 + 3 + 5  # the timeout, then the monitored barrier's (3 s each)
+    assert len(errors) == 2 and errors[1][1].startswith("error: worker rank ")  # the launcher's line
+    assert "Traceback" not in err

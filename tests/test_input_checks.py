@@ -592,3 +592,19 @@ def test_cache_commands_refuse_bad_values_in_one_line(args, message, ref_cache, 
 def test_a_custom_loss_without_a_module_is_one_line(tiny_model_dir, prepared_dir, tmp_path, capsys):
     assert main(train_args(tiny_model_dir, prepared_dir, tmp_path / "run", "--loss", ":Foo")) == 1
     assert "loss ':Foo': give both the module and the class, as package.module:Class" in error_line(capsys)
+
+
+def test_auto_dtype_is_bfloat16_only_on_a_gpu_that_computes_in_it(monkeypatch):
+    import torch
+
+    from dpokit.errors import DpokitError
+    from dpokit.model import resolve_dtype
+
+    cuda = torch.device("cuda", 0)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
+    assert resolve_dtype("auto", cuda) == torch.bfloat16 and resolve_dtype("auto", torch.device("cpu")) == torch.float32
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: False)  # a V100, a T4
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *args: "Tesla V100-SXM2-16GB")
+    assert resolve_dtype("auto", cuda) == torch.float32
+    with pytest.raises(DpokitError, match=r"model.dtype=bfloat16: Tesla V100-SXM2-16GB does not compute in bfloat16"):
+        resolve_dtype("bfloat16", cuda)

@@ -152,3 +152,51 @@ def test_bf16_full_fine_tuning_keeps_fp32_master_weights_on_two_processes(train_
         checkpoint = sorted((run / "checkpoints").glob("step_*"))[-1]
         with safe_open(str(checkpoint / "model.safetensors"), framework="pt") as weights:
             assert {weights.get_slice(name).get_dtype() for name in weights.keys()} == {"F32"}  # the masters
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("localhost", 0))
+        return sock.getsockname()[1]
+
+
+def _torchrun_node(train_cli, run, port: int, *extra) -> subprocess.Popen:
+    """One "node": `torchrun --nnodes 2 --nproc-per-node 1 -m dpokit train ...` on this machine (c10d rendezvous)."""
+    from conftest import TWO_PROCESS_RUN
+
+    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+               "--rdzv-backend", "c10d", "--rdzv-endpoint", f"localhost:{port}", "--rdzv-id", run.name,
+               "-m", "dpokit", *train_cli(run, *TWO_PROCESS_RUN[:-3], "data.batch_size=1", *extra)]  # fmt: skip
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_two_nodes_under_torchrun_match_two_local_processes(train_cli, two_process_run, tmp_path):
+    port, run = _free_port(), tmp_path / "two_nodes"
+    nodes = [_torchrun_node(train_cli, run, port), _torchrun_node(train_cli, run, port)]
+    outputs = [process.communicate(timeout=300) for process in nodes]
+    assert [process.returncode for process in nodes] == [0, 0], outputs[0][1][-2000:] + outputs[1][1][-2000:]
+    assert losses(run) == pytest.approx(losses(two_process_run), abs=1e-6)
+
+
+def test_two_nodes_stopped_by_a_signal_record_the_torchrun_command_that_resumes_them(train_cli, tmp_path):
+    import json
+    import os
+    import signal
+    import time
+
+    # torchrun reports a worker's exit 75 as 1: the run says it stopped in stopped.json, with its resume command.
+    port, stopped = _free_port(), tmp_path / "stopped"
+    nodes = [_torchrun_node(train_cli, stopped, port, "--max-steps", "400") for _ in range(2)]
+    deadline = time.monotonic() + 120
+    while not (stopped / "metrics.jsonl").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    os.kill(nodes[0].pid, signal.SIGTERM)  # the scheduler's signal to one node's torchrun
+    outputs = [process.communicate(timeout=300) for process in nodes]
+    marker = json.loads((stopped / "stopped.json").read_text())
+    resume = marker["resume"]
+    assert resume == f"torchrun --nnodes 2 --nproc-per-node 1 -m dpokit train --config {stopped / 'config.yaml'} " \
+                     "--resume (on every node, with the same rendezvous options)"  # fmt: skip
+    assert (stopped / "checkpoints" / f"step_{marker['step']:07d}").is_dir()
+    assert any(f"Resume with: {resume}" in err for _, err in outputs)
