@@ -196,6 +196,12 @@ def ref_logps(
         "--threads",
         help="CPU only: torch threads per process (default: the cores, shared among --gpus N processes).",
     ),
+    shard_model: bool = typer.Option(
+        False,
+        "--shard-model",
+        help="With --gpus N (or torchrun): shard the reference's weights over the processes with FSDP2, for a model "
+        "bigger than one GPU; each forward then gathers it layer by layer. Same values.",
+    ),
 ) -> None:
     """Run the frozen reference once over prepared data and cache its log-probs in HDF5."""
     from dpokit.reference.compute import RefLogpsOptions, run_ref_logps
@@ -217,6 +223,7 @@ def ref_logps(
             attn_implementation=attn_implementation,
             per_token=per_token,
             threads=threads,
+            shard_model=shard_model,
         )
     )
 

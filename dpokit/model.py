@@ -121,6 +121,50 @@ def load_reference(
     return model
 
 
+def load_reference_sharded(
+    path: str,
+    dtype: torch.dtype,
+    device: torch.device,
+    shard,
+    adapter: Optional[str] = None,
+    attn_implementation: str = "auto",
+) -> nn.Module:
+    """`load_reference`'s frozen model, sharded by `shard` (FSDP2's `apply_fsdp`) so that no device holds it whole.
+
+    Without an adapter it is built on the meta device, sharded, and each rank reads only its shards' rows from
+    the safetensors files (`fill_shards`), so no process holds it whole either. With an adapter the merge
+    needs the whole model: it is merged in CPU memory, then sharded and moved to `device`.
+    """
+    if adapter or safetensors_files(path) is None:
+        model = load_reference(path, dtype, torch.device("cpu"), adapter, attn_implementation)
+        shard(model)
+        return model.to(device)
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    check_model_path(path)
+    config = AutoConfig.from_pretrained(path)
+    attn = None if attn_implementation == "auto" else attn_implementation
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn)
+    readers = {
+        key: reader
+        for reader in map(SafetensorsRows, safetensors_files(path))
+        for key in reader.header
+        if key != "__metadata__"
+    }
+    missing = [name for name, _ in model.named_parameters() if name not in readers]
+    if missing:
+        raise DpokitError(f"{path}: the safetensors files lack {missing[:3]}; run without --shard-model")
+    buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
+    model.requires_grad_(False)
+    shard(model)
+    model.to_empty(device=device)
+    fill_shards(model, readers, {}, buffers)
+    model.eval()
+    return model
+
+
 def check_adapter_dir(adapter: str) -> None:
     if not (Path(adapter) / "adapter_config.json").is_file():
         raise DpokitError(f"adapter {adapter}: no adapter_config.json; give a PEFT adapter directory")

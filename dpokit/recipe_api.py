@@ -72,6 +72,7 @@ from dpokit.model import (
     load_policy,
     load_policy_sharded,
     load_reference,
+    load_reference_sharded,
     pad_token_id,
     stop_token_ids,
     training_dtypes,
@@ -127,6 +128,8 @@ class SetupOrder:
 
 
 __all__ = [
+    # a reference sharded like the policy
+    "load_reference_sharded",
     # a run stopped with a checkpoint
     "STOPPED_FILE",
     "clear_stop_marker",

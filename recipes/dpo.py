@@ -110,6 +110,7 @@ from dpokit.recipe_api import (  # the names an ejected recipe may rely on (see 
     config_to_yaml,
     console,
     cpu_threads,
+    debug,
     decoder_hidden_states,
     default_device,
     default_workers,
@@ -132,6 +133,7 @@ from dpokit.recipe_api import (  # the names an ejected recipe may rely on (see 
     load_prepared,
     load_prompts,
     load_reference,
+    load_reference_sharded,
     load_training_state,
     lock_path,
     missing_trackers,
@@ -379,13 +381,14 @@ class DPORecipe:
         if cfg.reference.source == "live":
             if self.adapters and not cfg.reference.adapter:
                 return LiveReference(self.policy, adapters_off=True, forward=self.policy_logps)
-            frozen = load_reference(
-                cfg.model.path,
-                self.compute_dtype,
-                self.device,
-                cfg.reference.adapter,
-                attn_implementation_of(self.policy),
-            )
+            args = (cfg.model.path, self.compute_dtype, self.device)
+            options = dict(adapter=cfg.reference.adapter, attn_implementation=attn_implementation_of(self.policy))
+            if self.dist.world_size > 1:  # sharded like the policy: no device holds a whole second model
+                shard = lambda model: apply_fsdp(model, cfg.distributed, self.device, self.compute_dtype)  # noqa: E731
+                frozen = load_reference_sharded(*args, shard, **options)
+                debug(f"rank {self.dist.rank}: the live reference is sharded over {self.dist.world_size} processes")
+            else:
+                frozen = load_reference(*args, **options)
             return LiveReference(frozen, adapters_off=False, forward=self.policy_logps)
         if not cfg.reference.cache:
             raise DpokitError(

@@ -64,17 +64,22 @@ def refuse_on_main() -> None:
     main_result(check_inputs)
 
 
-def test_two_processes_write_the_same_values_as_the_live_computation(tiny_model_dir, prepared_dir, tmp_path):
+@pytest.mark.parametrize("sharded", [False, True], ids=["replicated", "sharded"])
+def test_two_processes_write_the_same_values_as_the_live_computation(tiny_model_dir, prepared_dir, tmp_path, sharded):
     from conftest import assert_cache_equals, live_logps, ref_logps_args
 
     out = tmp_path / "ref.h5"
     args = ref_logps_args(prepared_dir, tiny_model_dir, out, "--gpus", "2", "--batch-size", "3")
+    args = ["--debug", *args, "--shard-model"] if sharded else args  # 32 rows in 11 batches: a rank runs out first
     run = subprocess.run(
         [sys.executable, "-m", "dpokit", *args], env=worker_env(), capture_output=True, text=True, timeout=TIMEOUT_S
     )
     assert run.returncode == 0, run.stderr
     assert "32 new / 32" in run.stdout and run.stdout.count("reference log-probs") == 1  # rank 0 alone reports
     assert_cache_equals(out, live_logps(tiny_model_dir, prepared_dir))
+    if sharded:  # each rank held half the weights
+        for rank in (0, 1):
+            assert f"rank {rank}: the reference is sharded over 2 processes" in run.stderr
 
 
 def test_a_crashed_worker_stops_the_run_with_its_error():

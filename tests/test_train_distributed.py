@@ -200,3 +200,18 @@ def test_two_nodes_stopped_by_a_signal_record_the_torchrun_command_that_resumes_
                      "--resume (on every node, with the same rendezvous options)"  # fmt: skip
     assert (stopped / "checkpoints" / f"step_{marker['step']:07d}").is_dir()
     assert any(f"Resume with: {resume}" in err for _, err in outputs)
+
+
+def test_a_live_reference_is_sharded_like_the_policy_and_trains_as_on_one_process(train_cli, tmp_path):
+    common = ("--max-steps", "3", "--method", "full", "--lr", "1e-3", "--ref", "live", "training.eval_every=0")
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert main(train_cli(one, *common, "--batch-size", "2")) == 0
+    done = subprocess.run(
+        [sys.executable, "-m", "dpokit", "--debug", *train_cli(two, *common, "--batch-size", "1", "--gpus", "2")],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    for rank in (0, 1):
+        assert f"rank {rank}: the live reference is sharded over 2 processes" in done.stderr
+    assert losses(two) == pytest.approx(losses(one), abs=1e-5)
+    assert losses(one)[0] == pytest.approx(0.693147, abs=1e-5)  # the policy starts as the live reference

@@ -25,10 +25,12 @@ from rich.table import Table
 from torch import nn
 
 from dpokit import log
+from dpokit.config import DistributedConfig
 from dpokit.data.collate import collate_pairs
 from dpokit.data.prepared import PreparedData, load_prepared, pair_lengths, pair_token_counts
 from dpokit.distributed import (
     DistInfo,
+    apply_fsdp,
     cpu_threads,
     destroy_distributed,
     gather_to_main,
@@ -50,6 +52,7 @@ from dpokit.model import (
     default_device,
     dtype_name,
     load_reference,
+    load_reference_sharded,
     pad_token_id,
     resolve_dtype,
 )
@@ -73,6 +76,7 @@ class RefLogpsOptions:
     attn_implementation: str = "auto"  # auto: SDPA where the family supports it, else eager
     per_token: bool = False  # also store each completion token's log-prob (token-level losses)
     threads: Optional[int] = None  # CPU torch threads per process; None: the cores, shared among the workers
+    shard_model: bool = False  # with several processes: FSDP2-shard the reference (a model bigger than one device)
 
 
 @dataclass
@@ -125,15 +129,17 @@ def batch_logps(
     device: torch.device,
     layout: Layout = DEFAULT_LAYOUT,
     per_token: bool = False,
+    sharded: bool = False,
 ) -> BatchLogps:
-    """The reference outputs for the examples `index` of a prepared split, in `layout`."""
+    """The reference outputs for the examples `index` of a prepared split, in `layout` (a `sharded` model under
+    ``no_grad``: FSDP2's gathers write into its parameters, which inference mode forbids)."""
     columns = dataset[index.tolist()]
     rows = [
         {"prompt_ids": prompt, "chosen_ids": chosen, "rejected_ids": rejected}
         for prompt, chosen, rejected in zip(columns["prompt_ids"], columns["chosen_ids"], columns["rejected_ids"])
     ]
     batch = collate_pairs(rows, index.tolist(), pad_token_id(model), layout.packing, layout.prefix_sharing).to(device)
-    with torch.inference_mode():
+    with torch.no_grad() if sharded else torch.inference_mode():
         outputs = concatenated_forward(model, batch)
     return BatchLogps(
         index=index,
@@ -218,7 +224,17 @@ def _compute_reference_cache(options: RefLogpsOptions) -> list[SplitReport]:
         attn = resolve_attn_implementation(options.model, options.attn_implementation)
         pending = main_result(pending_rows_of_cache, options, prepared, splits, dtype_name(dtype), attn)
         if any(len(rows) for rows in pending.values()):
-            model = load_reference(options.model, dtype, device, options.adapter, attn)
+            sharded = options.shard_model and info.world_size > 1
+            if sharded:  # every rank holds 1/N of the weights; each forward gathers layer by layer
+                shard = lambda model: apply_fsdp(model, DistributedConfig(), device, dtype)  # noqa: E731
+                model = load_reference_sharded(options.model, dtype, device, shard, options.adapter, attn)
+                held = sum(p.to_local().numel() for p in model.parameters())
+                total = sum(p.numel() for p in model.parameters())
+                log.debug(
+                    f"rank {info.rank}: the reference is sharded over {info.world_size} processes, {held:,} of its {total:,} weights here"
+                )
+            else:
+                model = load_reference(options.model, dtype, device, options.adapter, attn)
             layout = checked_layout(model, prepared.split(splits[0]), announce if info.is_main else None)
             writer = RefCacheWriter(options.out) if info.is_main else None
             if writer is not None:
@@ -236,6 +252,7 @@ def _compute_reference_cache(options: RefLogpsOptions) -> list[SplitReport]:
                     layout,
                     info,
                     options.per_token,
+                    sharded,
                 )
                 for split in splits
             ]
@@ -318,8 +335,10 @@ def compute_split(
     layout: Layout = DEFAULT_LAYOUT,
     info: DistInfo = DistInfo(),
     per_token: bool = False,
+    sharded: bool = False,
 ) -> SplitReport:
-    """Compute and (on rank 0) write the `pending` rows of one split; every rank calls this."""
+    """Compute and (on rank 0) write the `pending` rows of one split; every rank calls this. A `sharded` model's
+    forward is collective: a rank whose batches have run out repeats one and discards it."""
     dataset = prepared.split(split)
     report = SplitReport(split=split, rows_total=len(dataset))
     batches = plan_batches(pending, pair_lengths(dataset), batch_size, bucket)
@@ -331,10 +350,12 @@ def compute_split(
         for step in range(steps):
             # Every rank joins every gather, with None once its own batches have run out.
             result = (
-                batch_logps(model, dataset, my_batches[step], device, layout, per_token)
+                batch_logps(model, dataset, my_batches[step], device, layout, per_token, sharded)
                 if step < len(my_batches)
                 else None
             )
+            if result is None and sharded:  # the other ranks' forwards gather this rank's shards
+                batch_logps(model, dataset, (my_batches or batches)[0], device, layout, per_token, sharded)
             gathered = gather_to_main(result)
             if writer is None:
                 continue
