@@ -580,18 +580,6 @@ def block_bitsandbytes_import() -> None:
     sys.modules.setdefault("bitsandbytes", None)
 
 
-def activation_offloading(enabled: bool, device: torch.device):
-    """The context the policy's training forward runs in: with ``model.activation_offloading`` on CUDA, the
-    tensors autograd saves for backward go to pinned CPU memory and come back for backward
-    (``torch.autograd.graph.save_on_cpu``), trading host-device copies for accelerator memory. On CPU the
-    activations already live in host memory: nothing to do."""
-    import contextlib
-
-    if enabled and device.type == "cuda":
-        return torch.autograd.graph.save_on_cpu(pin_memory=True)
-    return contextlib.nullcontext()
-
-
 def compile_layers(model: nn.Module, backend: str = "inductor") -> int:
     """``torch.compile`` each decoder layer of `model` in place, as torchtune does: one graph per layer, reused by
     every layer of the same code and recompiled for new shapes as they come. Returns the number of layers."""

@@ -63,7 +63,6 @@ from dpokit.logps import chosen_rejected_outputs, decoder_hidden_states, generat
 from dpokit.losses import build_loss, check_loss_outputs, is_reference_free
 from dpokit.metrics import MetricsLogger, PairMetrics, summary_table, training_progress, truncate_metrics
 from dpokit.model import (
-    activation_offloading,
     block_bitsandbytes_import,
     compile_layers,
     default_device,
@@ -78,6 +77,7 @@ from dpokit.model import (
     training_dtypes,
     uses_adapters,
 )
+from dpokit.offload import activation_offloading
 from dpokit.optim import OptimizerInBackward, build_optimizer, build_scheduler
 from dpokit.preemption import StopSignals, TrainingInterrupted
 from dpokit.reference.source import CachedReference, LiveReference, check_token_counts

@@ -462,7 +462,8 @@ class DPORecipe:
     def pair_outputs(self, batch: PairBatch, split: str):
         """Policy and reference outputs and the per-pair loss terms for one batch."""
         training = split == "train"
-        with self.autocast(), activation_offloading(training and self.cfg.model.activation_offloading, self.device):
+        offload = training and self.cfg.model.activation_offloading
+        with self.autocast(), activation_offloading(offload, self.device, self.policy):
             policy_out = self.policy_logps(self.policy, batch, training=training)
         reference_out = None
         if self.reference is not None:
