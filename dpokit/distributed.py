@@ -187,6 +187,16 @@ def apply_fsdp(model: nn.Module, cfg, device: torch.device, compute_dtype: torch
     return model
 
 
+def init_fsdp_root(model: nn.Module) -> None:
+    """Make `model` (sharded by `apply_fsdp`) FSDP2's root now. FSDP2 takes the first unit that runs forward as its
+    root; dpokit calls the decoder and the head directly, so when the start-up check (a full `model(ids)`) is
+    skipped the decoder would become a root and the head a second one, and the outer unit would never run."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if isinstance(model, FSDPModule):
+        model._get_fsdp_state()._lazy_init()  # what its first forward would do (no public call exists)
+
+
 def background_group():
     """A gloo process group of its own for collectives run from a background thread (an asynchronous
     checkpoint's), so they never interleave with training's on the default group (None in one process)."""

@@ -48,6 +48,7 @@ from dpokit.distributed import (
     destroy_distributed,
     gather_to_main,
     init_distributed,
+    init_fsdp_root,
     is_collective_timeout,
     reshard,
     set_collective_timeout,
@@ -128,8 +129,9 @@ class SetupOrder:
 
 
 __all__ = [
-    # a reference sharded like the policy
+    # a reference sharded like the policy; FSDP2's root
     "load_reference_sharded",
+    "init_fsdp_root",
     # a run stopped with a checkpoint
     "STOPPED_FILE",
     "clear_stop_marker",

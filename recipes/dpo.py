@@ -122,6 +122,7 @@ from dpokit.recipe_api import (  # the names an ejected recipe may rely on (see 
     generate_reply,
     head_logps,
     init_distributed,
+    init_fsdp_root,
     is_collective_timeout,
     is_dpokit_artifact,
     is_reference_free,
@@ -223,6 +224,7 @@ class DPORecipe:
         order.require("shard", "compile")
         if self.dist.world_size > 1 and not self.sharded:
             apply_fsdp(self.policy, cfg.distributed, self.device, self.compute_dtype)
+        init_fsdp_root(self.policy)  # the whole model is the root, though training calls its decoder and head
 
         self.sampler = PairSampler(
             num_examples=len(self.train_split),
@@ -386,6 +388,7 @@ class DPORecipe:
             if self.dist.world_size > 1:  # sharded like the policy: no device holds a whole second model
                 shard = lambda model: apply_fsdp(model, cfg.distributed, self.device, self.compute_dtype)  # noqa: E731
                 frozen = load_reference_sharded(*args, shard, **options)
+                init_fsdp_root(frozen)
                 debug(f"rank {self.dist.rank}: the live reference is sharded over {self.dist.world_size} processes")
             else:
                 frozen = load_reference(*args, **options)

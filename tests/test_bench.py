@@ -174,3 +174,12 @@ def test_every_run_in_a_results_file_is_a_dated_section_with_machine_versions_an
         assert lines[i + 2] == "| date | machine | torch | transformers | command |", (results, lines[i])
         row = [cell.strip() for cell in lines[i + 4].strip("|").split("|")]
         assert row[0] == date.group(1) and "cores" in row[1] and row[4].startswith("`"), (results, row)
+
+
+def test_the_gpu_check_script_parses_and_says_how_to_run_it():
+    import subprocess
+
+    script = BENCH / "gpu_check.sh"
+    subprocess.run(["bash", "-n", str(script)], check=True)  # syntax only: the checks themselves need a GPU
+    usage = subprocess.run(["bash", str(script), "--help"], capture_output=True, text=True, check=True).stdout
+    assert "--cpu-smoke" in usage and "--skip-install" in usage and "gpu_check.json" in usage

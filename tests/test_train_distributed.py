@@ -215,3 +215,30 @@ def test_a_live_reference_is_sharded_like_the_policy_and_trains_as_on_one_proces
         assert f"rank {rank}: the live reference is sharded over 2 processes" in done.stderr
     assert losses(two) == pytest.approx(losses(one), abs=1e-5)
     assert losses(one)[0] == pytest.approx(0.693147, abs=1e-5)  # the policy starts as the live reference
+
+
+def test_the_whole_model_is_fsdps_root_though_training_calls_its_decoder_first(tiny_model_dir, tmp_path):
+    """Without a `model(ids)` forward first (the start-up check skipped), the decoder must not become a root."""
+    code = textwrap.dedent(f"""
+        import os, torch
+        import torch.distributed as dist
+        from transformers import AutoModelForCausalLM
+        from dpokit.config import DistributedConfig
+        from dpokit.data.collate import collate_pairs
+        from dpokit.distributed import apply_fsdp, init_fsdp_root
+        from dpokit.logps import concatenated_forward, decoder_and_head
+        os.environ.update(MASTER_ADDR="localhost", MASTER_PORT="{_free_port()}")
+        dist.init_process_group("gloo", rank=0, world_size=1)
+        model = AutoModelForCausalLM.from_pretrained("{tiny_model_dir}", dtype=torch.float32)
+        apply_fsdp(model, DistributedConfig(), torch.device("cpu"))
+        init_fsdp_root(model)
+        rows = [{{"prompt_ids": [3, 40, 5], "chosen_ids": [50, 5], "rejected_ids": [60, 61, 5]}}]
+        concatenated_forward(model, collate_pairs(rows, [0], 0, packing=True, prefix_sharing=True))  # decoder, head
+        decoder, head = decoder_and_head(model)
+        roots = [m._get_fsdp_state()._is_root for m in (model, decoder, head)]
+        print("roots", roots)
+        dist.destroy_process_group()
+    """)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "roots [True, False, False]" in done.stdout

@@ -35,6 +35,7 @@ from dpokit.distributed import (
     destroy_distributed,
     gather_to_main,
     init_distributed,
+    init_fsdp_root,
     launch_workers,
     launched_by_torchrun,
     main_result,
@@ -228,6 +229,7 @@ def _compute_reference_cache(options: RefLogpsOptions) -> list[SplitReport]:
             if sharded:  # every rank holds 1/N of the weights; each forward gathers layer by layer
                 shard = lambda model: apply_fsdp(model, DistributedConfig(), device, dtype)  # noqa: E731
                 model = load_reference_sharded(options.model, dtype, device, shard, options.adapter, attn)
+                init_fsdp_root(model)
                 held = sum(p.to_local().numel() for p in model.parameters())
                 total = sum(p.numel() for p in model.parameters())
                 log.debug(
