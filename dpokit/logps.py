@@ -17,7 +17,7 @@ Peak memory for the logits is one chunk, never ``[2B, T, V]``.
 from __future__ import annotations
 
 import sys
-from typing import Callable, NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -331,7 +331,7 @@ def concatenated_forward(
     ``policy_logps`` makes the same three calls."""
     hidden, aux = decoder_hidden_states(model, batch, router_aux_loss)  # [R, L, H]
     completions = head_logps(model, hidden, batch, chunk_size, token_stats)
-    return chosen_rejected_outputs(completions, batch.num_pairs, token_stats, aux)
+    return chosen_rejected_outputs(completions, batch.num_pairs, token_stats, aux, batch.slot_counts)
 
 
 def chosen_rejected_outputs(
@@ -339,15 +339,17 @@ def chosen_rejected_outputs(
     num_pairs: int,
     token_stats: tuple[str, ...] = (),
     router_aux_loss: Optional[Tensor] = None,
+    slot_counts: Optional[Sequence[int]] = None,
 ) -> ChosenRejectedOutputs:
-    """`Completions` (chosen ones first, then rejected) split per pair: ``[B]`` sums, ``[B, T]`` per token."""
+    """`Completions` (chosen ones first, then rejected) split per pair: ``[B]`` sums, ``[B, T]`` per token.
+    `slot_counts` (``PairBatch.slot_counts``) sizes the per-token tensors without reading the device."""
     b = num_pairs
     chosen_tokens, chosen_mask, rejected_tokens, rejected_mask = split_token_values(
-        done.token_logps, done.token_slots, b
+        done.token_logps, done.token_slots, b, slot_counts
     )
     stats = {}
     for k, name in enumerate(token_stats):
-        chosen_stat, _, rejected_stat, _ = split_token_values(done.token_stats[:, k], done.token_slots, b)
+        chosen_stat, _, rejected_stat, _ = split_token_values(done.token_stats[:, k], done.token_slots, b, slot_counts)
         stats[name] = (chosen_stat, rejected_stat)
     return ChosenRejectedOutputs(
         chosen_logps=done.logps[:b],

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -49,6 +49,7 @@ class PairBatch:
     completion_mask: Optional[torch.Tensor] = None  # [R, L] bool, padded layout only
     token_mask: Optional[torch.Tensor] = None  # [R, L] long, 1 on real tokens (0 on padding)
     segments: Optional[tuple[Segment, ...]] = None  # packed / prefix-shared layouts: who attends to whom (O(L))
+    slot_counts: Optional[tuple[int, ...]] = None  # [2B] completion tokens per output, on the host: no device read
 
     @property
     def num_pairs(self) -> int:
@@ -118,21 +119,30 @@ class ChosenRejectedOutputs:
         return self.chosen_token_logps is not None and self.rejected_token_logps is not None
 
 
-def split_token_values(values: Tensor, slots: Tensor, num_pairs: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def split_token_values(
+    values: Tensor, slots: Tensor, num_pairs: int, slot_counts: Optional[Sequence[int]] = None
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Ragged per-token `values` ``[M, ...]`` into padded chosen and rejected tensors.
 
     `slots` ``[M]`` gives each token's output (``0..B-1`` chosen, ``B..2B-1`` rejected), grouped by output in
     ascending order with each output's tokens in token order (as `dpokit.logps.completion_logps` and the cache
     give them). Returns ``(chosen [B, Tc, ...], chosen_mask [B, Tc], rejected [B, Tr, ...],
-    rejected_mask [B, Tr])``, zeros after each completion's last token.
+    rejected_mask [B, Tr])``, zeros after each completion's last token. `slot_counts` (tokens per output, known on
+    the host from the batch) sizes them without reading the device.
     """
     outputs = 2 * num_pairs
-    counts = torch.zeros(outputs, dtype=torch.long, device=slots.device).index_add(0, slots, torch.ones_like(slots))
+    if slot_counts is not None:
+        counts = torch.tensor(slot_counts, dtype=torch.long).to(slots.device, non_blocking=True)
+        widths = [max(slot_counts[:num_pairs], default=0), max(slot_counts[num_pairs:], default=0)]
+    else:
+        counts = torch.zeros(outputs, dtype=torch.long, device=slots.device).index_add(0, slots, torch.ones_like(slots))
+        widths = [
+            int(counts[low:high].max()) if high > low else 0 for low, high in ((0, num_pairs), (num_pairs, outputs))
+        ]
     starts = torch.cumsum(counts, 0) - counts
     positions = torch.arange(slots.numel(), device=slots.device) - starts[slots]
     halves = []
-    for low, high in ((0, num_pairs), (num_pairs, outputs)):
-        width = int(counts[low:high].max()) if high > low else 0
+    for (low, high), width in zip(((0, num_pairs), (num_pairs, outputs)), widths):
         padded = values.new_zeros((high - low, width, *values.shape[1:]))
         mask = torch.zeros((high - low, width), dtype=torch.bool, device=values.device)
         keep = (slots >= low) & (slots < high)

@@ -460,7 +460,7 @@ class DPORecipe:
         """
         hidden, router_aux = decoder_hidden_states(model, batch, router_aux_loss=training)  # [R, L, H], any layout
         completions = head_logps(model, hidden, batch, self.cfg.data.logps_chunk_size, self.token_stats)  # fused head
-        return chosen_rejected_outputs(completions, batch.num_pairs, self.token_stats, router_aux)  # [B] per pair
+        return chosen_rejected_outputs(completions, batch.num_pairs, self.token_stats, router_aux, batch.slot_counts)
 
     def pair_outputs(self, batch: PairBatch, split: str):
         """Policy and reference outputs and the per-pair loss terms for one batch."""
@@ -552,8 +552,8 @@ class DPORecipe:
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm else float("inf"))
         if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP
             grad_norm = grad_norm.full_tensor()
-        grad_norm = float(grad_norm)
-        loss_sum = float(metrics.sums[0])  # already summed over ranks: every rank sees the same values
+        # The step's one read from the device: the loss (summed over ranks already) and the norm, together.
+        loss_sum, grad_norm = torch.stack([metrics.sums[0], grad_norm.to(metrics.sums)]).tolist()
         if math.isfinite(loss_sum) and math.isfinite(grad_norm):
             self.optimizer.step()
             self.scheduler.step()
@@ -695,6 +695,7 @@ class DPORecipe:
             self.signals.install()
             steps = self.step_batches()
             started_at = self.step
+            status = ""  # the last logged loss and accuracy
             while self.step < self.total_steps:
                 started = time.perf_counter()
                 metrics = self.train_step(next(steps))
@@ -705,11 +706,12 @@ class DPORecipe:
                 self.step += 1
                 if self.step == started_at + 1:  # compiled, warmed up: steady-state steps wait less for a peer
                     set_collective_timeout(self.cfg.distributed.timeout_s)
-                self.result.train = self.step_metrics(metrics, time.perf_counter() - started, grad_norm, lr)
-                status = f"loss {self.result.train['loss']:.4f} acc {self.result.train['rewards/accuracies']:.2f}"
-                progress.update(
-                    task, completed=self.step, rate=f"{self.result.train['pairs_per_s']:.1f} pairs/s", status=status
-                )
+                seconds = time.perf_counter() - started
+                if self.step == self.total_steps or self.step % self.cfg.training.log_every == 0:
+                    self.result.train = self.step_metrics(metrics, seconds, grad_norm, lr)  # reads the device
+                    status = f"loss {self.result.train['loss']:.4f} acc {self.result.train['rewards/accuracies']:.2f}"
+                pairs = self.cfg.data.batch_size * self.cfg.training.gradient_accumulation_steps * self.dist.world_size
+                progress.update(task, completed=self.step, rate=f"{pairs / seconds:.1f} pairs/s", status=status)
                 self.after_step(is_last=self.step == self.total_steps)
         self.result.steps = self.step
         if self.cfg.output.merge and self.adapters and self.dist.is_main and self.result.checkpoint is not None:

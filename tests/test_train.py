@@ -719,3 +719,52 @@ def test_a_folder_that_only_looks_like_a_run_is_refused(tiny_model_dir, prepared
         assert "is a non-empty directory that is not a dpokit run" in capsys.readouterr().err
     assert (folder / "config.yaml").read_text() == "my: own settings\n"
     assert sorted(p.name for p in folder.iterdir()) == ["checkpoints", "config.yaml"]
+
+
+SYNCS = ("item", "__float__", "__int__", "__bool__", "tolist", "numpy", "cpu")
+
+
+def test_a_training_step_reads_from_the_device_once_outside_log_steps(
+    tiny_model_dir, prepared_dir, tmp_path, monkeypatch
+):
+    """Every read of a tensor's value on the host (an `.item()`, `float()`, `.cpu()` ...) waits for the GPU: a step
+    that is not logged may read once, the non-finite guard's loss and gradient norm together."""
+    import collections
+    import traceback
+
+    counts = collections.Counter()
+    for name in SYNCS:
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _original=original, _name=name, **kwargs):
+            caller = traceback.extract_stack(limit=2)[0]
+            counts[(_name, caller.filename.rsplit("/", 1)[-1], caller.lineno)] += 1
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+
+    def syncs(steps: int) -> collections.Counter:
+        counts.clear()
+        args = ["--max-steps", str(steps), "training.log_every=1000", "training.eval_every=0", "--lr", "1e-3"]
+        assert (
+            main(
+                [
+                    "train",
+                    "--config",
+                    "tiny_lora",
+                    *overrides(tiny_model_dir, prepared_dir, tmp_path / f"run{steps}", *args),
+                ]
+            )
+            == 0
+        )
+        return collections.Counter(counts)
+
+    few, many = syncs(3), syncs(7)
+    per_step = {key: (many[key] - few[key]) / 4 for key in many if many[key] != few[key]}
+    # The data pipeline builds each batch from host tensors before it goes to the device: not a device read.
+    on_device = {key: n for key, n in per_step.items() if key[1] not in HOST_PIPELINE}
+    assert list(on_device.values()) == [1.0], per_step  # once a step, in the recipe's optimizer step
+    assert [key[:2] for key in on_device] == [("tolist", "dpo.py")], per_step
+
+
+HOST_PIPELINE = {"collate.py", "sampler.py", "loader.py", "prepared.py"}

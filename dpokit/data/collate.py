@@ -26,6 +26,7 @@ it (`target_rows`, `target_cols`), the token (`target_ids`) and the output it co
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -66,6 +67,7 @@ def pad_pairs(rows: Sequence[dict], indices: Sequence[int], pad_id: int) -> Pair
         num_tokens=int(attention_mask.sum()),
         completion_mask=completion_mask,
         token_mask=attention_mask,
+        slot_counts=tuple(completion_mask[:, 1:].sum(1).tolist()),  # slot = row
     )
 
 
@@ -180,6 +182,7 @@ def collate_pairs(
         position_ids=position_ids,
         token_mask=token_mask,
         segments=tuple(spans),
+        slot_counts=tuple(Counter(slot for *_, slot in targets)[s] for s in range(2 * b)),
     )
 
 
