@@ -72,14 +72,20 @@ class PairMetrics:
             total = values.detach().double().sum().to(self.sums.device)
             self.term_sums[name] = self.term_sums[name] + total if name in self.term_sums else total
 
-    def all_reduce(self) -> None:
-        """Sum over ranks (a no-op in a single process)."""
+    def all_reduce(self, extra: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+        """Sum over ranks (a no-op in a single process); `extra` values are summed in the same call and returned."""
         if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(self.sums)
+            if extra is not None:
+                joined = torch.cat([self.sums, extra.to(self.sums)])
+                torch.distributed.all_reduce(joined)
+                self.sums, extra = joined[: self.sums.numel()], joined[self.sums.numel() :]
+            else:
+                torch.distributed.all_reduce(self.sums)
             if self.term_sums:  # every rank has the same terms, in the same order
                 stacked = torch.stack(list(self.term_sums.values()))
                 torch.distributed.all_reduce(stacked)
                 self.term_sums = dict(zip(self.term_sums, stacked))
+        return extra
 
     @property
     def num_pairs(self) -> int:

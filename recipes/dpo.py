@@ -539,28 +539,36 @@ class DPORecipe:
             self.step_losses.append((batch.index, losses.detach()))
         return metrics
 
-    def optimizer_step(self, metrics: PairMetrics) -> float:
-        """Clip, then update, unless the loss or the gradient norm is not finite (`nonfinite_step`)."""
+    def optimizer_step(self, metrics: PairMetrics, control: torch.Tensor) -> tuple[float, list[bool]]:
+        """Clip, then update, unless the loss or the gradient norm is not finite (`nonfinite_step`). Returns the
+        gradient norm and the `control` flags (OR-ed over ranks), read from the device with the loss and the norm:
+        the step's one read."""
         if isinstance(self.optimizer, OptimizerInBackward):  # updated in backward: no gradients left to measure
-            loss_sum = float(metrics.sums[0])
+            loss_sum, *flags = torch.cat([metrics.sums[:1], control.to(metrics.sums)]).tolist()
             if not math.isfinite(loss_sum):
                 self.nonfinite_step(loss_sum, float("nan"))
             self.scheduler.step()
-            return float("nan")
+            return float("nan"), [flag > 0 for flag in flags]
         max_norm = self.cfg.training.max_grad_norm
         params = [p for p in self.policy.parameters() if p.requires_grad]
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm else float("inf"))
         if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP
             grad_norm = grad_norm.full_tensor()
-        # The step's one read from the device: the loss (summed over ranks already) and the norm, together.
-        loss_sum, grad_norm = torch.stack([metrics.sums[0], grad_norm.to(metrics.sums)]).tolist()
+        # The loss (summed over ranks already), the norm and the flags, together.
+        values = torch.cat([metrics.sums[:1], grad_norm.reshape(1).to(metrics.sums), control.to(metrics.sums)])
+        loss_sum, grad_norm, *flags = values.tolist()
         if math.isfinite(loss_sum) and math.isfinite(grad_norm):
             self.optimizer.step()
             self.scheduler.step()
         else:
             self.nonfinite_step(loss_sum, grad_norm)
         self.optimizer.zero_grad(set_to_none=True)
-        return grad_norm
+        return grad_norm, [flag > 0 for flag in flags]
+
+    def control_flags(self) -> torch.Tensor:
+        """This rank's stop request and save-time flags, summed over ranks with the step's metrics (any rank's wins)."""
+        flags = [float(self.signals.requested is not None), float(self.save_time_due())]
+        return torch.tensor(flags, dtype=torch.float64).to(self.device, non_blocking=True)
 
     def nonfinite_step(self, loss_sum: float, grad_norm: float) -> None:
         """Stop before the update (the weights stay finite), or skip the batch when asked; name the pairs."""
@@ -700,9 +708,9 @@ class DPORecipe:
                 started = time.perf_counter()
                 metrics = self.train_step(next(steps))
                 self.sampler.advance()
-                metrics.all_reduce()
+                control = metrics.all_reduce(self.control_flags())  # the flags ride on the metrics' all-reduce
                 lr = self.scheduler.get_last_lr()[0]
-                grad_norm = self.optimizer_step(metrics)
+                grad_norm, (stop, time_due) = self.optimizer_step(metrics, control)
                 self.step += 1
                 if self.step == started_at + 1:  # compiled, warmed up: steady-state steps wait less for a peer
                     set_collective_timeout(self.cfg.distributed.timeout_s)
@@ -712,7 +720,7 @@ class DPORecipe:
                     status = f"loss {self.result.train['loss']:.4f} acc {self.result.train['rewards/accuracies']:.2f}"
                 pairs = self.cfg.data.batch_size * self.cfg.training.gradient_accumulation_steps * self.dist.world_size
                 progress.update(task, completed=self.step, rate=f"{pairs / seconds:.1f} pairs/s", status=status)
-                self.after_step(is_last=self.step == self.total_steps)
+                self.after_step(self.step == self.total_steps, stop, time_due)
         self.result.steps = self.step
         if self.cfg.output.merge and self.adapters and self.dist.is_main and self.result.checkpoint is not None:
             export_run(self.result.checkpoint, self.run_dir / "merged", base_model=self.cfg.model.path, overwrite=True)
@@ -727,9 +735,10 @@ class DPORecipe:
                 )
         return self.result
 
-    def after_step(self, is_last: bool) -> None:
+    def after_step(self, is_last: bool, stop: bool = False, time_due: bool = False) -> None:
         """Log, evaluate and save when due (every ``log_every`` / ``eval_every`` / ``save_every`` steps or
-        ``save_every_minutes``), all three after the last step; a requested stop checkpoints and exits."""
+        ``save_every_minutes``), all three after the last step; a requested stop checkpoints and exits. `stop` and
+        `time_due` are the step's flags over all ranks (asked again after an evaluation, which takes time)."""
         cfg = self.cfg.training
         self.finish_checkpoint(wait=False)
         if is_last or self.step % cfg.log_every == 0:
@@ -738,7 +747,7 @@ class DPORecipe:
         if self.eval_split is not None and (is_last or (cfg.eval_every and self.step % cfg.eval_every == 0)):
             with long_wait:  # replies are generated on each rank, then gathered
                 self.result.eval = self.evaluate_and_log()
-        stop, time_due = any_rank([self.signals.requested is not None, self.save_time_due()], self.device)
+            stop, time_due = any_rank([self.signals.requested is not None, self.save_time_due()], self.device)
         if stop and not is_last:
             self.stop_with_checkpoint()
         if is_last or time_due or (cfg.save_every and self.step % cfg.save_every == 0):
