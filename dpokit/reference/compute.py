@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import math
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, NamedTuple, Optional, Sequence
 
 import numpy as np
 import torch
@@ -58,6 +59,7 @@ from dpokit.model import (
     resolve_dtype,
 )
 from dpokit.reference.cache import RefCacheWriter, cache_attrs, check_cache_target, create_or_resume_cache
+from dpokit.types import PairBatch
 
 
 @dataclass
@@ -134,22 +136,50 @@ def batch_logps(
 ) -> BatchLogps:
     """The reference outputs for the examples `index` of a prepared split, in `layout` (a `sharded` model under
     ``no_grad``: FSDP2's gathers write into its parameters, which inference mode forbids)."""
+    return forward_logps(model, collated_batch(dataset, index, pad_token_id(model), layout, device), device, per_token,
+                         sharded)  # fmt: skip
+
+
+class CollatedBatch(NamedTuple):
+    """A batch read and collated on the host, ready for the device (what the loop prepares ahead)."""
+
+    index: np.ndarray
+    batch: PairBatch
+    num_tokens: int  # both full sequences per pair, as in the padded layout, so rates stay comparable
+
+
+def collated_batch(dataset, index: np.ndarray, pad_id: int, layout: Layout, device: torch.device) -> CollatedBatch:
+    """Read examples `index` of a prepared split and collate them in `layout` (pinned for a CUDA copy)."""
     columns = dataset[index.tolist()]
     rows = [
         {"prompt_ids": prompt, "chosen_ids": chosen, "rejected_ids": rejected}
         for prompt, chosen, rejected in zip(columns["prompt_ids"], columns["chosen_ids"], columns["rejected_ids"])
     ]
-    batch = collate_pairs(rows, index.tolist(), pad_token_id(model), layout.packing, layout.prefix_sharing).to(device)
+    batch = collate_pairs(rows, index.tolist(), pad_id, layout.packing, layout.prefix_sharing)
+    if device.type == "cuda":
+        batch = batch.pin_memory()
+    tokens = sum(2 * len(r["prompt_ids"]) + len(r["chosen_ids"]) + len(r["rejected_ids"]) for r in rows)
+    return CollatedBatch(index, batch, tokens)
+
+
+def forward_logps(
+    model: nn.Module, collated: CollatedBatch, device: torch.device, per_token: bool = False, sharded: bool = False
+) -> BatchLogps:
+    """The reference forward on a collated batch, its values read back in one device-to-host copy."""
+    batch = collated.batch.to(device)
     with torch.no_grad() if sharded else torch.inference_mode():
         outputs = concatenated_forward(model, batch)
+        sums = torch.stack(
+            [outputs.chosen_logps.double(), outputs.rejected_logps.double(),
+             outputs.chosen_tokens.double(), outputs.rejected_tokens.double()]
+        ).cpu().numpy()  # fmt: skip
     return BatchLogps(
-        index=index,
-        chosen_logps=outputs.chosen_logps.float().cpu().numpy(),
-        rejected_logps=outputs.rejected_logps.float().cpu().numpy(),
-        chosen_tokens=outputs.chosen_tokens.cpu().numpy(),
-        rejected_tokens=outputs.rejected_tokens.cpu().numpy(),
-        # Tokens of both full sequences per pair, as in the padded layout, so rates stay comparable.
-        num_tokens=sum(2 * len(r["prompt_ids"]) + len(r["chosen_ids"]) + len(r["rejected_ids"]) for r in rows),
+        index=collated.index,
+        chosen_logps=sums[0].astype(np.float32),
+        rejected_logps=sums[1].astype(np.float32),
+        chosen_tokens=sums[2].astype(np.int64),
+        rejected_tokens=sums[3].astype(np.int64),
+        num_tokens=collated.num_tokens,
         token_logps=row_token_logps(outputs) if per_token else None,
     )
 
@@ -340,43 +370,57 @@ def compute_split(
     sharded: bool = False,
 ) -> SplitReport:
     """Compute and (on rank 0) write the `pending` rows of one split; every rank calls this. A `sharded` model's
-    forward is collective: a rank whose batches have run out repeats one and discards it."""
+    forward is collective: a rank whose batches have run out repeats one and discards it.
+
+    Three things overlap: a thread reads and collates the next batch while the model runs this one, and rank 0
+    writes a step's rows in another thread while the next step computes (HDF5 is only touched there; a failed
+    write stops the pass at the next step, and every written step is a whole commit, so a resume is exact).
+    """
     dataset = prepared.split(split)
     report = SplitReport(split=split, rows_total=len(dataset))
     batches = plan_batches(pending, pair_lengths(dataset), batch_size, bucket)
     my_batches = batches[info.rank :: info.world_size]
     steps = math.ceil(len(batches) / info.world_size)
     start = time.perf_counter()
-    with training_progress(console=log.console(stderr=True), enabled=info.is_main) as progress:
+    pad_id = pad_token_id(model)
+    # What this rank runs at each step: its own batch, or (sharded, batches run out) a repeat to discard.
+    plan = [my_batches[step] if step < len(my_batches) else None for step in range(steps)]
+    inputs = [index if index is not None or not sharded else (my_batches or batches)[0] for index in plan]
+    with (
+        training_progress(console=log.console(stderr=True), enabled=info.is_main) as progress,
+        ThreadPoolExecutor(1, thread_name_prefix="ref-collate") as collating,
+        ThreadPoolExecutor(1, thread_name_prefix="ref-write") as writing,
+    ):
         task = progress.add_task(f"ref-logps {split}", total=len(pending), rate="", status="")
+
+        def collate(step: int):
+            index = inputs[step] if step < steps else None
+            return None if index is None else collating.submit(collated_batch, dataset, index, pad_id, layout, device)
+
+        def write(rows: BatchLogps) -> None:
+            writer.write(split, rows.index, rows.chosen_logps, rows.rejected_logps, rows.chosen_tokens,
+                         rows.rejected_tokens, rows.token_logps)  # fmt: skip
+
+        upcoming, written = collate(0), None
         for step in range(steps):
+            collated, upcoming = upcoming, collate(step + 1)  # the next batch is read while this one runs
+            result = forward_logps(model, collated.result(), device, per_token, sharded) if collated else None
             # Every rank joins every gather, with None once its own batches have run out.
-            result = (
-                batch_logps(model, dataset, my_batches[step], device, layout, per_token, sharded)
-                if step < len(my_batches)
-                else None
-            )
-            if result is None and sharded:  # the other ranks' forwards gather this rank's shards
-                batch_logps(model, dataset, (my_batches or batches)[0], device, layout, per_token, sharded)
-            gathered = gather_to_main(result)
+            gathered = gather_to_main(result if plan[step] is not None else None)
             if writer is None:
                 continue
             batches = [batch for batch in gathered if batch is not None]
             if batches:  # every rank's rows of this step in one commit: a commit costs per call, not per row
                 step_rows = concatenated(batches)
-                writer.write(
-                    split,
-                    step_rows.index,
-                    step_rows.chosen_logps,
-                    step_rows.rejected_logps,
-                    step_rows.chosen_tokens,
-                    step_rows.rejected_tokens,
-                    step_rows.token_logps,
-                )
+                if written is not None:
+                    written.result()  # the previous step's commit is done (or its error raised) before this one
+                written = writing.submit(write, step_rows)
                 report.rows_computed += len(step_rows.index)
                 report.tokens += step_rows.num_tokens
             report.seconds = time.perf_counter() - start
             progress.update(task, completed=report.rows_computed, rate=rate_text(report))
+        if written is not None:
+            written.result()
     report.seconds = time.perf_counter() - start
     return report
 
