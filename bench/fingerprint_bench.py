@@ -92,16 +92,9 @@ def timed(fn, *args) -> float:
 
 def run_pass(workdir: Path, batch_size: int) -> tuple[float, float, int]:
     """(seconds of the whole call, seconds of the pass as it reports them, tokens) for one ref-logps run."""
-    from dpokit.reference.compute import RefLogpsOptions, compute_reference_cache
+    from dpokit.reference.compute import compute_reference_cache
 
-    options = RefLogpsOptions(
-        prepared=str(workdir / "prepared"),
-        model=str(workdir / "model"),
-        out=str(workdir / "ref.h5"),
-        batch_size=batch_size,
-        dtype="fp32",
-        overwrite=True,
-    )
+    options = harness.reference_options(workdir, batch_size)
     start = time.perf_counter()
     (report,) = compute_reference_cache(options)
     return time.perf_counter() - start, report.seconds, report.tokens

@@ -156,6 +156,20 @@ def train_records(run_dir: Path) -> list[dict]:
     return [r for r in records if r["split"] == "train"]
 
 
+def reference_options(workdir: Path, batch_size: int):
+    """The options of a float32 `dpokit ref-logps` pass over ``workdir``'s prepared/ and model/ into ref.h5."""
+    from dpokit.reference.compute import RefLogpsOptions
+
+    return RefLogpsOptions(
+        prepared=str(workdir / "prepared"),
+        model=str(workdir / "model"),
+        out=str(workdir / "ref.h5"),
+        batch_size=batch_size,
+        dtype="fp32",
+        overwrite=True,
+    )
+
+
 def peak_rss_mib() -> float:
     """This process's peak resident set size so far, MiB (`ru_maxrss`, which Linux reports in KiB)."""
     import resource

@@ -31,16 +31,9 @@ import numpy as np
 def run_dpokit(workdir: Path, batch_size: int) -> dict:
     """The real pass (`compute_reference_cache`), timed by its own report; logps read back from ref.h5."""
     from dpokit.reference.cache import open_cache
-    from dpokit.reference.compute import RefLogpsOptions, compute_reference_cache
+    from dpokit.reference.compute import compute_reference_cache
 
-    options = RefLogpsOptions(
-        prepared=str(workdir / "prepared"),
-        model=str(workdir / "model"),
-        out=str(workdir / "ref.h5"),
-        batch_size=batch_size,
-        dtype="fp32",
-        overwrite=True,
-    )
+    options = harness.reference_options(workdir, batch_size)
     start = harness.reset_peak()
     (report,) = compute_reference_cache(options)
     growth = (harness.status_kib("VmHWM") - start) * 1024

@@ -300,16 +300,9 @@ def child_ref_logps(work: Path, batch_size: int) -> dict:
     from dpokit.host_memory import configure_host_memory
 
     configure_host_memory()  # before torch is imported, as the `dpokit` command does (`dpokit.cli.entry`)
-    from dpokit.reference.compute import RefLogpsOptions, compute_reference_cache
+    from dpokit.reference.compute import compute_reference_cache
 
-    options = RefLogpsOptions(
-        prepared=str(work / "prepared"),
-        model=str(work / "model"),
-        out=str(work / "ref.h5"),
-        batch_size=batch_size,
-        dtype="fp32",
-        overwrite=True,
-    )
+    options = harness.reference_options(work, batch_size)
     (report,) = compute_reference_cache(options)
     return {
         "rows": report.rows_computed,

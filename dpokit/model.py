@@ -139,20 +139,8 @@ def load_reference_sharded(
         model = load_reference(path, dtype, torch.device("cpu"), adapter, attn_implementation)
         shard(model)
         return model.to(device)
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    check_model_path(path)
-    config = AutoConfig.from_pretrained(path)
-    attn = None if attn_implementation == "auto" else attn_implementation
-    with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn)
-    readers = {
-        key: reader
-        for reader in map(SafetensorsRows, safetensors_files(path))
-        for key in reader.header
-        if key != "__metadata__"
-    }
+    model = causal_lm_on_meta(path, dtype, attn_implementation)
+    readers = safetensors_readers(path)
     missing = [name for name, _ in model.named_parameters() if name not in readers]
     if missing:
         raise DpokitError(f"{path}: the safetensors files lack {missing[:3]}; run without --shard-model")
@@ -384,21 +372,9 @@ def load_policy_sharded(model_cfg, lora_cfg, device: torch.device, shard) -> nn.
     then each rank allocates only its own shards and fills them, one tensor at a time, from the
     safetensors files (base weights) or the adapters' initial values.
     """
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     params_dtype, _ = training_dtypes(model_cfg, device)
-    check_model_path(model_cfg.path)
-    config = AutoConfig.from_pretrained(model_cfg.path)
-    attn = None if model_cfg.attn_implementation == "auto" else model_cfg.attn_implementation
-    with init_empty_weights(include_buffers=False):
-        base = AutoModelForCausalLM.from_config(config, dtype=params_dtype, attn_implementation=attn)
-    readers = {
-        key: reader
-        for reader in map(SafetensorsRows, safetensors_files(model_cfg.path))
-        for key in reader.header
-        if key != "__metadata__"
-    }  # checkpoint key -> the file holding it (each header read once)
+    base = causal_lm_on_meta(model_cfg.path, params_dtype, model_cfg.attn_implementation)
+    readers = safetensors_readers(model_cfg.path)
     base_names = {name for name, _ in base.named_parameters()}
     # Weights that take no memory (one value, strided 0) but look real to peft, so it creates its adapters on CPU.
     replace_parameters(base, lambda p: torch.zeros((), dtype=p.dtype).expand(p.shape))
@@ -419,6 +395,29 @@ def load_policy_sharded(model_cfg, lora_cfg, device: torch.device, shard) -> nn.
     model.to_empty(device=device)
     fill_shards(model, readers, initial, buffers)
     return model
+
+
+def causal_lm_on_meta(path: str, dtype: torch.dtype, attn_implementation: str = "auto") -> nn.Module:
+    """The causal LM of `path`'s config with its parameters on the meta device (buffers such as rotary tables are
+    computed for real): nothing allocated until the shards are."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    check_model_path(path)
+    config = AutoConfig.from_pretrained(path)
+    attn = None if attn_implementation == "auto" else attn_implementation
+    with init_empty_weights(include_buffers=False):
+        return AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn)
+
+
+def safetensors_readers(path: str) -> dict[str, "SafetensorsRows"]:
+    """Checkpoint key -> a reader of the safetensors file holding it (each file's header read once)."""
+    return {
+        key: reader
+        for reader in map(SafetensorsRows, safetensors_files(path))
+        for key in reader.header
+        if key != "__metadata__"
+    }
 
 
 def replace_parameters(model: nn.Module, new) -> None:

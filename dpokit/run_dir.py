@@ -10,6 +10,7 @@ how it runs (logging, saving, layout, memory options, the number of processes; e
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Optional
 
@@ -25,8 +26,6 @@ STOPPED_FILE = "stopped.json"  # a run stopped by a signal with a checkpoint: st
 def resume_command(config: Path, world_size: int) -> str:
     """The command that resumes this run, launched as it was: one process, ``dpokit train --gpus N`` (its
     workers carry ``DPOKIT_LAUNCHER``), or torchrun on one or several nodes."""
-    import os
-
     from dpokit.distributed import LAUNCHER_ENV
 
     if world_size == 1:

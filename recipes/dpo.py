@@ -223,7 +223,7 @@ class DPORecipe:
             self.loss_fn.compile(backend=cfg.training.compile_backend)
         order.require("shard", "compile")
         if self.dist.world_size > 1 and not self.sharded:
-            apply_fsdp(self.policy, cfg.distributed, self.device, self.compute_dtype)
+            self.shard(self.policy)
         init_fsdp_root(self.policy)  # the whole model is the root, though training calls its decoder and head
 
         self.sampler = PairSampler(
@@ -276,6 +276,7 @@ class DPORecipe:
         self.checkpoint_group = background_group() if cfg.training.async_save else None
         self.last_saved_step = self.step if checkpoint is not None else None
         self.last_save_time = time.monotonic()
+        self.collective_wait = cfg.distributed.startup_timeout_s  # until the first step is done (`train`)
 
     def autocast(self):
         """Mixed precision on one process: fp32 master weights, the forward in the compute dtype.
@@ -288,6 +289,10 @@ class DPORecipe:
         if self.dist.is_main:
             note(message)
 
+    def shard(self, model: torch.nn.Module) -> torch.nn.Module:
+        """FSDP2 over the processes (``distributed`` config): the policy, and a live reference like it."""
+        return apply_fsdp(model, self.cfg.distributed, self.device, self.compute_dtype)
+
     def _load_policy(self) -> tuple[torch.nn.Module, bool]:
         """The policy, and whether it is already sharded: with several processes it is built on the meta device,
         sharded, and each rank reads only its own shards (``model.lean_loading``), where the method allows."""
@@ -295,8 +300,7 @@ class DPORecipe:
         if self.dist.world_size > 1 and cfg.model.lean_loading:
             blocker = lean_loading_blocker(cfg.model, cfg.reference.adapter, cfg.training.compile)
             if blocker is None:
-                shard = lambda model: apply_fsdp(model, cfg.distributed, self.device, self.compute_dtype)  # noqa: E731
-                return load_policy_sharded(cfg.model, cfg.lora, self.device, shard), True
+                return load_policy_sharded(cfg.model, cfg.lora, self.device, self.shard), True
             self.announce(f"every process loads the whole model before sharding it: {blocker}")
         return load_policy(cfg.model, cfg.lora, self.device, adapter=cfg.reference.adapter), False
 
@@ -386,8 +390,7 @@ class DPORecipe:
             args = (cfg.model.path, self.compute_dtype, self.device)
             options = dict(adapter=cfg.reference.adapter, attn_implementation=attn_implementation_of(self.policy))
             if self.dist.world_size > 1:  # sharded like the policy: no device holds a whole second model
-                shard = lambda model: apply_fsdp(model, cfg.distributed, self.device, self.compute_dtype)  # noqa: E731
-                frozen = load_reference_sharded(*args, shard, **options)
+                frozen = load_reference_sharded(*args, self.shard, **options)
                 init_fsdp_root(frozen)
                 debug(f"rank {self.dist.rank}: the live reference is sharded over {self.dist.world_size} processes")
             else:
@@ -682,9 +685,10 @@ class DPORecipe:
     def evaluate_and_log(self) -> dict[str, float]:
         """`evaluate`, the replies of ``eval.samples``, both logged at this step; the first and latest replies
         are kept for the closing table."""
-        metrics = self.evaluate()
+        with self.long_waits():  # replies are generated on each rank, then gathered
+            metrics = self.evaluate()
+            replies = (self.step, self.eval_samples())
         self.logger.log(self.step, "eval", metrics)
-        replies = (self.step, self.eval_samples())
         self.logger.log_samples(*replies)
         self.first_replies = self.first_replies or replies
         self.last_replies = replies
@@ -713,15 +717,17 @@ class DPORecipe:
                 grad_norm, (stop, time_due) = self.optimizer_step(metrics, control)
                 self.step += 1
                 if self.step == started_at + 1:  # compiled, warmed up: steady-state steps wait less for a peer
-                    set_collective_timeout(self.cfg.distributed.timeout_s)
+                    self.collective_wait = self.cfg.distributed.timeout_s
+                    set_collective_timeout(self.collective_wait)
                 seconds = time.perf_counter() - started
                 if self.step == self.total_steps or self.step % self.cfg.training.log_every == 0:
                     self.result.train = self.step_metrics(metrics, seconds, grad_norm, lr)  # reads the device
                     status = f"loss {self.result.train['loss']:.4f} acc {self.result.train['rewards/accuracies']:.2f}"
-                pairs = self.cfg.data.batch_size * self.cfg.training.gradient_accumulation_steps * self.dist.world_size
-                progress.update(task, completed=self.step, rate=f"{pairs / seconds:.1f} pairs/s", status=status)
+                rate = f"{self.sampler.global_batch_size / seconds:.1f} pairs/s"
+                progress.update(task, completed=self.step, rate=rate, status=status)
                 self.after_step(self.step == self.total_steps, stop, time_due)
         self.result.steps = self.step
+        set_collective_timeout(self.cfg.distributed.startup_timeout_s)  # rank 0 alone merges while the others wait
         if self.cfg.output.merge and self.adapters and self.dist.is_main and self.result.checkpoint is not None:
             export_run(self.result.checkpoint, self.run_dir / "merged", base_model=self.cfg.model.path, overwrite=True)
         if self.dist.is_main:
@@ -743,16 +749,13 @@ class DPORecipe:
         self.finish_checkpoint(wait=False)
         if is_last or self.step % cfg.log_every == 0:
             self.logger.log(self.step, "train", self.result.train)
-        long_wait = collective_timeout(self.cfg.distributed.startup_timeout_s, then=self.cfg.distributed.timeout_s)
         if self.eval_split is not None and (is_last or (cfg.eval_every and self.step % cfg.eval_every == 0)):
-            with long_wait:  # replies are generated on each rank, then gathered
-                self.result.eval = self.evaluate_and_log()
+            self.result.eval = self.evaluate_and_log()
             stop, time_due = any_rank([self.signals.requested is not None, self.save_time_due()], self.device)
         if stop and not is_last:
             self.stop_with_checkpoint()
         if is_last or time_due or (cfg.save_every and self.step % cfg.save_every == 0):
-            with collective_timeout(self.cfg.distributed.startup_timeout_s, then=self.cfg.distributed.timeout_s):
-                self.result.checkpoint = self.save_checkpoint(asynchronous=cfg.async_save and not is_last)
+            self.result.checkpoint = self.save_checkpoint(asynchronous=cfg.async_save and not is_last)
 
     def save_time_due(self) -> bool:
         minutes = self.cfg.training.save_every_minutes
@@ -777,6 +780,14 @@ class DPORecipe:
     def save_checkpoint(self, asynchronous: bool = False) -> Path:
         """Checkpoint this step; with `asynchronous` the shards are written in the background and the checkpoint
         is completed by `finish_checkpoint` once every rank's are on disk."""
+        with self.long_waits():  # rank 0 writes parts of it while the others wait
+            return self._save_checkpoint(asynchronous)
+
+    def long_waits(self):
+        """Collectives wait ``distributed.startup_timeout_s`` inside (evaluations, saves), then as before."""
+        return collective_timeout(self.cfg.distributed.startup_timeout_s, then=self.collective_wait)
+
+    def _save_checkpoint(self, asynchronous: bool) -> Path:
         self.finish_checkpoint(wait=True)
         check_finite_weights(self.policy, self.step, self.device)
         self.logger.sync()  # the metrics up to this checkpoint are on disk before it is

@@ -170,6 +170,7 @@ def collate_pairs(
             offset += n
         input_ids[row_index, offset:] = input_ids[row_index, 0]  # padding: a real token (see the module docstring)
     target = torch.tensor(targets, dtype=torch.long)  # [M, 4]
+    per_slot = Counter(slot for *_, slot in targets)
     return PairBatch(
         input_ids=input_ids,
         attention_mask=token_mask,
@@ -182,7 +183,7 @@ def collate_pairs(
         position_ids=position_ids,
         token_mask=token_mask,
         segments=tuple(spans),
-        slot_counts=tuple(Counter(slot for *_, slot in targets)[s] for s in range(2 * b)),
+        slot_counts=tuple(per_slot[s] for s in range(2 * b)),
     )
 
 

@@ -260,11 +260,13 @@ def _compute_reference_cache(options: RefLogpsOptions) -> list[SplitReport]:
                 shard = lambda model: apply_fsdp(model, DistributedConfig(), device, dtype)  # noqa: E731
                 model = load_reference_sharded(options.model, dtype, device, shard, options.adapter, attn)
                 init_fsdp_root(model)
-                held = sum(p.to_local().numel() for p in model.parameters())
-                total = sum(p.numel() for p in model.parameters())
-                log.debug(
-                    f"rank {info.rank}: the reference is sharded over {info.world_size} processes, {held:,} of its {total:,} weights here"
-                )
+                if log.enabled("debug"):
+                    held = sum(p.to_local().numel() for p in model.parameters())
+                    total = sum(p.numel() for p in model.parameters())
+                    log.debug(
+                        f"rank {info.rank}: the reference is sharded over {info.world_size} processes, "
+                        f"{held:,} of its {total:,} weights here"
+                    )
             else:
                 model = load_reference(options.model, dtype, device, options.adapter, attn)
             layout = checked_layout(model, prepared.split(splits[0]), announce if info.is_main else None)
