@@ -1,12 +1,13 @@
 """The packed and prefix-shared layouts' attention, computed from O(L) metadata instead of an L×L mask.
 
-A packed row holds segments laid end to end (`dpokit.types.Segment`): a plain sequence, or a pair
-``[prompt, chosen, rejected]`` whose rejected tokens see the prompt but not chosen, at positions that
-continue from the prompt's end. Each segment's attention is two ordinary causal problems:
+A packed row holds segments laid end to end (`dpokit.types.Segment`): a plain sequence, a pair
+``[prompt, chosen, rejected]`` whose rejected tokens see the prompt but not chosen, or a ranked group
+``[prompt, completion_1, ..., completion_k]`` whose completions each see the prompt and themselves only; every
+branch's positions continue from the prompt's end. Each segment's attention is k ordinary causal problems:
 
-- **chosen** (or the whole plain sequence): queries and keys ``[prompt; chosen]``, causal;
-- **rejected**: queries ``rejected``, keys ``[prompt; rejected]``, causal aligned at the bottom right
-  (the first rejected query sees the whole prompt and itself).
+- **the first branch** (chosen, or the whole plain sequence): queries and keys ``[prompt; branch]``, causal;
+- **every other branch** (rejected): queries ``branch``, keys ``[prompt; branch]``, causal aligned at the
+  bottom right (the branch's first query sees the whole prompt and itself).
 
 Each problem goes to a kernel that never builds a mask of its size:
 
@@ -87,18 +88,18 @@ class LayoutAttention:
 
 
 def segment_columns(segments: Sequence[Segment], rows: int, width: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Per column ``[R, L]``: segment number (-1 on padding), branch (0 shared, 1 first, 2 second), position:
+    """Per column ``[R, L]``: segment number (-1 on padding), branch (0 shared, 1.. the branches), position:
     the per-token form of the segments, for FlexAttention's block mask and for the dense mask they mean."""
     segment_ids = torch.full((rows, width), -1, dtype=torch.long)
     branches = torch.zeros((rows, width), dtype=torch.long)
     positions = torch.zeros((rows, width), dtype=torch.long)
     for number, seg in enumerate(segments):
-        s, p, c, r = seg.start, seg.shared, seg.first, seg.second
+        s, p = seg.start, seg.shared
         segment_ids[seg.row, s : s + seg.length] = number
-        branches[seg.row, s + p : s + p + c] = 1
-        branches[seg.row, s + p + c : s + seg.length] = 2
-        positions[seg.row, s : s + p + c] = torch.arange(p + c)
-        positions[seg.row, s + p + c : s + seg.length] = torch.arange(p, p + r)
+        positions[seg.row, s : s + p] = torch.arange(p)
+        for branch, (first, size) in enumerate(zip(seg.branch_starts(), seg.branches), start=1):
+            branches[seg.row, first : first + size] = branch
+            positions[seg.row, first : first + size] = torch.arange(p, p + size)
     return segment_ids, branches, positions
 
 
@@ -232,18 +233,22 @@ def eager_problem(
 
 
 def _problems(segment: Segment, query: Tensor, key: Tensor, value: Tensor):
-    """The segment's causal problems ``(q, k, v, prefix, prefix queries)`` in column order (each ``[1, H, n, D]``)."""
-    s, p, c, r = segment.start, segment.shared, segment.first, segment.second
-    own = slice(s, s + p + c)
+    """The segment's causal problems ``(q, k, v, prefix, prefix queries)`` in column order (each ``[1, H, n, D]``):
+    the shared part with the first branch as one causal problem, then each further branch over ``[shared; branch]``."""
+    s, p = segment.start, segment.shared
+    first = segment.branches[0] if segment.branches else 0
+    own = slice(s, s + p + first)
     yield query[:, :, own], key[:, :, own], value[:, :, own], 0, None
-    if r:
-        rejected = slice(s + p + c, s + p + c + r)
+    for start, size in list(zip(segment.branch_starts(), segment.branches))[1:]:
+        if not size:
+            continue
+        branch = slice(start, start + size)
         if p == 0:
-            yield query[:, :, rejected], key[:, :, rejected], value[:, :, rejected], 0, None
-            return
-        keys = torch.cat([key[:, :, s : s + p], key[:, :, rejected]], dim=2)
-        values = torch.cat([value[:, :, s : s + p], value[:, :, rejected]], dim=2)
-        yield query[:, :, rejected], keys, values, p, query[:, :, s : s + p]
+            yield query[:, :, branch], key[:, :, branch], value[:, :, branch], 0, None
+            continue
+        keys = torch.cat([key[:, :, s : s + p], key[:, :, branch]], dim=2)
+        values = torch.cat([value[:, :, s : s + p], value[:, :, branch]], dim=2)
+        yield query[:, :, branch], keys, values, p, query[:, :, s : s + p]
 
 
 @torch.compiler.disable  # plain Python over a batch's segments: compiled layers run it eagerly, not per layout

@@ -26,6 +26,7 @@ from dpokit.errors import DpokitError
 from dpokit.family import UnsupportedPattern, attention_pattern, shrunk_windows
 from dpokit.logps import naive_sequence_logps, sequence_logps
 from dpokit.model import dtype_name
+from dpokit.types import ChosenRejectedOutputs, RankedOutputs
 
 CHECK_PAIRS = 4  # the shortest of the first CHECK_CANDIDATES pairs
 CHECK_CANDIDATES = 256
@@ -68,13 +69,16 @@ def tolerance(dtype: torch.dtype, tokens: Tensor) -> Tensor:
 
 
 def check_pairs(dataset) -> list[dict]:
-    """The pairs the start-up check runs on: the shortest of the split's first rows."""
+    """The examples the start-up check runs on: the shortest of the split's first rows (pairs, or ranked groups)."""
     head = dataset[: min(CHECK_CANDIDATES, len(dataset))]
-    rows = [
-        {"prompt_ids": p, "chosen_ids": c, "rejected_ids": r}
-        for p, c, r in zip(head["prompt_ids"], head["chosen_ids"], head["rejected_ids"])
-    ]
-    rows.sort(key=lambda row: len(row["prompt_ids"]) + max(len(row["chosen_ids"]), len(row["rejected_ids"])))
+    names = [name for name in ("prompt_ids", "chosen_ids", "rejected_ids", "completion_ids", "scores") if name in head]
+    rows = [dict(zip(names, values)) for values in zip(*(head[name] for name in names))]
+
+    def length(row: dict) -> int:
+        completions = row["completion_ids"] if "completion_ids" in row else (row["chosen_ids"], row["rejected_ids"])
+        return len(row["prompt_ids"]) + max(len(c) for c in completions)
+
+    rows.sort(key=length)
     return rows[:CHECK_PAIRS]
 
 
@@ -184,6 +188,17 @@ STEP_ZERO_CAUSES = (
 )
 
 
+def output_logps(outputs: ChosenRejectedOutputs | RankedOutputs) -> tuple[Tensor, Tensor]:
+    """Every completion's log-prob and token count, flat: a pair batch's chosen then rejected (``[2B]``), a ranked
+    batch's completions group by group (``[C]``)."""
+    if isinstance(outputs, RankedOutputs):
+        return outputs.logps, outputs.tokens
+    return (
+        torch.cat([outputs.chosen_logps, outputs.rejected_logps]),
+        torch.cat([outputs.chosen_tokens, outputs.rejected_tokens]),
+    )
+
+
 def check_step_zero(
     policy,
     reference,
@@ -194,19 +209,20 @@ def check_step_zero(
 ) -> float:
     """Stop before the first update when the policy does not start as the reference.
 
-    `policy` and `reference` are the first micro-batch's `ChosenRejectedOutputs`. Under several
+    `policy` and `reference` are the first micro-batch's outputs (`ChosenRejectedOutputs`, or `RankedOutputs` for
+    ranked groups). Under several
     processes every rank checks its own batch and the worst is shared, so all ranks stop together.
     Returns the largest log-prob difference; with ``refuse=False`` it only measures (a 4-bit policy
     cannot start as the cache's 16-bit reference).
 
     Args:
-        eval_logps: the same batch's ``[2B]`` log-probs from the policy in eval mode, called only when the
+        eval_logps: the same batch's per-completion log-probs (`output_logps`) from the policy in eval mode, called only when the
             check fails: where they differ from the train-mode ones, the error says the policy's train mode
             is random (dropout, router noise, sampled routing, stochastic depth) before the other causes.
     """
-    logps = torch.cat([policy.chosen_logps, policy.rejected_logps]).detach()
-    reference_logps = torch.cat([reference.chosen_logps, reference.rejected_logps]).to(logps.device)
-    tokens = torch.cat([policy.chosen_tokens, policy.rejected_tokens])
+    logps, tokens = output_logps(policy)
+    logps = logps.detach()
+    reference_logps = output_logps(reference)[0].to(logps.device)
     excess, _, difference = worst_excess(logps, reference_logps, tokens, dtype)
     shared = torch.tensor([excess, difference], dtype=torch.float32, device=logps.device)
     if torch.distributed.is_available() and torch.distributed.is_initialized():

@@ -28,7 +28,7 @@ from dpokit import attention
 from dpokit.data.collate import dense_mask
 from dpokit.errors import DpokitError
 from dpokit.family import attn_implementation_of, decoder_masks, logits_transform
-from dpokit.types import ChosenRejectedOutputs, PairBatch, split_token_values
+from dpokit.types import ChosenRejectedOutputs, PairBatch, RankedOutputs, ranked_token_values, split_token_values
 
 DEFAULT_CHUNK_SIZE = None  # positions per chunk from the byte budget (`chunk_positions`)
 CHUNK_BYTES = {"cpu": 32 << 20, "cuda": 256 << 20}  # float32 logits per chunk (bench/logps_chunk_results.md)
@@ -91,11 +91,12 @@ TOKEN_STATS = ("log_sq_norm", "entropy")  # full-vocabulary values a loss may as
 
 
 class Completions(NamedTuple):
-    """Per-output values of a batch's completions (outputs ``0..B-1`` chosen, ``B..2B-1`` rejected)."""
+    """Per-output values of a batch's completions (pairs: outputs ``0..B-1`` chosen, ``B..2B-1`` rejected; ranked
+    groups: each group's completions after the groups before it)."""
 
-    logps: Tensor  # [2B] float32 sums over completion tokens
-    counts: Tensor  # [2B] long
-    mean_logits: Tensor  # [2B] float32, detached
+    logps: Tensor  # [outputs] float32 sums over completion tokens
+    counts: Tensor  # [outputs] long
+    mean_logits: Tensor  # [outputs] float32, detached
     token_logps: Tensor  # [M] float32, every completion token, grouped by output in token order
     token_slots: Tensor  # [M] long, the output of each token
     token_stats: Tensor  # [M, len(stats)] float32, the requested `TOKEN_STATS`
@@ -200,7 +201,7 @@ def completion_logps(
     unknown = [name for name in token_stats if name not in TOKEN_STATS]
     if unknown:
         raise ValueError(f"unknown token statistics {unknown}; available: {', '.join(TOKEN_STATS)}")
-    num_outputs = 2 * batch.num_pairs
+    num_outputs = batch.num_outputs
     # Each output's tokens lie in one row in increasing columns: order them by (output, column).
     order = torch.argsort(batch.target_slots * hidden.shape[1] + batch.target_cols)
     rows, cols = batch.target_rows[order], batch.target_cols[order]
@@ -271,7 +272,7 @@ def run_decoder(decoder: nn.Module, batch: PairBatch, dense: bool = False, **kwa
 def sequence_logps(
     model: nn.Module, batch: PairBatch, chunk_size: Optional[int] = DEFAULT_CHUNK_SIZE, router_aux_loss: bool = False
 ) -> tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
-    """``(logps [2B], token_counts [2B], mean_logits [2B], aux)`` of `model` on the batch."""
+    """``(logps, token_counts, mean_logits, aux)`` of `model` on the batch, per output (``[2B]`` for pairs)."""
     hidden, aux = decoder_hidden_states(model, batch, router_aux_loss)
     completions = head_logps(model, hidden, batch, chunk_size)
     return completions.logps, completions.counts, completions.mean_logits, aux
@@ -325,13 +326,45 @@ def concatenated_forward(
     chunk_size: Optional[int] = DEFAULT_CHUNK_SIZE,
     router_aux_loss: bool = False,
     token_stats: tuple[str, ...] = (),
-) -> ChosenRejectedOutputs:
-    """One forward over chosen and rejected together (one pass, whatever the layout), split per pair,
-    with per-token log-probs and the requested full-vocabulary `token_stats` (`TOKEN_STATS`). The recipe's
-    ``policy_logps`` makes the same three calls."""
+) -> ChosenRejectedOutputs | RankedOutputs:
+    """One forward over every completion of the batch together (one pass, whatever the layout), split per pair
+    (or per ranked group), with per-token log-probs and the requested full-vocabulary `token_stats`
+    (`TOKEN_STATS`). The recipe's ``policy_logps`` makes the same three calls."""
     hidden, aux = decoder_hidden_states(model, batch, router_aux_loss)  # [R, L, H]
     completions = head_logps(model, hidden, batch, chunk_size, token_stats)
-    return chosen_rejected_outputs(completions, batch.num_pairs, token_stats, aux, batch.slot_counts)
+    return batch_outputs(completions, batch, token_stats, aux)
+
+
+def batch_outputs(
+    done: Completions, batch: PairBatch, token_stats: tuple[str, ...] = (), router_aux_loss: Optional[Tensor] = None
+) -> ChosenRejectedOutputs | RankedOutputs:
+    """`Completions` as what a loss takes: `ChosenRejectedOutputs` for pairs, `RankedOutputs` for ranked groups."""
+    if batch.is_ranked:
+        return ranked_outputs(done, batch, token_stats, router_aux_loss)
+    return chosen_rejected_outputs(done, batch.num_pairs, token_stats, router_aux_loss, batch.slot_counts)
+
+
+def ranked_outputs(
+    done: Completions, batch: PairBatch, token_stats: tuple[str, ...] = (), router_aux_loss: Optional[Tensor] = None
+) -> RankedOutputs:
+    """`Completions` of a ranked batch: ``[C]`` per completion (with the batch's scores), ``[C, T]`` per token."""
+    outputs = batch.num_outputs
+    token_logps, token_mask = ranked_token_values(done.token_logps, done.token_slots, outputs, batch.slot_counts)
+    stats = {
+        name: ranked_token_values(done.token_stats[:, k], done.token_slots, outputs, batch.slot_counts)[0]
+        for k, name in enumerate(token_stats)
+    }
+    return RankedOutputs(
+        logps=done.logps,
+        group_sizes=tuple(batch.group_sizes),
+        scores=batch.scores,
+        tokens=done.counts,
+        mean_logits=done.mean_logits,
+        router_aux_loss=router_aux_loss,
+        token_logps=token_logps,
+        token_mask=token_mask,
+        token_stats=stats,
+    )
 
 
 def chosen_rejected_outputs(
@@ -413,6 +446,7 @@ def generate_reply(
 
 
 __all__ = [
+    "batch_outputs",
     "completion_logps",
     "generate_reply",
     "concatenated_forward",

@@ -19,24 +19,36 @@ from dpokit.errors import DpokitError
 class Segment(NamedTuple):
     """One attention-isolated piece of a packed row: columns ``start .. start+length-1`` of row `row`.
 
-    ``shared`` tokens every later token sees, then ``first`` tokens, then ``second`` tokens that see the
-    shared ones but not the first (positions continue from the shared part's end). A plain sequence is
-    ``(shared=n, first=0, second=0)``; a prefix-shared pair is ``(prompt, chosen, rejected)``.
+    ``shared`` tokens every later token sees, then one block of tokens per branch: each branch sees the shared
+    tokens and itself, never another branch, and its positions continue from the shared part's end. A plain
+    sequence is ``(shared=n, branches=())``; a prefix-shared pair is ``(prompt, (chosen, rejected))``; a ranked
+    group of k completions is ``(prompt, (c_1, ..., c_k))``.
     """
 
     row: int
     start: int
     shared: int
-    first: int
-    second: int
+    branches: tuple[int, ...] = ()
 
     @property
     def length(self) -> int:
-        return self.shared + self.first + self.second
+        return self.shared + sum(self.branches)
+
+    def branch_starts(self) -> list[int]:
+        """Column (within the row) of each branch's first token."""
+        starts, column = [], self.start + self.shared
+        for size in self.branches:
+            starts.append(column)
+            column += size
+        return starts
 
 
 @dataclass
 class PairBatch:
+    """A batch as model inputs: B pairs (slots ``0..B-1`` chosen, ``B..2B-1`` rejected), or G ranked groups of k_g
+    completions each (``group_sizes``; slots numbered group by group, group g's completions after those of
+    groups ``0..g-1``). `dpokit.data.collate` builds both; `dpokit.logps` needs only the target fields."""
+
     input_ids: torch.Tensor  # [R, L] long
     attention_mask: torch.Tensor  # [R, L] long, 1 on real tokens (padded layout: the model's padding mask)
     target_rows: torch.Tensor  # [M] long, one entry per completion token in the batch
@@ -49,11 +61,23 @@ class PairBatch:
     completion_mask: Optional[torch.Tensor] = None  # [R, L] bool, padded layout only
     token_mask: Optional[torch.Tensor] = None  # [R, L] long, 1 on real tokens (0 on padding)
     segments: Optional[tuple[Segment, ...]] = None  # packed / prefix-shared layouts: who attends to whom (O(L))
-    slot_counts: Optional[tuple[int, ...]] = None  # [2B] completion tokens per output, on the host: no device read
+    slot_counts: Optional[tuple[int, ...]] = None  # [outputs] completion tokens per output, on the host: no device read
+    group_sizes: Optional[tuple[int, ...]] = None  # ranked groups: completions per group (None: pairs)
+    scores: Optional[torch.Tensor] = None  # [C] float32, ranked groups: each completion's score (higher is better)
 
     @property
     def num_pairs(self) -> int:
+        """Examples in the batch: pairs, or ranked groups."""
         return int(self.index.numel())
+
+    @property
+    def is_ranked(self) -> bool:
+        return self.group_sizes is not None
+
+    @property
+    def num_outputs(self) -> int:
+        """Completions in the batch: 2B for pairs, the sum of the group sizes for ranked groups."""
+        return sum(self.group_sizes) if self.group_sizes is not None else 2 * self.num_pairs
 
     def to(self, device: torch.device | str) -> "PairBatch":
         return self._map(lambda t: t.to(device, non_blocking=True))
@@ -117,6 +141,93 @@ class ChosenRejectedOutputs:
     @property
     def has_token_logps(self) -> bool:
         return self.chosen_token_logps is not None and self.rejected_token_logps is not None
+
+
+@dataclass
+class RankedOutputs:
+    """One model's outputs (policy or reference) on a batch of G ranked groups: a prompt and k_g >= 2 completions
+    each, C = k_1 + ... + k_G completions in all, listed group by group (group g's after groups ``0..g-1``).
+
+    Per completion (``[C]``): ``logps`` (float32 sums over its tokens), ``tokens`` (counts), ``scores`` (float32,
+    from the data: higher is better, equal scores are ties) and ``mean_logits`` (a detached diagnostic, as in
+    `ChosenRejectedOutputs`). Per token (``[C, T]``, T the batch's longest completion): ``token_logps``, 0 after
+    each completion's last token, ``token_mask`` True on real tokens, and ``token_stats`` by name. A listwise loss
+    (``is_listwise = True``) receives these; a pairwise loss receives the pairs its pairing rule picks from them
+    (`dpokit.losses.ranked`).
+    """
+
+    logps: Tensor  # [C]
+    group_sizes: tuple[int, ...]  # [G], on the host
+    scores: Optional[Tensor] = None  # [C]
+    tokens: Optional[Tensor] = None  # [C]
+    mean_logits: Optional[Tensor] = None  # [C]
+    router_aux_loss: Optional[Tensor] = None
+    token_logps: Optional[Tensor] = None  # [C, T]
+    token_mask: Optional[Tensor] = None  # [C, T] bool
+    token_stats: dict[str, Tensor] = field(default_factory=dict)  # name -> [C, T]
+
+    @property
+    def num_groups(self) -> int:
+        return len(self.group_sizes)
+
+    @property
+    def num_completions(self) -> int:
+        return int(self.logps.shape[0])
+
+    def group_index(self) -> Tensor:
+        """``[C]`` long: the group of each completion."""
+        sizes = torch.tensor(self.group_sizes, dtype=torch.long)
+        return torch.repeat_interleave(torch.arange(len(self.group_sizes)), sizes).to(self.logps.device)
+
+    def group_starts(self) -> Tensor:
+        """``[G]`` long: the index of each group's first completion."""
+        sizes = torch.tensor(self.group_sizes, dtype=torch.long)
+        return (torch.cumsum(sizes, 0) - sizes).to(self.logps.device)
+
+    def padded(self, values: Tensor, fill: float = 0.0) -> tuple[Tensor, Tensor]:
+        """Per-completion `values` ``[C, ...]`` as ``[G, K, ...]`` (K the largest group) with `fill` after each
+        group's last completion, and the ``[G, K]`` bool mask of real completions."""
+        g, k = self.num_groups, max(self.group_sizes, default=0)
+        index = self.group_index()
+        position = torch.arange(values.shape[0], device=values.device) - self.group_starts()[index]
+        out = values.new_full((g, k, *values.shape[1:]), fill)
+        mask = torch.zeros((g, k), dtype=torch.bool, device=values.device)
+        out[index, position] = values
+        mask[index, position] = True
+        return out, mask
+
+    def average_logps(self) -> Tensor:
+        """Length-normalised log-probs ``[C]`` (sum over completion tokens / their count)."""
+        if self.tokens is None:
+            raise DpokitError("this loss needs completion token counts (tokens)")
+        return self.logps / self.tokens.clamp(min=1).to(self.logps.dtype)
+
+    @property
+    def has_token_logps(self) -> bool:
+        return self.token_logps is not None
+
+
+def ranked_token_values(
+    values: Tensor, slots: Tensor, num_outputs: int, slot_counts: Optional[Sequence[int]] = None
+) -> tuple[Tensor, Tensor]:
+    """Ragged per-token `values` ``[M, ...]`` (grouped by output ``0..num_outputs-1`` in ascending order, each
+    output's tokens in token order) as ``(padded [C, T, ...], mask [C, T])``, zeros after each output's last token.
+    `slot_counts` (tokens per output, known on the host) sizes them without reading the device."""
+    if slot_counts is not None:
+        counts = torch.tensor(slot_counts, dtype=torch.long).to(slots.device, non_blocking=True)
+        width = max(slot_counts, default=0)
+    else:
+        counts = torch.zeros(num_outputs, dtype=torch.long, device=slots.device).index_add(
+            0, slots, torch.ones_like(slots)
+        )
+        width = int(counts.max()) if num_outputs else 0
+    starts = torch.cumsum(counts, 0) - counts
+    positions = torch.arange(slots.numel(), device=slots.device) - starts[slots]
+    padded = values.new_zeros((num_outputs, width, *values.shape[1:]))
+    mask = torch.zeros((num_outputs, width), dtype=torch.bool, device=values.device)
+    padded[slots, positions] = values
+    mask[slots, positions] = True
+    return padded, mask
 
 
 def split_token_values(

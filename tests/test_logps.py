@@ -73,7 +73,7 @@ def test_packing_and_prefix_sharing_compute_fewer_tokens():
 def test_prefix_shared_mask_hides_chosen_from_rejected():
     batch = collate_pairs(ROWS[:1], [0], pad_id=0, prefix_sharing=True)
     p, c = 6, 4
-    assert batch.segments == (Segment(row=0, start=0, shared=p, first=c, second=2),)
+    assert batch.segments == (Segment(row=0, start=0, shared=p, branches=(c, 2)),)
     mask = dense_mask(batch)[0, 0]  # [L, L], what the segments mean
     first_rejected = p + c
     assert mask[first_rejected, :p].all()  # sees the whole prompt

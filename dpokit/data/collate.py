@@ -1,12 +1,14 @@
-"""Batches of preference pairs as model inputs, in three layouts that give the same log-probs.
+"""Batches of preference pairs or ranked groups as model inputs, in three layouts that give the same log-probs.
 
-- **padded** (`pad_pairs`): 2B right-padded rows, ``0..B-1`` prompt+chosen and ``B..2B-1``
-  prompt+rejected; a plain 2-D padding mask, so the model uses its ordinary causal attention.
+- **padded** (`pad_pairs`): one right-padded row per completion: for B pairs ``0..B-1`` prompt+chosen and
+  ``B..2B-1`` prompt+rejected, for ranked groups prompt+completion in slot order; a plain 2-D padding
+  mask, so the model uses its ordinary causal attention.
 - **packed** (``packing=True``): the same sequences laid end to end in fewer rows with no padding
   between them; attention stays within each sequence and position ids restart at 0 for each.
-- **prefix-shared** (``prefix_sharing=True``): one segment per pair, ``[prompt, chosen, rejected]``;
-  the prompt is computed once, rejected tokens attend to the prompt but not to chosen, and their
-  positions continue from the prompt's end. Combines with packing.
+- **prefix-shared** (``prefix_sharing=True``): one segment per example, ``[prompt, chosen, rejected]`` for a
+  pair and ``[prompt, completion_1, ..., completion_k]`` for a ranked group; the prompt is computed once, each
+  completion attends to the prompt and itself but no other completion, and every completion's positions
+  continue from the prompt's end. Combines with packing.
 
 The packed layouts carry who-attends-to-whom as O(L) metadata (`PairBatch.segments`), which
 `dpokit.attention` turns into kernel calls; no ``[L, L]`` mask is built. `dense_mask` builds the mask
@@ -21,7 +23,8 @@ columns' hidden states away from zero. (In the padded layout padding attends to 
 
 Every layout lists, for each completion token, the row and column of the hidden state that predicts
 it (`target_rows`, `target_cols`), the token (`target_ids`) and the output it counts toward
-(`target_slots`: ``i`` for pair i's chosen, ``B+i`` for its rejected). `dpokit.logps` needs nothing else.
+(`target_slots`: ``i`` for pair i's chosen, ``B+i`` for its rejected; a ranked group's completions at consecutive
+slots after the groups before it). `dpokit.logps` needs nothing else.
 """
 
 from __future__ import annotations
@@ -34,17 +37,50 @@ import torch
 
 from dpokit.types import PairBatch, Segment
 
-PROMPT = 0  # the shared branch of a segment; 1 and 2 are its first and second (`dpokit.attention.segment_columns`)
+PROMPT = 0  # the shared part of a segment; its branches are 1, 2, ... (`dpokit.attention.segment_columns`)
+
+
+def example_completions(rows: Sequence[dict]) -> tuple[list[list[int]], list[list[list[int]]], list[list[int]]]:
+    """Each example's prompt, its completions and their output slots: a pair's ``[chosen, rejected]`` at slots
+    ``[i, B+i]``, a ranked group's k completions (``completion_ids``) at consecutive slots after the groups before it."""
+    prompts, completions, slots = [], [], []
+    b, next_slot = len(rows), 0
+    for i, row in enumerate(rows):
+        prompts.append(list(row["prompt_ids"]))
+        if "completion_ids" in row:
+            group = [list(c) for c in row["completion_ids"]]
+            completions.append(group)
+            slots.append(list(range(next_slot, next_slot + len(group))))
+            next_slot += len(group)
+        else:
+            completions.append([list(row["chosen_ids"]), list(row["rejected_ids"])])
+            slots.append([i, b + i])
+    return prompts, completions, slots
+
+
+def _ranked_fields(rows: Sequence[dict]) -> dict:
+    """`PairBatch.group_sizes` and ``scores`` of ranked rows (nothing for pairs)."""
+    if not rows or "completion_ids" not in rows[0]:
+        return {}
+    scores = [float(score) for row in rows for score in row["scores"]]
+    return dict(
+        group_sizes=tuple(len(row["completion_ids"]) for row in rows),
+        scores=torch.tensor(scores, dtype=torch.float32),
+    )
 
 
 def pad_pairs(rows: Sequence[dict], indices: Sequence[int], pad_id: int) -> PairBatch:
-    """Collate prepared rows (``prompt_ids``, ``chosen_ids``, ``rejected_ids``) into the padded layout."""
-    sequences, starts = [], []
-    for side in ("chosen_ids", "rejected_ids"):
-        for row in rows:
-            prompt = list(row["prompt_ids"])
-            sequences.append(prompt + list(row[side]))
-            starts.append(len(prompt))
+    """Collate prepared rows into the padded layout: one right-padded row per completion, in slot order (a pair's
+    ``prompt_ids + chosen_ids`` at row i and ``prompt_ids + rejected_ids`` at row B+i; a ranked group's
+    ``prompt_ids + completion_ids[j]`` at its slots)."""
+    prompts, completions, slots = example_completions(rows)
+    by_slot = sorted(
+        (slot, prompt, completion)
+        for prompt, group, group_slots in zip(prompts, completions, slots)
+        for slot, completion in zip(group_slots, group)
+    )
+    sequences = [prompt + completion for _, prompt, completion in by_slot]
+    starts = [len(prompt) for _, prompt, _ in by_slot]
     width = max(len(s) for s in sequences)
     n = len(sequences)
     input_ids = torch.full((n, width), pad_id, dtype=torch.long)
@@ -68,6 +104,7 @@ def pad_pairs(rows: Sequence[dict], indices: Sequence[int], pad_id: int) -> Pair
         completion_mask=completion_mask,
         token_mask=attention_mask,
         slot_counts=tuple(completion_mask[:, 1:].sum(1).tolist()),  # slot = row
+        **_ranked_fields(rows),
     )
 
 
@@ -77,7 +114,8 @@ class _Segment:
 
     tokens: list[int]
     positions: list[int]
-    parts: tuple[int, int, int]  # shared, first, second (`dpokit.types.Segment`)
+    shared: int
+    branches: tuple[int, ...]  # `dpokit.types.Segment`
     targets: list[tuple[int, int, int]]  # (column within the segment, token id, slot)
 
 
@@ -87,24 +125,23 @@ def _sequence_segment(prompt: list[int], completion: list[int], slot: int) -> _S
     return _Segment(
         tokens=tokens,
         positions=list(range(len(tokens))),
-        parts=(len(tokens), 0, 0),
+        shared=len(tokens),
+        branches=(),
         targets=[(p + j - 1, token, slot) for j, token in enumerate(completion)],
     )
 
 
-def _prefix_shared_segment(
-    prompt: list[int], chosen: list[int], rejected: list[int], pair: int, num_pairs: int
-) -> _Segment:
-    p, c = len(prompt), len(chosen)
-    targets = [(p + j - 1, token, pair) for j, token in enumerate(chosen)]
-    # Rejected token j is predicted by the last prompt token (j = 0) or by rejected token j-1.
-    targets += [(p - 1 if j == 0 else p + c + j - 1, token, num_pairs + pair) for j, token in enumerate(rejected)]
-    return _Segment(
-        tokens=prompt + chosen + rejected,
-        positions=list(range(p + c)) + list(range(p, p + len(rejected))),
-        parts=(p, c, len(rejected)),
-        targets=targets,
-    )
+def _prefix_shared_segment(prompt: list[int], completions: list[list[int]], slots: list[int]) -> _Segment:
+    """``[prompt, completion_1, ..., completion_k]``: each completion a branch behind the one prompt."""
+    p = len(prompt)
+    tokens, positions, targets = list(prompt), list(range(p)), []
+    for completion, slot in zip(completions, slots):
+        first = len(tokens)  # the branch's first column
+        # Branch token j is predicted by the last prompt token (j = 0) or by the branch's token j-1.
+        targets += [(p - 1 if j == 0 else first + j - 1, token, slot) for j, token in enumerate(completion)]
+        tokens += completion
+        positions += range(p, p + len(completion))
+    return _Segment(tokens, positions, p, tuple(len(c) for c in completions), targets)
 
 
 def _pack(segments: list[_Segment], capacity: int) -> list[list[_Segment]]:
@@ -132,7 +169,8 @@ def collate_pairs(
     prefix_sharing: bool = False,
     pack_length: Optional[int] = None,
 ) -> PairBatch:
-    """Collate pairs into the layout the flags ask for (plain `pad_pairs` when both are off).
+    """Collate pairs (``prompt_ids``, ``chosen_ids``, ``rejected_ids``) or ranked groups (``prompt_ids``,
+    ``completion_ids``, ``scores``) into the layout the flags ask for (plain `pad_pairs` when both are off).
 
     Args:
         pack_length: row capacity when packing; default the longest segment, so no row is longer
@@ -140,14 +178,13 @@ def collate_pairs(
     """
     if not packing and not prefix_sharing:
         return pad_pairs(rows, indices, pad_id)
-    b = len(rows)
     segments: list[_Segment] = []
-    for i, row in enumerate(rows):
-        prompt, chosen, rejected = list(row["prompt_ids"]), list(row["chosen_ids"]), list(row["rejected_ids"])
+    prompts, completions, slots = example_completions(rows)
+    for prompt, group, group_slots in zip(prompts, completions, slots):
         if prefix_sharing:
-            segments.append(_prefix_shared_segment(prompt, chosen, rejected, i, b))
+            segments.append(_prefix_shared_segment(prompt, group, group_slots))
         else:
-            segments += [_sequence_segment(prompt, chosen, i), _sequence_segment(prompt, rejected, b + i)]
+            segments += [_sequence_segment(prompt, c, slot) for c, slot in zip(group, group_slots)]
     longest = max(len(s.tokens) for s in segments)
     layout = _pack(segments, max(pack_length or 0, longest)) if packing else [[s] for s in segments]
     width = max(sum(len(s.tokens) for s in row) for row in layout)
@@ -165,12 +202,13 @@ def collate_pairs(
             input_ids[row_index, span] = torch.tensor(segment.tokens)
             position_ids[row_index, span] = torch.tensor(segment.positions)
             token_mask[row_index, span] = 1
-            spans.append(Segment(row_index, offset, *segment.parts))
+            spans.append(Segment(row_index, offset, segment.shared, segment.branches))
             targets += [(row_index, offset + col, token, slot) for col, token, slot in segment.targets]
             offset += n
         input_ids[row_index, offset:] = input_ids[row_index, 0]  # padding: a real token (see the module docstring)
     target = torch.tensor(targets, dtype=torch.long)  # [M, 4]
     per_slot = Counter(slot for *_, slot in targets)
+    outputs = sum(len(group) for group in completions)
     return PairBatch(
         input_ids=input_ids,
         attention_mask=token_mask,
@@ -183,7 +221,8 @@ def collate_pairs(
         position_ids=position_ids,
         token_mask=token_mask,
         segments=tuple(spans),
-        slot_counts=tuple(per_slot[s] for s in range(2 * b)),
+        slot_counts=tuple(per_slot[s] for s in range(outputs)),
+        **_ranked_fields(rows),
     )
 
 
