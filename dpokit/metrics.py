@@ -1,4 +1,4 @@
-"""Training metrics: per-pair sums reduced across ranks, JSONL/TensorBoard logging, progress, plots."""
+"""Training metrics: per-pair (or per-group) sums reduced across ranks, JSONL/TensorBoard logging, progress, plots."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from rich.table import Table
 
 from dpokit.artifacts import check_replaceable, is_dpokit_artifact, replace_within, write_marker, write_text_within
 from dpokit.errors import DpokitError
-from dpokit.types import ChosenRejectedOutputs
+from dpokit.types import ChosenRejectedOutputs, RankedOutputs
 
 METRICS_FILE = "metrics.jsonl"
 PAIR_METRICS = (
@@ -30,13 +30,68 @@ PAIR_METRICS = (
 )
 
 
-class PairMetrics:
+class MetricSums:
+    """Sums over micro-batches kept on the device in one float64 tensor (``sums``: a subclass's values, then the
+    MoE load-balancing term's example-weighted sum, the micro-batches with it, examples, tokens), and a weighted
+    combination's terms by name; `all_reduce` sums them over ranks."""
+
+    def __init__(self, size: int, device: torch.device | str = "cpu"):
+        self.sums = torch.zeros(size + 4, dtype=torch.float64, device=device)
+        self.term_sums: dict[str, torch.Tensor] = {}  # a weighted combination's terms, by name
+
+    def _add(self, values: torch.Tensor, router_aux_loss, examples: int, num_tokens: int, terms) -> None:
+        """Add the subclass's `values` (float64, on the device) and the shared tail; no host sync."""
+        extra = torch.tensor(
+            [0.0, float(router_aux_loss is not None), float(examples), float(num_tokens)],
+            dtype=torch.float64,
+            device=values.device,
+        )
+        if router_aux_loss is not None:  # kept on the device: no host sync in the step
+            extra[0] = router_aux_loss.detach().double() * examples
+        self.sums += torch.cat([values, extra]).to(self.sums.device)
+        for name, term in (terms or {}).items():
+            total = term.detach().double().sum().to(self.sums.device)
+            self.term_sums[name] = self.term_sums[name] + total if name in self.term_sums else total
+
+    def all_reduce(self, extra: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+        """Sum over ranks (a no-op in a single process); `extra` values are summed in the same call and returned."""
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            if extra is not None:
+                joined = torch.cat([self.sums, extra.to(self.sums)])
+                torch.distributed.all_reduce(joined)
+                self.sums, extra = joined[: self.sums.numel()], joined[self.sums.numel() :]
+            else:
+                torch.distributed.all_reduce(self.sums)
+            if self.term_sums:  # every rank has the same terms, in the same order
+                stacked = torch.stack(list(self.term_sums.values()))
+                torch.distributed.all_reduce(stacked)
+                self.term_sums = dict(zip(self.term_sums, stacked))
+        return extra
+
+    @property
+    def num_pairs(self) -> int:
+        """Examples: pairs, or ranked groups."""
+        return int(self.sums[-2])
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.sums[-1])
+
+    def _shared_means(self) -> dict[str, float]:
+        """The MoE term and a combination's terms, per example."""
+        examples = max(self.num_pairs, 1)
+        means = {}
+        if self.sums[-3] > 0:  # a mixture-of-experts policy's load-balancing term (already times its coefficient)
+            means["router_aux_loss"] = float(self.sums[-4]) / examples
+        means.update({f"loss/{name}": float(total) / examples for name, total in self.term_sums.items()})
+        return means
+
+
+class PairMetrics(MetricSums):
     """Sums of per-pair values over micro-batches (and, after `all_reduce`, over ranks); `means()` divides."""
 
     def __init__(self, device: torch.device | str = "cpu"):
-        # PAIR_METRICS, then the MoE load-balancing term (pair-weighted sum, micro-batches with it), pairs, tokens
-        self.sums = torch.zeros(len(PAIR_METRICS) + 4, dtype=torch.float64, device=device)
-        self.term_sums: dict[str, torch.Tensor] = {}  # a weighted combination's terms, by name
+        super().__init__(len(PAIR_METRICS), device)
 
     def add(
         self,
@@ -59,48 +114,115 @@ class PairMetrics:
             policy.rejected_logits if policy.rejected_logits is not None else torch.zeros_like(losses),
         ]
         sums = torch.stack([v.detach().double().sum() for v in values])
-        aux = policy.router_aux_loss
-        extra = torch.tensor(
-            [0.0, float(aux is not None), float(losses.numel()), float(num_tokens)],
-            dtype=torch.float64,
-            device=sums.device,
-        )
-        if aux is not None:  # kept on the device: no host sync in the step
-            extra[0] = aux.detach().double() * losses.numel()
-        self.sums += torch.cat([sums, extra]).to(self.sums.device)
-        for name, values in (terms or {}).items():
-            total = values.detach().double().sum().to(self.sums.device)
-            self.term_sums[name] = self.term_sums[name] + total if name in self.term_sums else total
-
-    def all_reduce(self, extra: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
-        """Sum over ranks (a no-op in a single process); `extra` values are summed in the same call and returned."""
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            if extra is not None:
-                joined = torch.cat([self.sums, extra.to(self.sums)])
-                torch.distributed.all_reduce(joined)
-                self.sums, extra = joined[: self.sums.numel()], joined[self.sums.numel() :]
-            else:
-                torch.distributed.all_reduce(self.sums)
-            if self.term_sums:  # every rank has the same terms, in the same order
-                stacked = torch.stack(list(self.term_sums.values()))
-                torch.distributed.all_reduce(stacked)
-                self.term_sums = dict(zip(self.term_sums, stacked))
-        return extra
-
-    @property
-    def num_pairs(self) -> int:
-        return int(self.sums[-2])
-
-    @property
-    def num_tokens(self) -> int:
-        return int(self.sums[-1])
+        self._add(sums, policy.router_aux_loss, losses.numel(), num_tokens, terms)
 
     def means(self) -> dict[str, float]:
         pairs = max(self.num_pairs, 1)
         means = {name: float(self.sums[i]) / pairs for i, name in enumerate(PAIR_METRICS)}
-        if self.sums[-3] > 0:  # a mixture-of-experts policy's load-balancing term (already times its coefficient)
-            means["router_aux_loss"] = float(self.sums[-4]) / pairs
-        means.update({f"loss/{name}": float(total) / pairs for name, total in self.term_sums.items()})
+        means.update(self._shared_means())
+        return means
+
+
+RANK_METRICS = (
+    "loss",
+    "rewards/accuracies",
+    "rewards/margins",
+    "rewards/ranking_accuracy",
+    "rewards/ndcg",
+    "rewards/best",
+    "rewards/worst",
+    "logps/best",
+    "logps/worst",
+    "logits/best",
+    "logits/worst",
+)
+
+
+class RankMetrics(MetricSums):
+    """Sums over micro-batches of ranked groups (and, after `all_reduce`, over ranks); `means()` divides each by
+    its own count (0 where nothing counted). "Best" and "worst" are each group's first highest- and first
+    lowest-scored completion; a NaN reward (a completion no pair used) is left out of every reward metric.
+
+    - ``loss``: per group; ``rewards/margins``: reward of the best minus the worst, per group;
+    - ``rewards/accuracies``: over every pair of a group with different scores and both rewards known, the
+      fraction whose rewards are strictly in the scores' order (0 at step 1, as for pairs);
+    - ``rewards/ranking_accuracy``: the fraction of groups (with such a pair) whose every such pair is in order;
+    - ``rewards/ndcg``: NDCG of the completions sorted by reward (equal rewards: the lower score first, so at
+      step 1 it is the worst order's), gains ``2^s' - 1`` with ``s'`` the scores min-max normalised to [0, 1]
+      in each group (raw ``2^s`` overflows, and negative scores would give negative gains), discount
+      ``log2(1 + position)``; groups whose known scores all tie are left out;
+    - ``rewards/best|worst``, ``logps/best|worst``, ``logits/best|worst``: per group.
+    """
+
+    def __init__(self, device: torch.device | str = "cpu"):
+        super().__init__(2 * len(RANK_METRICS), device)  # each metric's sum, then each one's count
+
+    def add(
+        self,
+        losses: torch.Tensor,
+        rewards: torch.Tensor,
+        policy: RankedOutputs,
+        num_tokens: int,
+        terms: Optional[dict[str, torch.Tensor]] = None,
+    ) -> None:
+        if policy.scores is None:
+            raise DpokitError("RankMetrics needs each completion's score: the policy's RankedOutputs has scores=None")
+        num_groups, device = policy.num_groups, rewards.device
+        r, real = policy.padded(rewards.detach().double(), fill=float("nan"))  # [G, K]
+        s, _ = policy.padded(policy.scores.detach().to(device, torch.float64), fill=float("nan"))
+        logps, _ = policy.padded(policy.logps.detach().double().to(device))
+        logits = policy.mean_logits if policy.mean_logits is not None else torch.zeros_like(policy.logps)
+        logits, _ = policy.padded(logits.detach().double().to(device))
+        known = real & ~torch.isnan(r)
+
+        ordered = (s[:, :, None] > s[:, None, :]) & known[:, :, None] & known[:, None, :]  # [G, i, j]: i above j
+        right = ordered & (r[:, :, None] > r[:, None, :])
+        ordered_per_group, right_per_group = ordered.sum((1, 2)), right.sum((1, 2))
+        has_pair = ordered_per_group > 0
+
+        best = torch.where(real, s, -torch.inf).argmax(-1, keepdim=True)  # [G, 1]: the first highest-scored
+        worst = torch.where(real, s, torch.inf).argmin(-1, keepdim=True)
+        r_best, r_worst = r.gather(1, best).squeeze(1), r.gather(1, worst).squeeze(1)
+        best_known, worst_known = known.gather(1, best).squeeze(1), known.gather(1, worst).squeeze(1)
+
+        # NDCG of the reward order: ties in reward put the lower score first (a pessimistic order)
+        low = torch.where(known, s, torch.inf).amin(-1, keepdim=True)
+        span = torch.where(known, s, -torch.inf).amax(-1, keepdim=True) - low
+        spread = known & (span > 0)
+        gain = torch.where(spread, torch.exp2((s - low) / torch.where(spread, span, 1.0)) - 1, 0.0)  # [G, K]
+        by_score = torch.sort(torch.where(known, s, torch.inf), dim=-1, stable=True).indices
+        key = torch.where(known, r, -torch.inf).gather(1, by_score)
+        order = by_score.gather(1, torch.sort(key, dim=-1, descending=True, stable=True).indices)
+        discount = 1.0 / torch.log2(torch.arange(2, s.shape[1] + 2, device=device, dtype=torch.float64))
+        dcg = (gain.gather(1, order) * discount).sum(-1)
+        ideal = (torch.sort(gain, dim=-1, descending=True).values * discount).sum(-1)
+        rated = ideal > 0
+
+        def masked(values: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return torch.where(mask, values, 0.0).sum(), mask.sum().double()
+
+        every = torch.ones(num_groups, dtype=torch.bool, device=device)
+        pairs = [
+            (losses.detach().double().sum(), every.sum().double()),
+            (right_per_group.sum().double(), ordered_per_group.sum().double()),
+            masked(r_best - r_worst, best_known & worst_known),
+            masked((right_per_group == ordered_per_group).double(), has_pair),
+            masked(dcg / torch.where(rated, ideal, 1.0), rated),
+            masked(r_best, best_known),
+            masked(r_worst, worst_known),
+            masked(logps.gather(1, best).squeeze(1), every),
+            masked(logps.gather(1, worst).squeeze(1), every),
+            masked(logits.gather(1, best).squeeze(1), every),
+            masked(logits.gather(1, worst).squeeze(1), every),
+        ]
+        values = torch.stack([total for total, _ in pairs] + [count for _, count in pairs])
+        self._add(values, policy.router_aux_loss, num_groups, num_tokens, terms)
+
+    def means(self) -> dict[str, float]:
+        n = len(RANK_METRICS)
+        totals, counts = self.sums[:n].tolist(), self.sums[n : 2 * n].tolist()
+        means = {name: total / count if count else 0.0 for name, total, count in zip(RANK_METRICS, totals, counts)}
+        means.update(self._shared_means())
         return means
 
 

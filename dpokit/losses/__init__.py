@@ -4,6 +4,8 @@ rejected_rewards)``, each ``[B]``, over `ChosenRejectedOutputs` (`dpokit.types`)
 - `dpokit.losses.objectives`: every built-in objective, one small class each, side by side.
 - `dpokit.losses.base`: the base classes (WPO weighting, the SFT term, ``beta``) and parameter checks.
 - `dpokit.losses.combined`: weighted sums (``loss.name=[dpo,sft] loss.weights=[1.0,0.5]``).
+- `dpokit.losses.ranked`: ranked groups of k completions: pairing rules around any pairwise loss
+  (`RankedPairwiseLoss`) and the listwise losses (``forward(policy, reference) -> (losses [G], rewards [C])``).
 
 A user's loss is any ``torch.nn.Module`` with the same ``forward``; ``--loss pkg.module:Class`` loads it and
 ``loss.<param>=value`` sets its constructor arguments. docs/losses.md is the reference table.
@@ -14,13 +16,13 @@ from __future__ import annotations
 import importlib
 import inspect
 import typing
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
 
 from dpokit.errors import DpokitError
-from dpokit.losses.base import BetaLoss, PreferenceLoss, check_parameter
+from dpokit.losses.base import BetaLoss, PreferenceLoss, check_loss_outputs, check_parameter
 from dpokit.losses.combined import CombinedLoss
 from dpokit.losses.objectives import (
     AOTLoss,
@@ -44,8 +46,17 @@ from dpokit.losses.objectives import (
     SPPOHardLoss,
     WPOLoss,
 )
+from dpokit.losses.ranked import (
+    PAIRING_RULES,
+    LiPOLambdaLoss,
+    ListwiseLoss,
+    PlackettLuceLoss,
+    RankedPairwiseLoss,
+    pairs_of,
+    ranked_pairs,
+)
 from dpokit.ranges import AT_LEAST_0
-from dpokit.types import ChosenRejectedOutputs
+from dpokit.types import ChosenRejectedOutputs, RankedOutputs
 
 LOSSES: dict[str, type[nn.Module]] = {
     "dpo": DPOLoss,
@@ -69,7 +80,10 @@ LOSSES: dict[str, type[nn.Module]] = {
     "simpo": SimPOLoss,
     "orpo": ORPOLoss,
     "sft": SFTLoss,
+    "plackett_luce": PlackettLuceLoss,  # listwise: ranked data only
+    "lipo": LiPOLambdaLoss,
 }
+RANKED_KEYS = ("pairs", "gap_weighted")  # loss keys for pairwise losses on ranked data
 
 
 def loss_class(name: str) -> type[nn.Module]:
@@ -125,9 +139,51 @@ def loss_parameters(cls: type) -> list[str]:
     return list(loss_parameter_types(cls))
 
 
-def build_loss(spec: dict[str, Any]) -> nn.Module:
+def is_listwise(loss: nn.Module | type) -> bool:
+    """A loss (or loss class) that scores whole ranked groups: ``forward(RankedOutputs, ...) -> (losses [G],
+    rewards [C])``."""
+    return bool(getattr(loss, "is_listwise", False))
+
+
+def build_loss(spec: dict[str, Any], ranked: Optional[bool] = False) -> nn.Module:
     """Build a loss from the config's ``loss`` section: ``name`` (one, or a list with ``weights``) plus
-    constructor parameters. For a list, each parameter goes to every term that takes it."""
+    constructor parameters. For a list, each parameter goes to every term that takes it.
+
+    `ranked`: the data is ranked groups (prepared from k completions per prompt): a listwise loss is returned as
+    is, a pairwise one (or a weighted list) wrapped in `RankedPairwiseLoss` with ``loss.pairs`` (default all) and
+    ``loss.gap_weighted`` (default false). False: pairs, where those keys and listwise losses are errors. None:
+    the data is not known yet (a config being checked): every key is checked, and the loss comes back as ranked
+    data would get it when the section asks for ranked-only things, else as pair data would."""
+    spec = dict(spec)
+    ranked_keys = {key: spec.pop(key) for key in RANKED_KEYS if key in spec}
+    loss = _build_named(spec)
+    listwise = is_listwise(loss)
+    if listwise and ranked_keys:
+        key = next(iter(ranked_keys))
+        raise DpokitError(
+            f"loss.{key} applies to pairwise losses on ranked data; loss {spec.get('name')!r} is listwise and "
+            f"scores every completion of a group at once: remove loss.{key}"
+        )
+    if ranked is False:
+        if listwise:
+            raise DpokitError(
+                f"loss {spec.get('name')!r} is listwise: it needs ranked data (prepared from k completions per "
+                "prompt); this data is pairs: choose a pairwise loss such as dpo"
+            )
+        if ranked_keys:
+            key = next(iter(ranked_keys))
+            raise DpokitError(
+                f"loss.{key} applies to ranked data (prepared from k completions per prompt); this data is pairs: "
+                "remove it"
+            )
+        return loss
+    if listwise or (ranked is None and not ranked_keys):
+        return loss
+    return RankedPairwiseLoss(loss, **ranked_keys)
+
+
+def _build_named(spec: dict[str, Any]) -> nn.Module:
+    """`build_loss` without the ranked-data wrapping: one loss, or a weighted list of them."""
     spec = dict(spec)
     name = spec.pop("name", "dpo")
     weights = spec.pop("weights", None)
@@ -145,6 +201,12 @@ def build_loss(spec: dict[str, Any]) -> nn.Module:
     names = [str(n) for n in name]
     if not names or len(set(names)) != len(names):
         raise DpokitError(f"loss.name={names!r}: give one or more different losses, e.g. [dpo, sft]")
+    listwise = [n for n in names if is_listwise(loss_class(n))]
+    if listwise:
+        raise DpokitError(
+            f"loss.name={names!r}: {listwise[0]} is listwise (one loss per group, not per pair) and does not combine "
+            f"in a weighted list; use it alone (loss.name={listwise[0]})"
+        )
     weights = [1.0] * len(names) if weights is None else weights
     if not isinstance(weights, (list, tuple)) or len(weights) != len(names):
         raise DpokitError(f"loss.weights must list one number per loss in loss.name ({len(names)}), got {weights!r}")
@@ -175,35 +237,49 @@ def is_reference_free(loss: nn.Module) -> bool:
     return bool(getattr(loss, "is_reference_free", False))
 
 
-def check_loss_outputs(loss: nn.Module, outputs: Any, num_pairs: int) -> tuple[Tensor, Tensor, Tensor]:
-    """What a loss returned, checked: three float tensors of shape ``[B]`` (losses, chosen and rejected
-    rewards). A scalar would be averaged a second time and its accuracy read as nonsense."""
+def check_ranked_loss_outputs(
+    loss: nn.Module, outputs: Any, num_groups: int, num_completions: int
+) -> tuple[Tensor, Tensor]:
+    """What a loss on ranked data returned, checked: two float tensors, losses ``[G]`` (one per group) and
+    rewards ``[C]`` (one per completion, NaN allowed for a completion no pair uses)."""
     name = type(loss).__name__
-    if not (isinstance(outputs, (tuple, list)) and len(outputs) == 3):
-        raise DpokitError(
-            f"loss {name} returned {type(outputs).__name__}; a loss's forward must return (losses, chosen_rewards, "
-            f"rejected_rewards), each a tensor of shape [{num_pairs}] (one value per pair)"
-        )
+    expected = (
+        f"(losses, rewards): losses of shape [{num_groups}] (one per group), rewards of shape [{num_completions}] "
+        "(one per completion)"
+    )
+    if not (isinstance(outputs, (tuple, list)) and len(outputs) == 2):
+        got = f"{len(outputs)} values" if isinstance(outputs, (tuple, list)) else type(outputs).__name__
+        raise DpokitError(f"loss {name} returned {got} on ranked data; its forward must return {expected}")
     shapes = [tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__ for v in outputs]
-    if any(shape != (num_pairs,) for shape in shapes):
+    if shapes[0] != (num_groups,) or shapes[1] != (num_completions,):
         raise DpokitError(
-            f"loss {name} returned shapes {', '.join(map(str, shapes))} for (losses, chosen_rewards, rejected_rewards); "
-            f"each must be [{num_pairs}], one value per pair (return per-pair losses, not their mean: the recipe averages)"
+            f"loss {name} returned shapes {shapes[0]}, {shapes[1]} on ranked data; it must return {expected} "
+            "(per-group losses, not their mean: the recipe averages)"
         )
-    return outputs[0], outputs[1], outputs[2]
+    if not all(v.is_floating_point() for v in outputs):
+        raise DpokitError(f"loss {name} returned dtypes {outputs[0].dtype}, {outputs[1].dtype}; both must be floats")
+    return outputs[0], outputs[1]
 
 
 __all__ = [
     "LOSSES",
+    "PAIRING_RULES",
     "BetaLoss",
     "ChosenRejectedOutputs",
     "CombinedLoss",
+    "ListwiseLoss",
     "PreferenceLoss",
+    "RankedOutputs",
+    "RankedPairwiseLoss",
     "build_loss",
     "check_loss_outputs",
+    "check_ranked_loss_outputs",
+    "is_listwise",
     "is_reference_free",
     "loss_class",
     "loss_parameter_types",
     "loss_parameters",
+    "pairs_of",
+    "ranked_pairs",
     *sorted(cls.__name__ for cls in set(LOSSES.values())),
 ]

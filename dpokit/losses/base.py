@@ -115,3 +115,21 @@ def logratios(policy: ChosenRejectedOutputs, reference: ChosenRejectedOutputs) -
 def rewards(scale: float, chosen: Tensor, rejected: Tensor) -> tuple[Tensor, Tensor]:
     """``scale * value``, detached: the implicit rewards logged as rewards/chosen and rewards/rejected."""
     return (scale * chosen).detach(), (scale * rejected).detach()
+
+
+def check_loss_outputs(loss: nn.Module, outputs: Any, num_pairs: int) -> tuple[Tensor, Tensor, Tensor]:
+    """What a loss returned, checked: three float tensors of shape ``[B]`` (losses, chosen and rejected
+    rewards). A scalar would be averaged a second time and its accuracy read as nonsense."""
+    name = type(loss).__name__
+    if not (isinstance(outputs, (tuple, list)) and len(outputs) == 3):
+        raise DpokitError(
+            f"loss {name} returned {type(outputs).__name__}; a loss's forward must return (losses, chosen_rewards, "
+            f"rejected_rewards), each a tensor of shape [{num_pairs}] (one value per pair)"
+        )
+    shapes = [tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__ for v in outputs]
+    if any(shape != (num_pairs,) for shape in shapes):
+        raise DpokitError(
+            f"loss {name} returned shapes {', '.join(map(str, shapes))} for (losses, chosen_rewards, rejected_rewards); "
+            f"each must be [{num_pairs}], one value per pair (return per-pair losses, not their mean: the recipe averages)"
+        )
+    return outputs[0], outputs[1], outputs[2]
