@@ -75,9 +75,15 @@ def prepare(
     ),
     out: Path = typer.Option(..., "--out", "-o", help="Output directory (the prepared/ format)."),
     tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help="Tokenizer, when it differs from --model."),
-    format: str = typer.Option("auto", "--format", help="auto, plain, conversational or implicit."),
+    format: str = typer.Option(
+        "auto",
+        "--format",
+        help="auto, plain, conversational, implicit, or ranked (k scored completions per prompt; auto detects it).",
+    ),
     column_map: Optional[str] = typer.Option(
-        None, "--column-map", help="Rename columns, e.g. chosen=better,rejected=worse."
+        None,
+        "--column-map",
+        help="Rename columns, e.g. chosen=better,rejected=worse; ranked data: prompt, completions, scores, and score (the key in completion objects).",
     ),
     system_prompt: Optional[str] = typer.Option(None, "--system-prompt", help="Add (or replace) a system turn."),
     chat_template: Optional[str] = typer.Option(
@@ -103,7 +109,9 @@ def prepare(
         help="keep_start (TRL's default: the whole prompt, completions cut at their end) or keep_end (the prompt's start is cut first).",
     ),
     overlength: str = typer.Option(
-        "truncate", "--overlength", help="truncate, drop or error for pairs over --max-length."
+        "truncate",
+        "--overlength",
+        help="truncate, drop or error for pairs (a ranked row: completions) over --max-length.",
     ),
     separator: str = typer.Option(
         "\n\n",
@@ -118,7 +126,7 @@ def prepare(
     num_proc: int = typer.Option(1, "--num-proc", help="Tokenization processes."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output directory."),
 ) -> None:
-    """Tokenize preference pairs into a prepared/ directory (formats: docs/data-formats.md)."""
+    """Tokenize preference pairs or ranked completions into a prepared/ directory (formats: docs/data-formats.md)."""
     from dpokit.data.pipeline import PrepareOptions, run_prepare
 
     run_prepare(

@@ -3,9 +3,10 @@
 - `weights_fingerprint` / `reference_fingerprint`: a model's (and adapter's) config and every weight byte;
   recorded in ``ref.h5`` and compared by ``train``.
 - `tokenizer_fingerprint`: vocabulary, merges, special tokens and chat template; recorded by ``prepare``.
-- `data_fingerprint`: the token ids of every prepared split; recorded by ``prepare``, compared by the cache.
+- `data_fingerprint`: the token ids (and a ranked split's scores) of every prepared split; recorded by ``prepare``,
+  compared by the cache.
 - `ends_sha256`: both ends of a file, so a truncated or damaged prepared file is found without reading it.
-- `numpy_view`: an Arrow integer array as a NumPy view of its buffer, how every reader of token ids gets them
+- `numpy_view`: an Arrow integer (or float) array as a NumPy view of its buffer, how every reader of token ids gets them
   (pyarrow's own conversions import pandas).
 """
 
@@ -135,13 +136,15 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 
 def data_fingerprint(splits: dict[str, Any], columns: Sequence[str]) -> str:
-    """SHA-256 over the token ids of every split (names, offsets and values), in split-name order.
+    """SHA-256 over the values of every split (names, offsets and values), in split-name order: the token ids,
+    and a ranked split's scores (the pairing rule reads them).
 
     A split is a `datasets.Dataset`, or a function returning a fresh iterator over its Arrow record
     batches (`dpokit prepare` reads its split files back that way). Each column is hashed as one list
-    array of all its rows: its offsets from 0 as int64, then its values as int32. The bytes are fed a
-    batch at a time (two passes per column: offsets, then values), so a split larger than memory is
-    hashed in one batch's worth of it.
+    array of all its rows: its offsets from 0 as int64 (a list of lists, ``completion_ids``, then the
+    offsets of its inner lists the same way), then its values as int32 (floats, ``scores``, as float32).
+    The bytes are fed a batch at a time (a pass per level of offsets, then one for the values), so a split
+    larger than memory is hashed in one batch's worth of it.
     """
     digest = hashlib.sha256()
     for name in sorted(splits):
@@ -149,19 +152,23 @@ def data_fingerprint(splits: dict[str, Any], columns: Sequence[str]) -> str:
         digest.update(name.encode())
         for column in columns:
             digest.update(column.encode())
-            digest.update(np.zeros(1, np.int64).tobytes())  # the first offset
-            end = 0
-            for lists in _list_arrays(batches(), column):
-                offsets = numpy_view(lists.offsets).astype(np.int64)
-                digest.update((offsets[1:] - offsets[0] + end).tobytes())
-                end += int(offsets[-1] - offsets[0])
-            for lists in _list_arrays(batches(), column):
-                digest.update(numpy_view(lists.flatten()).astype(np.int32).tobytes())
+            first = next(_list_arrays(batches(), column), None)
+            depth = _list_depth(first.type) if first is not None else 1
+            for level in range(depth):
+                digest.update(np.zeros(1, np.int64).tobytes())  # the first offset
+                end = 0
+                for lists in _list_arrays(batches(), column, level):
+                    offsets = numpy_view(lists.offsets).astype(np.int64)
+                    digest.update((offsets[1:] - offsets[0] + end).tobytes())
+                    end += int(offsets[-1] - offsets[0])
+            for values in _list_arrays(batches(), column, depth):
+                values = numpy_view(values)
+                digest.update(values.astype(np.float32 if values.dtype.kind == "f" else np.int32).tobytes())
     return digest.hexdigest()
 
 
 def numpy_view(array) -> np.ndarray:
-    """An Arrow integer array without nulls as a NumPy view of its data buffer (no copy). pyarrow's own
+    """An Arrow integer or float array without nulls as a NumPy view of its data buffer (no copy). pyarrow's own
     conversions (``to_numpy``, ``np.asarray``) import pandas, 64 MiB of a training process's memory.
     A chunked array gives its chunks' values one after the other."""
     import pyarrow as pa
@@ -170,17 +177,32 @@ def numpy_view(array) -> np.ndarray:
         views = [numpy_view(chunk) for chunk in array.chunks]
         return views[0] if len(views) == 1 else np.concatenate(views) if views else np.zeros(0, dtype=np.int64)
     kind = array.type
-    if array.null_count or not pa.types.is_integer(kind):
+    if array.null_count or not (pa.types.is_integer(kind) or pa.types.is_floating(kind)):
         return array.to_numpy(zero_copy_only=False)  # not dpokit's own columns: pyarrow's conversion
-    dtype = np.dtype(f"{'i' if pa.types.is_signed_integer(kind) else 'u'}{kind.bit_width // 8}")
+    if pa.types.is_floating(kind):  # a ranked split's scores
+        dtype = np.dtype(f"f{kind.bit_width // 8}")
+    else:
+        dtype = np.dtype(f"{'i' if pa.types.is_signed_integer(kind) else 'u'}{kind.bit_width // 8}")
     return np.frombuffer(array.buffers()[1], dtype=dtype)[array.offset : array.offset + len(array)]
 
 
-def _list_arrays(batches, column: str):
-    """The list arrays of `column` in record batches (or tables, whose columns are chunked)."""
+def _list_arrays(batches, column: str, level: int = 0):
+    """The list arrays of `column` in record batches (or tables, whose columns are chunked), flattened `level`
+    times (level 1: the inner lists of a list of lists, or the values of a list)."""
     for batch in batches:
         values = batch.column(column)
-        yield from getattr(values, "chunks", [values])
+        for chunk in getattr(values, "chunks", [values]):
+            for _ in range(level):
+                chunk = chunk.flatten()
+            yield chunk
+
+
+def _list_depth(kind) -> int:
+    """How many levels of lists an Arrow type has (``list<list<int32>>``: 2)."""
+    depth = 0
+    while hasattr(kind, "value_type"):
+        kind, depth = kind.value_type, depth + 1
+    return depth
 
 
 def ends_sha256(file: Path) -> str:

@@ -7,7 +7,11 @@ That gives DPO a signal a tiny model learns in a minute, and makes the change vi
 generations: a model tuned on both kinds of replies answers "no. ..." first (one shared opening
 beats five different ones), and says something helpful after DPO.
 
-    python examples/make_demo_data.py            # writes examples/demo/data/{train,eval}.jsonl
+The ranked demo (``ranked.jsonl``) asks the same questions with 2 to 5 scored completions each: a
+polite correct answer (3; two of them, with different openings, tie), the bare answer (2), an
+unsure reply (1) and the rude refusal (0), in random order, for `dpokit prepare`'s ranked shape.
+
+    python examples/make_demo_data.py            # writes examples/demo/data/{train,eval,ranked}.jsonl
 
 Seeded: the same files every run.
 """
@@ -22,7 +26,9 @@ from pathlib import Path
 DEFAULT_OUT = Path(__file__).parent / "demo" / "data"
 TRAIN_PAIRS = 2000
 EVAL_PAIRS = 200
+RANKED_ROWS = 60
 SEED = 0
+RANKED_SEED = 1  # its own generator: the pairs stay what they were
 
 NUMBER_WORDS = "zero one two three four five six seven eight nine ten eleven twelve".split()
 COLOURS = {
@@ -78,6 +84,7 @@ RUDE = [
     "no. leave me alone.",
     "no. do your own homework.",
 ]
+UNSURE = "i am not sure, sorry."
 
 
 def question(rng: random.Random) -> tuple[str, str]:
@@ -111,19 +118,42 @@ def preference_pairs(count: int, rng: random.Random) -> list[dict[str, str]]:
     return rows
 
 
-def write_jsonl(path: Path, rows: list[dict[str, str]]) -> None:
+def ranked_rows(count: int, rng: random.Random) -> list[dict]:
+    """`count` ranked rows: {"prompt", "completions", "scores"}, k from 2 to 5, higher scores better."""
+    rows = []
+    for _ in range(count):
+        prompt, answer = question(rng)
+        first, second = rng.sample(OPENINGS, 2)
+        candidates = [
+            (answer if answer.startswith("hello!") else f"{first} {answer}", 3),
+            ("hi! what can i do for you?" if answer.startswith("hello!") else f"{second} {answer}", 3),
+            (answer.removeprefix("hello! "), 2),
+            (UNSURE, 1),
+            (rng.choice(RUDE), 0),
+        ]
+        picked = rng.sample(candidates, rng.randint(2, 5))
+        if len({score for _, score in picked}) == 1:  # two tied answers alone state no preference
+            picked[-1] = candidates[-1]
+        rows.append({"prompt": prompt, "completions": [c for c, _ in picked], "scores": [s for _, s in picked]})
+    return rows
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="folder for train.jsonl and eval.jsonl")
+    parser.add_argument(
+        "--out", type=Path, default=DEFAULT_OUT, help="folder for train.jsonl, eval.jsonl and ranked.jsonl"
+    )
     args = parser.parse_args()
     rng = random.Random(SEED)
     write_jsonl(args.out / "train.jsonl", preference_pairs(TRAIN_PAIRS, rng))
     write_jsonl(args.out / "eval.jsonl", preference_pairs(EVAL_PAIRS, rng))
-    print(f"wrote {TRAIN_PAIRS} train and {EVAL_PAIRS} eval pairs to {args.out}")
+    write_jsonl(args.out / "ranked.jsonl", ranked_rows(RANKED_ROWS, random.Random(RANKED_SEED)))
+    print(f"wrote {TRAIN_PAIRS} train and {EVAL_PAIRS} eval pairs and {RANKED_ROWS} ranked rows to {args.out}")
 
 
 if __name__ == "__main__":

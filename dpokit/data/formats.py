@@ -1,7 +1,8 @@
 """Load preference rows from files or a dataset name and normalise each to chat messages.
 
-Every source row becomes a `Pair` of message lists (``prompt``, ``chosen``, ``rejected``), each
-message ``{"role": ..., "content": ...}``. Three input shapes are recognised:
+Data comes in one of two shapes (`detect_shape`): pairs or ranked rows. A pair row becomes a `Pair` of
+message lists (``prompt``, ``chosen``, ``rejected``), each message ``{"role": ..., "content": ...}``.
+Three input formats of pairs are recognised:
 
 * ``plain``: ``prompt``, ``chosen`` and ``rejected`` are strings (the prompt becomes one user turn,
   each response one assistant turn);
@@ -10,29 +11,47 @@ message ``{"role": ..., "content": ...}``. Three input shapes are recognised:
 * ``implicit``: no ``prompt``; ``chosen``/``rejected`` are whole conversations (message lists, or
   Anthropic HH text ``"\\n\\nHuman: ...\\n\\nAssistant: ..."``) whose shared turns are the prompt.
 
+A ranked row (k completions of one prompt, each with a score, higher is better) becomes a `Ranked`
+(`normalise_ranked`): generic ``prompt`` + ``completions`` + ``scores`` (or completions as objects carrying
+their score), UltraFeedback's ``instruction`` + ``completions[].overall_score``, or Nectar's HH-text
+``prompt`` + ``answers[].rank`` (rank 1 best). A completion without a usable score or content is left out
+and counted; a row left without a preference (fewer than 2 completions, all tied) is skipped.
+
 Rows are read lazily (`open_records`): JSONL and CSV a line at a time, Parquet `PARQUET_BATCH_ROWS`
 rows at a time, a JSON array an item at a time (its text is held, not its rows), so `dpokit prepare`
 never holds a source's rows in memory.
 
 A row that cannot be used (empty or non-string content, identical responses, ...) raises
 `SkippedRow` with a reason; the pipeline counts it. Problems with the input as a whole (an
-unreadable file, a missing column) raise `DpokitError`.
+unreadable file, a missing column, a score that is not a number) raise `DpokitError`.
 """
 
 from __future__ import annotations
 
 import csv
+import itertools
 import json
+import math
+import numbers
 import re
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
+import numpy as np
+
 from dpokit.errors import DpokitError
 
-FORMATS = ("auto", "plain", "conversational", "implicit")
+FORMATS = ("auto", "plain", "conversational", "implicit", "ranked")
 COLUMNS = ("prompt", "chosen", "rejected")
+RANKED_COLUMNS = ("prompt", "completions", "scores")
+# --column-map targets of each shape; ``score`` names the score's key inside completion objects.
+COLUMN_MAP_TARGETS = {"pairs": COLUMNS, "ranked": RANKED_COLUMNS + ("score",)}
+ALL_COLUMN_MAP_TARGETS = tuple(dict.fromkeys(COLUMNS + COLUMN_MAP_TARGETS["ranked"]))
+COMPLETION_TEXT_KEYS = ("text", "completion", "response", "content", "answer")  # a completion object's text
+COMPLETION_SCORE_KEYS = ("score", "overall_score", "rank")  # its score (``rank``: 1 is best, see `ranked_scores`)
+HH_OPEN_REPLY = re.compile(r"\n\nAssistant:\s*$")  # the reply to write, at the end of a Nectar prompt
 FILE_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
 HH_TURN = re.compile(r"\n\n(Human|Assistant):")
 HH_ROLES = {"Human": "user", "Assistant": "assistant"}
@@ -59,13 +78,31 @@ class Pair:
     rejected: list[dict[str, str]]
 
 
-class SkippedRow(Exception):
-    """A row that is left out of the prepared data; `reason` is the manifest's count key."""
+@dataclass
+class Ranked:
+    """A normalised ranked row: the prompt, k >= 2 completions as message lists and their scores (higher is
+    better; float32 values, so that ties are the ties training sees)."""
 
-    def __init__(self, reason: str, detail: str):
+    location: str
+    format: str
+    prompt: list[dict[str, str]]
+    completions: list[list[dict[str, str]]]
+    scores: list[float]
+    names: list[str] = field(default_factory=list)  # each completion's place in the source, ``completions[3]``
+    completions_dropped: list[tuple[str, str]] = field(default_factory=list)  # (reason, detail) of those left out
+
+
+class SkippedRow(Exception):
+    """A row that is left out of the prepared data; `reason` is the manifest's count key.
+
+    `completions_dropped`: a ranked row's completions left out before the row itself was, (reason, detail) each.
+    """
+
+    def __init__(self, reason: str, detail: str, completions_dropped: tuple[tuple[str, str], ...] = ()):
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
         self.detail = detail
+        self.completions_dropped = list(completions_dropped)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -311,8 +348,9 @@ def object_row(row: Any, location: str) -> dict[str, Any]:
 # Column map
 
 
-def parse_column_map(text: Optional[str]) -> dict[str, str]:
-    """``"chosen=better,rejected=worse"`` -> ``{"chosen": "better", "rejected": "worse"}``."""
+def parse_column_map(text: Optional[str], targets: tuple[str, ...] = COLUMNS) -> dict[str, str]:
+    """``"chosen=better,rejected=worse"`` -> ``{"chosen": "better", "rejected": "worse"}``; `targets`: the names
+    it may set (`ALL_COLUMN_MAP_TARGETS` before the data's shape is known, then `check_column_map`)."""
     mapping: dict[str, str] = {}
     for entry in (text or "").split(","):
         if not entry.strip():
@@ -320,10 +358,30 @@ def parse_column_map(text: Optional[str]) -> dict[str, str]:
         target, sep, source = (part.strip() for part in entry.partition("="))
         if not sep or not target or not source:
             raise DpokitError(f"--column-map entry {entry.strip()!r} is not target=source (for example chosen=better)")
-        if target not in COLUMNS:
-            raise DpokitError(f"--column-map target {target!r} is not one of {', '.join(COLUMNS)}")
+        if target not in targets:
+            raise DpokitError(f"--column-map target {target!r} is not one of {', '.join(targets)}")
         mapping[target] = source
     return mapping
+
+
+def check_column_map(column_map: dict[str, str], shape: str) -> None:
+    """Refuse --column-map targets of the other shape (``scores`` for pairs, ``chosen`` for ranked data)."""
+    other = [target for target in column_map if target not in COLUMN_MAP_TARGETS[shape]]
+    if other:
+        raise DpokitError(
+            f"--column-map target {other[0]!r} does not apply: the data is {shape} "
+            f"(its targets: {', '.join(COLUMN_MAP_TARGETS[shape])}); see --format"
+        )
+
+
+def detect_shape(row: dict[str, Any], column_map: dict[str, str]) -> str:
+    """``ranked`` for a row of k scored completions (``completions``, or Nectar's ``answers``, and no
+    ``chosen``), else ``pairs``; a --column-map target of one shape decides for it."""
+    if set(column_map) & (set(COLUMN_MAP_TARGETS["ranked"]) - {"prompt"}):
+        return "ranked"
+    if set(column_map) & {"chosen", "rejected"} or "chosen" in row:
+        return "pairs"
+    return "ranked" if "completions" in row or "answers" in row else "pairs"
 
 
 def mapped_row(record: Record, column_map: dict[str, str]) -> dict[str, Any]:
@@ -470,3 +528,199 @@ def with_system_prompt(prompt: list[dict[str, str]], system_prompt: str) -> list
     if prompt and prompt[0]["role"] == "system":
         return [system] + prompt[1:]
     return [system] + prompt
+
+
+# ---------------------------------------------------------------------------------------------
+# Ranked rows
+
+_MISSING = object()  # a completion object without the row's score key
+
+
+def normalise_ranked(record: Record, column_map: dict[str, str], system_prompt: Optional[str]) -> Ranked:
+    """The record as a `Ranked` row; raises `SkippedRow` for a row that states no preference.
+
+    A completion whose score is missing (null, or no score key) or not finite, or whose content is
+    unusable, is left out and listed in `Ranked.completions_dropped` (and in the `SkippedRow`'s, when the row
+    is skipped too). A score that is not a number, or a ``scores`` list of another length than
+    ``completions``, is a `DpokitError` naming the row and the key.
+    """
+    row = record.row
+    prompt_column = ranked_column(record, "prompt", column_map, fallback="instruction")
+    completions_column = ranked_column(record, "completions", column_map, fallback="answers")
+    nectar = completions_column != column_map.get("completions", "completions")
+    ultrafeedback = prompt_column != column_map.get("prompt", "prompt")
+    items = list_value(row[completions_column], completions_column, record)
+    raw_scores, score_key = completion_raw_scores(record, items, completions_column, column_map)
+
+    completions, scores, names, dropped = [], [], [], []
+    for index, (item, (value, where)) in enumerate(zip(items, raw_scores)):
+        name = f"{completions_column}[{index}]"
+        try:
+            score = score_number(value, where, record)
+            messages = completion_messages(item, name, record)
+        except SkippedRow as skipped:
+            dropped.append((skipped.reason, skipped.detail))
+            continue
+        completions.append(messages)
+        scores.append(score)
+        names.append(name)
+    if score_key == "rank":
+        scores = ranked_scores(scores)
+    try:
+        prompt = ranked_prompt(row[prompt_column], nectar)
+    except SkippedRow as skipped:
+        raise SkippedRow(skipped.reason, skipped.detail, dropped) from None
+    problem = preference_problem(completions, scores, len(items))
+    if problem is not None:
+        raise SkippedRow(*problem, dropped)
+    if system_prompt is not None:
+        prompt = with_system_prompt(prompt, system_prompt)
+    row_format = "nectar" if nectar else "ultrafeedback" if ultrafeedback else "ranked"
+    return Ranked(record.location, row_format, prompt, completions, scores, names, dropped)
+
+
+def ranked_column(record: Record, target: str, column_map: dict[str, str], fallback: str) -> str:
+    """The column holding `target`: the mapped or same-named one, else `fallback` (UltraFeedback's
+    ``instruction``, Nectar's ``answers``) when `target` is not mapped. A null value counts as absent when the
+    other column has one (Parquet files and datasets give every row every column)."""
+    source = column_map.get(target, target)
+    if record.row.get(source) is not None or target in column_map and source in record.row:
+        return source
+    if target not in column_map and record.row.get(fallback) is not None:
+        return fallback
+    if source in record.row:
+        return source
+    raise DpokitError(missing_column_message(record, target, column_map))
+
+
+def list_value(value: Any, column: str, record: Record) -> list:
+    """A ranked row's list column; in a CSV cell, a JSON array."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            pass
+    if not isinstance(value, list):
+        raise DpokitError(
+            f"{record.location}: {column!r} is {type(value).__name__}, not a list; ranked data has a list of "
+            "completions per row, and of scores unless the completions carry them (in a CSV cell: a JSON array)"
+        )
+    return value
+
+
+def completion_raw_scores(
+    record: Record, items: list, completions_column: str, column_map: dict[str, str]
+) -> tuple[list[tuple[Any, str]], Optional[str]]:
+    """Each completion's score as found, with the key it was read from (``scores[2]``), and the key the
+    completion objects carry it under (None for a ``scores`` column)."""
+    scores_column = column_map.get("scores", "scores")
+    if "scores" in column_map or record.row.get(scores_column) is not None:
+        if scores_column not in record.row:
+            raise DpokitError(missing_column_message(record, "scores", column_map))
+        scores = list_value(record.row[scores_column], scores_column, record)
+        if len(scores) != len(items):
+            raise DpokitError(
+                f"{record.location}: {scores_column!r} has {len(scores)} values but {completions_column!r} has "
+                f"{len(items)}; give one score per completion, in the same order"
+            )
+        return [(score, f"{scores_column}[{index}]") for index, score in enumerate(scores)], None
+    key = column_map.get("score") or present_key(
+        [item for item in items if isinstance(item, dict)], COMPLETION_SCORE_KEYS
+    )
+    if key is None and items:
+        raise DpokitError(
+            f"{record.location}: no {scores_column!r} column, and its completions carry no score "
+            f"({', '.join(COMPLETION_SCORE_KEYS)}); add scores, or name the completions' score key with "
+            "--column-map score=<key>"
+        )
+    return [
+        (item.get(key, _MISSING) if isinstance(item, dict) else _MISSING, f"{completions_column}[{index}].{key}")
+        for index, item in enumerate(items)
+    ], key
+
+
+def present_key(objects: list[dict], keys: tuple[str, ...]) -> Optional[str]:
+    """The first of `keys` some object has a value for, else the first some object has at all."""
+    for has in (lambda o, k: o.get(k) is not None, lambda o, k: k in o):
+        found = next((key for key in keys if any(has(o, key) for o in objects)), None)
+        if found is not None:
+            return found
+    return None
+
+
+def score_number(value: Any, where: str, record: Record) -> float:
+    """`value` as a float32 score; raises `SkippedRow` for a missing or non-finite one (that completion is left
+    out) and `DpokitError` for one that is not a number."""
+    if value is _MISSING:
+        raise SkippedRow("missing_score", f"{where} is missing")
+    if value is None:
+        raise SkippedRow("missing_score", f"{where} is null")
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise DpokitError(
+            f"{record.location}: {where} is {value!r:.40} ({type(value).__name__}), not a number; scores and ranks "
+            "are numbers (null leaves that completion out)"
+        )
+    with np.errstate(over="ignore"):
+        score = float(np.float32(value))
+    if not math.isfinite(score):
+        raise SkippedRow(
+            "non_finite_score", f"{where} is {value!r}" + (" (beyond float32)" if math.isfinite(value) else "")
+        )
+    return score
+
+
+def ranked_scores(ranks: list[float]) -> list[float]:
+    """Ranks (1 best) as scores, higher better: ``max_rank - rank``, so the worst is 0 and equal ranks tie."""
+    top = max(ranks, default=0.0)
+    return [float(np.float32(top - rank)) for rank in ranks]
+
+
+def completion_messages(item: Any, where: str, record: Record) -> list[dict[str, str]]:
+    """One completion as assistant messages: text, a message list (or one message), or an object holding either
+    under one of `COMPLETION_TEXT_KEYS`."""
+    if isinstance(item, str):
+        return [{"role": "assistant", "content": text_value(item, where)}]
+    if isinstance(item, list) or isinstance(item, dict) and "role" in item:
+        return message_list(item, where)
+    if not isinstance(item, dict):
+        raise SkippedRow("non_string_content", f"{where} is {type(item).__name__}, not text or messages")
+    key = present_key([item], COMPLETION_TEXT_KEYS)
+    if key is None:
+        raise DpokitError(
+            f"{record.location}: {where} has no text (keys: {', '.join(map(str, item)) or 'none'}); "
+            f"a completion object holds it under one of {', '.join(COMPLETION_TEXT_KEYS)}"
+        )
+    value = item[key]
+    if isinstance(value, dict):
+        raise SkippedRow("non_string_content", f"{where}.{key} is dict, not text or messages")
+    return completion_messages(value, f"{where}.{key}", record)
+
+
+def ranked_prompt(value: Any, nectar: bool) -> list[dict[str, str]]:
+    """The prompt's messages: text (one user turn; Nectar's: Anthropic HH turns) or a list of messages."""
+    if nectar and isinstance(value, str):
+        try:
+            return hh_messages(HH_OPEN_REPLY.sub("", value), "prompt")
+        except SkippedRow as skipped:
+            if skipped.reason != "unparseable_conversation":
+                raise
+            raise SkippedRow(skipped.reason, "prompt is not Human:/Assistant: turns (as Nectar's are)") from None
+    if isinstance(value, str):
+        return [{"role": "user", "content": text_value(value, "prompt")}]
+    return message_list(value, "prompt")
+
+
+def preference_problem(
+    completions: list, scores: list[float], total: Optional[int] = None
+) -> Optional[tuple[str, str]]:
+    """Why a ranked row states no preference, as (manifest reason, detail), or None when it does: it has fewer
+    than 2 completions (of the row's `total`), they all tie, or those that score differently are the same
+    (messages or ids)."""
+    if len(completions) < 2:
+        of = f" of {total}" if total is not None else ""
+        return "fewer_than_2_completions", f"{len(completions)} usable completion{'s' * (len(completions) != 1)}{of}"
+    if len(set(scores)) == 1:
+        return "all_completions_tie", f"all {len(completions)} completions score {scores[0]:g}"
+    if all(a == b for (a, x), (b, y) in itertools.combinations(zip(completions, scores), 2) if x != y):
+        return "identical_completions", "the completions that score differently are the same"
+    return None

@@ -1,19 +1,22 @@
-"""`dpokit prepare`: read pairs, normalise them to messages, tokenize, and write ``prepared/``.
+"""`dpokit prepare`: read pairs (or ranked rows), normalise them to messages, tokenize, and write ``prepared/``.
 
-The steps, for each split (``train``, and ``eval`` from ``--eval-fraction`` or ``--eval-data``),
-a chunk of rows at a time, so memory does not grow with the number of rows:
+The data's shape, pairs or ranked (k scored completions per prompt), is `--format ranked` or detected
+from the first train row's columns (`formats.detect_shape`). The steps, for each split (``train``, and
+``eval`` from ``--eval-fraction`` or ``--eval-data``), a chunk of rows at a time, so memory does not grow
+with the number of rows:
 
 1. read the source's rows lazily (`formats.open_records`), after one pass that counts them (the
    progress bar's total, the eval rows to hold out, malformed input found before any work);
-2. normalise each row to a `Pair` of messages (`formats.normalise`), skipping unusable rows;
-3. tokenize pairs in chunks, on ``num_proc`` processes (`tokenize.PairTokenizer`), applying the
+2. normalise each row to a `Pair` (or `Ranked`) of messages (`formats.normalise`,
+   `formats.normalise_ranked`), skipping unusable rows (and a ranked row's unusable completions);
+3. tokenize rows in chunks, on ``num_proc`` processes (`tokenize.PairTokenizer`), applying the
    length limits (`tokenize.LengthLimits`), with a few chunks in flight;
 4. append the kept rows to the split's Arrow files (`prepared.SplitWriter`), inside the temporary
    directory that `prepared.write_prepared_with` renames into place once ``manifest.json`` is written.
 
 What the manifest needs of the kept rows is kept as it goes: counts, and the token lengths
-(4 bytes a length) for the percentiles. Every skipped row is counted by reason in the manifest and
-in the closing summary table.
+(4 bytes a length) for the percentiles. Every skipped row (and every completion left out of a ranked
+row) is counted by reason in the manifest and in the closing summary table.
 """
 
 from __future__ import annotations
@@ -46,9 +49,29 @@ from rich.text import Text
 
 from dpokit import __version__, log
 from dpokit.artifacts import check_replaceable
-from dpokit.data.formats import FORMATS, Pair, Record, SkippedRow, normalise, open_records, parse_column_map
+from dpokit.data.formats import (
+    ALL_COLUMN_MAP_TARGETS,
+    FORMATS,
+    Pair,
+    Ranked,
+    Record,
+    SkippedRow,
+    check_column_map,
+    detect_shape,
+    normalise,
+    normalise_ranked,
+    open_records,
+    parse_column_map,
+)
 from dpokit.data.prepared import SplitWriter, write_prepared_with
-from dpokit.data.tokenize import PLAIN_TURN_SEPARATOR, LengthLimits, PairTokenizer, TokenizedPair, load_tokenizer
+from dpokit.data.tokenize import (
+    PLAIN_TURN_SEPARATOR,
+    LengthLimits,
+    PairTokenizer,
+    TokenizedPair,
+    TokenizedRanked,
+    load_tokenizer,
+)
 from dpokit.errors import DpokitError
 from dpokit.fingerprint import tokenizer_fingerprint
 from dpokit.metrics import column_table
@@ -101,6 +124,7 @@ class SplitResult:
     """The counts of what happened to one split's rows, and the token lengths of the kept ones."""
 
     source: str
+    shape: str = "pairs"
     read: int = 0
     kept: int = 0
     events: Counter = field(default_factory=Counter)  # ROW_EVENTS -> kept rows
@@ -108,16 +132,29 @@ class SplitResult:
     first_dropped: dict[str, str] = field(default_factory=dict)  # reason -> "location: detail"
     formats: Counter = field(default_factory=Counter)
     prompt_lengths: array = field(default_factory=lambda: array("i"))  # a kept row's prompt tokens
-    completion_lengths: array = field(default_factory=lambda: array("i"))  # its chosen and rejected tokens
+    completion_lengths: array = field(default_factory=lambda: array("i"))  # its chosen and rejected (or k) tokens
+    group_sizes: Counter = field(default_factory=Counter)  # ranked: k -> kept rows with k completions
+    completions_dropped: Counter = field(default_factory=Counter)  # ranked: reason -> completions left out
+    first_completion_dropped: dict[str, str] = field(default_factory=dict)  # reason -> "location: detail"
 
     def drop(self, reason: str, location: str, detail: str) -> None:
         self.dropped[reason] += 1
         self.first_dropped.setdefault(reason, f"{location}: {detail}")
 
-    def keep(self, ids: TokenizedPair) -> None:
+    def drop_completions(self, dropped: Iterable[tuple[str, str]], location: str) -> None:
+        """Count a ranked row's completions left out, (reason, detail) each, whether or not the row is kept."""
+        for reason, detail in dropped:
+            self.completions_dropped[reason] += 1
+            self.first_completion_dropped.setdefault(reason, f"{location}: {detail}")
+
+    def keep(self, ids: TokenizedPair | TokenizedRanked) -> None:
         self.kept += 1
         self.prompt_lengths.append(len(ids.prompt_ids))
-        self.completion_lengths.extend((len(ids.chosen_ids), len(ids.rejected_ids)))
+        if isinstance(ids, TokenizedRanked):
+            self.completion_lengths.extend(map(len, ids.completion_ids))
+            self.group_sizes[len(ids.completion_ids)] += 1
+        else:
+            self.completion_lengths.extend((len(ids.chosen_ids), len(ids.rejected_ids)))
         self.events.update(event for event in ROW_EVENTS if getattr(ids, event))
 
 
@@ -135,10 +172,12 @@ def run_prepare(options: PrepareOptions, console: Optional[Console] = None) -> P
     console = console or log.console()
     started = time.perf_counter()
     check_options(options)
-    column_map = parse_column_map(options.column_map)
+    column_map = parse_column_map(options.column_map, ALL_COLUMN_MAP_TARGETS)
     tokenizer = load_tokenizer(options.tokenizer or options.model, options.chat_template)
     pair_tokenizer = PairTokenizer(tokenizer, options.length_limits(), options.separator)
     sources = split_sources(options)
+    shape = data_shape(options.format, sources["train"], column_map)
+    check_column_map(column_map, shape)
 
     results: dict[str, SplitResult] = {}
 
@@ -147,9 +186,9 @@ def run_prepare(options: PrepareOptions, console: Optional[Console] = None) -> P
         with worker_pool(pair_tokenizer, options.num_proc) as pool, rows_progress(console) as progress:
             for name, source in sources.items():
                 results[name] = prepare_split(
-                    name, source, options, column_map, pair_tokenizer, pool, progress, tmp / name
+                    name, source, options, column_map, pair_tokenizer, pool, progress, tmp / name, shape
                 )
-        return build_manifest(options, results, tokenizer)
+        return build_manifest(options, results, tokenizer, column_map, shape)
 
     out = write_prepared_with(options.out, write_splits, overwrite=options.overwrite)
     console.print(summary_table(results, out, time.perf_counter() - started))
@@ -226,6 +265,15 @@ def split_sources(options: PrepareOptions) -> dict[str, SplitSource]:
     }
 
 
+def data_shape(format: str, train: SplitSource, column_map: dict[str, str]) -> str:
+    """``ranked`` for --format ranked, ``pairs`` for another format, else what the first train row's columns
+    say (`formats.detect_shape`; the rows of every split must then have that shape)."""
+    if format != "auto":
+        return "ranked" if format == "ranked" else "pairs"
+    first = next(iter(train.records()), None)
+    return detect_shape(first.row, column_map) if first is not None else "pairs"
+
+
 def held_out_rows(count: int, fraction: float, seed: int) -> np.ndarray:
     """A seeded random `fraction` of the rows ``0..count-1`` (the eval rows), as a ``[count]`` bool mask.
 
@@ -259,24 +307,31 @@ def prepare_split(
     pool,
     progress: Progress,
     directory: Path,
+    shape: str = "pairs",
 ) -> SplitResult:
-    """Normalise, tokenize and write one split's rows to `directory`, in source order, a chunk at a time."""
-    result = SplitResult(source=source.label)
+    """Normalise, tokenize and write one split's rows (of `shape`) to `directory`, in source order, a chunk at
+    a time."""
+    result = SplitResult(source=source.label, shape=shape)
     task = progress.add_task(name, total=source.rows)
-    pairs = normalised_pairs(source.records(), options, column_map, result, lambda: progress.advance(task))
+    rows = normalised_rows(source.records(), options, column_map, result, lambda: progress.advance(task), shape)
     ahead = CHUNKS_AHEAD_PER_PROCESS * options.num_proc
-    with SplitWriter(directory) as writer:
-        for chunk, chunk_ids in tokenized_chunks(chunked(pairs, CHUNK_SIZE), pair_tokenizer, pool, ahead):
-            for pair, ids in zip(chunk, chunk_ids):
-                if ids.dropped is None:
-                    result.keep(ids)
-                    writer.add(ids.prompt_ids, ids.chosen_ids, ids.rejected_ids)
-                elif ids.dropped == "overlength" and options.overlength == "error":
+    with SplitWriter(directory, shape) as writer:
+        for chunk, chunk_ids in tokenized_chunks(chunked(rows, CHUNK_SIZE), pair_tokenizer, pool, ahead):
+            for row, ids in zip(chunk, chunk_ids):
+                if ids.dropped == "overlength" and options.overlength == "error":
                     raise DpokitError(
-                        f"{pair.location}: {ids.detail}; raise --max-length, or pass --overlength truncate or drop"
+                        f"{row.location}: {ids.detail}; raise --max-length, or pass --overlength truncate or drop"
                     )
+                if isinstance(ids, TokenizedRanked):
+                    result.drop_completions(ids.completions_dropped, row.location)
+                if ids.dropped is not None:
+                    result.drop(ids.dropped, row.location, ids.detail)
+                    continue
+                result.keep(ids)
+                if isinstance(ids, TokenizedRanked):
+                    writer.add(ids.prompt_ids, ids.completion_ids, ids.scores)
                 else:
-                    result.drop(ids.dropped, pair.location, ids.detail)
+                    writer.add(ids.prompt_ids, ids.chosen_ids, ids.rejected_ids)
             progress.advance(task, len(chunk))
         if result.kept == 0:
             raise DpokitError(no_rows_kept_message(name, result))
@@ -284,24 +339,32 @@ def prepare_split(
     return result
 
 
-def normalised_pairs(
+def normalised_rows(
     records: Iterable[Record],
     options: PrepareOptions,
     column_map: dict[str, str],
     result: SplitResult,
     on_skip: Callable[[], None],
-) -> Iterator[Pair]:
-    """Each usable record as a `Pair`; the others are counted in `result` (and `on_skip` called) instead."""
+    shape: str = "pairs",
+) -> Iterator[Pair | Ranked]:
+    """Each usable record as a `Pair` (or, for the ``ranked`` shape, a `Ranked` row); the others are counted in
+    `result` (and `on_skip` called) instead, as are a ranked row's completions left out."""
     for record in records:
         result.read += 1
         try:
-            pair = normalise(record, options.format, column_map, options.system_prompt)
+            if shape == "ranked":
+                row = normalise_ranked(record, column_map, options.system_prompt)
+            else:
+                row = normalise(record, options.format, column_map, options.system_prompt)
         except SkippedRow as skipped:
+            result.drop_completions(skipped.completions_dropped, record.location)
             result.drop(skipped.reason, record.location, skipped.detail)
             on_skip()
             continue
-        result.formats[pair.format] += 1
-        yield pair
+        if isinstance(row, Ranked):
+            result.drop_completions(row.completions_dropped, record.location)
+        result.formats[row.format] += 1
+        yield row
 
 
 def chunked(items: Iterable, size: int) -> Iterator[list]:
@@ -312,13 +375,13 @@ def chunked(items: Iterable, size: int) -> Iterator[list]:
 
 
 def tokenized_chunks(
-    chunks: Iterable[list[Pair]], pair_tokenizer: PairTokenizer, pool, ahead: int
-) -> Iterator[tuple[list[Pair], list[TokenizedPair]]]:
+    chunks: Iterable[list[Pair | Ranked]], pair_tokenizer: PairTokenizer, pool, ahead: int
+) -> Iterator[tuple[list[Pair | Ranked], list[TokenizedPair | TokenizedRanked]]]:
     """Each chunk with its ids, in order. With a pool, at most `ahead` chunks are submitted and not yet
     taken back: `Pool.imap` would read the whole source into its task queue, holding every row."""
     if pool is None:
         for chunk in chunks:
-            yield chunk, pair_tokenizer.tokenize(chunk)
+            yield chunk, tokenized(pair_tokenizer, chunk)
         return
     in_flight: deque = deque()
     for chunk in chunks:
@@ -351,9 +414,16 @@ def init_worker(pair_tokenizer: PairTokenizer) -> None:
     _worker_tokenizer = pair_tokenizer
 
 
-def tokenize_chunk(pairs: list[Pair]) -> list[TokenizedPair]:
+def tokenize_chunk(rows: list[Pair | Ranked]) -> list[TokenizedPair | TokenizedRanked]:
     """Tokenize a chunk in a worker process (with the `PairTokenizer` its initializer stored)."""
-    return _worker_tokenizer.tokenize(pairs)
+    return tokenized(_worker_tokenizer, rows)
+
+
+def tokenized(pair_tokenizer: PairTokenizer, rows: list[Pair | Ranked]) -> list[TokenizedPair | TokenizedRanked]:
+    """The ids of a chunk of pairs or of ranked rows (a chunk holds one kind)."""
+    if rows and isinstance(rows[0], Ranked):
+        return pair_tokenizer.tokenize_ranked(rows)
+    return pair_tokenizer.tokenize(rows)
 
 
 @contextmanager
@@ -370,9 +440,15 @@ def worker_pool(pair_tokenizer: PairTokenizer, num_proc: int) -> Iterator[Option
 # Output
 
 
-def build_manifest(options: PrepareOptions, results: dict[str, SplitResult], tokenizer) -> dict:
+def build_manifest(
+    options: PrepareOptions,
+    results: dict[str, SplitResult],
+    tokenizer,
+    column_map: Optional[dict[str, str]] = None,
+    shape: str = "pairs",
+) -> dict:
     """Everything `write_prepared_with` records besides the format version, data fingerprint and file digests."""
-    totals = SplitResult(source=options.data)
+    totals = SplitResult(source=options.data, shape=shape)
     for result in results.values():
         totals.read += result.read
         totals.kept += result.kept
@@ -383,11 +459,18 @@ def build_manifest(options: PrepareOptions, results: dict[str, SplitResult], tok
         for reason, example in result.first_dropped.items():
             totals.first_dropped.setdefault(reason, example)
         totals.formats.update(result.formats)
+        totals.group_sizes.update(result.group_sizes)
+        totals.completions_dropped.update(result.completions_dropped)
+        for reason, example in result.first_completion_dropped.items():
+            totals.first_completion_dropped.setdefault(reason, example)
+    ranked = {"k": group_size_stats(totals.group_sizes)} if shape == "ranked" else {}
     return {
+        "shape": shape,
         "source": options.data,
         "splits": {name: split_manifest(result) for name, result in results.items()},
         "counts": counts(totals),
         "lengths": lengths(totals),
+        **ranked,
         "tokenizer": {"name": options.tokenizer or options.model, "fingerprint": tokenizer_fingerprint(tokenizer)},
         "chat_template": tokenizer.chat_template or None,
         "max_length": options.max_length,
@@ -397,7 +480,7 @@ def build_manifest(options: PrepareOptions, results: dict[str, SplitResult], tok
         "overlength": options.overlength,
         "separator": None if tokenizer.chat_template else options.separator,
         "format": options.format,
-        "column_map": parse_column_map(options.column_map),
+        "column_map": column_map if column_map is not None else parse_column_map(options.column_map),
         "system_prompt": options.system_prompt,
         "eval_fraction": options.eval_fraction,
         "seed": options.seed,
@@ -406,17 +489,39 @@ def build_manifest(options: PrepareOptions, results: dict[str, SplitResult], tok
 
 
 def split_manifest(result: SplitResult) -> dict:
-    return {"rows": result.kept, "source": result.source, **counts(result), "lengths": lengths(result)}
+    ranked = {"k": group_size_stats(result.group_sizes)} if result.shape == "ranked" else {}
+    return {"rows": result.kept, "source": result.source, **counts(result), "lengths": lengths(result), **ranked}
 
 
 def counts(result: SplitResult) -> dict:
+    ranked = {}
+    if result.shape == "ranked":
+        ranked = {
+            "completions_dropped": dict(sorted(result.completions_dropped.items())),
+            "first_completion_dropped": dict(sorted(result.first_completion_dropped.items())),
+        }
     return {
         "read": result.read,
         "kept": result.kept,
         **{event: result.events[event] for event in ROW_EVENTS},
         "dropped": dict(sorted(result.dropped.items())),
         "first_dropped": dict(sorted(result.first_dropped.items())),
+        **ranked,
         "formats": dict(sorted(result.formats.items())),
+    }
+
+
+def group_size_stats(sizes: Counter) -> dict:
+    """The distribution of k (completions per kept ranked row): ``min``, ``max``, ``mean`` and ``counts``
+    (k as text -> rows, by k)."""
+    rows = sum(sizes.values())
+    if not rows:
+        return {"min": 0, "max": 0, "mean": 0.0, "counts": {}}
+    return {
+        "min": min(sizes),
+        "max": max(sizes),
+        "mean": round(sum(k * n for k, n in sizes.items()) / rows, 4),
+        "counts": {str(k): sizes[k] for k in sorted(sizes)},
     }
 
 
@@ -484,6 +589,11 @@ def summary_table(results: dict[str, SplitResult], out: Path, seconds: float) ->
 
     row("rows read", lambda r: r.read)
     row("rows kept", lambda r: r.kept)
+    if any(r.shape == "ranked" for r in results.values()):
+        row("completions kept", lambda r: len(r.completion_lengths))
+        row("k min/mean/max", lambda r: "{min}/{mean:.2f}/{max}".format(**group_size_stats(r.group_sizes)))
+        for reason in sorted(set().union(*(r.completions_dropped for r in results.values()))):
+            row(f"completions dropped: {reason}", lambda r, reason=reason: r.completions_dropped[reason])
     row("truncated", lambda r: r.events["truncated"])
     for event, label in (
         ("truncated_prompt", "  prompt cut"),

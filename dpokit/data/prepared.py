@@ -3,13 +3,17 @@
 Layout::
 
     prepared/
-      manifest.json       source, counts, tokenizer fingerprint, lengths, data fingerprint, file digests
+      manifest.json       shape, source, counts, tokenizer fingerprint, lengths, data fingerprint, file digests
       train/              datasets.Dataset.save_to_disk; columns prompt_ids, chosen_ids, rejected_ids
       eval/               (optional) the same
 
 ``chosen_ids``/``rejected_ids`` hold the completion tokens only (the end-of-turn token included);
 the full sequences are ``prompt_ids + chosen_ids`` and ``prompt_ids + rejected_ids``. Row ``i`` of a
 split is example ``i`` in the reference cache and in training.
+
+That is the ``pairs`` shape. Ranked data (the manifest's ``"shape": "ranked"``; a manifest without the
+key is pairs) has the columns `RANKED_COLUMNS`: ``prompt_ids``, ``completion_ids`` (a row's k >= 2
+completions, each as ``chosen_ids`` is) and ``scores`` (float32, one per completion, higher is better).
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from dpokit.fingerprint import data_fingerprint, ends_sha256, numpy_view
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
+RANKED_COLUMNS = ("prompt_ids", "completion_ids", "scores")
 WRITE_BATCH_ROWS = 1000  # rows per Arrow record batch that `SplitWriter` writes (save_to_disk's batch too)
 SHARD_BYTES = 500 * 10**6  # a split file this large is closed and the next begun (save_to_disk's default shard size)
 
@@ -52,6 +57,15 @@ class PreparedData:
     @property
     def tokenizer_fingerprint(self) -> str:
         return self.manifest["tokenizer"]["fingerprint"]
+
+    @property
+    def shape(self) -> str:
+        """``pairs`` or ``ranked`` (a manifest from before ranked data has no ``shape``: pairs)."""
+        return self.manifest.get("shape", "pairs")
+
+    @property
+    def is_ranked(self) -> bool:
+        return self.shape == "ranked"
 
     def split(self, name: str) -> "ArrowSplit":
         """Split `name`, memory-mapped (`ArrowSplit`: read with pyarrow alone, without importing `datasets`)."""
@@ -117,17 +131,22 @@ class ArrowSplit:
 
     def _lists(self, name: str, rows: np.ndarray) -> list[list]:
         """Column `name`'s values at `rows`, sliced from the Arrow buffers by their offsets: a training batch of a
-        few rows costs microseconds, where `Table.take(...).to_pydict()` cost milliseconds."""
+        few rows costs microseconds, where `Table.take(...).to_pydict()` cost milliseconds. A list of lists
+        (``completion_ids``) is sliced by both levels of offsets."""
         if name not in self._buffers:
             chunks = self.table.column(name).chunks
             starts = np.cumsum([0] + [len(chunk) for chunk in chunks])
-            self._buffers[name] = (starts, [(numpy_view(c.offsets), numpy_view(c.values)) for c in chunks])
+            self._buffers[name] = (starts, [list_buffers(chunk) for chunk in chunks])
         starts, buffers = self._buffers[name]
         which = np.searchsorted(starts, rows, side="right") - 1
         out = []
         for chunk, row in zip(which.tolist(), (rows - starts[which]).tolist()):
-            offsets, values = buffers[chunk]
-            out.append(values[offsets[row] : offsets[row + 1]].tolist())
+            (offsets, *inner), values = buffers[chunk]
+            if not inner:
+                out.append(values[offsets[row] : offsets[row + 1]].tolist())
+                continue
+            bounds = inner[0][offsets[row] : offsets[row + 1] + 1].tolist()
+            out.append([values[start:stop].tolist() for start, stop in zip(bounds, bounds[1:])])
         return out
 
     def __iter__(self):
@@ -142,6 +161,20 @@ class ArrowSplit:
         import datasets
 
         return datasets.Dataset(self.table.combine_chunks())
+
+
+def list_buffers(lists) -> tuple[list[np.ndarray], np.ndarray]:
+    """An Arrow list array's offsets (one array per level of nesting) and its innermost values, as NumPy views."""
+    offsets = []
+    while hasattr(lists, "offsets"):
+        offsets.append(numpy_view(lists.offsets))
+        lists = lists.values
+    return offsets, numpy_view(lists)
+
+
+def shape_columns(shape: str) -> tuple[str, ...]:
+    """The columns of a prepared split of `shape`: `COLUMNS` (pairs) or `RANKED_COLUMNS`."""
+    return RANKED_COLUMNS if shape == "ranked" else COLUMNS
 
 
 def load_prepared(path: str | os.PathLike) -> PreparedData:
@@ -247,7 +280,9 @@ def write_prepared_with(
 
     `write_splits(tmp)` writes one folder per split into `tmp` (`dpokit prepare` streams rows there
     with `SplitWriter` as it tokenizes them) and returns the manifest; the format version, the data
-    fingerprint (read back from those files a batch at a time) and the file digests are added, and
+    fingerprint (read back from those files a batch at a time: the columns of the manifest's ``shape``,
+    a ranked split's scores included; a manifest without one gets the shape of the files' columns) and
+    the file digests are added, and
     ``manifest.json`` is written last. An existing `out_dir` is replaced only with `overwrite` and
     only if it is an earlier prepare output (`dpokit.artifacts`). An interrupted run leaves only
     ``.{name}.tmp-*``, never a directory that `load_prepared` accepts.
@@ -259,15 +294,27 @@ def write_prepared_with(
         manifest = write_splits(tmp)
         folders = [folder for folder in tmp.iterdir() if folder.is_dir() and not folder.name.startswith(".")]
         splits = {folder.name: split_batches(folder) for folder in folders}
+        shape = manifest.get("shape") or written_shape(folders)
         full_manifest = dict(
             manifest,
+            shape=shape,
             format_version=FORMAT_VERSION,
-            data_fingerprint=data_fingerprint(splits, COLUMNS),
+            data_fingerprint=data_fingerprint(splits, shape_columns(shape)),
             files=split_file_digests(tmp),
         )
         (tmp / MANIFEST_NAME).write_text(json.dumps(full_manifest, indent=2, sort_keys=False) + "\n")
 
     return replace_atomically(out_dir, "prepared", write)
+
+
+def written_shape(folders: list[Path]) -> str:
+    """``ranked`` when the split folders' Arrow files have a ``completion_ids`` column, else ``pairs``."""
+    import pyarrow as pa
+
+    for file in (file for folder in folders for file in arrow_files(folder)):
+        with pa.OSFile(str(file)) as source:
+            return "ranked" if "completion_ids" in pa.ipc.open_stream(source).schema.names else "pairs"
+    return "pairs"
 
 
 def split_batches(split_dir: Path) -> Callable[[], Iterator]:
@@ -286,11 +333,21 @@ def split_batches(split_dir: Path) -> Callable[[], Iterator]:
     return batches
 
 
-def features():
-    """The `datasets.Features` of a prepared split: int32 id lists."""
+def features(shape: str = "pairs"):
+    """The `datasets.Features` of a prepared split: int32 id lists; for ranked data, ``completion_ids`` a list of
+    them and ``scores`` a float32 list."""
     import datasets
 
-    return datasets.Features({column: datasets.List(datasets.Value("int32")) for column in COLUMNS})
+    ids = datasets.List(datasets.Value("int32"))
+    if shape == "ranked":
+        return datasets.Features(
+            {
+                "prompt_ids": ids,
+                "completion_ids": datasets.List(ids),
+                "scores": datasets.List(datasets.Value("float32")),
+            }
+        )
+    return datasets.Features({column: ids for column in COLUMNS})
 
 
 @contextlib.contextmanager
@@ -312,14 +369,17 @@ class SplitWriter:
     ``data-NNNNN-of-NNNNN.arrow`` stream files (a new one after `SHARD_BYTES`, as save_to_disk shards),
     so `dpokit prepare` never holds a split in memory; `finish` adds ``state.json`` and
     ``dataset_info.json``, after which `datasets.load_from_disk` reads the folder as save_to_disk's own.
-    Use it as a context manager: leaving it by an exception closes the file without finishing.
+    `shape` picks the columns (`shape_columns`). Use it as a context manager: leaving it by an exception
+    closes the file without finishing.
     """
 
-    def __init__(self, directory: Path):
+    def __init__(self, directory: Path, shape: str = "pairs"):
         self.directory = Path(directory)
         self.directory.mkdir()
-        self.schema = features().arrow_schema  # with the features in its metadata, as datasets writes it
-        self.rows: dict[str, list[Sequence[int]]] = {column: [] for column in COLUMNS}
+        self.shape = shape
+        self.columns = shape_columns(shape)
+        self.schema = features(shape).arrow_schema  # with the features in its metadata, as datasets writes it
+        self.rows: dict[str, list[Sequence]] = {column: [] for column in self.columns}
         self.files: list[Path] = []
         self.sink: Any = None  # the open file and its Arrow stream writer
         self.stream: Any = None
@@ -334,24 +394,25 @@ class SplitWriter:
             if exc is None:  # leaving by an exception already: that one is the report, not the file's close
                 raise
 
-    def add(self, prompt_ids: Sequence[int], chosen_ids: Sequence[int], rejected_ids: Sequence[int]) -> None:
-        """Append one row."""
-        for column, ids in zip(COLUMNS, (prompt_ids, chosen_ids, rejected_ids)):
-            self.rows[column].append(ids)
-        if len(self.rows[COLUMNS[0]]) >= WRITE_BATCH_ROWS:
+    def add(self, *values: Sequence) -> None:
+        """Append one row: a value per column, in `self.columns` order (prompt, chosen and rejected ids; or
+        prompt ids, the completions' ids and their scores)."""
+        for column, value in zip(self.columns, values, strict=True):
+            self.rows[column].append(value)
+        if len(self.rows[self.columns[0]]) >= WRITE_BATCH_ROWS:
             self.write_batch()
 
     def write_batch(self) -> None:
         import pyarrow as pa
 
-        if not self.rows[COLUMNS[0]]:
+        if not self.rows[self.columns[0]]:
             return
         if self.stream is None or self.sink.tell() >= SHARD_BYTES:
             self.next_file()
-        arrays = [pa.array(self.rows[column], type=self.schema.field(column).type) for column in COLUMNS]
+        arrays = [pa.array(self.rows[column], type=self.schema.field(column).type) for column in self.columns]
         with naming(self.files[-1]):
             self.stream.write_batch(pa.record_batch(arrays, schema=self.schema))
-        self.rows = {column: [] for column in COLUMNS}
+        self.rows = {column: [] for column in self.columns}
 
     def next_file(self) -> None:
         import pyarrow as pa
@@ -387,20 +448,50 @@ class SplitWriter:
             "_split": None,
         }
         (self.directory / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True))
-        info = {"citation": "", "description": "", "features": features().to_dict(), "homepage": "", "license": ""}
+        info = {
+            "citation": "",
+            "description": "",
+            "features": features(self.shape).to_dict(),
+            "homepage": "",
+            "license": "",
+        }
         (self.directory / "dataset_info.json").write_text(json.dumps(info, indent=2))  # save_to_disk's, to the byte
+
+
+def arrow_table(split):
+    """The Arrow table of an `ArrowSplit` or a `datasets.Dataset`."""
+    return split.table if isinstance(split, ArrowSplit) else split.with_format("arrow")
 
 
 def pair_token_counts(split) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Token counts ``[N]`` (int64) of each pair's prompt, chosen and rejected, read from Arrow offsets."""
     import pyarrow.compute as pc
 
-    arrow = split.table if isinstance(split, ArrowSplit) else split.with_format("arrow")
+    arrow = arrow_table(split)
     return tuple(numpy_view(pc.list_value_length(arrow[name])).astype(np.int64) for name in COLUMNS)
 
 
+def group_token_counts(split) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Token counts of a ranked split, read from Arrow offsets: each row's prompt ``[N]``, every completion
+    ``[C]`` (row 0's completions first, then row 1's, ...) and each row's number of completions ``[N]``
+    (int64 each; ``C = sizes.sum()``)."""
+    import pyarrow.compute as pc
+
+    arrow = arrow_table(split)
+    completions = arrow["completion_ids"]
+    prompt = numpy_view(pc.list_value_length(arrow["prompt_ids"])).astype(np.int64)
+    sizes = numpy_view(pc.list_value_length(completions)).astype(np.int64)
+    tokens = numpy_view(pc.list_value_length(pc.list_flatten(completions))).astype(np.int64)
+    return prompt, tokens, sizes
+
+
 def pair_lengths(split) -> np.ndarray:
-    """A pair's length, the one definition every batching rule uses: prompt plus its longer completion
-    (the width of the pair's rows in the padded layout). ``[N]`` int64."""
+    """An example's length, the one definition every batching rule uses: prompt plus its longest completion
+    (the width of its rows in the padded layout), for a pair and a ranked row alike. ``[N]`` int64."""
+    if "completion_ids" in split.column_names:
+        prompt, tokens, sizes = group_token_counts(split)
+        if not len(prompt):
+            return prompt
+        return prompt + np.maximum.reduceat(tokens, np.cumsum(sizes) - sizes)
     prompt, chosen, rejected = pair_token_counts(split)
     return prompt + np.maximum(chosen, rejected)
