@@ -354,10 +354,12 @@ def ranked_outputs(
         name: ranked_token_values(done.token_stats[:, k], done.token_slots, outputs, batch.slot_counts)[0]
         for k, name in enumerate(token_stats)
     }
+    host_scores = torch.tensor(batch.scores, dtype=torch.float32)
     return RankedOutputs(
         logps=done.logps,
         group_sizes=tuple(batch.group_sizes),
-        scores=batch.scores,
+        scores=host_scores.to(done.logps.device, non_blocking=True),
+        host_scores=host_scores,
         tokens=done.counts,
         mean_logits=done.mean_logits,
         router_aux_loss=router_aux_loss,

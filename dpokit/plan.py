@@ -306,8 +306,8 @@ def _with_adapters(model, lora_cfg, use_dora: bool):
 class Workload:
     """The largest micro-batch a device runs: every pair as long as the longest."""
 
-    pairs: int  # data.batch_size
-    pair_tokens: int  # tokens one pair puts through the decoder (2 sequences, or prompt + chosen + rejected)
+    pairs: int  # data.batch_size (pairs, or ranked groups)
+    pair_tokens: int  # tokens one example puts through the decoder (its sequences, or its prompt once + completions)
     completion_tokens: int  # of those, completion tokens (where the vocabulary projection runs)
     row_width: int  # longest row (a mask is rows x width x width)
     source: str  # how the lengths were chosen
@@ -330,22 +330,38 @@ def workload(cfg: TrainConfig, data: Optional[str] = None, seq_len: Optional[int
     pairs = cfg.data.batch_size
     pack = cfg.data.pack_length or 0
     if data is not None:
-        from dpokit.data.prepared import load_prepared, pair_lengths, pair_token_counts
+        import numpy as np
 
-        split = load_prepared(data).split("train")
-        prompt, chosen, rejected = pair_token_counts(split)
+        from dpokit.data.prepared import group_token_counts, load_prepared, pair_lengths, pair_token_counts
+
+        prepared = load_prepared(data)
+        split = prepared.split("train")
+        if prepared.is_ranked:  # k completions per prompt: a group is one segment, or k sequences
+            prompt, tokens, sizes = group_token_counts(split)
+            firsts = np.cumsum(sizes) - sizes
+            group_completions = np.add.reduceat(tokens, firsts) if len(sizes) else sizes
+            first_completion = tokens[firsts] if len(sizes) else sizes
+            sequences = sizes  # sequences per example in the unshared layouts
+            # the branches after the first copy their [prompt; branch] keys and values
+            branches = (sizes - 1) * prompt + group_completions - first_completion
+        else:
+            prompt, chosen, rejected = pair_token_counts(split)
+            group_completions, sequences, branches = chosen + rejected, np.full(len(prompt), 2), prompt + rejected
         if len(prompt) == 0:
-            raise DpokitError(f"--data {data}: the train split has no pairs")
-        longest = int(pair_lengths(split).max())  # the one pair length of every batching rule
-        shared = int((prompt + chosen + rejected).max())
-        completions = int((chosen + rejected).max())
-        branch = int((prompt + rejected)[int((prompt + chosen + rejected).argmax())])  # of the longest pair
-        source = f"the longest pair of {data} (sequence {longest} tokens, prompt + chosen + rejected {shared})"
+            raise DpokitError(f"--data {data}: the train split has no examples")
+        longest = int(pair_lengths(split).max())  # the one example length of every batching rule
+        whole = prompt + group_completions  # an example's tokens with its prompt once
+        shared = int(whole.max())
+        completions = int(group_completions.max())
+        branch = int(branches[int(whole.argmax())])  # of the longest example
+        unshared = int(sequences.max()) * longest  # every sequence of the largest example as long as the longest
+        what = "prompt + its completions" if prepared.is_ranked else "prompt + chosen + rejected"
+        source = f"the longest example of {data} (sequence {longest} tokens, {what} {shared})"
     else:
         if seq_len is not None and seq_len < 2:
             raise DpokitError(f"--seq-len must be at least 2, got {seq_len}")
         longest = seq_len or DEFAULT_SEQ_LEN
-        shared = completions = 2 * longest
+        shared = completions = unshared = 2 * longest
         branch = longest
         source = (
             f"--seq-len {longest} tokens per sequence (no --data: prompt length unknown, prefix sharing not counted)"
@@ -359,7 +375,7 @@ def workload(cfg: TrainConfig, data: Optional[str] = None, seq_len: Optional[int
     )
     if cfg.data.prefix_sharing:
         return Workload(pairs, shared, completions, width, source, layout, branch)
-    return Workload(pairs, 2 * longest, completions, width, source, layout)
+    return Workload(pairs, unshared, completions, width, source, layout)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -700,7 +716,7 @@ def estimate(
         )
 
     # Reference: a frozen copy on every device when it runs live and is not the policy with adapters off.
-    live_reference = not is_reference_free(build_loss(cfg.loss)) and cfg.reference.source == "live"
+    live_reference = not is_reference_free(build_loss(cfg.loss, ranked=None)) and cfg.reference.source == "live"
     if live_reference and (full or cfg.reference.adapter):
         rows.append(
             Row(

@@ -57,12 +57,12 @@ from dpokit.distributed import (
 from dpokit.errors import DpokitError
 from dpokit.export import export_run
 from dpokit.family import attn_implementation_of
-from dpokit.fidelity import PADDED, Layout, check_layout, check_pairs, check_step_zero
+from dpokit.fidelity import PADDED, Layout, check_layout, check_pairs, check_step_zero, output_logps
 from dpokit.lock import WriterLock, lock_path
 from dpokit.log import console, debug, note, print_causes
-from dpokit.logps import chosen_rejected_outputs, decoder_hidden_states, generate_reply, head_logps
-from dpokit.losses import build_loss, check_loss_outputs, is_reference_free
-from dpokit.metrics import MetricsLogger, PairMetrics, summary_table, training_progress, truncate_metrics
+from dpokit.logps import batch_outputs, chosen_rejected_outputs, decoder_hidden_states, generate_reply, head_logps
+from dpokit.losses import build_loss, check_loss_outputs, check_ranked_loss_outputs, is_reference_free
+from dpokit.metrics import MetricsLogger, PairMetrics, RankMetrics, summary_table, training_progress, truncate_metrics
 from dpokit.model import (
     block_bitsandbytes_import,
     compile_layers,
@@ -92,7 +92,7 @@ from dpokit.run_dir import (
     start_or_resume,
 )
 from dpokit.trackers import check_trackers, extra_of, missing_trackers, open_trackers
-from dpokit.types import ChosenRejectedOutputs, PairBatch, TrainResult
+from dpokit.types import ChosenRejectedOutputs, PairBatch, RankedOutputs, TrainResult
 
 
 class SetupOrder:
@@ -191,7 +191,9 @@ __all__ = [
     "uses_adapters",
     # the forward pass
     "ChosenRejectedOutputs",
+    "RankedOutputs",
     "chosen_rejected_outputs",
+    "batch_outputs",
     "decoder_hidden_states",
     "generate_reply",
     "head_logps",
@@ -200,6 +202,7 @@ __all__ = [
     "LiveReference",
     "build_loss",
     "check_loss_outputs",
+    "check_ranked_loss_outputs",
     "check_token_counts",
     "is_reference_free",
     # fidelity checks
@@ -208,6 +211,7 @@ __all__ = [
     "check_layout",
     "check_pairs",
     "check_step_zero",
+    "output_logps",
     # optimizer
     "OptimizerInBackward",
     "build_optimizer",
@@ -233,6 +237,7 @@ __all__ = [
     # metrics, trackers and messages
     "MetricsLogger",
     "PairMetrics",
+    "RankMetrics",
     "TrainResult",
     "check_trackers",
     "console",

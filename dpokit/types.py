@@ -63,7 +63,7 @@ class PairBatch:
     segments: Optional[tuple[Segment, ...]] = None  # packed / prefix-shared layouts: who attends to whom (O(L))
     slot_counts: Optional[tuple[int, ...]] = None  # [outputs] completion tokens per output, on the host: no device read
     group_sizes: Optional[tuple[int, ...]] = None  # ranked groups: completions per group (None: pairs)
-    scores: Optional[torch.Tensor] = None  # [C] float32, ranked groups: each completion's score (higher is better)
+    scores: Optional[tuple[float, ...]] = None  # [C] ranked groups: each completion's score (higher is better), host
 
     @property
     def num_pairs(self) -> int:
@@ -158,13 +158,14 @@ class RankedOutputs:
 
     logps: Tensor  # [C]
     group_sizes: tuple[int, ...]  # [G], on the host
-    scores: Optional[Tensor] = None  # [C]
+    scores: Optional[Tensor] = None  # [C], on the logps' device
     tokens: Optional[Tensor] = None  # [C]
     mean_logits: Optional[Tensor] = None  # [C]
     router_aux_loss: Optional[Tensor] = None
     token_logps: Optional[Tensor] = None  # [C, T]
     token_mask: Optional[Tensor] = None  # [C, T] bool
     token_stats: dict[str, Tensor] = field(default_factory=dict)  # name -> [C, T]
+    host_scores: Optional[Tensor] = None  # [C] the scores on the host: pairing rules read them without a device read
 
     @property
     def num_groups(self) -> int:

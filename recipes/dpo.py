@@ -74,6 +74,8 @@ from dpokit.recipe_api import (  # the names an ejected recipe may rely on (see 
     PairMetrics,
     PairSampler,
     PairTokenizer,
+    RankedOutputs,
+    RankMetrics,
     SetupOrder,
     StepBatches,
     StopSignals,
@@ -87,6 +89,7 @@ from dpokit.recipe_api import (  # the names an ejected recipe may rely on (see 
     attn_implementation_of,
     background_group,
     barrier,
+    batch_outputs,
     block_bitsandbytes_import,
     broadcast_from_main,
     build_loss,
@@ -96,11 +99,11 @@ from dpokit.recipe_api import (  # the names an ejected recipe may rely on (see 
     check_layout,
     check_loss_outputs,
     check_pairs,
+    check_ranked_loss_outputs,
     check_resume_config,
     check_step_zero,
     check_token_counts,
     check_trackers,
-    chosen_rejected_outputs,
     clear_old_run,
     clear_stop_marker,
     collated,
@@ -140,6 +143,7 @@ from dpokit.recipe_api import (  # the names an ejected recipe may rely on (see 
     missing_trackers,
     note,
     open_trackers,
+    output_logps,
     pad_token_id,
     pair_lengths,
     parse_recipe_args,
@@ -196,7 +200,9 @@ class DPORecipe:
         order.done("trackers_checked")
         self._tokenizer = None  # loaded at first use (`tokenizer`)
         self._check_tokenizer_files()
-        self.loss_fn = build_loss(cfg.loss)
+        self.ranked = self.data.is_ranked  # groups of k scored completions per prompt instead of pairs
+        self.unit = "groups" if self.ranked else "pairs"  # what a batch counts (rates, messages)
+        self.loss_fn = build_loss(cfg.loss, ranked=self.ranked)
         self.token_stats = tuple(getattr(self.loss_fn, "token_stats", ()))  # full-vocabulary values the loss asks for
         self.lock = WriterLock(lock_path(self.run_dir, RUN_LOCK), f"run directory {self.run_dir}", self.announce)
         if self.dist.is_main:
@@ -452,21 +458,25 @@ class DPORecipe:
         workers = default_workers(self.device) if workers is None else workers
         return iter(step_loader(batches, first, first + self.total_steps - self.step, workers, self.device))
 
-    def policy_logps(self, model: torch.nn.Module, batch: PairBatch, training: bool = False) -> ChosenRejectedOutputs:
-        """The forward pass: per-pair log-probs of the chosen and rejected completions under `model`.
+    def policy_logps(
+        self, model: torch.nn.Module, batch: PairBatch, training: bool = False
+    ) -> ChosenRejectedOutputs | RankedOutputs:
+        """The forward pass: per-pair log-probs of the chosen and rejected completions under `model` (per completion
+        for ranked groups).
 
         One pass over the batch's rows, as `dpokit ref-logps` made the cache: the decoder over every row
-        (prompt once, chosen and rejected behind it), then the output head fused with the log-softmax on the
-        completion positions only (chunked, fp32, no full logits), then the sums split per pair. With
+        (prompt once, every completion behind it), then the output head fused with the log-softmax on the
+        completion positions only (chunked, fp32, no full logits), then the sums split per pair or group. With
         `training`, a mixture-of-experts model also returns its load-balancing term. Edit here to change how
         log-probs are computed; the step-0 check tells whether the reference cache still matches.
         """
         hidden, router_aux = decoder_hidden_states(model, batch, router_aux_loss=training)  # [R, L, H], any layout
         completions = head_logps(model, hidden, batch, self.cfg.data.logps_chunk_size, self.token_stats)  # fused head
-        return chosen_rejected_outputs(completions, batch.num_pairs, self.token_stats, router_aux, batch.slot_counts)
+        return batch_outputs(completions, batch, self.token_stats, router_aux)
 
     def pair_outputs(self, batch: PairBatch, split: str):
-        """Policy and reference outputs and the per-pair loss terms for one batch."""
+        """Policy outputs and the loss's outputs for one batch: ``(losses, chosen_rewards, rejected_rewards)`` per
+        pair, or ``(losses, rewards)`` per ranked group and completion."""
         training = split == "train"
         offload = training and self.cfg.model.activation_offloading
         with self.autocast(), activation_offloading(offload, self.device, self.policy):
@@ -477,10 +487,17 @@ class DPORecipe:
             check_token_counts(policy_out, reference_out, split)
             if self.step_zero_pending and training:
                 self.check_step_zero(policy_out, reference_out, batch)
-        losses, chosen_rewards, rejected_rewards = check_loss_outputs(
-            self.loss_fn, self.loss_fn(policy_out, reference_out), batch.num_pairs
-        )
-        return policy_out, losses, chosen_rewards, rejected_rewards
+        if self.ranked:
+            outputs = check_ranked_loss_outputs(
+                self.loss_fn, self.loss_fn(policy_out, reference_out), batch.num_pairs, batch.num_outputs
+            )
+        else:
+            outputs = check_loss_outputs(self.loss_fn, self.loss_fn(policy_out, reference_out), batch.num_pairs)
+        return policy_out, outputs
+
+    def new_metrics(self) -> PairMetrics | RankMetrics:
+        """Sums for the step's or the evaluation's metrics: per pair, or per ranked group."""
+        return RankMetrics(self.device) if self.ranked else PairMetrics(self.device)
 
     def check_first_batch(self) -> None:
         """The step-0 check on this rank's first micro-batch, run in setup (no gradients) when a fresh run is
@@ -513,7 +530,7 @@ class DPORecipe:
                     out = self.policy_logps(self.policy, batch)
             finally:
                 self.policy.train()
-            return torch.cat([out.chosen_logps, out.rejected_logps])
+            return output_logps(out)[0]
 
         difference = check_step_zero(
             policy_out, reference_out, self.compute_dtype, described, refuse=not quantized, eval_logps=eval_logps
@@ -523,26 +540,26 @@ class DPORecipe:
                 f"step 0: the 4-bit policy differs from the reference by up to {difference:.3g} nats per sequence"
             )
 
-    def train_step(self, micro_batches: list[PairBatch]) -> PairMetrics:
+    def train_step(self, micro_batches: list[PairBatch]) -> PairMetrics | RankMetrics:
         """Forward and backward over this rank's micro-batches of one optimizer step."""
-        metrics = PairMetrics(self.device)
+        metrics = self.new_metrics()
         self.step_losses: list[tuple[torch.Tensor, torch.Tensor]] = []  # for naming the pairs of a non-finite loss
         pairs_per_rank = self.cfg.data.batch_size * len(micro_batches)
         for micro_step, micro_batch in enumerate(micro_batches):
             if hasattr(self.policy, "set_requires_gradient_sync"):  # FSDP: reduce gradients once per step
                 self.policy.set_requires_gradient_sync(micro_step == len(micro_batches) - 1)
             batch = micro_batch.to(self.device)
-            policy_out, losses, chosen_rewards, rejected_rewards = self.pair_outputs(batch, "train")
-            # Sum over pairs / pairs per rank: FSDP averages gradients over ranks -> mean over the global batch.
+            policy_out, (losses, *rewards) = self.pair_outputs(batch, "train")
+            # Sum over pairs (groups) / pairs per rank: FSDP averages gradients over ranks -> mean over the global batch.
             objective = losses.sum() / pairs_per_rank
             if policy_out.router_aux_loss is not None:  # MoE load balancing, once per micro-batch
                 objective = objective + policy_out.router_aux_loss / len(micro_batches)
             objective.backward()
-            metrics.add(losses, chosen_rewards, rejected_rewards, policy_out, batch.num_tokens, self.loss_terms())
+            metrics.add(losses, *rewards, policy_out, batch.num_tokens, self.loss_terms())
             self.step_losses.append((batch.index, losses.detach()))
         return metrics
 
-    def optimizer_step(self, metrics: PairMetrics, control: torch.Tensor) -> tuple[float, list[bool]]:
+    def optimizer_step(self, metrics: PairMetrics | RankMetrics, control: torch.Tensor) -> tuple[float, list[bool]]:
         """Clip, then update, unless the loss or the gradient norm is not finite (`nonfinite_step`). Returns the
         gradient norm and the `control` flags (OR-ed over ranks), read from the device with the loss and the norm:
         the step's one read."""
@@ -598,12 +615,14 @@ class DPORecipe:
             "training.skip_nonfinite=true to skip such batches"
         )
 
-    def step_metrics(self, metrics: PairMetrics, seconds: float, grad_norm: float, lr: float) -> dict[str, float]:
+    def step_metrics(
+        self, metrics: PairMetrics | RankMetrics, seconds: float, grad_norm: float, lr: float
+    ) -> dict[str, float]:
         values = metrics.means()
         values.update(
             lr=lr,
             grad_norm=grad_norm,  # NaN with training.optimizer_in_backward: no gradient outlives its update
-            pairs_per_s=metrics.num_pairs / seconds,
+            **{f"{self.unit}_per_s": metrics.num_pairs / seconds},
             tokens_per_s=metrics.num_tokens / seconds,
             peak_memory_mb=peak_memory_mb(self.device),
         )
@@ -620,7 +639,7 @@ class DPORecipe:
         """Loss, reward accuracy and margins over the eval split (each rank a slice, reduced)."""
         self.policy.eval()
         self.loss_fn.eval()  # a loss's running statistics (bco) learn from training batches only
-        metrics = PairMetrics(self.device)
+        metrics = self.new_metrics()
         size, world, rank = len(self.eval_split), self.dist.world_size, self.dist.rank
         per_step = self.cfg.data.batch_size * world
         steps = math.ceil(size / per_step)
@@ -631,9 +650,9 @@ class DPORecipe:
             indices = list(range(start, min(start + self.cfg.data.batch_size, size)))
             # Every rank must run the same forwards under FSDP; an empty slice recomputes row 0 unlogged.
             batch = self.batch(self.eval_split, indices or [0])
-            policy_out, losses, chosen_rewards, rejected_rewards = self.pair_outputs(batch, "eval")
+            policy_out, (losses, *rewards) = self.pair_outputs(batch, "eval")
             if indices:
-                metrics.add(losses, chosen_rewards, rejected_rewards, policy_out, batch.num_tokens, self.loss_terms())
+                metrics.add(losses, *rewards, policy_out, batch.num_tokens, self.loss_terms())
         metrics.all_reduce()
         self.policy.train()
         self.loss_fn.train()
@@ -723,7 +742,7 @@ class DPORecipe:
                 if self.step == self.total_steps or self.step % self.cfg.training.log_every == 0:
                     self.result.train = self.step_metrics(metrics, seconds, grad_norm, lr)  # reads the device
                     status = f"loss {self.result.train['loss']:.4f} acc {self.result.train['rewards/accuracies']:.2f}"
-                rate = f"{self.sampler.global_batch_size / seconds:.1f} pairs/s"
+                rate = f"{self.sampler.global_batch_size / seconds:.1f} {self.unit}/s"
                 progress.update(task, completed=self.step, rate=rate, status=status)
                 self.after_step(self.step == self.total_steps, stop, time_due)
         self.result.steps = self.step
@@ -873,6 +892,7 @@ def _summary_rows(result: TrainResult):
         "eval/rewards/accuracies",
         "eval/rewards/margins",
         "pairs_per_s",
+        "groups_per_s",
         "tokens_per_s",
         "peak_memory_mb",
     ):

@@ -57,7 +57,7 @@ def test_a_ranked_batch_numbers_completions_group_by_group_with_their_scores():
     rows = ranked_rows((3, 2))
     batch = collate_pairs(rows, [7, 9], 0, packing=True, prefix_sharing=True)
     assert batch.group_sizes == (3, 2) and batch.num_outputs == 5 and batch.num_pairs == 2
-    assert batch.scores.tolist() == rows[0]["scores"] + rows[1]["scores"]
+    assert list(batch.scores) == rows[0]["scores"] + rows[1]["scores"]
     assert batch.slot_counts == tuple(len(c) for row in rows for c in row["completion_ids"])
     segment = [s for s in batch.segments if s.shared == len(rows[0]["prompt_ids"])][0]
     assert segment.branches == tuple(len(c) for c in rows[0]["completion_ids"])

@@ -62,10 +62,9 @@ def _ranked_fields(rows: Sequence[dict]) -> dict:
     """`PairBatch.group_sizes` and ``scores`` of ranked rows (nothing for pairs)."""
     if not rows or "completion_ids" not in rows[0]:
         return {}
-    scores = [float(score) for row in rows for score in row["scores"]]
     return dict(
         group_sizes=tuple(len(row["completion_ids"]) for row in rows),
-        scores=torch.tensor(scores, dtype=torch.float32),
+        scores=tuple(float(score) for row in rows for score in row["scores"]),
     )
 
 

@@ -15,18 +15,23 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from dpokit.data.collate import collate_pairs
-from dpokit.data.prepared import COLUMNS
+from dpokit.data.prepared import COLUMNS, RANKED_COLUMNS
 from dpokit.data.sampler import PairSampler
 from dpokit.types import PairBatch
+
+
+def example_rows(split, indices: list[int]) -> list[dict]:
+    """Rows `indices` of a prepared split as dicts: a pair's `COLUMNS`, or a ranked group's `RANKED_COLUMNS`."""
+    names = RANKED_COLUMNS if "completion_ids" in split.column_names else COLUMNS
+    columns = split[indices]
+    return [{k: columns[k][i] for k in names} for i in range(len(indices))]
 
 
 def collated(
     split, indices: list[int], pad_id: int, packing: bool, prefix_sharing: bool, pack_length: Optional[int]
 ) -> PairBatch:
-    """The pairs `indices` of a prepared split as one batch in the given layout (on CPU)."""
-    columns = split[indices]
-    rows = [{k: columns[k][i] for k in COLUMNS} for i in range(len(indices))]
-    return collate_pairs(rows, indices, pad_id, packing, prefix_sharing, pack_length)
+    """The examples `indices` of a prepared split (pairs or ranked groups) as one batch in the given layout (on CPU)."""
+    return collate_pairs(example_rows(split, indices), indices, pad_id, packing, prefix_sharing, pack_length)
 
 
 class StepBatches(Dataset):

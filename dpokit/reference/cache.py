@@ -10,6 +10,15 @@ Layout (docs/cache-format.md has the full schema and an h5py snippet)::
     /{split}/token_offsets    int64   [N+1] with --per-token: row i's tokens are token_logps[offsets[i]:offsets[i+1]],
     /{split}/token_logps      float32 [T]   its chosen completion's tokens, then its rejected completion's
 
+A cache of ranked data (``shape`` attribute ``ranked``; prepared groups of k completions) has one row per
+completion instead, each group's completions consecutive::
+
+    /{split}/completion_logps   float32 [C]   sum of log p over the completion's tokens
+    /{split}/completion_tokens  int32   [C]
+    /{split}/group_offsets      int64   [N+1] group i's completions are rows group_offsets[i]:group_offsets[i+1]
+    /{split}/done, /{split}/row_crc        [C]   per completion row; a group is written in one commit
+    /{split}/token_offsets, token_logps          with --per-token, per completion row
+
 Root attributes name what the rows were computed from (data, tokenizer and reference fingerprints,
 compute dtype), so a reader can refuse a cache that belongs to other data or another model.
 
@@ -56,6 +65,8 @@ ROW_DATASETS = {
     "chosen_tokens": np.int32,
     "rejected_tokens": np.int32,
 }
+RANKED_DATASETS = {"completion_logps": np.float32, "completion_tokens": np.int32}  # a ranked cache's rows
+GROUP_OFFSETS = "group_offsets"
 DONE = "done"
 ROW_CRC = "row_crc"  # CRC-32 of each written row's values (and its per-token values), checked when read
 TOKEN_LOGPS, TOKEN_OFFSETS = "token_logps", "token_offsets"  # the optional per-token layout (``per_token``)
@@ -124,6 +135,44 @@ class CachedLogps(NamedTuple):
         return split_token_values(values, slots, b)
 
 
+class CachedRankedLogps(NamedTuple):
+    """One ranked split's reference outputs: per completion (group by group) its log-prob and token count, the
+    groups' offsets into them, and with a per-token cache each completion's token log-probs (flat, with offsets)."""
+
+    logps: torch.Tensor  # [C] float32
+    tokens: torch.Tensor  # [C] int64
+    group_offsets: torch.Tensor  # [N+1] int64
+    token_logps: Optional[torch.Tensor] = None  # [T]
+    token_offsets: Optional[torch.Tensor] = None  # [C+1]
+
+    def select(self, index: torch.Tensor):
+        """The `RankedOutputs` of the groups in `index` (e.g. ``PairBatch.index``), their completions in batch order."""
+        import torch
+
+        from dpokit.types import RankedOutputs, ranked_token_values
+
+        index = index.cpu()
+        starts, stops = self.group_offsets[index], self.group_offsets[index + 1]
+        sizes = stops - starts
+        rows = _ranges(starts, sizes)
+        outputs = RankedOutputs(logps=self.logps[rows], group_sizes=tuple(sizes.tolist()), tokens=self.tokens[rows])
+        if self.token_logps is not None:
+            lengths = self.tokens[rows]
+            values = self.token_logps[_ranges(self.token_offsets[rows], lengths)]
+            slots = torch.repeat_interleave(torch.arange(rows.numel()), lengths)
+            outputs.token_logps, outputs.token_mask = ranked_token_values(values, slots, rows.numel())
+        return outputs
+
+
+def _ranges(starts, lengths):
+    """``cat(arange(s, s + n) for s, n in zip(starts, lengths))`` without a Python loop."""
+    import torch
+
+    total = int(lengths.sum())
+    offsets = torch.repeat_interleave(starts - (torch.cumsum(lengths, 0) - lengths), lengths)
+    return torch.arange(total) + offsets
+
+
 @dataclass(frozen=True)
 class RefCache:
     """A reference cache's attributes and per-split progress; `logps` reads a split's rows.
@@ -134,8 +183,12 @@ class RefCache:
 
     path: Path
     attrs: dict[str, Any]
-    rows: dict[str, int]  # split -> N
-    rows_done: dict[str, int]  # split -> rows whose `done` is set
+    rows: dict[str, int]  # split -> N examples (pairs, or ranked groups)
+    rows_done: dict[str, int]  # split -> examples whose values are written (`done`)
+
+    @property
+    def is_ranked(self) -> bool:
+        return self.attrs.get("shape") == "ranked"
 
     @property
     def splits(self) -> list[str]:
@@ -196,8 +249,9 @@ class RefCache:
                 f"--out {self.path} --overwrite` (it was built with `{self.rebuild_command()}`)"
             )
 
-    def logps(self, split: str, require_done: bool = True) -> CachedLogps:
-        """A whole split's cached outputs (16 bytes per pair), after checking every row is done.
+    def logps(self, split: str, require_done: bool = True) -> CachedLogps | CachedRankedLogps:
+        """A whole split's cached outputs (16 bytes per pair), after checking every row is done: `CachedLogps` for
+        pairs, `CachedRankedLogps` for ranked groups.
 
         With ``require_done=False`` rows not yet written are returned too (log-probs NaN, counts 0).
         """
@@ -206,29 +260,42 @@ class RefCache:
                 f"reference cache {self.path} has no split {split!r} (it has {', '.join(self.splits)}); "
                 f"rebuild it from the prepared data that has it: `{self.rebuild_command()} --overwrite`"
             )
+        names = row_datasets(self.is_ranked)
         with _open_h5(self.path, "r") as handle:
             group = handle[split]
             done = group[DONE][()]
             if require_done and not done.all():
+                examples = f"{self.rows_done[split]}/{self.rows[split]}"
                 raise DpokitError(
-                    f"reference cache {self.path}: split {split!r} has {int(done.sum())}/{done.size} rows done; "
+                    f"reference cache {self.path}: split {split!r} has {examples} rows done; "
                     f"finish it with `{self.rebuild_command([split])}` (it resumes where it stopped)"
                 )
-            arrays = {name: group[name][()] for name in ROW_DATASETS}
+            arrays = {name: group[name][()] for name in names}
             per_token = TOKEN_LOGPS in group
             if per_token:
                 arrays[TOKEN_LOGPS], arrays[TOKEN_OFFSETS] = group[TOKEN_LOGPS][()], group[TOKEN_OFFSETS][()]
             if ROW_CRC in group:  # a cache from before the checksums has none to check
                 self._check_rows(split, arrays, group[ROW_CRC][()], done, per_token)
+            offsets = group[GROUP_OFFSETS][()] if self.is_ranked else None
         import torch
 
+        tokens = {
+            TOKEN_LOGPS: torch.from_numpy(arrays[TOKEN_LOGPS]) if per_token else None,
+            TOKEN_OFFSETS: torch.from_numpy(arrays[TOKEN_OFFSETS].astype(np.int64)) if per_token else None,
+        }
+        if self.is_ranked:
+            return CachedRankedLogps(
+                logps=torch.from_numpy(arrays["completion_logps"]),
+                tokens=torch.from_numpy(arrays["completion_tokens"].astype(np.int64)),
+                group_offsets=torch.from_numpy(offsets.astype(np.int64)),
+                **tokens,
+            )
         return CachedLogps(
             chosen_logps=torch.from_numpy(arrays["chosen_logps"]),
             rejected_logps=torch.from_numpy(arrays["rejected_logps"]),
             chosen_tokens=torch.from_numpy(arrays["chosen_tokens"].astype(np.int64)),
             rejected_tokens=torch.from_numpy(arrays["rejected_tokens"].astype(np.int64)),
-            token_logps=torch.from_numpy(arrays[TOKEN_LOGPS]) if per_token else None,
-            token_offsets=torch.from_numpy(arrays[TOKEN_OFFSETS].astype(np.int64)) if per_token else None,
+            **tokens,
         )
 
     def _check_rows(
@@ -236,12 +303,14 @@ class RefCache:
     ) -> None:
         """Raise naming the rows whose values differ from the CRC-32 written with them (a flipped bit on disk)."""
         rows = np.flatnonzero(done)
-        columns = {name: arrays[name][rows] for name in ROW_DATASETS}
+        columns = {name: arrays[name][rows] for name in row_datasets(self.is_ranked)}
         per_row = None
         if per_token:
             offsets, values = arrays[TOKEN_OFFSETS], arrays[TOKEN_LOGPS]
             per_row = [values[offsets[i] : offsets[i + 1]] for i in rows]
         bad = rows[row_checksums(columns, per_row) != recorded[rows]]
+        if self.is_ranked:  # name the groups, as everything else does
+            bad = np.unique(self.groups_of(split, bad))
         if bad.size:
             shown = ", ".join(str(int(i)) for i in bad[:5]) + (f" (and {bad.size - 5} more)" if bad.size > 5 else "")
             raise DpokitError(
@@ -250,13 +319,37 @@ class RefCache:
             )
 
     def done_mask(self, split: str) -> np.ndarray:
-        """``done`` of a split: True where the row is written."""
+        """``done`` of a split's examples: True where the row (all of a ranked group's completions) is written."""
         with _open_h5(self.path, "r") as handle:
-            return handle[split][DONE][()]
+            group = handle[split]
+            return _examples_done(group[DONE][()], group[GROUP_OFFSETS][()] if GROUP_OFFSETS in group else None)
 
     def pending_rows(self, split: str) -> np.ndarray:
         """Example indices of a split not yet written, ascending."""
         return np.flatnonzero(~self.done_mask(split))
+
+    def group_offsets(self, split: str) -> np.ndarray:
+        """A ranked split's ``[N+1]`` offsets of each group's completion rows."""
+        with _open_h5(self.path, "r") as handle:
+            return handle[split][GROUP_OFFSETS][()]
+
+    def groups_of(self, split: str, completion_rows: np.ndarray) -> np.ndarray:
+        """The group of each completion row of a ranked split."""
+        return np.searchsorted(self.group_offsets(split), completion_rows, side="right") - 1
+
+
+def row_datasets(ranked: bool) -> dict[str, Any]:
+    """The per-row datasets of a cache: a pair's four values, or a ranked completion's two."""
+    return RANKED_DATASETS if ranked else ROW_DATASETS
+
+
+def _examples_done(done: np.ndarray, group_offsets: Optional[np.ndarray]) -> np.ndarray:
+    """Per example: its row is done (pairs), or every row of its group is (ranked)."""
+    if group_offsets is None:
+        return done
+    if len(group_offsets) < 2:
+        return np.zeros(0, dtype=bool)
+    return np.logical_and.reduceat(done, group_offsets[:-1]) if done.size else np.zeros(len(group_offsets) - 1, bool)
 
 
 def open_cache(path: str | os.PathLike) -> RefCache:
@@ -281,13 +374,15 @@ def open_cache(path: str | os.PathLike) -> RefCache:
                 f"from); rebuild it with `dpokit ref-logps ... --out {path} --overwrite`"
             )
         rows, rows_done = {}, {}
+        ranked = attrs.get("shape") == "ranked"
         for split in handle:
             group = handle[split]
-            for name in (*ROW_DATASETS, DONE):
+            for name in (*row_datasets(ranked), DONE, *((GROUP_OFFSETS,) if ranked else ())):
                 if name not in group:
                     raise DpokitError(f"{path}: /{split}/{name} is missing; rebuild the cache with --overwrite")
-            rows[split] = int(group[DONE].shape[0])
-            rows_done[split] = int(np.count_nonzero(group[DONE][()]))
+            done = _examples_done(group[DONE][()], group[GROUP_OFFSETS][()] if ranked else None)
+            rows[split] = int(done.shape[0])
+            rows_done[split] = int(np.count_nonzero(done))
     return RefCache(path=path, attrs=attrs, rows=rows, rows_done=rows_done)
 
 
@@ -344,6 +439,7 @@ def cache_attrs(
     dtype: str,
     attn_implementation: str = "sdpa",
     per_token: bool = False,
+    shape: str = "pairs",
 ) -> dict[str, Any]:
     """The root attributes of a new cache (HDF5 attributes cannot be None: absent is "")."""
     return {
@@ -360,6 +456,7 @@ def cache_attrs(
         "dtype": dtype,
         "attn_implementation": attn_implementation,
         "per_token": bool(per_token),
+        "shape": shape,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
 
@@ -370,8 +467,13 @@ def create_or_resume_cache(
     rows: dict[str, int],
     overwrite: bool,
     token_counts: Optional[dict[str, np.ndarray]] = None,
+    group_sizes: Optional[dict[str, np.ndarray]] = None,
 ) -> RefCache:
     """The cache at `path` to fill: a new one, or the existing one if it was made from the same inputs.
+
+    `rows` counts examples per split; for ranked data (``attrs["shape"] == "ranked"``) `group_sizes` gives each
+    group's completions, and `token_counts` (a per-token cache) counts tokens per cache row: per pair (chosen
+    and rejected together), or per completion.
 
     An existing file made from other data, tokenizer, model or dtype is refused with a message
     naming what differs, unless `overwrite`. A directory, or a file that is not a reference cache, is
@@ -391,7 +493,7 @@ def create_or_resume_cache(
                 "Pass --overwrite to replace it, or write to another --out"
             )
         return existing
-    _create_cache_file(path, attrs, rows, token_counts if attrs.get("per_token") else None)
+    _create_cache_file(path, attrs, rows, token_counts if attrs.get("per_token") else None, group_sizes)
     return open_cache(path)
 
 
@@ -412,7 +514,11 @@ def check_cache_target(path: str | os.PathLike, overwrite: bool) -> None:
 
 
 def _create_cache_file(
-    path: Path, attrs: dict[str, Any], rows: dict[str, int], token_counts: Optional[dict[str, np.ndarray]] = None
+    path: Path,
+    attrs: dict[str, Any],
+    rows: dict[str, int],
+    token_counts: Optional[dict[str, np.ndarray]] = None,
+    group_sizes: Optional[dict[str, np.ndarray]] = None,
 ) -> None:
     """Write an empty cache (every dataset allocated, nothing done) to a temporary file, then rename it.
 
@@ -420,8 +526,14 @@ def _create_cache_file(
     overwrite bytes in place, and HDF5 crashes rather than raises when a write runs out of room."""
     import h5py
 
-    per_row = sum(np.dtype(dtype).itemsize for dtype in ROW_DATASETS.values()) + 1 + 4  # values, done, row_crc
-    needed = sum(n * per_row for n in rows.values()) + (1 << 16)  # + HDF5's own structures
+    ranked = attrs.get("shape") == "ranked"
+    if ranked and group_sizes is None:
+        raise ValueError("a ranked cache needs the group sizes of every split")
+    datasets = row_datasets(ranked)
+    # Cache rows per split: one per pair, or one per ranked completion.
+    cache_rows = {split: int(np.sum(group_sizes[split])) if ranked else n for split, n in rows.items()}
+    per_row = sum(np.dtype(dtype).itemsize for dtype in datasets.values()) + 1 + 4  # values, done, row_crc
+    needed = sum(n * per_row for n in cache_rows.values()) + 8 * sum(rows.values()) + (1 << 16)  # + HDF5's own
     if token_counts is not None:
         needed += sum(4 * int(np.sum(counts)) + 8 * (len(counts) + 1) for counts in token_counts.values())
     check_room(path, needed)
@@ -430,16 +542,19 @@ def _create_cache_file(
         with h5py.File(tmp, "w", libver=LIBVER, track_order=True) as handle:
             for key, value in attrs.items():
                 handle.attrs[key] = value
-            for split, n in rows.items():
+            for split, n in cache_rows.items():
                 group = handle.create_group(split)
                 # Writing the initial values (not just a fill value) allocates the storage now, so later
                 # commits only overwrite bytes in place and never change the file's structure.
-                for name, dtype in ROW_DATASETS.items():
+                for name, dtype in datasets.items():
                     initial = np.full(n, np.nan, dtype) if dtype == np.float32 else np.zeros(n, dtype)
                     group.create_dataset(name, data=initial, track_times=False)
                 group.create_dataset(DONE, data=np.zeros(n, dtype=bool), track_times=False)
                 group.create_dataset(ROW_CRC, data=np.zeros(n, dtype=np.uint32), track_times=False)
-                if token_counts is not None:  # per row: chosen + rejected completion tokens, all allocated now
+                if ranked:
+                    offsets = np.concatenate([[0], np.cumsum(group_sizes[split])]).astype(np.int64)
+                    group.create_dataset(GROUP_OFFSETS, data=offsets, track_times=False)
+                if token_counts is not None:  # per cache row, all allocated now
                     offsets = np.concatenate([[0], np.cumsum(token_counts[split])]).astype(np.int64)
                     group.create_dataset(TOKEN_OFFSETS, data=offsets, track_times=False)
                     group.create_dataset(
@@ -461,6 +576,7 @@ class RefCacheWriter:
         self.path = Path(path)
         self.rows_written = 0
         self.token_offsets: dict[str, np.ndarray] = {}  # split -> its ``token_offsets``, read at its first commit
+        self.group_offsets: dict[str, np.ndarray] = {}  # split -> a ranked split's ``group_offsets``
 
     def write(
         self,
@@ -478,17 +594,52 @@ class RefCacheWriter:
 
         Values are flushed before ``done`` is set, so a row is never marked done without its values.
         """
-        if len(index) == 0:
-            return
-        order = np.argsort(index, kind="stable")  # a point selection is written in ascending order
-        rows = np.asarray(index, dtype=np.int64)[order]
         values = {
             "chosen_logps": chosen_logps,
             "rejected_logps": rejected_logps,
             "chosen_tokens": chosen_tokens,
             "rejected_tokens": rejected_tokens,
         }
-        columns = {name: np.asarray(array, dtype=ROW_DATASETS[name])[order] for name, array in values.items()}
+        self.write_rows(split, index, values, token_logps)
+
+    def write_groups(
+        self,
+        split: str,
+        index: np.ndarray,
+        logps: np.ndarray,
+        tokens: np.ndarray,
+        token_logps: Optional[Sequence[np.ndarray]] = None,
+    ) -> None:
+        """Write ranked groups `index` of `split`: `logps`/`tokens` ``[C]`` hold their completions, group by group
+        in `index` order (`token_logps`: one array per completion), and mark them done, in one commit."""
+        if len(index) == 0:
+            return
+        if split not in self.group_offsets:
+            with _open_h5(self.path, "r") as handle:
+                self.group_offsets[split] = handle[split][GROUP_OFFSETS][()]
+        offsets = self.group_offsets[split]
+        index = np.asarray(index, dtype=np.int64)
+        rows = np.concatenate([np.arange(offsets[g], offsets[g + 1]) for g in index])
+        if rows.size != len(logps):
+            raise DpokitError(f"{self.path}: {len(logps)} completion values for groups of {rows.size} completions")
+        self.write_rows(split, rows, {"completion_logps": logps, "completion_tokens": tokens}, token_logps)
+
+    def write_rows(
+        self,
+        split: str,
+        index: np.ndarray,
+        values: dict[str, np.ndarray],
+        token_logps: Optional[Sequence[np.ndarray]] = None,
+    ) -> None:
+        """Write cache rows `index` of `split` (`values` by dataset name, `token_logps` one array per row) and mark
+        them done, in one short open-write-flush-close. Values are flushed before ``done`` is set, so a row is
+        never marked done without its values."""
+        if len(index) == 0:
+            return
+        order = np.argsort(index, kind="stable")  # a point selection is written in ascending order
+        rows = np.asarray(index, dtype=np.int64)[order]
+        dtypes = {**ROW_DATASETS, **RANKED_DATASETS}
+        columns = {name: np.asarray(array, dtype=dtypes[name])[order] for name, array in values.items()}
         per_row = [np.asarray(token_logps[k], dtype=np.float32) for k in order] if token_logps is not None else None
         with _open_h5(self.path, "r+") as handle:
             group = handle[split]
@@ -501,7 +652,7 @@ class RefCacheWriter:
                     self.token_offsets[split] = group[TOKEN_OFFSETS][()]
                 offsets = self.token_offsets[split]
                 positions = np.concatenate([np.arange(offsets[i], offsets[i + 1]) for i in rows])
-                flat = np.concatenate([np.asarray(token_logps[k], dtype=np.float32) for k in order])
+                flat = np.concatenate(per_row)
                 if flat.size != positions.size:
                     raise DpokitError(f"{self.path}: per-token values do not match the rows' token counts")
                 _write_points(group[TOKEN_LOGPS], positions, flat)  # rows ascending, so positions ascending too
@@ -521,9 +672,12 @@ class RefCacheWriter:
 
 
 def row_checksums(columns: dict[str, np.ndarray], token_logps: Optional[Sequence[np.ndarray]] = None) -> np.ndarray:
-    """CRC-32 of each row's four values in `ROW_DATASETS` order (and its per-token values, when given)."""
-    packed = np.empty(len(columns["chosen_logps"]), dtype=[(name, dtype) for name, dtype in ROW_DATASETS.items()])
-    for name in ROW_DATASETS:
+    """CRC-32 of each row's values, packed in `columns`' order (a pair cache's `ROW_DATASETS`, a ranked one's
+    `RANKED_DATASETS`), and of its per-token values, when given."""
+    dtypes = {**ROW_DATASETS, **RANKED_DATASETS}
+    first = next(iter(columns.values()))
+    packed = np.empty(len(first), dtype=[(name, dtypes[name]) for name in columns])
+    for name in columns:
         packed[name] = columns[name]
     view, width, n = memoryview(packed.tobytes()), packed.dtype.itemsize, len(packed)
     if token_logps is None:

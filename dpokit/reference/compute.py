@@ -4,7 +4,8 @@ For each split, the rows not yet done are sorted by length (longest first, so an
 batch shows up at the start, not hours in) and cut into batches, so a batch holds rows of similar
 length and little padding. Each batch goes through `dpokit.logps.concatenated_forward` under
 ``torch.inference_mode()``. Results are written by example index, so neither the order nor the
-batch size changes the file.
+batch size changes the file. Ranked data (k completions per prompt) runs the same way, a group's prompt once
+with its k completions behind it, and writes one cache row per completion.
 
 With N processes, the batches are dealt round-robin to the ranks; after each step every rank's
 results are gathered to rank 0, which alone writes the file (the step's rows in one commit) and
@@ -27,8 +28,9 @@ from torch import nn
 
 from dpokit import log
 from dpokit.config import DistributedConfig
-from dpokit.data.collate import collate_pairs
-from dpokit.data.prepared import PreparedData, load_prepared, pair_lengths, pair_token_counts
+from dpokit.data.collate import collate_pairs, example_completions
+from dpokit.data.loader import example_rows
+from dpokit.data.prepared import PreparedData, group_token_counts, load_prepared, pair_lengths, pair_token_counts
 from dpokit.distributed import (
     DistInfo,
     apply_fsdp,
@@ -96,6 +98,17 @@ class BatchLogps:
 
 
 @dataclass
+class GroupLogps:
+    """Reference outputs of one batch of ranked groups, on the CPU: per completion, group by group in `index` order."""
+
+    index: np.ndarray  # [G] example indices
+    logps: np.ndarray  # [C] float32
+    tokens: np.ndarray  # [C] completion token counts
+    num_tokens: int  # real tokens as the padded layout would compute them (prompt + completion per completion)
+    token_logps: Optional[list[np.ndarray]] = None  # per completion: its tokens' log-probs
+
+
+@dataclass
 class SplitReport:
     """What a pass did on one split (a row of the closing table)."""
 
@@ -145,30 +158,41 @@ class CollatedBatch(NamedTuple):
 
     index: np.ndarray
     batch: PairBatch
-    num_tokens: int  # both full sequences per pair, as in the padded layout, so rates stay comparable
+    num_tokens: int  # every full sequence (prompt + completion), as in the padded layout, so rates stay comparable
 
 
 def collated_batch(dataset, index: np.ndarray, pad_id: int, layout: Layout, device: torch.device) -> CollatedBatch:
-    """Read examples `index` of a prepared split and collate them in `layout` (pinned for a CUDA copy)."""
-    columns = dataset[index.tolist()]
-    rows = [
-        {"prompt_ids": prompt, "chosen_ids": chosen, "rejected_ids": rejected}
-        for prompt, chosen, rejected in zip(columns["prompt_ids"], columns["chosen_ids"], columns["rejected_ids"])
-    ]
+    """Read examples `index` of a prepared split (pairs or ranked groups) and collate them in `layout` (pinned for
+    a CUDA copy)."""
+    rows = example_rows(dataset, index.tolist())
     batch = collate_pairs(rows, index.tolist(), pad_id, layout.packing, layout.prefix_sharing)
     if device.type == "cuda":
         batch = batch.pin_memory()
-    tokens = sum(2 * len(r["prompt_ids"]) + len(r["chosen_ids"]) + len(r["rejected_ids"]) for r in rows)
+    prompts, completions, _ = example_completions(rows)
+    tokens = sum(len(prompt) * len(group) + sum(map(len, group)) for prompt, group in zip(prompts, completions))
     return CollatedBatch(index, batch, tokens)
 
 
 def forward_logps(
     model: nn.Module, collated: CollatedBatch, device: torch.device, per_token: bool = False, sharded: bool = False
-) -> BatchLogps:
+) -> BatchLogps | GroupLogps:
     """The reference forward on a collated batch, its values read back in one device-to-host copy."""
     batch = collated.batch.to(device)
     with torch.no_grad() if sharded else torch.inference_mode():
         outputs = concatenated_forward(model, batch)
+        if batch.is_ranked:
+            sums = torch.stack([outputs.logps.double(), outputs.tokens.double()]).cpu().numpy()
+            token_logps = None
+            if per_token:
+                values, mask = outputs.token_logps.float().cpu().numpy(), outputs.token_mask.cpu().numpy()
+                token_logps = [values[c][mask[c]] for c in range(len(values))]
+            return GroupLogps(
+                index=collated.index,
+                logps=sums[0].astype(np.float32),
+                tokens=sums[1].astype(np.int64),
+                num_tokens=collated.num_tokens,
+                token_logps=token_logps,
+            )
         sums = torch.stack(
             [outputs.chosen_logps.double(), outputs.rejected_logps.double(),
              outputs.chosen_tokens.double(), outputs.rejected_tokens.double()]
@@ -184,16 +208,16 @@ def forward_logps(
     )
 
 
-def concatenated(batches: Sequence[BatchLogps]) -> BatchLogps:
+def concatenated(batches: Sequence[BatchLogps | GroupLogps]) -> BatchLogps | GroupLogps:
     """Several batches' outputs as one (rank 0 writes a step's batches from every rank together)."""
     if len(batches) == 1:
         return batches[0]
-    arrays = {
-        name: np.concatenate([getattr(batch, name) for batch in batches])
-        for name in ("index", "chosen_logps", "rejected_logps", "chosen_tokens", "rejected_tokens")
-    }
+    kind = type(batches[0])
+    names = ("index", "logps", "tokens") if kind is GroupLogps else (
+        "index", "chosen_logps", "rejected_logps", "chosen_tokens", "rejected_tokens")  # fmt: skip
+    arrays = {name: np.concatenate([getattr(batch, name) for batch in batches]) for name in names}
     token_logps = None if batches[0].token_logps is None else [row for batch in batches for row in batch.token_logps]
-    return BatchLogps(**arrays, num_tokens=sum(batch.num_tokens for batch in batches), token_logps=token_logps)
+    return kind(**arrays, num_tokens=sum(batch.num_tokens for batch in batches), token_logps=token_logps)
 
 
 def row_token_logps(outputs) -> list[np.ndarray]:
@@ -342,12 +366,18 @@ def pending_rows_of_cache(
         dtype=dtype,
         attn_implementation=attn_implementation,
         per_token=options.per_token,
+        shape="ranked" if prepared.is_ranked else "pairs",
     )
     rows = {split: len(prepared.split(split)) for split in prepared.splits}
-    token_counts = None
-    if options.per_token:
+    token_counts, group_sizes = None, None
+    if prepared.is_ranked:  # a cache row per completion
+        counts = {split: group_token_counts(prepared.split(split)) for split in prepared.splits}
+        group_sizes = {split: sizes for split, (_, _, sizes) in counts.items()}
+        if options.per_token:
+            token_counts = {split: tokens for split, (_, tokens, _) in counts.items()}
+    elif options.per_token:
         token_counts = {split: sum(pair_token_counts(prepared.split(split))[1:]) for split in prepared.splits}
-    cache = create_or_resume_cache(options.out, attrs, rows, options.overwrite, token_counts)
+    cache = create_or_resume_cache(options.out, attrs, rows, options.overwrite, token_counts, group_sizes)
     return {split: cache.pending_rows(split) for split in splits}
 
 
@@ -399,7 +429,10 @@ def compute_split(
             index = inputs[step] if step < steps else None
             return None if index is None else collating.submit(collated_batch, dataset, index, pad_id, layout, device)
 
-        def write(rows: BatchLogps) -> None:
+        def write(rows: BatchLogps | GroupLogps) -> None:
+            if isinstance(rows, GroupLogps):
+                writer.write_groups(split, rows.index, rows.logps, rows.tokens, rows.token_logps)
+                return
             writer.write(split, rows.index, rows.chosen_logps, rows.rejected_logps, rows.chosen_tokens,
                          rows.rejected_tokens, rows.token_logps)  # fmt: skip
 

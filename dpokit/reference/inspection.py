@@ -37,12 +37,13 @@ def cache_info_table(cache: RefCache):
         "dtype",
         "attn_implementation",
         "per_token",
+        "shape",
         "created",
         "dpokit_version",
         "format_version",
         "prepared",
     ):
-        table.add_row(key, str(cache.attrs.get(key) or "none"))
+        table.add_row(key, str(cache.attrs.get(key) or ("pairs" if key == "shape" else "none")))
     for key in ("weights_fingerprint", "adapter_fingerprint", "data_fingerprint", "tokenizer_fingerprint"):
         table.add_row(key, short_value(cache.attrs.get(key)))
     return table
@@ -160,19 +161,39 @@ def compare_split(
     from dpokit.reference.compute import batch_logps, plan_batches
 
     cached = cache.logps(split, require_done=False)
-    side_max = {"chosen": 0.0, "rejected": 0.0}
+    side_max = {"chosen": 0.0, "rejected": 0.0}  # a ranked cache's completions count as "chosen"
     for index in plan_batches(rows, pair_lengths(dataset), batch_size):
         live = batch_logps(model, dataset, index, device, layout)
-        for side in side_max:
-            differences = np.abs(getattr(cached, f"{side}_logps")[index].numpy() - getattr(live, f"{side}_logps"))
+        for side, cached_logps, cached_tokens, live_logps, live_tokens, where in compared_values(cached, live, index):
+            differences = np.abs(cached_logps - live_logps)
             side_max[side] = max(side_max[side], float(differences.max()))
             worst = int(np.argmax(differences))
             if differences[worst] > report.max_difference:
                 report.max_difference = float(differences[worst])
-                report.worst = f"{split} row {int(index[worst])} ({side})"
-            mismatched = index[getattr(cached, f"{side}_tokens")[index].numpy() != getattr(live, f"{side}_tokens")]
-            report.token_mismatches += [f"{split} row {int(i)} ({side})" for i in mismatched]
-    report.per_split[split] = (len(rows), side_max["chosen"], side_max["rejected"])
+                report.worst = f"{split} {where[worst]}"
+            report.token_mismatches += [f"{split} {where[i]}" for i in np.flatnonzero(cached_tokens != live_tokens)]
+    report.per_split[split] = (len(rows), side_max["chosen"], side_max["rejected"] if not cache.is_ranked else None)
+
+
+def compared_values(cached, live, index: np.ndarray):
+    """``(side, cached logps, cached tokens, live logps, live tokens, where)`` per side of a batch: a pair cache's
+    chosen and rejected rows, a ranked cache's completions (``where`` names each value's row and completion)."""
+    if hasattr(cached, "group_offsets"):
+        offsets = cached.group_offsets.numpy()
+        rows = np.concatenate([np.arange(offsets[g], offsets[g + 1]) for g in index])
+        where = [f"row {int(g)} (completion {j})" for g in index for j in range(int(offsets[g + 1] - offsets[g]))]
+        yield "chosen", cached.logps[rows].numpy(), cached.tokens[rows].numpy(), live.logps, live.tokens, where
+        return
+    for side in ("chosen", "rejected"):
+        where = [f"row {int(i)} ({side})" for i in index]
+        yield (
+            side,
+            getattr(cached, f"{side}_logps")[index].numpy(),
+            getattr(cached, f"{side}_tokens")[index].numpy(),
+            getattr(live, f"{side}_logps"),
+            getattr(live, f"{side}_tokens"),
+            where,
+        )
 
 
 def verify_table(report: VerifyReport, cache_path: str, tolerance: float) -> Table:
@@ -182,8 +203,8 @@ def verify_table(report: VerifyReport, cache_path: str, tolerance: float) -> Tab
         title=f"cache verify {cache_path}",
         caption=f"largest |Δ| {report.max_difference:.3g} (tolerance {tolerance:g}): {'ok' if passed else 'FAILED'}",
     )
-    for column in ("split", "rows checked", "max |Δ| chosen", "max |Δ| rejected"):
+    for column in ("split", "rows checked", "max |Δ| chosen (ranked: every completion)", "max |Δ| rejected"):
         table.add_column(column, justify="left" if column == "split" else "right")
     for split, (rows, chosen, rejected) in report.per_split.items():
-        table.add_row(split, str(rows), f"{chosen:.3g}", f"{rejected:.3g}")
+        table.add_row(split, str(rows), f"{chosen:.3g}", "-" if rejected is None else f"{rejected:.3g}")
     return table

@@ -1,6 +1,7 @@
 """Where training gets the reference's outputs: the HDF5 cache (the default) or a live model.
 
-Both give a `ChosenRejectedOutputs` for a `PairBatch`, so the recipe does not care which it has.
+Both give a `ChosenRejectedOutputs` for a batch of pairs (a `RankedOutputs` for ranked groups), so the recipe
+does not care which it has.
 ``--ref live`` exists to prove the cache changes nothing and as the baseline the benchmarks beat.
 """
 
@@ -16,7 +17,7 @@ from dpokit.data.prepared import PreparedData
 from dpokit.errors import DpokitError
 from dpokit.fingerprint import reference_fingerprint
 from dpokit.reference.cache import open_cache
-from dpokit.types import ChosenRejectedOutputs, PairBatch
+from dpokit.types import ChosenRejectedOutputs, PairBatch, RankedOutputs
 
 
 class CachedReference:
@@ -49,12 +50,16 @@ class CachedReference:
             )
         self.tables = {split: cache.logps(split) for split in splits}
 
-    def outputs(self, batch: PairBatch, split: str) -> ChosenRejectedOutputs:
+    def outputs(self, batch: PairBatch, split: str) -> ChosenRejectedOutputs | RankedOutputs:
+        """The cached outputs of the batch's examples (a ranked batch's with the batch's scores), on its device."""
         cached = self.tables[split].select(batch.index)
         device = batch.input_ids.device
         for name, value in vars(cached).items():
             if isinstance(value, torch.Tensor):
                 setattr(cached, name, value.to(device))
+        if isinstance(cached, RankedOutputs):
+            cached.host_scores = torch.tensor(batch.scores, dtype=torch.float32)
+            cached.scores = cached.host_scores.to(device, non_blocking=True)
         return cached
 
 
@@ -84,13 +89,26 @@ class LiveReference:
         return out
 
 
-def check_token_counts(policy: ChosenRejectedOutputs, reference: ChosenRejectedOutputs, split: str) -> None:
-    """A cache row must describe the same completion as the batch: their token counts must agree."""
-    if reference.chosen_tokens is None or policy.chosen_tokens is None:
+def check_token_counts(policy, reference, split: str) -> None:
+    """A cache row must describe the same completions as the batch: their token counts must agree (pairs or
+    ranked groups alike)."""
+    if isinstance(policy, RankedOutputs) != isinstance(reference, RankedOutputs):
+        raise DpokitError(
+            f"split {split!r}: the reference cache holds {'ranked groups' if isinstance(reference, RankedOutputs) else 'pairs'} "
+            "and the data the other; the cache was built from other data: rebuild it with `dpokit ref-logps`"
+        )
+    if isinstance(policy, RankedOutputs):
+        same = (
+            policy.tokens is None
+            or reference.tokens is None
+            or (policy.group_sizes == reference.group_sizes and torch.equal(policy.tokens, reference.tokens))
+        )
+    elif reference.chosen_tokens is None or policy.chosen_tokens is None:
         return
-    same = torch.equal(policy.chosen_tokens, reference.chosen_tokens) and torch.equal(
-        policy.rejected_tokens, reference.rejected_tokens
-    )
+    else:
+        same = torch.equal(policy.chosen_tokens, reference.chosen_tokens) and torch.equal(
+            policy.rejected_tokens, reference.rejected_tokens
+        )
     if not same:
         raise DpokitError(
             f"split {split!r}: completion token counts differ between the batch and the reference cache; "
