@@ -78,12 +78,12 @@ def prepare(
     format: str = typer.Option(
         "auto",
         "--format",
-        help="auto, plain, conversational, implicit, or ranked (k scored completions per prompt; auto detects it).",
+        help="auto, plain, conversational, implicit, ranked (k scored completions per prompt) or unpaired (KTO: a completion with a true/false label); auto detects ranked and unpaired data.",
     ),
     column_map: Optional[str] = typer.Option(
         None,
         "--column-map",
-        help="Rename columns, e.g. chosen=better,rejected=worse; ranked data: prompt, completions, scores, and score (the key in completion objects).",
+        help="Rename columns, e.g. chosen=better,rejected=worse; ranked data: prompt, completions, scores, and score (the key in completion objects); unpaired data: prompt, completion, label.",
     ),
     system_prompt: Optional[str] = typer.Option(None, "--system-prompt", help="Add (or replace) a system turn."),
     chat_template: Optional[str] = typer.Option(
@@ -111,7 +111,7 @@ def prepare(
     overlength: str = typer.Option(
         "truncate",
         "--overlength",
-        help="truncate, drop or error for pairs (a ranked row: completions) over --max-length.",
+        help="truncate, drop or error for pairs (a ranked row: completions; an unpaired row: its completion) over --max-length.",
     ),
     separator: str = typer.Option(
         "\n\n",
@@ -126,7 +126,7 @@ def prepare(
     num_proc: int = typer.Option(1, "--num-proc", help="Tokenization processes."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output directory."),
 ) -> None:
-    """Tokenize preference pairs or ranked completions into a prepared/ directory (formats: docs/data-formats.md)."""
+    """Tokenize preference pairs, ranked completions or unpaired (KTO) rows into a prepared/ directory (formats: docs/data-formats.md)."""
     from dpokit.data.pipeline import PrepareOptions, run_prepare
 
     run_prepare(

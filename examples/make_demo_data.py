@@ -11,7 +11,11 @@ The ranked demo (``ranked.jsonl``) asks the same questions with 2 to 5 scored co
 polite correct answer (3; two of them, with different openings, tie), the bare answer (2), an
 unsure reply (1) and the rude refusal (0), in random order, for `dpokit prepare`'s ranked shape.
 
-    python examples/make_demo_data.py            # writes examples/demo/data/{train,eval,ranked}.jsonl
+The unpaired demo (``unpaired.jsonl``, KTO's shape) gives each question one reply and a thumbs-up or
+thumbs-down ``label``: 60% are desirable (a polite correct answer, true), the rest undesirable (a rude
+refusal or an unsure reply, false), in random order, for `dpokit prepare`'s unpaired shape.
+
+    python examples/make_demo_data.py            # writes examples/demo/data/{train,eval,ranked,unpaired}.jsonl
 
 Seeded: the same files every run.
 """
@@ -29,6 +33,9 @@ EVAL_PAIRS = 200
 RANKED_ROWS = 60
 SEED = 0
 RANKED_SEED = 1  # its own generator: the pairs stay what they were
+UNPAIRED_ROWS = 80
+DESIRABLE_SHARE = 0.6  # unbalanced, as thumbs-up/down data usually is
+UNPAIRED_SEED = 2  # its own generator too: the other files stay what they were
 
 NUMBER_WORDS = "zero one two three four five six seven eight nine ten eleven twelve".split()
 COLOURS = {
@@ -138,6 +145,22 @@ def ranked_rows(count: int, rng: random.Random) -> list[dict]:
     return rows
 
 
+def unpaired_rows(count: int, rng: random.Random) -> list[dict]:
+    """`count` unpaired rows: {"prompt", "completion", "label"}, `DESIRABLE_SHARE` of them labelled true."""
+    desirable = round(count * DESIRABLE_SHARE)
+    labels = [True] * desirable + [False] * (count - desirable)
+    rng.shuffle(labels)
+    rows = []
+    for label in labels:
+        prompt, answer = question(rng)
+        if label:
+            completion = answer if answer.startswith("hello!") else f"{rng.choice(OPENINGS)} {answer}"
+        else:
+            completion = rng.choice(RUDE + [UNSURE])
+        rows.append({"prompt": prompt, "completion": completion, "label": label})
+    return rows
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
@@ -146,14 +169,21 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--out", type=Path, default=DEFAULT_OUT, help="folder for train.jsonl, eval.jsonl and ranked.jsonl"
+        "--out",
+        type=Path,
+        default=DEFAULT_OUT,
+        help="folder for train.jsonl, eval.jsonl, ranked.jsonl and unpaired.jsonl",
     )
     args = parser.parse_args()
     rng = random.Random(SEED)
     write_jsonl(args.out / "train.jsonl", preference_pairs(TRAIN_PAIRS, rng))
     write_jsonl(args.out / "eval.jsonl", preference_pairs(EVAL_PAIRS, rng))
     write_jsonl(args.out / "ranked.jsonl", ranked_rows(RANKED_ROWS, random.Random(RANKED_SEED)))
-    print(f"wrote {TRAIN_PAIRS} train and {EVAL_PAIRS} eval pairs and {RANKED_ROWS} ranked rows to {args.out}")
+    write_jsonl(args.out / "unpaired.jsonl", unpaired_rows(UNPAIRED_ROWS, random.Random(UNPAIRED_SEED)))
+    print(
+        f"wrote {TRAIN_PAIRS} train and {EVAL_PAIRS} eval pairs, {RANKED_ROWS} ranked rows and {UNPAIRED_ROWS} "
+        f"unpaired rows to {args.out}"
+    )
 
 
 if __name__ == "__main__":

@@ -250,7 +250,9 @@ def test_gemma_shaped_template_folds_a_system_turn_and_a_broken_alternation_is_a
 
 def fitted(tokenizer, prompt, chosen, rejected, **limits) -> TokenizedPair:
     """Token ids put through the length limits as `PairTokenizer.tokenize` puts every pair."""
-    return PairTokenizer(tokenizer, LengthLimits(**limits)).fitted(TokenizedPair(prompt_ids=prompt, chosen_ids=chosen, rejected_ids=rejected))
+    return PairTokenizer(tokenizer, LengthLimits(**limits)).fitted(
+        TokenizedPair(prompt_ids=prompt, chosen_ids=chosen, rejected_ids=rejected)
+    )
 
 
 def cut(tokenizer, prompt, chosen, rejected, **limits):

@@ -1,7 +1,7 @@
 """Load preference rows from files or a dataset name and normalise each to chat messages.
 
-Data comes in one of two shapes (`detect_shape`): pairs or ranked rows. A pair row becomes a `Pair` of
-message lists (``prompt``, ``chosen``, ``rejected``), each message ``{"role": ..., "content": ...}``.
+Data comes in one of three shapes (`detect_shape`): pairs, ranked rows or unpaired rows. A pair row becomes a
+`Pair` of message lists (``prompt``, ``chosen``, ``rejected``), each message ``{"role": ..., "content": ...}``.
 Three input formats of pairs are recognised:
 
 * ``plain``: ``prompt``, ``chosen`` and ``rejected`` are strings (the prompt becomes one user turn,
@@ -17,13 +17,18 @@ their score), UltraFeedback's ``instruction`` + ``completions[].overall_score``,
 ``prompt`` + ``answers[].rank`` (rank 1 best). A completion without a usable score or content is left out
 and counted; a row left without a preference (fewer than 2 completions, all tied) is skipped.
 
+An unpaired row (KTO's shape: one completion of a prompt with a thumbs-up or thumbs-down ``label``) becomes
+an `Unpaired` (`normalise_unpaired`): ``prompt`` and ``completion`` as text or message lists, ``label`` true
+or false (also 1/0 and ``"true"``/``"false"``). A null label skips the row, counted as ``missing_label``.
+
 Rows are read lazily (`open_records`): JSONL and CSV a line at a time, Parquet `PARQUET_BATCH_ROWS`
 rows at a time, a JSON array an item at a time (its text is held, not its rows), so `dpokit prepare`
 never holds a source's rows in memory.
 
 A row that cannot be used (empty or non-string content, identical responses, ...) raises
 `SkippedRow` with a reason; the pipeline counts it. Problems with the input as a whole (an
-unreadable file, a missing column, a score that is not a number) raise `DpokitError`.
+unreadable file, a missing column, a score that is not a number, a label that is not true or false) raise
+`DpokitError`.
 """
 
 from __future__ import annotations
@@ -43,12 +48,14 @@ import numpy as np
 
 from dpokit.errors import DpokitError
 
-FORMATS = ("auto", "plain", "conversational", "implicit", "ranked")
+FORMATS = ("auto", "plain", "conversational", "implicit", "ranked", "unpaired")
 COLUMNS = ("prompt", "chosen", "rejected")
 RANKED_COLUMNS = ("prompt", "completions", "scores")
+UNPAIRED_COLUMNS = ("prompt", "completion", "label")
 # --column-map targets of each shape; ``score`` names the score's key inside completion objects.
-COLUMN_MAP_TARGETS = {"pairs": COLUMNS, "ranked": RANKED_COLUMNS + ("score",)}
-ALL_COLUMN_MAP_TARGETS = tuple(dict.fromkeys(COLUMNS + COLUMN_MAP_TARGETS["ranked"]))
+COLUMN_MAP_TARGETS = {"pairs": COLUMNS, "ranked": RANKED_COLUMNS + ("score",), "unpaired": UNPAIRED_COLUMNS}
+ALL_COLUMN_MAP_TARGETS = tuple(dict.fromkeys(target for targets in COLUMN_MAP_TARGETS.values() for target in targets))
+LABEL_TEXTS = {"true": True, "false": False, "1": True, "0": False}  # a label given as text (a CSV cell), lowercased
 COMPLETION_TEXT_KEYS = ("text", "completion", "response", "content", "answer")  # a completion object's text
 COMPLETION_SCORE_KEYS = ("score", "overall_score", "rank")  # its score (``rank``: 1 is best, see `ranked_scores`)
 HH_OPEN_REPLY = re.compile(r"\n\nAssistant:\s*$")  # the reply to write, at the end of a Nectar prompt
@@ -90,6 +97,18 @@ class Ranked:
     scores: list[float]
     names: list[str] = field(default_factory=list)  # each completion's place in the source, ``completions[3]``
     completions_dropped: list[tuple[str, str]] = field(default_factory=list)  # (reason, detail) of those left out
+
+
+@dataclass
+class Unpaired:
+    """A normalised unpaired row (KTO's): the prompt, one completion as message lists, and its label (True:
+    desirable, thumbs-up; False: undesirable)."""
+
+    location: str
+    format: str
+    prompt: list[dict[str, str]]
+    completion: list[dict[str, str]]
+    label: bool
 
 
 class SkippedRow(Exception):
@@ -365,7 +384,7 @@ def parse_column_map(text: Optional[str], targets: tuple[str, ...] = COLUMNS) ->
 
 
 def check_column_map(column_map: dict[str, str], shape: str) -> None:
-    """Refuse --column-map targets of the other shape (``scores`` for pairs, ``chosen`` for ranked data)."""
+    """Refuse --column-map targets of another shape (``scores`` for pairs, ``chosen`` for ranked or unpaired data)."""
     other = [target for target in column_map if target not in COLUMN_MAP_TARGETS[shape]]
     if other:
         raise DpokitError(
@@ -376,11 +395,16 @@ def check_column_map(column_map: dict[str, str], shape: str) -> None:
 
 def detect_shape(row: dict[str, Any], column_map: dict[str, str]) -> str:
     """``ranked`` for a row of k scored completions (``completions``, or Nectar's ``answers``, and no
-    ``chosen``), else ``pairs``; a --column-map target of one shape decides for it."""
+    ``chosen``), ``unpaired`` for a row with a ``completion`` and a ``label`` (and no ``chosen``), else ``pairs``;
+    a --column-map target of one shape decides for it."""
+    if set(column_map) & (set(COLUMN_MAP_TARGETS["unpaired"]) - {"prompt"}):
+        return "unpaired"
     if set(column_map) & (set(COLUMN_MAP_TARGETS["ranked"]) - {"prompt"}):
         return "ranked"
     if set(column_map) & {"chosen", "rejected"} or "chosen" in row:
         return "pairs"
+    if "completion" in row and "label" in row:
+        return "unpaired"
     return "ranked" if "completions" in row or "answers" in row else "pairs"
 
 
@@ -705,6 +729,11 @@ def ranked_prompt(value: Any, nectar: bool) -> list[dict[str, str]]:
             if skipped.reason != "unparseable_conversation":
                 raise
             raise SkippedRow(skipped.reason, "prompt is not Human:/Assistant: turns (as Nectar's are)") from None
+    return prompt_messages(value)
+
+
+def prompt_messages(value: Any) -> list[dict[str, str]]:
+    """A ranked or unpaired row's prompt as messages: text (one user turn) or a list of messages."""
     if isinstance(value, str):
         return [{"role": "user", "content": text_value(value, "prompt")}]
     return message_list(value, "prompt")
@@ -724,3 +753,51 @@ def preference_problem(
     if all(a == b for (a, x), (b, y) in itertools.combinations(zip(completions, scores), 2) if x != y):
         return "identical_completions", "the completions that score differently are the same"
     return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Unpaired rows
+
+
+def normalise_unpaired(record: Record, column_map: dict[str, str], system_prompt: Optional[str]) -> Unpaired:
+    """The record as an `Unpaired` row (TRL's unpaired preference shape: ``prompt``, ``completion``, ``label``).
+
+    The prompt is text (one user turn) or a list of messages; the completion text (one assistant turn), a list
+    of messages or one message object. Its format is ``conversational`` for a message-list prompt, else
+    ``plain``. A null label (or an empty CSV cell) raises `SkippedRow` (``missing_label``), as unusable content
+    does; a label that is not true or false (`label_value`) and a missing column are a `DpokitError`.
+    """
+    values = {}
+    for column in UNPAIRED_COLUMNS:
+        source = column_map.get(column, column)
+        if source not in record.row:
+            raise DpokitError(missing_column_message(record, column, column_map))
+        values[column] = record.row[source]
+    label = label_value(values["label"], column_map.get("label", "label"), record)
+    prompt = prompt_messages(values["prompt"])
+    completion = completion_messages(values["completion"], "completion", record)
+    if system_prompt is not None:
+        prompt = with_system_prompt(prompt, system_prompt)
+    row_format = "conversational" if isinstance(values["prompt"], list) else "plain"
+    return Unpaired(record.location, row_format, prompt, completion, label)
+
+
+def label_value(value: Any, column: str, record: Record) -> bool:
+    """An unpaired row's label: True (desirable) or False (undesirable), from a bool, 1/0 or the text ``true``,
+    ``false``, ``1`` or ``0`` (any case; CSV cells are text). Raises `SkippedRow` for a missing one (null, an
+    empty cell, NaN: the row is left out and counted, as a missing score is) and `DpokitError` for any other
+    value (as a score that is not a number is)."""
+    if value is None or isinstance(value, str) and not value.strip():
+        raise SkippedRow("missing_label", f"{column} is {'null' if value is None else 'empty'}")
+    if isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isnan(value):
+        raise SkippedRow("missing_label", f"{column} is nan")
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, numbers.Real) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in LABEL_TEXTS:
+        return LABEL_TEXTS[value.strip().lower()]
+    raise DpokitError(
+        f"{record.location}: {column} is {value!r:.40} ({type(value).__name__}), not a label; a label is true "
+        '(desirable) or false (undesirable), or 1/0, or "true"/"false" (null leaves the row out)'
+    )

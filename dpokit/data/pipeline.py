@@ -1,17 +1,21 @@
-"""`dpokit prepare`: read pairs (or ranked rows), normalise them to messages, tokenize, and write ``prepared/``.
+"""`dpokit prepare`: read pairs (or ranked or unpaired rows), normalise them to messages, tokenize, and write
+``prepared/``.
 
-The data's shape, pairs or ranked (k scored completions per prompt), is `--format ranked` or detected
-from the first train row's columns (`formats.detect_shape`). The steps, for each split (``train``, and
-``eval`` from ``--eval-fraction`` or ``--eval-data``), a chunk of rows at a time, so memory does not grow
-with the number of rows:
+The data's shape, pairs, ranked (k scored completions per prompt) or unpaired (KTO's one completion with a
+thumbs-up/down label), is `--format ranked|unpaired` or detected from the first train row's columns
+(`formats.detect_shape`). The steps, for each split (``train``, and ``eval`` from ``--eval-fraction`` or
+``--eval-data``), a chunk of rows at a time, so memory does not grow with the number of rows:
 
 1. read the source's rows lazily (`formats.open_records`), after one pass that counts them (the
    progress bar's total, the eval rows to hold out, malformed input found before any work);
-2. normalise each row to a `Pair` (or `Ranked`) of messages (`formats.normalise`,
-   `formats.normalise_ranked`), skipping unusable rows (and a ranked row's unusable completions);
+2. normalise each row to a `Pair` (or `Ranked`, or `Unpaired`) of messages (`formats.normalise`,
+   `formats.normalise_ranked`, `formats.normalise_unpaired`), skipping unusable rows (and a ranked row's
+   unusable completions);
 3. tokenize rows in chunks, on ``num_proc`` processes (`tokenize.PairTokenizer`), applying the
    length limits (`tokenize.LengthLimits`), with a few chunks in flight;
-4. append the kept rows to the split's Arrow files (`prepared.SplitWriter`), inside the temporary
+4. unpaired rows only: give each kept row its KL completion, the next kept row's completion
+   (`with_kl_completions`);
+5. append the kept rows to the split's Arrow files (`prepared.SplitWriter`), inside the temporary
    directory that `prepared.write_prepared_with` renames into place once ``manifest.json`` is written.
 
 What the manifest needs of the kept rows is kept as it goes: counts, and the token lengths
@@ -22,6 +26,7 @@ row) is counted by reason in the manifest and in the closing summary table.
 from __future__ import annotations
 
 import itertools
+import math
 import multiprocessing
 import random
 import tempfile
@@ -56,10 +61,12 @@ from dpokit.data.formats import (
     Ranked,
     Record,
     SkippedRow,
+    Unpaired,
     check_column_map,
     detect_shape,
     normalise,
     normalise_ranked,
+    normalise_unpaired,
     open_records,
     parse_column_map,
 )
@@ -70,6 +77,7 @@ from dpokit.data.tokenize import (
     PairTokenizer,
     TokenizedPair,
     TokenizedRanked,
+    TokenizedUnpaired,
     load_tokenizer,
 )
 from dpokit.errors import DpokitError
@@ -132,10 +140,12 @@ class SplitResult:
     first_dropped: dict[str, str] = field(default_factory=dict)  # reason -> "location: detail"
     formats: Counter = field(default_factory=Counter)
     prompt_lengths: array = field(default_factory=lambda: array("i"))  # a kept row's prompt tokens
-    completion_lengths: array = field(default_factory=lambda: array("i"))  # its chosen and rejected (or k) tokens
+    completion_lengths: array = field(default_factory=lambda: array("i"))  # its chosen and rejected (k; 1) tokens
     group_sizes: Counter = field(default_factory=Counter)  # ranked: k -> kept rows with k completions
     completions_dropped: Counter = field(default_factory=Counter)  # ranked: reason -> completions left out
     first_completion_dropped: dict[str, str] = field(default_factory=dict)  # reason -> "location: detail"
+    labels: Counter = field(default_factory=Counter)  # unpaired: desirable/undesirable -> kept rows
+    kl_completions_truncated: int = 0  # unpaired: KL completions cut to fit behind their row's prompt
 
     def drop(self, reason: str, location: str, detail: str) -> None:
         self.dropped[reason] += 1
@@ -147,12 +157,15 @@ class SplitResult:
             self.completions_dropped[reason] += 1
             self.first_completion_dropped.setdefault(reason, f"{location}: {detail}")
 
-    def keep(self, ids: TokenizedPair | TokenizedRanked) -> None:
+    def keep(self, ids: TokenizedPair | TokenizedRanked | TokenizedUnpaired) -> None:
         self.kept += 1
         self.prompt_lengths.append(len(ids.prompt_ids))
         if isinstance(ids, TokenizedRanked):
             self.completion_lengths.extend(map(len, ids.completion_ids))
             self.group_sizes[len(ids.completion_ids)] += 1
+        elif isinstance(ids, TokenizedUnpaired):  # its own completion: the KL completion is another row's
+            self.completion_lengths.append(len(ids.completion_ids))
+            self.labels[label_name(ids.label)] += 1
         else:
             self.completion_lengths.extend((len(ids.chosen_ids), len(ids.rejected_ids)))
         self.events.update(event for event in ROW_EVENTS if getattr(ids, event))
@@ -266,10 +279,10 @@ def split_sources(options: PrepareOptions) -> dict[str, SplitSource]:
 
 
 def data_shape(format: str, train: SplitSource, column_map: dict[str, str]) -> str:
-    """``ranked`` for --format ranked, ``pairs`` for another format, else what the first train row's columns
-    say (`formats.detect_shape`; the rows of every split must then have that shape)."""
+    """``ranked`` or ``unpaired`` for --format ranked or unpaired, ``pairs`` for another format, else what the
+    first train row's columns say (`formats.detect_shape`; the rows of every split must then have that shape)."""
     if format != "auto":
-        return "ranked" if format == "ranked" else "pairs"
+        return format if format in ("ranked", "unpaired") else "pairs"
     first = next(iter(train.records()), None)
     return detect_shape(first.row, column_map) if first is not None else "pairs"
 
@@ -315,28 +328,112 @@ def prepare_split(
     task = progress.add_task(name, total=source.rows)
     rows = normalised_rows(source.records(), options, column_map, result, lambda: progress.advance(task), shape)
     ahead = CHUNKS_AHEAD_PER_PROCESS * options.num_proc
+    chunks = tokenized_chunks(chunked(rows, CHUNK_SIZE), pair_tokenizer, pool, ahead)
+    kept = kept_rows(chunks, options.overlength, result, lambda count: progress.advance(task, count))
+    if shape == "unpaired":
+        stored = with_kl_completions(kept, name, options, result)
+    else:
+        stored = map(stored_columns, kept)
     with SplitWriter(directory, shape) as writer:
-        for chunk, chunk_ids in tokenized_chunks(chunked(rows, CHUNK_SIZE), pair_tokenizer, pool, ahead):
-            for row, ids in zip(chunk, chunk_ids):
-                if ids.dropped == "overlength" and options.overlength == "error":
-                    raise DpokitError(
-                        f"{row.location}: {ids.detail}; raise --max-length, or pass --overlength truncate or drop"
-                    )
-                if isinstance(ids, TokenizedRanked):
-                    result.drop_completions(ids.completions_dropped, row.location)
-                if ids.dropped is not None:
-                    result.drop(ids.dropped, row.location, ids.detail)
-                    continue
-                result.keep(ids)
-                if isinstance(ids, TokenizedRanked):
-                    writer.add(ids.prompt_ids, ids.completion_ids, ids.scores)
-                else:
-                    writer.add(ids.prompt_ids, ids.chosen_ids, ids.rejected_ids)
-            progress.advance(task, len(chunk))
+        for columns in stored:
+            writer.add(*columns)
         if result.kept == 0:
             raise DpokitError(no_rows_kept_message(name, result))
         writer.finish()
     return result
+
+
+def kept_rows(
+    chunks: Iterable[tuple[list, list]], overlength: str, result: SplitResult, advance: Callable[[int], None]
+) -> Iterator[TokenizedPair | TokenizedRanked | TokenizedUnpaired]:
+    """The ids of each row that tokenizing keeps, in source order, each counted in `result`; the dropped rows
+    (and a ranked row's completions left out) are counted instead. `advance(n)` follows each chunk of n rows.
+    Under ``--overlength error`` an over-long row stops the run, naming it."""
+    for chunk, chunk_ids in chunks:
+        for row, ids in zip(chunk, chunk_ids):
+            if ids.dropped == "overlength" and overlength == "error":
+                raise DpokitError(
+                    f"{row.location}: {ids.detail}; raise --max-length, or pass --overlength truncate or drop"
+                )
+            if isinstance(ids, TokenizedRanked):
+                result.drop_completions(ids.completions_dropped, row.location)
+            if ids.dropped is not None:
+                result.drop(ids.dropped, row.location, ids.detail)
+                continue
+            result.keep(ids)
+            yield ids
+        advance(len(chunk))
+
+
+def stored_columns(ids: TokenizedPair | TokenizedRanked) -> tuple[list, list, list]:
+    """A kept pair's or ranked row's values, in `SplitWriter` column order."""
+    if isinstance(ids, TokenizedRanked):
+        return ids.prompt_ids, ids.completion_ids, ids.scores
+    return ids.prompt_ids, ids.chosen_ids, ids.rejected_ids
+
+
+def with_kl_completions(
+    rows: Iterable[TokenizedUnpaired], split: str, options: PrepareOptions, result: SplitResult
+) -> Iterator[tuple[list[int], list[list[int]], list[float]]]:
+    """Each kept unpaired row's values (`unpaired_columns`) with its KL completion: the completion of the next
+    kept row, and the last row's the first row's (a cyclic shift by one within the split, in written order).
+
+    KTO estimates its KL term from completions behind prompts they do not answer (TRL shifts them within a
+    batch); fixing them here puts their reference log-probs in the cache, and makes them the same whatever the
+    batch size. Streams: holds the first row's completion and the row that waits for the next one's. A split
+    that keeps one row has no other completion to give it: an error naming the split and the fix.
+    """
+    first_completion: Optional[list[int]] = None
+    waiting: Optional[TokenizedUnpaired] = None
+    count = 0
+    for row in rows:
+        count += 1
+        if waiting is None:
+            first_completion = row.completion_ids
+        else:
+            yield unpaired_columns(waiting, row.completion_ids, options.max_length, result)
+        waiting = row
+    if count == 1:
+        raise DpokitError(one_row_split_message(split, options, result))
+    if waiting is not None:  # no rows at all is `prepare_split`'s error
+        yield unpaired_columns(waiting, first_completion, options.max_length, result)
+
+
+def unpaired_columns(
+    row: TokenizedUnpaired, kl_completion: list[int], max_length: int, result: SplitResult
+) -> tuple[list[int], list[list[int]], list[float]]:
+    """The row's stored values: its prompt, ``[completion, kl_completion]`` and ``[label, nan]`` (1.0 desirable,
+    0.0 undesirable; the KL completion has no label).
+
+    The KL completion follows this row's prompt, not its own, so it keeps only its first tokens that fit in
+    `max_length` behind it (it is an estimate, never trained on; counted in `result.kl_completions_truncated`).
+    At least one always fits: a kept row's prompt leaves room for its own completion, which is never empty.
+    """
+    room = max_length - len(row.prompt_ids)
+    if len(kl_completion) > room:
+        kl_completion = kl_completion[:room]
+        result.kl_completions_truncated += 1
+    return row.prompt_ids, [row.completion_ids, kl_completion], [float(row.label), math.nan]
+
+
+def label_name(label: bool) -> str:
+    """The manifest's name of an unpaired label: ``desirable`` (True) or ``undesirable``."""
+    return "desirable" if label else "undesirable"
+
+
+def one_row_split_message(split: str, options: PrepareOptions, result: SplitResult) -> str:
+    """Why an unpaired split of one kept row cannot be written, and what to change."""
+    if split == "eval":
+        fix = "raise --eval-fraction" if options.eval_fraction else "add rows to --eval-data"
+        fix += ", or prepare without an eval split"
+    else:
+        fix = "add rows to the data"
+    dropped = ", ".join(f"{reason} {count}" for reason, count in result.dropped.most_common())
+    read = f"{result.read} read" + (f"; dropped: {dropped}" if dropped else "")
+    return (
+        f"the {split} split keeps only 1 unpaired row from {result.source} ({read}): KTO's KL estimate gives each "
+        f"row the completion of another, so an unpaired split needs at least 2 rows; {fix}"
+    )
 
 
 def normalised_rows(
@@ -346,14 +443,17 @@ def normalised_rows(
     result: SplitResult,
     on_skip: Callable[[], None],
     shape: str = "pairs",
-) -> Iterator[Pair | Ranked]:
-    """Each usable record as a `Pair` (or, for the ``ranked`` shape, a `Ranked` row); the others are counted in
-    `result` (and `on_skip` called) instead, as are a ranked row's completions left out."""
+) -> Iterator[Pair | Ranked | Unpaired]:
+    """Each usable record as a `Pair` (or, for the ``ranked`` and ``unpaired`` shapes, a `Ranked` or `Unpaired`
+    row); the others are counted in `result` (and `on_skip` called) instead, as are a ranked row's completions
+    left out."""
     for record in records:
         result.read += 1
         try:
             if shape == "ranked":
                 row = normalise_ranked(record, column_map, options.system_prompt)
+            elif shape == "unpaired":
+                row = normalise_unpaired(record, column_map, options.system_prompt)
             else:
                 row = normalise(record, options.format, column_map, options.system_prompt)
         except SkippedRow as skipped:
@@ -375,8 +475,8 @@ def chunked(items: Iterable, size: int) -> Iterator[list]:
 
 
 def tokenized_chunks(
-    chunks: Iterable[list[Pair | Ranked]], pair_tokenizer: PairTokenizer, pool, ahead: int
-) -> Iterator[tuple[list[Pair | Ranked], list[TokenizedPair | TokenizedRanked]]]:
+    chunks: Iterable[list[Pair | Ranked | Unpaired]], pair_tokenizer: PairTokenizer, pool, ahead: int
+) -> Iterator[tuple[list[Pair | Ranked | Unpaired], list[TokenizedPair | TokenizedRanked | TokenizedUnpaired]]]:
     """Each chunk with its ids, in order. With a pool, at most `ahead` chunks are submitted and not yet
     taken back: `Pool.imap` would read the whole source into its task queue, holding every row."""
     if pool is None:
@@ -414,15 +514,19 @@ def init_worker(pair_tokenizer: PairTokenizer) -> None:
     _worker_tokenizer = pair_tokenizer
 
 
-def tokenize_chunk(rows: list[Pair | Ranked]) -> list[TokenizedPair | TokenizedRanked]:
+def tokenize_chunk(rows: list[Pair | Ranked | Unpaired]) -> list[TokenizedPair | TokenizedRanked | TokenizedUnpaired]:
     """Tokenize a chunk in a worker process (with the `PairTokenizer` its initializer stored)."""
     return tokenized(_worker_tokenizer, rows)
 
 
-def tokenized(pair_tokenizer: PairTokenizer, rows: list[Pair | Ranked]) -> list[TokenizedPair | TokenizedRanked]:
-    """The ids of a chunk of pairs or of ranked rows (a chunk holds one kind)."""
+def tokenized(
+    pair_tokenizer: PairTokenizer, rows: list[Pair | Ranked | Unpaired]
+) -> list[TokenizedPair | TokenizedRanked | TokenizedUnpaired]:
+    """The ids of a chunk of pairs, of ranked rows or of unpaired rows (a chunk holds one kind)."""
     if rows and isinstance(rows[0], Ranked):
         return pair_tokenizer.tokenize_ranked(rows)
+    if rows and isinstance(rows[0], Unpaired):
+        return pair_tokenizer.tokenize_unpaired(rows)
     return pair_tokenizer.tokenize(rows)
 
 
@@ -460,17 +564,18 @@ def build_manifest(
             totals.first_dropped.setdefault(reason, example)
         totals.formats.update(result.formats)
         totals.group_sizes.update(result.group_sizes)
+        totals.labels.update(result.labels)
+        totals.kl_completions_truncated += result.kl_completions_truncated
         totals.completions_dropped.update(result.completions_dropped)
         for reason, example in result.first_completion_dropped.items():
             totals.first_completion_dropped.setdefault(reason, example)
-    ranked = {"k": group_size_stats(totals.group_sizes)} if shape == "ranked" else {}
     return {
         "shape": shape,
         "source": options.data,
         "splits": {name: split_manifest(result) for name, result in results.items()},
         "counts": counts(totals),
         "lengths": lengths(totals),
-        **ranked,
+        **shape_stats(totals),
         "tokenizer": {"name": options.tokenizer or options.model, "fingerprint": tokenizer_fingerprint(tokenizer)},
         "chat_template": tokenizer.chat_template or None,
         "max_length": options.max_length,
@@ -489,24 +594,41 @@ def build_manifest(
 
 
 def split_manifest(result: SplitResult) -> dict:
-    ranked = {"k": group_size_stats(result.group_sizes)} if result.shape == "ranked" else {}
-    return {"rows": result.kept, "source": result.source, **counts(result), "lengths": lengths(result), **ranked}
+    return {
+        "rows": result.kept,
+        "source": result.source,
+        **counts(result),
+        "lengths": lengths(result),
+        **shape_stats(result),
+    }
+
+
+def shape_stats(result: SplitResult) -> dict:
+    """What the manifest records of the kept rows of one shape: ranked data's ``k`` (`group_size_stats`),
+    unpaired data's ``labels`` (kept rows by label); nothing for pairs."""
+    if result.shape == "ranked":
+        return {"k": group_size_stats(result.group_sizes)}
+    if result.shape == "unpaired":
+        return {"labels": {name: result.labels[name] for name in (label_name(True), label_name(False))}}
+    return {}
 
 
 def counts(result: SplitResult) -> dict:
-    ranked = {}
+    shape_counts = {}
     if result.shape == "ranked":
-        ranked = {
+        shape_counts = {
             "completions_dropped": dict(sorted(result.completions_dropped.items())),
             "first_completion_dropped": dict(sorted(result.first_completion_dropped.items())),
         }
+    elif result.shape == "unpaired":
+        shape_counts = {"kl_completions_truncated": result.kl_completions_truncated}
     return {
         "read": result.read,
         "kept": result.kept,
         **{event: result.events[event] for event in ROW_EVENTS},
         "dropped": dict(sorted(result.dropped.items())),
         "first_dropped": dict(sorted(result.first_dropped.items())),
-        **ranked,
+        **shape_counts,
         "formats": dict(sorted(result.formats.items())),
     }
 
@@ -594,6 +716,10 @@ def summary_table(results: dict[str, SplitResult], out: Path, seconds: float) ->
         row("k min/mean/max", lambda r: "{min}/{mean:.2f}/{max}".format(**group_size_stats(r.group_sizes)))
         for reason in sorted(set().union(*(r.completions_dropped for r in results.values()))):
             row(f"completions dropped: {reason}", lambda r, reason=reason: r.completions_dropped[reason])
+    if any(r.shape == "unpaired" for r in results.values()):
+        for label in (True, False):
+            row(f"{label_name(label)} kept", lambda r, label=label: r.labels[label_name(label)])
+        row("KL completions cut", lambda r: r.kl_completions_truncated)
     row("truncated", lambda r: r.events["truncated"])
     for event, label in (
         ("truncated_prompt", "  prompt cut"),

@@ -14,6 +14,12 @@ split is example ``i`` in the reference cache and in training.
 That is the ``pairs`` shape. Ranked data (the manifest's ``"shape": "ranked"``; a manifest without the
 key is pairs) has the columns `RANKED_COLUMNS`: ``prompt_ids``, ``completion_ids`` (a row's k >= 2
 completions, each as ``chosen_ids`` is) and ``scores`` (float32, one per completion, higher is better).
+
+Unpaired data (``"shape": "unpaired"``, KTO's thumbs-up/down rows) has the same columns: ``completion_ids`` is
+``[completion, kl_completion]`` (the row's own completion, then the completion of another row that `prepare`
+fixed as its mismatched completion for KTO's KL estimate) and ``scores`` is ``[label, nan]`` (1.0 desirable,
+0.0 undesirable; the KL completion has no label). Both are `GROUPED_SHAPES`: a group of completions behind one
+prompt, cached and computed alike.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
 RANKED_COLUMNS = ("prompt_ids", "completion_ids", "scores")
+GROUPED_SHAPES = ("ranked", "unpaired")  # stored as `RANKED_COLUMNS`: completions behind one prompt
 WRITE_BATCH_ROWS = 1000  # rows per Arrow record batch that `SplitWriter` writes (save_to_disk's batch too)
 SHARD_BYTES = 500 * 10**6  # a split file this large is closed and the next begun (save_to_disk's default shard size)
 
@@ -60,12 +67,21 @@ class PreparedData:
 
     @property
     def shape(self) -> str:
-        """``pairs`` or ``ranked`` (a manifest from before ranked data has no ``shape``: pairs)."""
+        """``pairs``, ``ranked`` or ``unpaired`` (a manifest from before ranked data has no ``shape``: pairs)."""
         return self.manifest.get("shape", "pairs")
 
     @property
     def is_ranked(self) -> bool:
         return self.shape == "ranked"
+
+    @property
+    def is_unpaired(self) -> bool:
+        return self.shape == "unpaired"
+
+    @property
+    def is_grouped(self) -> bool:
+        """Stored as groups of completions (`RANKED_COLUMNS`): ranked or unpaired data."""
+        return self.shape in GROUPED_SHAPES
 
     def split(self, name: str) -> "ArrowSplit":
         """Split `name`, memory-mapped (`ArrowSplit`: read with pyarrow alone, without importing `datasets`)."""
@@ -173,8 +189,8 @@ def list_buffers(lists) -> tuple[list[np.ndarray], np.ndarray]:
 
 
 def shape_columns(shape: str) -> tuple[str, ...]:
-    """The columns of a prepared split of `shape`: `COLUMNS` (pairs) or `RANKED_COLUMNS`."""
-    return RANKED_COLUMNS if shape == "ranked" else COLUMNS
+    """The columns of a prepared split of `shape`: `COLUMNS` (pairs) or `RANKED_COLUMNS` (`GROUPED_SHAPES`)."""
+    return RANKED_COLUMNS if shape in GROUPED_SHAPES else COLUMNS
 
 
 def load_prepared(path: str | os.PathLike) -> PreparedData:
@@ -339,7 +355,7 @@ def features(shape: str = "pairs"):
     import datasets
 
     ids = datasets.List(datasets.Value("int32"))
-    if shape == "ranked":
+    if shape in GROUPED_SHAPES:
         return datasets.Features(
             {
                 "prompt_ids": ids,

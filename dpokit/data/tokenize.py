@@ -1,4 +1,4 @@
-"""Token ids for normalised pairs and ranked rows: chat template (or plain concatenation), alignment, truncation.
+"""Token ids for normalised pairs, ranked and unpaired rows: chat template (or plain text), alignment, truncation.
 
 With a chat template, the prompt is ``apply_chat_template(prompt, add_generation_prompt=True)`` and a
 completion is what the templated prompt+response adds after it, so the end-of-turn token the
@@ -10,7 +10,8 @@ reasoning model's ``<think>`` opener), the prompt is the text both renderings sh
 such rows are counted as ``template_common_prefix``. Without a chat template, the prompt is its
 turns' text joined by blank lines, followed by a separator (a blank line unless the prompt ends in,
 or every completion starts with, whitespace), and each completion its text plus EOS. A ranked row's
-k completions go through the same steps as a pair's two (`PairTokenizer.tokenize_ranked`).
+k completions go through the same steps as a pair's two (`PairTokenizer.tokenize_ranked`), and so does an
+unpaired row's one completion (`PairTokenizer.tokenize_unpaired`).
 
 Length limits (`LengthLimits`): completions keep their first ``max_completion_length`` tokens and
 prompts ``max_prompt_length`` tokens (the end ``truncation`` names); a pair still over
@@ -18,7 +19,9 @@ prompts ``max_prompt_length`` tokens (the end ``truncation`` names); a pair stil
 sequence's start under ``keep_start`` (TRL's default: the whole prompt, completions cut at their
 end) or, under ``keep_end``, cuts the prompt's start first (down to half of ``max_length``). A ranked
 row is fitted as a pair is, each completion with the prompt; under ``overlength="drop"`` only its
-completions over ``max_length`` are left out (the row too, when the rest state no preference).
+completions over ``max_length`` are left out (the row too, when the rest state no preference). An unpaired
+row's completion is fitted as a pair's chosen is (it states no preference, so none is checked); its KL
+completion is added after tokenizing (`pipeline.with_kl_completions`).
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from dpokit.data.formats import Pair, Ranked, SkippedRow, preference_problem
+from dpokit.data.formats import Pair, Ranked, SkippedRow, Unpaired, preference_problem
 from dpokit.errors import DpokitError
 
 OVERLENGTH_POLICIES = ("truncate", "drop", "error")
@@ -71,6 +74,15 @@ class TokenizedRanked(TokenizedRow):
     completion_ids: list[list[int]] = field(default_factory=list)
     scores: list[float] = field(default_factory=list)
     completions_dropped: list[tuple[str, str]] = field(default_factory=list)  # (reason, detail): over max_length
+
+
+@dataclass
+class TokenizedUnpaired(TokenizedRow):
+    """Token ids of one unpaired row (its one completion, before the KL completion is added) and its label, or
+    the reason it was dropped."""
+
+    completion_ids: list[int] = field(default_factory=list)
+    label: bool = True
 
 
 # ---------------------------------------------------------------------------------------------
@@ -224,8 +236,8 @@ def prompt_over_max_length(prompt: list[int], limits: LengthLimits) -> str:
 
 
 class PairTokenizer:
-    """Turns `Pair` messages into `TokenizedPair` ids (and `Ranked` rows into `TokenizedRanked`) under one set of
-    length limits (picklable)."""
+    """Turns `Pair` messages into `TokenizedPair` ids (`Ranked` rows into `TokenizedRanked`, `Unpaired` rows into
+    `TokenizedUnpaired`) under one set of length limits (picklable)."""
 
     def __init__(self, tokenizer, limits: LengthLimits, separator: str = PLAIN_TURN_SEPARATOR):
         if not tokenizer.chat_template and tokenizer.eos_token_id is None:
@@ -251,6 +263,16 @@ class PairTokenizer:
         for row, ids in zip(rows, groups):
             ids.scores = list(row.scores)
         return [self.fitted_ranked(ids, row.names) if ids.dropped is None else ids for row, ids in zip(rows, groups)]
+
+    def tokenize_unpaired(self, rows: list[Unpaired]) -> list[TokenizedUnpaired]:
+        """Ids of each unpaired row's prompt and completion, with its label, fitted to the length limits."""
+        groups = self.untruncated_ids([(row.prompt, [row.completion]) for row in rows])
+        return [
+            self.fitted_unpaired(ids, row.label)
+            if ids.dropped is None
+            else TokenizedUnpaired(dropped=ids.dropped, detail=ids.detail)
+            for row, ids in zip(rows, groups)
+        ]
 
     def untruncated_ids(self, groups: list[tuple[list, list[list]]]) -> list[TokenizedRanked]:
         """Prompt and completion ids of each (prompt, completions) messages, before truncation."""
@@ -425,6 +447,31 @@ class PairTokenizer:
             retokenized=row.retokenized,
             template_common_prefix=row.template_common_prefix,
             completions_dropped=dropped,
+        )
+
+    def fitted_unpaired(self, row: TokenizedRanked, label: bool) -> TokenizedUnpaired:
+        """The unpaired row (untruncated ids of its one completion) under the length limits, its completion as a
+        pair's chosen: unchanged, truncated, or dropped with a reason. One completion states no preference, so
+        none is checked (`formats.preference_problem` does not apply)."""
+        limits = self.limits
+        prompt, completions = capped(row.prompt_ids, row.completion_ids, limits)
+        detail = overlength_detail(prompt, completions, ["completion"], limits.max_length)
+        if detail and limits.overlength != "truncate":  # "error" is raised by the caller, which knows the row
+            return TokenizedUnpaired(dropped="overlength", detail=detail)
+        cut = fit(prompt, completions, (len(row.prompt_ids), *map(len, row.completion_ids)), limits)
+        (completion,) = cut.completions
+        if not completion:
+            return TokenizedUnpaired(
+                dropped="prompt_over_max_length", detail=prompt_over_max_length(cut.prompt, limits)
+            )
+        return TokenizedUnpaired(
+            prompt_ids=cut.prompt,
+            completion_ids=completion,
+            label=label,
+            truncated_prompt=cut.cut_prompt,
+            truncated_completion=cut.cut_completion,
+            retokenized=row.retokenized,
+            template_common_prefix=row.template_common_prefix,
         )
 
 
