@@ -612,7 +612,7 @@ def check_config(cfg: TrainConfig, world_size: int) -> None:
     builds (its name and parameters), and nothing multi-process training does not support is asked for."""
     from dpokit.losses import build_loss
 
-    build_loss(cfg.loss, ranked=None)  # pairs or ranked groups: the data decides later, in the recipe
+    build_loss(cfg.loss, shape=None)  # pairs, ranked groups or unpaired: the data decides later, in the recipe
     if cfg.training.optimizer_in_backward:
         clashes = [
             (cfg.training.gradient_accumulation_steps != 1, "training.gradient_accumulation_steps=1"),

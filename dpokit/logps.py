@@ -339,7 +339,7 @@ def batch_outputs(
     done: Completions, batch: PairBatch, token_stats: tuple[str, ...] = (), router_aux_loss: Optional[Tensor] = None
 ) -> ChosenRejectedOutputs | RankedOutputs:
     """`Completions` as what a loss takes: `ChosenRejectedOutputs` for pairs, `RankedOutputs` for ranked groups."""
-    if batch.is_ranked:
+    if batch.is_grouped:
         return ranked_outputs(done, batch, token_stats, router_aux_loss)
     return chosen_rejected_outputs(done, batch.num_pairs, token_stats, router_aux_loss, batch.slot_counts)
 

@@ -14,7 +14,7 @@ from rich.table import Table
 
 from dpokit.artifacts import check_replaceable, is_dpokit_artifact, replace_within, write_marker, write_text_within
 from dpokit.errors import DpokitError
-from dpokit.types import ChosenRejectedOutputs, RankedOutputs
+from dpokit.types import ChosenRejectedOutputs, RankedOutputs, unpaired_outputs
 
 METRICS_FILE = "metrics.jsonl"
 PAIR_METRICS = (
@@ -87,6 +87,11 @@ class MetricSums:
         return means
 
 
+def masked_sum(values: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sum of `values` where `mask` holds, and how many: a metric's total and count."""
+    return torch.where(mask, values, 0.0).sum(), mask.sum().double()
+
+
 class PairMetrics(MetricSums):
     """Sums of per-pair values over micro-batches (and, after `all_reduce`, over ranks); `means()` divides."""
 
@@ -123,6 +128,29 @@ class PairMetrics(MetricSums):
         return means
 
 
+class CountedMetrics(MetricSums):
+    """Metrics each divided by its own count (`NAMES`; 0 where nothing counted): `sums` holds every total, then
+    every count."""
+
+    NAMES: tuple[str, ...] = ()
+
+    def __init__(self, device: torch.device | str = "cpu"):
+        super().__init__(2 * len(self.NAMES), device)
+
+    def _add_counted(
+        self, pairs: list[tuple[torch.Tensor, torch.Tensor]], router_aux_loss, examples, num_tokens, terms
+    ):
+        """Add each metric's ``(total, count)`` in `NAMES` order; no host sync."""
+        values = torch.stack([total for total, _ in pairs] + [count for _, count in pairs])
+        self._add(values, router_aux_loss, examples, num_tokens, terms)
+
+    def counted_means(self) -> tuple[dict[str, float], list[float]]:
+        """Each metric's mean, and the counts."""
+        n = len(self.NAMES)
+        totals, counts = self.sums[:n].tolist(), self.sums[n : 2 * n].tolist()
+        return {name: total / count if count else 0.0 for name, total, count in zip(self.NAMES, totals, counts)}, counts
+
+
 RANK_METRICS = (
     "loss",
     "rewards/accuracies",
@@ -138,7 +166,7 @@ RANK_METRICS = (
 )
 
 
-class RankMetrics(MetricSums):
+class RankMetrics(CountedMetrics):
     """Sums over micro-batches of ranked groups (and, after `all_reduce`, over ranks); `means()` divides each by
     its own count (0 where nothing counted). "Best" and "worst" are each group's first highest- and first
     lowest-scored completion; a NaN reward (a completion no pair used) is left out of every reward metric.
@@ -154,8 +182,7 @@ class RankMetrics(MetricSums):
     - ``rewards/best|worst``, ``logps/best|worst``, ``logits/best|worst``: per group.
     """
 
-    def __init__(self, device: torch.device | str = "cpu"):
-        super().__init__(2 * len(RANK_METRICS), device)  # each metric's sum, then each one's count
+    NAMES = RANK_METRICS
 
     def add(
         self,
@@ -198,30 +225,94 @@ class RankMetrics(MetricSums):
         ideal = (torch.sort(gain, dim=-1, descending=True).values * discount).sum(-1)
         rated = ideal > 0
 
-        def masked(values: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            return torch.where(mask, values, 0.0).sum(), mask.sum().double()
-
         every = torch.ones(num_groups, dtype=torch.bool, device=device)
         pairs = [
             (losses.detach().double().sum(), every.sum().double()),
             (right_per_group.sum().double(), ordered_per_group.sum().double()),
-            masked(r_best - r_worst, best_known & worst_known),
-            masked((right_per_group == ordered_per_group).double(), has_pair),
-            masked(dcg / torch.where(rated, ideal, 1.0), rated),
-            masked(r_best, best_known),
-            masked(r_worst, worst_known),
-            masked(logps.gather(1, best).squeeze(1), every),
-            masked(logps.gather(1, worst).squeeze(1), every),
-            masked(logits.gather(1, best).squeeze(1), every),
-            masked(logits.gather(1, worst).squeeze(1), every),
+            masked_sum(r_best - r_worst, best_known & worst_known),
+            masked_sum((right_per_group == ordered_per_group).double(), has_pair),
+            masked_sum(dcg / torch.where(rated, ideal, 1.0), rated),
+            masked_sum(r_best, best_known),
+            masked_sum(r_worst, worst_known),
+            masked_sum(logps.gather(1, best).squeeze(1), every),
+            masked_sum(logps.gather(1, worst).squeeze(1), every),
+            masked_sum(logits.gather(1, best).squeeze(1), every),
+            masked_sum(logits.gather(1, worst).squeeze(1), every),
         ]
-        values = torch.stack([total for total, _ in pairs] + [count for _, count in pairs])
-        self._add(values, policy.router_aux_loss, num_groups, num_tokens, terms)
+        self._add_counted(pairs, policy.router_aux_loss, num_groups, num_tokens, terms)
 
     def means(self) -> dict[str, float]:
-        n = len(RANK_METRICS)
-        totals, counts = self.sums[:n].tolist(), self.sums[n : 2 * n].tolist()
-        means = {name: total / count if count else 0.0 for name, total, count in zip(RANK_METRICS, totals, counts)}
+        means, _ = self.counted_means()
+        means.update(self._shared_means())
+        return means
+
+
+UNPAIRED_METRICS = (
+    "loss",
+    "rewards/accuracies",
+    "rewards/desirable",
+    "rewards/undesirable",
+    "logps/desirable",
+    "logps/undesirable",
+    "logits/desirable",
+    "logits/undesirable",
+    "kl",
+    "fraction_desirable",
+)
+
+
+class UnpairedMetrics(CountedMetrics):
+    """Sums over micro-batches of unpaired examples (and, after `all_reduce`, over ranks); `means()` divides each by
+    its own count (0 where nothing counted).
+
+    - ``loss``: per example; ``rewards/accuracies``: the fraction of examples whose reward has its label's sign
+      (> 0 desirable, < 0 undesirable; 0 at step 1, as for pairs);
+    - ``rewards|logps|logits/desirable`` and ``/undesirable``: means over the examples of that label, and
+      ``rewards/margins`` the desirable mean minus the undesirable one (TRL's KTO margins);
+    - ``kl``: the KL estimate the loss used (its ``term_values["kl"]``, per example; KTO only);
+    - ``fraction_desirable``: the share of desirable examples seen.
+    """
+
+    NAMES = UNPAIRED_METRICS
+
+    def add(
+        self,
+        losses: torch.Tensor,
+        rewards: torch.Tensor,
+        policy: RankedOutputs,
+        num_tokens: int,
+        terms: Optional[dict[str, torch.Tensor]] = None,
+    ) -> None:
+        terms = dict(terms or {})
+        kl = terms.pop("kl", None)
+        examples = unpaired_outputs(policy)
+        desirable = examples.desirable.to(rewards.device)
+        undesirable = ~desirable
+        r = rewards.detach().double()
+        logits = examples.mean_logits if examples.mean_logits is not None else torch.zeros_like(examples.logps)
+        logps, logits = examples.logps.detach().double().to(r.device), logits.detach().double().to(r.device)
+        every = torch.ones_like(desirable)
+
+        right = torch.where(desirable, r > 0, r < 0).double()
+        pairs = [
+            masked_sum(losses.detach().double(), every),
+            masked_sum(right, every),
+            masked_sum(r, desirable),
+            masked_sum(r, undesirable),
+            masked_sum(logps, desirable),
+            masked_sum(logps, undesirable),
+            masked_sum(logits, desirable),
+            masked_sum(logits, undesirable),
+            masked_sum(kl.detach().double(), every) if kl is not None else (r.new_zeros(()), r.new_zeros(())),
+            masked_sum(desirable.double(), every),
+        ]
+        self._add_counted(pairs, policy.router_aux_loss, examples.num_examples, num_tokens, terms)
+
+    def means(self) -> dict[str, float]:
+        means, counts = self.counted_means()
+        if not counts[UNPAIRED_METRICS.index("kl")]:
+            del means["kl"]  # a loss without a KL term
+        means["rewards/margins"] = means["rewards/desirable"] - means["rewards/undesirable"]
         means.update(self._shared_means())
         return means
 

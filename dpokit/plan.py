@@ -336,7 +336,7 @@ def workload(cfg: TrainConfig, data: Optional[str] = None, seq_len: Optional[int
 
         prepared = load_prepared(data)
         split = prepared.split("train")
-        if prepared.is_ranked:  # k completions per prompt: a group is one segment, or k sequences
+        if prepared.is_grouped:  # k completions per prompt (unpaired: 2): a group is one segment, or k sequences
             prompt, tokens, sizes = group_token_counts(split)
             firsts = np.cumsum(sizes) - sizes
             group_completions = np.add.reduceat(tokens, firsts) if len(sizes) else sizes
@@ -355,7 +355,7 @@ def workload(cfg: TrainConfig, data: Optional[str] = None, seq_len: Optional[int
         completions = int(group_completions.max())
         branch = int(branches[int(whole.argmax())])  # of the longest example
         unshared = int(sequences.max()) * longest  # every sequence of the largest example as long as the longest
-        what = "prompt + its completions" if prepared.is_ranked else "prompt + chosen + rejected"
+        what = "prompt + its completions" if prepared.is_grouped else "prompt + chosen + rejected"
         source = f"the longest example of {data} (sequence {longest} tokens, {what} {shared})"
     else:
         if seq_len is not None and seq_len < 2:
@@ -716,7 +716,7 @@ def estimate(
         )
 
     # Reference: a frozen copy on every device when it runs live and is not the policy with adapters off.
-    live_reference = not is_reference_free(build_loss(cfg.loss, ranked=None)) and cfg.reference.source == "live"
+    live_reference = not is_reference_free(build_loss(cfg.loss, shape=None)) and cfg.reference.source == "live"
     if live_reference and (full or cfg.reference.adapter):
         rows.append(
             Row(

@@ -61,8 +61,22 @@ from dpokit.fidelity import PADDED, Layout, check_layout, check_pairs, check_ste
 from dpokit.lock import WriterLock, lock_path
 from dpokit.log import console, debug, note, print_causes
 from dpokit.logps import batch_outputs, chosen_rejected_outputs, decoder_hidden_states, generate_reply, head_logps
-from dpokit.losses import build_loss, check_loss_outputs, check_ranked_loss_outputs, is_reference_free
-from dpokit.metrics import MetricsLogger, PairMetrics, RankMetrics, summary_table, training_progress, truncate_metrics
+from dpokit.losses import (
+    build_loss,
+    check_loss_outputs,
+    check_ranked_loss_outputs,
+    check_unpaired_loss_outputs,
+    is_reference_free,
+)
+from dpokit.metrics import (
+    MetricsLogger,
+    PairMetrics,
+    RankMetrics,
+    UnpairedMetrics,
+    summary_table,
+    training_progress,
+    truncate_metrics,
+)
 from dpokit.model import (
     block_bitsandbytes_import,
     compile_layers,
@@ -204,6 +218,7 @@ __all__ = [
     "check_loss_outputs",
     "check_ranked_loss_outputs",
     "check_token_counts",
+    "check_unpaired_loss_outputs",
     "is_reference_free",
     # fidelity checks
     "PADDED",
@@ -239,6 +254,7 @@ __all__ = [
     "PairMetrics",
     "RankMetrics",
     "TrainResult",
+    "UnpairedMetrics",
     "check_trackers",
     "console",
     "debug",

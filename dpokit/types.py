@@ -71,7 +71,8 @@ class PairBatch:
         return int(self.index.numel())
 
     @property
-    def is_ranked(self) -> bool:
+    def is_grouped(self) -> bool:
+        """Groups of completions behind each prompt (ranked or unpaired data), not pairs."""
         return self.group_sizes is not None
 
     @property
@@ -206,6 +207,67 @@ class RankedOutputs:
     @property
     def has_token_logps(self) -> bool:
         return self.token_logps is not None
+
+
+@dataclass
+class UnpairedOutputs:
+    """One model's outputs (policy or reference) on a batch of N unpaired examples (KTO's shape): a prompt, its
+    completion labelled desirable or undesirable, and the mismatched completion `prepare` fixed for the example
+    (another example's, behind this prompt) whose log-ratio estimates KTO's KL term.
+
+    Per example (``[N]``): ``logps`` and ``tokens`` of the completion, ``kl_logps`` and ``kl_tokens`` of the
+    mismatched one, ``desirable`` (bool, from the data) and ``mean_logits`` (a detached diagnostic). Per token
+    (``[N, T]``): the completion's ``token_logps`` and ``token_mask``. An unpaired loss (``is_unpaired = True``)
+    receives these (`unpaired_outputs` makes them from the batch's groups of two).
+    """
+
+    logps: Tensor  # [N]
+    kl_logps: Tensor  # [N]
+    desirable: Tensor  # [N] bool
+    tokens: Optional[Tensor] = None  # [N]
+    kl_tokens: Optional[Tensor] = None  # [N]
+    mean_logits: Optional[Tensor] = None  # [N]
+    router_aux_loss: Optional[Tensor] = None
+    token_logps: Optional[Tensor] = None  # [N, T]
+    token_mask: Optional[Tensor] = None  # [N, T] bool
+
+    @property
+    def num_examples(self) -> int:
+        return int(self.logps.shape[0])
+
+    def average_logps(self) -> Tensor:
+        """Length-normalised log-probs of the completions ``[N]``."""
+        if self.tokens is None:
+            raise DpokitError("this loss needs completion token counts (tokens)")
+        return self.logps / self.tokens.clamp(min=1).to(self.logps.dtype)
+
+
+def unpaired_outputs(outputs: RankedOutputs) -> UnpairedOutputs:
+    """The `UnpairedOutputs` of a batch of unpaired examples, each stored as a group of two (docs/data-formats.md,
+    "Unpaired data"): ``[completion, kl_completion]`` with scores ``[label, nan]`` (1.0 desirable, 0.0 not)."""
+    if any(size != 2 for size in outputs.group_sizes) or outputs.scores is None:
+        raise DpokitError(
+            "unpaired outputs come from groups of two completions with scores (the completion and its KL completion); "
+            f"got group sizes {sorted(set(outputs.group_sizes))}: is this data prepared as unpaired?"
+        )
+
+    def own(values: Optional[Tensor]) -> Optional[Tensor]:
+        return None if values is None else values[0::2]
+
+    def mismatched(values: Optional[Tensor]) -> Optional[Tensor]:
+        return None if values is None else values[1::2]
+
+    return UnpairedOutputs(
+        logps=own(outputs.logps),
+        kl_logps=mismatched(outputs.logps),
+        desirable=own(outputs.scores) > 0.5,
+        tokens=own(outputs.tokens),
+        kl_tokens=mismatched(outputs.tokens),
+        mean_logits=own(outputs.mean_logits),
+        router_aux_loss=outputs.router_aux_loss,
+        token_logps=own(outputs.token_logps),
+        token_mask=own(outputs.token_mask),
+    )
 
 
 def ranked_token_values(

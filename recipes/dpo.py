@@ -82,6 +82,7 @@ from dpokit.recipe_api import (  # the names an ejected recipe may rely on (see 
     TrainConfig,
     TrainingInterrupted,
     TrainResult,
+    UnpairedMetrics,
     WriterLock,
     activation_offloading,
     any_rank,
@@ -104,6 +105,7 @@ from dpokit.recipe_api import (  # the names an ejected recipe may rely on (see 
     check_step_zero,
     check_token_counts,
     check_trackers,
+    check_unpaired_loss_outputs,
     clear_old_run,
     clear_stop_marker,
     collated,
@@ -200,9 +202,9 @@ class DPORecipe:
         order.done("trackers_checked")
         self._tokenizer = None  # loaded at first use (`tokenizer`)
         self._check_tokenizer_files()
-        self.ranked = self.data.is_ranked  # groups of k scored completions per prompt instead of pairs
-        self.unit = "groups" if self.ranked else "pairs"  # what a batch counts (rates, messages)
-        self.loss_fn = build_loss(cfg.loss, ranked=self.ranked)
+        self.shape = self.data.shape  # pairs, ranked (k scored completions per prompt) or unpaired (KTO's)
+        self.unit = {"ranked": "groups", "unpaired": "examples"}.get(self.shape, "pairs")  # what a batch counts
+        self.loss_fn = build_loss(cfg.loss, shape=self.shape)
         self.token_stats = tuple(getattr(self.loss_fn, "token_stats", ()))  # full-vocabulary values the loss asks for
         self.lock = WriterLock(lock_path(self.run_dir, RUN_LOCK), f"run directory {self.run_dir}", self.announce)
         if self.dist.is_main:
@@ -476,7 +478,7 @@ class DPORecipe:
 
     def pair_outputs(self, batch: PairBatch, split: str):
         """Policy outputs and the loss's outputs for one batch: ``(losses, chosen_rewards, rejected_rewards)`` per
-        pair, or ``(losses, rewards)`` per ranked group and completion."""
+        pair, ``(losses, rewards)`` per ranked group and completion, or per unpaired example."""
         training = split == "train"
         offload = training and self.cfg.model.activation_offloading
         with self.autocast(), activation_offloading(offload, self.device, self.policy):
@@ -487,17 +489,21 @@ class DPORecipe:
             check_token_counts(policy_out, reference_out, split)
             if self.step_zero_pending and training:
                 self.check_step_zero(policy_out, reference_out, batch)
-        if self.ranked:
+        if self.shape == "ranked":
             outputs = check_ranked_loss_outputs(
                 self.loss_fn, self.loss_fn(policy_out, reference_out), batch.num_pairs, batch.num_outputs
+            )
+        elif self.shape == "unpaired":
+            outputs = check_unpaired_loss_outputs(
+                self.loss_fn, self.loss_fn(policy_out, reference_out), batch.num_pairs
             )
         else:
             outputs = check_loss_outputs(self.loss_fn, self.loss_fn(policy_out, reference_out), batch.num_pairs)
         return policy_out, outputs
 
-    def new_metrics(self) -> PairMetrics | RankMetrics:
-        """Sums for the step's or the evaluation's metrics: per pair, or per ranked group."""
-        return RankMetrics(self.device) if self.ranked else PairMetrics(self.device)
+    def new_metrics(self) -> PairMetrics | RankMetrics | UnpairedMetrics:
+        """Sums for the step's or the evaluation's metrics: per pair, per ranked group, or per unpaired example."""
+        return {"ranked": RankMetrics, "unpaired": UnpairedMetrics}.get(self.shape, PairMetrics)(self.device)
 
     def check_first_batch(self) -> None:
         """The step-0 check on this rank's first micro-batch, run in setup (no gradients) when a fresh run is
@@ -540,7 +546,7 @@ class DPORecipe:
                 f"step 0: the 4-bit policy differs from the reference by up to {difference:.3g} nats per sequence"
             )
 
-    def train_step(self, micro_batches: list[PairBatch]) -> PairMetrics | RankMetrics:
+    def train_step(self, micro_batches: list[PairBatch]) -> PairMetrics | RankMetrics | UnpairedMetrics:
         """Forward and backward over this rank's micro-batches of one optimizer step."""
         metrics = self.new_metrics()
         self.step_losses: list[tuple[torch.Tensor, torch.Tensor]] = []  # for naming the pairs of a non-finite loss
@@ -559,7 +565,9 @@ class DPORecipe:
             self.step_losses.append((batch.index, losses.detach()))
         return metrics
 
-    def optimizer_step(self, metrics: PairMetrics | RankMetrics, control: torch.Tensor) -> tuple[float, list[bool]]:
+    def optimizer_step(
+        self, metrics: PairMetrics | RankMetrics | UnpairedMetrics, control: torch.Tensor
+    ) -> tuple[float, list[bool]]:
         """Clip, then update, unless the loss or the gradient norm is not finite (`nonfinite_step`). Returns the
         gradient norm and the `control` flags (OR-ed over ranks), read from the device with the loss and the norm:
         the step's one read."""
@@ -616,7 +624,7 @@ class DPORecipe:
         )
 
     def step_metrics(
-        self, metrics: PairMetrics | RankMetrics, seconds: float, grad_norm: float, lr: float
+        self, metrics: PairMetrics | RankMetrics | UnpairedMetrics, seconds: float, grad_norm: float, lr: float
     ) -> dict[str, float]:
         values = metrics.means()
         values.update(
@@ -891,8 +899,10 @@ def _summary_rows(result: TrainResult):
         "eval/loss",
         "eval/rewards/accuracies",
         "eval/rewards/margins",
+        "kl",
         "pairs_per_s",
         "groups_per_s",
+        "examples_per_s",
         "tokens_per_s",
         "peak_memory_mb",
     ):

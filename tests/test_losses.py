@@ -142,7 +142,10 @@ def test_loss_parameter_types_of_a_users_subclass_follow_its_kwargs_to_the_base(
 
 
 def test_build_loss_rejects_an_unknown_name():
-    with pytest.raises(DpokitError, match="unknown loss 'dpx'; choose one of aot, aot_pair, apo_down, apo_zero, bco, "):
+    with pytest.raises(
+        DpokitError,
+        match="unknown loss 'dpx'; choose one of aot, aot_pair, apo_down, apo_zero, apo_zero_unpaired, bco, ",
+    ):
         build_loss({"name": "dpx"})
 
 

@@ -196,7 +196,7 @@ def test_every_pairwise_loss_runs_unchanged_on_the_pairs_with_per_token_values(s
     policy, token_logps = per_token_outputs(requires_grad=True)
     reference, _ = per_token_outputs()
     reference.logps = reference.logps - 0.3 * torch.arange(7, dtype=F64)  # some nonzero log-ratios
-    loss = build_loss(spec, ranked=True)
+    loss = build_loss(spec, shape="ranked")
     assert isinstance(loss, RankedPairwiseLoss)
     losses, _ = loss(policy, reference)
     (grad,) = torch.autograd.grad(losses.sum(), token_logps)
@@ -378,17 +378,17 @@ def test_rank_metrics_sum_over_micro_batches_and_carry_terms_and_the_router_term
 
 
 def test_build_loss_wraps_pairwise_losses_for_ranked_data_and_passes_listwise_ones_as_they_are():
-    loss = build_loss({"name": "dpo", "beta": 0.2, "pairs": "adjacent", "gap_weighted": True}, ranked=True)
+    loss = build_loss({"name": "dpo", "beta": 0.2, "pairs": "adjacent", "gap_weighted": True}, shape="ranked")
     assert isinstance(loss, RankedPairwiseLoss) and isinstance(loss.loss, DPOLoss) and loss.loss.beta == 0.2
     assert (loss.pairs, loss.gap_weighted) == ("adjacent", True)
-    assert build_loss({"name": "dpo"}, ranked=True).pairs == "all"
-    assert isinstance(build_loss({"name": ["dpo", "sft"]}, ranked=True).loss, CombinedLoss)
-    assert isinstance(build_loss({"name": "plackett_luce", "beta": 0.5}, ranked=True), PlackettLuceLoss)
-    assert isinstance(build_loss({"name": "dpokit.losses:LiPOLambdaLoss"}, ranked=True), LiPOLambdaLoss)
+    assert build_loss({"name": "dpo"}, shape="ranked").pairs == "all"
+    assert isinstance(build_loss({"name": ["dpo", "sft"]}, shape="ranked").loss, CombinedLoss)
+    assert isinstance(build_loss({"name": "plackett_luce", "beta": 0.5}, shape="ranked"), PlackettLuceLoss)
+    assert isinstance(build_loss({"name": "dpokit.losses:LiPOLambdaLoss"}, shape="ranked"), LiPOLambdaLoss)
     # data not known yet (a config being checked): ranked-only keys and listwise losses pass
-    assert isinstance(build_loss({"name": "dpo", "pairs": "best_worst"}, ranked=None), RankedPairwiseLoss)
-    assert isinstance(build_loss({"name": "lipo"}, ranked=None), LiPOLambdaLoss)
-    assert isinstance(build_loss({"name": "dpo"}, ranked=None), DPOLoss)
+    assert isinstance(build_loss({"name": "dpo", "pairs": "best_worst"}, shape=None), RankedPairwiseLoss)
+    assert isinstance(build_loss({"name": "lipo"}, shape=None), LiPOLambdaLoss)
+    assert isinstance(build_loss({"name": "dpo"}, shape=None), DPOLoss)
 
 
 @pytest.mark.parametrize(
@@ -426,7 +426,7 @@ def test_build_loss_wraps_pairwise_losses_for_ranked_data_and_passes_listwise_on
 )
 def test_build_loss_refuses_ranked_settings_that_do_not_fit_the_data(spec, ranked_data, message):
     with pytest.raises(DpokitError, match=message):
-        build_loss(spec, ranked=ranked_data)
+        build_loss(spec, shape={True: "ranked", False: "pairs", None: None}[ranked_data])
 
 
 def test_check_ranked_loss_outputs_names_the_loss_and_the_shapes_it_wants():

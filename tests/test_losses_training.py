@@ -105,7 +105,11 @@ AT_ZERO_REWARD = {
 }
 
 
-PAIRWISE = sorted(name for name, cls in LOSSES.items() if not getattr(cls, "is_listwise", False))  # the demo is pairs
+PAIRWISE = sorted(  # the demo is pairs
+    name
+    for name, cls in LOSSES.items()
+    if not (getattr(cls, "is_listwise", False) or getattr(cls, "is_unpaired", False))
+)
 
 
 def test_every_registered_objective_is_checked_below():

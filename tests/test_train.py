@@ -329,8 +329,9 @@ def error_line(capsys) -> str:
 
 def test_unknown_loss_is_one_clear_line(tiny_model_dir, prepared_dir, tmp_path, capsys):
     assert main(["train", "--loss", "dpx", *overrides(tiny_model_dir, prepared_dir, tmp_path / "run")]) == 1
-    assert "unknown loss 'dpx'; choose one of aot, aot_pair, apo_down, apo_zero, bco, discopop, dpo, " in error_line(
-        capsys
+    assert (
+        "unknown loss 'dpx'; choose one of aot, aot_pair, apo_down, apo_zero, apo_zero_unpaired, bco, bco_unpaired, discopop, dpo, "
+        in error_line(capsys)
     )
 
 

@@ -6,6 +6,8 @@ rejected_rewards)``, each ``[B]``, over `ChosenRejectedOutputs` (`dpokit.types`)
 - `dpokit.losses.combined`: weighted sums (``loss.name=[dpo,sft] loss.weights=[1.0,0.5]``).
 - `dpokit.losses.ranked`: ranked groups of k completions: pairing rules around any pairwise loss
   (`RankedPairwiseLoss`) and the listwise losses (``forward(policy, reference) -> (losses [G], rewards [C])``).
+- `dpokit.losses.unpaired`: unpaired examples (a completion labelled desirable or not): KTO, APO-zero and BCO
+  (``forward(policy, reference) -> (losses [N], rewards [N])``, `UnpairedLoss`).
 
 A user's loss is any ``torch.nn.Module`` with the same ``forward``; ``--loss pkg.module:Class`` loads it and
 ``loss.<param>=value`` sets its constructor arguments. docs/losses.md is the reference table.
@@ -55,8 +57,9 @@ from dpokit.losses.ranked import (
     pairs_of,
     ranked_pairs,
 )
+from dpokit.losses.unpaired import APOZeroUnpairedLoss, BCOUnpairedLoss, KTOLoss, UnpairedLoss
 from dpokit.ranges import AT_LEAST_0
-from dpokit.types import ChosenRejectedOutputs, RankedOutputs
+from dpokit.types import ChosenRejectedOutputs, RankedOutputs, UnpairedOutputs
 
 LOSSES: dict[str, type[nn.Module]] = {
     "dpo": DPOLoss,
@@ -82,7 +85,11 @@ LOSSES: dict[str, type[nn.Module]] = {
     "sft": SFTLoss,
     "plackett_luce": PlackettLuceLoss,  # listwise: ranked data only
     "lipo": LiPOLambdaLoss,
+    "kto": KTOLoss,  # unpaired: unpaired data only
+    "apo_zero_unpaired": APOZeroUnpairedLoss,
+    "bco_unpaired": BCOUnpairedLoss,
 }
+SHAPES = ("pairs", "ranked", "unpaired")  # the prepared data's shapes (`dpokit.data.prepared`)
 RANKED_KEYS = ("pairs", "gap_weighted")  # loss keys for pairwise losses on ranked data
 
 
@@ -145,29 +152,53 @@ def is_listwise(loss: nn.Module | type) -> bool:
     return bool(getattr(loss, "is_listwise", False))
 
 
-def build_loss(spec: dict[str, Any], ranked: Optional[bool] = False) -> nn.Module:
+def is_unpaired(loss: nn.Module | type) -> bool:
+    """A loss (or loss class) for unpaired data: ``forward(groups of [completion, kl_completion], ...) -> (losses
+    [N], rewards [N])`` (`UnpairedLoss`)."""
+    return bool(getattr(loss, "is_unpaired", False))
+
+
+UNPAIRED_LOSSES = tuple(name for name, cls in LOSSES.items() if is_unpaired(cls))
+
+
+def build_loss(spec: dict[str, Any], shape: Optional[str] = "pairs") -> nn.Module:
     """Build a loss from the config's ``loss`` section: ``name`` (one, or a list with ``weights``) plus
     constructor parameters. For a list, each parameter goes to every term that takes it.
 
-    `ranked`: the data is ranked groups (prepared from k completions per prompt): a listwise loss is returned as
-    is, a pairwise one (or a weighted list) wrapped in `RankedPairwiseLoss` with ``loss.pairs`` (default all) and
-    ``loss.gap_weighted`` (default false). False: pairs, where those keys and listwise losses are errors. None:
-    the data is not known yet (a config being checked): every key is checked, and the loss comes back as ranked
-    data would get it when the section asks for ranked-only things, else as pair data would."""
+    `shape` is the prepared data's (`SHAPES`). ``ranked``: a listwise loss is returned as is, a pairwise one (or a
+    weighted list) wrapped in `RankedPairwiseLoss` with ``loss.pairs`` (default all) and ``loss.gap_weighted``
+    (default false). ``pairs``: those keys, listwise and unpaired losses are errors. ``unpaired``: only an unpaired
+    loss (`is_unpaired`). None: the data is not known yet (a config being checked): every key is checked, and the
+    loss comes back as ranked data would get it when the section asks for ranked-only things, else as is."""
+    if shape is not None and shape not in SHAPES:
+        raise ValueError(f"build_loss: shape {shape!r} is not one of {SHAPES}")
     spec = dict(spec)
     ranked_keys = {key: spec.pop(key) for key in RANKED_KEYS if key in spec}
     loss = _build_named(spec)
-    listwise = is_listwise(loss)
-    if listwise and ranked_keys:
+    name = spec.get("name")
+    listwise, unpaired = is_listwise(loss), is_unpaired(loss)
+    if (listwise or unpaired) and ranked_keys:
         key = next(iter(ranked_keys))
+        kind = "listwise and scores every completion of a group at once" if listwise else "for unpaired data"
         raise DpokitError(
-            f"loss.{key} applies to pairwise losses on ranked data; loss {spec.get('name')!r} is listwise and "
-            f"scores every completion of a group at once: remove loss.{key}"
+            f"loss.{key} applies to pairwise losses on ranked data; loss {name!r} is {kind}: remove loss.{key}"
         )
-    if ranked is False:
+    if shape == "unpaired" and not unpaired:
+        raise DpokitError(
+            f"loss {name!r} needs {'ranked groups' if listwise else 'pairs'}; this data is unpaired (one completion "
+            f"and a desirable/undesirable label per prompt): choose an unpaired loss ({', '.join(UNPAIRED_LOSSES)})"
+        )
+    if unpaired:
+        if shape in ("pairs", "ranked"):
+            raise DpokitError(
+                f"loss {name!r} is for unpaired data (prepared from prompt, completion, label rows); this data is "
+                f"{shape}: choose a {'pairwise' if shape == 'pairs' else 'pairwise or listwise'} loss such as dpo"
+            )
+        return loss
+    if shape == "pairs":
         if listwise:
             raise DpokitError(
-                f"loss {spec.get('name')!r} is listwise: it needs ranked data (prepared from k completions per "
+                f"loss {name!r} is listwise: it needs ranked data (prepared from k completions per "
                 "prompt); this data is pairs: choose a pairwise loss such as dpo"
             )
         if ranked_keys:
@@ -177,7 +208,7 @@ def build_loss(spec: dict[str, Any], ranked: Optional[bool] = False) -> nn.Modul
                 "remove it"
             )
         return loss
-    if listwise or (ranked is None and not ranked_keys):
+    if listwise or (shape is None and not ranked_keys):
         return loss
     return RankedPairwiseLoss(loss, **ranked_keys)
 
@@ -206,6 +237,12 @@ def _build_named(spec: dict[str, Any]) -> nn.Module:
         raise DpokitError(
             f"loss.name={names!r}: {listwise[0]} is listwise (one loss per group, not per pair) and does not combine "
             f"in a weighted list; use it alone (loss.name={listwise[0]})"
+        )
+    unpaired = [n for n in names if is_unpaired(loss_class(n))]
+    if unpaired:
+        raise DpokitError(
+            f"loss.name={names!r}: {unpaired[0]} is for unpaired data (one loss per example, not per pair) and does "
+            f"not combine in a weighted list; use it alone (loss.name={unpaired[0]})"
         )
     weights = [1.0] * len(names) if weights is None else weights
     if not isinstance(weights, (list, tuple)) or len(weights) != len(names):
@@ -242,19 +279,34 @@ def check_ranked_loss_outputs(
 ) -> tuple[Tensor, Tensor]:
     """What a loss on ranked data returned, checked: two float tensors, losses ``[G]`` (one per group) and
     rewards ``[C]`` (one per completion, NaN allowed for a completion no pair uses)."""
-    name = type(loss).__name__
     expected = (
         f"(losses, rewards): losses of shape [{num_groups}] (one per group), rewards of shape [{num_completions}] "
         "(one per completion)"
     )
+    return _check_two_outputs(loss, outputs, [(num_groups,), (num_completions,)], "ranked", expected, "per-group")
+
+
+def check_unpaired_loss_outputs(loss: nn.Module, outputs: Any, num_examples: int) -> tuple[Tensor, Tensor]:
+    """What a loss on unpaired data returned, checked: two float tensors, losses and rewards ``[N]`` (one each per
+    example)."""
+    expected = f"(losses, rewards) of shape [{num_examples}] each (one per example)"
+    return _check_two_outputs(loss, outputs, [(num_examples,)] * 2, "unpaired", expected, "per-example")
+
+
+def _check_two_outputs(
+    loss: nn.Module, outputs: Any, shapes_wanted: list[tuple[int]], data: str, expected: str, per: str
+) -> tuple[Tensor, Tensor]:
+    """`outputs` as ``(losses, rewards)`` of `shapes_wanted`, both float, or an error naming the loss, what it
+    returned on `data` data, and what it must return (`expected`)."""
+    name = type(loss).__name__
     if not (isinstance(outputs, (tuple, list)) and len(outputs) == 2):
         got = f"{len(outputs)} values" if isinstance(outputs, (tuple, list)) else type(outputs).__name__
-        raise DpokitError(f"loss {name} returned {got} on ranked data; its forward must return {expected}")
+        raise DpokitError(f"loss {name} returned {got} on {data} data; its forward must return {expected}")
     shapes = [tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__ for v in outputs]
-    if shapes[0] != (num_groups,) or shapes[1] != (num_completions,):
+    if shapes != shapes_wanted:
         raise DpokitError(
-            f"loss {name} returned shapes {shapes[0]}, {shapes[1]} on ranked data; it must return {expected} "
-            "(per-group losses, not their mean: the recipe averages)"
+            f"loss {name} returned shapes {shapes[0]}, {shapes[1]} on {data} data; it must return {expected} "
+            f"({per} losses, not their mean: the recipe averages)"
         )
     if not all(v.is_floating_point() for v in outputs):
         raise DpokitError(f"loss {name} returned dtypes {outputs[0].dtype}, {outputs[1].dtype}; both must be floats")
@@ -271,10 +323,16 @@ __all__ = [
     "PreferenceLoss",
     "RankedOutputs",
     "RankedPairwiseLoss",
+    "SHAPES",
+    "UNPAIRED_LOSSES",
+    "UnpairedLoss",
+    "UnpairedOutputs",
     "build_loss",
     "check_loss_outputs",
     "check_ranked_loss_outputs",
+    "check_unpaired_loss_outputs",
     "is_listwise",
+    "is_unpaired",
     "is_reference_free",
     "loss_class",
     "loss_parameter_types",

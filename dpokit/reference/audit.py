@@ -109,8 +109,8 @@ def run_audit(options: AuditOptions, console: Optional[Console] = None) -> Audit
     cache = open_cache(options.cache)
     if cache.is_ranked:
         raise DpokitError(
-            f"{cache.path} holds ranked groups (k completions per prompt); `dpokit cache audit` reads pair caches "
-            f"only so far. `dpokit cache verify {cache.path}` checks its values, and training logs the reference's "
+            f"{cache.path} holds groups of completions (ranked or unpaired data); `dpokit cache audit` reads pair "
+            f"caches only so far. `dpokit cache verify {cache.path}` checks its values, and training logs the reference's "
             "ranking metrics at step 0 (training.eval_at_start=true)"
         )
     prepared_path = options.prepared or cache.attrs.get("prepared")

@@ -180,7 +180,7 @@ def forward_logps(
     batch = collated.batch.to(device)
     with torch.no_grad() if sharded else torch.inference_mode():
         outputs = concatenated_forward(model, batch)
-        if batch.is_ranked:
+        if batch.is_grouped:
             sums = torch.stack([outputs.logps.double(), outputs.tokens.double()]).cpu().numpy()
             token_logps = None
             if per_token:
@@ -366,11 +366,11 @@ def pending_rows_of_cache(
         dtype=dtype,
         attn_implementation=attn_implementation,
         per_token=options.per_token,
-        shape="ranked" if prepared.is_ranked else "pairs",
+        shape="ranked" if prepared.is_grouped else "pairs",  # unpaired data: groups of [completion, KL completion]
     )
     rows = {split: len(prepared.split(split)) for split in prepared.splits}
     token_counts, group_sizes = None, None
-    if prepared.is_ranked:  # a cache row per completion
+    if prepared.is_grouped:  # a cache row per completion
         counts = {split: group_token_counts(prepared.split(split)) for split in prepared.splits}
         group_sizes = {split: sizes for split, (_, _, sizes) in counts.items()}
         if options.per_token:
