@@ -231,3 +231,38 @@ def test_the_manifest_records_k_and_the_demo_has_ties_and_k_from_2_to_5(ranked_d
     sizes = Counter(len(r["completion_ids"]) for r in rows)
     assert min(sizes) == 2 and max(sizes) == 5
     assert any(len(set(r["scores"])) < len(r["scores"]) for r in rows)
+
+
+def test_cache_audit_of_a_ranked_cache_gives_the_references_ranking_computed_by_hand(
+    ranked_dir, ranked_cache, tmp_path, capsys
+):
+    out = tmp_path / "audit"
+    assert main(["cache", "audit", str(ranked_cache), "--out", str(out), "--top", "3"]) == 0
+    printed = capsys.readouterr().out
+    assert "accuracy" in printed and "(ranked" in printed
+    record = json.loads((out / "audit.json").read_text())
+    assert record["shape"] == "ranked"
+    cache, prepared = open_cache(ranked_cache), load_prepared(ranked_dir)
+    for split in cache.splits:
+        table = cache.logps(split)
+        rows = list(prepared.split(split))
+        offsets, logps = table.group_offsets.tolist(), table.logps.tolist()
+        right = ordered = in_order = 0
+        for g, row in enumerate(rows):
+            values, scores = logps[offsets[g] : offsets[g + 1]], row["scores"]
+            pairs = [(i, j) for i in range(len(scores)) for j in range(len(scores)) if scores[i] > scores[j]]
+            good = sum(values[i] > values[j] for i, j in pairs)
+            right, ordered, in_order = (
+                right + good,
+                ordered + len(pairs),
+                in_order + (bool(pairs) and good == len(pairs)),
+            )
+        summary = record["splits"][split]
+        assert summary["groups"] == len(rows) and summary["scored_pairs"] == ordered
+        assert summary["pair_accuracy"] == pytest.approx(right / ordered)
+        assert summary["groups_in_order"] == pytest.approx(in_order / len(rows))
+        assert summary["k"]["max"] == max(len(r["scores"]) for r in rows)
+        assert all(entry["margin"] < 0 for entry in summary["disagreements"]) and len(summary["disagreements"]) <= 3
+    filtered = ["--write-filtered", str(tmp_path / "clean"), "--drop", "identical"]
+    assert main(["cache", "audit", str(ranked_cache), "--out", str(out), *filtered]) == 1
+    assert "--write-filtered reads pair caches only so far" in capsys.readouterr().err

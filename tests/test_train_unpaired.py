@@ -7,6 +7,7 @@ and two processes equal one (the KL estimate is reduced over both); a kill -9 re
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -146,3 +147,26 @@ def test_an_unpaired_run_killed_with_kill_9_resumes_to_the_uninterrupted_run(
     assert process.returncode == 0, stderr[-2000:]
     losses = [r["loss"] for r in read_metrics(cut, "train")]
     assert losses == pytest.approx([r["loss"] for r in read_metrics(unpaired_two_process_run, "train")], abs=1e-6)
+
+
+def test_cache_audit_of_an_unpaired_cache_gives_the_references_view_of_each_label(
+    unpaired_dir, unpaired_cache, tmp_path, capsys
+):
+    out = tmp_path / "audit"
+    assert main(["cache", "audit", str(unpaired_cache), "--out", str(out)]) == 0
+    assert "AUC" in capsys.readouterr().out
+    record = json.loads((out / "audit.json").read_text())
+    cache, prepared = open_cache(unpaired_cache), load_prepared(unpaired_dir)
+    for split in cache.splits:
+        table = cache.logps(split)
+        per_token = (table.logps.double() / table.tokens.double()).tolist()
+        labels = [row["scores"][0] == 1.0 for row in prepared.split(split)]
+        own, kl = per_token[0::2], per_token[1::2]
+        good = [v for v, d in zip(own, labels) if d]
+        bad = [v for v, d in zip(own, labels) if not d]
+        summary = record["splits"][split]
+        assert (summary["desirable"], summary["undesirable"]) == (len(good), len(bad))
+        assert summary["per_token_logps"]["desirable"] == pytest.approx(sum(good) / len(good))
+        wins = sum((g > b) + 0.5 * (g == b) for g in good for b in bad)
+        assert summary["normalised_auc"] == pytest.approx(wins / (len(good) * len(bad)))
+        assert summary["kl_completion_less_likely"] == pytest.approx(sum(k < o for k, o in zip(kl, own)) / len(own))

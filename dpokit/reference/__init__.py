@@ -7,5 +7,6 @@
   (a model run on the fly), both giving a `ChosenRejectedOutputs` per batch.
 - `dpokit.reference.inspection`: `dpokit cache info` and `dpokit cache verify`.
 - `dpokit.reference.audit`: `dpokit cache audit`: what the reference thinks of the data, and a filtered
-  copy of the data with its cache.
+  copy of the data with its cache; `dpokit.reference.group_audit` the numbers of ranked and unpaired data, and
+  `dpokit.reference.audit_stats` what both compute (distributions, duplicate prompts, previews).
 """

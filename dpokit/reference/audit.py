@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import difflib
 import json
-from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -33,17 +32,25 @@ from dpokit import __version__, log
 from dpokit.artifacts import check_replaceable, replace_atomically
 from dpokit.data.prepared import COLUMNS, PreparedData, load_prepared, write_prepared
 from dpokit.errors import DpokitError
-from dpokit.fingerprint import numpy_view
 from dpokit.metrics import column_table
+from dpokit.reference.audit_stats import (
+    EXACT_ONLY_RULE,
+    EXAMPLES,
+    NEAR_DUPLICATE_RULE,
+    QUANTILES,
+    correlation,
+    distribution,
+    duplicate_groups,
+    duplicates_entry,
+    preview,
+    prompt_keys,
+    row_keys,
+)
 from dpokit.reference.cache import CachedLogps, RefCache, open_cache, subset_cache
+from dpokit.reference.group_audit import group_audit_record, print_group_audit
 
 AUDIT_FILE = "audit.json"
 PLOT_FILES = {"margins": "margins.png", "length_vs_margin": "length_vs_margin.png"}
-QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
-EXAMPLES = 10  # row indices (or groups) listed per finding
-PREVIEW_CHARS = 60
-NEAR_DUPLICATE_RULE = "decoded text (special tokens skipped) equal after casefolding and collapsing whitespace"
-EXACT_ONLY_RULE = "prompt token ids equal (the tokenizer did not load, so no text comparison)"
 # --drop reasons, applied in this order: a row dropped for several counts under the first.
 DROP_REASONS = ("identical", "ref-disagrees", "dup-prompts")
 
@@ -107,12 +114,6 @@ def run_audit(options: AuditOptions, console: Optional[Console] = None) -> Audit
     console = console or log.console()
     drop = check_options(options)
     cache = open_cache(options.cache)
-    if cache.is_ranked:
-        raise DpokitError(
-            f"{cache.path} holds groups of completions (ranked or unpaired data); `dpokit cache audit` reads pair "
-            f"caches only so far. `dpokit cache verify {cache.path}` checks its values, and training logs the reference's "
-            "ranking metrics at step 0 (training.eval_at_start=true)"
-        )
     prepared_path = options.prepared or cache.attrs.get("prepared")
     if not prepared_path:
         raise DpokitError(
@@ -131,6 +132,19 @@ def run_audit(options: AuditOptions, console: Optional[Console] = None) -> Audit
         check_replaceable(filtered_cache, "cache", options.overwrite, inputs=inputs, option="--filtered-cache")
 
     tokenizer, tokenizer_note = decoding_tokenizer(prepared)
+    if tokenizer_note:
+        log.note(tokenizer_note)
+    if prepared.is_grouped:
+        if options.write_filtered:
+            raise DpokitError(
+                f"--write-filtered reads pair caches only so far; {cache.path} holds {prepared.shape} data. Filter "
+                "the source rows and prepare them again"
+            )
+        record = group_audit_record(cache, prepared, options.top, tokenizer)
+        replace_atomically(out_dir, "audit", lambda tmp: write_record(tmp, record))
+        print_group_audit(record, console)
+        console.print(f"wrote {out_dir / AUDIT_FILE}", soft_wrap=True)
+        return Audit(record=record, out_dir=out_dir)
     rows = {split: split_rows(cache, prepared, split, tokenizer) for split in cache.splits}
     train_keys = set(rows["train"].near_keys) if "train" in rows else set()
     near_rule = NEAR_DUPLICATE_RULE if tokenizer else EXACT_ONLY_RULE
@@ -148,9 +162,6 @@ def run_audit(options: AuditOptions, console: Optional[Console] = None) -> Audit
     if options.write_filtered:
         record["filter"] = write_filtered(options, drop, cache, prepared, rows, filtered_cache, near_rule)
     audit = write_audit_dir(out_dir, record, rows, console)
-
-    if tokenizer_note:
-        log.note(tokenizer_note)
     console.print(summary_table(record))
     for split, summary in record["splits"].items():
         if summary["disagreements"]:
@@ -215,11 +226,8 @@ def decoding_tokenizer(prepared: PreparedData):
 def split_rows(cache: RefCache, prepared: PreparedData, split: str, tokenizer) -> SplitRows:
     """The cache's values of a finished split and the keys the duplicate and identical checks compare."""
     dataset = prepared.split(split)
-    prompt_ids, chosen_ids, rejected_ids = (row_keys(dataset, column) for column in COLUMNS)
-    near_keys = prompt_ids
-    if tokenizer is not None:
-        texts = tokenizer.batch_decode(dataset.data.column("prompt_ids").to_pylist(), skip_special_tokens=True)
-        near_keys = [" ".join(text.casefold().split()) for text in texts]
+    chosen_ids, rejected_ids = (row_keys(dataset, column) for column in COLUMNS[1:])
+    prompt_ids, near_keys = prompt_keys(dataset, tokenizer)
     return SplitRows(
         dataset=dataset,
         logps=cache.logps(split),
@@ -227,13 +235,6 @@ def split_rows(cache: RefCache, prepared: PreparedData, split: str, tokenizer) -
         prompt_ids=prompt_ids,
         near_keys=near_keys,
     )
-
-
-def row_keys(dataset, column: str) -> list[bytes]:
-    """Each row's token ids in `column` as bytes (equal ids, equal bytes), read from the Arrow buffers."""
-    array = dataset.data.column(column).combine_chunks()
-    offsets, values = numpy_view(array.offsets), numpy_view(array.values)
-    return [values[offsets[i] : offsets[i + 1]].tobytes() for i in range(len(array))]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -266,38 +267,6 @@ def split_summary(rows: SplitRows, top: int, tokenizer, train_keys: Optional[set
     }
 
 
-def distribution(values: np.ndarray) -> dict[str, float]:
-    """Mean, standard deviation, min, the `QUANTILES` (``p5`` ...) and max."""
-    quantiles = {f"p{round(q * 100)}": float(np.quantile(values, q)) for q in QUANTILES}
-    return {
-        "mean": float(values.mean()),
-        "std": float(values.std()),
-        "min": float(values.min()),
-        **quantiles,
-        "max": float(values.max()),
-    }
-
-
-def correlation(x: np.ndarray, y: np.ndarray) -> Optional[float]:
-    """Pearson's correlation, or None when either side is constant (it is undefined then)."""
-    if len(x) < 2 or x.std() == 0 or y.std() == 0:
-        return None
-    return float(np.corrcoef(x, y)[0, 1])
-
-
-def duplicate_groups(keys: Sequence) -> list[list[int]]:
-    """The row indices of each key more than one row has, groups in the order of their first row."""
-    groups = defaultdict(list)
-    for row, key in enumerate(keys):
-        groups[key].append(row)
-    return [group for group in groups.values() if len(group) > 1]
-
-
-def duplicates_entry(groups: list[list[int]]) -> dict[str, Any]:
-    """``rows``: rows that repeat an earlier row's prompt (what dropping duplicates removes); ``groups``."""
-    return {"rows": sum(len(group) - 1 for group in groups), "groups": len(groups), "examples": groups[:EXAMPLES]}
-
-
 def disagreements(margin: np.ndarray, normalised: np.ndarray, dataset, top: int, tokenizer) -> list[dict[str, Any]]:
     """The `top` pairs with the most negative margin (negative only), each with a short preview of its texts."""
     worst = np.argsort(margin, kind="stable")[:top]
@@ -313,12 +282,6 @@ def disagreements(margin: np.ndarray, normalised: np.ndarray, dataset, top: int,
             }
         )
     return entries
-
-
-def preview(ids: list[int], tokenizer) -> str:
-    """The start of the decoded text on one line (of the ids, without a tokenizer)."""
-    text = " ".join(tokenizer.decode(ids, skip_special_tokens=True).split()) if tokenizer else str(list(ids))
-    return text if len(text) <= PREVIEW_CHARS else text[: PREVIEW_CHARS - 1] + "…"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -457,14 +420,19 @@ def write_audit_dir(out_dir: Path, record: dict[str, Any], rows: dict[str, Split
         plt = None
 
     def write(tmp: Path) -> None:
-        tmp.mkdir()
-        (tmp / AUDIT_FILE).write_text(json.dumps(record, indent=2) + "\n")
+        write_record(tmp, record)
         if plt is not None:
             draw_plots(plt, tmp, rows, record)
 
     replace_atomically(out_dir, "audit", write)
     plots = [out_dir / name for name in PLOT_FILES.values()] if plt is not None else []
     return Audit(record=record, out_dir=out_dir, plots=plots)
+
+
+def write_record(folder: Path, record: dict[str, Any]) -> None:
+    """Make `folder` with the audit's audit.json in it."""
+    folder.mkdir()
+    (folder / AUDIT_FILE).write_text(json.dumps(record, indent=2) + "\n")
 
 
 def draw_plots(plt, folder: Path, rows: dict[str, SplitRows], record: dict[str, Any]) -> None:
