@@ -46,6 +46,8 @@ DIRECTORY_KINDS = {
     "run": "dpokit training run directory",
     "audit": "`dpokit cache audit` output",
     "plots": "`dpokit plot` folder",
+    "samples": "`dpokit sample` output",
+    "scored": "`dpokit score` output",
 }
 FILE_KINDS = {
     "cache": "dpokit reference cache",
