@@ -161,6 +161,76 @@ def prepare(
 # ref-logps and cache
 
 
+@app.command()
+def sample(
+    prompts: str = typer.Argument(
+        ...,
+        help="Prompts: a .txt file (one a line), rows with a prompt column (.json/.jsonl/.csv/.parquet file or folder, or a dataset name), or preference data (its prompts).",
+    ),
+    model: str = typer.Option(..., "--model", "-m", help="Model directory or hub name to sample from."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output folder (samples/); an unfinished one is resumed."),
+    k: int = typer.Option(8, "--k", help="Completions per prompt."),
+    adapter: Optional[str] = typer.Option(None, "--adapter", help="A PEFT adapter directory merged into the model."),
+    temperature: float = typer.Option(1.0, "--temperature", help="Sampling temperature; 0 is greedy."),
+    top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling: keep the most likely tokens up to this mass."),
+    max_new_tokens: int = typer.Option(
+        128, "--max-new-tokens", help="Tokens per completion at most; one cut there is marked unfinished."
+    ),
+    batch_size: int = typer.Option(
+        8, "--batch-size", help="Prompts per generate call (per process); part of what fixes the samples."
+    ),
+    seed: int = typer.Option(0, "--seed", help="Seed; batch b is sampled from (seed, b) alone."),
+    gpus: int = typer.Option(
+        1, "--gpus", help="Processes to launch (one per GPU; gloo processes on CPU). Ignored under torchrun."
+    ),
+    dtype: str = typer.Option("auto", "--dtype", help="Compute dtype: auto (bf16 on CUDA, fp32 on CPU), bf16 or fp32."),
+    chat_template: Optional[str] = typer.Option(
+        None, "--chat-template", help="A Jinja chat template (text or file) overriding the tokenizer's."
+    ),
+    system_prompt: Optional[str] = typer.Option(None, "--system-prompt", help="Add (or replace) a system turn."),
+    split: str = typer.Option("train", "--split", help="Split to load from a dataset name."),
+    subset: Optional[str] = typer.Option(
+        None, "--subset", help="Dataset configuration name for datasets.load_dataset."
+    ),
+    column_map: Optional[str] = typer.Option(
+        None, "--column-map", help="Rename columns, e.g. prompt=question (preference data: as for prepare)."
+    ),
+    max_prompt_length: Optional[int] = typer.Option(
+        None, "--max-prompt-length", help="Skip (and count) prompts of more tokens than this."
+    ),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Start a dpokit sample folder over (e.g. with other settings)."
+    ),
+) -> None:
+    """Sample k completions per prompt from a model into a samples/ folder (docs/on-policy.md)."""
+    from dpokit.onpolicy.sample import SampleOptions, run_sample
+
+    check_gpus(gpus)
+    run_sample(
+        SampleOptions(
+            prompts=prompts,
+            model=model,
+            out=str(out),
+            k=k,
+            adapter=adapter,
+            temperature=temperature,
+            top_p=top_p,
+            max_new_tokens=max_new_tokens,
+            batch_size=batch_size,
+            seed=seed,
+            gpus=gpus,
+            dtype=dtype,
+            chat_template=chat_template,
+            system_prompt=system_prompt,
+            split=split,
+            subset=subset,
+            column_map=column_map,
+            max_prompt_length=max_prompt_length,
+            overwrite=overwrite,
+        )
+    )
+
+
 def check_gpus(gpus: int) -> None:
     """Refuse a process count below 1 (which would otherwise silently run one process)."""
     if gpus < 1:
@@ -425,6 +495,95 @@ def plot(
         raise DpokitError(f"{run} has no metrics.jsonl records; is it a `dpokit train` run directory?")
     for path in plot_run(run, out):
         typer.echo(str(path))
+
+
+@app.command()
+def score(
+    samples: Path = typer.Argument(..., help="A samples folder (from `dpokit sample`)."),
+    out: Path = typer.Option(
+        ..., "--out", "-o", help="The scored folder to write (scored/); an unfinished one is resumed."
+    ),
+    reward_model: Optional[str] = typer.Option(
+        None,
+        "--reward-model",
+        help="A reward model directory or hub name (AutoModelForSequenceClassification, num_labels=1); it reads the "
+        "conversation through its own tokenizer and chat template.",
+    ),
+    scorer: Optional[str] = typer.Option(
+        None,
+        "--scorer",
+        help="Instead of a reward model: a Python function pkg.module:function(prompts, completions) -> list of floats "
+        "(rules, verifiers, a judge).",
+    ),
+    batch_size: int = typer.Option(8, "--batch-size", help="Completions per reward-model forward (or function call)."),
+    gpus: int = typer.Option(
+        1, "--gpus", help="Processes to launch (one per GPU; gloo processes on CPU). Ignored under torchrun."
+    ),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Replace a scored folder made from other samples or another scorer."
+    ),
+) -> None:
+    """Score every sampled completion with a reward model or a Python function, into a scored/ folder (docs/on-policy.md)."""
+    from dpokit.onpolicy.score import ScoreOptions, run_score
+
+    check_gpus(gpus)
+    run_score(
+        ScoreOptions(
+            samples=str(samples),
+            out=str(out),
+            reward_model=reward_model,
+            scorer=scorer,
+            batch_size=batch_size,
+            gpus=gpus,
+            overwrite=overwrite,
+        )
+    )
+
+
+@app.command()
+def select(
+    scored: Path = typer.Argument(..., help="A scored folder (from `dpokit score`)."),
+    rule: str = typer.Option(
+        "best_worst",
+        "--rule",
+        help="best_worst (the best completion against the worst), best_random (the best against a random lower one), "
+        "all (a ranked group of all k, for ranked losses) or rso (RSO's statistical rejection sampling, pairs in "
+        "acceptance order).",
+    ),
+    out: Path = typer.Option(
+        ..., "--out", "-o", help="Output directory (the prepared/ format `ref-logps` and `train` read)."
+    ),
+    eval_fraction: float = typer.Option(
+        0.0, "--eval-fraction", help="Hold out this fraction of prompts as the eval split."
+    ),
+    seed: int = typer.Option(42, "--seed", help="Seed for the eval split and for best_random's and RSO's draws."),
+    rso_beta: float = typer.Option(
+        0.5, "--rso-beta", help="rso: the temperature of acceptance, exp((reward - max reward) / beta)."
+    ),
+    rso_samples: int = typer.Option(
+        4, "--rso-samples", help="rso: completions to accept per prompt (even; paired two by two)."
+    ),
+    drop_unfinished: bool = typer.Option(
+        False, "--drop-unfinished", help="Leave out completions that hit the sampler's --max-new-tokens (counted)."
+    ),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier prepared output (nothing else)."),
+) -> None:
+    """Select pairs (or ranked groups) from scored completions into a prepared/ directory (docs/on-policy.md)."""
+    from dpokit.onpolicy.select import SelectOptions, run_select
+
+    run_select(
+        SelectOptions(
+            scored=str(scored),
+            out=str(out),
+            rule=rule,
+            eval_fraction=eval_fraction,
+            seed=seed,
+            rso_beta=rso_beta,
+            rso_samples=rso_samples,
+            drop_unfinished=drop_unfinished,
+            overwrite=overwrite,
+        )
+    )
 
 
 @app.command()

@@ -6,6 +6,7 @@
 - `data_fingerprint`: the token ids (and a ranked split's scores) of every prepared split; recorded by ``prepare``,
   compared by the cache.
 - `ends_sha256`: both ends of a file, so a truncated or damaged prepared file is found without reading it.
+- `file_sha256`: every byte of a file (the samples a ``scored/`` folder was scored from).
 - `numpy_view`: an Arrow integer (or float) array as a NumPy view of its buffer, how every reader of token ids gets them
   (pyarrow's own conversions import pandas).
 """
@@ -212,4 +213,13 @@ def ends_sha256(file: Path) -> str:
         digest.update(stream.read(DIGEST_SPAN))
         stream.seek(max(DIGEST_SPAN, file.stat().st_size - DIGEST_SPAN))
         digest.update(stream.read(DIGEST_SPAN))
+    return digest.hexdigest()
+
+
+def file_sha256(file: Path) -> str:
+    """SHA-256 of every byte of `file`, read `READ_BLOCK` bytes at a time."""
+    digest = hashlib.sha256()
+    with open(file, "rb") as stream:
+        while block := stream.read(READ_BLOCK):
+            digest.update(block)
     return digest.hexdigest()

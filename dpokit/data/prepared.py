@@ -224,6 +224,11 @@ def load_prepared(path: str | os.PathLike) -> PreparedData:
 def remake_hint(prepared: PreparedData) -> str:
     """How to rebuild a damaged prepared directory."""
     source = prepared.manifest.get("source", "DATA")
+    if isinstance(source, dict) and "scored" in source:  # `dpokit select`'s output
+        return (
+            f"re-create it with `dpokit select {source['scored']} --rule {source.get('rule')} --out {prepared.path} "
+            "--overwrite` (and its other options)"
+        )
     model = prepared.manifest.get("tokenizer", {}).get("name", "MODEL")
     return f"re-create it with `dpokit prepare {source} --model {model} --out {prepared.path} --overwrite` (and its other options)"
 
