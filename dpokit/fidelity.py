@@ -72,14 +72,17 @@ def check_pairs(dataset) -> list[dict]:
     """The examples the start-up check runs on: the shortest of the split's first rows (pairs, or ranked groups)."""
     head = dataset[: min(CHECK_CANDIDATES, len(dataset))]
     names = [name for name in ("prompt_ids", "chosen_ids", "rejected_ids", "completion_ids", "scores") if name in head]
-    rows = [dict(zip(names, values)) for values in zip(*(head[name] for name in names))]
+    return shortest_rows([dict(zip(names, values)) for values in zip(*(head[name] for name in names))])
+
+
+def shortest_rows(rows: Sequence[dict]) -> list[dict]:
+    """The `CHECK_PAIRS` shortest of `rows` (pairs, or ranked groups), by prompt plus longest completion."""
 
     def length(row: dict) -> int:
         completions = row["completion_ids"] if "completion_ids" in row else (row["chosen_ids"], row["rejected_ids"])
         return len(row["prompt_ids"]) + max(len(c) for c in completions)
 
-    rows.sort(key=length)
-    return rows[:CHECK_PAIRS]
+    return sorted(rows, key=length)[:CHECK_PAIRS]
 
 
 def model_name(model: nn.Module) -> str:

@@ -19,6 +19,11 @@ What it does, top to bottom:
    ``batches/batch_NNNNNN.jsonl`` through a temporary file renamed into place, so a batch file is whole or absent;
 5. once every batch is there, rank 0 joins them into ``samples.jsonl`` and marks the manifest complete.
 
+With ``--ref-logps`` (the sampler is the reference), step 4 also runs a teacher-forced forward over each batch's
+completions, as `dpokit ref-logps` would, and stores each completion's summed log-prob and token count in its
+record (``ref_logps``, ``ref_tokens``; `dpokit.onpolicy.sampled_reference`), so `dpokit select` can write the
+reference cache of the data it selects without a ref-logps pass.
+
 A completion's ids end at, and include, its first stop token (`dpokit.model.stop_token_ids`); one that reaches
 ``--max-new-tokens`` first is kept and marked ``finished: false``. Running the same command again on an
 unfinished folder samples only the missing batches; another setting is refused, naming it, unless
@@ -68,6 +73,7 @@ from dpokit.data.formats import (
 )
 from dpokit.data.tokenize import PLAIN_TURN_SEPARATOR, LengthLimits, PairTokenizer, load_tokenizer
 from dpokit.errors import DpokitError
+from dpokit.onpolicy.sampled_reference import REF_KEYS, group_logps, group_rows, manifest_entry, sampler_layout
 
 FORMAT_VERSION = 1
 KIND = "samples"
@@ -96,6 +102,7 @@ SETTING_FLAGS = {
     "system_prompt": "--system-prompt",
     "chat_template": "--chat-template",
     "max_prompt_length": "--max-prompt-length",
+    "ref_logps": "--ref-logps",
     "dtype": "--dtype (or the device: bf16 on CUDA, fp32 on CPU)",
     "tokenizer": "the tokenizer (its files, or the --chat-template file's content)",
     "weights": "the model's weights",
@@ -126,6 +133,7 @@ class SampleOptions:
     subset: Optional[str] = None
     column_map: Optional[str] = None
     max_prompt_length: Optional[int] = None  # prompts with more ids are skipped (counted)
+    ref_logps: bool = False  # also each completion's log-prob under the sampler (it is the reference), for select
     overwrite: bool = False
 
 
@@ -369,7 +377,9 @@ def sample_into_folder(options: SampleOptions) -> Optional[SampleReport]:
     try:
         plan = main_result(open_samples_folder, options, lock)
         mine = [batch for batch in plan.pending if batch % info.world_size == info.rank]
-        model, tokenizer = load_sampler(options) if mine else (None, None)
+        reference = plan.manifest.get("ref_logps")  # with --ref-logps: ref-logps's attention implementation
+        attn = reference["attn_implementation"] if reference else "auto"
+        model, tokenizer = load_sampler(options, attn) if mine else (None, None)
         started = time.perf_counter()
         if mine:
             sample_batches(model, tokenizer, options, plan, mine, info.is_main)
@@ -439,6 +449,7 @@ def open_samples_folder(options: SampleOptions, lock) -> SamplePlan:
         "column_map": parse_column_map(options.column_map, ALL_COLUMN_MAP_TARGETS),
         "max_prompt_length": options.max_prompt_length,
         "dtype": dtype_name(resolve_dtype(options.dtype, default_device())),
+        "ref_logps": None,  # with --ref-logps: what a cache of the records' reference values claims
         "weights": weights_fingerprint(options.model),
         "adapter_weights": weights_fingerprint(options.adapter) if options.adapter else None,
         "prompts_fingerprint": prompts_fingerprint(prompts.ids),
@@ -452,6 +463,8 @@ def open_samples_folder(options: SampleOptions, lock) -> SamplePlan:
         },
         "dpokit_version": __version__,
     }
+    if options.ref_logps:
+        manifest["ref_logps"] = manifest_entry(manifest, options.model)
     out.mkdir(parents=True, exist_ok=True)
     if read_marker(out) is None:
         write_marker(out, KIND)  # no entry list: the folder fills over time
@@ -483,6 +496,8 @@ def check_same_settings(out: Path, before: dict, now: dict) -> None:
         old, new = before.get(key), now.get(key)
         if key == "tokenizer":
             old, new = (old or {}).get("fingerprint"), new["fingerprint"]
+        elif key == "ref_logps":  # on or off: what it records follows from the model, weights and dtype
+            old, new = old is not None, new is not None
         if old != new:
             named = flag.startswith(("--", "PROMPTS"))
             what = f"{flag} differs (it was {old!r:.80}, now {new!r:.80})" if named else f"{flag} changed"
@@ -513,21 +528,22 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def load_sampler(options: SampleOptions):
+def load_sampler(options: SampleOptions, attn_implementation: str = "auto"):
     """The model to sample from (as the reference is loaded: frozen, eval mode, the adapter merged) on this process's
-    device in ``--dtype``, and its tokenizer."""
+    device in ``--dtype`` with `attn_implementation` (``auto``: the family's default), and its tokenizer."""
     from dpokit.model import default_device, load_reference, resolve_dtype
 
     device = default_device()
-    model = load_reference(options.model, resolve_dtype(options.dtype, device), device, options.adapter)
+    dtype = resolve_dtype(options.dtype, device)
+    model = load_reference(options.model, dtype, device, options.adapter, attn_implementation)
     return model, load_tokenizer(options.model, options.chat_template)
 
 
 def sample_batches(
     model, tokenizer, options: SampleOptions, plan: SamplePlan, batches: list[int], is_main: bool
 ) -> None:
-    """Sample `batches` with `model`, each written to its file as it is done; rank 0 shows the progress of every
-    process (the batch files there)."""
+    """Sample `batches` with `model`, each written to its file as it is done (with ``--ref-logps``, with each
+    completion's log-prob under `model`); rank 0 shows the progress of every process (the batch files there)."""
     from dpokit.metrics import training_progress
     from dpokit.model import pad_token_id, stop_token_ids
 
@@ -537,6 +553,7 @@ def sample_batches(
     manifest = plan.manifest
     total = manifest["num_batches"]
     started, first_done = time.perf_counter(), total - len(plan.pending)
+    layout = None  # with --ref-logps: checked on this process's first batch
     with training_progress(console=log.console(stderr=True), enabled=is_main) as progress:
         task = progress.add_task("sample", total=total, completed=first_done, rate="", status="")
         for batch in batches:
@@ -546,12 +563,29 @@ def sample_batches(
                 model, [plan.prompt_ids[i] for i in indices], options.k, options.temperature, options.top_p,
                 options.max_new_tokens, stop_ids, pad_id, device,
             )  # fmt: skip
-            records = batch_records(indices, plan, completions, tokenizer)
+            references = None
+            if options.ref_logps:  # the generated batch is in hand: its reference log-probs cost one forward
+                groups = group_rows([plan.prompt_ids[i] for i in indices], [[ids for ids, _ in c] for c in completions])
+                if layout is None:
+                    layout = checked_sampler_layout(model, groups, out, plan, is_main)
+                references = group_logps(model, groups, layout, device)
+            records = batch_records(indices, plan, completions, tokenizer, references)
             write_batch(out, batch, records)
             if is_main:
                 done = sum(1 for _ in (out / BATCHES_DIR).glob("batch_*.jsonl"))
                 rate = (done - first_done) * options.batch_size * options.k / max(time.perf_counter() - started, 1e-9)
                 progress.update(task, completed=done, rate=f"{rate:,.1f} completions/s")
+
+
+def checked_sampler_layout(model, groups: list[dict], out: Path, plan: SamplePlan, is_main: bool):
+    """The layout of the reference log-probs (`sampler_layout`); rank 0 records it in the manifest's ``ref_logps``
+    (what a cache made from the records says it checked)."""
+    layout = sampler_layout(model, groups, log.note if is_main else lambda _: None)
+    reference = plan.manifest["ref_logps"]
+    if is_main and reference.get("layout") != layout.name:
+        reference["layout"] = layout.name
+        write_manifest(out, plan.manifest)
+    return layout
 
 
 def generate_completions(
@@ -612,21 +646,23 @@ def batch_indices(batch: int, manifest: dict) -> range:
     return range(batch * size, min((batch + 1) * size, manifest["num_prompts"]))
 
 
-def batch_records(indices: range, plan: SamplePlan, completions, tokenizer) -> list[dict]:
-    """The records of a batch's prompts, in index order (the format of ``samples.jsonl``)."""
+def batch_records(indices: range, plan: SamplePlan, completions, tokenizer, references=None) -> list[dict]:
+    """The records of a batch's prompts, in index order (the format of ``samples.jsonl``); with `references` (per
+    prompt, its completions' log-probs and token counts), ``ref_logps`` and ``ref_tokens`` too."""
     records = []
-    for index, samples in zip(indices, completions):
+    for position, (index, samples) in enumerate(zip(indices, completions)):
         ids = [completion for completion, _ in samples]
-        records.append(
-            {
-                "index": index,
-                "prompt": plan.prompt_messages[index],
-                "prompt_ids": plan.prompt_ids[index],
-                "completions": tokenizer.batch_decode(ids, skip_special_tokens=True),
-                "completion_ids": ids,
-                "finished": [finished for _, finished in samples],
-            }
-        )
+        record = {
+            "index": index,
+            "prompt": plan.prompt_messages[index],
+            "prompt_ids": plan.prompt_ids[index],
+            "completions": tokenizer.batch_decode(ids, skip_special_tokens=True),
+            "completion_ids": ids,
+            "finished": [finished for _, finished in samples],
+        }
+        if references is not None:
+            record.update(zip(REF_KEYS, references[position]))
+        records.append(record)
     return records
 
 
@@ -669,7 +705,7 @@ def finish_samples(out: Path, manifest: dict) -> dict:
                 path = batch_path(out, batch)
                 expected = batch_indices(batch, manifest)
                 records = list(batch_file_records(path))
-                problem = batch_problem(records, expected, manifest["k"])
+                problem = batch_problem(records, expected, manifest["k"], manifest.get("ref_logps") is not None)
                 if problem is not None:
                     raise DpokitError(
                         f"{path}: {problem}; delete it and run the same dpokit sample command again to sample it again"
@@ -698,14 +734,17 @@ def jsonl_records(path: Path, fix: str) -> Iterator[dict]:
                 raise DpokitError(f"{path} line {number}: not valid JSON ({exc.msg}); {fix}") from exc
 
 
-def batch_problem(records: list[dict], expected: range, k: int) -> Optional[str]:
-    """What is wrong with a batch file's records (None when they are the prompts `expected`, k completions each)."""
+def batch_problem(records: list[dict], expected: range, k: int, reference: bool = False) -> Optional[str]:
+    """What is wrong with a batch file's records (None when they are the prompts `expected`, k completions each,
+    and with `reference` (``--ref-logps``) k reference log-probs and token counts each)."""
     indices = [record.get("index") for record in records]
     if indices != list(expected):
         return f"it holds prompts {indices[:3]}..., not {expected.start}..{expected.stop - 1}"
     for record in records:
         if not len(record.get("completion_ids", ())) == len(record.get("finished", ())) == k:
             return f"prompt {record['index']} does not have {k} completions"
+        if reference and not all(len(record.get(key) or ()) == k for key in REF_KEYS):
+            return f"prompt {record['index']} does not have {k} reference log-probs (--ref-logps)"
     return None
 
 
@@ -750,7 +789,7 @@ def samples_manifest(path: str | os.PathLike) -> dict:
 def load_samples(path: str | os.PathLike) -> tuple[dict, Iterator[dict]]:
     """(manifest, records) of a complete `dpokit sample` folder; the records are read lazily, one per prompt in
     index order: ``index``, ``prompt`` (messages), ``prompt_ids``, and k ``completions`` (text),
-    ``completion_ids`` and ``finished``."""
+    ``completion_ids`` and ``finished`` (and, sampled with ``--ref-logps``, k ``ref_logps`` and ``ref_tokens``)."""
     manifest = samples_manifest(path)
     return manifest, sample_records(Path(path) / SAMPLES_FILE)
 

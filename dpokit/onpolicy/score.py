@@ -8,7 +8,8 @@ Layout::
                               mean/std/min/max, and whether it is complete
       batches/                one JSON file per scored batch, {"index": [...], "scores": [...]} (flat completion
                               indices ``prompt * k + j``): what a resumed run does not score again
-      scored.jsonl            when complete: the samples' records in index order, each with ``"scores"`` (k floats)
+      scored.jsonl            when complete: the samples' records in index order, each with ``"scores"`` (k floats);
+                              their other keys (``ref_logps``, ``ref_tokens`` of ``sample --ref-logps``) unchanged
 
 What a reward model scores: its own tokenizer's rendering of the conversation, the prompt's messages and the
 completion as an assistant turn: ``apply_chat_template(prompt + [assistant], tokenize=False)`` tokenized without
@@ -71,6 +72,7 @@ from dpokit.lock import WriterLock, lock_path
 from dpokit.metrics import summary_table, training_progress
 from dpokit.model import check_model_path, default_device, dtype_name, pad_token_id, resolve_dtype
 from dpokit.onpolicy.sample import SAMPLES_FILE, samples_manifest
+from dpokit.onpolicy.sampled_reference import record_problem
 from dpokit.reference.cache import short_value
 from dpokit.reference.compute import check_gpu_count, model_identity, plan_batches
 
@@ -179,7 +181,9 @@ def check_group_sizes(manifest_path: Path, manifest: dict[str, Any]) -> None:
 
 def folder_records(folder: JsonlFolder, scored: bool = False) -> Iterator[dict[str, Any]]:
     """The records of a samples/ (or, `scored`, a scored/) folder in index order, each checked: its keys, index and
-    k completions (and k finite scores); an error names the file, the line and the key."""
+    k completions (and k finite scores; and when the manifest says the sampler computed them, ``--ref-logps``, k
+    reference log-probs and token counts); an error names the file, the line and the key. A record's other keys
+    pass through as they are."""
     keys = RECORD_KEYS + (("scores",) if scored else ())
     k = folder.k
     count = 0
@@ -201,6 +205,9 @@ def folder_records(folder: JsonlFolder, scored: bool = False) -> Iterator[dict[s
                     raise DpokitError(f"{where}: {key!r} has {found} entries; the manifest says k={k}")
             if scored and not all(isinstance(s, (int, float)) and math.isfinite(s) for s in record["scores"]):
                 raise DpokitError(f"{where}: 'scores' holds a value that is not a finite number: {record['scores']}")
+            problem = record_problem(record, k) if folder.manifest.get("ref_logps") else None
+            if problem is not None:
+                raise DpokitError(f"{where}: {problem}; make the folder again")
             yield record
     if count != folder.num_prompts:
         raise DpokitError(
@@ -463,6 +470,7 @@ def begin_scored_folder(options: ScoreOptions, samples: JsonlFolder, identity: d
         "adapter": samples.manifest.get("adapter"),
         "tokenizer": samples.manifest.get("tokenizer"),
         **{key: samples.manifest[key] for key in PASSED_ON if key in samples.manifest},
+        "ref_logps": samples.manifest.get("ref_logps"),  # the records' reference values: what a cache of them claims
         "num_prompts": samples.num_prompts,
         "k": samples.k,
         "complete": False,

@@ -24,6 +24,10 @@ Nothing is dropped silently: with ``--drop-unfinished`` the completions that hit
 left out (``completions_dropped: unfinished``); a prompt that then states no preference (fewer than 2 completions,
 all tied, the differing ones identical) or whose pair has identical ids is counted in ``dropped`` by reason, as
 prepare counts rows; RSO's tied or identical pairs in ``pairs_dropped``, and its draws and acceptances in ``rso``.
+
+Samples made with ``dpokit sample --ref-logps`` carry each completion's reference log-prob: select then also writes
+the reference cache of the data it writes (``--ref-cache``, default ``OUT-ref.h5``), the values of the completions
+it keeps copied in (`dpokit.onpolicy.sampled_reference`), so no `dpokit ref-logps` pass is needed.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ from rich.console import Console
 from rich.table import Table
 
 from dpokit import __version__, log
+from dpokit.artifacts import check_replaceable
 from dpokit.data.formats import preference_problem
 from dpokit.data.pipeline import (
     SplitResult,
@@ -55,10 +60,11 @@ from dpokit.data.pipeline import (
     split_manifest,
     stored_columns,
 )
-from dpokit.data.prepared import SplitWriter, write_prepared_with
+from dpokit.data.prepared import SplitWriter, load_prepared, write_prepared_with
 from dpokit.data.tokenize import TokenizedPair, TokenizedRanked
 from dpokit.errors import DpokitError
 from dpokit.metrics import column_table
+from dpokit.onpolicy.sampled_reference import SelectedReference, write_selected_cache
 from dpokit.onpolicy.score import PASSED_ON, JsonlFolder, folder_records, read_scored
 
 RULES = ("best_worst", "best_random", "all", "rso")
@@ -77,7 +83,8 @@ class SelectOptions:
     rso_beta: float = 0.5
     rso_samples: int = 4
     drop_unfinished: bool = False
-    overwrite: bool = False
+    ref_cache: Optional[str] = None  # where samples with --ref-logps put their cache; None: `default_ref_cache`
+    overwrite: bool = False  # the prepared output and the reference cache
 
     @property
     def shape(self) -> str:
@@ -152,6 +159,7 @@ class Selection:
     """What the rule made of one prompt: its rows, or the reason it has none, and what was left out on the way."""
 
     rows: list[TokenizedPair | TokenizedRanked] = field(default_factory=list)
+    sources: list[tuple[int, ...]] = field(default_factory=list)  # per row, its completions' places in the record
     dropped: Optional[tuple[str, str]] = None  # (reason, detail): the prompt gave no row
     completions_dropped: list[tuple[str, str]] = field(default_factory=list)  # (reason, detail) each
     pairs_dropped: list[tuple[str, str]] = field(default_factory=list)  # RSO: (reason, detail) each
@@ -178,6 +186,7 @@ def select_prompt(record: dict[str, Any], options: SelectOptions) -> Selection:
     prompt_ids = record["prompt_ids"]
     if options.rule == "all":
         selection.rows = [TokenizedRanked(prompt_ids=prompt_ids, completion_ids=ids, scores=scores)]
+        selection.sources = [tuple(keep)]
         return selection
     if options.rule != "rso":
         if options.rule == "best_worst":
@@ -189,6 +198,7 @@ def select_prompt(record: dict[str, Any], options: SelectOptions) -> Selection:
             selection.dropped = ("identical_chosen_rejected", detail)
         else:
             selection.rows = [TokenizedPair(prompt_ids=prompt_ids, chosen_ids=ids[chosen], rejected_ids=ids[rejected])]
+            selection.sources = [(keep[chosen], keep[rejected])]
         return selection
     uniform = prompt_rng(options.seed, record["index"]).random
     accepted, selection.draws = rso_accept(scores, min(options.rso_samples, len(scores)), options.rso_beta, uniform)
@@ -207,6 +217,7 @@ def select_prompt(record: dict[str, Any], options: SelectOptions) -> Selection:
             selection.rows.append(
                 TokenizedPair(prompt_ids=prompt_ids, chosen_ids=ids[chosen], rejected_ids=ids[rejected])
             )
+            selection.sources.append((keep[chosen], keep[rejected]))
     if not selection.rows:
         detail = f"the {len(accepted)} accepted completions make no pair of different scores and ids"
         selection.dropped = ("no_rso_pair", detail)
@@ -318,18 +329,49 @@ def tokenizer_record(scored: JsonlFolder) -> dict[str, str]:
     return {"name": tokenizer["name"], "fingerprint": tokenizer["fingerprint"]}
 
 
+def default_ref_cache(out: str | Path) -> Path:
+    """``prepared-ref.h5`` next to ``prepared/``: where the reference cache goes without ``--ref-cache``."""
+    path = Path(out)
+    return path.with_name(f"{path.name}-ref.h5")
+
+
+def ref_cache_target(options: SelectOptions, scored: JsonlFolder) -> Optional[Path]:
+    """The reference cache to write (None when the samples carry no reference values), checked before any work:
+    ``--ref-cache`` needs samples made with ``--ref-logps``, and an existing cache is replaced only with
+    ``--overwrite``."""
+    if not scored.manifest.get("ref_logps"):
+        if options.ref_cache:
+            raise DpokitError(
+                f"--ref-cache {options.ref_cache}: the records of {scored.path} carry no reference log-probs; sample "
+                "with --ref-logps (when the sampling model is the reference), or leave --ref-cache out and run "
+                f"`dpokit ref-logps {options.out} --model MODEL --out {options.ref_cache}`"
+            )
+        return None
+    path = Path(options.ref_cache) if options.ref_cache else default_ref_cache(options.out)
+    out = Path(options.out).resolve()
+    if path.resolve() == out or out in path.resolve().parents:
+        raise DpokitError(f"--ref-cache {path} lies in --out {options.out}; choose a path outside it")
+    if path.is_dir():
+        raise DpokitError(f"--ref-cache {path} is a directory; the reference cache is one file, e.g. {path / 'ref.h5'}")
+    check_replaceable(path, "cache", options.overwrite, inputs=(options.scored,), option="--ref-cache")
+    return path
+
+
 def run_select(options: SelectOptions, console: Optional[Console] = None) -> Path:
-    """Select pairs or ranked groups from `options.scored` into the prepared directory `options.out`."""
+    """Select pairs or ranked groups from `options.scored` into the prepared directory `options.out` (and, from
+    samples that carry their reference log-probs, its reference cache: `ref_cache_target`)."""
     console = console or log.console()
     started = time.perf_counter()
     check_select_options(options)
     scored = read_scored(options.scored)
     tokenizer = tokenizer_record(scored)
+    cache_path = ref_cache_target(options, scored)
     held_out = eval_prompts(scored.num_prompts, options.eval_fraction, options.seed)
     names = ["train"] if held_out is None else ["train", "eval"]
     source = str(scored.path.resolve())
     tallies = {name: Tally(SplitResult(source=source, shape=options.shape)) for name in names}
     total = Tally(SplitResult(source=source, shape=options.shape))
+    references = {name: SelectedReference(ranked=options.shape == "ranked") for name in names} if cache_path else None
 
     def write_splits(tmp: Path) -> dict[str, Any]:
         with contextlib.ExitStack() as stack:
@@ -340,16 +382,26 @@ def run_select(options: SelectOptions, console: Optional[Console] = None) -> Pat
                 location = f"prompt {record['index']}"
                 for tally in (tallies[name], total):
                     tally.add(selection, location)
-                for row in selection.rows:
+                for row, places in zip(selection.rows, selection.sources):
                     writers[name].add(*stored_columns(row))
+                    if references is not None:
+                        references[name].add(record, places)
             for name, writer in writers.items():
                 if tallies[name].result.kept == 0:
                     raise DpokitError(no_rows_message(name, tallies[name].result))
                 writer.finish()
-        return select_manifest(options, scored, tokenizer, tallies, total)
+        return select_manifest(options, scored, tokenizer, tallies, total, cache_path)
 
     out = write_prepared_with(options.out, write_splits, overwrite=options.overwrite)
+    if cache_path is not None:
+        sampled_from = str(scored.manifest.get("samples") or scored.path.resolve())
+        write_selected_cache(cache_path, scored.manifest["ref_logps"], load_prepared(out), references, sampled_from)
     console.print(summary_table(options, tallies, out, time.perf_counter() - started))
+    if cache_path is not None:
+        console.print(
+            f"reference cache → {cache_path} (the sampler's log-probs: no `dpokit ref-logps` pass needed)",
+            soft_wrap=True,
+        )
     return out
 
 
@@ -359,9 +411,10 @@ def select_manifest(
     tokenizer: dict[str, str],
     tallies: dict[str, Tally],
     total: Tally,
+    cache_path: Optional[Path] = None,
 ) -> dict[str, Any]:
     """What `write_prepared_with` records besides the format version, data fingerprint and file digests: prepare's
-    manifest fields, and the selection as ``source``."""
+    manifest fields, and the selection as ``source`` (with ``ref_cache``, the reference cache written with it)."""
     source = {
         "scored": str(scored.path.resolve()),
         "rule": options.rule,
@@ -370,6 +423,7 @@ def select_manifest(
         "drop_unfinished": options.drop_unfinished,
         **({"rso_beta": options.rso_beta, "rso_samples": options.rso_samples} if options.rule == "rso" else {}),
         **{key: scored.manifest[key] for key in SOURCE_KEYS if scored.manifest.get(key) is not None},
+        **({"ref_cache": str(cache_path.resolve())} if cache_path is not None else {}),
     }
     # prepare's names: `chat_template` is the template's text (null: none), `separator` the plain prompts' separator
     rendering = {name: scored.manifest[key] for name, key in zip(("chat_template", "separator"), PASSED_ON)

@@ -731,3 +731,29 @@ def subset_cache(
             columns = {name: getattr(table, name).numpy()[index] for name in ROW_DATASETS}
             writer.write(split, np.arange(len(index)), **columns, token_logps=token_logps)
     return open_cache(path)
+
+
+def write_cache_values(
+    path: str | os.PathLike,
+    attrs: dict[str, Any],
+    values: dict[str, dict[str, np.ndarray]],
+    group_sizes: Optional[dict[str, np.ndarray]] = None,
+) -> RefCache:
+    """A new cache at `path` with root attributes `attrs`, every row written from `values` and done: per split, a
+    pair cache's `ROW_DATASETS` ``[N]``, or a ranked one's `RANKED_DATASETS` ``[C]`` group by group with
+    `group_sizes` ``[N]`` (``dpokit select`` from samples that carry their reference log-probs). Values are
+    copied, not computed; a sequence-only cache.
+
+    A file already at `path` is replaced only if it is a reference cache (`check_cache_target`).
+    """
+    path = Path(path)
+    ranked = attrs.get("shape") == "ranked"
+    rows = {
+        split: len(group_sizes[split]) if ranked else len(columns["chosen_logps"]) for split, columns in values.items()
+    }
+    with WriterLock(lock_path(path), f"reference cache {path}"):
+        create_or_resume_cache(path, attrs, rows, True, None, group_sizes if ranked else None)
+        writer = RefCacheWriter(path)
+        for split, columns in values.items():
+            writer.write_rows(split, np.arange(len(next(iter(columns.values())))), columns)
+    return open_cache(path)

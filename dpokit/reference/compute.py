@@ -164,7 +164,14 @@ class CollatedBatch(NamedTuple):
 def collated_batch(dataset, index: np.ndarray, pad_id: int, layout: Layout, device: torch.device) -> CollatedBatch:
     """Read examples `index` of a prepared split (pairs or ranked groups) and collate them in `layout` (pinned for
     a CUDA copy)."""
-    rows = example_rows(dataset, index.tolist())
+    return collated_rows(example_rows(dataset, index.tolist()), index, pad_id, layout, device)
+
+
+def collated_rows(
+    rows: list[dict], index: np.ndarray, pad_id: int, layout: Layout, device: torch.device
+) -> CollatedBatch:
+    """Rows as `example_rows` reads them (pairs, or ranked groups: ``prompt_ids``, ``completion_ids``, ``scores``),
+    examples `index`, collated in `layout` (pinned for a CUDA copy): a batch `forward_logps` runs."""
     batch = collate_pairs(rows, index.tolist(), pad_id, layout.packing, layout.prefix_sharing)
     if device.type == "cuda":
         batch = batch.pin_memory()
@@ -339,7 +346,12 @@ def requested_splits(prepared: PreparedData, splits: Optional[Sequence[str]]) ->
 
 def checked_layout(model: nn.Module, dataset, announce: Optional[Callable[[str], None]]) -> Layout:
     """The default layout, or padded where the family needs it; refuses a family dpokit cannot reproduce."""
-    return check_layout(model, check_pairs(dataset), pad_token_id(model), DEFAULT_LAYOUT, announce=announce)
+    return checked_layout_of_rows(model, check_pairs(dataset), announce)
+
+
+def checked_layout_of_rows(model: nn.Module, rows: list[dict], announce: Optional[Callable[[str], None]]) -> Layout:
+    """`checked_layout` on `rows` (pairs or ranked groups, as `check_pairs` picks them) instead of a split's."""
+    return check_layout(model, rows, pad_token_id(model), DEFAULT_LAYOUT, announce=announce)
 
 
 announce = log.note
