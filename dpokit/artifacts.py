@@ -48,6 +48,7 @@ DIRECTORY_KINDS = {
     "plots": "`dpokit plot` folder",
     "samples": "`dpokit sample` output",
     "scored": "`dpokit score` output",
+    "iterate": "`dpokit iterate` folder",
 }
 FILE_KINDS = {
     "cache": "dpokit reference cache",

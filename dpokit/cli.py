@@ -198,6 +198,12 @@ def sample(
     max_prompt_length: Optional[int] = typer.Option(
         None, "--max-prompt-length", help="Skip (and count) prompts of more tokens than this."
     ),
+    ref_logps: bool = typer.Option(
+        False,
+        "--ref-logps",
+        help="Also store each completion's log-prob under the model (when it is the reference), so that "
+        "`dpokit select` writes the reference cache without a `dpokit ref-logps` pass.",
+    ),
     overwrite: bool = typer.Option(
         False, "--overwrite", help="Start a dpokit sample folder over (e.g. with other settings)."
     ),
@@ -226,6 +232,7 @@ def sample(
             subset=subset,
             column_map=column_map,
             max_prompt_length=max_prompt_length,
+            ref_logps=ref_logps,
             overwrite=overwrite,
         )
     )
@@ -566,7 +573,15 @@ def select(
     drop_unfinished: bool = typer.Option(
         False, "--drop-unfinished", help="Leave out completions that hit the sampler's --max-new-tokens (counted)."
     ),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier prepared output (nothing else)."),
+    ref_cache: Optional[Path] = typer.Option(
+        None,
+        "--ref-cache",
+        help="Where to write the reference cache of the output, when the samples carry their log-probs (dpokit "
+        "sample --ref-logps); default: OUT-ref.h5 next to it.",
+    ),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Replace an earlier prepared output and its reference cache (nothing else)."
+    ),
 ) -> None:
     """Select pairs (or ranked groups) from scored completions into a prepared/ directory (docs/on-policy.md)."""
     from dpokit.onpolicy.select import SelectOptions, run_select
@@ -581,6 +596,7 @@ def select(
             rso_beta=rso_beta,
             rso_samples=rso_samples,
             drop_unfinished=drop_unfinished,
+            ref_cache=str(ref_cache) if ref_cache else None,
             overwrite=overwrite,
         )
     )
@@ -756,6 +772,68 @@ def quickstart(
     from dpokit.quickstart import run_quickstart
 
     run_quickstart(out, max_steps, overwrite, threads, own_process=own_process)
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": False})
+def iterate(
+    ctx: typer.Context,
+    prompts: str = typer.Argument(
+        ..., help="Prompts: any data `dpokit sample` reads (a .txt, a prompt column, pairs)."
+    ),
+    model: str = typer.Option(..., "--model", help="The starting policy (the SFT model): round 1 samples from it."),
+    out: Path = typer.Option(..., "--out", "-o", help="Folder for round_1/, round_2/, ... and iterate.json."),
+    config: str = typer.Option(..., "--config", help="The training config each round runs (`dpokit config list`)."),
+    rounds: int = typer.Option(2, "--rounds", help="Rounds of sample -> score -> select -> train."),
+    reward_model: Optional[str] = typer.Option(None, "--reward-model", help="A one-output sequence classifier."),
+    scorer: Optional[str] = typer.Option(None, "--scorer", help="Or a Python function, pkg.module:function."),
+    k: int = typer.Option(4, "--k", help="Completions sampled per prompt each round."),
+    rule: str = typer.Option("best_worst", "--rule", help="best_worst, best_random, all (ranked) or rso."),
+    rso_beta: float = typer.Option(0.5, "--rso-beta", help="RSO's beta (--rule rso)."),
+    rso_samples: int = typer.Option(4, "--rso-samples", help="Completions RSO accepts per prompt (even)."),
+    temperature: float = typer.Option(1.0, "--temperature", help="Sampling temperature (0: greedy)."),
+    top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling's probability mass."),
+    max_new_tokens: int = typer.Option(128, "--max-new-tokens", help="Longest completion, in tokens."),
+    sample_batch_size: int = typer.Option(8, "--sample-batch-size", help="Prompts per sampling batch."),
+    seed: int = typer.Option(0, "--seed", help="Round n samples with seed + n."),
+    reference: str = typer.Option(
+        "previous", "--reference", help="previous: each round's reference is its starting policy; fixed: --model."
+    ),
+    eval_fraction: float = typer.Option(0.0, "--eval-fraction", help="Prompts held out for each round's eval."),
+    split: str = typer.Option("train", "--split", help="The prompts' split (a folder or dataset name)."),
+    gpus: int = typer.Option(1, "--gpus", help="Processes for every stage."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Start again in a folder dpokit iterate wrote."),
+) -> None:
+    """Rounds of on-policy DPO: sample, score, select, reference, train; extra key=value args go to every train."""
+    from dpokit.iterate import IterateOptions, run_iterate
+
+    check_gpus(gpus)
+    run_iterate(
+        IterateOptions(
+            prompts=prompts,
+            model=model,
+            out=out,
+            config=config,
+            rounds=rounds,
+            reward_model=reward_model,
+            scorer=scorer,
+            k=k,
+            rule=rule,
+            rso_beta=rso_beta,
+            rso_samples=rso_samples,
+            temperature=temperature,
+            top_p=top_p,
+            max_new_tokens=max_new_tokens,
+            sample_batch_size=sample_batch_size,
+            seed=seed,
+            reference=reference,
+            eval_fraction=eval_fraction,
+            split=split,
+            gpus=gpus,
+            overrides=list(ctx.args),
+            overwrite=overwrite,
+        ),
+        own_process=own_process,
+    )
 
 
 # ----------------------------------------------------------------------------------------------

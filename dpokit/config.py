@@ -189,6 +189,13 @@ class ReferenceConfig:
         "(LoRA methods continue training it; full fine-tuning starts from the merge).",
         null="null for model.path alone",
     )
+    model: Optional[str] = setting(
+        None,
+        "The reference's own checkpoint when the policy starts elsewhere (iterative DPO with a fixed reference, a "
+        "policy tuned past its reference): the cache must be built from it (`dpokit ref-logps DATA --model REF`), "
+        "and the step-0 check reports how far the policy starts from it instead of stopping. Cache only.",
+        null="null: the reference is model.path (with reference.adapter)",
+    )
 
 
 @dataclass
@@ -613,6 +620,17 @@ def check_config(cfg: TrainConfig, world_size: int) -> None:
     from dpokit.losses import build_loss
 
     build_loss(cfg.loss, shape=None)  # pairs, ranked groups or unpaired: the data decides later, in the recipe
+    if cfg.reference.model is not None:
+        if cfg.reference.source != "cache":
+            raise DpokitError(
+                "reference.model needs reference.source=cache: build the cache from it with "
+                f"`dpokit ref-logps DATA --model {cfg.reference.model}` and pass reference.cache"
+            )
+        if cfg.reference.adapter is not None:
+            raise DpokitError(
+                "reference.model and reference.adapter both name the reference; give one (an adapter's reference is "
+                "model.path with it, and the policy starts there)"
+            )
     if cfg.training.optimizer_in_backward:
         clashes = [
             (cfg.training.gradient_accumulation_steps != 1, "training.gradient_accumulation_steps=1"),

@@ -74,24 +74,31 @@ def build_tokenizer(texts: list[str]):
     return tokenizer
 
 
-def build_model(tokenizer):
-    """A small Llama-style causal LM, randomly initialised (seeded)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+def demo_config(tokenizer, hidden: int = HIDDEN, layers: int = LAYERS, **extra):
+    """A small Llama config over the demo tokenizer (4 heads, 2 key-value heads, 512 positions)."""
+    from transformers import LlamaConfig
 
-    torch.manual_seed(SEED)
-    config = LlamaConfig(
+    return LlamaConfig(
         vocab_size=len(tokenizer),
-        hidden_size=HIDDEN,
-        intermediate_size=HIDDEN * 3,
-        num_hidden_layers=LAYERS,
+        hidden_size=hidden,
+        intermediate_size=hidden * 3,
+        num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=512,
-        tie_word_embeddings=False,
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
         bos_token_id=None,
+        **extra,
     )
+
+
+def build_model(tokenizer):
+    """A small Llama-style causal LM, randomly initialised (seeded)."""
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(SEED)
+    config = demo_config(tokenizer, tie_word_embeddings=False)
     return LlamaForCausalLM(config)
 
 
@@ -118,17 +125,22 @@ def sft_batch(examples: list[tuple[list[int], int]], pad_id: int) -> tuple[torch
     return input_ids, labels
 
 
+def warmup_cosine(optimizer, steps: int):
+    """Linear warmup over the first tenth of `steps`, then cosine decay to 0."""
+    warmup = steps // 10
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda step: (step + 1) / warmup
+        if step < warmup
+        else 0.5 * (1 + math.cos(math.pi * (step - warmup) / (steps - warmup))),
+    )
+
+
 def supervised_fine_tune(model, examples: list[tuple[list[int], int]], pad_id: int) -> None:
     """Next-token loss on reply tokens; AdamW with warmup and cosine decay."""
     rng = random.Random(SEED)
     optimizer = torch.optim.AdamW(model.parameters(), lr=SFT_LR, weight_decay=0.01)
-    warmup = SFT_STEPS // 10
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lambda step: (step + 1) / warmup
-        if step < warmup
-        else 0.5 * (1 + math.cos(math.pi * (step - warmup) / (SFT_STEPS - warmup))),
-    )
+    schedule = warmup_cosine(optimizer, SFT_STEPS)
     model.train()
     order: list[int] = []
     for step in range(1, SFT_STEPS + 1):

@@ -409,7 +409,8 @@ class DPORecipe:
                 "no reference: set reference.cache=ref.h5 (build it with `dpokit ref-logps`) or reference.source=live"
             )
         splits = ["train"] + (["eval"] if self.eval_split is not None else [])
-        cached = CachedReference(cfg.reference.cache, self.data, cfg.model.path, cfg.reference.adapter, splits)
+        reference_model = cfg.reference.model or cfg.model.path  # reference.model: the policy starts elsewhere
+        cached = CachedReference(cfg.reference.cache, self.data, reference_model, cfg.reference.adapter, splits)
         if getattr(self.loss_fn, "needs_per_token_reference", False) and not cached.per_token:
             raise DpokitError(
                 f"loss {cfg.loss.get('name')} needs per-token reference log-probs and {cfg.reference.cache} has only "
@@ -538,12 +539,23 @@ class DPORecipe:
                 self.policy.train()
             return output_logps(out)[0]
 
+        elsewhere = self.cfg.reference.model is not None  # the policy starts from another checkpoint, on purpose
         difference = check_step_zero(
-            policy_out, reference_out, self.compute_dtype, described, refuse=not quantized, eval_logps=eval_logps
+            policy_out,
+            reference_out,
+            self.compute_dtype,
+            described,
+            refuse=not (quantized or elsewhere),
+            eval_logps=eval_logps,
         )
         if quantized:
             self.announce(
                 f"step 0: the 4-bit policy differs from the reference by up to {difference:.3g} nats per sequence"
+            )
+        elif elsewhere:
+            self.announce(
+                f"step 0: the policy ({self.cfg.model.path}) starts up to {difference:.3g} nats per sequence from the "
+                f"reference ({self.cfg.reference.model}), as reference.model says"
             )
 
     def train_step(self, micro_batches: list[PairBatch]) -> PairMetrics | RankMetrics | UnpairedMetrics:
