@@ -270,6 +270,11 @@ def test_the_wheel_ships_recipe_configs_and_demo_and_ejects_from_the_installed_p
         "dpokit/demo/model/config.json",
         "dpokit/demo/model/model.safetensors",
         "dpokit/demo/model/tokenizer.json",
+        "dpokit/demo/data/ranked.jsonl",
+        "dpokit/demo/data/unpaired.jsonl",
+        "dpokit/demo/reward_model/config.json",
+        "dpokit/demo/reward_model/model.safetensors",
+        "dpokit/demo/reward_model/tokenizer.json",
     } <= names
     assert not any(name.startswith(("tests/", "examples/")) for name in names)
 
