@@ -46,6 +46,7 @@ def test_prepare_writes_int32_splits_and_a_complete_manifest(pairs_jsonl, tokeni
         "dropped": {},
         "first_dropped": {},
         "formats": {"plain": 40},
+        "unused_columns": {},
     }
     assert manifest["tokenizer"]["name"] == str(tokenizer_dir)
     assert len(manifest["tokenizer"]["fingerprint"]) == 64

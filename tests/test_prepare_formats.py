@@ -45,25 +45,34 @@ def test_conversational_rows_keep_their_messages_and_drop_other_keys():
 
 def test_implicit_message_lists_split_at_the_last_shared_turn():
     shared = [user("hi"), assistant("hello"), user("sum 2 and 2")]
-    pair = pair_of({"chosen": shared + [assistant("4")], "rejected": shared + [assistant("5"), user("sure?")]})
+    pair = pair_of({"chosen": shared + [assistant("4")], "rejected": shared + [assistant("5")]})
     assert pair.format == "implicit"
     assert pair.prompt == shared
     assert pair.chosen == [assistant("4")]
-    assert pair.rejected == [assistant("5"), user("sure?")]
+    assert pair.rejected == [assistant("5")]
 
 
-def test_implicit_prompt_ends_before_an_assistant_turn_when_one_side_is_a_prefix():
-    # chosen is the first exchange only; rejected goes on. The shared turns end at "hello", which
-    # would leave chosen without a completion, so the prompt backs off to the user turn.
-    pair = pair_of(
-        {
-            "chosen": [user("hi"), assistant("hello")],
-            "rejected": [user("hi"), assistant("hello"), user("x"), assistant("y")],
-        }
-    )
-    assert pair.prompt == [user("hi")]
-    assert pair.chosen == [assistant("hello")]
-    assert pair.rejected == [assistant("hello"), user("x"), assistant("y")]
+@pytest.mark.parametrize(
+    "chosen, rejected",
+    [
+        # rejected goes on after its answer: a user turn would be trained on
+        (
+            [user("hi"), assistant("hello"), user("sum 2 and 2"), assistant("4")],
+            [user("hi"), assistant("hello"), user("sum 2 and 2"), assistant("5"), user("sure?")],
+        ),
+        # chosen is the first exchange only, rejected goes on
+        ([user("hi"), assistant("hello")], [user("hi"), assistant("hello"), user("x"), assistant("y")]),
+        # they diverge at the first answer, then both go on
+        (
+            [user("hi"), assistant("hello!"), user("what is 2 plus 3?"), assistant("5.")],
+            [user("hi"), assistant("go away"), user("what is 2 plus 3?"), assistant("6.")],
+        ),
+    ],
+)
+def test_implicit_conversations_that_diverge_before_the_last_turn_are_skipped(chosen, rejected):
+    with pytest.raises(SkippedRow) as skipped:
+        pair_of({"chosen": chosen, "rejected": rejected})
+    assert skipped.value.reason == "diverges_before_last_turn"
 
 
 def test_anthropic_hh_text_becomes_turns_with_the_shared_turns_as_prompt():
@@ -183,9 +192,9 @@ def test_missing_mapped_column_names_the_mapping():
             "chosen and rejected share no turns before an assistant answer",
         ),
         (
-            {"chosen": "just text", "rejected": "other text"},
+            {"chosen": "\n\nHuman: q\n\nAssistant: a", "rejected": "Assistant: b"},
             "unparseable_conversation",
-            "chosen is text without a prompt column but not Human:/Assistant: turns",
+            "rejected is text without a prompt column but not Human:/Assistant: turns",
         ),
         (
             {"chosen": "\n\nHuman: q\n\nAssistant:", "rejected": "\n\nHuman: q\n\nAssistant: b"},

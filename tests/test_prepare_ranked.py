@@ -265,7 +265,7 @@ def test_a_column_map_of_the_other_shape_is_refused(tokenizer_dir, tmp_path, cap
     assert prepare(data, tokenizer_dir, tmp_path / "out", "--format", "ranked", "--column-map", "chosen=better") == 1
     assert capsys.readouterr().err.strip() == (
         "error: --column-map target 'chosen' does not apply: the data is ranked "
-        "(its targets: prompt, completions, scores, score); see --format"
+        "(its targets: prompt, completions, scores, score, system); see --format"
     )
 
 

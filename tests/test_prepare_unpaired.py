@@ -210,7 +210,7 @@ def test_unpaired_shape_is_detected_from_the_columns_or_named_by_format(tokenize
     assert prepare(data, tokenizer_dir, tmp_path / "out", "--format", "unpaired", "--column-map", "chosen=x") == 1
     assert capsys.readouterr().err.strip() == (
         "error: --column-map target 'chosen' does not apply: the data is unpaired "
-        "(its targets: prompt, completion, label); see --format"
+        "(its targets: prompt, completion, label, system); see --format"
     )
 
 

@@ -33,9 +33,12 @@ unreadable file, a missing column, a score that is not a number, a label that is
 
 from __future__ import annotations
 
+import bz2
 import csv
+import gzip
 import itertools
 import json
+import lzma
 import math
 import numbers
 import re
@@ -50,16 +53,27 @@ from dpokit.errors import DpokitError
 
 FORMATS = ("auto", "plain", "conversational", "implicit", "ranked", "unpaired")
 COLUMNS = ("prompt", "chosen", "rejected")
+PAIR_SCORE_COLUMNS = ("score_chosen", "score_rejected")  # optional scores of a pair (UltraFeedback-binarized's)
+SYSTEM_COLUMN = "system"  # a row's own system prompt (Intel/orca_dpo_pairs', jondurbin/truthy-dpo's)
 RANKED_COLUMNS = ("prompt", "completions", "scores")
 UNPAIRED_COLUMNS = ("prompt", "completion", "label")
 # --column-map targets of each shape; ``score`` names the score's key inside completion objects.
-COLUMN_MAP_TARGETS = {"pairs": COLUMNS, "ranked": RANKED_COLUMNS + ("score",), "unpaired": UNPAIRED_COLUMNS}
+COLUMN_MAP_TARGETS = {
+    "pairs": COLUMNS + (SYSTEM_COLUMN,) + PAIR_SCORE_COLUMNS,
+    "ranked": RANKED_COLUMNS + ("score", SYSTEM_COLUMN),
+    "unpaired": UNPAIRED_COLUMNS + (SYSTEM_COLUMN,),
+}
 ALL_COLUMN_MAP_TARGETS = tuple(dict.fromkeys(target for targets in COLUMN_MAP_TARGETS.values() for target in targets))
 LABEL_TEXTS = {"true": True, "false": False, "1": True, "0": False}  # a label given as text (a CSV cell), lowercased
 COMPLETION_TEXT_KEYS = ("text", "completion", "response", "content", "answer")  # a completion object's text
 COMPLETION_SCORE_KEYS = ("score", "overall_score", "rank")  # its score (``rank``: 1 is best, see `ranked_scores`)
 HH_OPEN_REPLY = re.compile(r"\n\nAssistant:\s*$")  # the reply to write, at the end of a Nectar prompt
 FILE_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
+TEXT_SUFFIXES = (".json", ".jsonl", ".csv")  # those that may also come compressed
+COMPRESSIONS = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}  # suffix -> opener (a text file's)
+SPLIT_WORDS = ("train", "test", "validation", "valid", "dev", "eval")  # a file or folder of these names is that split
+SHARD_NAME = re.compile(r"^(?P<split>.+?)-\d{5}-of-\d{5}$")  # the hub's `train_prefs-00000-of-00001`
+SPLIT_SLICE = re.compile(r"^(?P<name>[^\[\]]*)(?:\[(?P<start>-?\d+%?)?:(?P<stop>-?\d+%?)?\])?$")
 HH_TURN = re.compile(r"\n\n(Human|Assistant):")
 HH_ROLES = {"Human": "user", "Assistant": "assistant"}
 JSON_WHITESPACE = re.compile(r"[ \t\n\r]*")  # what JSON allows between tokens (narrower than str.isspace)
@@ -83,6 +97,7 @@ class Pair:
     prompt: list[dict[str, str]]
     chosen: list[dict[str, str]]
     rejected: list[dict[str, str]]
+    scores: Optional[tuple[float, float]] = None  # (chosen's, rejected's) from the data's score columns; nan: none
 
 
 @dataclass
@@ -131,41 +146,171 @@ class SkippedRow(Exception):
 @dataclass
 class RecordSource:
     """The rows of some files or of a loaded dataset, read lazily: each iteration reads them afresh,
-    one at a time, so a pass to count them and one pass per split hold no more than a row."""
+    one at a time, so a pass to count them and one pass per split hold no more than a row.
+
+    `window`: the slice of the files' rows a split like ``train[:10%]`` asks for, as (start, stop) texts
+    (`SplitSpec`); resolved against the rows' count on first use."""
 
     files: list[Path]
     dataset: Any = None  # a `datasets.Dataset` (memory-mapped Arrow), for a dataset name
     label: str = ""  # a dataset's row locations start with it: ``name[split]``
+    window: Optional[tuple[Optional[str], Optional[str]]] = None
+    _bounds: Optional[tuple[int, int]] = None  # the window as row numbers, once counted
 
     def __iter__(self) -> Iterator[Record]:
         if self.dataset is not None:
             return (Record(f"{self.label} row {index}", row) for index, row in enumerate(self.dataset))
-        return (record for file in self.files for record in file_records(file))
+        records = (record for file in self.files for record in file_records(file))
+        if self.window is None:
+            return records
+        return itertools.islice(records, *self.bounds())
 
     def count(self) -> int:
         """How many rows there are: a dataset's length, a Parquet file's metadata, else a pass that parses
         every row (so malformed JSON or CSV stops the run before any tokenizing)."""
         if self.dataset is not None:
             return len(self.dataset)
+        if self.window is not None:
+            start, stop = self.bounds()
+            return stop - start
+        return self.files_rows()
+
+    def files_rows(self) -> int:
         return sum(
             parquet_rows(file) if file.suffix.lower() == ".parquet" else sum(1 for _ in file_records(file))
             for file in self.files
         )
 
+    def bounds(self) -> tuple[int, int]:
+        """The window as (start, stop) row numbers of the files' rows, as `datasets` resolves ``[a:b]`` and
+        ``[a%:b%]`` (negative values count from the end; percentages round to the closest row)."""
+        if self._bounds is None:
+            total = self.files_rows()
+            start, stop = (slice_bound(text, total, default) for text, default in zip(self.window, (0, total)))
+            self._bounds = (start, max(start, stop))
+        return self._bounds
 
-def open_records(data: str, split: str = "train", subset: Optional[str] = None) -> RecordSource:
+
+@dataclass(frozen=True)
+class SplitSpec:
+    """A split as `datasets` writes it: a name and an optional slice, ``train_prefs[:1000]``, ``test[10%:20%]``."""
+
+    name: str
+    start: Optional[str] = None
+    stop: Optional[str] = None
+    sliced: bool = False
+
+    @classmethod
+    def parse(cls, text: str, flag: str = "--split") -> "SplitSpec":
+        match = SPLIT_SLICE.match(text.strip())
+        if match is None:
+            raise DpokitError(
+                f"{flag} {text!r} is not a split name with an optional slice, as datasets writes it "
+                "(train, train[:1000], train[10%:20%], test[-100:])"
+            )
+        return cls(match["name"], match["start"], match["stop"], "[" in text)
+
+
+def slice_bound(text: Optional[str], total: int, default: int) -> int:
+    """One end of a split's slice as a row number in ``0..total``: ``10``, ``-10`` (from the end) or ``10%``."""
+    if text is None:
+        return default
+    value = int(round(float(text[:-1]) * total / 100)) if text.endswith("%") else int(text)
+    return min(total, max(0, value + total if value < 0 else value))
+
+
+def open_records(
+    data: str, split: Optional[str] = None, subset: Optional[str] = None, default: str = "train"
+) -> RecordSource:
     """The rows of a local file, a folder of files, or a dataset name for `datasets.load_dataset`.
 
-    A missing file, an empty folder or a dataset that cannot be loaded is an error here, before any row is read.
+    `split` (`default` when None) picks a split, optionally sliced (`SplitSpec`): of a dataset by name, of a
+    folder whose files are named by split (`file_split`: the hub's ``data/train_prefs-00000-of-00001.parquet``,
+    Anthropic HH's ``helpful-base/train.jsonl.gz``), or of one such file. A folder or file not named by split
+    is all one split, read whole: a split name other than `default` for it is an error. A missing file, an
+    empty folder, a split that matches no file or a dataset that cannot be loaded is an error here, before any
+    row is read.
     """
     path = Path(data)
+    spec = SplitSpec.parse(split if split is not None else default, "--split" if default == "train" else "--eval-split")
+    window = (spec.start, spec.stop) if spec.sliced else None
     if path.is_dir():
-        return RecordSource(data_files(path))
+        return RecordSource(split_files(path, spec.name or default, split is not None), window=window)
     if path.is_file():
-        return RecordSource([path])
-    if path.suffix.lower() in FILE_SUFFIXES:
+        named = file_split(path, path.parent, ())
+        if split is not None and spec.name and spec.name != (named or default):
+            raise DpokitError(
+                f"--split {split!r} does not name {path}: its name gives "
+                + (f"split {named!r}" if named else "no split (the file is read whole)")
+                + "; leave the name out (for example [:1000]) or pass the folder that holds the splits"
+            )
+        return RecordSource([path], window=window)
+    if data_suffix(path) in FILE_SUFFIXES:
         raise DpokitError(f"data file {data} does not exist")
-    return RecordSource([], hub_dataset(data, split, subset), f"{data}[{split}]")
+    name = split if split is not None else default
+    return RecordSource([], hub_dataset(data, name, subset), f"{data}[{name}]")
+
+
+def data_suffix(path: Path) -> str:
+    """The file's format suffix, below a compression suffix: ``.jsonl`` for ``train.jsonl.gz``."""
+    suffixes = [suffix.lower() for suffix in path.suffixes]
+    if suffixes and suffixes[-1] in COMPRESSIONS:
+        suffixes.pop()
+    return suffixes[-1] if suffixes else ""
+
+
+def is_data_file(path: Path) -> bool:
+    """A file `file_records` reads: json/jsonl/csv/parquet, or json/jsonl/csv compressed (`COMPRESSIONS`)."""
+    compressed = path.suffix.lower() in COMPRESSIONS
+    suffix = data_suffix(path)
+    return suffix in TEXT_SUFFIXES if compressed else suffix in FILE_SUFFIXES
+
+
+def file_split(path: Path, folder: Path, asked: tuple[str, ...]) -> Optional[str]:
+    """The split a file's name gives, or None: the hub's shard name (``train_prefs-00000-of-00001``), a name
+    in `SPLIT_WORDS` or `asked` (``train.jsonl.gz``), or a folder between `folder` and the file named so
+    (``data/train/part-0.parquet``)."""
+    stem = path.name[
+        : len(path.name) - sum(map(len, path.suffixes[-2 if path.suffix.lower() in COMPRESSIONS else -1 :]))
+    ]
+    shard = SHARD_NAME.match(stem)
+    if shard:
+        return shard["split"]
+    if stem in SPLIT_WORDS or stem in asked:
+        return stem
+    parents = path.parent.relative_to(folder).parts
+    return next((part for part in reversed(parents) if part in SPLIT_WORDS or part in asked), None)
+
+
+def split_files(folder: Path, name: str, asked: bool) -> list[Path]:
+    """The files of split `name` in `folder` (`file_split`), or every data file when no file is named by split
+    (then only the default split, train, may be asked for). Files not named by split beside ones that are
+    are left out, with a warning naming them."""
+    files = data_files(folder)
+    splits = {file: file_split(file, folder, (name,)) for file in files}
+    found = sorted({split for split in splits.values() if split is not None})
+    if not found:
+        if asked and name != "train":
+            raise DpokitError(
+                f"--split {name!r}: no file in {folder} is named by split (as data/{name}-00000-of-00001.parquet "
+                f"or {name}.jsonl are), so the folder is one split, read whole; leave --split out"
+            )
+        return files
+    chosen = [file for file, split in splits.items() if split == name]
+    if not chosen:
+        raise DpokitError(
+            f"no {name!r} split in {folder}: its files are named by the splits {', '.join(found)}; "
+            "pass --split (and --eval-split) with one of them"
+        )
+    unnamed = [file for file, split in splits.items() if split is None]
+    if unnamed:
+        from dpokit import log
+
+        log.warning(
+            f"{folder}: {len(unnamed)} file(s) named by no split are not read for split {name!r} "
+            f"(first: {unnamed[0].relative_to(folder)}); pass a file itself to read it"
+        )
+    return chosen
 
 
 def load_prompts(path: str) -> list[list[dict[str, str]]]:
@@ -197,56 +342,87 @@ def load_prompts(path: str) -> list[list[dict[str, str]]]:
 
 
 def data_files(folder: Path) -> list[Path]:
-    """The supported files below `folder`, in sorted order (hidden files left out)."""
+    """The supported files below `folder` (`is_data_file`), in sorted order (hidden files left out)."""
     files = sorted(
         p
         for p in folder.rglob("*")
-        if p.is_file()
-        and p.suffix.lower() in FILE_SUFFIXES
-        and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+        if p.is_file() and is_data_file(p) and not any(part.startswith(".") for part in p.relative_to(folder).parts)
     )
     if not files:
-        raise DpokitError(f"folder {folder} has no {'/'.join(FILE_SUFFIXES)} files")
+        raise DpokitError(
+            f"folder {folder} has no {'/'.join(FILE_SUFFIXES)} files (nor .jsonl/.json/.csv compressed as "
+            f"{'/'.join(COMPRESSIONS)})"
+        )
     return files
 
 
 def file_records(path: Path) -> Iterator[Record]:
-    """The rows of one file, chosen by its suffix."""
-    suffix = path.suffix.lower()
+    """The rows of one file, chosen by its suffix (below a ``.gz``/``.bz2``/``.xz`` one)."""
+    suffix = data_suffix(path)
+    if not is_data_file(path):
+        raise DpokitError(
+            f"{path}: unsupported file type {''.join(path.suffixes[-2:])!r}; use one of {', '.join(FILE_SUFFIXES)} "
+            f"(.jsonl/.json/.csv may be compressed: {', '.join(COMPRESSIONS)})"
+        )
     if suffix == ".jsonl":
         return jsonl_records(path)
     if suffix == ".json":
         return json_records(path)
     if suffix == ".csv":
         return csv_records(path)
-    if suffix == ".parquet":
-        return parquet_records(path)
-    raise DpokitError(f"{path}: unsupported file type {suffix!r}; use one of {', '.join(FILE_SUFFIXES)}")
+    return parquet_records(path)
+
+
+def open_text(path: Path, newline: Optional[str] = None):
+    """A text file, or a compressed one (`COMPRESSIONS`) decompressed as it is read; UTF-8, a BOM skipped."""
+    opener = COMPRESSIONS.get(path.suffix.lower(), open)
+    return opener(path, "rt", encoding="utf-8-sig", newline=newline)
+
+
+def open_binary(path: Path):
+    opener = COMPRESSIONS.get(path.suffix.lower(), open)
+    return opener(path, "rb")
 
 
 def jsonl_records(path: Path) -> Iterator[Record]:
     """One JSON object per line; blank lines are allowed."""
-    with open(path, encoding="utf-8-sig") as lines:
-        try:
+    try:
+        with open_text(path) as lines:
             for number, line in enumerate(lines, start=1):
                 if line.strip():
                     row = parsed_json(line, path, number, "fix or remove that line")
                     yield Record(f"{path} line {number}", object_row(row, f"{path} line {number}"))
-        except UnicodeDecodeError as exc:
-            raise not_utf8_error(path) from exc
+    except UnicodeDecodeError as exc:
+        raise not_utf8_error(path) from exc
+    except (OSError, EOFError, lzma.LZMAError) as exc:
+        if path.suffix.lower() not in COMPRESSIONS:
+            raise
+        raise not_decompressible_error(path, exc) from exc
 
 
 def json_records(path: Path) -> Iterator[Record]:
     """A JSON array of objects; a ``.json`` file holding JSON lines is read as JSONL."""
     try:
-        text = path.read_text(encoding="utf-8-sig")
+        with open_text(path) as stream:
+            text = stream.read()
     except UnicodeDecodeError as exc:
         raise not_utf8_error(path) from exc
+    except (OSError, EOFError, lzma.LZMAError) as exc:
+        if path.suffix.lower() not in COMPRESSIONS:
+            raise
+        raise not_decompressible_error(path, exc) from exc
     if not text.lstrip().startswith("["):
         yield from jsonl_records(path)
         return
     for index, row in enumerate(json_array_items(text, path)):
         yield Record(f"{path} row {index}", object_row(row, f"{path} row {index}"))
+
+
+def not_decompressible_error(path: Path, exc: BaseException) -> DpokitError:
+    """The error for a compressed file that does not decompress (truncated, or not that compression)."""
+    return DpokitError(
+        f"{path}: not a readable {path.suffix} file ({exc}); download it again or decompress it yourself"
+    )
 
 
 def json_array_items(text: str, path: Path) -> Iterator[Any]:
@@ -289,9 +465,9 @@ def parsed_json(text: str, path: Path, first_line: int, fix: str) -> Any:
 def csv_records(path: Path) -> Iterator[Record]:
     """Rows of a CSV file with a header line; every value is a string."""
     csv.field_size_limit(sys.maxsize)  # responses can be longer than csv's 128 KiB default
-    with open(path, newline="", encoding="utf-8-sig") as stream:
-        reader = csv.DictReader(stream)
-        try:
+    try:
+        with open_text(path, newline="") as stream:
+            reader = csv.DictReader(stream)
             for row in reader:
                 location = f"{path} line {reader.line_num}"
                 if None in row:
@@ -299,13 +475,17 @@ def csv_records(path: Path) -> Iterator[Record]:
                         f"{location}: more values than the header has columns; quote values that contain commas"
                     )
                 yield Record(location, row)
-        except UnicodeDecodeError as exc:
-            raise not_utf8_error(path) from exc
+    except UnicodeDecodeError as exc:
+        raise not_utf8_error(path) from exc
+    except (OSError, EOFError, lzma.LZMAError) as exc:
+        if path.suffix.lower() not in COMPRESSIONS:
+            raise
+        raise not_decompressible_error(path, exc) from exc
 
 
 def not_utf8_error(path: Path) -> DpokitError:
     """The error for a text file that is not UTF-8, naming its first bad line (found by a second, binary read)."""
-    with open(path, "rb") as lines:
+    with open_binary(path) as lines:
         for number, line in enumerate(lines, start=1):  # noqa: B007 (read after the loop); a newline byte never occurs inside a UTF-8 character
             try:
                 line.decode("utf-8")
@@ -397,15 +577,27 @@ def detect_shape(row: dict[str, Any], column_map: dict[str, str]) -> str:
     """``ranked`` for a row of k scored completions (``completions``, or Nectar's ``answers``, and no
     ``chosen``), ``unpaired`` for a row with a ``completion`` and a ``label`` (and no ``chosen``), else ``pairs``;
     a --column-map target of one shape decides for it."""
-    if set(column_map) & (set(COLUMN_MAP_TARGETS["unpaired"]) - {"prompt"}):
+    shared = {"prompt", SYSTEM_COLUMN}  # targets of every shape
+    if set(column_map) & (set(COLUMN_MAP_TARGETS["unpaired"]) - shared):
         return "unpaired"
-    if set(column_map) & (set(COLUMN_MAP_TARGETS["ranked"]) - {"prompt"}):
+    if set(column_map) & (set(COLUMN_MAP_TARGETS["ranked"]) - shared):
         return "ranked"
-    if set(column_map) & {"chosen", "rejected"} or "chosen" in row:
+    if set(column_map) & (set(COLUMN_MAP_TARGETS["pairs"]) - shared) or "chosen" in row:
         return "pairs"
     if "completion" in row and "label" in row:
         return "unpaired"
     return "ranked" if "completions" in row or "answers" in row else "pairs"
+
+
+def used_columns(shape: str, column_map: dict[str, str], scores: bool = False) -> set[str]:
+    """The source columns a row of `shape` is read from (the mapped ones, their defaults, UltraFeedback's and
+    Nectar's fallbacks, the system column, a pair's scores when the data has them): any other column is
+    reported as not read, so no text is lost silently."""
+    targets = COLUMN_MAP_TARGETS[shape]
+    if shape == "pairs" and not scores:
+        targets = tuple(target for target in targets if target not in PAIR_SCORE_COLUMNS)
+    used = {column_map.get(target, target) for target in targets if target != "score"}
+    return used | ({"instruction", "answers"} if shape == "ranked" else set())
 
 
 def mapped_row(record: Record, column_map: dict[str, str]) -> dict[str, Any]:
@@ -421,16 +613,37 @@ def mapped_row(record: Record, column_map: dict[str, str]) -> dict[str, Any]:
     return values
 
 
+PROMPT_LIKE_COLUMNS = ("question", "instruction", "input", "query", "prompt_text", "context")  # a prompt elsewhere
+
+
 def missing_column_message(record: Record, column: str, column_map: dict[str, str]) -> str:
+    """A missing column's error: the columns found, and the --column-map (or --format ranked) fix."""
     found = ", ".join(map(str, record.row)) or "none"
     if column in column_map:
         return (
             f"{record.location}: column {column_map[column]!r} (mapped to {column} by --column-map) not found; "
             f"columns found: {found}"
         )
+    if column in ("chosen", "rejected"):
+        ranked = ranked_hint(record.row)
+        if ranked:
+            return f"{record.location}: no {column!r} column; columns found: {found}; {ranked}"
+    guess = next((name for name in PROMPT_LIKE_COLUMNS if name in record.row), None) if column == "prompt" else None
     return (
         f"{record.location}: no {column!r} column; columns found: {found}; "
-        f"name yours with --column-map {column}=<column>"
+        f"name yours with --column-map {column}={guess or '<column>'}"
+    )
+
+
+def ranked_hint(row: dict[str, Any]) -> str:
+    """The fix for a row that holds more than two completions in a list (ranked data read as pairs), or ''."""
+    lists = [name for name, value in row.items() if isinstance(value, list) and len(value) > 2]
+    if not lists:
+        return ""
+    scores = next((name for name in lists[1:] if all(isinstance(v, numbers.Real) for v in row[name])), "<column>")
+    return (
+        f"{lists[0]!r} holds {len(row[lists[0]])} items: for k completions per prompt, read it as ranked data with "
+        f"--format ranked --column-map completions={lists[0]},scores={scores} (docs/data-formats.md, Ranked data)"
     )
 
 
@@ -439,10 +652,15 @@ def missing_column_message(record: Record, column: str, column_map: dict[str, st
 
 
 def normalise(record: Record, format: str, column_map: dict[str, str], system_prompt: Optional[str]) -> Pair:
-    """The record as a `Pair` of message lists; raises `SkippedRow` for a row that cannot be used."""
+    """The record as a `Pair` of message lists; raises `SkippedRow` for a row that cannot be used.
+
+    The row's own system text (`row_system_text`) becomes the prompt's system turn; its scores
+    (`pair_scores`) are kept on the `Pair`."""
     values = mapped_row(record, column_map)
     row_format = detect_format(values) if format == "auto" else format
     if row_format == "implicit":
+        if "prompt" not in values and not_turns_text(values["chosen"]):
+            raise DpokitError(missing_column_message(record, "prompt", column_map))
         prompt, chosen, rejected = implicit_messages(values["chosen"], values["rejected"])
     elif row_format == "conversational":
         if "prompt" not in values:
@@ -458,9 +676,80 @@ def normalise(record: Record, format: str, column_map: dict[str, str], system_pr
         rejected = [{"role": "assistant", "content": text_value(values["rejected"], "rejected")}]
     if chosen == rejected:
         raise SkippedRow("identical_chosen_rejected", "chosen and rejected are the same")
-    if system_prompt is not None:
-        prompt = with_system_prompt(prompt, system_prompt)
-    return Pair(record.location, row_format, prompt, chosen, rejected)
+    prompt = with_row_system(prompt, record, column_map, system_prompt)
+    return Pair(record.location, row_format, prompt, chosen, rejected, pair_scores(record, column_map))
+
+
+def not_turns_text(value: Any) -> bool:
+    """Text that holds no Anthropic HH turn at all: a response, so the row lacks its prompt column."""
+    return isinstance(value, str) and HH_TURN.search(value) is None
+
+
+def row_system_text(record: Record, column_map: dict[str, str]) -> Optional[str]:
+    """The row's own system prompt: the text of its ``system`` column (or the one --column-map names), None
+    when it has none or an empty one. A value that is not text skips the row (``non_string_content``)."""
+    source = column_map.get(SYSTEM_COLUMN, SYSTEM_COLUMN)
+    if source not in record.row:
+        if SYSTEM_COLUMN in column_map:
+            raise DpokitError(missing_column_message(record, SYSTEM_COLUMN, column_map))
+        return None
+    value = record.row[source]
+    if value is None or isinstance(value, str) and not value.strip():
+        return None
+    if not isinstance(value, str):
+        raise SkippedRow("non_string_content", f"{source} is {type(value).__name__}, not a string")
+    return value
+
+
+def with_row_system(
+    prompt: list[dict[str, str]], record: Record, column_map: dict[str, str], system_prompt: Optional[str]
+) -> list[dict[str, str]]:
+    """`prompt` with the row's system text as its system turn, else `system_prompt` (--system-prompt: the text
+    for rows without their own). A row whose prompt already opens with another system turn is an error."""
+    text = row_system_text(record, column_map)
+    if text is None:
+        return with_system_prompt(prompt, system_prompt) if system_prompt is not None else prompt
+    if prompt and prompt[0]["role"] == "system" and prompt[0]["content"] != text:
+        source = column_map.get(SYSTEM_COLUMN, SYSTEM_COLUMN)
+        raise DpokitError(
+            f"{record.location}: the prompt opens with a system turn and the {source!r} column holds another "
+            "system text; keep one (rename the column, or map system= to another)"
+        )
+    return with_system_prompt(prompt, text)
+
+
+def pair_scores(record: Record, column_map: dict[str, str]) -> Optional[tuple[float, float]]:
+    """The pair's (chosen, rejected) scores from its ``score_chosen``/``score_rejected`` columns (or those
+    --column-map names), float32 values, nan for a null or empty one; None when the row has neither column.
+    One without the other, or a value that is not a number, is an error naming the row."""
+    sources = [column_map.get(target, target) for target in PAIR_SCORE_COLUMNS]
+    present = [source in record.row for source in sources]
+    if not any(present) and not any(target in column_map for target in PAIR_SCORE_COLUMNS):
+        return None
+    if not all(present):
+        missing = PAIR_SCORE_COLUMNS[present.index(False)]
+        raise DpokitError(
+            missing_column_message(record, missing, column_map) + " (scores come as a pair: both or neither)"
+        )
+    return tuple(pair_score(record.row[source], source, record) for source in sources)
+
+
+def pair_score(value: Any, column: str, record: Record) -> float:
+    """One pair score as float32 (nan when null or an empty CSV cell); text is read as a number (CSV cells)."""
+    if value is None or isinstance(value, str) and not value.strip():
+        return math.nan
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise DpokitError(
+            f"{record.location}: {column} is {value!r:.40} ({type(value).__name__}), not a number; a pair's scores "
+            "are numbers (null for none)"
+        )
+    with np.errstate(over="ignore"):
+        return float(np.float32(value))
 
 
 def detect_format(values: dict[str, Any]) -> str:
@@ -508,7 +797,10 @@ def implicit_messages(chosen: Any, rejected: Any) -> tuple[list, list, list]:
     """Split two whole conversations into (shared prompt, chosen completion, rejected completion).
 
     The prompt is the longest run of identical leading turns that ends right before an assistant
-    turn in both conversations, so a completion always starts with the assistant's answer.
+    turn in both conversations, so a completion always starts with the assistant's answer. What
+    follows it must be one assistant turn on each side: conversations that diverge earlier (or go on
+    after the answer) raise `SkippedRow` (``diverges_before_last_turn``), as training on them would
+    train on user turns.
     """
     chosen = conversation(chosen, "chosen")
     rejected = conversation(rejected, "rejected")
@@ -522,7 +814,14 @@ def implicit_messages(chosen: Any, rejected: Any) -> tuple[list, list, list]:
         shared -= 1
     if shared == 0:
         raise SkippedRow("no_shared_prompt", "chosen and rejected share no turns before an assistant answer")
-    return chosen[:shared], chosen[shared:], rejected[shared:]
+    chosen_part, rejected_part = chosen[shared:], rejected[shared:]
+    if len(chosen_part) != 1 or len(rejected_part) != 1:  # both are assistant turns first (see above)
+        raise SkippedRow(
+            "diverges_before_last_turn",
+            f"chosen and rejected differ from turn {shared} on ({len(chosen_part)} and {len(rejected_part)} "
+            "turns): only a final assistant turn each can be a completion, so the row would train on other turns",
+        )
+    return chosen[:shared], chosen_part, rejected_part
 
 
 def conversation(value: Any, column: str) -> list[dict[str, str]]:
@@ -597,8 +896,7 @@ def normalise_ranked(record: Record, column_map: dict[str, str], system_prompt: 
     problem = preference_problem(completions, scores, len(items))
     if problem is not None:
         raise SkippedRow(*problem, dropped)
-    if system_prompt is not None:
-        prompt = with_system_prompt(prompt, system_prompt)
+    prompt = with_row_system(prompt, record, column_map, system_prompt)
     row_format = "nectar" if nectar else "ultrafeedback" if ultrafeedback else "ranked"
     return Ranked(record.location, row_format, prompt, completions, scores, names, dropped)
 
@@ -776,8 +1074,7 @@ def normalise_unpaired(record: Record, column_map: dict[str, str], system_prompt
     label = label_value(values["label"], column_map.get("label", "label"), record)
     prompt = prompt_messages(values["prompt"])
     completion = completion_messages(values["completion"], "completion", record)
-    if system_prompt is not None:
-        prompt = with_system_prompt(prompt, system_prompt)
+    prompt = with_row_system(prompt, record, column_map, system_prompt)
     row_format = "conversational" if isinstance(values["prompt"], list) else "plain"
     return Unpaired(record.location, row_format, prompt, completion, label)
 

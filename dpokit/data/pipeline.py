@@ -69,6 +69,7 @@ from dpokit.data.formats import (
     normalise_unpaired,
     open_records,
     parse_column_map,
+    used_columns,
 )
 from dpokit.data.prepared import SplitWriter, write_prepared_with
 from dpokit.data.tokenize import (
@@ -101,8 +102,8 @@ class PrepareOptions:
     column_map: Optional[str] = None
     system_prompt: Optional[str] = None
     chat_template: Optional[str] = None
-    split: str = "train"
-    eval_split: str = "test"
+    split: Optional[str] = None  # None: train (a folder not named by split: all of it)
+    eval_split: Optional[str] = None  # None: test, for --eval-data; given alone: the eval split of `data`
     subset: Optional[str] = None
     max_length: int = 1024
     max_prompt_length: Optional[int] = None
@@ -146,6 +147,8 @@ class SplitResult:
     first_completion_dropped: dict[str, str] = field(default_factory=dict)  # reason -> "location: detail"
     labels: Counter = field(default_factory=Counter)  # unpaired: desirable/undesirable -> kept rows
     kl_completions_truncated: int = 0  # unpaired: KL completions cut to fit behind their row's prompt
+    unused_columns: Counter = field(default_factory=Counter)  # source column no mapping reads -> rows having it
+    scored: int = 0  # pairs with scores: kept rows whose two scores are both numbers
 
     def drop(self, reason: str, location: str, detail: str) -> None:
         self.dropped[reason] += 1
@@ -168,6 +171,8 @@ class SplitResult:
             self.labels[label_name(ids.label)] += 1
         else:
             self.completion_lengths.extend((len(ids.chosen_ids), len(ids.rejected_ids)))
+            if ids.scores is not None and not any(map(math.isnan, ids.scores)):
+                self.scored += 1
         self.events.update(event for event in ROW_EVENTS if getattr(ids, event))
 
 
@@ -191,6 +196,7 @@ def run_prepare(options: PrepareOptions, console: Optional[Console] = None) -> P
     sources = split_sources(options)
     shape = data_shape(options.format, sources["train"], column_map)
     check_column_map(column_map, shape)
+    scores = shape == "pairs" and data_has_scores(sources["train"], column_map)
 
     results: dict[str, SplitResult] = {}
 
@@ -199,9 +205,9 @@ def run_prepare(options: PrepareOptions, console: Optional[Console] = None) -> P
         with worker_pool(pair_tokenizer, options.num_proc) as pool, rows_progress(console) as progress:
             for name, source in sources.items():
                 results[name] = prepare_split(
-                    name, source, options, column_map, pair_tokenizer, pool, progress, tmp / name, shape
+                    name, source, options, column_map, pair_tokenizer, pool, progress, tmp / name, shape, scores
                 )
-        return build_manifest(options, results, tokenizer, column_map, shape)
+        return build_manifest(options, results, tokenizer, column_map, shape, scores)
 
     out = write_prepared_with(options.out, write_splits, overwrite=options.overwrite)
     console.print(summary_table(results, out, time.perf_counter() - started))
@@ -220,6 +226,10 @@ def check_options(options: PrepareOptions) -> None:
         raise DpokitError(f"--eval-fraction {options.eval_fraction} must be at least 0 and below 1")
     if options.eval_fraction and options.eval_data:
         raise DpokitError("pass --eval-fraction or --eval-data, not both")
+    if options.eval_fraction and options.eval_split is not None:
+        raise DpokitError(
+            "pass --eval-fraction (a random share of the train rows) or --eval-split (a split of the data), not both"
+        )
     if options.num_proc < 1:
         raise DpokitError(f"--num-proc {options.num_proc} must be at least 1")
     options.length_limits()
@@ -256,14 +266,17 @@ def check_output_writable(out: Path) -> None:
 def split_sources(options: PrepareOptions) -> dict[str, SplitSource]:
     """Each split's source: train, and eval when one is asked for. Counts the rows (one reading pass)."""
     records = open_records(options.data, options.split, options.subset)
-    if options.eval_data:
-        eval_records = open_records(options.eval_data, options.eval_split, options.subset)
+    label = options.data if options.split is None else f"{options.data} [{options.split}]"
+    if options.eval_data or options.eval_split is not None:
+        eval_source = options.eval_data or options.data
+        eval_records = open_records(eval_source, options.eval_split, options.subset, default="test")
+        eval_label = eval_source if options.eval_split is None else f"{eval_source} [{options.eval_split}]"
         return {
-            "train": SplitSource(options.data, lambda: records, records.count()),
-            "eval": SplitSource(options.eval_data, lambda: eval_records, eval_records.count()),
+            "train": SplitSource(label, lambda: records, records.count()),
+            "eval": SplitSource(eval_label, lambda: eval_records, eval_records.count()),
         }
     if not options.eval_fraction:
-        return {"train": SplitSource(options.data, lambda: records, records.count())}
+        return {"train": SplitSource(label, lambda: records, records.count())}
     count = records.count()
     held_out = held_out_rows(count, options.eval_fraction, options.seed)
     label = f"{options.data} (eval fraction {options.eval_fraction}, seed {options.seed})"
@@ -285,6 +298,15 @@ def data_shape(format: str, train: SplitSource, column_map: dict[str, str]) -> s
         return format if format in ("ranked", "unpaired") else "pairs"
     first = next(iter(train.records()), None)
     return detect_shape(first.row, column_map) if first is not None else "pairs"
+
+
+def data_has_scores(train: SplitSource, column_map: dict[str, str]) -> bool:
+    """Whether pairs carry scores: --column-map names a score column, or the first train row has a
+    ``score_chosen`` column (`formats.pair_scores` reads them, and refuses one without the other)."""
+    if {"score_chosen", "score_rejected"} & set(column_map):
+        return True
+    first = next(iter(train.records()), None)
+    return first is not None and any(name in first.row for name in ("score_chosen", "score_rejected"))
 
 
 def held_out_rows(count: int, fraction: float, seed: int) -> np.ndarray:
@@ -321,20 +343,21 @@ def prepare_split(
     progress: Progress,
     directory: Path,
     shape: str = "pairs",
+    scores: bool = False,
 ) -> SplitResult:
-    """Normalise, tokenize and write one split's rows (of `shape`) to `directory`, in source order, a chunk at
-    a time."""
+    """Normalise, tokenize and write one split's rows (of `shape`; pairs with their `scores`) to `directory`, in
+    source order, a chunk at a time."""
     result = SplitResult(source=source.label, shape=shape)
     task = progress.add_task(name, total=source.rows)
-    rows = normalised_rows(source.records(), options, column_map, result, lambda: progress.advance(task), shape)
+    rows = normalised_rows(source.records(), options, column_map, result, lambda: progress.advance(task), shape, scores)
     ahead = CHUNKS_AHEAD_PER_PROCESS * options.num_proc
     chunks = tokenized_chunks(chunked(rows, CHUNK_SIZE), pair_tokenizer, pool, ahead)
     kept = kept_rows(chunks, options.overlength, result, lambda count: progress.advance(task, count))
     if shape == "unpaired":
         stored = with_kl_completions(kept, name, options, result)
     else:
-        stored = map(stored_columns, kept)
-    with SplitWriter(directory, shape) as writer:
+        stored = (stored_columns(ids, scores) for ids in kept)
+    with SplitWriter(directory, shape, scores) as writer:
         for columns in stored:
             writer.add(*columns)
         if result.kept == 0:
@@ -360,15 +383,20 @@ def kept_rows(
             if ids.dropped is not None:
                 result.drop(ids.dropped, row.location, ids.detail)
                 continue
+            if isinstance(row, Pair):
+                ids.scores = row.scores
             result.keep(ids)
             yield ids
         advance(len(chunk))
 
 
-def stored_columns(ids: TokenizedPair | TokenizedRanked) -> tuple[list, list, list]:
-    """A kept pair's or ranked row's values, in `SplitWriter` column order."""
+def stored_columns(ids: TokenizedPair | TokenizedRanked, scores: bool = False) -> tuple:
+    """A kept pair's or ranked row's values, in `SplitWriter` column order (a pair's two scores last, with
+    `scores`: nan for a row without them)."""
     if isinstance(ids, TokenizedRanked):
         return ids.prompt_ids, ids.completion_ids, ids.scores
+    if scores:
+        return ids.prompt_ids, ids.chosen_ids, ids.rejected_ids, *(ids.scores or (math.nan, math.nan))
     return ids.prompt_ids, ids.chosen_ids, ids.rejected_ids
 
 
@@ -443,12 +471,15 @@ def normalised_rows(
     result: SplitResult,
     on_skip: Callable[[], None],
     shape: str = "pairs",
+    scores: bool = False,
 ) -> Iterator[Pair | Ranked | Unpaired]:
     """Each usable record as a `Pair` (or, for the ``ranked`` and ``unpaired`` shapes, a `Ranked` or `Unpaired`
     row); the others are counted in `result` (and `on_skip` called) instead, as are a ranked row's completions
-    left out."""
+    left out, and every source column no mapping reads (``unused_columns``: its text goes nowhere)."""
+    used = used_columns(shape, column_map, scores)
     for record in records:
         result.read += 1
+        result.unused_columns.update(column for column in record.row if column not in used)
         try:
             if shape == "ranked":
                 row = normalise_ranked(record, column_map, options.system_prompt)
@@ -550,8 +581,10 @@ def build_manifest(
     tokenizer,
     column_map: Optional[dict[str, str]] = None,
     shape: str = "pairs",
+    scores: bool = False,
 ) -> dict:
-    """Everything `write_prepared_with` records besides the format version, data fingerprint and file digests."""
+    """Everything `write_prepared_with` records besides the format version, data fingerprint and file digests
+    (``scores``: kept pairs with both scores, when the data has them)."""
     totals = SplitResult(source=options.data, shape=shape)
     for result in results.values():
         totals.read += result.read
@@ -566,16 +599,19 @@ def build_manifest(
         totals.group_sizes.update(result.group_sizes)
         totals.labels.update(result.labels)
         totals.kl_completions_truncated += result.kl_completions_truncated
+        totals.unused_columns.update(result.unused_columns)
+        totals.scored += result.scored
         totals.completions_dropped.update(result.completions_dropped)
         for reason, example in result.first_completion_dropped.items():
             totals.first_completion_dropped.setdefault(reason, example)
     return {
         "shape": shape,
         "source": options.data,
-        "splits": {name: split_manifest(result) for name, result in results.items()},
+        "splits": {name: split_manifest(result, scores) for name, result in results.items()},
         "counts": counts(totals),
         "lengths": lengths(totals),
         **shape_stats(totals),
+        **({"scores": {"present": totals.scored}} if scores else {}),
         "tokenizer": {"name": options.tokenizer or options.model, "fingerprint": tokenizer_fingerprint(tokenizer)},
         "chat_template": tokenizer.chat_template or None,
         "max_length": options.max_length,
@@ -593,13 +629,14 @@ def build_manifest(
     }
 
 
-def split_manifest(result: SplitResult) -> dict:
+def split_manifest(result: SplitResult, scores: bool = False) -> dict:
     return {
         "rows": result.kept,
         "source": result.source,
         **counts(result),
         "lengths": lengths(result),
         **shape_stats(result),
+        **({"scores": {"present": result.scored}} if scores else {}),
     }
 
 
@@ -630,6 +667,7 @@ def counts(result: SplitResult) -> dict:
         "first_dropped": dict(sorted(result.first_dropped.items())),
         **shape_counts,
         "formats": dict(sorted(result.formats.items())),
+        "unused_columns": dict(sorted(result.unused_columns.items())),
     }
 
 
@@ -731,6 +769,10 @@ def summary_table(results: dict[str, SplitResult], out: Path, seconds: float) ->
             row(label, lambda r, event=event: r.events[event])
     for reason in sorted(set().union(*(r.dropped for r in results.values()))):
         row(f"dropped: {reason}", lambda r, reason=reason: r.dropped[reason])
+    for column in sorted(set().union(*(r.unused_columns for r in results.values()))):
+        row(f"column not read: {column}", lambda r, column=column: r.unused_columns[column])
+    if any(r.scored for r in results.values()):
+        row("pairs with scores", lambda r: r.scored)
     for label in ("prompt", "completion"):
         row(
             f"{label} tokens p50/p90/p99/max",

@@ -20,6 +20,9 @@ Unpaired data (``"shape": "unpaired"``, KTO's thumbs-up/down rows) has the same 
 fixed as its mismatched completion for KTO's KL estimate) and ``scores`` is ``[label, nan]`` (1.0 desirable,
 0.0 undesirable; the KL completion has no label). Both are `GROUPED_SHAPES`: a group of completions behind one
 prompt, cached and computed alike.
+
+Pairs from data with scores (``score_chosen``/``score_rejected``) also have the float32 columns `SCORE_COLUMNS`
+(``chosen_score``, ``rejected_score``; nan where a row has none); without them the files are as before.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
 RANKED_COLUMNS = ("prompt_ids", "completion_ids", "scores")
+SCORE_COLUMNS = ("chosen_score", "rejected_score")  # a pair's scores (float32, nan: none), when the data has them
 GROUPED_SHAPES = ("ranked", "unpaired")  # stored as `RANKED_COLUMNS`: completions behind one prompt
 WRITE_BATCH_ROWS = 1000  # rows per Arrow record batch that `SplitWriter` writes (save_to_disk's batch too)
 SHARD_BYTES = 500 * 10**6  # a split file this large is closed and the next begun (save_to_disk's default shard size)
@@ -77,6 +81,11 @@ class PreparedData:
     @property
     def is_unpaired(self) -> bool:
         return self.shape == "unpaired"
+
+    @property
+    def has_scores(self) -> bool:
+        """Pairs stored with their scores (`SCORE_COLUMNS`)."""
+        return self.manifest.get("scores") is not None
 
     @property
     def is_grouped(self) -> bool:
@@ -157,7 +166,11 @@ class ArrowSplit:
         which = np.searchsorted(starts, rows, side="right") - 1
         out = []
         for chunk, row in zip(which.tolist(), (rows - starts[which]).tolist()):
-            (offsets, *inner), values = buffers[chunk]
+            levels, values = buffers[chunk]
+            if not levels:  # a scalar column (a pair's score)
+                out.append(values[row].item())
+                continue
+            offsets, *inner = levels
             if not inner:
                 out.append(values[offsets[row] : offsets[row + 1]].tolist())
                 continue
@@ -188,9 +201,12 @@ def list_buffers(lists) -> tuple[list[np.ndarray], np.ndarray]:
     return offsets, numpy_view(lists)
 
 
-def shape_columns(shape: str) -> tuple[str, ...]:
-    """The columns of a prepared split of `shape`: `COLUMNS` (pairs) or `RANKED_COLUMNS` (`GROUPED_SHAPES`)."""
-    return RANKED_COLUMNS if shape in GROUPED_SHAPES else COLUMNS
+def shape_columns(shape: str, scores: bool = False) -> tuple[str, ...]:
+    """The columns of a prepared split of `shape`: `COLUMNS` (pairs; with `scores`, `SCORE_COLUMNS` after them)
+    or `RANKED_COLUMNS` (`GROUPED_SHAPES`)."""
+    if shape in GROUPED_SHAPES:
+        return RANKED_COLUMNS
+    return COLUMNS + SCORE_COLUMNS if scores else COLUMNS
 
 
 def load_prepared(path: str | os.PathLike) -> PreparedData:
@@ -320,7 +336,7 @@ def write_prepared_with(
             manifest,
             shape=shape,
             format_version=FORMAT_VERSION,
-            data_fingerprint=data_fingerprint(splits, shape_columns(shape)),
+            data_fingerprint=data_fingerprint(splits, shape_columns(shape, written_scores(folders))),
             files=split_file_digests(tmp),
         )
         (tmp / MANIFEST_NAME).write_text(json.dumps(full_manifest, indent=2, sort_keys=False) + "\n")
@@ -336,6 +352,16 @@ def written_shape(folders: list[Path]) -> str:
         with pa.OSFile(str(file)) as source:
             return "ranked" if "completion_ids" in pa.ipc.open_stream(source).schema.names else "pairs"
     return "pairs"
+
+
+def written_scores(folders: list[Path]) -> bool:
+    """Whether the split folders' Arrow files hold a pair's scores (`SCORE_COLUMNS`)."""
+    import pyarrow as pa
+
+    for file in (file for folder in folders for file in arrow_files(folder)):
+        with pa.OSFile(str(file)) as source:
+            return SCORE_COLUMNS[0] in pa.ipc.open_stream(source).schema.names
+    return False
 
 
 def split_batches(split_dir: Path) -> Callable[[], Iterator]:
@@ -354,9 +380,9 @@ def split_batches(split_dir: Path) -> Callable[[], Iterator]:
     return batches
 
 
-def features(shape: str = "pairs"):
+def features(shape: str = "pairs", scores: bool = False):
     """The `datasets.Features` of a prepared split: int32 id lists; for ranked data, ``completion_ids`` a list of
-    them and ``scores`` a float32 list."""
+    them and ``scores`` a float32 list; for pairs with `scores`, float32 `SCORE_COLUMNS` too."""
     import datasets
 
     ids = datasets.List(datasets.Value("int32"))
@@ -368,7 +394,8 @@ def features(shape: str = "pairs"):
                 "scores": datasets.List(datasets.Value("float32")),
             }
         )
-    return datasets.Features({column: ids for column in COLUMNS})
+    score = {column: datasets.Value("float32") for column in SCORE_COLUMNS} if scores else {}
+    return datasets.Features({**{column: ids for column in COLUMNS}, **score})
 
 
 @contextlib.contextmanager
@@ -394,12 +421,13 @@ class SplitWriter:
     closes the file without finishing.
     """
 
-    def __init__(self, directory: Path, shape: str = "pairs"):
+    def __init__(self, directory: Path, shape: str = "pairs", scores: bool = False):
         self.directory = Path(directory)
         self.directory.mkdir()
         self.shape = shape
-        self.columns = shape_columns(shape)
-        self.schema = features(shape).arrow_schema  # with the features in its metadata, as datasets writes it
+        self.scores = scores
+        self.columns = shape_columns(shape, scores)
+        self.schema = features(shape, scores).arrow_schema  # with the features in its metadata, as datasets writes it
         self.rows: dict[str, list[Sequence]] = {column: [] for column in self.columns}
         self.files: list[Path] = []
         self.sink: Any = None  # the open file and its Arrow stream writer
@@ -416,8 +444,8 @@ class SplitWriter:
                 raise
 
     def add(self, *values: Sequence) -> None:
-        """Append one row: a value per column, in `self.columns` order (prompt, chosen and rejected ids; or
-        prompt ids, the completions' ids and their scores)."""
+        """Append one row: a value per column, in `self.columns` order (prompt, chosen and rejected ids, and their
+        scores when it has them; or prompt ids, the completions' ids and their scores)."""
         for column, value in zip(self.columns, values, strict=True):
             self.rows[column].append(value)
         if len(self.rows[self.columns[0]]) >= WRITE_BATCH_ROWS:
@@ -472,7 +500,7 @@ class SplitWriter:
         info = {
             "citation": "",
             "description": "",
-            "features": features(self.shape).to_dict(),
+            "features": features(self.shape, self.scores).to_dict(),
             "homepage": "",
             "license": "",
         }

@@ -64,6 +64,7 @@ class TokenizedPair(TokenizedRow):
 
     chosen_ids: list[int] = field(default_factory=list)
     rejected_ids: list[int] = field(default_factory=list)
+    scores: Optional[tuple[float, float]] = None  # the pair's (chosen, rejected) scores, set by the pipeline
 
 
 @dataclass
