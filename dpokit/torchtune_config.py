@@ -46,6 +46,21 @@ FAMILIES = (
     "phi3",
     "phi4",
 )
+# torchtune's checkpointer model_type (torchtune.training.ModelType) -> the family whose module names it has: a
+# builder dpokit does not know (your own, say) is accepted when a Hugging Face checkpointer names one of these
+MODEL_TYPES = {
+    "LLAMA2": "llama2",
+    "LLAMA3": "llama3",
+    "LLAMA3_2": "llama3_2",
+    "MISTRAL": "mistral",
+    "GEMMA": "gemma",
+    "GEMMA2": "gemma2",
+    "QWEN2": "qwen2",
+    "QWEN3": "qwen3",
+    "PHI3_MINI": "phi3",
+    "PHI4": "phi4",
+}
+HF_CHECKPOINTER = "FullModelHFCheckpointer"
 # torchtune's LoRA targets by their Hugging Face module names; Phi-3/4 fuse q, k, v (and gate, up) in one.
 ATTENTION = {"q_proj": "q_proj", "k_proj": "k_proj", "v_proj": "v_proj", "output_proj": "o_proj"}
 MLP = ["gate_proj", "up_proj", "down_proj"]
@@ -61,6 +76,8 @@ LOSSES = {
     "SimPOLoss": ("simpo", {"beta": 2.0, "gamma": 0.5, "label_smoothing": 0.0}),
 }
 REFERENCE_FREE = ("simpo",)
+# torchtune before 0.3 chose the loss with DPOLoss(loss_type=...); each type's beta is the named dpokit parameter
+LOSS_TYPES = {"sigmoid": ("dpo", "beta"), "hinge": ("rso", "gamma"), "ipo": ("ipo", "tau")}
 OPTIMIZERS = {
     "torch.optim.AdamW": "adamw",
     "bitsandbytes.optim.AdamW8bit": "adamw8bit",
@@ -110,6 +127,13 @@ WHY = {  # why a torchtune key has no dpokit equivalent, where there is more to 
     "profiler.enabled": "dpokit has no built-in profiler; run it under torch.profiler or nsys",
     "metric_logger.entity": "dpokit's W&B runs go to your default entity (or WANDB_ENTITY)",
     "metric_logger.group": "no logging key in dpokit (WANDB_RUN_GROUP sets it)",
+}
+# torchtune keys whose value here is what torchtune does without them, and what dpokit does too: nothing to carry
+TORCHTUNE_DEFAULTS = {
+    "log_level": "INFO",  # dpokit's default log level is info
+    "tensor_parallel_dim": 1,  # no tensor parallelism
+    "data_parallel_replicate_dim": 1,  # no replication: FSDP shards over every process, as dpokit's FSDP2
+    "data_parallel_shard_dim": -1,
 }
 ABSENT = object()
 EXPONENT = re.compile(r"[-+]?\d+[eE][-+]?\d+")  # 5e-4: YAML 1.1 (PyYAML) reads it as a string
@@ -238,6 +262,7 @@ class _Converter:
         self.keys = _Keys(tree)
         self.source = source
         self.max_seq_len = None  # tokenizer.max_seq_len, for `dpokit prepare --max-length`
+        self.checkpoint_output = None  # checkpointer.output_dir: where torchtune writes the checkpoints
         self.config: dict[str, dict[str, Any]] = {field.name: {} for field in dataclasses.fields(TrainConfig)}
         self.unmapped: list[str] = []
         self.notes: list[str] = []
@@ -260,7 +285,8 @@ class _Converter:
             + (" (qlora and qdora run on one GPU only)" if self.config["model"]["method"] in ("qlora", "qdora") else "")
         )
         for key, value in self.keys.left():
-            self.report(key, value)
+            if not unset(key, value):
+                self.report(key, value)
         config = {section: in_schema_order(section, values) for section, values in self.config.items() if values}
         return Conversion(config, self.unmapped, self.commands, self.notes)
 
@@ -284,10 +310,24 @@ class _Converter:
                 f"recipe configs, whose loss is one of {', '.join(f'torchtune.rlhf.loss.{cls}' for cls in LOSSES)}"
             )
         loss, defaults = LOSSES[name]
-        self.config["loss"] = {
-            "name": loss,
-            **{arg: self.keys.take(f"loss.{arg}", default) for arg, default in defaults.items()},
-        }
+        loss_type = self.keys.take("loss.loss_type", "sigmoid") if name == "DPOLoss" else "sigmoid"
+        if loss_type not in LOSS_TYPES:
+            raise DpokitError(
+                f"{self.source}: loss.loss_type={loss_type} has no dpokit loss; torchtune's DPOLoss types map as "
+                + ", ".join(f"{kind} -> {dpokit}" for kind, (dpokit, _) in LOSS_TYPES.items())
+                + " (`dpokit train --loss` lists dpokit's losses)"
+            )
+        if loss_type != "sigmoid":  # the old DPOLoss's hinge and ipo: beta is their only parameter
+            loss, parameter = LOSS_TYPES[loss_type]
+            smoothing = self.keys.take("loss.label_smoothing", 0.0)
+            if smoothing:
+                self.report("loss.label_smoothing", smoothing, f"torchtune's loss_type={loss_type} does not use it")
+            self.config["loss"] = {"name": loss, parameter: self.keys.take("loss.beta", 0.1)}
+        else:
+            self.config["loss"] = {
+                "name": loss,
+                **{arg: self.keys.take(f"loss.{arg}", default) for arg, default in defaults.items()},
+            }
         if loss == "ipo":
             self.notes.append(
                 "loss: torchtune's IPOLoss compares summed log-probs, dpokit's ipo log-probs averaged over the reply "
@@ -309,13 +349,32 @@ class _Converter:
             ("full", parts[-1]),
         )
         if family not in FAMILIES or not base.startswith(family):
-            raise DpokitError(
-                f"{self.source}: model._component_={component} is not a torchtune model builder dpokit knows; it "
-                f"converts torchtune.models.FAMILY.[lora_|qlora_]BUILDER for the text families {', '.join(FAMILIES)}"
-            )
+            family = self.family_from_checkpointer(component)
+            if method == "full" and "lora_attn_modules" in (self.tree.get("model") or {}):
+                method = "lora"  # your own LoRA builder: its arguments say so
         if method != "full":
             method = self.lora(family, qlora=method == "qlora")
         self.set("model.method", method)
+
+    def family_from_checkpointer(self, component: str) -> str:
+        """The family of a builder dpokit does not know, from a Hugging Face checkpointer's ``model_type``."""
+        checkpointer = self.tree.get("checkpointer") or {}
+        model_type = str(checkpointer.get("model_type"))
+        hf = str(checkpointer.get("_component_")).endswith(HF_CHECKPOINTER)
+        if not (hf and model_type in MODEL_TYPES):
+            raise DpokitError(
+                f"{self.source}: model._component_={component} is not a torchtune model builder dpokit knows; it "
+                f"converts torchtune.models.FAMILY.[lora_|qlora_]BUILDER for the text families {', '.join(FAMILIES)}, "
+                f"or any builder whose checkpointer is torchtune.training.{HF_CHECKPOINTER} with a text model_type "
+                f"({', '.join(MODEL_TYPES)}); this one's is {checkpointer.get('_component_')} with model_type "
+                f"{checkpointer.get('model_type')}"
+            )
+        self.notes.append(
+            f"model._component_={component}: not a builder dpokit knows; checkpointer.model_type={model_type} with "
+            "Hugging Face weights, so dpokit loads the checkpoint as it is (its architecture from config.json) and "
+            "takes the method from the builder's name and arguments"
+        )
+        return MODEL_TYPES[model_type]
 
     def lora(self, family: str, qlora: bool) -> str:
         """The lora section from a LoRA builder's arguments; returns the method (lora, qlora, dora or qdora)."""
@@ -349,17 +408,20 @@ class _Converter:
         return ("q" if quantized else "") + ("dora" if dora else "lora")
 
     def checkpointers(self) -> None:
-        """model.path from the checkpointer; the reference must be the same model (the policy starts as it)."""
+        """model.path from the checkpointer, output.dir from where it writes; a ref_checkpointer elsewhere is
+        reference.model (the cache is built from it, and the policy starts away from it on purpose)."""
         policy = self.checkpoint_dir("checkpointer")
         if policy is not None:
             self.set("model.path", policy)
+        self.checkpoint_output = self.keys.take("checkpointer.output_dir")
         reference = self.checkpoint_dir("ref_checkpointer")
+        self.keys.take("ref_checkpointer.output_dir")  # torchtune never writes the reference
         if reference is not None and policy is not None and Path(reference) != Path(policy):
-            self.report(
-                "ref_checkpointer.checkpoint_dir",
-                reference,
-                f"dpokit's policy starts as its reference (checked at step 0), so both are {policy}; a "
-                "different reference is a PEFT adapter on it (reference.adapter)",
+            self.set("reference.model", reference)
+            self.notes.append(
+                f"ref_checkpointer loads {reference}, not the policy's {policy}: reference.model={reference}, so "
+                "dpokit ref-logps builds the cache from it (--model) and the step-0 check reports how far the policy "
+                "starts from it instead of stopping"
             )
 
     def tokenizer(self) -> None:
@@ -374,7 +436,13 @@ class _Converter:
                     "dpokit uses the Hugging Face tokenizer saved with the model (model.path); "
                     "set model.tokenizer to a Hugging Face tokenizer directory or hub name",
                 )
-        self.keys.take("tokenizer._component_")
+        component = str(self.keys.take("tokenizer._component_"))
+        template = self.keys.take("tokenizer.prompt_template", ABSENT)
+        note = prompt_format_note(component.rsplit(".", 1)[-1], template)
+        if note:
+            self.notes.append(note)
+        if template not in (ABSENT, None) and not component.endswith("llama2_tokenizer"):
+            self.report("tokenizer.prompt_template", template)
         self.max_seq_len = self.keys.take("tokenizer.max_seq_len")
 
     def checkpoint_dir(self, section: str) -> str | None:
@@ -387,10 +455,7 @@ class _Converter:
             value = self.keys.take(f"{section}.{key}")
             if value is not None:
                 self.report(f"{section}.{key}", value, WHY["resume_from_checkpoint"])
-        output_dir = self.keys.take(f"{section}.output_dir")
-        if output_dir is not None and output_dir != self.tree.get("output_dir"):
-            self.report(f"{section}.output_dir", output_dir, "dpokit writes checkpoints into output.dir")
-        if directory is not None and component is not None and not str(component).endswith("FullModelHFCheckpointer"):
+        if directory is not None and component is not None and not str(component).endswith(HF_CHECKPOINTER):
             self.report(
                 f"{section}._component_",
                 component,
@@ -407,6 +472,7 @@ class _Converter:
             value = self.keys.take(key, ABSENT)
             if value is not ABSENT:
                 self.set(dotted, value)
+        self.output_dir()
         epochs = self.keys.take("epochs", 1)
         steps_per_epoch = self.keys.take("max_steps_per_epoch")
         if steps_per_epoch is None:
@@ -420,7 +486,9 @@ class _Converter:
         self.set("training.max_grad_norm", self.keys.take("clip_grad_norm"))  # absent: no clipping, as torchtune
         seed = self.keys.take("seed", ABSENT)
         if seed is None:
-            self.report("seed", None)
+            self.notes.append(
+                "seed=null: torchtune draws a new seed each run; dpokit seeds every run with training.seed (default 42)"
+            )
         elif seed is not ABSENT:
             self.set("training.seed", seed)
         if self.keys.take("resume_from_checkpoint", False):
@@ -440,6 +508,19 @@ class _Converter:
         device = self.keys.take("device", "cuda")
         if device not in ("cuda", "cpu"):
             self.report("device", device, "dpokit runs on CUDA when there is a GPU, else on the CPU")
+
+    def output_dir(self) -> None:
+        """output.dir is where torchtune writes the checkpoints (checkpointer.output_dir): the run directory holds
+        them; torchtune's top-level output_dir is only what ${output_dir} refers to."""
+        top = self.config["output"].get("dir")
+        if self.checkpoint_output is None or str(self.checkpoint_output) == str(top):
+            return
+        self.set("output.dir", str(self.checkpoint_output))
+        if top is not None:
+            self.notes.append(
+                f"output.dir={self.checkpoint_output}: torchtune writes checkpoints to checkpointer.output_dir, not "
+                f"output_dir={top}; dpokit keeps checkpoints and metrics.jsonl in that one run directory"
+            )
 
     def optimizer(self) -> None:
         component = self.keys.take("optimizer._component_")
@@ -605,11 +686,20 @@ class _Converter:
         return shlex.join(["dpokit", "prepare", data, "--model", model, "--out", PREPARED, *options])
 
     def reference_commands(self, loss: str) -> list[str]:
-        """``dpokit ref-logps`` in the run's dtype, unless the loss needs no reference."""
+        """``dpokit ref-logps`` in the run's dtype (from reference.model where it is set), unless the loss needs no
+        reference."""
+        reference = self.config["reference"]
         if loss in REFERENCE_FREE:
+            if reference.pop("model", None) is not None:
+                self.notes = [note for note in self.notes if not note.startswith("ref_checkpointer loads")]
+                self.report(
+                    "ref_checkpointer.checkpoint_dir",
+                    self.tree["ref_checkpointer"]["checkpoint_dir"],
+                    f"the {loss} loss uses no reference",
+                )
             return []
-        self.config["reference"] = {"source": "cache", "cache": REF_CACHE}
-        model = self.config["model"].get("path", "MODEL")
+        self.config["reference"] = {"source": "cache", "cache": REF_CACHE, **reference}
+        model = reference.get("model") or self.config["model"].get("path", "MODEL")
         dtype = REF_LOGPS_DTYPES.get(self.config["model"].get("dtype"))
         return [
             shlex.join(
@@ -629,6 +719,36 @@ class _Converter:
 
 # ---------------------------------------------------------------------------------------------
 # checking and writing
+
+
+def prompt_format_note(tokenizer: str, template: Any) -> str | None:
+    """What dpokit prepare, templating with the model's Hugging Face chat template, writes differently from
+    torchtune's tokenizer `tokenizer` (with its ``prompt_template``), and how to match it; None where nothing."""
+    if tokenizer == "llama2_tokenizer" and template is not None:
+        name = "Llama2ChatTemplate" if template is ABSENT else template
+        return (
+            f"prompt format: torchtune's llama2_tokenizer wraps each prompt in {name} ([INST] ... [/INST]) unless "
+            "tokenizer.prompt_template is null; dpokit prepare uses the chat template saved with the model (a base "
+            "Llama 2 has none): to template as torchtune did, pass dpokit prepare --chat-template with the [INST] "
+            "template of docs/torchtune.md"
+        )
+    if tokenizer == "llama3_tokenizer":
+        return (
+            "prompt format: torchtune's llama3_tokenizer writes each message as <|start_header_id|>ROLE"
+            "<|end_header_id|>, the text, <|eot_id|>; Llama 3.1's and 3.2's Hugging Face chat templates add a system "
+            "block with 'Cutting Knowledge Date' and 'Today Date' lines to every prompt: to template as torchtune did, "
+            "pass dpokit prepare --chat-template with the Llama 3 template of docs/torchtune.md"
+        )
+    return None
+
+
+def unset(key: str, value: Any) -> bool:
+    """Whether a torchtune key left over is disabled (false), unset (null, empty) or at torchtune's default, so
+    leaving it out changes nothing and it is not listed as unmapped."""
+    if value is None or value is False or value == [] or value == {}:
+        return True
+    default = TORCHTUNE_DEFAULTS.get(key, ABSENT)
+    return default is not ABSENT and str(value).lower() == str(default).lower()
 
 
 def in_schema_order(section: str, values: dict[str, Any]) -> dict[str, Any]:

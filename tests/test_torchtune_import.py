@@ -14,125 +14,15 @@ from dpokit.errors import DpokitError
 from dpokit.metrics import read_metrics
 from dpokit.torchtune_config import convert, import_torchtune
 
-# torchtune's recipes/configs/llama3_1/*_dpo*.yaml as published (comments shortened); the other two are this
-# one with the lines they differ in replaced.
+# torchtune's recipes/configs/llama3_1/*_dpo*.yaml as published (copies in tests/data/torchtune, with their commit)
+TORCHTUNE = Path(__file__).resolve().parent / "data" / "torchtune"
 # tune run lora_dpo_single_device --config llama3_1/8B_lora_dpo_single_device
-LORA_DPO_SINGLE_DEVICE = """\
-output_dir: /tmp/torchtune/llama3_1_8B/lora_dpo_single_device
-
-model:
-  _component_: torchtune.models.llama3_1.lora_llama3_1_8b
-  lora_attn_modules: ['q_proj', 'v_proj', 'output_proj']
-  apply_lora_to_mlp: True
-  apply_lora_to_output: False
-  lora_rank: 8  # higher increases accuracy and memory
-  lora_alpha: 16  # usually alpha=2*rank
-  lora_dropout: 0.0
-
-tokenizer:
-  _component_: torchtune.models.llama3.llama3_tokenizer
-  path: /tmp/Meta-Llama-3.1-8B-Instruct/original/tokenizer.model
-  max_seq_len: 1024 # higher increases memory
-
-checkpointer:
-  _component_: torchtune.training.FullModelHFCheckpointer
-  checkpoint_dir: /tmp/Meta-Llama-3.1-8B-Instruct/
-  checkpoint_files: [
-    model-00001-of-00004.safetensors,
-    model-00002-of-00004.safetensors,
-    model-00003-of-00004.safetensors,
-    model-00004-of-00004.safetensors
-  ]
-  recipe_checkpoint: null
-  output_dir: ${output_dir}
-  model_type: LLAMA3
-resume_from_checkpoint: False
-save_adapter_weights_only: False
-
-dataset:
-  _component_: torchtune.datasets.stack_exchange_paired_dataset
-seed: null
-shuffle: True
-batch_size: 4
-
-optimizer:
-  _component_: torch.optim.AdamW
-  fused: True
-  weight_decay: 0.05
-  lr: 5e-4
-lr_scheduler:
-  _component_: torchtune.training.lr_schedulers.get_cosine_schedule_with_warmup
-  num_warmup_steps: 100
-
-loss:
-  _component_: torchtune.rlhf.loss.DPOLoss
-
-epochs: 1
-max_steps_per_epoch: 1000
-gradient_accumulation_steps: 8  # Use to increase effective batch size
-compile: False  # torch.compile the model + loss, True increases speed + decreases memory
-
-metric_logger:
-  _component_: torchtune.training.metric_logging.DiskLogger
-  log_dir: ${output_dir}/logs
-log_every_n_steps: 1
-log_peak_memory_stats: True
-log_level: INFO  # DEBUG, WARN, etc.
-
-device: cuda
-dtype: bf16
-
-enable_activation_checkpointing: True  # True reduces memory
-enable_activation_offloading: False  # True reduces memory
-"""
-
-
-def replaced(text: str, *changes: tuple[str, str]) -> str:
-    """`text` with each (old, new) replaced; every old text must be there once, so the shapes stay torchtune's."""
-    for old, new in changes:
-        assert text.count(old) == 1, old
-        text = text.replace(old, new)
-    return text
-
-
-LORA_ARGUMENTS = LORA_DPO_SINGLE_DEVICE.split("lora_llama3_1_8b\n")[1].split("\ntokenizer:")[0]  # lora_attn_modules...
-# tune run --nnodes 1 --nproc_per_node 2 lora_dpo_distributed --config llama3_1/8B_lora_dpo: the single-device
-# config with the loss's arguments written out
-LORA_DPO_DISTRIBUTED = replaced(
-    LORA_DPO_SINGLE_DEVICE,
-    ("llama3_1_8B/lora_dpo_single_device\n", "llama3_1_8B/lora_dpo\n"),
-    (
-        "  _component_: torchtune.rlhf.loss.DPOLoss\n",
-        "  _component_: torchtune.rlhf.loss.DPOLoss\n  beta: 0.1\n  label_smoothing: 0\n",
-    ),
-)
-# tune run --nnodes 1 --nproc_per_node 4 full_dpo_distributed --config llama3_1/8B_full_dpo: a full model
-# builder, a reference checkpointer, and its own lr, warmup and beta
-FULL_DPO_DISTRIBUTED = replaced(
-    LORA_DPO_DISTRIBUTED,
-    ("llama3_1_8B/lora_dpo\n", "llama3_1_8B/full_dpo\n"),
-    ("lora_llama3_1_8b\n" + LORA_ARGUMENTS, "llama3_1_8b\n"),
-    (
-        "save_adapter_weights_only: False\n",
-        """
-# The ref_checkpointer should always point to the original weights.
-ref_checkpointer:
-  _component_: torchtune.training.FullModelHFCheckpointer
-  checkpoint_dir: /tmp/Meta-Llama-3.1-8B-Instruct/
-  checkpoint_files: [model-00001-of-00004.safetensors, model-00002-of-00004.safetensors]
-  recipe_checkpoint: null
-  output_dir: ${output_dir}
-  model_type: LLAMA3
-""",
-    ),
-    ("lr: 5e-4", "lr: 2e-5"),
-    ("num_warmup_steps: 100", "num_warmup_steps: 20"),
-    ("beta: 0.1", "beta: 0.05"),
-)
-UNMAPPED_IN_ALL_THREE = [
-    "seed=None: torchtune draws a new seed each run; dpokit always seeds (training.seed, default 42)",
-    "log_level=INFO: not a config key in dpokit: pass --log-level to the command (or set DPOKIT_LOG_LEVEL)",
-]
+LORA_DPO_SINGLE_DEVICE = (TORCHTUNE / "llama3_1_8B_lora_dpo_single_device.yaml").read_text()
+# tune run --nnodes 1 --nproc_per_node 2 lora_dpo_distributed --config llama3_1/8B_lora_dpo
+LORA_DPO_DISTRIBUTED = (TORCHTUNE / "llama3_1_8B_lora_dpo.yaml").read_text()
+# tune run --nnodes 1 --nproc_per_node 4 full_dpo_distributed --config llama3_1/8B_full_dpo
+FULL_DPO_DISTRIBUTED = (TORCHTUNE / "llama3_1_8B_full_dpo.yaml").read_text()
+UNMAPPED_IN_ALL_THREE = []  # seed: null is a note, log_level: INFO is dpokit's default too
 MODEL = "/tmp/Meta-Llama-3.1-8B-Instruct/"
 
 
@@ -309,13 +199,12 @@ def test_what_has_no_equivalent_is_reported_key_by_key_and_loggers_map_to_report
         "betas": [0.9, 0.95],
     }  # AdamW's own default
     assert config["logging"] == {"report_to": ["wandb"], "project": "dpo"}
-    assert unmapped == [  # as each part is mapped, then what is left in the file's order
-        "optimizer._component_=bitsandbytes.optim.PagedAdamW8bit: dpokit's adamw8bit does not page its state to CPU memory",
-        "profiler.enabled=True: dpokit has no built-in profiler; run it under torch.profiler or nsys",
+    assert unmapped == [  # as each part is mapped, then what is left in the file's order (log_level: null is unset)
         "tokenizer.prompt_template=torchtune.data.QuestionAnswerTemplate: dpokit formats pairs with the tokenizer's chat "
         "template (dpokit prepare --chat-template replaces it)",
+        "optimizer._component_=bitsandbytes.optim.PagedAdamW8bit: dpokit's adamw8bit does not page its state to CPU memory",
+        "profiler.enabled=True: dpokit has no built-in profiler; run it under torch.profiler or nsys",
         "metric_logger.entity=me: dpokit's W&B runs go to your default entity (or WANDB_ENTITY)",
-        "log_level=None: not a config key in dpokit: pass --log-level to the command (or set DPOKIT_LOG_LEVEL)",
         "custom_sharded_layers=[tok_embeddings]: dpokit shards every decoder layer with FSDP2 and has no per-layer list",
     ]
 
@@ -335,9 +224,7 @@ def test_a_local_preference_dataset_becomes_a_prepare_command_for_its_file():
         "--column-map chosen=better,rejected=worse --system-prompt 'Be brief.' --max-length 1024"
     )
     assert conversion.unmapped == [
-        UNMAPPED_IN_ALL_THREE[0],
         "dataset.train_on_input=True: dpokit's log-probs cover the replies only, as torchtune's default train_on_input=False",
-        UNMAPPED_IN_ALL_THREE[1],
     ]
 
 
@@ -365,8 +252,10 @@ def write(path: Path, text: str) -> Path:
             LORA_DPO_SINGLE_DEVICE.replace(
                 "torchtune.models.llama3_1.lora_llama3_1_8b",
                 "torchtune.models.llama3_2_vision.lora_llama3_2_vision_11b",
-            ),
-            r"bad\.yaml: model\._component_=torchtune\.models\.llama3_2_vision\.lora_llama3_2_vision_11b is not a torchtune model builder",
+            ).replace("model_type: LLAMA3", "model_type: LLAMA3_VISION"),
+            r"bad\.yaml: model\._component_=torchtune\.models\.llama3_2_vision\.lora_llama3_2_vision_11b is not a torchtune "
+            r"model builder dpokit knows.*this one's is torchtune\.training\.FullModelHFCheckpointer with model_type "
+            r"LLAMA3_VISION",
         ),
         (
             LORA_DPO_SINGLE_DEVICE.replace("${output_dir}/logs", "${oc.env:HOME}/logs"),
@@ -401,7 +290,7 @@ def test_the_command_writes_a_config_prints_what_to_run_and_replaces_only_its_ow
     printed = capsys.readouterr().out
     assert printed.startswith(f"wrote {out}\n")
     assert f"  dpokit train --config {out}\n" in printed
-    assert "not mapped (no dpokit equivalent):\n  - seed=None" in printed
+    assert "\nevery torchtune key was mapped\n" in printed and "  - seed=null: torchtune draws" in printed
     assert out.read_text().startswith("# Imported by dpokit ")
     assert load_config(str(out)).model.method == "full"  # the file as `dpokit train --config` reads it
 
@@ -468,3 +357,118 @@ def test_checkpoint_cadence_keys_map_to_their_dpokit_settings():
     config, unmapped, _, _ = convert(tree)
     assert config["training"]["save_every"] == 50 and config["training"]["async_save"] is True
     assert not any(line.startswith(("save_every_n_steps", "enable_async_checkpointing")) for line in unmapped)
+
+
+# ---------------------------------------------------------------------------------------------
+# issue 28: loss_type, unknown builders, where checkpoints go, prompt formats, unset keys
+
+
+@pytest.mark.parametrize(
+    "loss_type, expected",
+    [
+        ("sigmoid", {"name": "dpo", "beta": 0.2, "label_smoothing": 0.0}),  # plain DPO
+        ("hinge", {"name": "rso", "gamma": 0.2}),  # relu(1 - beta h): RSO's hinge with gamma = beta
+        ("ipo", {"name": "ipo", "tau": 0.2}),  # (h - 1/(2 beta))^2
+    ],
+)
+def test_old_dpo_loss_types_map_to_their_dpokit_losses(loss_type, expected):
+    loss = {"_component_": "torchtune.modules.rlhf.loss.DPOLoss", "beta": 0.2, "loss_type": loss_type}
+    conversion = convert(torchtune_tree(LORA_DPO_SINGLE_DEVICE, loss=loss))
+    assert conversion.config["loss"] == expected
+    assert not any(line.startswith("loss.") for line in conversion.unmapped)
+
+
+def test_an_old_dpo_loss_type_dpokit_lacks_is_an_error_naming_it():
+    loss = {"_component_": "torchtune.modules.rlhf.loss.DPOLoss", "loss_type": "kto_pair"}
+    with pytest.raises(DpokitError, match=r"8B\.yaml: loss\.loss_type=kto_pair has no dpokit loss; .*sigmoid -> dpo"):
+        convert(torchtune_tree(LORA_DPO_SINGLE_DEVICE, loss=loss), "8B.yaml")
+
+
+@pytest.mark.parametrize(
+    "builder, arguments, method, targets",
+    [
+        ("my_models.lora_llama3_1_8b_long", True, "lora", ["q_proj", "v_proj", "o_proj", "gate_proj"]),
+        ("my_models.custom_llama", True, "lora", ["q_proj", "v_proj", "o_proj", "gate_proj"]),
+        ("my_models.custom_llama", False, "full", None),
+    ],
+)
+def test_a_builder_dpokit_does_not_know_is_accepted_with_a_hugging_face_checkpointer_model_type(
+    builder, arguments, method, targets
+):
+    model = {"_component_": builder}
+    if arguments:
+        model.update({"lora_attn_modules": ["q_proj", "v_proj", "output_proj"], "apply_lora_to_mlp": True})
+    tree = yaml.safe_load(LORA_DPO_SINGLE_DEVICE)
+    tree["model"] = model
+    conversion = convert(tree)
+    assert conversion.config["model"]["method"] == method
+    assert (conversion.config.get("lora") or {}).get("target_modules", [None])[:4] == (targets or [None])
+    assert any(note.startswith(f"model._component_={builder}: not a builder") for note in conversion.notes)
+    tree["checkpointer"]["_component_"] = "torchtune.training.FullModelMetaCheckpointer"
+    with pytest.raises(DpokitError, match=r"with model_type LLAMA3"):
+        convert(tree)
+
+
+def test_output_dir_is_where_torchtunes_checkpointer_writes():
+    tree = yaml.safe_load(FULL_DPO_DISTRIBUTED)
+    tree["checkpointer"]["output_dir"] = "/ckpt/full_dpo"
+    config, unmapped, _, notes = convert(tree)
+    assert config["output"]["dir"] == "/ckpt/full_dpo"
+    assert any(note.startswith("output.dir=/ckpt/full_dpo: torchtune writes checkpoints") for note in notes)
+    # metrics under the old output_dir are not in the run directory: reported
+    assert unmapped == [
+        "metric_logger.log_dir=/tmp/torchtune/llama3_1_8B/full_dpo/logs: dpokit writes metrics into "
+        "output.dir (metrics.jsonl)"
+    ]
+    same = convert(yaml.safe_load(FULL_DPO_DISTRIBUTED))  # ${output_dir}: one directory, no note
+    assert same.config["output"]["dir"] == "/tmp/torchtune/llama3_1_8B/full_dpo"
+    assert not any(note.startswith("output.dir=") for note in same.notes)
+
+
+def test_prompt_format_notes_say_what_dpokit_templates_differently_and_how_to_match():
+    llama2 = convert(yaml.safe_load((TORCHTUNE / "llama2_7B_lora_dpo_single_device.yaml").read_text()))
+    assert any("llama2_tokenizer wraps each prompt in Llama2ChatTemplate" in note for note in llama2.notes)
+    assert llama2.unmapped == []
+    none = torchtune_tree(
+        (TORCHTUNE / "llama2_7B_lora_dpo_single_device.yaml").read_text(), tokenizer={"prompt_template": None}
+    )
+    assert not any(note.startswith("prompt format") for note in convert(none).notes)  # no template: nothing to say
+    llama3 = convert(yaml.safe_load(LORA_DPO_SINGLE_DEVICE))
+    assert any("'Cutting Knowledge Date'" in note and "--chat-template" in note for note in llama3.notes)
+
+
+def test_disabled_unset_and_default_keys_are_not_listed_as_unmapped():
+    tree = torchtune_tree(
+        LORA_DPO_SINGLE_DEVICE,
+        cudnn_deterministic_mode=None,
+        tensor_parallel_dim=1,
+        data_parallel_shard_dim=-1,
+        custom_sharded_layers=[],
+        log_level="info",
+        some_new_flag=False,
+        another_key="kept",
+    )
+    assert convert(tree).unmapped == ["another_key=kept: no dpokit equivalent"]
+
+
+def test_llama3_template_in_docs_writes_torchtunes_llama3_format():
+    import re
+
+    import jinja2
+
+    page = (Path(__file__).resolve().parents[1] / "docs" / "torchtune.md").read_text()
+    template = re.search(r"```jinja\n(.*?)```", page, re.S)[1]
+    messages = [{"role": "user", "content": " What is 2+2? "}, {"role": "assistant", "content": "4."}]
+    text = jinja2.Template(template).render(
+        messages=messages, bos_token="<|begin_of_text|>", add_generation_prompt=False
+    )
+    # torchtune's Llama3Tokenizer: bos, then per message <|start_header_id|>ROLE<|end_header_id|>\n\n, the stripped
+    # text and <|eot_id|> (torchtune/models/llama3/_tokenizer.py); no system block
+    assert text == (
+        "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nWhat is 2+2?<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\n4.<|eot_id|>"
+    )
+    prompt = jinja2.Template(template).render(
+        messages=messages[:1], bos_token="<|begin_of_text|>", add_generation_prompt=True
+    )
+    assert prompt == text[: text.index("4.")]
