@@ -21,6 +21,7 @@ import json
 import os
 import random
 import re
+import warnings
 import zlib
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -41,7 +42,7 @@ from dpokit.artifacts import abort_within, begin_within, commit_within, remove_w
 from dpokit.distributed import any_rank, gather_to_main, main_result
 from dpokit.errors import DpokitError
 from dpokit.optim import OptimizerInBackward
-from dpokit.shard_reader import load_shards, shard_damage
+from dpokit.shard_reader import SINGLE_PROCESS_WARNING, load_shards, shard_damage
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "training_state.pt"
@@ -249,11 +250,13 @@ def save_checkpoint(
 
     shards = sharded_state(model, optimizer, trainable_only=adapters)
     try:
-        if asynchronous:
-            return PendingCheckpoint(
-                final, dcp.async_save(shards, checkpoint_id=str(tmp / SHARDS), process_group=write_group), finish
-            )
-        dcp.save(shards, checkpoint_id=str(tmp / SHARDS))
+        with warnings.catch_warnings():  # without a process group, one process is what dpokit means
+            warnings.filterwarnings("ignore", SINGLE_PROCESS_WARNING, UserWarning)
+            if asynchronous:
+                return PendingCheckpoint(
+                    final, dcp.async_save(shards, checkpoint_id=str(tmp / SHARDS), process_group=write_group), finish
+                )
+            dcp.save(shards, checkpoint_id=str(tmp / SHARDS))
     except (OSError, RuntimeError, CheckpointException) as exc:
         finish(failed=exc)
     return PendingCheckpoint(final, None, finish)

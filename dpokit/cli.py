@@ -68,7 +68,8 @@ def _root(
 @app.command()
 def prepare(
     data: str = typer.Argument(
-        ..., help="A .json/.jsonl/.csv/.parquet file or folder, or a dataset name for datasets.load_dataset."
+        ...,
+        help="A .json/.jsonl/.csv/.parquet file (.jsonl/.json/.csv also .gz/.bz2/.xz) or folder, or a dataset name for datasets.load_dataset.",
     ),
     model: str = typer.Option(
         ..., "--model", "-m", help="Model directory or hub name whose tokenizer (and chat template) to use."
@@ -83,14 +84,26 @@ def prepare(
     column_map: Optional[str] = typer.Option(
         None,
         "--column-map",
-        help="Rename columns, e.g. chosen=better,rejected=worse; ranked data: prompt, completions, scores, and score (the key in completion objects); unpaired data: prompt, completion, label.",
+        help="Rename columns, e.g. prompt=question or chosen=better,rejected=worse; pairs also system (a per-row system prompt) and score_chosen, score_rejected; ranked data: prompt, completions, scores, and score (the key in completion objects); unpaired data: prompt, completion, label; all: system.",
     ),
-    system_prompt: Optional[str] = typer.Option(None, "--system-prompt", help="Add (or replace) a system turn."),
+    system_prompt: Optional[str] = typer.Option(
+        None,
+        "--system-prompt",
+        help="Add (or replace) a system turn in every row; rows with their own system text (a system column) keep theirs.",
+    ),
     chat_template: Optional[str] = typer.Option(
         None, "--chat-template", help="A Jinja chat template (text or file) overriding the tokenizer's."
     ),
-    split: str = typer.Option("train", "--split", help="Split to load from a dataset name."),
-    eval_split: str = typer.Option("test", "--eval-split", help="Split to load when --eval-data is a dataset name."),
+    split: Optional[str] = typer.Option(
+        None,
+        "--split",
+        help="The train split of a dataset name or of a folder whose files are named by split (train_prefs-00000-of-00001.parquet, train.jsonl.gz), optionally sliced: train_prefs[:1000], train[:10%]. Default: train.",
+    ),
+    eval_split: Optional[str] = typer.Option(
+        None,
+        "--eval-split",
+        help="The eval split, of --eval-data (default test) or, without it, of DATA: --split train_prefs --eval-split test_prefs.",
+    ),
     subset: Optional[str] = typer.Option(
         None, "--subset", help="Dataset configuration name for datasets.load_dataset."
     ),
@@ -116,7 +129,9 @@ def prepare(
     separator: str = typer.Option(
         "\n\n",
         "--separator",
-        help="Without a chat template: text between prompt and completion (added unless whitespace already divides them).",
+        help="Without a chat template: text between prompt and completion (added unless whitespace already divides "
+        "them). Default: '\\n\\n' (a blank line).",
+        show_default=False,  # the default itself would print as two blank lines
     ),
     eval_fraction: float = typer.Option(
         0.0, "--eval-fraction", help="Hold out this fraction of rows as the eval split."
@@ -125,6 +140,9 @@ def prepare(
     seed: int = typer.Option(42, "--seed", help="Seed for the eval split."),
     num_proc: int = typer.Option(1, "--num-proc", help="Tokenization processes."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output directory."),
+    show: int = typer.Option(
+        0, "--show", help="Then show this many decoded train rows and the counts, as `dpokit inspect` does."
+    ),
 ) -> None:
     """Tokenize preference pairs, ranked completions or unpaired (KTO) rows into a prepared/ directory (formats: docs/data-formats.md)."""
     from dpokit.data.pipeline import PrepareOptions, run_prepare
@@ -155,6 +173,26 @@ def prepare(
             overwrite=overwrite,
         )
     )
+    if show:
+        from dpokit.data.inspection import inspect_prepared
+
+        inspect_prepared(out, rows=show)
+
+
+@app.command("inspect")
+def inspect_data(
+    prepared: Path = typer.Argument(..., help="Prepared data directory (from `dpokit prepare`)."),
+    rows: int = typer.Option(3, "--rows", "-n", help="How many rows to show."),
+    split: str = typer.Option("train", "--split", help="The split to show rows of (train or eval)."),
+    start: int = typer.Option(0, "--start", help="The first row to show."),
+    tokenizer: Optional[str] = typer.Option(
+        None, "--tokenizer", help="The tokenizer to decode with (default: the one the manifest records)."
+    ),
+) -> None:
+    """Show prepared rows decoded (special tokens highlighted, token counts per part) and the manifest's counts."""
+    from dpokit.data.inspection import inspect_prepared
+
+    inspect_prepared(prepared, split, rows, start, tokenizer)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -414,6 +452,7 @@ def cache_audit(
 
 
 TRAIN_FLAGS = train_flags()  # declared on the config schema
+FLAG_METAVAR = ""  # an on/off flag takes no value: its help shows none (not "<bool>")
 
 
 def train_argv(params: dict[str, Any]) -> list[str]:
@@ -466,7 +505,11 @@ def _train_parameters() -> list[inspect.Parameter]:
             flag.name,
             bool if flag.type is bool else Optional[flag.type],
             typer.Option(
-                False if flag.type is bool else None, flag.option, *([flag.short] if flag.short else []), help=flag.help
+                False if flag.type is bool else None,
+                flag.option,
+                *([flag.short] if flag.short else []),
+                help=escape(flag.help),  # "[dpo,sft]" is text, not Rich markup
+                metavar=FLAG_METAVAR if flag.type is bool else None,
             ),
         )
         for flag in TRAIN_FLAGS
@@ -761,7 +804,9 @@ def quickstart(
     max_steps: Optional[int] = typer.Option(
         None, "--max-steps", help="Optimizer steps (default: the demo_lora config's)."
     ),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Run again in a folder that has a quickstart run."),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Run again in a folder that has a quickstart run.", metavar=FLAG_METAVAR
+    ),
     threads: int = typer.Option(
         1,
         "--threads",

@@ -352,8 +352,9 @@ Tracker = Literal["tensorboard", "wandb", "mlflow", "trackio"]
 @dataclass
 class LoggingConfig:
     report_to: list[Tracker] = setting(
-        factory=lambda: ["tensorboard"],
-        doc="Where metrics go besides metrics.jsonl: any of tensorboard, wandb, mlflow, trackio (optional extras).",
+        factory=list,  # none by default: each tracker is an optional extra; metrics.jsonl is always written
+        doc="Where metrics go besides metrics.jsonl (always written): any of tensorboard, wandb, mlflow, trackio "
+        "(optional extras); none by default.",
         meaning=False,
     )
     project: str = setting("dpokit", "W&B and trackio project, MLflow experiment.", meaning=False)

@@ -323,7 +323,9 @@ def trainable_policy(
         except ValueError as exc:
             raise DpokitError(f"lora.target_modules={lora_cfg.target_modules}: {exc}") from exc
     if model_cfg.activation_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # transformers 5.x renamed it (the old name warns, and goes in v6); 4.x has only the old one
+        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        enable({"use_reentrant": False})
         if method != "full":
             model.enable_input_require_grads()
     model.train()

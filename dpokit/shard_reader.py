@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import pickle
+import warnings
 from pathlib import Path
 from typing import Any, Optional
 
@@ -20,6 +21,9 @@ from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
 from torch.distributed.checkpoint.api import CheckpointException
 
 from dpokit.errors import DpokitError
+
+# What DCP warns on every save and load without a process group: one process is what dpokit means then.
+SINGLE_PROCESS_WARNING = "torch.distributed is disabled, unavailable or uninitialized"
 
 _DCP_MODULES = ("torch.distributed.checkpoint.",)  # DCP's metadata classes live here
 _ALLOWED = {
@@ -98,7 +102,9 @@ def load_shards(state_dict: dict[str, Any], shards: Path) -> None:
     for path in sorted(Path(shards).glob("*.metadata")):  # ".metadata" and any per-rank "__N.metadata"
         read_metadata(path)
     try:
-        dcp.load(state_dict, storage_reader=_SafeReader(str(shards)), planner=_SafePlanner())
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", SINGLE_PROCESS_WARNING, UserWarning)
+            dcp.load(state_dict, storage_reader=_SafeReader(str(shards)), planner=_SafePlanner())
     except CheckpointException as exc:
         for failure in exc.failures.values():  # rank -> (exception, traceback)
             inner = failure[0] if isinstance(failure, tuple) else failure

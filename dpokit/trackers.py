@@ -39,8 +39,8 @@ def missing_trackers(names: list[str]) -> list[str]:
 
 
 def check_trackers(names: list[str], default: list[str]) -> None:
-    """Refuse, before any work, a tracker the config asks for by name whose package is missing (a missing
-    default, TensorBoard, is only noted at the end of the run)."""
+    """Refuse, before any work, a tracker the config asks for by name whose package is missing (one in
+    `default`, the trackers a config gets without naming any, is not refused)."""
     missing = [name for name in missing_trackers(names) if name not in default]
     if missing:
         installs = "; ".join(extra_of(name) for name in missing)

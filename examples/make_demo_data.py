@@ -7,6 +7,10 @@ That gives DPO a signal a tiny model learns in a minute, and makes the change vi
 generations: a model tuned on both kinds of replies answers "no. ..." first (one shared opening
 beats five different ones), and says something helpful after DPO.
 
+The eval pairs ask held-out questions: a seeded fifth of each kind of question (never one the
+quickstart or the model script show) is asked only in eval.jsonl, so an eval prompt is never also
+a train prompt and eval measures what DPO taught beyond the pairs it saw.
+
 The ranked demo (``ranked.jsonl``) asks the same questions with 2 to 5 scored completions each: a
 polite correct answer (3; two of them, with different openings, tie), the bare answer (2), an
 unsure reply (1) and the rude refusal (0), in random order, for `dpokit prepare`'s ranked shape.
@@ -36,6 +40,9 @@ RANKED_SEED = 1  # its own generator: the pairs stay what they were
 UNPAIRED_ROWS = 80
 DESIRABLE_SHARE = 0.6  # unbalanced, as thumbs-up/down data usually is
 UNPAIRED_SEED = 2  # its own generator too: the other files stay what they were
+HELD_OUT_SEED = 3
+HELD_OUT_SHARE = 0.2  # of each kind of question, asked only in eval.jsonl
+SHOWN_PROMPTS = ("what is 3 plus 4?", "what colour is the sky?", "tell me about the cat.", "hello!")  # trained on
 
 NUMBER_WORDS = "zero one two three four five six seven eight nine ten eleven twelve".split()
 COLOURS = {
@@ -115,11 +122,37 @@ def question(rng: random.Random) -> tuple[str, str]:
     return f"what comes after {NUMBER_WORDS[n]}?", f"after {NUMBER_WORDS[n]} comes {NUMBER_WORDS[n + 1]}."
 
 
-def preference_pairs(count: int, rng: random.Random) -> list[dict[str, str]]:
-    """`count` plain-format pairs: {"prompt", "chosen", "rejected"}."""
+def questions_by_kind() -> dict[str, list[str]]:
+    """Every prompt `question` can ask, by kind."""
+    return {
+        "sum": [f"what is {a} plus {b}?" for a in range(10) for b in range(10)],
+        "colour": [f"what colour is the {thing}?" for thing in sorted(COLOURS)],
+        "animal": [f"tell me about the {animal}." for animal in sorted(ANIMALS)],
+        "capital": [f"what is the capital of {country}?" for country in sorted(CAPITALS)],
+        "greeting": list(GREETINGS),
+        "count": [f"what comes after {NUMBER_WORDS[n]}?" for n in range(len(NUMBER_WORDS) - 1)],
+    }
+
+
+def held_out_prompts() -> frozenset[str]:
+    """The prompts only eval asks: a seeded `HELD_OUT_SHARE` of each kind, none of `SHOWN_PROMPTS`."""
+    rng = random.Random(HELD_OUT_SEED)
+    held_out = set()
+    for prompts in questions_by_kind().values():
+        candidates = [prompt for prompt in prompts if prompt not in SHOWN_PROMPTS]
+        held_out.update(rng.sample(candidates, max(1, round(len(prompts) * HELD_OUT_SHARE))))
+    return frozenset(held_out)
+
+
+def preference_pairs(count: int, rng: random.Random, held_out: bool) -> list[dict[str, str]]:
+    """`count` plain-format pairs: {"prompt", "chosen", "rejected"}, on held-out prompts only (eval) or
+    on the others only (train)."""
+    asked_only_in_eval = held_out_prompts()
     rows = []
     for _ in range(count):
         prompt, answer = question(rng)
+        while (prompt in asked_only_in_eval) != held_out:
+            prompt, answer = question(rng)
         chosen = answer if answer.startswith("hello!") else f"{rng.choice(OPENINGS)} {answer}"
         rows.append({"prompt": prompt, "chosen": chosen, "rejected": rng.choice(RUDE)})
     return rows
@@ -176,8 +209,8 @@ def main() -> None:
     )
     args = parser.parse_args()
     rng = random.Random(SEED)
-    write_jsonl(args.out / "train.jsonl", preference_pairs(TRAIN_PAIRS, rng))
-    write_jsonl(args.out / "eval.jsonl", preference_pairs(EVAL_PAIRS, rng))
+    write_jsonl(args.out / "train.jsonl", preference_pairs(TRAIN_PAIRS, rng, held_out=False))
+    write_jsonl(args.out / "eval.jsonl", preference_pairs(EVAL_PAIRS, rng, held_out=True))
     write_jsonl(args.out / "ranked.jsonl", ranked_rows(RANKED_ROWS, random.Random(RANKED_SEED)))
     write_jsonl(args.out / "unpaired.jsonl", unpaired_rows(UNPAIRED_ROWS, random.Random(UNPAIRED_SEED)))
     print(

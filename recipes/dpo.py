@@ -122,7 +122,6 @@ from dpokit.recipe_api import (  # the names an ejected recipe may rely on (see 
     destroy_distributed,
     dtype_name,
     export_run,
-    extra_of,
     gather_to_main,
     generate_reply,
     head_logps,
@@ -142,7 +141,6 @@ from dpokit.recipe_api import (  # the names an ejected recipe may rely on (see 
     load_reference_sharded,
     load_training_state,
     lock_path,
-    missing_trackers,
     note,
     open_trackers,
     output_logps,
@@ -151,6 +149,7 @@ from dpokit.recipe_api import (  # the names an ejected recipe may rely on (see 
     parse_recipe_args,
     print_causes,
     rank_rng_state,
+    read_metrics,
     reshard,
     resume_command,
     save_checkpoint,
@@ -738,6 +737,8 @@ class DPORecipe:
         progress = training_progress(self.console, enabled=self.dist.is_main)
         self.result = TrainResult(run_dir=self.run_dir, steps=self.step, checkpoint=latest_checkpoint(self.run_dir))
         self.first_replies = self.last_replies = None  # (step, replies) of the first and latest eval
+        if self.step and self.step >= self.total_steps:  # `--resume` of a finished run: nothing to do
+            return self.finished_result()
         with progress:
             task = progress.add_task("train", total=self.total_steps, completed=self.step, rate="", status="")
             if self.cfg.training.eval_at_start and self.step == 0 and self.eval_split is not None:
@@ -773,11 +774,19 @@ class DPORecipe:
             self.console.print(summary_table(f"dpokit train: {self.step} steps", _summary_rows(self.result)))
             if self.last_replies and self.last_replies[1]:
                 self.console.print(samples_table(self.first_replies, self.last_replies))
-            if "tensorboard" in missing_trackers(self.cfg.logging.report_to):  # said once, at the end of the run
-                self.announce(
-                    f"no TensorBoard logs: the tensorboard package is an optional extra ({extra_of('tensorboard')}); "
-                    "metrics.jsonl has every value"
-                )
+        return self.result
+
+    def finished_result(self) -> TrainResult:
+        """The result of a run resumed after its last step, from its ``metrics.jsonl``: no step, eval or save."""
+        for split, into in (("train", self.result.train), ("eval", self.result.eval)):
+            records = [r for r in read_metrics(self.run_dir, split) if r["step"] <= self.step]
+            into.update({k: v for k, v in (records[-1] if records else {}).items() if k not in ("step", "split")})
+        if self.dist.is_main:
+            self.console.print(
+                f"{self.run_dir} is already complete: {self.step} of {self.total_steps} steps "
+                "(to train further: a larger training.max_steps with --allow-config-change); its final metrics:"
+            )
+            self.console.print(summary_table(f"dpokit train: {self.step} steps", _summary_rows(self.result)))
         return self.result
 
     def after_step(self, is_last: bool, stop: bool = False, time_due: bool = False) -> None:

@@ -529,17 +529,21 @@ def test_missing_matplotlib_is_one_line_and_the_quickstart_still_finishes(tmp_pa
     assert "note: no curves: drawing curves needs matplotlib" in capsys.readouterr().err  # a note, on stderr
 
 
-def test_a_run_without_tensorboard_says_so_once_at_the_end(tiny_model_dir, prepared_dir, tmp_path, monkeypatch, capsys):
+def test_a_run_names_no_tracker_by_default_and_refuses_a_missing_tensorboard_it_names(
+    tiny_model_dir, prepared_dir, tmp_path, monkeypatch, capsys
+):
     import sys
 
-    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as without the extra
     assert main(train_cli_args(tiny_model_dir, prepared_dir, tmp_path / "run", "--max-steps", "1")) == 0
-    err = capsys.readouterr().err
+    out, err = capsys.readouterr()
+    assert "tensorboard" not in (out + err).lower() and not (tmp_path / "run" / "tensorboard").exists()
+    assert (tmp_path / "run" / "metrics.jsonl").is_file()  # where every value goes
+    args = train_cli_args(tiny_model_dir, prepared_dir, tmp_path / "named", "--max-steps", "1")
+    assert main([*args, "logging.report_to=tensorboard"]) == 1
     assert (
-        err.count(
-            "no TensorBoard logs: the tensorboard package is an optional extra (pip install 'dpokit[tensorboard]')"
-        )
-        == 1
+        "logging.report_to names tensorboard, not installed: pip install 'dpokit[tensorboard]'"
+        in capsys.readouterr().err
     )
 
 
@@ -608,3 +612,18 @@ def test_auto_dtype_is_bfloat16_only_on_a_gpu_that_computes_in_it(monkeypatch):
     assert resolve_dtype("auto", cuda) == torch.float32
     with pytest.raises(DpokitError, match=r"model.dtype=bfloat16: Tesla V100-SXM2-16GB does not compute in bfloat16"):
         resolve_dtype("bfloat16", cuda)
+
+
+def test_resuming_a_finished_run_says_it_is_complete_with_its_final_metrics(train_cli, tmp_path, capsys):
+    from dpokit.metrics import read_metrics
+
+    run = tmp_path / "run"
+    assert main(train_cli(run, "--max-steps", "2")) == 0
+    capsys.readouterr()
+    lines_before = (run / "metrics.jsonl").read_text()
+    assert main(train_cli(run, "--max-steps", "2", "--resume")) == 0
+    out = " ".join("".join(capsys.readouterr()).split())
+    assert f"{run} is already complete: 2 of 2 steps" in out
+    last = read_metrics(run, "train")[-1]
+    assert f"│ loss │ {last['loss']:.4g} │" in out  # the final metrics' table, not an empty one
+    assert (run / "metrics.jsonl").read_text() == lines_before  # nothing trained, evaluated or logged again
