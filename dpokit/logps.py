@@ -28,7 +28,14 @@ from dpokit import attention
 from dpokit.data.collate import dense_mask
 from dpokit.errors import DpokitError
 from dpokit.family import attn_implementation_of, decoder_masks, logits_transform
-from dpokit.types import ChosenRejectedOutputs, PairBatch, RankedOutputs, ranked_token_values, split_token_values
+from dpokit.types import (
+    ChosenRejectedOutputs,
+    PairBatch,
+    RankedOutputs,
+    pair_scores,
+    ranked_token_values,
+    split_token_values,
+)
 
 DEFAULT_CHUNK_SIZE = None  # positions per chunk from the byte budget (`chunk_positions`)
 CHUNK_BYTES = {"cpu": 32 << 20, "cuda": 256 << 20}  # float32 logits per chunk (bench/logps_chunk_results.md)
@@ -338,10 +345,11 @@ def concatenated_forward(
 def batch_outputs(
     done: Completions, batch: PairBatch, token_stats: tuple[str, ...] = (), router_aux_loss: Optional[Tensor] = None
 ) -> ChosenRejectedOutputs | RankedOutputs:
-    """`Completions` as what a loss takes: `ChosenRejectedOutputs` for pairs, `RankedOutputs` for ranked groups."""
+    """`Completions` as what a loss takes: `ChosenRejectedOutputs` for pairs (with the batch's scores when the pairs
+    have them), `RankedOutputs` for ranked groups."""
     if batch.is_grouped:
         return ranked_outputs(done, batch, token_stats, router_aux_loss)
-    return chosen_rejected_outputs(done, batch.num_pairs, token_stats, router_aux_loss, batch.slot_counts)
+    return chosen_rejected_outputs(done, batch.num_pairs, token_stats, router_aux_loss, batch.slot_counts, batch.scores)
 
 
 def ranked_outputs(
@@ -375,9 +383,11 @@ def chosen_rejected_outputs(
     token_stats: tuple[str, ...] = (),
     router_aux_loss: Optional[Tensor] = None,
     slot_counts: Optional[Sequence[int]] = None,
+    scores: Optional[Sequence[float]] = None,
 ) -> ChosenRejectedOutputs:
     """`Completions` (chosen ones first, then rejected) split per pair: ``[B]`` sums, ``[B, T]`` per token.
-    `slot_counts` (``PairBatch.slot_counts``) sizes the per-token tensors without reading the device."""
+    `slot_counts` (``PairBatch.slot_counts``) sizes the per-token tensors without reading the device; `scores`
+    (``PairBatch.scores`` of pairs prepared with scores) become ``chosen_scores``/``rejected_scores``."""
     b = num_pairs
     chosen_tokens, chosen_mask, rejected_tokens, rejected_mask = split_token_values(
         done.token_logps, done.token_slots, b, slot_counts
@@ -386,6 +396,7 @@ def chosen_rejected_outputs(
     for k, name in enumerate(token_stats):
         chosen_stat, _, rejected_stat, _ = split_token_values(done.token_stats[:, k], done.token_slots, b, slot_counts)
         stats[name] = (chosen_stat, rejected_stat)
+    chosen_scores, rejected_scores = pair_scores(scores, b, done.logps.device)
     return ChosenRejectedOutputs(
         chosen_logps=done.logps[:b],
         rejected_logps=done.logps[b:],
@@ -399,6 +410,8 @@ def chosen_rejected_outputs(
         chosen_token_mask=chosen_mask,
         rejected_token_mask=rejected_mask,
         token_stats=stats,
+        chosen_scores=chosen_scores,
+        rejected_scores=rejected_scores,
     )
 
 

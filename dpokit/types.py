@@ -63,7 +63,9 @@ class PairBatch:
     segments: Optional[tuple[Segment, ...]] = None  # packed / prefix-shared layouts: who attends to whom (O(L))
     slot_counts: Optional[tuple[int, ...]] = None  # [outputs] completion tokens per output, on the host: no device read
     group_sizes: Optional[tuple[int, ...]] = None  # ranked groups: completions per group (None: pairs)
-    scores: Optional[tuple[float, ...]] = None  # [C] ranked groups: each completion's score (higher is better), host
+    # Host floats, in slot order: [C] a ranked group's completions' scores (higher is better); [2B] a scored pair
+    # batch's ``chosen_0..chosen_{B-1}, rejected_0..rejected_{B-1}`` (nan where a row has none); None: pairs without.
+    scores: Optional[tuple[float, ...]] = None
 
     @property
     def num_pairs(self) -> int:
@@ -115,6 +117,10 @@ class ChosenRejectedOutputs:
     ``[B, T, V]`` logits (dpokit never materialises them) but one detached number per sequence, the mean
     logit over completion positions and vocabulary, kept as a diagnostic for the metrics. Use the
     per-token log-probs and ``token_stats`` instead.
+
+    ``chosen_scores``/``rejected_scores`` (``[B]`` float32, on the log-probs' device) are the pairs' scores from
+    the data (``score_chosen``/``score_rejected``, higher is better, nan where a row has none) when the pairs
+    were prepared with scores, policy and reference alike; None otherwise. No built-in loss reads them.
     """
 
     chosen_logps: Tensor
@@ -129,6 +135,8 @@ class ChosenRejectedOutputs:
     chosen_token_mask: Optional[Tensor] = None  # [B, Tc] bool
     rejected_token_mask: Optional[Tensor] = None  # [B, Tr] bool
     token_stats: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)
+    chosen_scores: Optional[Tensor] = None  # [B] float32, pairs prepared with scores only
+    rejected_scores: Optional[Tensor] = None  # [B] float32
 
     def average_logps(self) -> tuple[Tensor, Tensor]:
         """Length-normalised log-probs (sum over completion tokens / their count)."""
@@ -268,6 +276,17 @@ def unpaired_outputs(outputs: RankedOutputs) -> UnpairedOutputs:
         token_logps=own(outputs.token_logps),
         token_mask=own(outputs.token_mask),
     )
+
+
+def pair_scores(
+    scores: Optional[Sequence[float]], num_pairs: int, device: torch.device | str
+) -> tuple[Optional[Tensor], Optional[Tensor]]:
+    """A scored pair batch's `PairBatch.scores` (chosen ones first, then rejected) as ``(chosen [B], rejected [B])``
+    float32 tensors on `device`, copied from the host (no device read); ``(None, None)`` without scores."""
+    if scores is None:
+        return None, None
+    both = torch.tensor(scores, dtype=torch.float32).view(2, num_pairs).to(device, non_blocking=True)
+    return both[0], both[1]
 
 
 def ranked_token_values(

@@ -35,6 +35,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from dpokit.data.prepared import SCORE_COLUMNS
 from dpokit.types import PairBatch, Segment
 
 PROMPT = 0  # the shared part of a segment; its branches are 1, 2, ... (`dpokit.attention.segment_columns`)
@@ -58,14 +59,19 @@ def example_completions(rows: Sequence[dict]) -> tuple[list[list[int]], list[lis
     return prompts, completions, slots
 
 
-def _ranked_fields(rows: Sequence[dict]) -> dict:
-    """`PairBatch.group_sizes` and ``scores`` of ranked rows (nothing for pairs)."""
-    if not rows or "completion_ids" not in rows[0]:
+def _score_fields(rows: Sequence[dict]) -> dict:
+    """`PairBatch.group_sizes` and ``scores`` of ranked rows; ``scores`` of pairs with scores (``chosen_score``,
+    ``rejected_score``), in slot order: every chosen one, then every rejected one; nothing for pairs without."""
+    if not rows:
         return {}
-    return dict(
-        group_sizes=tuple(len(row["completion_ids"]) for row in rows),
-        scores=tuple(float(score) for row in rows for score in row["scores"]),
-    )
+    if "completion_ids" in rows[0]:
+        return dict(
+            group_sizes=tuple(len(row["completion_ids"]) for row in rows),
+            scores=tuple(float(score) for row in rows for score in row["scores"]),
+        )
+    if "chosen_score" in rows[0]:
+        return dict(scores=tuple(float(row[column]) for column in SCORE_COLUMNS for row in rows))
+    return {}
 
 
 def pad_pairs(rows: Sequence[dict], indices: Sequence[int], pad_id: int) -> PairBatch:
@@ -103,7 +109,7 @@ def pad_pairs(rows: Sequence[dict], indices: Sequence[int], pad_id: int) -> Pair
         completion_mask=completion_mask,
         token_mask=attention_mask,
         slot_counts=tuple(completion_mask[:, 1:].sum(1).tolist()),  # slot = row
-        **_ranked_fields(rows),
+        **_score_fields(rows),
     )
 
 
@@ -168,8 +174,9 @@ def collate_pairs(
     prefix_sharing: bool = False,
     pack_length: Optional[int] = None,
 ) -> PairBatch:
-    """Collate pairs (``prompt_ids``, ``chosen_ids``, ``rejected_ids``) or ranked groups (``prompt_ids``,
-    ``completion_ids``, ``scores``) into the layout the flags ask for (plain `pad_pairs` when both are off).
+    """Collate pairs (``prompt_ids``, ``chosen_ids``, ``rejected_ids``, and ``chosen_score``, ``rejected_score`` when
+    the data has scores) or ranked groups (``prompt_ids``, ``completion_ids``, ``scores``) into the layout the flags
+    ask for (plain `pad_pairs` when both are off).
 
     Args:
         pack_length: row capacity when packing; default the longest segment, so no row is longer
@@ -221,7 +228,7 @@ def collate_pairs(
         token_mask=token_mask,
         segments=tuple(spans),
         slot_counts=tuple(per_slot[s] for s in range(outputs)),
-        **_ranked_fields(rows),
+        **_score_fields(rows),
     )
 
 

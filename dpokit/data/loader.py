@@ -15,14 +15,17 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from dpokit.data.collate import collate_pairs
-from dpokit.data.prepared import COLUMNS, RANKED_COLUMNS
+from dpokit.data.prepared import SCORE_COLUMNS, shape_columns
 from dpokit.data.sampler import PairSampler
 from dpokit.types import PairBatch
 
 
 def example_rows(split, indices: list[int]) -> list[dict]:
-    """Rows `indices` of a prepared split as dicts: a pair's `COLUMNS`, or a ranked group's `RANKED_COLUMNS`."""
-    names = RANKED_COLUMNS if "completion_ids" in split.column_names else COLUMNS
+    """Rows `indices` of a prepared split as dicts: a pair's `COLUMNS` (and `SCORE_COLUMNS` when it has them), or a
+    ranked group's `RANKED_COLUMNS`."""
+    names = shape_columns(
+        "ranked" if "completion_ids" in split.column_names else "pairs", SCORE_COLUMNS[0] in split.column_names
+    )
     columns = split[indices]
     return [{k: columns[k][i] for k in names} for i in range(len(indices))]
 

@@ -7,6 +7,7 @@ From a finished cache and the prepared data it was built from, per split (docs/a
 - length bias: the completions' token counts and how their difference correlates with the margin;
 - pairs whose chosen and rejected token ids are identical (no signal), and duplicate prompts, exact (same
   token ids) and near (`NEAR_DUPLICATE_RULE`);
+- for pairs prepared with scores: the score margin, its correlation with the reference margin, and ties;
 - the pairs the reference disagrees with most, previewed with the tokenizer the manifest names.
 
 It prints tables, writes ``audit.json`` and two PNGs to one folder, and with ``--write-filtered`` writes the
@@ -30,7 +31,7 @@ from rich.table import Table
 
 from dpokit import __version__, log
 from dpokit.artifacts import check_replaceable, replace_atomically
-from dpokit.data.prepared import COLUMNS, PreparedData, load_prepared, write_prepared
+from dpokit.data.prepared import COLUMNS, SCORE_COLUMNS, PreparedData, load_prepared, write_prepared
 from dpokit.errors import DpokitError
 from dpokit.metrics import column_table
 from dpokit.reference.audit_stats import (
@@ -80,6 +81,7 @@ class SplitRows:
     identical: np.ndarray  # [N] bool: chosen and rejected token ids are the same
     prompt_ids: list[bytes]  # [N] each prompt's token ids: the exact-duplicate key
     near_keys: list  # [N] the near-duplicate key (`NEAR_DUPLICATE_RULE`), or the ids without a tokenizer
+    scores: Optional[tuple[np.ndarray, np.ndarray]] = None  # [N] chosen, [N] rejected (float64, nan: none); or None
 
     @property
     def margin(self) -> np.ndarray:
@@ -234,7 +236,15 @@ def split_rows(cache: RefCache, prepared: PreparedData, split: str, tokenizer) -
         identical=np.array([c == r for c, r in zip(chosen_ids, rejected_ids)], dtype=bool),
         prompt_ids=prompt_ids,
         near_keys=near_keys,
+        scores=split_scores(dataset),
     )
+
+
+def split_scores(dataset) -> Optional[tuple[np.ndarray, np.ndarray]]:
+    """A split's ``(chosen_score, rejected_score)`` columns as float64 arrays, or None when it has no scores."""
+    if SCORE_COLUMNS[0] not in dataset.column_names:
+        return None
+    return tuple(dataset.data.column(column).to_numpy().astype(np.float64) for column in SCORE_COLUMNS)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -264,6 +274,28 @@ def split_summary(rows: SplitRows, top: int, tokenizer, train_keys: Optional[set
         "identical": {"count": int(rows.identical.sum()), "rows": np.flatnonzero(rows.identical)[:EXAMPLES].tolist()},
         "duplicate_prompts": duplicates,
         "disagreements": disagreements(margin, normalised, rows.dataset, top, tokenizer),
+        **({"scores": scores_entry(rows.scores, margin)} if rows.scores is not None else {}),
+    }
+
+
+def scored_pairs(scores: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+    """[N] bool: pairs with both scores (a nan is a missing score)."""
+    chosen, rejected = scores
+    return ~np.isnan(chosen) & ~np.isnan(rejected)
+
+
+def scores_entry(scores: tuple[np.ndarray, np.ndarray], margin: np.ndarray) -> dict[str, Any]:
+    """What the data's own scores say, over the pairs with both scores: how many (``pairs``), the distribution of
+    ``chosen_score - rejected_score`` (``margin``; None without any), its Pearson correlation with the reference
+    margin, and pairs whose two scores are equal (``ties``: no preference in the data)."""
+    chosen, rejected = scores
+    scored = scored_pairs(scores)
+    score_margin = chosen[scored] - rejected[scored]
+    return {
+        "pairs": int(scored.sum()),
+        "margin": distribution(score_margin) if len(score_margin) else None,
+        "correlation_with_reference_margin": correlation(score_margin, margin[scored]),
+        "ties": int((score_margin == 0).sum()),
     }
 
 
@@ -387,6 +419,11 @@ def filtered_manifest(source: dict[str, Any], datasets: dict, record: dict[str, 
         }
         for split, dataset in datasets.items()
     }
+    if "scores" in manifest:  # pairs with both scores among the kept rows, as `dpokit prepare` counts them
+        present = {split: int(scored_pairs(split_scores(dataset)).sum()) for split, dataset in datasets.items()}
+        for split, count in present.items():
+            manifest["splits"][split]["scores"] = {"present": count}
+        manifest["scores"] = {"present": sum(present.values())}
     manifest["lengths"] = token_lengths(datasets.values())
     manifest["filter"] = record
     return manifest
@@ -511,7 +548,17 @@ def summary_table(record: dict[str, Any]) -> Table:
     row("near-duplicate prompts: rows (groups)", lambda s: duplicates(s["duplicate_prompts"]["near"]))
     if any("in_train" in s["duplicate_prompts"] for s in splits.values()):
         row("prompts also in train (near)", lambda s: str(s["duplicate_prompts"].get("in_train", "")))
+    if any("scores" in s for s in splits.values()):
+        row("score margin mean ± std / corr(·, margin) / ties", lambda s: score_cell(s.get("scores")))
     return table
+
+
+def score_cell(entry: Optional[dict]) -> str:
+    """The score margin's mean and spread, its correlation with the reference margin, and the ties, in one cell."""
+    if entry is None or entry["margin"] is None:
+        return "n/a"
+    r = entry["correlation_with_reference_margin"]
+    return f"{entry['margin']['mean']:.3g} ± {entry['margin']['std']:.3g} / {'n/a' if r is None else f'{r:.2f}'} / {entry['ties']}"
 
 
 def disagreements_table(split: str, entries: list[dict[str, Any]]) -> Table:

@@ -17,7 +17,7 @@ from dpokit.data.prepared import PreparedData
 from dpokit.errors import DpokitError
 from dpokit.fingerprint import reference_fingerprint
 from dpokit.reference.cache import open_cache
-from dpokit.types import ChosenRejectedOutputs, PairBatch, RankedOutputs
+from dpokit.types import ChosenRejectedOutputs, PairBatch, RankedOutputs, pair_scores
 
 
 class CachedReference:
@@ -51,7 +51,8 @@ class CachedReference:
         self.tables = {split: cache.logps(split) for split in splits}
 
     def outputs(self, batch: PairBatch, split: str) -> ChosenRejectedOutputs | RankedOutputs:
-        """The cached outputs of the batch's examples (a ranked batch's with the batch's scores), on its device."""
+        """The cached outputs of the batch's examples (with the batch's scores: a ranked batch's, or a scored pair
+        batch's), on its device."""
         cached = self.tables[split].select(batch.index)
         device = batch.input_ids.device
         for name, value in vars(cached).items():
@@ -60,6 +61,8 @@ class CachedReference:
         if isinstance(cached, RankedOutputs):
             cached.host_scores = torch.tensor(batch.scores, dtype=torch.float32)
             cached.scores = cached.host_scores.to(device, non_blocking=True)
+        else:
+            cached.chosen_scores, cached.rejected_scores = pair_scores(batch.scores, batch.num_pairs, device)
         return cached
 
 
