@@ -226,7 +226,9 @@ def sample(
         None, "--chat-template", help="A Jinja chat template (text or file) overriding the tokenizer's."
     ),
     system_prompt: Optional[str] = typer.Option(None, "--system-prompt", help="Add (or replace) a system turn."),
-    split: str = typer.Option("train", "--split", help="Split to load from a dataset name."),
+    split: Optional[str] = typer.Option(
+        None, "--split", help="The split of a dataset name or a split-named folder (default train), e.g. test[:100]."
+    ),
     subset: Optional[str] = typer.Option(
         None, "--subset", help="Dataset configuration name for datasets.load_dataset."
     ),
@@ -844,7 +846,9 @@ def iterate(
         "previous", "--reference", help="previous: each round's reference is its starting policy; fixed: --model."
     ),
     eval_fraction: float = typer.Option(0.0, "--eval-fraction", help="Prompts held out for each round's eval."),
-    split: str = typer.Option("train", "--split", help="The prompts' split (a folder or dataset name)."),
+    split: Optional[str] = typer.Option(
+        None, "--split", help="The prompts' split of a dataset name or split-named folder (default train)."
+    ),
     gpus: int = typer.Option(1, "--gpus", help="Processes for every stage."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Start again in a folder dpokit iterate wrote."),
 ) -> None:

@@ -84,7 +84,7 @@ class IterateOptions:
     seed: int = 0
     reference: str = "previous"  # previous: each round's reference is its starting policy; fixed: always --model
     eval_fraction: float = 0.0
-    split: str = "train"
+    split: Optional[str] = None  # the prompts' split (None: what `dpokit sample` reads by default)
     gpus: int = 1
     overrides: list[str] = field(default_factory=list)  # `dpokit train` overrides (key=value) for every round
     overwrite: bool = False

@@ -422,25 +422,7 @@ def collisions_in_order(source: str) -> list[str]:
 
 # Pages whose commands are still alternatives side by side (several `prepare ... --out prepared` of one format
 # each, a job script's if/else) rather than steps in order: to do, each its own output.
-NOT_YET_IN_ORDER = {
-    "data-formats.md",
-    "distributed.md",
-    "llama3_1_8b_full_4gpu.yaml",
-    "on-policy.md",
-    "recipes/dpo.py",
-    "reliability.md",
-}
-
-
-@pytest.mark.parametrize(
-    "source",
-    [
-        pytest.param(source, marks=pytest.mark.xfail(strict=True, reason="alternatives, not yet steps in order"))
-        if source in NOT_YET_IN_ORDER
-        else source
-        for source in sorted({source for source, _, _ in documented_commands()})
-    ],
-)
+@pytest.mark.parametrize("source", sorted({source for source, _, _ in documented_commands()}))
 def test_documented_commands_run_in_order_without_colliding(source, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)  # one folder per page, as a reader runs it
     assert collisions_in_order(source) == []

@@ -129,7 +129,7 @@ class SampleOptions:
     dtype: str = "auto"
     chat_template: Optional[str] = None
     system_prompt: Optional[str] = None
-    split: str = "train"
+    split: Optional[str] = None  # None: a dataset's or a split-named folder's train split, a plain file whole
     subset: Optional[str] = None
     column_map: Optional[str] = None
     max_prompt_length: Optional[int] = None  # prompts with more ids are skipped (counted)
@@ -183,7 +183,7 @@ class SampleReport:
 def read_prompts(
     source: str,
     tokenizer,
-    split: str = "train",
+    split: Optional[str] = None,
     subset: Optional[str] = None,
     column_map: Optional[str] = None,
     system_prompt: Optional[str] = None,
@@ -242,7 +242,7 @@ def tokenized_prompts(as_prepared: PairTokenizer, prompts: list[list[dict]]) -> 
 
 
 def source_prompts(
-    source: str, split: str, subset: Optional[str], column_map: dict[str, str]
+    source: str, split: Optional[str], subset: Optional[str], column_map: dict[str, str]
 ) -> Iterator[tuple[str, Optional[list[dict[str, str]]], Optional[SkippedRow]]]:
     """(location, messages, None) for each prompt of `source`, or (location, None, reason) for an unusable one."""
     path = Path(source)
