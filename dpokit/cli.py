@@ -28,6 +28,14 @@ app = typer.Typer(
 # that imports dpokit): `train` and `quickstart` then keep bitsandbytes out when the run does not use it.
 own_process = False
 
+FLAG_METAVAR = ""  # an on/off flag takes no value: its help shows none (not "<bool>")
+
+
+def flag_option(*args: Any, **kwargs: Any):
+    """`typer.Option` for an on/off flag: no value shown in the help."""
+    return typer.Option(*args, metavar=FLAG_METAVAR, **kwargs)
+
+
 cache_app = typer.Typer(help="Inspect, verify and audit reference caches (ref.h5).", no_args_is_help=True)
 config_app = typer.Typer(help="List and show training configs and their keys.", no_args_is_help=True)
 eject_app = typer.Typer(help="Copy the training recipe or a config out for customisation.", no_args_is_help=True)
@@ -48,10 +56,10 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _root(
-    version: bool = typer.Option(
+    version: bool = flag_option(
         False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
     ),
-    debug: bool = typer.Option(
+    debug: bool = flag_option(
         False, "--debug", help="The debug log level: decisions, and the causes under every error."
     ),
     log_level: Optional[str] = typer.Option(
@@ -139,7 +147,7 @@ def prepare(
     eval_data: Optional[str] = typer.Option(None, "--eval-data", help="A separate source for the eval split."),
     seed: int = typer.Option(42, "--seed", help="Seed for the eval split."),
     num_proc: int = typer.Option(1, "--num-proc", help="Tokenization processes."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output directory."),
+    overwrite: bool = flag_option(False, "--overwrite", help="Replace an existing output directory."),
     show: int = typer.Option(
         0, "--show", help="Then show this many decoded train rows and the counts, as `dpokit inspect` does."
     ),
@@ -238,13 +246,13 @@ def sample(
     max_prompt_length: Optional[int] = typer.Option(
         None, "--max-prompt-length", help="Skip (and count) prompts of more tokens than this."
     ),
-    ref_logps: bool = typer.Option(
+    ref_logps: bool = flag_option(
         False,
         "--ref-logps",
         help="Also store each completion's log-prob under the model (when it is the reference), so that "
         "`dpokit select` writes the reference cache without a `dpokit ref-logps` pass.",
     ),
-    overwrite: bool = typer.Option(
+    overwrite: bool = flag_option(
         False, "--overwrite", help="Start a dpokit sample folder over (e.g. with other settings)."
     ),
 ) -> None:
@@ -304,14 +312,14 @@ def ref_logps(
     adapter: Optional[str] = typer.Option(
         None, "--adapter", help="A PEFT adapter directory merged into the reference."
     ),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a cache made from other data, model or dtype."),
-    no_bucket: bool = typer.Option(False, "--no-bucket", help="Batch rows in index order instead of sorted by length."),
+    overwrite: bool = flag_option(False, "--overwrite", help="Replace a cache made from other data, model or dtype."),
+    no_bucket: bool = flag_option(False, "--no-bucket", help="Batch rows in index order instead of sorted by length."),
     attn_implementation: str = typer.Option(
         "auto",
         "--attn-implementation",
         help="auto (SDPA where the family supports it, else eager), sdpa, eager or flex_attention (forward only on CPU); recorded in the cache.",
     ),
-    per_token: bool = typer.Option(
+    per_token: bool = flag_option(
         False,
         "--per-token",
         help="Also store every completion token's log-prob (for token-level losses such as ld_dpo).",
@@ -321,7 +329,7 @@ def ref_logps(
         "--threads",
         help="CPU only: torch threads per process (default: the cores, shared among --gpus N processes).",
     ),
-    shard_model: bool = typer.Option(
+    shard_model: bool = flag_option(
         False,
         "--shard-model",
         help="With --gpus N (or torchrun): shard the reference's weights over the processes with FSDP2, for a model "
@@ -420,12 +428,12 @@ def cache_audit(
     filtered_cache: Optional[Path] = typer.Option(
         None, "--filtered-cache", help="The filtered data's cache (default: OUT-ref.h5 next to --write-filtered OUT)."
     ),
-    filter_eval: bool = typer.Option(
+    filter_eval: bool = flag_option(
         False,
         "--filter-eval",
         help="Also filter the eval split (by default it is copied whole, so eval metrics stay comparable).",
     ),
-    overwrite: bool = typer.Option(
+    overwrite: bool = flag_option(
         False, "--overwrite", help="Replace an earlier --write-filtered output and its cache."
     ),
 ) -> None:
@@ -454,7 +462,6 @@ def cache_audit(
 
 
 TRAIN_FLAGS = train_flags()  # declared on the config schema
-FLAG_METAVAR = ""  # an on/off flag takes no value: its help shows none (not "<bool>")
 
 
 def train_argv(params: dict[str, Any]) -> list[str]:
@@ -571,7 +578,7 @@ def score(
     gpus: int = typer.Option(
         1, "--gpus", help="Processes to launch (one per GPU; gloo processes on CPU). Ignored under torchrun."
     ),
-    overwrite: bool = typer.Option(
+    overwrite: bool = flag_option(
         False, "--overwrite", help="Replace a scored folder made from other samples or another scorer."
     ),
 ) -> None:
@@ -615,7 +622,7 @@ def select(
     rso_samples: int = typer.Option(
         4, "--rso-samples", help="rso: completions to accept per prompt (even; paired two by two)."
     ),
-    drop_unfinished: bool = typer.Option(
+    drop_unfinished: bool = flag_option(
         False, "--drop-unfinished", help="Leave out completions that hit the sampler's --max-new-tokens (counted)."
     ),
     ref_cache: Optional[Path] = typer.Option(
@@ -624,7 +631,7 @@ def select(
         help="Where to write the reference cache of the output, when the samples carry their log-probs (dpokit "
         "sample --ref-logps); default: OUT-ref.h5 next to it.",
     ),
-    overwrite: bool = typer.Option(
+    overwrite: bool = flag_option(
         False, "--overwrite", help="Replace an earlier prepared output and its reference cache (nothing else)."
     ),
 ) -> None:
@@ -651,9 +658,9 @@ def select(
 def export(
     run: Path = typer.Argument(..., help="A run directory or one of its checkpoints."),
     out: Path = typer.Option(..., "--out", "-o", help="Directory for the exported model."),
-    merge: bool = typer.Option(True, "--merge/--no-merge", help="Merge the adapter into the base model."),
+    merge: bool = flag_option(True, "--merge/--no-merge", help="Merge the adapter into the base model."),
     base_model: Optional[str] = typer.Option(None, "--base-model", help="Base model (default: the run's model.path)."),
-    overwrite: bool = typer.Option(
+    overwrite: bool = flag_option(
         False, "--overwrite", help="Replace an earlier `dpokit export` output (nothing else)."
     ),
 ) -> None:
@@ -758,7 +765,7 @@ def import_torchtune(
     out: Path = typer.Option(
         ..., "--out", "-o", help="The dpokit config to write; pass it to `dpokit train --config`."
     ),
-    overwrite: bool = typer.Option(
+    overwrite: bool = flag_option(
         False, "--overwrite", help="Replace a config an earlier `dpokit import` wrote (nothing else)."
     ),
 ) -> None:
@@ -778,7 +785,7 @@ def eject_recipe(
     dest: Optional[Path] = typer.Argument(
         None, help="Where to write it (a file or a folder; default ./dpo_recipe.py)."
     ),
-    force: bool = typer.Option(False, "--force", help="Overwrite an existing file."),
+    force: bool = flag_option(False, "--force", help="Overwrite an existing file."),
 ) -> None:
     """Copy the training recipe out; run the copy with `dpokit train --recipe FILE`, python or torchrun."""
     from dpokit.eject import eject_recipe as eject
@@ -791,7 +798,7 @@ def eject_recipe(
 def eject_config(
     name: str = typer.Argument(..., help="A shipped config name (see `dpokit config list`)."),
     dest: Optional[Path] = typer.Argument(None, help="Where to write it (a file or a folder; default ./NAME.yaml)."),
-    force: bool = typer.Option(False, "--force", help="Overwrite an existing file."),
+    force: bool = flag_option(False, "--force", help="Overwrite an existing file."),
 ) -> None:
     """Copy a shipped config out; pass the copy to `--config`."""
     from dpokit.eject import eject_config as eject
@@ -806,9 +813,7 @@ def quickstart(
     max_steps: Optional[int] = typer.Option(
         None, "--max-steps", help="Optimizer steps (default: the demo_lora config's)."
     ),
-    overwrite: bool = typer.Option(
-        False, "--overwrite", help="Run again in a folder that has a quickstart run.", metavar=FLAG_METAVAR
-    ),
+    overwrite: bool = flag_option(False, "--overwrite", help="Run again in a folder that has a quickstart run."),
     threads: int = typer.Option(
         1,
         "--threads",
@@ -850,7 +855,7 @@ def iterate(
         None, "--split", help="The prompts' split of a dataset name or split-named folder (default train)."
     ),
     gpus: int = typer.Option(1, "--gpus", help="Processes for every stage."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Start again in a folder dpokit iterate wrote."),
+    overwrite: bool = flag_option(False, "--overwrite", help="Start again in a folder dpokit iterate wrote."),
 ) -> None:
     """Rounds of on-policy DPO: sample, score, select, reference, train; extra key=value args go to every train."""
     from dpokit.iterate import IterateOptions, run_iterate
