@@ -238,12 +238,31 @@ def test_hh_rlhf_compressed_folder_reads_train_and_test_and_counts_early_diverge
     assert all("<|user|>" not in row["chosen"] + row["rejected"] for row in decoded_rows(out, tokenizer))
 
 
-def test_a_compressed_file_is_read_as_its_inner_format(tokenizer_dir, tmp_path):
+@pytest.mark.parametrize(
+    "name", ["pairs.jsonl.gz", "pairs.json.gz", "pairs.csv.gz", "pairs.jsonl.bz2", "pairs.jsonl.xz"]
+)
+def test_a_compressed_file_is_read_as_its_inner_format(tokenizer_dir, tmp_path, name):
+    import bz2
+    import csv
+    import io
+    import lzma
+
     rows = [{"prompt": f"what is {i} plus 1?", "chosen": f"{i + 1}.", "rejected": "no."} for i in range(6)]
-    with gzip.open(tmp_path / "pairs.jsonl.gz", "wt", encoding="utf-8") as stream:
-        stream.write("".join(json.dumps(r) + "\n" for r in rows))
+    if ".csv" in name:
+        text = io.StringIO()
+        writer = csv.DictWriter(text, fieldnames=["prompt", "chosen", "rejected"])
+        writer.writeheader()
+        writer.writerows(rows)
+        content = text.getvalue()
+    elif ".jsonl" in name:
+        content = "".join(json.dumps(r) + "\n" for r in rows)
+    else:
+        content = json.dumps(rows)
+    opener = {"gz": gzip.open, "bz2": bz2.open, "xz": lzma.open}[name.rsplit(".", 1)[1]]
+    with opener(tmp_path / name, "wt", encoding="utf-8") as stream:
+        stream.write(content)
     out = tmp_path / "prepared"
-    assert prepare(tmp_path / "pairs.jsonl.gz", tokenizer_dir, out) == 0
+    assert prepare(tmp_path / name, tokenizer_dir, out) == 0
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     assert [row["prompt"] for row in decoded_rows(out, tokenizer)] == [
         rendered(tokenizer, [{"role": "user", "content": r["prompt"]}]) for r in rows
