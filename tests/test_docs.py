@@ -49,7 +49,7 @@ def commands_in_markdown(text: str) -> list[tuple[str, bool]]:
     trees) and in indented blocks, only lines that start with a known program.
     """
     commands = []
-    for part_index, part in enumerate(re.split(r"^```", text, flags=re.MULTILINE)):
+    for part_index, part in enumerate(re.split(r"^[ \t]*```", text, flags=re.MULTILINE)):  # list items indent theirs
         if part_index % 2 == 0:  # prose: indented blocks and spans, in the order the page shows them
             commands += commands_in_prose(part)
             continue

@@ -452,3 +452,13 @@ def test_a_pairwise_loss_that_returns_the_wrong_shape_on_ranked_pairs_is_named()
     policy = ranked([-10.0, -12.0, -11.0], [3], [3.0, 1.0, 2.0])
     with pytest.raises(DpokitError, match=r"loss MeanDPO returned shapes \(\), \(3,\), \(3,\) .* each must be \[3\]"):
         RankedPairwiseLoss(MeanDPO())(policy, ranked([-11.0] * 3, [3]))
+
+
+def test_the_pairs_a_rule_picks_carry_their_completions_scores():
+    scores = torch.tensor([3.0, 1.0, 2.0, 0.5, 0.5])
+    outputs = RankedOutputs(logps=torch.arange(5.0), group_sizes=(3, 2), scores=scores)
+    chosen, rejected, _ = ranked_pairs(scores, (3, 2), "all")
+    pairs = pairs_of(outputs, chosen, rejected)
+    assert pairs.chosen_scores.tolist() == scores[chosen].tolist()
+    assert pairs.rejected_scores.tolist() == scores[rejected].tolist()
+    assert bool((pairs.chosen_scores > pairs.rejected_scores).all())  # ties never pair

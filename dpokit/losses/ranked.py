@@ -79,8 +79,8 @@ def ranked_pairs(
 
 def pairs_of(outputs: RankedOutputs, chosen_index: Tensor, rejected_index: Tensor) -> ChosenRejectedOutputs:
     """The ``P`` pairs ``(chosen_index[p], rejected_index[p])`` of `outputs`' completions as `ChosenRejectedOutputs`,
-    so that every pairwise loss runs unchanged: log-probs, token counts, mean logits, per-token log-probs and masks
-    (``[P, T]``, T the batch's longest completion) and token stats gathered; ``router_aux_loss`` passed through.
+    so that every pairwise loss runs unchanged: log-probs, token counts, mean logits, scores, per-token log-probs
+    and masks (``[P, T]``, T the batch's longest completion) and token stats gathered; ``router_aux_loss`` passed through.
     The gathers keep the graph: a completion in several pairs gets the sum of their gradients."""
 
     def pick(values: Optional[Tensor], index: Tensor) -> Optional[Tensor]:
@@ -100,6 +100,8 @@ def pairs_of(outputs: RankedOutputs, chosen_index: Tensor, rejected_index: Tenso
         chosen_token_mask=pick(outputs.token_mask, ci),
         rejected_token_mask=pick(outputs.token_mask, ri),
         token_stats={name: (pick(v, ci), pick(v, ri)) for name, v in outputs.token_stats.items()},
+        chosen_scores=pick(outputs.scores, ci),
+        rejected_scores=pick(outputs.scores, ri),
     )
 
 
