@@ -34,6 +34,7 @@ unreadable file, a missing column, a score that is not a number, a label that is
 from __future__ import annotations
 
 import bz2
+import contextlib
 import csv
 import gzip
 import itertools
@@ -384,33 +385,33 @@ def open_binary(path: Path):
     return opener(path, "rb")
 
 
-def jsonl_records(path: Path) -> Iterator[Record]:
-    """One JSON object per line; blank lines are allowed."""
+@contextlib.contextmanager
+def read_errors(path: Path) -> Iterator[None]:
+    """Reading `path` inside: a file that is not UTF-8, or a compressed one that does not decompress, stops with an
+    error naming it."""
     try:
-        with open_text(path) as lines:
-            for number, line in enumerate(lines, start=1):
-                if line.strip():
-                    row = parsed_json(line, path, number, "fix or remove that line")
-                    yield Record(f"{path} line {number}", object_row(row, f"{path} line {number}"))
+        yield
     except UnicodeDecodeError as exc:
         raise not_utf8_error(path) from exc
     except (OSError, EOFError, lzma.LZMAError) as exc:
         if path.suffix.lower() not in COMPRESSIONS:
             raise
         raise not_decompressible_error(path, exc) from exc
+
+
+def jsonl_records(path: Path) -> Iterator[Record]:
+    """One JSON object per line; blank lines are allowed."""
+    with read_errors(path), open_text(path) as lines:
+        for number, line in enumerate(lines, start=1):
+            if line.strip():
+                row = parsed_json(line, path, number, "fix or remove that line")
+                yield Record(f"{path} line {number}", object_row(row, f"{path} line {number}"))
 
 
 def json_records(path: Path) -> Iterator[Record]:
     """A JSON array of objects; a ``.json`` file holding JSON lines is read as JSONL."""
-    try:
-        with open_text(path) as stream:
-            text = stream.read()
-    except UnicodeDecodeError as exc:
-        raise not_utf8_error(path) from exc
-    except (OSError, EOFError, lzma.LZMAError) as exc:
-        if path.suffix.lower() not in COMPRESSIONS:
-            raise
-        raise not_decompressible_error(path, exc) from exc
+    with read_errors(path), open_text(path) as stream:
+        text = stream.read()
     if not text.lstrip().startswith("["):
         yield from jsonl_records(path)
         return
@@ -465,22 +466,15 @@ def parsed_json(text: str, path: Path, first_line: int, fix: str) -> Any:
 def csv_records(path: Path) -> Iterator[Record]:
     """Rows of a CSV file with a header line; every value is a string."""
     csv.field_size_limit(sys.maxsize)  # responses can be longer than csv's 128 KiB default
-    try:
-        with open_text(path, newline="") as stream:
-            reader = csv.DictReader(stream)
-            for row in reader:
-                location = f"{path} line {reader.line_num}"
-                if None in row:
-                    raise DpokitError(
-                        f"{location}: more values than the header has columns; quote values that contain commas"
-                    )
-                yield Record(location, row)
-    except UnicodeDecodeError as exc:
-        raise not_utf8_error(path) from exc
-    except (OSError, EOFError, lzma.LZMAError) as exc:
-        if path.suffix.lower() not in COMPRESSIONS:
-            raise
-        raise not_decompressible_error(path, exc) from exc
+    with read_errors(path), open_text(path, newline="") as stream:
+        reader = csv.DictReader(stream)
+        for row in reader:
+            location = f"{path} line {reader.line_num}"
+            if None in row:
+                raise DpokitError(
+                    f"{location}: more values than the header has columns; quote values that contain commas"
+                )
+            yield Record(location, row)
 
 
 def not_utf8_error(path: Path) -> DpokitError:

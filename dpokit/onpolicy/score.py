@@ -71,7 +71,7 @@ from dpokit.fingerprint import file_sha256, weights_fingerprint
 from dpokit.lock import WriterLock, lock_path
 from dpokit.metrics import summary_table, training_progress
 from dpokit.model import check_model_path, default_device, dtype_name, pad_token_id, resolve_dtype
-from dpokit.onpolicy.sample import SAMPLES_FILE, samples_manifest
+from dpokit.onpolicy.sample import SAMPLES_FILE, jsonl_records, samples_manifest
 from dpokit.onpolicy.sampled_reference import record_problem
 from dpokit.reference.cache import short_value
 from dpokit.reference.compute import check_gpu_count, model_identity, plan_batches
@@ -187,28 +187,23 @@ def folder_records(folder: JsonlFolder, scored: bool = False) -> Iterator[dict[s
     keys = RECORD_KEYS + (("scores",) if scored else ())
     k = folder.k
     count = 0
-    with open(folder.records_path, encoding="utf-8") as lines:
-        for count, line in enumerate(lines, start=1):
-            where = f"{folder.records_path}:{count}"
-            try:
-                record = json.loads(line)
-            except ValueError as exc:
-                raise DpokitError(f"{where}: not a JSON record ({exc}); make the folder again") from exc
-            missing = [key for key in keys if key not in record] if isinstance(record, dict) else list(keys)
-            if missing:
-                raise DpokitError(f"{where}: the record lacks {', '.join(map(repr, missing))}; make the folder again")
-            if record["index"] != count - 1:
-                raise DpokitError(f"{where}: 'index' is {record['index']!r}, expected {count - 1} (records in order)")
-            for key in keys[3:]:
-                if not isinstance(record[key], list) or len(record[key]) != k:
-                    found = len(record[key]) if isinstance(record[key], list) else type(record[key]).__name__
-                    raise DpokitError(f"{where}: {key!r} has {found} entries; the manifest says k={k}")
-            if scored and not all(isinstance(s, (int, float)) and math.isfinite(s) for s in record["scores"]):
-                raise DpokitError(f"{where}: 'scores' holds a value that is not a finite number: {record['scores']}")
-            problem = record_problem(record, k) if folder.manifest.get("ref_logps") else None
-            if problem is not None:
-                raise DpokitError(f"{where}: {problem}; make the folder again")
-            yield record
+    for count, record in enumerate(jsonl_records(folder.records_path, "make the folder again"), start=1):
+        where = f"{folder.records_path}:{count}"
+        missing = [key for key in keys if key not in record] if isinstance(record, dict) else list(keys)
+        if missing:
+            raise DpokitError(f"{where}: the record lacks {', '.join(map(repr, missing))}; make the folder again")
+        if record["index"] != count - 1:
+            raise DpokitError(f"{where}: 'index' is {record['index']!r}, expected {count - 1} (records in order)")
+        for key in keys[3:]:
+            if not isinstance(record[key], list) or len(record[key]) != k:
+                found = len(record[key]) if isinstance(record[key], list) else type(record[key]).__name__
+                raise DpokitError(f"{where}: {key!r} has {found} entries; the manifest says k={k}")
+        if scored and not all(isinstance(s, (int, float)) and math.isfinite(s) for s in record["scores"]):
+            raise DpokitError(f"{where}: 'scores' holds a value that is not a finite number: {record['scores']}")
+        problem = record_problem(record, k) if folder.manifest.get("ref_logps") else None
+        if problem is not None:
+            raise DpokitError(f"{where}: {problem}; make the folder again")
+        yield record
     if count != folder.num_prompts:
         raise DpokitError(
             f"{folder.records_path} has {count} records; its manifest says num_prompts={folder.num_prompts}: "
